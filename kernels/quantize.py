@@ -1,0 +1,161 @@
+"""Triton write kernel: rotate, clip, quantize and pack new K/V tokens into an OSCAR-2 pool.
+
+One launch handles K and V of every new token of one layer (grid: token blocks × KV heads × 2).
+No host synchronization and a grid that depends only on shapes, so it can be captured in a
+CUDA graph. The numerics follow `reference.encode_kv` (see its module docstring for rounding
+and non-finite rows).
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .format import CODE_MAX, CODES_PER_BYTE, OscarFormat
+
+BLOCK_TOKENS = 16  # tl.dot needs at least 16 rows
+
+
+@triton.jit
+def _encode_tile(
+    x_ptr, stride_xt, stride_xh,
+    rot_ptr, stride_rh,
+    codes_ptr, stride_ct, stride_ch,
+    meta_ptr, stride_mt, stride_mh,
+    window_ptr, stride_wt, stride_wh,
+    slots, rows, tok, tok_ok, head,
+    clip_lo, clip_frac,
+    HAS_WINDOW: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    NG: tl.constexpr = D // G
+    Q: tl.constexpr = D // 4
+    dims = tl.arange(0, D)
+    x = tl.load(x_ptr + tok[:, None] * stride_xt + head * stride_xh + dims[None, :],
+                mask=tok_ok[:, None], other=0.0).to(tl.float32)
+    rot = tl.load(rot_ptr + head * stride_rh + dims[:, None] * D + dims[None, :])
+    xr = tl.dot(x, rot, input_precision="ieee")
+
+    bad = (xr != xr) | (tl.abs(xr) == float("inf"))
+    row_bad = tl.max(bad.to(tl.int32), axis=1) > 0
+    xr = tl.where(row_bad[:, None], 0.0, xr)
+
+    if HAS_WINDOW:
+        w_ok = tok_ok & (rows >= 0)
+        tl.store(window_ptr + rows[:, None] * stride_wt + head * stride_wh + dims[None, :],
+                 xr.to(tl.bfloat16), mask=w_ok[:, None])
+
+    # clip at the clip-quantile of |x'| per row, linear interpolation as torch.quantile
+    ordered = tl.sort(tl.abs(xr), dim=1)
+    below = tl.sum(tl.where(dims[None, :] == clip_lo, ordered, 0.0), axis=1)
+    above = tl.sum(tl.where(dims[None, :] == tl.minimum(clip_lo + 1, D - 1), ordered, 0.0), axis=1)
+    tau = below + clip_frac * (above - below)
+    xc = tl.minimum(tl.maximum(xr, -tau[:, None]), tau[:, None])
+
+    grouped = tl.reshape(xc, (BLOCK_T, NG, G))
+    lo = tl.min(grouped, axis=2)
+    hi = tl.max(grouped, axis=2)
+    minimum = lo.to(tl.float16)
+    scale = ((hi - lo) / 3.0).to(tl.float16)
+    s = scale.to(tl.float32)[:, :, None]
+    m = minimum.to(tl.float32)[:, :, None]
+    q = tl.where(s > 0, tl.floor((grouped - m) / tl.where(s > 0, s, 1.0) + 0.5), 0.0)
+    codes = tl.minimum(tl.maximum(q, 0.0), 3.0).to(tl.int32)
+
+    quarters = tl.reshape(codes, (BLOCK_T, 4, Q))
+    shifts = (2 * tl.arange(0, 4))[None, :, None]
+    packed = tl.sum(quarters << shifts, axis=1).to(tl.uint8)
+    tl.store(codes_ptr + slots[:, None] * stride_ct + head * stride_ch + tl.arange(0, Q)[None, :],
+             packed, mask=tok_ok[:, None])
+
+    groups = tl.arange(0, NG)
+    meta_off = slots[:, None] * stride_mt + head * stride_mh + groups[None, :] * 2
+    tl.store(meta_ptr + meta_off, scale, mask=tok_ok[:, None])
+    tl.store(meta_ptr + meta_off + 1, minimum, mask=tok_ok[:, None])
+
+
+@triton.jit
+def _write_kv_kernel(
+    k_ptr, v_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
+    slot_ptr, row_ptr, num_tokens,
+    k_rot_ptr, v_rot_ptr, stride_krh, stride_vrh,
+    k_codes_ptr, v_codes_ptr, stride_ct, stride_ch,
+    k_meta_ptr, v_meta_ptr, stride_mt, stride_mh,
+    k_win_ptr, v_win_ptr, stride_wt, stride_wh,
+    k_clip_lo, k_clip_frac, v_clip_lo, v_clip_frac,
+    HAS_WINDOW: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    head = tl.program_id(1)
+    tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tok_ok = tok < num_tokens
+    slots = tl.load(slot_ptr + tok, mask=tok_ok, other=0).to(tl.int64)
+    rows = tok
+    if HAS_WINDOW:
+        rows = tl.load(row_ptr + tok, mask=tok_ok, other=-1).to(tl.int64)
+    if tl.program_id(2) == 0:
+        _encode_tile(k_ptr, stride_kt, stride_kh, k_rot_ptr, stride_krh,
+                     k_codes_ptr, stride_ct, stride_ch, k_meta_ptr, stride_mt, stride_mh,
+                     k_win_ptr, stride_wt, stride_wh, slots, rows, tok, tok_ok, head,
+                     k_clip_lo, k_clip_frac, HAS_WINDOW, D, G, BLOCK_T)
+    else:
+        _encode_tile(v_ptr, stride_vt, stride_vh, v_rot_ptr, stride_vrh,
+                     v_codes_ptr, stride_ct, stride_ch, v_meta_ptr, stride_mt, stride_mh,
+                     v_win_ptr, stride_wt, stride_wh, slots, rows, tok, tok_ok, head,
+                     v_clip_lo, v_clip_frac, HAS_WINDOW, D, G, BLOCK_T)
+
+
+def quantile_position(ratio: float, n: int) -> tuple[int, float]:
+    """Index below and interpolation weight of the `ratio`-quantile of n sorted values."""
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"clip ratio must be in (0, 1], got {ratio}")
+    pos = ratio * (n - 1)
+    lo = math.floor(pos)
+    return lo, pos - lo
+
+
+def write_kv_int2(
+    k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
+    k_rot: torch.Tensor, v_rot: torch.Tensor, k_clip: float, v_clip: float,
+    k_codes: torch.Tensor, k_meta: torch.Tensor, v_codes: torch.Tensor, v_meta: torch.Tensor,
+    fmt: OscarFormat,
+    window_rows: torch.Tensor | None = None,
+    k_window: torch.Tensor | None = None, v_window: torch.Tensor | None = None,
+) -> None:
+    """Encode new tokens of one layer into its pool buffers, in place.
+
+    k, v: [T, H_kv, D] bf16/fp16 (keys post-RoPE); slots: [T] int32/int64, any order, no repeats;
+    k_rot, v_rot: [H_kv or 1, D, D] float32 orthogonal; k_clip, v_clip: clip quantiles in (0, 1];
+    k_codes, v_codes: [slots, H_kv, D/4] uint8; k_meta, v_meta: [slots, H_kv, D/G, 2] fp16.
+    window_rows: optional [T] int (-1 = none, no repeats otherwise) selecting rows of
+    k_window, v_window: [rows, H_kv, D] bf16 that receive the rotated, unclipped BF16 copy.
+    """
+    num_tokens, heads, d = k.shape
+    if d != fmt.head_dim or v.shape != k.shape:
+        raise ValueError(f"k, v must both be [T, H_kv, {fmt.head_dim}], got {tuple(k.shape)}, {tuple(v.shape)}")
+    if num_tokens == 0:
+        return
+    assert CODES_PER_BYTE == 4 and CODE_MAX == 3, "kernel packs 4 two-bit codes per byte"
+    for buf in (k_codes, v_codes, k_meta, v_meta):
+        assert buf.stride(-1) == 1 and buf.shape[1] == heads, "pool buffers must be [slots, H_kv, ...] contiguous"
+    assert k.stride(-1) == 1 and v.stride(-1) == 1 and k_meta.stride() == v_meta.stride()
+    assert k_codes.stride() == v_codes.stride()
+    k_rot, v_rot = k_rot.float().contiguous(), v_rot.float().contiguous()
+    has_window = window_rows is not None
+    if has_window:
+        assert k_window.stride() == v_window.stride() and k_window.stride(-1) == 1
+    else:
+        window_rows, k_window, v_window = slots, k_codes, v_codes  # unused placeholders
+    k_lo, k_frac = quantile_position(k_clip, d)
+    v_lo, v_frac = quantile_position(v_clip, d)
+    grid = (triton.cdiv(num_tokens, BLOCK_TOKENS), heads, 2)
+    _write_kv_kernel[grid](
+        k, v, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        slots, window_rows, num_tokens,
+        k_rot, v_rot, k_rot.stride(0) if k_rot.shape[0] > 1 else 0,
+        v_rot.stride(0) if v_rot.shape[0] > 1 else 0,
+        k_codes, v_codes, k_codes.stride(0), k_codes.stride(1),
+        k_meta, v_meta, k_meta.stride(0), k_meta.stride(1),
+        k_window, v_window, k_window.stride(0), k_window.stride(1),
+        k_lo, k_frac, v_lo, v_frac,
+        HAS_WINDOW=has_window, D=d, G=fmt.group_size, BLOCK_T=BLOCK_TOKENS,
+    )

@@ -1,0 +1,171 @@
+"""Plain-PyTorch reference of the OSCAR-2 format and of attention over it: the oracle of every
+Triton kernel in this package. Slow, float32, no cleverness.
+
+Rounding: code = floor((x - m) / s + 1/2), so a value exactly half-way between two levels
+rounds up. Scale and minimum are rounded to fp16 first and the codes are computed against the
+rounded grid, so dequantization reproduces what the quantizer aimed at.
+
+Non-finite rows: a (token, head) row holding any NaN or Inf after rotation stores codes 0,
+scale 0 and minimum 0 (and zeros in its BF16 window copy), so it dequantizes to an all-zero
+vector: its key scores 0 and its value adds nothing. No other row is affected.
+"""
+
+import torch
+
+from .format import CODE_MAX, CODES_PER_BYTE, OscarFormat
+
+
+def rotate(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """x: [T, H, D], rot: [H or 1, D, D] -> x · rot[h] per head, float32 [T, H, D]."""
+    return torch.einsum("thd,hde->the", x.float(), rot.float().expand(x.shape[1], -1, -1))
+
+
+def unrotate(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """Inverse of `rotate` for orthogonal rot: x · rot[h]ᵀ, float32 [T, H, D]."""
+    return torch.einsum("the,hde->thd", x.float(), rot.float().expand(x.shape[1], -1, -1))
+
+
+def finite_rows(x: torch.Tensor) -> torch.Tensor:
+    """x: [..., D] -> [..., 1] bool, True where every value of the row is finite."""
+    return torch.isfinite(x).all(dim=-1, keepdim=True)
+
+
+def clip_rows(x: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Clip each row of x: [..., D] at tau = the `ratio`-quantile of |x| over that row
+    (linear interpolation, as torch.quantile). Returns float32."""
+    x = x.float()
+    tau = torch.quantile(x.abs(), ratio, dim=-1, keepdim=True)
+    return torch.maximum(torch.minimum(x, tau), -tau)
+
+
+def pack_int2_quartered(codes: torch.Tensor) -> torch.Tensor:
+    """codes: [..., D] integers in 0..3 -> [..., D/4] uint8; byte j holds dims j, j+D/4,
+    j+2D/4, j+3D/4 in bits [1:0], [3:2], [5:4], [7:6]."""
+    quarters = codes.to(torch.uint8).chunk(CODES_PER_BYTE, dim=-1)
+    packed = torch.zeros_like(quarters[0])
+    for i, part in enumerate(quarters):
+        packed |= part << (2 * i)
+    return packed
+
+
+def unpack_int2_quartered(packed: torch.Tensor) -> torch.Tensor:
+    """packed: [..., D/4] uint8 -> codes [..., D] uint8 (inverse of pack_int2_quartered)."""
+    return torch.cat([(packed >> (2 * i)) & CODE_MAX for i in range(CODES_PER_BYTE)], dim=-1)
+
+
+def quantize_int2(x: torch.Tensor, group_size: int):
+    """Asymmetric 2-bit quantization of groups of `group_size` consecutive dims.
+
+    x: [..., D] float -> codes [..., D/4] uint8 (quartered), scale [..., D/G] fp16,
+    minimum [..., D/G] fp16. Constant groups get scale 0 and reconstruct exactly.
+    """
+    x = x.float()
+    ok = finite_rows(x)
+    x = torch.where(ok, x, 0.0)
+    groups = x.unflatten(-1, (-1, group_size))
+    lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
+    minimum = lo.half()
+    scale = ((hi - lo) / CODE_MAX).half()
+    s, m = scale.float().unsqueeze(-1), minimum.float().unsqueeze(-1)
+    inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
+    codes = torch.floor((groups - m) * inv + 0.5).clamp(0, CODE_MAX).flatten(-2)
+    return pack_int2_quartered(codes), scale, minimum
+
+
+def dequantize_int2(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, group_size: int):
+    """Inverse of quantize_int2: -> float32 [..., D]."""
+    c = unpack_int2_quartered(codes).float().unflatten(-1, (-1, group_size))
+    return (c * scale.float().unsqueeze(-1) + minimum.float().unsqueeze(-1)).flatten(-2)
+
+
+def encode_kv(x: torch.Tensor, rot: torch.Tensor, clip_ratio: float, fmt: OscarFormat):
+    """The whole write path for new tokens x: [T, H, D] (bf16/fp16).
+
+    Returns codes [T, H, D/4] uint8, meta [T, H, D/G, 2] fp16 and the BF16 window copy
+    [T, H, D] (rotated, unclipped; zeros for non-finite rows).
+    """
+    rotated = rotate(x, rot)
+    ok = finite_rows(rotated)
+    codes, scale, minimum = quantize_int2(clip_rows(rotated, clip_ratio), fmt.group_size)
+    window = torch.where(ok, rotated, 0.0).to(torch.bfloat16)
+    return codes, torch.stack([scale, minimum], dim=-1), window
+
+
+def decode_kv(codes: torch.Tensor, meta: torch.Tensor, fmt: OscarFormat) -> torch.Tensor:
+    """codes [..., D/4], meta [..., D/G, 2] -> rotated-space float32 [..., D]."""
+    return dequantize_int2(codes, meta[..., 0], meta[..., 1], fmt.group_size)
+
+
+def gather_rotated_kv(
+    slots: torch.Tensor, window_start: int, visible_len: int,
+    codes: torch.Tensor, meta: torch.Tensor, window: torch.Tensor, fmt: OscarFormat,
+) -> torch.Tensor:
+    """What a query sees of one sequence's cache, in rotated space.
+
+    slots: [n] slot ids of positions 0..n-1 (n <= visible_len); window_start: the request's first
+    window row; positions in `fmt.int2_span(visible_len)` come from the INT2 pool, the others
+    from the request's BF16 window rows. Returns float32 [n, H, D].
+    """
+    n = slots.shape[0]
+    out = decode_kv(codes[slots.long()], meta[slots.long()], fmt)
+    start, end = fmt.int2_span(visible_len)
+    for p in [*range(min(start, n)), *range(end, n)]:
+        out[p] = window[fmt.window_row(window_start, p)].float()
+    return out
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float, mask=None):
+    """q: [n, H_q, D], k, v: [L, H_kv, D] float32, mask: [n, L] bool (True = visible)."""
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scores = torch.einsum("nhd,lhd->hnl", q.float(), k) * sm_scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.einsum("hnl,lhd->nhd", scores.softmax(dim=-1), v)
+
+
+def decode_attention(
+    q, kv_indptr, kv_indices, window_starts,
+    k_codes, k_meta, v_codes, v_meta, k_window, v_window,
+    k_rot, v_rot, sm_scale: float, fmt: OscarFormat,
+) -> torch.Tensor:
+    """One decode step. q: [B, H_q, D] (not rotated); request b sees the slots
+    kv_indices[kv_indptr[b]:kv_indptr[b+1]] (positions 0..L-1, its new token last) and owns the
+    window rows starting at window_starts[b]. Pool buffers are one layer's:
+    codes [slots, H_kv, D/4], meta [slots, H_kv, D/G, 2], windows [rows, H_kv, D] bf16.
+    Returns float32 [B, H_q, D] in the model's (unrotated) space."""
+    out = []
+    for b in range(q.shape[0]):
+        slots = kv_indices[kv_indptr[b]:kv_indptr[b + 1]]
+        length, row = slots.shape[0], int(window_starts[b])
+        k = unrotate(gather_rotated_kv(slots, row, length, k_codes, k_meta, k_window, fmt), k_rot)
+        v = unrotate(gather_rotated_kv(slots, row, length, v_codes, v_meta, v_window, fmt), v_rot)
+        out.append(_attend(q[b:b + 1], k, v, sm_scale)[0])
+    return torch.stack(out)
+
+
+def extend_attention(
+    q, k_new, v_new, qo_indptr, kv_indptr, kv_indices, window_starts,
+    k_codes, k_meta, v_codes, v_meta, k_window, v_window,
+    k_rot, v_rot, sm_scale: float, fmt: OscarFormat,
+) -> torch.Tensor:
+    """One chunk of prefill. Request b's new tokens are rows qo_indptr[b]:qo_indptr[b+1] of
+    q: [N, H_q, D] and k_new, v_new: [N, H_kv, D] (not rotated, attended exactly and causally);
+    its cached prefix is the slots kv_indices[kv_indptr[b]:kv_indptr[b+1]]. With L = prefix +
+    chunk, prefix positions in `fmt.int2_span(L)` come from INT2 and the others from the
+    request's window rows (which hold the prefix's sinks and its last W positions).
+    Returns float32 [N, H_q, D]."""
+    out = []
+    for b in range(len(qo_indptr) - 1):
+        lo, hi = int(qo_indptr[b]), int(qo_indptr[b + 1])
+        slots = kv_indices[kv_indptr[b]:kv_indptr[b + 1]]
+        prefix, n = slots.shape[0], hi - lo
+        row = int(window_starts[b])
+        k_pre = unrotate(gather_rotated_kv(slots, row, prefix + n, k_codes, k_meta, k_window, fmt), k_rot)
+        v_pre = unrotate(gather_rotated_kv(slots, row, prefix + n, v_codes, v_meta, v_window, fmt), v_rot)
+        k = torch.cat([k_pre, k_new[lo:hi].float()])
+        v = torch.cat([v_pre, v_new[lo:hi].float()])
+        visible = torch.arange(prefix + n)[None, :] <= (prefix + torch.arange(n))[:, None]
+        out.append(_attend(q[lo:hi], k, v, sm_scale, visible))
+    return torch.cat(out)
