@@ -1,0 +1,319 @@
+"""Serving benchmark: OSCAR against SGLang's BF16 and FP8 KV caches on an agent workload.
+
+For every configuration one stock SGLang server is started (`python -m sglang.launch_server`,
+dummy weights, identical flags except the KV option) and driven by SGLang's own client,
+`python -m sglang.benchmark.serving`, with the generated-shared-prefix dataset: several groups
+of requests, each group sharing one long system prompt, every request adding a question and
+generating a fixed number of tokens, all sent at once (request rate inf).
+
+Recorded per configuration: output tokens/s, requests/s, TTFT and ITL p50/p99 (from the
+client's result file), KV pool capacity in tokens, peak running requests and cache-hit tokens
+(from the server log; the client's cache report too), and the exact commands.
+
+Run from the repository root (on the GPU machine after `source .gpu/install.sh`):
+
+    python -m benchmarks.serving
+    python -m benchmarks.serving --configs fp8-flashinfer,oscar --system-prompt-len 100000
+
+Writes <results-dir>/<name>.json, .md and .png; logs go to <results-dir>/logs/<name>/. A run
+split over several invocations (e.g. one configuration each) with the same settings on the same
+GPU accumulates in one JSON file.
+"""
+
+import argparse
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.common import (
+    BASELINE,
+    OSCAR,
+    add_common_args,
+    free_port,
+    kv_flags,
+    log_tail,
+    machine_info,
+    managed_process,
+    markdown_table,
+    merge_results,
+    now_iso,
+    ordered_configs,
+    plot_panels,
+    raise_keyboard_interrupt_on_sigterm,
+    ratio,
+    read_jsonl,
+    resolve_model_path,
+    run_logged,
+    wait_for_http_ok,
+    write_json,
+)
+
+HOST = "127.0.0.1"
+DECODE_LOG_INTERVAL = 10
+
+# (key in a record's "metrics", column header); the table and the chart show these.
+METRICS = (
+    ("output_tok_s", "output tok/s"),
+    ("requests_s", "req/s"),
+    ("ttft_p50_ms", "TTFT p50 ms"),
+    ("ttft_p99_ms", "TTFT p99 ms"),
+    ("itl_p50_ms", "ITL p50 ms"),
+    ("itl_p99_ms", "ITL p99 ms"),
+    ("peak_running_requests", "peak running req"),
+    ("kv_pool_tokens", "KV pool tokens"),
+    ("cached_tokens", "cache-hit tokens"),
+)
+
+# Formats of SGLang 0.5.17's log lines (scheduler.py, metrics_reporter.py, memory_pool.py).
+POOL_RE = re.compile(r"max_total_num_tokens=(\d+),.*max_running_requests=(\d+)")
+RUNNING_RE = re.compile(r"#running-req: (\d+)")
+CACHED_RE = re.compile(r"#cached-token: (\d+)")
+NEW_TOKEN_RE = re.compile(r"#new-token: (\d+)")
+KV_ALLOC_RE = re.compile(
+    r"KV [Cc]ache (?:is )?allocated\. dtype: [^,]+, #tokens: \d+, "
+    r"(?:K size: ([\d.]+) GB, V size: ([\d.]+) GB|KV size: ([\d.]+) GB)"
+)
+
+
+def build_parser():
+    """Command-line flags."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.serving", description=__doc__.split("\n\n")[0]
+    )
+    add_common_args(parser, mem_fraction_static=0.80, timeout=900.0)
+    parser.add_argument("--num-groups", type=int, default=4, help="system prompts (default: %(default)s)")
+    parser.add_argument(
+        "--prompts-per-group", type=int, default=16, help="requests per system prompt (default: %(default)s)"
+    )
+    parser.add_argument("--system-prompt-len", type=int, default=32768, help="tokens (default: %(default)s)")
+    parser.add_argument("--question-len", type=int, default=1024, help="tokens (default: %(default)s)")
+    parser.add_argument("--output-len", type=int, default=512, help="tokens (default: %(default)s)")
+    parser.add_argument(
+        "--max-concurrency", type=int, help="client-side cap on requests in flight (default: all requests)"
+    )
+    parser.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
+    parser.add_argument("--name", help="results file stem (default: serving-sp<system-prompt-len>)")
+    return parser
+
+
+def concurrency(args):
+    """Requests in flight at most: --max-concurrency, else every request of the workload."""
+    return args.max_concurrency or args.num_groups * args.prompts_per_group
+
+
+def server_command(config, args, model_path, port):
+    """The launch_server command of one configuration; only kv_flags() differs between them."""
+    return [
+        sys.executable, "-m", "sglang.launch_server",
+        "--model-path", str(model_path),
+        "--load-format", "dummy",
+        "--host", HOST,
+        "--port", str(port),
+        "--mem-fraction-static", str(args.mem_fraction_static),
+        "--cuda-graph-backend-prefill", "disabled",
+        "--cuda-graph-max-bs-decode", str(concurrency(args)),
+        "--decode-log-interval", str(DECODE_LOG_INTERVAL),
+        *kv_flags(config, args.oscar_rotations),
+    ]  # fmt: skip
+
+
+def bench_command(args, model_path, port, output_file):
+    """The sglang.benchmark.serving command (identical for every configuration)."""
+    return [
+        sys.executable, "-m", "sglang.benchmark.serving",
+        "--backend", "sglang",
+        "--host", HOST,
+        "--port", str(port),
+        "--model", str(model_path),
+        "--tokenizer", str(model_path),
+        "--dataset-name", "generated-shared-prefix",
+        "--gsp-num-groups", str(args.num_groups),
+        "--gsp-prompts-per-group", str(args.prompts_per_group),
+        "--gsp-system-prompt-len", str(args.system_prompt_len),
+        "--gsp-question-len", str(args.question_len),
+        "--gsp-output-len", str(args.output_len),
+        "--request-rate", "inf",
+        "--max-concurrency", str(concurrency(args)),
+        "--flush-cache",
+        "--cache-report",
+        "--disable-tqdm",
+        "--output-file", str(output_file),
+    ]  # fmt: skip
+
+
+def settings(args, model_path):
+    """What must match for results of two invocations to share one file."""
+    return {
+        "model": model_path.name,
+        "load_format": "dummy",
+        "dataset": "generated-shared-prefix",
+        "num_groups": args.num_groups,
+        "prompts_per_group": args.prompts_per_group,
+        "system_prompt_len": args.system_prompt_len,
+        "question_len": args.question_len,
+        "output_len": args.output_len,
+        "request_rate": "inf",
+        "max_concurrency": concurrency(args),
+        "mem_fraction_static": args.mem_fraction_static,
+        "oscar_rotations": args.oscar_rotations.name if args.oscar_rotations else None,
+    }
+
+
+def parse_server_log(text):
+    """KV pool size, peak running requests and prefix-cache hits from a server log."""
+    stats = {"peak_running_requests": None, "cached_tokens": None, "new_tokens": None}
+    pools = POOL_RE.findall(text)
+    if pools:
+        stats["max_total_num_tokens"], stats["max_running_requests"] = map(int, pools[-1])
+    running = [int(n) for n in RUNNING_RE.findall(text)]
+    if running:
+        stats["peak_running_requests"] = max(running)
+    cached = [int(n) for n in CACHED_RE.findall(text)]
+    if cached:
+        stats["cached_tokens"] = sum(cached)
+        stats["new_tokens"] = sum(int(n) for n in NEW_TOKEN_RE.findall(text))
+    allocations = KV_ALLOC_RE.findall(text)
+    if allocations:
+        k_gb, v_gb, kv_gb = allocations[-1]
+        stats["kv_cache_gb"] = float(kv_gb) if kv_gb else float(k_gb) + float(v_gb)
+    return stats
+
+
+def serving_metrics(bench, server):
+    """The figures compared across configurations, from the client result and the server log."""
+    cache = bench.get("cache_report") or {}
+    return {
+        "output_tok_s": bench.get("output_throughput"),
+        "requests_s": bench.get("request_throughput"),
+        "ttft_p50_ms": bench.get("median_ttft_ms"),
+        "ttft_p99_ms": bench.get("p99_ttft_ms"),
+        "itl_p50_ms": bench.get("median_itl_ms"),
+        "itl_p99_ms": bench.get("p99_itl_ms"),
+        "completed": bench.get("completed"),
+        "peak_running_requests": server.get("peak_running_requests"),
+        "kv_pool_tokens": server.get("max_total_num_tokens"),
+        "max_running_requests": server.get("max_running_requests"),
+        "kv_cache_gb": server.get("kv_cache_gb"),
+        "cached_tokens": cache.get("total_cached_tokens"),
+        "cache_hit_rate_pct": cache.get("cache_hit_rate_pct"),
+        "server_cached_tokens": server.get("cached_tokens"),
+    }
+
+
+def run_config(config, args, model_path, logs_dir):
+    """Start the server of `config`, run the client against it, stop it; the record."""
+    port = args.port or free_port()
+    server_log = logs_dir / f"{config}.server.log"
+    bench_log = logs_dir / f"{config}.bench.log"
+    bench_out = logs_dir / f"{config}.bench.jsonl"
+    bench_out.unlink(missing_ok=True)  # the client appends
+    server_cmd = server_command(config, args, model_path, port)
+    bench_cmd = bench_command(args, model_path, port, bench_out)
+    record = {
+        "status": "failed",
+        "started": now_iso(),
+        "server_command": shlex.join(server_cmd),
+        "bench_command": shlex.join(bench_cmd),
+        "server_log": str(server_log),
+        "bench_log": str(bench_log),
+    }
+    start = time.monotonic()
+    bench = {}
+    try:
+        with managed_process(server_cmd, server_log) as server:
+            wait_for_http_ok(f"http://{HOST}:{port}/health", server, args.timeout)
+            record["startup_s"] = round(time.monotonic() - start, 1)
+            code = run_logged(bench_cmd, bench_log, args.timeout - (time.monotonic() - start))
+        if code != 0:
+            raise RuntimeError("benchmark client " + ("timed out" if code is None else f"exited with code {code}"))
+        results = read_jsonl(bench_out)
+        if not results:
+            raise RuntimeError(f"benchmark client wrote no result to {bench_out}")
+        bench = {k: v for k, v in results[-1].items() if k != "server_info"}
+        record["status"] = "ok"
+    except (RuntimeError, TimeoutError) as exc:
+        record["error"] = str(exc)
+        record["server_log_tail"] = log_tail(server_log)
+        record["bench_log_tail"] = log_tail(bench_log)
+    server = parse_server_log(server_log.read_text(errors="replace")) if server_log.is_file() else {}
+    record.update(
+        elapsed_s=round(time.monotonic() - start, 1),
+        metrics=serving_metrics(bench, server),
+        server=server,
+        bench=bench,
+    )
+    return record
+
+
+def table(doc):
+    """Markdown table: one row per configuration, then the OSCAR / FP8-FlashInfer ratios."""
+    configs = doc["configs"]
+    rows = []
+    for name in ordered_configs(configs):
+        record = configs[name]
+        label = name if record["status"] == "ok" else f"{name} ({record['status']})"
+        rows.append([label, *(record["metrics"].get(key) for key, _ in METRICS)])
+    if OSCAR in configs and BASELINE in configs:
+        ours, base = configs[OSCAR]["metrics"], configs[BASELINE]["metrics"]
+        ratios = [ratio(ours.get(key), base.get(key)) for key, _ in METRICS]
+        rows.append([f"{OSCAR} / {BASELINE}", *(None if r is None else f"{r:.2f}x" for r in ratios)])
+    return markdown_table(["config", *(header for _, header in METRICS)], rows)
+
+
+def plot(doc, path):
+    """One bar panel per metric, a bar per configuration."""
+    configs = doc["configs"]
+    names = ordered_configs(configs)
+    panels = [
+        {
+            "title": header,
+            "ylabel": header,
+            "groups": [""],
+            "series": {name: [configs[name]["metrics"].get(key)] for name in names},
+        }
+        for key, header in METRICS
+    ]
+    s = doc["settings"]
+    title = (
+        f"{s['model']}: {s['num_groups']} groups x {s['prompts_per_group']} requests, "
+        f"system prompt {s['system_prompt_len']}, question {s['question_len']}, output {s['output_len']}"
+    )
+    return plot_panels(path, title, panels)
+
+
+def main(argv=None):
+    """Run every configuration, writing the results after each one; exit 1 if any failed."""
+    args = build_parser().parse_args(argv)
+    raise_keyboard_interrupt_on_sigterm()
+    model_path = resolve_model_path(args)
+    name = args.name or f"serving-sp{args.system_prompt_len}"
+    json_path = Path(args.results_dir) / f"{name}.json"
+    logs_dir = Path(args.results_dir) / "logs" / name
+    if args.dry_run:
+        port = args.port or 30000
+        for config in args.configs:
+            print(f"# {config}\n{shlex.join(server_command(config, args, model_path, port))}")
+        print(f"# client\n{shlex.join(bench_command(args, model_path, port, logs_dir / 'CONFIG.bench.jsonl'))}")
+        return 0
+    machine, run_settings = machine_info(), settings(args, model_path)
+    failed = []
+    for config in args.configs:
+        print(f"== {config}: starting server", flush=True)
+        record = run_config(config, args, model_path, logs_dir)
+        doc = merge_results(json_path, "serving", run_settings, machine, {config: record})
+        write_json(json_path, doc)
+        print(f"== {config}: {record['status']} in {record['elapsed_s']} s {record.get('error', '')}", flush=True)
+        if record["status"] != "ok":
+            failed.append(config)
+    markdown = table(doc)
+    print(markdown)
+    json_path.with_suffix(".md").write_text(markdown + "\n")
+    plot(doc, json_path.with_suffix(".png"))
+    print(f"results: {json_path} (.md, .png); logs: {logs_dir}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

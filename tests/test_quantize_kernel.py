@@ -1,0 +1,106 @@
+"""The Triton write kernel against reference.encode_kv (interpreter on CPU)."""
+
+import pytest
+import torch
+
+from oscar_sglang.kernels import reference as ref
+from oscar_sglang.kernels.format import OscarFormat
+from oscar_sglang.kernels.quantize import write_kv_int2
+
+CODE_POISON, META_POISON, WINDOW_POISON = 0xA5, -7.0, 1234.0
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (tokens, kv_heads, head_dim, group, dtype, per_head): a covering subset of
+# T in {1, 7, 129} x H in {1, 2, 8} x D in {64, 128} x G in {32, 64, 128} x dtypes x sharing
+CASES = [
+    (1, 1, 64, 32, torch.bfloat16, False),
+    (7, 2, 64, 64, torch.float16, True),
+    (129, 1, 64, 32, torch.bfloat16, True),
+    (1, 8, 128, 128, torch.float16, True),
+    (7, 8, 128, 32, torch.bfloat16, False),
+    (129, 2, 128, 64, torch.float16, False),
+    (129, 8, 128, 128, torch.bfloat16, True),
+    (7, 1, 128, 128, torch.bfloat16, True),
+]
+
+
+def random_rotation(heads, d, gen):
+    return torch.linalg.qr(torch.randn(heads, d, d, generator=gen, dtype=torch.float64))[0].float()
+
+
+def assert_codes_match(got, want, x_rot_clipped, meta, group):
+    """Codes must be equal except where the reference value sits on a rounding tie."""
+    got_c, want_c = ref.unpack_int2_quartered(got), ref.unpack_int2_quartered(want)
+    diff = got_c != want_c
+    if not diff.any():
+        return
+    s = meta[..., 0].float().repeat_interleave(group, dim=-1)
+    m = meta[..., 1].float().repeat_interleave(group, dim=-1)
+    y = (x_rot_clipped - m) / torch.where(s > 0, s, 1.0)
+    near_tie = ((y - y.floor()) - 0.5).abs() < 1e-4
+    assert (near_tie | ~diff).all(), f"{int(diff.sum())} codes differ away from rounding ties"
+    assert ((got_c.int() - want_c.int()).abs() <= 1).all()
+
+
+@pytest.mark.parametrize("tokens,heads,d,group,dtype,per_head", CASES)
+def test_write_kernel_matches_reference(tokens, heads, d, group, dtype, per_head):
+    gen = torch.Generator().manual_seed(tokens * 1000 + heads * 10 + d + group)
+    fmt = OscarFormat(d, group)
+    k = (torch.randn(tokens, heads, d, generator=gen) * 3).to(dtype)
+    v = torch.randn(tokens, heads, d, generator=gen).to(dtype)
+    k_rot = random_rotation(heads if per_head else 1, d, gen)
+    v_rot = random_rotation(heads if per_head else 1, d, gen)
+    num_slots = 2 * tokens + 3
+    slots = torch.randperm(num_slots, generator=gen)[:tokens]
+    rows = torch.where(torch.rand(tokens, generator=gen) < 0.5, torch.randperm(tokens, generator=gen), -1)
+
+    bufs = dict(
+        k_codes=torch.full(fmt.codes_shape(num_slots, heads), CODE_POISON, dtype=torch.uint8),
+        v_codes=torch.full(fmt.codes_shape(num_slots, heads), CODE_POISON, dtype=torch.uint8),
+        k_meta=torch.full(fmt.meta_shape(num_slots, heads), META_POISON, dtype=torch.float16),
+        v_meta=torch.full(fmt.meta_shape(num_slots, heads), META_POISON, dtype=torch.float16),
+        k_window=torch.full((tokens, heads, d), WINDOW_POISON, dtype=torch.bfloat16),
+        v_window=torch.full((tokens, heads, d), WINDOW_POISON, dtype=torch.bfloat16),
+    )
+    dev = {name: t.to(DEVICE) for name, t in bufs.items()}
+    write_kv_int2(k.to(DEVICE), v.to(DEVICE), slots.to(DEVICE), k_rot.to(DEVICE), v_rot.to(DEVICE),
+                  0.96, 0.92, fmt=fmt, window_rows=rows.to(DEVICE), **dev)
+    out = {name: t.cpu() for name, t in dev.items()}
+
+    unwritten = torch.ones(num_slots, dtype=torch.bool)
+    unwritten[slots] = False
+    has_row = rows >= 0
+    unused_rows = torch.ones(tokens, dtype=torch.bool)
+    unused_rows[rows[has_row]] = False
+    for kind, x, rot, clip in (("k", k, k_rot, 0.96), ("v", v, v_rot, 0.92)):
+        codes, meta, window = ref.encode_kv(x, rot, clip, fmt)
+        got_meta = out[f"{kind}_meta"][slots]
+        assert torch.equal(got_meta, meta), f"{kind} meta differs"
+        clipped = ref.clip_rows(ref.rotate(x, rot), clip)
+        assert_codes_match(out[f"{kind}_codes"][slots], codes, clipped, meta, group)
+        torch.testing.assert_close(out[f"{kind}_window"][rows[has_row]], window[has_row], atol=2e-2, rtol=1e-2)
+        assert (out[f"{kind}_codes"][unwritten] == CODE_POISON).all()
+        assert (out[f"{kind}_meta"][unwritten] == META_POISON).all()
+        assert (out[f"{kind}_window"][unused_rows] == WINDOW_POISON).all()
+
+
+def test_non_finite_token_is_isolated():
+    gen = torch.Generator().manual_seed(3)
+    fmt = OscarFormat(64, 32)
+    k = torch.randn(9, 2, 64, generator=gen).bfloat16()
+    v = torch.randn(9, 2, 64, generator=gen).bfloat16()
+    k[4, 1, 10] = float("nan")
+    v[6, 0, 3] = float("inf")
+    rot = random_rotation(1, 64, gen)
+    bufs = [torch.zeros(fmt.codes_shape(9, 2), dtype=torch.uint8), torch.zeros(fmt.meta_shape(9, 2), dtype=torch.float16)]
+    k_codes, k_meta = bufs
+    v_codes, v_meta = (b.clone() for b in bufs)
+    slots = torch.arange(9)
+    write_kv_int2(k, v, slots, rot, rot, 0.96, 0.92, k_codes, k_meta, v_codes, v_meta, fmt)
+    assert (k_meta[4, 1] == 0).all() and (k_codes[4, 1] == 0).all()
+    assert (v_meta[6, 0] == 0).all() and (v_codes[6, 0] == 0).all()
+    clean_codes, clean_meta, _ = ref.encode_kv(k, rot, 0.96, fmt)
+    keep = torch.ones(9, 2, dtype=torch.bool)
+    keep[4, 1] = False
+    assert torch.equal(k_meta[keep], clean_meta[keep])
+    assert torch.isfinite(k_meta).all() and torch.isfinite(v_meta).all()
