@@ -7,6 +7,7 @@ merged across invocations with the same settings on the same GPU, markdown table
 
 import argparse
 import contextlib
+import ctypes
 import datetime
 import importlib.metadata
 import json
@@ -28,7 +29,6 @@ DEFAULT_RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 DEFAULT_WORK_DIR = Path(tempfile.gettempdir()) / "oscar-bench"
 DEFAULT_MODEL = "qwen3-8b"
 TOKENIZER_DIR = "qwen-tokenizer"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 # Set for every process the benchmarks start: NVLink multicast stays off on the lent machines.
 GPU_ENV = {
@@ -73,7 +73,7 @@ def parse_int_list(text):
     try:
         values = sorted({int(item) for item in text.split(",") if item.strip()})
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not values or values[0] < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
@@ -106,8 +106,15 @@ def add_common_args(parser, mem_fraction_static, timeout):
         help="folder holding qwen3-8b/ and qwen-tokenizer/ (default: shared/models, "
         "../shared/models or .gpu/models, whichever exists)",
     )
-    parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR)
-    parser.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS_DIR)
+    parser.add_argument(
+        "--work-dir", type=Path, default=DEFAULT_WORK_DIR, help="for the model folder (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--results-dir",
+        type=Path,
+        default=DEFAULT_RESULTS_DIR,
+        help="JSON, markdown, PNG and logs/ go here (default: benchmarks/results)",
+    )
     parser.add_argument(
         "--mem-fraction-static", type=float, default=mem_fraction_static, help="(default: %(default)s)"
     )
@@ -229,6 +236,15 @@ def stop_process_group(proc, grace=30.0):
             return
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent():
+    """Run in the child before exec: SIGTERM it when the benchmark dies, even by SIGKILL (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 @contextlib.contextmanager
 def managed_process(cmd, log_path):
     """Start `cmd` in a new process group with output to `log_path`; stop the group on exit."""
@@ -243,6 +259,7 @@ def managed_process(cmd, log_path):
             env=child_env(),
             cwd=REPO_ROOT,
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         try:
             yield proc
@@ -269,7 +286,7 @@ def wait_for_http_ok(url, proc, timeout):
             with urllib.request.urlopen(url, timeout=5) as response:
                 if response.status == 200:
                     return
-        time.sleep(2.0)
+        time.sleep(0.5)
     raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
 
 
@@ -291,11 +308,16 @@ def log_tail(path, lines=40):
 
 
 def read_jsonl(path):
-    """All JSON objects of a JSON-lines file ([] if it does not exist)."""
+    """The JSON objects of a JSON-lines file ([] if it does not exist).
+
+    A line that does not parse (a writer killed mid-line) is left out.
+    """
     path = Path(path)
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        with contextlib.suppress(json.JSONDecodeError):
+            records.append(json.loads(line))
+    return records
 
 
 # ---------------------------------------------------------------------------- machine
@@ -314,7 +336,9 @@ def _nvidia_smi_gpus():
     except (OSError, subprocess.SubprocessError):
         return []
     fields = query.split(",")
-    return [dict(zip(fields, (part.strip() for part in line.split(",")))) for line in out.splitlines() if line]
+    return [
+        dict(zip(fields, (part.strip() for part in line.split(",")))) for line in out.splitlines() if line
+    ]
 
 
 def _torch_gpus():
@@ -349,6 +373,7 @@ def machine_info():
 
 
 def now_iso():
+    """The current UTC time, ISO 8601, to the second."""
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
@@ -389,7 +414,7 @@ def write_json(path, doc):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
     tmp.replace(path)
 
 
@@ -451,11 +476,13 @@ def plot_panels(path, title, panels):
             ys = [v for v in values if v is not None]
             ax.bar(xs, ys, width, label=label)
         tilt = len(groups) > 3
-        ax.set_xticks(range(len(groups)), groups, rotation=30 if tilt else 0, ha="right" if tilt else "center")
+        ax.set_xticks(
+            range(len(groups)), groups, rotation=30 if tilt else 0, ha="right" if tilt else "center"
+        )
         ax.set_title(panel["title"])
         ax.set_ylabel(panel["ylabel"])
         ax.grid(axis="y", alpha=0.3)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize="small")
     fig.suptitle(title)

@@ -33,6 +33,7 @@ Writes <results-dir>/<name>.json, .md and .png; logs go to <results-dir>/logs/<n
 
 import argparse
 import dataclasses
+import functools
 import inspect
 import json
 import os
@@ -204,7 +205,8 @@ def search_max_batch(recorder, one_batch, bench_args, context, tp_rank):
     run_once = _stock(one_batch, "latency_test_run_once")
     fits = max_batch_size(runner, context, output_len)
     for batch_size in range(fits, max(fits - MAX_BATCH_ATTEMPTS, 0), -1):
-        kwargs = dict(
+        call = functools.partial(
+            run_once,
             run_name=bench_args.run_name,
             model_runner=runner,
             rank_print=print if tp_rank == 0 else (lambda *a, **k: None),
@@ -220,10 +222,12 @@ def search_max_batch(recorder, one_batch, bench_args, context, tp_rank):
             profile_stage="all",
             tp_rank=tp_rank,
         )
-        if recorder.measure("max_batch", runner, batch_size, context, output_len, lambda: run_once(**kwargs)):
+        if recorder.measure("max_batch", runner, batch_size, context, output_len, call):
             return
     if fits < 1:
-        recorder.write({"kind": "max_batch", "status": "skipped", "input_len": context, "reason": "no sequence fits"})
+        recorder.write(
+            {"kind": "max_batch", "status": "skipped", "input_len": context, "reason": "no sequence fits"}
+        )
 
 
 def latency_worker(server_args, port_args, bench_args, gpu_id, tp_rank):
@@ -249,8 +253,12 @@ def latency_worker(server_args, port_args, bench_args, gpu_id, tp_rank):
 def launcher_parser():
     """Options of the one-batch launcher (before `--`)."""
     parser = argparse.ArgumentParser(prog=f"python -m benchmarks.latency {ONE_BATCH}")
-    parser.add_argument("--prefill-chunk-tokens", type=int, default=0, help="0: one prefill forward per batch")
-    parser.add_argument("--max-batch-context", type=int, help="also measure the largest batch of this context")
+    parser.add_argument(
+        "--prefill-chunk-tokens", type=int, default=0, help="0: one prefill forward per batch"
+    )
+    parser.add_argument(
+        "--max-batch-context", type=int, help="also measure the largest batch of this context"
+    )
     return parser
 
 
@@ -295,10 +303,20 @@ def build_parser():
         prog="python -m benchmarks.latency", description=__doc__.split("\n\n")[0]
     )
     add_common_args(parser, mem_fraction_static=0.70, timeout=900.0)
-    parser.add_argument("--batches", type=parse_int_list, default=parse_int_list("1,8,32"))
-    parser.add_argument("--contexts", type=parse_int_list, default=parse_int_list("16384,32768,100000"))
     parser.add_argument(
-        "--decode-steps", type=decode_steps, default=32, help="timed decode steps per point (default: %(default)s)"
+        "--batches", type=parse_int_list, default=parse_int_list("1,8,32"), help="(default: 1,8,32)"
+    )
+    parser.add_argument(
+        "--contexts",
+        type=parse_int_list,
+        default=parse_int_list("16384,32768,100000"),
+        help="prompt tokens per sequence (default: 16384,32768,100000)",
+    )
+    parser.add_argument(
+        "--decode-steps",
+        type=decode_steps,
+        default=32,
+        help="timed decode steps per point (default: %(default)s)",
     )
     parser.add_argument(
         "--prefill-chunk-tokens",
@@ -306,7 +324,9 @@ def build_parser():
         default=131072,
         help="prefill a batch in forwards of at most this many tokens; 0: one forward (default: %(default)s)",
     )
-    parser.add_argument("--max-batch-search", action="store_true", help="also measure the largest batch that fits")
+    parser.add_argument(
+        "--max-batch-search", action="store_true", help="also measure the largest batch that fits"
+    )
     parser.add_argument("--max-batch-context", type=int, default=100000, help="(default: %(default)s)")
     parser.add_argument("--name", default="latency", help="results file stem (default: %(default)s)")
     return parser
@@ -351,6 +371,7 @@ def settings(args, model_path):
 
 def config_record(records, code):
     """Summarize the launcher's JSON lines and exit code into one configuration's record."""
+
     def strip(record):
         return {k: v for k, v in record.items() if k != "kind"}
 
@@ -375,7 +396,9 @@ def run_config(config, args, model_path, logs_dir):
     started, start = now_iso(), time.monotonic()
     code = run_logged(cmd, log, args.timeout)
     record = config_record(read_jsonl(result_file), code)
-    record.update(started=started, elapsed_s=round(time.monotonic() - start, 1), command=shlex.join(cmd), log=str(log))
+    record.update(
+        started=started, elapsed_s=round(time.monotonic() - start, 1), command=shlex.join(cmd), log=str(log)
+    )
     if record["status"] != "ok":
         record["log_tail"] = log_tail(log)
     return record
@@ -428,9 +451,12 @@ def latency_table(doc):
 
 
 def capacity_table(doc):
-    """Markdown table: KV pool, request slots and the largest batch per configuration."""
-    configs = doc["configs"]
-    context = doc["settings"]["max_batch_context"]
+    """Markdown table: KV pool, request slots and the largest batch per configuration.
+
+    "CUDA graph" says whether that batch decodes in a captured graph: SGLang pads a batch up to
+    the next captured size, and the launcher captures exactly --batches.
+    """
+    configs, grid = doc["configs"], doc["settings"]
     rows = []
     for name in ordered_configs(configs):
         record = configs[name]
@@ -443,10 +469,11 @@ def capacity_table(doc):
             best and best["batch_size"],
             decode_ms(best),
             best and best["median_decode_throughput"],
+            best and ("yes" if best["batch_size"] <= max(grid["batches"]) else "no (eager)"),
         ])  # fmt: skip
-    label = f"@ {context}" if context else "(not searched)"
+    label = f"@ {grid['max_batch_context']}" if grid["max_batch_context"] else "(not searched)"
     headers = ["config", "KV pool tokens", "request slots", f"max batch {label}", "decode ms", "decode tok/s"]
-    return markdown_table(headers, rows)
+    return markdown_table([*headers, "CUDA graph"], rows)
 
 
 def plot(doc, path):
@@ -459,13 +486,17 @@ def plot(doc, path):
             "title": "decode latency (median)",
             "ylabel": "ms / step",
             "groups": [f"{b}x{c}" for b, c in points],
-            "series": {name: [decode_ms(find_point(configs[name], b, c)) for b, c in points] for name in names},
+            "series": {
+                name: [decode_ms(find_point(configs[name], b, c)) for b, c in points] for name in names
+            },
         },
         {
             "title": "KV pool",
             "ylabel": "tokens",
             "groups": [""],
-            "series": {name: [(configs[name].get("pool") or {}).get("max_total_num_tokens")] for name in names},
+            "series": {
+                name: [(configs[name].get("pool") or {}).get("max_total_num_tokens")] for name in names
+            },
         },
     ]
     if grid["max_batch_context"]:
@@ -491,7 +522,9 @@ def main(argv=None):
     logs_dir = Path(args.results_dir) / "logs" / args.name
     if args.dry_run:
         for config in args.configs:
-            print(f"# {config}\n{shlex.join(launcher_command(config, args, model_path, logs_dir / f'{config}.jsonl'))}")
+            print(
+                f"# {config}\n{shlex.join(launcher_command(config, args, model_path, logs_dir / f'{config}.jsonl'))}"
+            )
         return 0
     machine, run_settings = machine_info(), settings(args, model_path)
     failed = []

@@ -98,9 +98,14 @@ def build_parser():
     return parser
 
 
+def num_requests(args):
+    """Requests in the workload (warm-up request not counted)."""
+    return args.num_groups * args.prompts_per_group
+
+
 def concurrency(args):
     """Requests in flight at most: --max-concurrency, else every request of the workload."""
-    return args.max_concurrency or args.num_groups * args.prompts_per_group
+    return args.max_concurrency or num_requests(args)
 
 
 def server_command(config, args, model_path, port):
@@ -227,12 +232,14 @@ def run_config(config, args, model_path, logs_dir):
             record["startup_s"] = round(time.monotonic() - start, 1)
             code = run_logged(bench_cmd, bench_log, args.timeout - (time.monotonic() - start))
         if code != 0:
-            raise RuntimeError("benchmark client " + ("timed out" if code is None else f"exited with code {code}"))
+            raise RuntimeError(
+                "benchmark client " + ("timed out" if code is None else f"exited with code {code}")
+            )
         results = read_jsonl(bench_out)
         if not results:
             raise RuntimeError(f"benchmark client wrote no result to {bench_out}")
         bench = {k: v for k, v in results[-1].items() if k != "server_info"}
-        record["status"] = "ok"
+        record["status"] = "ok" if bench.get("completed") == num_requests(args) else "incomplete"
     except (RuntimeError, TimeoutError) as exc:
         record["error"] = str(exc)
         record["server_log_tail"] = log_tail(server_log)
@@ -295,7 +302,9 @@ def main(argv=None):
         port = args.port or 30000
         for config in args.configs:
             print(f"# {config}\n{shlex.join(server_command(config, args, model_path, port))}")
-        print(f"# client\n{shlex.join(bench_command(args, model_path, port, logs_dir / 'CONFIG.bench.jsonl'))}")
+        print(
+            f"# client\n{shlex.join(bench_command(args, model_path, port, logs_dir / 'CONFIG.bench.jsonl'))}"
+        )
         return 0
     machine, run_settings = machine_info(), settings(args, model_path)
     failed = []
@@ -304,7 +313,10 @@ def main(argv=None):
         record = run_config(config, args, model_path, logs_dir)
         doc = merge_results(json_path, "serving", run_settings, machine, {config: record})
         write_json(json_path, doc)
-        print(f"== {config}: {record['status']} in {record['elapsed_s']} s {record.get('error', '')}", flush=True)
+        print(
+            f"== {config}: {record['status']} in {record['elapsed_s']} s {record.get('error', '')}",
+            flush=True,
+        )
         if record["status"] != "ok":
             failed.append(config)
     markdown = table(doc)

@@ -52,7 +52,8 @@ class Setting:
         except ValueError:
             value = None
         if value is None or not self.accept(value):
-            raise ValueError(f"{self.env} ({self.flag}) = {raw!r} is invalid: expected {self.allowed}")
+            raise ValueError(f"{self.env} ({self.flag}) = {raw!r} is invalid: "
+                             f"expected {self.allowed}")
         return value
 
 

@@ -45,16 +45,19 @@ ADD_CLI_ARGS = f"{SERVER_ARGS}.add_cli_args"
 POST_INIT = f"{SERVER_ARGS}.__post_init__"
 COMPUTE_CELL_SIZE = (
     "sglang.srt.model_executor.pool_configurator.DefaultPoolConfigurator._compute_cell_size")
+FINALIZE_MAX_RUNNING_REQUESTS = (
+    "sglang.srt.model_executor.pool_configurator.DefaultPoolConfigurator."
+    "finalize_with_max_running_requests")
 BUILD_MHA_KV_POOL = (
     "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._build_mha_kv_pool")
 # Without these an OSCAR server would size or build SGLang's BF16 pool.
-POOL_TARGETS = (COMPUTE_CELL_SIZE, BUILD_MHA_KV_POOL)
+POOL_TARGETS = (COMPUTE_CELL_SIZE, FINALIZE_MAX_RUNNING_REQUESTS, BUILD_MHA_KV_POOL)
 
 FLAG_HELP = {
     "kv_quant": ("'oscar': store K/V as 2-bit rotated codes (OSCAR-2, oscar-sglang) with BF16 "
                  "sink/recent windows; 'none' (default): SGLang's own KV cache"),
-    "rotations": ("rotation file written by `python -m oscar_sglang.calibrate` "
-                  "(NAME.oscar.safetensors), checked against the model at startup; default: "
+    "rotations": ("rotation file written by `oscar-sglang calibrate --out "
+                  "NAME.oscar.safetensors`, checked against the model at startup; default: "
                   "data-free Hadamard rotations (lower quality)"),
     "group_size": "quantization group size along head_dim; default: head_dim",
     "sink_tokens": f"first tokens of every sequence kept in BF16 (default {DEFAULT_SINK_TOKENS})",
@@ -75,6 +78,7 @@ def register() -> None:
     HookRegistry.register(POST_INIT, _validate_before_post_init, HookType.BEFORE)
     HookRegistry.register(POST_INIT, _check_after_post_init, HookType.AFTER)
     HookRegistry.register(COMPUTE_CELL_SIZE, _compute_cell_size, HookType.AROUND)
+    HookRegistry.register(FINALIZE_MAX_RUNNING_REQUESTS, _finalize_max_running_requests, HookType.AROUND)
     HookRegistry.register(BUILD_MHA_KV_POOL, _build_mha_kv_pool, HookType.AROUND)
 
     from sglang.srt.layers.attention.attention_registry import register_attention_backend
@@ -150,9 +154,19 @@ def _compute_cell_size(original, configurator, kvc, num_layers: int) -> int:
     if not validation.scheduler_enabled(kvc.server_args):
         return original(configurator, kvc, num_layers)
     validation.check_model_runtime(kvc)
-    from oscar_sglang.pool import compute_cell_size
+    from oscar_sglang.sizing import compute_cell_size
 
     return compute_cell_size(original, configurator, kvc, num_layers)
+
+
+def _finalize_max_running_requests(original, configurator, config):
+    """AROUND DefaultPoolConfigurator.finalize_with_max_running_requests(self, config):
+    cap running requests to the BF16 window rows (set up by the cell-size hook)."""
+    if not hasattr(configurator, "_oscar"):
+        return original(configurator, config)
+    from oscar_sglang.sizing import finalize_with_max_running_requests
+
+    return finalize_with_max_running_requests(original, configurator, config)
 
 
 def _build_mha_kv_pool(original, configurator, **kwargs):
@@ -160,14 +174,18 @@ def _build_mha_kv_pool(original, configurator, **kwargs):
     mha_pool_class, quant_method=None)."""
     if not validation.scheduler_enabled(configurator.server_args):
         return original(configurator, **kwargs)
-    from oscar_sglang.pool import build_mha_kv_pool
+    from oscar_sglang.sizing import build_mha_kv_pool
 
     return build_mha_kv_pool(original, configurator, **kwargs)
 
 
 def _create_backend(runner):
-    """Factory of the "oscar" attention backend; SGLang allocates the KV pool before it."""
-    validation.scheduler_enabled(runner.server_args)  # raises when launcher checks were skipped
+    """Factory of the "oscar" attention backend, in a scheduler; SGLang allocates the KV pool
+    before it."""
+    if not validation.scheduler_enabled(runner.server_args):  # e.g. only as a draft backend
+        raise RuntimeError("the 'oscar' attention backend needs the OSCAR KV cache: pass "
+                           "--kv-quant oscar (or attention_backend='oscar')")
+    _check_hooks_applied()
     from oscar_sglang.backend import OscarAttnBackend
     from oscar_sglang.pool import OscarTokenToKVPool
 

@@ -1,0 +1,126 @@
+"""OscarAttnBackend: SGLang's Triton attention backend with decode and extend running on the
+packed OSCAR-2 pool.
+
+Reused from TritonAttnBackend: forward metadata (kv_indptr / kv_indices over req_to_token,
+qo_indptr, max_extend_len) and the CUDA-graph capture / replay machinery. Overridden: the KV
+write (rotate + quantize + window copies) and both attention kernels. Setting
+SGLANG_OSCAR_REFERENCE_ATTENTION=1 routes attention through the PyTorch reference instead (a
+debug switch: slow, needs --disable-cuda-graph).
+"""
+
+import os
+
+import torch
+from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
+
+from oscar_sglang.kernels import reference
+from oscar_sglang.kernels.decode import decode_attention_int2
+from oscar_sglang.kernels.extend import extend_attention_int2
+from oscar_sglang.kernels.quantize import write_kv_int2
+from oscar_sglang.pool import OscarTokenToKVPool
+
+REFERENCE_ENV = "SGLANG_OSCAR_REFERENCE_ATTENTION"
+
+
+class OscarAttnBackend(TritonAttnBackend):
+    def __init__(self, model_runner):
+        super().__init__(model_runner)
+        pool = model_runner.token_to_kv_pool
+        if not isinstance(pool, OscarTokenToKVPool):
+            raise RuntimeError(
+                f"the 'oscar' attention backend needs the OSCAR KV pool, but SGLang built "
+                f"{type(pool).__name__}: the oscar-sglang pool hook did not apply (check the "
+                "plugin log lines above; is oscar-sglang installed in this environment?)")
+        self.pool = pool
+        self.fmt = pool.fmt
+        # TritonAttnBackend reads v_head_dim off the value buffer, whose last dim is D/4 here
+        self.v_head_dim = model_runner.model_config.v_head_dim
+        pool.allocate_windows(model_runner.req_to_token_pool.size)
+        self.req_generation = model_runner.req_to_token_pool.req_generation
+        self.window_generation = torch.full_like(self.req_generation, -1)
+        self.use_reference = os.environ.get(REFERENCE_ENV, "0") == "1"
+        self._token_rows = None
+
+    def init_forward_metadata(self, forward_batch):
+        super().init_forward_metadata(forward_batch)
+        if forward_batch.forward_mode.is_extend():
+            self._restore_windows_of_new_requests(forward_batch)
+
+    def _restore_windows_of_new_requests(self, forward_batch):
+        """A request seen for the first time whose prefix came from the radix cache gets its
+        window rows filled from the INT2 codes of that prefix (its own chunks write them)."""
+        indices = forward_batch.req_pool_indices.tolist()
+        for idx, prefix in zip(indices, forward_batch.extend_prefix_lens_cpu):
+            generation = self.req_generation[idx]
+            if self.window_generation[idx] == generation:
+                continue
+            self.window_generation[idx] = generation
+            if prefix > 0:
+                self.pool.restore_windows(idx, self.req_to_token[idx, :prefix])
+
+    def _token_windows(self, layer, forward_batch, num_tokens: int, decode: bool):
+        """(window_rows [T], window_starts [B]) for this forward; computed at the first layer
+        and reused by the others (also inside a captured CUDA graph)."""
+        if layer.layer_id == self.pool.start_layer or self._token_rows is None:
+            req = forward_batch.req_pool_indices
+            if decode:
+                per_token = torch.arange(req.shape[0], device=req.device)
+            else:
+                per_token = torch.repeat_interleave(
+                    torch.arange(req.shape[0], device=req.device),
+                    forward_batch.extend_seq_lens, output_size=num_tokens)
+            rows = self.pool.window_rows_for(req[per_token], forward_batch.positions,
+                                             forward_batch.seq_lens[per_token])
+            self._token_rows = (rows, self.pool.window_starts(req))
+        return self._token_rows
+
+    def _write(self, layer, forward_batch, k, v, window_rows):
+        lay = self.pool.layer(layer.layer_id)
+        write_kv_int2(k, v, forward_batch.out_cache_loc, lay.k_rot, lay.v_rot, lay.k_clip, lay.v_clip,
+                      lay.k_codes, lay.k_meta, lay.v_codes, lay.v_meta, self.fmt,
+                      window_rows, lay.k_window, lay.v_window)
+        return lay
+
+    @staticmethod
+    def _check_layer(layer, sinks):
+        if sinks is not None or (layer.logit_cap or 0) > 0 or layer.is_cross_attention:
+            raise NotImplementedError(
+                "--kv-quant oscar supports plain causal self-attention (no attention sinks, "
+                "logit soft-capping or cross-attention)")
+
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None, **kwargs):
+        self._check_layer(layer, sinks)
+        heads, d = layer.tp_q_head_num, layer.head_dim
+        q = q.reshape(-1, heads, d)
+        k = k.reshape(-1, layer.tp_k_head_num, d)
+        v = v.reshape(-1, layer.tp_v_head_num, d)
+        rows, starts = self._token_windows(layer, forward_batch, q.shape[0], decode=True)
+        lay = self._write(layer, forward_batch, k, v, rows) if save_kv_cache else self.pool.layer(layer.layer_id)
+        meta = self.forward_metadata
+        args = (meta.kv_indptr, meta.kv_indices, starts, lay.k_codes, lay.k_meta, lay.v_codes,
+                lay.v_meta, lay.k_window, lay.v_window, lay.k_rot, lay.v_rot, layer.scaling, self.fmt)
+        if self.use_reference:
+            o = reference.decode_attention(q, *args).to(q.dtype)
+        else:
+            o = decode_attention_int2(q, *args)
+        return o.reshape(-1, heads * d)
+
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None, **kwargs):
+        self._check_layer(layer, sinks)
+        if k is None or v is None:
+            raise NotImplementedError("--kv-quant oscar needs the new tokens' K and V in extend")
+        heads, d = layer.tp_q_head_num, layer.head_dim
+        q = q.reshape(-1, heads, d)
+        k = k.reshape(-1, layer.tp_k_head_num, d)
+        v = v.reshape(-1, layer.tp_v_head_num, d)
+        rows, starts = self._token_windows(layer, forward_batch, q.shape[0], decode=False)
+        lay = self._write(layer, forward_batch, k, v, rows) if save_kv_cache else self.pool.layer(layer.layer_id)
+        meta = self.forward_metadata
+        args = (meta.qo_indptr, meta.kv_indptr, meta.kv_indices, starts, lay.k_codes, lay.k_meta,
+                lay.v_codes, lay.v_meta, lay.k_window, lay.v_window, lay.k_rot, lay.v_rot,
+                layer.scaling, self.fmt)
+        if self.use_reference:
+            o = reference.extend_attention(q, k, v, *args).to(q.dtype)
+        else:
+            o = extend_attention_int2(q, k, v, *args, max_extend_len=meta.max_extend_len)
+        return o.reshape(-1, heads * d)

@@ -1,0 +1,34 @@
+"""Rotations for the served model: load (or fall back to data-free), validate against the model,
+slice to this tensor-parallel rank's KV heads."""
+
+import logging
+
+from oscar_sglang.kernels.rotations import RotationSet, data_free_rotations, load_rotations
+
+logger = logging.getLogger(__name__)
+
+
+def kv_head_range(total_kv_heads: int, tp_size: int, tp_rank: int) -> tuple[int, int]:
+    """KV heads [start, end) held by `tp_rank`, following SGLang's split: contiguous shares
+    when total >= tp_size, otherwise each rank holds one head replicated over
+    tp_size / total ranks."""
+    if total_kv_heads >= tp_size:
+        if total_kv_heads % tp_size:
+            raise ValueError(f"{total_kv_heads} KV heads cannot be split over tp_size={tp_size}")
+        share = total_kv_heads // tp_size
+        return tp_rank * share, (tp_rank + 1) * share
+    head = tp_rank * total_kv_heads // tp_size
+    return head, head + 1
+
+
+def rotations_for_model(path: str | None, num_layers: int, num_kv_heads: int, head_dim: int,
+                        model_name: str) -> RotationSet:
+    """The validated RotationSet for a model with these dimensions (all KV heads)."""
+    if path is None:
+        logger.warning(
+            "OSCAR: no --oscar-rotations given; using data-free Hadamard rotations, whose "
+            "quality is lower than calibrated ones (run `oscar-sglang calibrate`)")
+        return data_free_rotations(num_layers, num_kv_heads, head_dim, model_name)
+    rotations = load_rotations(path)
+    rotations.check_matches(num_layers, num_kv_heads, head_dim, model=model_name or "the served model")
+    return rotations

@@ -1,0 +1,93 @@
+"""KV budget arithmetic and the pool-configurator hook bodies.
+
+SGLang sizes its token pool as budget // cell_size. OSCAR reports a cell size inflated by
+1 / (1 - f) so that a fraction f of the budget is left for the per-request BF16 window rows,
+then caps max_running_requests to the requests those rows can hold.
+"""
+
+import logging
+import math
+
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+from sglang.srt.runtime_context import get_exec, get_parallel
+
+from oscar_sglang.config import OscarConfig
+from oscar_sglang.pool import OscarTokenToKVPool
+from oscar_sglang.rotations import kv_head_range, rotations_for_model
+
+logger = logging.getLogger(__name__)
+BF16_BYTES = 2
+
+
+def budgeted_cell_bytes(int2_bytes_per_token: int, window_fraction: float) -> int:
+    """Bytes per token charged against the KV budget so that `window_fraction` remains."""
+    return math.ceil(int2_bytes_per_token / (1.0 - window_fraction))
+
+
+def window_request_capacity(max_tokens: int, cell_bytes: int, window_fraction: float,
+                            window_bytes_per_request: int) -> int:
+    """Requests whose window rows fit in the share of the budget set aside for them
+    (one row block is SGLang's padding request)."""
+    window_budget = max_tokens * cell_bytes * window_fraction
+    return int(window_budget // window_bytes_per_request) - 1
+
+
+def compute_cell_size(original, configurator, kvc, num_layers: int) -> int:
+    """AROUND hook body of DefaultPoolConfigurator._compute_cell_size."""
+    config = OscarConfig.from_env()
+    fmt = config.format(kvc.model_config.head_dim)
+    heads = kvc.model_config.get_num_kv_heads(get_parallel().attn_tp_size)
+    int2 = fmt.bytes_per_token(num_layers, heads)
+    configurator._oscar = dict(
+        fraction=config.window_memory_fraction,
+        window_bytes=fmt.window_bytes_per_request(num_layers, heads),
+        int2_bytes=int2, bf16_bytes=2 * num_layers * heads * kvc.model_config.head_dim * BF16_BYTES,
+        bits=fmt.bits_per_element, group=fmt.group_size)
+    return budgeted_cell_bytes(int2, config.window_memory_fraction)
+
+
+def finalize_with_max_running_requests(original, configurator, config):
+    """AROUND hook body of DefaultPoolConfigurator.finalize_with_max_running_requests: cap
+    max_running_requests to the window rows and log the capacity next to BF16's."""
+    config = original(configurator, config)
+    info = configurator._oscar
+    tokens = config.max_total_num_tokens
+    fit = window_request_capacity(tokens, configurator._cell_size, info["fraction"], info["window_bytes"])
+    if fit < 1:
+        raise ValueError(
+            f"OSCAR: the KV budget leaves no room for BF16 window rows ({info['window_bytes'] / 2**20:.1f} "
+            "MB per request); raise --mem-fraction-static or --oscar-window-fraction")
+    if config.max_running_requests > fit:
+        logger.info("OSCAR: max_running_requests capped from %d to %d by the window rows "
+                    "(--oscar-window-fraction %.2f)", config.max_running_requests, fit, info["fraction"])
+        config.max_running_requests = fit
+    bf16_tokens = tokens * configurator._cell_size // info["bf16_bytes"]
+    logger.info(
+        "OSCAR-2 KV cache: %.2f bits/element (group %d), %d bytes/token, %d tokens; BF16 KV would "
+        "hold %d tokens in the same budget (%.2fx); window rows for %d running requests",
+        info["bits"], info["group"], info["int2_bytes"], tokens, bf16_tokens,
+        tokens / max(bf16_tokens, 1), config.max_running_requests)
+    return config
+
+
+def build_mha_kv_pool(original, configurator, *, max_total_num_tokens: int, mha_pool_class,
+                      quant_method=None, **kwargs):
+    """AROUND hook body of KVCacheConfigurator._build_mha_kv_pool: build the OSCAR pool."""
+    if mha_pool_class is not MHATokenToKVPool or quant_method is not None or configurator.post_capture_kv_active:
+        raise ValueError("--kv-quant oscar supports only the default per-layer KV layout "
+                         "(no page-major layout, FP4 KV or post-capture KV backing)")
+    config = OscarConfig.from_env()
+    model = configurator.model_config
+    fmt = config.format(model.head_dim)
+    parallel = get_parallel()
+    total_heads = model.get_total_num_kv_heads()
+    rotations = rotations_for_model(config.rotations, model.num_hidden_layers, total_heads,
+                                    model.head_dim, model.model_path)
+    rotations = rotations.slice_kv_heads(*kv_head_range(total_heads, parallel.attn_tp_size, parallel.attn_tp_rank))
+    layers = configurator.layer_info
+    return OscarTokenToKVPool(
+        max_total_num_tokens, page_size=configurator.pool_page_size,
+        head_num=model.get_num_kv_heads(parallel.attn_tp_size), head_dim=model.head_dim,
+        layer_num=layers.num_effective_layers, device=configurator.device,
+        enable_memory_saver=get_exec().features.enable_memory_saver,
+        fmt=fmt, rotations=rotations, start_layer=layers.start_layer, end_layer=layers.end_layer)
