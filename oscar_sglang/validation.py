@@ -91,6 +91,11 @@ def validate_server_args(server_args) -> OscarConfig | None:
                         server_args.model_path)
     for name in BACKEND_FIELDS:
         setattr(server_args, name, BACKEND)
+    if server_args.cuda_graph_backend_prefill is None and not server_args.disable_prefill_cuda_graph:
+        # Admission restores a radix hit's window rows on the host (not capturable); decode
+        # keeps its CUDA graphs.
+        server_args.disable_prefill_cuda_graph = True
+        logger.info("OSCAR: prefill CUDA graph disabled (decode CUDA graphs stay on)")
     logger.info("OSCAR 2-bit KV cache on: %s", settings)
     return settings
 
@@ -114,6 +119,10 @@ def check_server_features(server_args) -> None:
     if server_args.enable_hierarchical_cache:
         raise refusal("--enable-hierarchical-cache (host offload copies KV slots in SGLang's "
                       "BF16 layout)", "drop --enable-hierarchical-cache")
+    if server_args.enable_two_batch_overlap or server_args.enable_pdmux:
+        raise refusal("--enable-two-batch-overlap / --enable-pdmux (they split a batch over "
+                      "several attention backends, which the OSCAR backend does not track)",
+                      "drop the flag")
     if server_args.disaggregation_mode != "null":
         raise refusal(f"PD disaggregation (--disaggregation-mode "
                       f"{server_args.disaggregation_mode}: the KV transfer moves SGLang's BF16 "

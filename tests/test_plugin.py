@@ -66,6 +66,7 @@ def test_flags_parse_export_and_turn_oscar_on(sglang, model_dir, rotation_file):
     assert args._oscar_settings == expected
     assert args.get_attention_backends() == ("oscar", "oscar")
     assert args.attention_backend == "oscar"
+    assert args.disable_prefill_cuda_graph  # decode graphs stay; prefill runs eagerly
 
 
 def test_without_kv_quant_sglang_is_untouched(sglang, model_dir):

@@ -76,6 +76,7 @@ def serve(sglang, model, *flags):
     (["--speculative-algorithm", "EAGLE"], "speculative decoding"),
     (["--enable-hierarchical-cache"], "--enable-hierarchical-cache"),
     (["--disaggregation-mode", "prefill"], "PD disaggregation .*--disaggregation-mode prefill"),
+    (["--enable-two-batch-overlap"], "--enable-two-batch-overlap"),
     (["--attention-backend", "triton"], "--attention-backend triton"),
     (["--decode-attention-backend", "triton"], "--decode-attention-backend triton"),
 ])
