@@ -4,10 +4,10 @@ Everything happens in rotated space: the query is rotated once per program (q' =
 scores are taken against INT2 codes without dequantizing them, and the output is rotated back
 (o = o' · R_V[h]ᵀ) in the reduce kernel. Two launches:
 
-1. `_decode_split_kernel`, grid (B, H_kv, splits + 1): program (b, h, i < splits) handles one
-   contiguous range of request b's INT2 span for all query heads of KV head h (each KV tile is
-   loaded once per group); program i = splits handles the request's BF16 window rows (sinks and
-   the recent ring). Each writes an unnormalized-free partial output o'/l and its log2-sum-exp.
+1. `_decode_split_kernel`, grid (B, H_kv, splits + 1): program (b, h, 0) reads request b's BF16
+   window rows (sinks and the recent ring), program (b, h, i >= 1) one contiguous range of its
+   INT2 span; each handles all query heads of KV head h, so every KV tile is loaded once per
+   GQA group. Each writes its normalized partial output o' and log2-sum-exp.
 2. `_decode_reduce_kernel`, grid (B, H_kv): merges the partials and applies R_Vᵀ.
 
 The grid depends only on shapes and host ints (no host sync), so decode can be captured in a
@@ -21,26 +21,71 @@ and likewise for V:  o'_s += (p · s_g) @ c_s + (p @ m_g)  (the minimum adds to 
 The @triton.jit tile helpers here are shared with the extend kernel (extend.py).
 """
 
+import struct
+
 import torch
 import triton
 import triton.language as tl
 
-from .format import CODE_BITS, CODE_MAX, CODES_PER_BYTE, META_FIELDS, OscarFormat
+from .format import (
+    CODE_BITS,
+    CODE_MAX,
+    CODES_PER_BYTE,
+    META_BYTES,
+    META_FIELDS,
+    OscarFormat,
+)
 
 assert CODES_PER_BYTE == 4, "the kernels keep one accumulator per quarter slice of a packed byte"
+assert META_FIELDS * META_BYTES == 4, "the kernels read a group's (scale, minimum) as one 32-bit word"
 
-BLOCK_N = 64  # INT2 positions per tile
+BLOCK_N = 128  # INT2 positions per tile
 BLOCK_ROWS = 32  # BF16 window rows per tile
 MIN_DOT_ROWS = 16  # tl.dot needs at least 16 rows: query-head blocks are padded to this
 NUM_STAGES = 3  # software pipelining depth of the INT2 loop (index load -> code/meta loads)
 NUM_WARPS = 4
-PROGRAMS_PER_SM = 2  # INT2 split programs per SM the default split count aims for
+# registers per thread of the split kernel: 128 lets 4 programs share an SM (the only spills are
+# in the query-rotation prologue, per ptxas for sm_90), which the split heuristic assumes
+MAX_REGISTERS = 128
+PROGRAMS_PER_SM = 4
+WAVE_OVERHEAD = 0.01  # fixed cost of a wave of split programs, relative to reading a whole span
 MAX_KV_SPLITS = 128
 CPU_SM_COUNT = 8  # stand-in SM count when there is no GPU (interpreter runs)
 LOG2E = 1.4426950408889634
+
+
+def _fp16_bits(x: float) -> int:
+    return struct.unpack("<H", struct.pack("<e", x))[0]
+
+
 # fp16 1024.0: its mantissa step is exactly 1, so OR-ing a small integer into the mantissa and
 # subtracting 1024 converts it to fp16 exactly without the slow integer-to-float instructions.
-FP16_1024_BITS = tl.constexpr(0x6400)
+FP16_1024_BITS = tl.constexpr(_fp16_bits(1024.0))
+
+
+def _unpack_ptx(s: int) -> str:
+    """PTX turning 4 packed bytes ($2) into the fp16 codes of quarter slice s, two f16x2 ($0, $1):
+    prmt moves bytes 0,1 (2,3) into 16-bit lanes; lop3 keeps the slice's bits in place and ORs
+    them into the mantissa of 1024.0, giving 1024 + c·4^s exactly; fma by 4^-s minus 1024·4^-s
+    leaves c exactly. Three instructions per two codes."""
+    shift = CODE_BITS * s
+    assert (CODE_MAX << shift) < 1024, "codes must fit the fp16 mantissa of 1024.0"
+    mask = (CODE_MAX << shift) * 0x00010001  # both 16-bit lanes
+    magic = FP16_1024_BITS.value * 0x00010001
+    scale = _fp16_bits(2.0 ** -shift) * 0x00010001
+    bias = _fp16_bits(-1024.0 * 2.0 ** -shift) * 0x00010001
+    lines = ["{", ".reg .b32 t, sc, bi;", f"mov.b32 sc, {scale:#010x};", f"mov.b32 bi, {bias:#010x};"]
+    for out, select in ((0, 0x4140), (1, 0x4342)):
+        lines += [f"prmt.b32 t, $2, 0, {select:#06x};",
+                  f"lop3.b32 t, t, {mask:#010x}, {magic:#010x}, 0xEA;",  # (t & mask) | magic
+                  f"fma.rn.f16x2 ${out}, t, sc, bi;"]
+    return "\n".join(lines + ["}"])
+
+
+UNPACK_PTX_0 = tl.constexpr(_unpack_ptx(0))
+UNPACK_PTX_1 = tl.constexpr(_unpack_ptx(1))
+UNPACK_PTX_2 = tl.constexpr(_unpack_ptx(2))
+UNPACK_PTX_3 = tl.constexpr(_unpack_ptx(3))
 
 
 # ----------------------------------------------------------------------------- tile helpers
@@ -49,14 +94,14 @@ FP16_1024_BITS = tl.constexpr(0x6400)
 @triton.jit
 def _pick(s: tl.constexpr, x0, x1, x2, x3):
     """The s-th of four per-slice values (s is a compile-time constant)."""
-    if s == 0:
-        return x0
-    elif s == 1:
-        return x1
+    x = x0
+    if s == 1:
+        x = x1
     elif s == 2:
-        return x2
-    else:
-        return x3
+        x = x2
+    elif s == 3:
+        x = x3
+    return x
 
 
 @triton.jit
@@ -66,11 +111,22 @@ def _column(x, g: tl.constexpr, NG: tl.constexpr):
 
 
 @triton.jit
-def _rotate_slice(x, rot_ptr, s: tl.constexpr, D: tl.constexpr, P: tl.constexpr):
-    """x: [M, D] fp32, rot_ptr -> R [D, D] fp32: slice s of x · R, i.e. x · R[:, sP:(s+1)P],
-    fp32 [M, P]. tf32x3 keeps fp32 accuracy on tensor cores."""
-    r = tl.load(rot_ptr + tl.arange(0, D)[:, None] * D + s * P + tl.arange(0, P)[None, :])
-    return tl.dot(x, r, input_precision="tf32x3")
+def _rotate_slice(x_ptrs, x_mask, rot_ptr, s: tl.constexpr, D: tl.constexpr, P: tl.constexpr):
+    """x_ptrs: [M, 1] pointers to rows of x (D contiguous bf16/fp16 values), rot_ptr -> R [D, D]
+    fp32: slice s of x · R, i.e. x · R[:, sP:(s+1)P], fp32 [M, P].
+
+    A bf16/fp16 x converts to fp16 exactly (any |x| in fp16's normal range, [6e-5, 65504]) and R
+    is split into fp16 hi + lo parts, so two fp16 tensor-core dots give ~fp32 accuracy (2^-20);
+    a loop over P-wide chunks of the reduction keeps registers low."""
+    acc = tl.zeros([x_ptrs.shape[0], P], tl.float32)
+    k = tl.arange(0, P)
+    for k0 in tl.range(0, D, P, num_stages=1):
+        x = tl.load(x_ptrs + k0 + k[None, :], mask=x_mask, other=0.0).to(tl.float32).to(tl.float16)
+        r = tl.load(rot_ptr + (k0 + k)[:, None] * D + s * P + k[None, :])
+        r_hi = r.to(tl.float16)
+        acc = tl.dot(x, r_hi, acc)
+        acc = tl.dot(x, (r - r_hi.to(tl.float32)).to(tl.float16), acc)
+    return acc
 
 
 @triton.jit
@@ -85,20 +141,38 @@ def _unrotate(a0, a1, a2, a3, rot_ptr, D: tl.constexpr, P: tl.constexpr):
 
 
 @triton.jit
-def _code_slice(codes, s: tl.constexpr, CODE_BITS: tl.constexpr, CODE_MAX: tl.constexpr):
-    """codes: [N, P] uint8 -> the 2-bit codes of quarter slice s as fp16 [N, P] (exact)."""
-    bits = ((codes.to(tl.uint16) >> (CODE_BITS * s)) & CODE_MAX) | FP16_1024_BITS
-    return bits.to(tl.float16, bitcast=True) - 1024.0
+def _code_slice(codes, s: tl.constexpr, CODE_BITS: tl.constexpr, CODE_MAX: tl.constexpr,
+                PTX_UNPACK: tl.constexpr):
+    """codes: [N, P] uint8 -> the codes of quarter slice s as fp16 [N, P] (exact small integers).
+
+    Both paths put the code into the mantissa of fp16 1024.0 (exact) instead of converting
+    integers to float, which runs at a quarter of the ALU rate. PTX_UNPACK (GPU) works on four
+    packed bytes per instruction; the plain path is what the Triton interpreter can run."""
+    if PTX_UNPACK:
+        if s == 0:
+            c = tl.inline_asm_elementwise(UNPACK_PTX_0, "=r,=r,r", [codes], dtype=tl.float16, is_pure=True, pack=4)
+        elif s == 1:
+            c = tl.inline_asm_elementwise(UNPACK_PTX_1, "=r,=r,r", [codes], dtype=tl.float16, is_pure=True, pack=4)
+        elif s == 2:
+            c = tl.inline_asm_elementwise(UNPACK_PTX_2, "=r,=r,r", [codes], dtype=tl.float16, is_pure=True, pack=4)
+        else:
+            c = tl.inline_asm_elementwise(UNPACK_PTX_3, "=r,=r,r", [codes], dtype=tl.float16, is_pure=True, pack=4)
+    else:
+        bits = ((codes >> (CODE_BITS * s)) & CODE_MAX).to(tl.uint16) | FP16_1024_BITS
+        c = bits.to(tl.uint16).to(tl.float16, bitcast=True) - 1024.0
+    return c
 
 
 @triton.jit
-def _load_meta(meta_ptr, slot, valid, stride_ms, NG: tl.constexpr, META_FIELDS: tl.constexpr):
-    """meta_ptr: one head's meta [slots, ·, NG, 2] fp16; slot, valid: [N] ->
-    scale, minimum: [N, NG] fp32 each."""
-    off = (slot[:, None, None] * stride_ms + tl.arange(0, NG)[None, :, None] * META_FIELDS
-           + tl.arange(0, META_FIELDS)[None, None, :])
-    meta = tl.load(meta_ptr + off, mask=valid[:, None, None], other=0.0)
-    return tl.split(meta.to(tl.float32))
+def _load_meta(meta_ptr, slot, valid, stride_ms, NG: tl.constexpr):
+    """meta_ptr: one head's meta viewed as 32-bit words [slots, ·, NG] (the fp16 pair scale,
+    minimum: scale in the low half) -> scale, minimum: [N, NG] fp32. One word per load keeps
+    the loads wide enough for the pipeliner's async copies."""
+    word = tl.load(meta_ptr + slot[:, None] * stride_ms + tl.arange(0, NG)[None, :],
+                   mask=valid[:, None], other=0)
+    scale = (word & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
+    minimum = (word >> 16).to(tl.uint16).to(tl.float16, bitcast=True)
+    return scale.to(tl.float32), minimum.to(tl.float32)
 
 
 @triton.jit
@@ -114,44 +188,56 @@ def _online_softmax(m_i, l_i, scores):
 
 
 @triton.jit
+def _nonzero(x):
+    """x with zeros replaced by 1 (rows that saw nothing: their accumulators are 0 anyway)."""
+    return tl.where(x > 0, x, 1.0)
+
+
+@triton.jit
 def _int2_segment(
     m_i, l_i, a0, a1, a2, a3,
     q0, q1, q2, q3, qs0, qs1, qs2, qs3,
     idx_ptr, lo, hi,
     k_codes_ptr, v_codes_ptr, stride_cs, k_meta_ptr, v_meta_ptr, stride_ms,
-    P: tl.constexpr, NG: tl.constexpr, SPG: tl.constexpr, BLOCK_N: tl.constexpr,
-    CODE_BITS: tl.constexpr, CODE_MAX: tl.constexpr, META_FIELDS: tl.constexpr,
+    P: tl.constexpr, NG: tl.constexpr, BLOCK_N: tl.constexpr,
+    CODE_BITS: tl.constexpr, CODE_MAX: tl.constexpr, PTX_UNPACK: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
     """Attend to positions [lo, hi) read from INT2, slots idx_ptr[pos].
 
     State: m_i, l_i: [M] fp32 (log2 domain), a_s: [M, P] fp32 accumulators of o' slices.
     q_s: [M, P] fp16 rotated, pre-scaled query slices; qs_s: [M] fp32 their row sums.
-    Code/meta pointers are offset to one KV head; SPG = slices per quantization group.
-    Returns the updated (m_i, l_i, a0, a1, a2, a3).
+    Code/meta pointers are offset to one KV head. Returns the updated (m_i, l_i, a0..a3).
     """
+    SPG: tl.constexpr = 4 // NG  # quarter slices per quantization group (G >= D/4 always)
+    M: tl.constexpr = a0.shape[0]
     cols = tl.arange(0, P)
+    groups = tl.arange(0, NG)
     # Σ_n p·m_g is the same for every dim of group g: accumulate it per group, add it at the end
-    acc_min = tl.zeros([a0.shape[0], NG], tl.float32)
+    acc_min = tl.zeros([M, NG], tl.float32)
     for n0 in tl.range(lo, hi, BLOCK_N, num_stages=NUM_STAGES):
         pos = n0 + tl.arange(0, BLOCK_N)
         valid = pos < hi
         slot = tl.load(idx_ptr + pos, mask=valid, other=0).to(tl.int64)
         kc = tl.load(k_codes_ptr + slot[:, None] * stride_cs + cols[None, :], mask=valid[:, None], other=0)
         vc = tl.load(v_codes_ptr + slot[:, None] * stride_cs + cols[None, :], mask=valid[:, None], other=0)
-        k_scale, k_min = _load_meta(k_meta_ptr, slot, valid, stride_ms, NG, META_FIELDS)
-        v_scale, v_min = _load_meta(v_meta_ptr, slot, valid, stride_ms, NG, META_FIELDS)
+        k_scale, k_min = _load_meta(k_meta_ptr, slot, valid, stride_ms, NG)
+        v_scale, v_min = _load_meta(v_meta_ptr, slot, valid, stride_ms, NG)
 
-        scores = tl.zeros([a0.shape[0], BLOCK_N], tl.float32)
+        # scores = Σ_g scale_g · Σ_{s∈g} q'_s·c_s + min_g · Σ_{s∈g} Σ q'_s
         for g in tl.static_range(NG):
-            dots = tl.zeros([a0.shape[0], BLOCK_N], tl.float32)
-            qsum = tl.zeros([a0.shape[0]], tl.float32)
-            for t in tl.static_range(SPG):
-                s: tl.constexpr = g * SPG + t
-                c = _code_slice(kc, s, CODE_BITS, CODE_MAX)
-                dots = tl.dot(_pick(s, q0, q1, q2, q3), tl.trans(c), dots)
+            s = g * SPG
+            dots = tl.dot(_pick(s, q0, q1, q2, q3), tl.trans(_code_slice(kc, s, CODE_BITS, CODE_MAX, PTX_UNPACK)))
+            qsum = _pick(s, qs0, qs1, qs2, qs3)
+            for t in tl.static_range(1, SPG):
+                s = g * SPG + t
+                dots = tl.dot(_pick(s, q0, q1, q2, q3), tl.trans(_code_slice(kc, s, CODE_BITS, CODE_MAX, PTX_UNPACK)), dots)
                 qsum += _pick(s, qs0, qs1, qs2, qs3)
-            scores += dots * _column(k_scale, g, NG)[None, :] + qsum[:, None] * _column(k_min, g, NG)[None, :]
+            part = dots * _column(k_scale, g, NG)[None, :] + qsum[:, None] * _column(k_min, g, NG)[None, :]
+            if g == 0:
+                scores = part
+            else:
+                scores += part
         scores = tl.where(valid[None, :], scores, float("-inf"))
 
         m_i, l_i, alpha, p = _online_softmax(m_i, l_i, scores)
@@ -159,12 +245,15 @@ def _int2_segment(
         a1 *= alpha[:, None]
         a2 *= alpha[:, None]
         a3 *= alpha[:, None]
-        acc_min = acc_min * alpha[:, None] + tl.sum(p[:, :, None] * v_min[None, :, :], axis=1)
+        acc_min *= alpha[:, None]
+        # o'_s += (p · scale_g) @ c_s; the minimum's share goes to acc_min
         for g in tl.static_range(NG):
             pg = (p * _column(v_scale, g, NG)[None, :]).to(tl.float16)
+            pm = tl.sum(p * _column(v_min, g, NG)[None, :], axis=1)
+            acc_min += tl.where(groups[None, :] == g, pm[:, None], 0.0)
             for t in tl.static_range(SPG):
-                s: tl.constexpr = g * SPG + t
-                c = _code_slice(vc, s, CODE_BITS, CODE_MAX)
+                s = g * SPG + t
+                c = _code_slice(vc, s, CODE_BITS, CODE_MAX, PTX_UNPACK)
                 if s == 0:
                     a0 = tl.dot(pg, c, a0)
                 elif s == 1:
@@ -181,13 +270,6 @@ def _int2_segment(
 
 
 @triton.jit
-def _hi_lo(x):
-    """fp32 x -> (hi, lo) bf16 with hi + lo ≈ x to ~16 bits: two bf16 dots give ~fp32 accuracy."""
-    hi = x.to(tl.bfloat16)
-    return hi, (x - hi.to(tl.float32)).to(tl.bfloat16)
-
-
-@triton.jit
 def _window_segment(
     m_i, l_i, a0, a1, a2, a3,
     q0, q1, q2, q3,
@@ -198,13 +280,11 @@ def _window_segment(
     [rec_lo, rec_hi) (held in ring rows S + (p - S) mod W; rec_hi - rec_lo <= W).
 
     State as in `_int2_segment`; q_s: [M, P] fp32 rotated, pre-scaled query slices; window
-    pointers are offset to the request's first row and to one KV head.
+    pointers are offset to the request's first row and to one KV head. BF16 rows are exact in
+    tf32, so tf32 dots round only q' and p (to 11 significant bits, as the INT2 path's fp16 q'),
+    and bf16 arithmetic, which the Triton interpreter cannot run, stays out of the kernel.
     """
     cols = tl.arange(0, P)
-    qh0, ql0 = _hi_lo(q0)
-    qh1, ql1 = _hi_lo(q1)
-    qh2, ql2 = _hi_lo(q2)
-    qh3, ql3 = _hi_lo(q3)
     # ring slot of the oldest recent position; slot j then holds the ((j - first) mod W)-th one
     first = (rec_lo - S) % W
     for r0 in tl.range(0, S + W, BLOCK_R):
@@ -214,22 +294,23 @@ def _window_segment(
         ptrs = r[:, None] * stride_ws + cols[None, :]
         scores = tl.zeros([a0.shape[0], BLOCK_R], tl.float32)
         for s in tl.static_range(4):
-            k = tl.trans(tl.load(k_win_ptr + s * P + ptrs, mask=valid[:, None], other=0.0))
-            scores = tl.dot(_pick(s, qh0, qh1, qh2, qh3), k, scores)
-            scores = tl.dot(_pick(s, ql0, ql1, ql2, ql3), k, scores)
+            k = tl.load(k_win_ptr + s * P + ptrs, mask=valid[:, None], other=0.0).to(tl.float32)
+            scores = tl.dot(_pick(s, q0, q1, q2, q3), tl.trans(k), scores, input_precision="tf32")
         scores = tl.where(valid[None, :], scores, float("-inf"))
 
         m_i, l_i, alpha, p = _online_softmax(m_i, l_i, scores)
-        ph, pl = _hi_lo(p)
-        v = tl.load(v_win_ptr + ptrs, mask=valid[:, None], other=0.0)
-        a0 = tl.dot(pl, v, tl.dot(ph, v, a0 * alpha[:, None]))
-        v = tl.load(v_win_ptr + P + ptrs, mask=valid[:, None], other=0.0)
-        a1 = tl.dot(pl, v, tl.dot(ph, v, a1 * alpha[:, None]))
-        v = tl.load(v_win_ptr + 2 * P + ptrs, mask=valid[:, None], other=0.0)
-        a2 = tl.dot(pl, v, tl.dot(ph, v, a2 * alpha[:, None]))
-        v = tl.load(v_win_ptr + 3 * P + ptrs, mask=valid[:, None], other=0.0)
-        a3 = tl.dot(pl, v, tl.dot(ph, v, a3 * alpha[:, None]))
+        a0 = _window_pv(a0 * alpha[:, None], p, v_win_ptr, ptrs, valid)
+        a1 = _window_pv(a1 * alpha[:, None], p, v_win_ptr + P, ptrs, valid)
+        a2 = _window_pv(a2 * alpha[:, None], p, v_win_ptr + 2 * P, ptrs, valid)
+        a3 = _window_pv(a3 * alpha[:, None], p, v_win_ptr + 3 * P, ptrs, valid)
     return m_i, l_i, a0, a1, a2, a3
+
+
+@triton.jit
+def _window_pv(acc, p, v_ptr, ptrs, valid):
+    """acc: [M, P] + p: [M, R] @ the BF16 value slice at v_ptr + ptrs: [R, P]."""
+    v = tl.load(v_ptr + ptrs, mask=valid[:, None], other=0.0).to(tl.float32)
+    return tl.dot(p, v, acc, input_precision="tf32")
 
 
 # ----------------------------------------------------------------------------- decode kernels
@@ -243,15 +324,13 @@ def _decode_split_kernel(
     k_meta_ptr, v_meta_ptr, stride_ms, stride_mh,
     k_win_ptr, v_win_ptr, stride_ws, stride_wh,
     k_rot_ptr, stride_krh,
-    part_o_ptr, part_lse_ptr, num_q_heads, qk_scale,
+    part_o_ptr, part_lse_ptr, num_q_heads, num_splits, qk_scale,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, NG: tl.constexpr,
-    S: tl.constexpr, W: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    CODE_BITS: tl.constexpr, CODE_MAX: tl.constexpr, META_FIELDS: tl.constexpr,
+    S: tl.constexpr, W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    CODE_BITS: tl.constexpr, CODE_MAX: tl.constexpr, PTX_UNPACK: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
     P: tl.constexpr = D // 4
-    SPG: tl.constexpr = 4 // NG
     b = tl.program_id(0)
     hk = tl.program_id(1)
     split = tl.program_id(2)
@@ -260,10 +339,12 @@ def _decode_split_kernel(
     length = tl.load(kv_indptr_ptr + b + 1) - kv_lo
     start = tl.minimum(S, length)
     end = tl.maximum(start, length - W)
-    per_split = tl.cdiv(tl.cdiv(end - start, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    seg_lo = start + split * per_split
+    # program 0 reads the window rows (scheduled first: it is often the longest), programs
+    # 1..num_splits read BLOCK_N-aligned ranges of the INT2 span
+    per_split = tl.cdiv(tl.cdiv(end - start, num_splits), BLOCK_N) * BLOCK_N
+    seg_lo = start + (split - 1) * per_split
     seg_hi = tl.minimum(seg_lo + per_split, end)
-    is_window = split == NUM_SPLITS
+    is_window = split == 0
     has_work = (is_window & (length > 0)) | (~is_window & (seg_lo < seg_hi))
 
     heads = tl.arange(0, BLOCK_H)
@@ -276,14 +357,13 @@ def _decode_split_kernel(
     a2 = tl.zeros([BLOCK_H, P], tl.float32)
     a3 = tl.zeros([BLOCK_H, P], tl.float32)
     if has_work:
-        q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + (hk * GROUP + heads)[:, None] * stride_qh
-                    + tl.arange(0, D)[None, :], mask=head_ok[:, None], other=0.0).to(tl.float32)
+        q_rows = q_ptr + b.to(tl.int64) * stride_qb + (hk * GROUP + heads)[:, None] * stride_qh
         rot = k_rot_ptr + hk * stride_krh
         # fold sm_scale·log2(e) into q' so scores come out in the exp2 domain
-        q0 = _rotate_slice(q, rot, 0, D, P) * qk_scale
-        q1 = _rotate_slice(q, rot, 1, D, P) * qk_scale
-        q2 = _rotate_slice(q, rot, 2, D, P) * qk_scale
-        q3 = _rotate_slice(q, rot, 3, D, P) * qk_scale
+        q0 = _rotate_slice(q_rows, head_ok[:, None], rot, 0, D, P) * qk_scale
+        q1 = _rotate_slice(q_rows, head_ok[:, None], rot, 1, D, P) * qk_scale
+        q2 = _rotate_slice(q_rows, head_ok[:, None], rot, 2, D, P) * qk_scale
+        q3 = _rotate_slice(q_rows, head_ok[:, None], rot, 3, D, P) * qk_scale
         if is_window:
             row0 = tl.load(window_starts_ptr + b).to(tl.int64)
             m_i, l_i, a0, a1, a2, a3 = _window_segment(
@@ -299,16 +379,16 @@ def _decode_split_kernel(
                 kv_indices_ptr + kv_lo, seg_lo, seg_hi,
                 k_codes_ptr + hk * stride_ch, v_codes_ptr + hk * stride_ch, stride_cs,
                 k_meta_ptr + hk * stride_mh, v_meta_ptr + hk * stride_mh, stride_ms,
-                P, NG, SPG, BLOCK_N, CODE_BITS, CODE_MAX, META_FIELDS, NUM_STAGES)
-        inv = tl.where(l_i > 0, 1.0 / l_i, 0.0)[:, None]
+                P, NG, BLOCK_N, CODE_BITS, CODE_MAX, PTX_UNPACK, NUM_STAGES)
+        inv = 1.0 / _nonzero(l_i)[:, None]
         a0 *= inv
         a1 *= inv
         a2 *= inv
         a3 *= inv
-    lse = tl.where(l_i > 0, m_i + tl.math.log2(l_i), float("-inf"))
+    lse = tl.where(l_i > 0, m_i + tl.math.log2(_nonzero(l_i)), float("-inf"))
 
-    # partials: [B, H_q, NUM_SPLITS + 1, D] and [B, H_q, NUM_SPLITS + 1]
-    row = (b.to(tl.int64) * num_q_heads + hk * GROUP + heads) * (NUM_SPLITS + 1) + split
+    # partials: [B, H_q, num_splits + 1, D] and [B, H_q, num_splits + 1]
+    row = (b.to(tl.int64) * num_q_heads + hk * GROUP + heads) * (num_splits + 1) + split
     tl.store(part_lse_ptr + row, lse, mask=head_ok)
     o_ptrs = part_o_ptr + row[:, None] * D + cols[None, :]
     tl.store(o_ptrs, a0, mask=head_ok[:, None])
@@ -319,10 +399,10 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_reduce_kernel(
-    part_o_ptr, part_lse_ptr, num_q_heads,
+    part_o_ptr, part_lse_ptr, num_q_heads, num_parts,
     out_ptr, stride_ob, stride_oh,
     v_rot_ptr, stride_vrh,
-    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, NUM_PARTS: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr,
 ):
     P: tl.constexpr = D // 4
     b = tl.program_id(0)
@@ -330,7 +410,7 @@ def _decode_reduce_kernel(
     heads = tl.arange(0, BLOCK_H)
     head_ok = heads < GROUP
     cols = tl.arange(0, P)
-    rows = (b.to(tl.int64) * num_q_heads + hk * GROUP + heads) * NUM_PARTS
+    rows = (b.to(tl.int64) * num_q_heads + hk * GROUP + heads) * num_parts
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
@@ -338,7 +418,7 @@ def _decode_reduce_kernel(
     a1 = tl.zeros([BLOCK_H, P], tl.float32)
     a2 = tl.zeros([BLOCK_H, P], tl.float32)
     a3 = tl.zeros([BLOCK_H, P], tl.float32)
-    for i in tl.range(0, NUM_PARTS, num_stages=2):
+    for i in tl.range(0, num_parts, num_stages=2):
         lse = tl.load(part_lse_ptr + rows + i, mask=head_ok, other=float("-inf"))
         m_new = tl.maximum(m_i, lse)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -352,7 +432,7 @@ def _decode_reduce_kernel(
         a2 = a2 * alpha[:, None] + w[:, None] * tl.load(o_ptrs + 2 * P, mask=head_ok[:, None], other=0.0)
         a3 = a3 * alpha[:, None] + w[:, None] * tl.load(o_ptrs + 3 * P, mask=head_ok[:, None], other=0.0)
     out = _unrotate(a0, a1, a2, a3, v_rot_ptr + hk * stride_vrh, D, P)
-    out *= tl.where(l_i > 0, 1.0 / l_i, 0.0)[:, None]
+    out /= _nonzero(l_i)[:, None]
     tl.store(out_ptr + b.to(tl.int64) * stride_ob + (hk * GROUP + heads)[:, None] * stride_oh
              + tl.arange(0, D)[None, :], out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
 
@@ -366,14 +446,22 @@ def head_block(group: int) -> int:
 
 
 def default_num_kv_splits(batch: int, num_kv_heads: int, device: torch.device) -> int:
-    """INT2 splits per (request, KV head) so that batch × H_kv × splits programs give about
-    PROGRAMS_PER_SM per SM (batch 1 at long context fills the GPU). Depends on shapes and the
-    device only, never on tensor values, so it is safe under CUDA-graph capture."""
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        sms = CPU_SM_COUNT
-    return max(1, min(MAX_KV_SPLITS, triton.cdiv(PROGRAMS_PER_SM * sms, batch * num_kv_heads)))
+    """INT2 splits per (request, KV head); the grid has batch × H_kv × (splits + 1) programs.
+
+    Picks the split count with the least modeled time at long context: the batch × H_kv × splits
+    INT2 programs run in waves of PROGRAMS_PER_SM per SM, each wave as long as one split (1/splits
+    of the span) plus a fixed WAVE_OVERHEAD (the window programs are short and not modeled).
+    Batch 1 thus gets about one full wave of short programs, large batches few splits with little
+    wave-quantization loss. Depends on shapes and the device only, never on tensor values, so it
+    is safe under CUDA-graph capture."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else CPU_SM_COUNT
+    slots = PROGRAMS_PER_SM * sms
+    pairs = batch * num_kv_heads
+
+    def modeled_time(splits: int) -> float:
+        return triton.cdiv(pairs * splits, slots) * (1.0 / splits + WAVE_OVERHEAD)
+
+    return min(range(1, MAX_KV_SPLITS + 1), key=modeled_time)
 
 
 def check_pool(k_codes, k_meta, v_codes, v_meta, k_window, v_window, k_rot, v_rot, fmt: OscarFormat):
@@ -401,6 +489,11 @@ def check_pool(k_codes, k_meta, v_codes, v_meta, k_window, v_window, k_rot, v_ro
     return heads
 
 
+def meta_words(meta: torch.Tensor) -> torch.Tensor:
+    """meta [slots, H_kv, D/G, 2] fp16 -> int32 view [slots, H_kv, D/G, 1]: one word per group."""
+    return meta.view(torch.int32)
+
+
 def rot_arg(rot: torch.Tensor) -> tuple[torch.Tensor, int]:
     """fp32 contiguous rotation and its per-head stride (0 when shared by all heads)."""
     rot = rot.float().contiguous()
@@ -419,7 +512,8 @@ def decode_attention_int2(
     (request b sees slots kv_indices[kv_indptr[b]:kv_indptr[b+1]], positions 0..L-1);
     window_starts: [B] first window row of each request; codes [slots, H_kv, D/4] uint8,
     meta [slots, H_kv, D/G, 2] fp16, windows [rows, H_kv, D] bf16; rotations [H_kv or 1, D, D].
-    num_kv_splits: INT2 splits per (request, KV head), default from the SM count.
+    num_kv_splits: INT2 splits per (request, KV head), default from the SM count (a runtime
+    kernel argument: changing it does not recompile).
     Returns out: [B, H_q, D] in q's dtype.
     """
     batch, q_heads, d = q.shape
@@ -427,13 +521,16 @@ def decode_attention_int2(
     if d != fmt.head_dim or q_heads % kv_heads or q.stride(-1) != 1:
         raise ValueError(f"q must be [B, H_q, {fmt.head_dim}] with H_q a multiple of {kv_heads}, got {tuple(q.shape)}")
     group = q_heads // kv_heads
-    splits = num_kv_splits or default_num_kv_splits(batch, kv_heads, q.device)
+    splits = default_num_kv_splits(batch, kv_heads, q.device) if num_kv_splits is None else num_kv_splits
+    if splits < 1:
+        raise ValueError(f"num_kv_splits must be >= 1, got {splits}")
     if out is None:
         out = torch.empty_like(q)
     if batch == 0:
         return out
     k_rot, k_rot_stride = rot_arg(k_rot)
     v_rot, v_rot_stride = rot_arg(v_rot)
+    k_meta, v_meta = meta_words(k_meta), meta_words(v_meta)
     part_o = torch.empty(batch, q_heads, splits + 1, d, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(batch, q_heads, splits + 1, dtype=torch.float32, device=q.device)
     block_h = head_block(group)
@@ -445,17 +542,16 @@ def decode_attention_int2(
         k_meta, v_meta, k_meta.stride(0), k_meta.stride(1),
         k_window, v_window, k_window.stride(0), k_window.stride(1),
         k_rot, k_rot_stride,
-        part_o, part_lse, q_heads, sm_scale * LOG2E,
+        part_o, part_lse, q_heads, splits, sm_scale * LOG2E,
         GROUP=group, BLOCK_H=block_h, D=d, NG=fmt.num_groups,
-        S=fmt.sink_tokens, W=fmt.recent_tokens, NUM_SPLITS=splits,
-        BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_ROWS,
-        CODE_BITS=CODE_BITS, CODE_MAX=CODE_MAX, META_FIELDS=META_FIELDS,
-        NUM_STAGES=NUM_STAGES, num_warps=NUM_WARPS,
+        S=fmt.sink_tokens, W=fmt.recent_tokens, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_ROWS,
+        CODE_BITS=CODE_BITS, CODE_MAX=CODE_MAX, PTX_UNPACK=not triton.knobs.runtime.interpret,
+        NUM_STAGES=NUM_STAGES, num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS,
     )
     _decode_reduce_kernel[(batch, kv_heads)](
-        part_o, part_lse, q_heads,
+        part_o, part_lse, q_heads, splits + 1,
         out, out.stride(0), out.stride(1),
         v_rot, v_rot_stride,
-        GROUP=group, BLOCK_H=block_h, D=d, NUM_PARTS=splits + 1, num_warps=NUM_WARPS,
+        GROUP=group, BLOCK_H=block_h, D=d, num_warps=NUM_WARPS,
     )
     return out

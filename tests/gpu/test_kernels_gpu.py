@@ -1,0 +1,140 @@
+"""OSCAR-2 attention kernels on CUDA at realistic sizes (Qwen3-8B layer: H_q 32, H_kv 8, D 128),
+against the PyTorch reference, plus CUDA-graph capture and replay of decode.
+
+Pools are written with the real Triton write path (`quantize.write_kv_int2`) on the GPU.
+"""
+
+import pytest
+import torch
+from oscar_sglang.kernels import reference as ref
+from oscar_sglang.kernels.decode import decode_attention_int2
+from oscar_sglang.kernels.extend import extend_attention_int2
+from oscar_sglang.kernels.format import DEFAULT_K_CLIP, DEFAULT_V_CLIP, OscarFormat
+from oscar_sglang.kernels.quantize import write_kv_int2
+from test_decode_kernel import Batch, Cache, assert_matches, make_cache
+
+pytestmark = pytest.mark.gpu
+
+DEVICE = "cuda"
+
+
+def write_sequence(cache: Cache, slots: torch.Tensor, window_start: int, dtype, gen, scale=1.0):
+    """Random K/V for a whole sequence at `slots`, written with write_kv_int2; window rows get
+    the sinks and the last W positions."""
+    fmt, length = cache.fmt, slots.shape[0]
+    heads = cache.k_codes.shape[1]
+    k = (torch.randn(length, heads, fmt.head_dim, generator=gen, device=DEVICE) * scale).to(dtype)
+    v = torch.randn(length, heads, fmt.head_dim, generator=gen, device=DEVICE).to(dtype)
+    pos = torch.arange(length, device=DEVICE)
+    start, end = fmt.int2_span(length)
+    ring = window_start + fmt.sink_tokens + (pos - fmt.sink_tokens) % fmt.recent_tokens
+    rows = torch.where(pos < start, window_start + pos, torch.where(pos >= end, ring, -1))
+    write_kv_int2(k, v, slots, cache.k_rot, cache.v_rot, DEFAULT_K_CLIP, DEFAULT_V_CLIP,
+                  cache.k_codes, cache.k_meta, cache.v_codes, cache.v_meta, fmt,
+                  rows, cache.k_window, cache.v_window)
+
+
+def build(fmt: OscarFormat, lens, kv_heads: int, dtype, gen, index_dtype=torch.int32, spare_slots=1024):
+    """Cache + decode metadata for requests of the given lengths at shuffled slots and rows."""
+    cache = make_cache(fmt, kv_heads, sum(lens) + spare_slots, len(lens) + 2, True, torch.Generator().manual_seed(0),
+                       DEVICE)
+    slot_perm = torch.randperm(cache.k_codes.shape[0], generator=gen, device=DEVICE)
+    row_perm = torch.randperm(len(lens) + 2, generator=gen, device=DEVICE)[:len(lens)] * fmt.window_rows
+    indptr = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device=DEVICE)
+    for b, length in enumerate(lens):
+        write_sequence(cache, slot_perm[indptr[b]:indptr[b + 1]], int(row_perm[b]), dtype, gen)
+    return cache, Batch(indptr.to(index_dtype), slot_perm[:sum(lens)].to(index_dtype), row_perm.to(index_dtype))
+
+
+def decode_args(cache, batch, q):
+    return (q, batch.kv_indptr, batch.kv_indices, batch.window_starts, *cache.buffers,
+            cache.fmt.head_dim ** -0.5, cache.fmt)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_qwen3_layer(dtype):
+    gen = torch.Generator(DEVICE).manual_seed(0)
+    fmt = OscarFormat(128)
+    cache, batch = build(fmt, [32768, 5000, 193, 1], 8, dtype, gen)
+    q = torch.randn(4, 32, 128, generator=gen, device=DEVICE).to(dtype)
+    args = decode_args(cache, batch, q)
+    out = torch.full_like(q, float("nan"))
+    decode_attention_int2(*args, out=out)
+    assert_matches(out, ref.decode_attention(*args), dtype)
+
+
+@pytest.mark.parametrize(
+    "head_dim, group_size, kv_heads, gqa, sinks, recent, index_dtype",
+    [
+        (64, 32, 4, 1, 4, 8, torch.int64),
+        (64, 64, 2, 3, 64, 128, torch.int32),
+        (128, 32, 2, 8, 16, 32, torch.int64),
+        (128, 64, 8, 4, 64, 128, torch.int32),
+    ],
+)
+def test_decode_shapes(head_dim, group_size, kv_heads, gqa, sinks, recent, index_dtype):
+    gen = torch.Generator(DEVICE).manual_seed(head_dim + gqa)
+    fmt = OscarFormat(head_dim, group_size, sink_tokens=sinks, recent_tokens=recent)
+    lens = [1, sinks + recent, sinks + recent + 1, 3000, 17]
+    cache, batch = build(fmt, lens, kv_heads, torch.bfloat16, gen, index_dtype)
+    q = torch.randn(len(lens), kv_heads * gqa, head_dim, generator=gen, device=DEVICE).to(torch.bfloat16)
+    args = decode_args(cache, batch, q)
+    expected = ref.decode_attention(*args)
+    for splits in (None, 1, 7):
+        assert_matches(decode_attention_int2(*args, num_kv_splits=splits), expected, torch.bfloat16)
+
+
+def test_extend_qwen3_layer():
+    gen = torch.Generator(DEVICE).manual_seed(1)
+    fmt = OscarFormat(128)
+    prefixes, chunks = [32768, 0, 300], [512, 700, 1]
+    cache, batch = build(fmt, prefixes, 8, torch.bfloat16, gen)
+    n = sum(chunks)
+    q = torch.randn(n, 32, 128, generator=gen, device=DEVICE).to(torch.bfloat16)
+    k = torch.randn(n, 8, 128, generator=gen, device=DEVICE).to(torch.bfloat16)
+    v = torch.randn(n, 8, 128, generator=gen, device=DEVICE).to(torch.bfloat16)
+    qo_indptr = torch.tensor([0, *torch.tensor(chunks).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    args = (q, k, v, qo_indptr, batch.kv_indptr, batch.kv_indices, batch.window_starts, *cache.buffers,
+            128 ** -0.5, fmt)
+    out = torch.full_like(q, float("nan"))
+    extend_attention_int2(*args, max_extend_len=max(chunks), out=out)
+    assert_matches(out, ref.extend_attention(*args), torch.bfloat16)
+
+
+def test_decode_cuda_graph_replay_with_new_lengths():
+    """Capture decode once, then change every request's length (new tokens written to the pool
+    and kv_indptr / kv_indices updated in place) and replay: the output follows the new state."""
+    gen = torch.Generator(DEVICE).manual_seed(2)
+    fmt = OscarFormat(128)
+    lens, grown = [4000, 150, 20000], [4001, 400, 20001]
+    cache, batch = build(fmt, grown, 8, torch.bfloat16, gen, spare_slots=16)
+    slots = [batch.kv_indices[batch.kv_indptr[b]:batch.kv_indptr[b + 1]].clone() for b in range(len(lens))]
+
+    def set_lengths(lengths):
+        indptr = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=DEVICE)
+        batch.kv_indptr.copy_(indptr.to(batch.kv_indptr.dtype))
+        batch.kv_indices[:indptr[-1]].copy_(torch.cat([s[:n] for s, n in zip(slots, lengths)]))
+        # the window rows must describe the current length: rewrite each sequence's prefix
+        for b, n in enumerate(lengths):
+            write_sequence(cache, slots[b][:n], int(batch.window_starts[b]), torch.bfloat16,
+                           torch.Generator(DEVICE).manual_seed(b))
+
+    set_lengths(lens)
+    q = torch.randn(len(lens), 32, 128, generator=gen, device=DEVICE).to(torch.bfloat16)
+    out = torch.empty_like(q)
+    args = decode_args(cache, batch, q)
+    decode_attention_int2(*args, out=out)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        decode_attention_int2(*args, out=out)
+
+    for lengths in (lens, grown):
+        set_lengths(lengths)
+        q.copy_(torch.randn(q.shape, generator=gen, device=DEVICE).to(torch.bfloat16))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        n = int(batch.kv_indptr[-1])
+        current = (q, batch.kv_indptr, batch.kv_indices[:n], batch.window_starts, *cache.buffers, 128 ** -0.5, fmt)
+        assert_matches(out, ref.decode_attention(*current), torch.bfloat16)

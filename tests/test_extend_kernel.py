@@ -1,0 +1,119 @@
+"""The Triton extend kernel against `reference.extend_attention` (CPU: Triton interpreter).
+
+Cached prefixes are written through the real write paths (`reference.encode_kv` for whole
+prefixes, `quantize.write_kv_int2` for chunked prefill); NaN poisons unused slots, window rows
+and the output as in test_decode_kernel.py.
+"""
+
+import pytest
+import torch
+from oscar_sglang.kernels import reference as ref
+from oscar_sglang.kernels.extend import extend_attention_int2
+from oscar_sglang.kernels.format import DEFAULT_K_CLIP, DEFAULT_V_CLIP, OscarFormat
+from oscar_sglang.kernels.quantize import write_kv_int2
+from test_decode_kernel import Cache, assert_matches, fill_requests, make_cache
+
+
+def run_extend(cache: Cache, q, k_new, v_new, qo_indptr, kv_indptr, kv_indices, window_starts):
+    """Kernel (into a NaN-poisoned output) and reference results."""
+    sm_scale = cache.fmt.head_dim ** -0.5
+    args = (q, k_new, v_new, qo_indptr, kv_indptr, kv_indices, window_starts, *cache.buffers, sm_scale, cache.fmt)
+    chunks = (qo_indptr[1:] - qo_indptr[:-1]).tolist()
+    out = torch.full_like(q, float("nan"))
+    got = extend_attention_int2(*args, max_extend_len=max(chunks), out=out)
+    assert got.data_ptr() == out.data_ptr()
+    return got, ref.extend_attention(*args)
+
+
+def new_tokens(chunks, kv_heads, gqa, dim, dtype, gen):
+    """Random q: [N, H_q, D], k_new, v_new: [N, H_kv, D] and qo_indptr for chunk lengths."""
+    n = sum(chunks)
+    q = torch.randn(n, kv_heads * gqa, dim, generator=gen).to(dtype)
+    k = torch.randn(n, kv_heads, dim, generator=gen).to(dtype)
+    v = torch.randn(n, kv_heads, dim, generator=gen).to(dtype)
+    qo_indptr = torch.tensor([0, *torch.tensor(chunks).cumsum(0).tolist()], dtype=torch.int32)
+    return q, k, v, qo_indptr
+
+
+# (prefix, chunk) pairs for OscarFormat(·, ·, sink_tokens=4, recent_tokens=8): no prefix,
+# L = prefix + chunk < S, a chunk crossing the sinks, S < L < S + W, L = S + W + 1, an empty
+# chunk, a long prefix with a multi-tile chunk, a long prefix with one token
+PAIRS = [(0, 5), (2, 1), (3, 6), (6, 4), (12, 1), (30, 0), (200, 70), (90, 1)]
+
+
+@pytest.mark.parametrize(
+    "head_dim, group_size, gqa, dtype, index_dtype, per_head",
+    [
+        (64, 32, 1, torch.bfloat16, torch.int32, True),
+        (64, 64, 3, torch.float16, torch.int64, False),
+        (128, 32, 4, torch.bfloat16, torch.int64, True),
+        (128, 128, 8, torch.float16, torch.int32, True),
+    ],
+)
+def test_extend_matches_reference(head_dim, group_size, gqa, dtype, index_dtype, per_head):
+    gen = torch.Generator().manual_seed(head_dim + group_size + gqa)
+    fmt = OscarFormat(head_dim, group_size, sink_tokens=4, recent_tokens=8)
+    kv_heads = 2
+    prefixes, chunks = zip(*PAIRS)
+    cache = make_cache(fmt, kv_heads, sum(prefixes) + 16, len(PAIRS) + 1, per_head, gen)
+    batch = fill_requests(cache, list(prefixes), dtype, index_dtype, gen)
+    q, k, v, qo_indptr = new_tokens(chunks, kv_heads, gqa, head_dim, dtype, gen)
+    got, expected = run_extend(cache, q, k, v, qo_indptr.to(index_dtype), batch.kv_indptr, batch.kv_indices,
+                               batch.window_starts)
+    assert_matches(got, expected, dtype)
+
+
+def test_extend_default_windows():
+    """Default S = 64, W = 128 with prefixes inside and beyond the windows."""
+    gen = torch.Generator().manual_seed(5)
+    fmt = OscarFormat(128, 64)
+    prefixes, chunks = [100, 300], [30, 9]
+    cache = make_cache(fmt, 1, sum(prefixes), 2, True, gen)
+    batch = fill_requests(cache, prefixes, torch.bfloat16, torch.int32, gen)
+    q, k, v, qo_indptr = new_tokens(chunks, 1, 4, 128, torch.bfloat16, gen)
+    assert_matches(*run_extend(cache, q, k, v, qo_indptr, batch.kv_indptr, batch.kv_indices, batch.window_starts),
+                   torch.bfloat16)
+
+
+@pytest.mark.parametrize(
+    "fmt, schedule, dtype",
+    [
+        (OscarFormat(64, 32, sink_tokens=4, recent_tokens=8), (1, 7, 64), torch.bfloat16),
+        (OscarFormat(128, 64, sink_tokens=4, recent_tokens=8), (64, 7, 1), torch.float16),
+        (OscarFormat(64), (7, 64, 1, 64, 64), torch.bfloat16),
+    ],
+)
+def test_chunked_prefill(fmt, schedule, dtype):
+    """One sequence prefilled chunk by chunk: each chunk's tokens are written to the pool
+    (INT2 codes and window rows, through write_kv_int2) before the next chunk attends, and
+    every chunk's output matches the reference."""
+    gen = torch.Generator().manual_seed(sum(schedule))
+    kv_heads, gqa, total = 2, 2, sum(schedule)
+    cache = make_cache(fmt, kv_heads, total + 40, 3, True, gen)
+    slots = torch.randperm(total + 40, generator=gen)[:total]
+    window_start = fmt.window_rows  # the request owns the second block of rows
+    q, k, v, _ = new_tokens([total], kv_heads, gqa, fmt.head_dim, dtype, gen)
+    done = 0
+    for chunk in schedule:
+        lo, hi = done, done + chunk
+        # like SGLang, the chunk's K/V are written before its attention runs
+        rows = [fmt.window_row(window_start, p) if p < fmt.sink_tokens or p >= hi - fmt.recent_tokens else -1
+                for p in range(lo, hi)]
+        write_kv_int2(k[lo:hi], v[lo:hi], slots[lo:hi], cache.k_rot, cache.v_rot, DEFAULT_K_CLIP, DEFAULT_V_CLIP,
+                      cache.k_codes, cache.k_meta, cache.v_codes, cache.v_meta, fmt,
+                      torch.tensor(rows), cache.k_window, cache.v_window)
+        got, expected = run_extend(cache, q[lo:hi], k[lo:hi], v[lo:hi], torch.tensor([0, chunk]),
+                                   torch.tensor([0, lo]), slots[:lo], torch.tensor([window_start]))
+        assert_matches(got, expected, dtype)
+        done = hi
+
+
+def test_extend_rejects_bad_shapes():
+    gen = torch.Generator().manual_seed(0)
+    fmt = OscarFormat(64)
+    cache = make_cache(fmt, 2, 8, 1, True, gen)
+    q = torch.randn(3, 4, 64).to(torch.bfloat16)
+    k = torch.randn(3, 1, 64).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="k_new"):
+        extend_attention_int2(q, k, k, torch.tensor([0, 3]), torch.tensor([0, 0]), torch.tensor([], dtype=torch.int64),
+                              torch.tensor([0]), *cache.buffers, 0.1, fmt, 3)
