@@ -166,6 +166,7 @@ def extend_attention(
         v_pre = unrotate(gather_rotated_kv(slots, row, prefix + n, v_codes, v_meta, v_window, fmt), v_rot)
         k = torch.cat([k_pre, k_new[lo:hi].float()])
         v = torch.cat([v_pre, v_new[lo:hi].float()])
-        visible = torch.arange(prefix + n)[None, :] <= (prefix + torch.arange(n))[:, None]
+        pos = torch.arange(prefix + n, device=q.device)
+        visible = pos[None, :] <= pos[prefix:, None]
         out.append(_attend(q[lo:hi], k, v, sm_scale, visible))
     return torch.cat(out)

@@ -3,7 +3,10 @@ packed OSCAR-2 pool.
 
 Reused from TritonAttnBackend: forward metadata (kv_indptr / kv_indices over req_to_token,
 qo_indptr, max_extend_len) and the CUDA-graph capture / replay machinery. Overridden: the KV
-write (rotate + quantize + window copies) and both attention kernels. Setting
+write (rotate + quantize + window copies) and both attention kernels. Extend batches (never
+captured) also restore the window rows of requests with a radix hit and give the slots of new
+sink positions rows of the pool's slot-keyed sink store, copied from the window rows after the
+write kernel; decode never touches the sink store. Setting
 SGLANG_OSCAR_REFERENCE_ATTENTION=1 routes attention through the PyTorch reference instead (a
 debug switch: slow, needs --disable-cuda-graph).
 """
@@ -40,16 +43,19 @@ class OscarAttnBackend(TritonAttnBackend):
         self.window_generation = torch.full_like(self.req_generation, -1)
         self.use_reference = os.environ.get(REFERENCE_ENV, "0") == "1"
         self._token_rows = None
+        self._sink_copy = None
 
     def init_forward_metadata(self, forward_batch):
         super().init_forward_metadata(forward_batch)
         if forward_batch.forward_mode.is_extend():
-            self._restore_windows_of_new_requests(forward_batch)
+            indices = forward_batch.req_pool_indices.tolist()
+            self._restore_windows_of_new_requests(forward_batch, indices)
+            self._sink_copy = self._assign_sink_rows(forward_batch, indices)
 
-    def _restore_windows_of_new_requests(self, forward_batch):
+    def _restore_windows_of_new_requests(self, forward_batch, indices):
         """A request seen for the first time whose prefix came from the radix cache gets its
-        window rows filled from the INT2 codes of that prefix (its own chunks write them)."""
-        indices = forward_batch.req_pool_indices.tolist()
+        window rows filled for that prefix: exact sinks from the sink pool where its slots have
+        rows, the rest from INT2 codes (its own chunks write them)."""
         for idx, prefix in zip(indices, forward_batch.extend_prefix_lens_cpu):
             generation = self.req_generation[idx]
             if self.window_generation[idx] == generation:
@@ -57,6 +63,26 @@ class OscarAttnBackend(TritonAttnBackend):
             self.window_generation[idx] = generation
             if prefix > 0:
                 self.pool.restore_windows(idx, self.req_to_token[idx, :prefix])
+
+    def _assign_sink_rows(self, forward_batch, indices):
+        """Sink-pool rows for the slots of this batch's new positions < S (as many as the pool
+        has free; the others fall back to dequantization when restored). Returns the
+        (window rows, sink rows) pairs forward_extend copies after the write, or None."""
+        fmt = self.fmt
+        if self.pool.sink_capacity == 0:
+            return None
+        tokens, window_rows, offset = [], [], 0
+        for idx, prefix, length in zip(indices, forward_batch.extend_prefix_lens_cpu,
+                                       forward_batch.extend_seq_lens_cpu):
+            first_row = idx * fmt.window_rows
+            for pos in range(prefix, min(fmt.sink_tokens, prefix + length)):
+                tokens.append(offset + pos - prefix)
+                window_rows.append(first_row + pos)
+            offset += length
+        if not tokens:
+            return None
+        loc = forward_batch.out_cache_loc
+        return self.pool.assign_sink_rows(loc[torch.tensor(tokens, device=loc.device)], window_rows)
 
     def _token_windows(self, layer, forward_batch, num_tokens: int, decode: bool):
         """(window_rows [T], window_starts [B]) for this forward; computed at the first layer
@@ -115,6 +141,8 @@ class OscarAttnBackend(TritonAttnBackend):
         v = v.reshape(-1, layer.tp_v_head_num, d)
         rows, starts = self._token_windows(layer, forward_batch, q.shape[0], decode=False)
         lay = self._write(layer, forward_batch, k, v, rows) if save_kv_cache else self.pool.layer(layer.layer_id)
+        if save_kv_cache and self._sink_copy is not None:  # the sinks just written, kept by slot
+            self.pool.save_sinks(layer.layer_id, *self._sink_copy)
         meta = self.forward_metadata
         args = (meta.qo_indptr, meta.kv_indptr, meta.kv_indices, starts, lay.k_codes, lay.k_meta,
                 lay.v_codes, lay.v_meta, lay.k_window, lay.v_window, lay.k_rot, lay.v_rot,

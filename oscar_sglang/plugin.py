@@ -7,7 +7,10 @@ every scheduler process. It adds:
   ServerArgs drops fields it does not know, so the flags are exported as SGLANG_OSCAR_*
   environment variables (see oscar_sglang.config), which the spawned schedulers inherit;
 - the startup checks (oscar_sglang.validation) around ServerArgs.__post_init__;
-- the "oscar" attention backend and two AROUND hooks that size and build the OSCAR KV pool.
+- the "oscar" attention backend and AROUND hooks that size and build the OSCAR KV pool;
+- AROUND hooks on the token allocators' release points (TokenToKVPoolAllocator.free / .clear,
+  PagedTokenToKVPoolAllocator._release_page_ids / .clear) that release the sink-pool rows of
+  slots going back to the free list (OscarTokenToKVPool.release_sink_rows / reset_sink_rows).
 
 Command line:
 
@@ -24,6 +27,7 @@ to start instead of serving a BF16 cache. Kernels, pool and backend are imported
 
 import argparse
 import os
+import sys
 
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
@@ -50,8 +54,21 @@ FINALIZE_MAX_RUNNING_REQUESTS = (
     "finalize_with_max_running_requests")
 BUILD_MHA_KV_POOL = (
     "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._build_mha_kv_pool")
-# Without these an OSCAR server would size or build SGLang's BF16 pool.
-POOL_TARGETS = (COMPUTE_CELL_SIZE, FINALIZE_MAX_RUNNING_REQUESTS, BUILD_MHA_KV_POOL)
+# The only places where SGLang 0.5.17's allocators put slots back on their free list:
+# TokenToKVPoolAllocator.free (free_segment(s) and free_group_end call it; inside a free group it
+# only queues) and PagedTokenToKVPoolAllocator._release_page_ids (free, free_segment and
+# free_group_end all end there), plus clear() (every slot free; also run by __init__/resize).
+TOKEN_ALLOCATOR = "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator"
+PAGED_ALLOCATOR = "sglang.srt.mem_cache.allocator.paged.PagedTokenToKVPoolAllocator"
+TOKEN_FREE = f"{TOKEN_ALLOCATOR}.free"
+TOKEN_CLEAR = f"{TOKEN_ALLOCATOR}.clear"
+PAGED_RELEASE = f"{PAGED_ALLOCATOR}._release_page_ids"
+PAGED_CLEAR = f"{PAGED_ALLOCATOR}.clear"
+ALLOCATOR_TARGETS = (TOKEN_FREE, TOKEN_CLEAR, PAGED_RELEASE, PAGED_CLEAR)
+# Without these an OSCAR server would size or build SGLang's BF16 pool, or leak sink-pool rows
+# (and hand a reused slot a stale exact sink).
+POOL_TARGETS = (COMPUTE_CELL_SIZE, FINALIZE_MAX_RUNNING_REQUESTS, BUILD_MHA_KV_POOL,
+                *ALLOCATOR_TARGETS)
 
 FLAG_HELP = {
     "kv_quant": ("'oscar': store K/V as 2-bit rotated codes (OSCAR-2, oscar-sglang) with BF16 "
@@ -80,6 +97,10 @@ def register() -> None:
     HookRegistry.register(COMPUTE_CELL_SIZE, _compute_cell_size, HookType.AROUND)
     HookRegistry.register(FINALIZE_MAX_RUNNING_REQUESTS, _finalize_max_running_requests, HookType.AROUND)
     HookRegistry.register(BUILD_MHA_KV_POOL, _build_mha_kv_pool, HookType.AROUND)
+    HookRegistry.register(TOKEN_FREE, _token_allocator_free, HookType.AROUND)
+    HookRegistry.register(PAGED_RELEASE, _paged_allocator_release_page_ids, HookType.AROUND)
+    HookRegistry.register(TOKEN_CLEAR, _allocator_clear, HookType.AROUND)
+    HookRegistry.register(PAGED_CLEAR, _allocator_clear, HookType.AROUND)
 
     from sglang.srt.layers.attention.attention_registry import register_attention_backend
     from sglang.srt.server_args import add_attention_backend_choices
@@ -177,6 +198,52 @@ def _build_mha_kv_pool(original, configurator, **kwargs):
     from oscar_sglang.sizing import build_mha_kv_pool
 
     return build_mha_kv_pool(original, configurator, **kwargs)
+
+
+def _oscar_pool(allocator):
+    """The allocator's KV pool if it is an OscarTokenToKVPool, else None. The pool module is
+    only looked up, never imported: an OSCAR pool exists only once it was imported."""
+    pool_module = sys.modules.get("oscar_sglang.pool")
+    kvcache = getattr(allocator, "_kvcache", None)
+    if pool_module is not None and isinstance(kvcache, pool_module.OscarTokenToKVPool):
+        return kvcache
+    return None
+
+
+def _token_allocator_free(original, allocator, free_index):
+    """AROUND TokenToKVPoolAllocator.free(self, free_index): slots reach the free list only
+    outside a free group (inside one they are queued, and free_group_end frees them here)."""
+    releasing = allocator.is_not_in_free_group
+    result = original(allocator, free_index)
+    pool = _oscar_pool(allocator)
+    if releasing and pool is not None:
+        pool.release_sink_rows(free_index)
+    return result
+
+
+def _paged_allocator_release_page_ids(original, allocator, *page_ids):
+    """AROUND PagedTokenToKVPoolAllocator._release_page_ids(self, *page_ids): whole pages go
+    back to the free list, so every slot of them releases its sink row."""
+    result = original(allocator, *page_ids)
+    pool = _oscar_pool(allocator)
+    if pool is not None:
+        import torch
+
+        for pages in page_ids:
+            if pages.numel():
+                offsets = torch.arange(allocator.page_size, device=pages.device)
+                pool.release_sink_rows((pages.to(torch.int64)[:, None] * allocator.page_size
+                                        + offsets).flatten())
+    return result
+
+
+def _allocator_clear(original, allocator):
+    """AROUND {Token,Paged}TokenToKVPoolAllocator.clear(self): every slot is free again."""
+    result = original(allocator)
+    pool = _oscar_pool(allocator)
+    if pool is not None:
+        pool.reset_sink_rows()
+    return result
 
 
 def _create_backend(runner):

@@ -1,8 +1,9 @@
 """KV budget arithmetic and the pool-configurator hook bodies.
 
 SGLang sizes its token pool as budget // cell_size. OSCAR reports a cell size inflated by
-1 / (1 - f) so that a fraction f of the budget is left for the per-request BF16 window rows,
-then caps max_running_requests to the requests those rows can hold.
+1 / (1 - f) so that a fraction f of the budget is left for the per-request BF16 window rows
+and the slot-keyed sink pool (SINK_SEQUENCES_PER_REQUEST sequence starts of S sink rows per
+running request), then caps max_running_requests to the requests those rows can hold.
 """
 
 import logging
@@ -17,6 +18,22 @@ from oscar_sglang.rotations import kv_head_range, rotations_for_model
 
 logger = logging.getLogger(__name__)
 BF16_BYTES = 2
+# Sink-pool rows per running request, in sequence starts of S rows: one start per request lets
+# the radix tree keep exact sinks for as many distinct cached sequence starts as there are
+# running requests (plenty for many agents sharing a few system prompts). Each start costs
+# S / (S + W) of a request's window rows (1/3 at the defaults S = 64, W = 128), charged to the
+# same window budget, so raising this lowers the running-request cap.
+SINK_SEQUENCES_PER_REQUEST = 1
+
+
+def sink_rows_per_request(fmt) -> int:
+    """Sink-pool rows the pool holds per running request."""
+    return SINK_SEQUENCES_PER_REQUEST * fmt.sink_tokens
+
+
+def sink_bytes_per_request(fmt, num_layers: int, num_kv_heads: int) -> int:
+    """BF16 sink-pool bytes per running request across all layers, K and V."""
+    return 2 * num_layers * sink_rows_per_request(fmt) * num_kv_heads * fmt.head_dim * BF16_BYTES
 
 
 def budgeted_cell_bytes(int2_bytes_per_token: int, window_fraction: float) -> int:
@@ -41,6 +58,8 @@ def compute_cell_size(original, configurator, kvc, num_layers: int) -> int:
     configurator._oscar = dict(
         fraction=config.window_memory_fraction,
         window_bytes=fmt.window_bytes_per_request(num_layers, heads),
+        sink_bytes=sink_bytes_per_request(fmt, num_layers, heads),
+        sink_rows=sink_rows_per_request(fmt),
         int2_bytes=int2, bf16_bytes=2 * num_layers * heads * kvc.model_config.head_dim * BF16_BYTES,
         bits=fmt.bits_per_element, group=fmt.group_size)
     return budgeted_cell_bytes(int2, config.window_memory_fraction)
@@ -48,15 +67,18 @@ def compute_cell_size(original, configurator, kvc, num_layers: int) -> int:
 
 def finalize_with_max_running_requests(original, configurator, config):
     """AROUND hook body of DefaultPoolConfigurator.finalize_with_max_running_requests: cap
-    max_running_requests to the window rows and log the capacity next to BF16's."""
+    max_running_requests to the window rows (and their share of the sink pool) and log the
+    capacity next to BF16's."""
     config = original(configurator, config)
     info = configurator._oscar
     tokens = config.max_total_num_tokens
-    fit = window_request_capacity(tokens, configurator._cell_size, info["fraction"], info["window_bytes"])
+    per_request = info["window_bytes"] + info["sink_bytes"]
+    fit = window_request_capacity(tokens, configurator._cell_size, info["fraction"], per_request)
     if fit < 1:
         raise ValueError(
-            f"OSCAR: the KV budget leaves no room for BF16 window rows ({info['window_bytes'] / 2**20:.1f} "
-            "MB per request); raise --mem-fraction-static or --oscar-window-fraction")
+            f"OSCAR: the KV budget leaves no room for BF16 window rows ({per_request / 2**20:.1f} "
+            "MB per request with its sink-pool share); raise --mem-fraction-static or "
+            "--oscar-window-fraction")
     if config.max_running_requests > fit:
         logger.info("OSCAR: max_running_requests capped from %d to %d by the window rows "
                     "(--oscar-window-fraction %.2f)", config.max_running_requests, fit, info["fraction"])
@@ -64,9 +86,12 @@ def finalize_with_max_running_requests(original, configurator, config):
     bf16_tokens = tokens * configurator._cell_size // info["bf16_bytes"]
     logger.info(
         "OSCAR-2 KV cache: %.2f bits/element (group %d), %d bytes/token, %d tokens; BF16 KV would "
-        "hold %d tokens in the same budget (%.2fx); window rows for %d running requests",
+        "hold %d tokens in the same budget (%.2fx); window rows for %d running requests; "
+        "sink pool of %d BF16 rows (%.2f GB)",
         info["bits"], info["group"], info["int2_bytes"], tokens, bf16_tokens,
-        tokens / max(bf16_tokens, 1), config.max_running_requests)
+        tokens / max(bf16_tokens, 1), config.max_running_requests,
+        config.max_running_requests * info["sink_rows"],
+        config.max_running_requests * info["sink_bytes"] / 2**30)
     return config
 
 
@@ -90,4 +115,5 @@ def build_mha_kv_pool(original, configurator, *, max_total_num_tokens: int, mha_
         head_num=model.get_num_kv_heads(parallel.attn_tp_size), head_dim=model.head_dim,
         layer_num=layers.num_effective_layers, device=configurator.device,
         enable_memory_saver=get_exec().features.enable_memory_saver,
-        fmt=fmt, rotations=rotations, start_layer=layers.start_layer, end_layer=layers.end_layer)
+        fmt=fmt, rotations=rotations, start_layer=layers.start_layer, end_layer=layers.end_layer,
+        sink_rows_per_request=sink_rows_per_request(fmt))

@@ -105,6 +105,7 @@ def test_help_lists_the_flags():
 
 def test_hooks_backend_and_choice_are_installed(sglang):
     from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+    from sglang.srt.mem_cache.allocator import PagedTokenToKVPoolAllocator, TokenToKVPoolAllocator
     from sglang.srt.mem_cache.kv_cache_configurator import KVCacheConfigurator
     from sglang.srt.model_executor.pool_configurator import DefaultPoolConfigurator
     from sglang.srt.plugins.hook_registry import HookRegistry
@@ -115,16 +116,21 @@ def test_hooks_backend_and_choice_are_installed(sglang):
     assert "oscar" in sglang.ATTENTION_BACKEND_CHOICES
     assert hasattr(DefaultPoolConfigurator._compute_cell_size, "__wrapped__")
     assert hasattr(KVCacheConfigurator._build_mha_kv_pool, "__wrapped__")
+    for method in (TokenToKVPoolAllocator.free, TokenToKVPoolAllocator.clear,
+                   PagedTokenToKVPoolAllocator._release_page_ids, PagedTokenToKVPoolAllocator.clear):
+        assert hasattr(method, "__wrapped__"), method
     # add_cli_args stays a staticmethod through the hook registry.
     assert isinstance(sglang.ServerArgs.__dict__["add_cli_args"], staticmethod)
 
 
-def test_unapplied_pool_hook_refuses_instead_of_serving_bf16(sglang, model_dir, monkeypatch):
+@pytest.mark.parametrize("target", [plugin.BUILD_MHA_KV_POOL, plugin.TOKEN_FREE, plugin.PAGED_RELEASE,
+                                    plugin.TOKEN_CLEAR])
+def test_unapplied_pool_hook_refuses_instead_of_serving_bf16(sglang, model_dir, monkeypatch, target):
     from sglang.srt.plugins.hook_registry import HookRegistry
 
-    patched = HookRegistry._patched - {plugin.BUILD_MHA_KV_POOL}
+    patched = HookRegistry._patched - {target}
     monkeypatch.setattr(HookRegistry, "_patched", patched)
-    with pytest.raises(RuntimeError, match="could not hook .*_build_mha_kv_pool"):
+    with pytest.raises(RuntimeError, match=f"could not hook .*{target.rsplit('.', 1)[1]}"):
         sglang.ServerArgs(model_path=model_dir, device="cpu", attention_backend="oscar")
 
 

@@ -5,15 +5,19 @@ over the OSCAR pool, ReqToTokenPool, RadixCache (built from CacheInitParams as t
 does in 0.5.17) and Req. The scheduler itself needs a server, so its steps are replayed in the
 order it runs them: Req.init_next_round_input (match_prefix) -> inc_lock_ref (PrefillAdder) ->
 ReqToTokenPool.alloc + slot allocation + req_to_token writes (alloc_for_extend) -> KV write
-(write_kv_int2, as OscarAttnBackend does, with rows from pool.window_rows_for) ->
+(as OscarAttnBackend does: sink-pool rows for new positions < S from its _assign_sink_rows,
+write_kv_int2 with rows from pool.window_rows_for, then pool.save_sinks) ->
 cache_unfinished_req / cache_finished_req / ReqToTokenPool.free (release_kv_cache).
+The plugin's allocator hooks are applied (SGLang's load_plugins), so frees release sink rows.
 
 At every checkpoint the slot books must balance: allocator free list + slots held by the tree +
 slots owned by running requests = every slot exactly once, req-pool rows = free + running, and
-each node's lock_ref = the running requests whose last_node lies below it.
+each node's lock_ref = the running requests whose last_node lies below it. The sink-pool books
+too: every row is either free or owned by exactly one slot, and that slot is not free.
 """
 
 import math
+import types
 from array import array
 from collections import Counter
 
@@ -37,10 +41,41 @@ from oscar_sglang.kernels.quantize import write_kv_int2
 from oscar_sglang.kernels.reference import decode_kv
 from oscar_sglang.kernels.rotations import data_free_rotations
 from oscar_sglang.pool import OscarTokenToKVPool
+from oscar_sglang.sizing import sink_rows_per_request
 
 HEADS, HEAD_DIM, LAYERS = 2, 64, 2
 FMT = OscarFormat(HEAD_DIM, sink_tokens=4, recent_tokens=8)
 WINDOW_POISON = 1234.0
+
+pytestmark = pytest.mark.usefixtures("oscar_allocator_hooks")
+
+
+def backend_assign_sink_rows(pool: OscarTokenToKVPool, req_pool_idx: int, prefix: int,
+                             slots: torch.Tensor):
+    """OscarAttnBackend._assign_sink_rows (the real method) for an extend batch holding one
+    request whose new tokens at positions prefix.. go to `slots`."""
+    from oscar_sglang.backend import OscarAttnBackend
+
+    batch = types.SimpleNamespace(extend_prefix_lens_cpu=[prefix], extend_seq_lens_cpu=[slots.numel()],
+                                  out_cache_loc=slots)
+    backend = types.SimpleNamespace(pool=pool, fmt=pool.fmt)
+    return OscarAttnBackend._assign_sink_rows(backend, batch, [req_pool_idx])
+
+
+def check_sink_books(pool: OscarTokenToKVPool, free_units, page_size: int = 1):
+    """Every sink row is free or owned by exactly one slot, and no free slot owns one."""
+    slot_rows = pool.sink_row_of_slot
+    owners = torch.nonzero(slot_rows >= 0).flatten()
+    rows = slot_rows[owners].tolist()
+    assert len(rows) == len(set(rows)), "two slots share a sink row"
+    free_rows = pool._sink_free + torch.nonzero(pool._sink_released[:pool.sink_capacity]).flatten().tolist()
+    assert len(free_rows) == len(set(free_rows)), "a sink row is free twice"
+    assert not set(free_rows) & set(rows), "a sink row is both free and owned"
+    assert sorted(free_rows + rows) == list(range(pool.sink_capacity)), "sink rows leaked"
+    assert pool.sink_rows_free() + pool.sink_rows_used() == pool.sink_capacity
+    stale = set((owners // page_size).tolist()) & set(free_units)
+    assert not stale, f"free slots/pages {sorted(stale)[:8]} still own sink rows"
+    return owners
 
 
 class Stack:
@@ -49,7 +84,8 @@ class Stack:
     def __init__(self, capacity: int, page_size: int = 1, max_reqs: int = 6, max_context: int = 128):
         self.capacity, self.page_size = capacity, page_size
         self.pool = OscarTokenToKVPool(capacity, page_size, HEADS, HEAD_DIM, LAYERS, "cpu", False,
-                                       fmt=FMT, rotations=data_free_rotations(LAYERS, HEADS, HEAD_DIM))
+                                       fmt=FMT, rotations=data_free_rotations(LAYERS, HEADS, HEAD_DIM),
+                                       sink_rows_per_request=sink_rows_per_request(FMT))
         if page_size == 1:
             self.allocator = TokenToKVPoolAllocator(capacity, torch.uint8, "cpu", self.pool, need_sort=False)
         else:
@@ -148,9 +184,12 @@ class Stack:
 
     # ---- KV writes -------------------------------------------------------------------------
 
-    def write_kv(self, req: Req, start: int, slots: torch.Tensor):
-        """New tokens at positions start.. of `req` into `slots`, as the backend's write does."""
+    def write_kv(self, req: Req, start: int, slots: torch.Tensor, decode: bool = False):
+        """New tokens at positions start.. of `req` into `slots`, as the backend's forward does:
+        an extend first gets sink-pool rows for its positions < S (decode never does), then
+        every layer is written and its new sinks are copied into those rows."""
         n = slots.numel()
+        sink_copy = None if decode else backend_assign_sink_rows(self.pool, req.req_pool_idx, start, slots)
         positions = torch.arange(start, start + n)
         rows = self.pool.window_rows_for(torch.full((n,), req.req_pool_idx), positions,
                                          torch.full((n,), start + n))
@@ -160,6 +199,13 @@ class Stack:
             v = torch.randn(n, HEADS, HEAD_DIM, generator=self.gen).bfloat16()
             write_kv_int2(k, v, slots, lay.k_rot, lay.v_rot, lay.k_clip, lay.v_clip, lay.k_codes,
                           lay.k_meta, lay.v_codes, lay.v_meta, FMT, rows, lay.k_window, lay.v_window)
+            if sink_copy is not None:
+                self.pool.save_sinks(layer, *sink_copy)
+
+    def window_sinks(self, req: Req, n: int = FMT.sink_tokens):
+        """Copies of the BF16 window rows of `req`'s first n positions: [k, v][layer]."""
+        start = req.req_pool_idx * FMT.window_rows
+        return [[w[start:start + n].clone() for w in ws] for ws in (self.pool.k_window, self.pool.v_window)]
 
     def snapshot(self):
         """Copies of codes/meta of every layer: [k_codes, k_meta, v_codes, v_meta][layer]."""
@@ -234,6 +280,7 @@ class Stack:
 
         rows = self.req_to_token_pool.free_slots + [r.req_pool_idx for r in running]
         assert sorted(rows) == list(range(1, self.req_to_token_pool.size + 1))
+        check_sink_books(self.pool, free, ps)
 
     def drain(self):
         """Evict everything once no request is running: every unit back on the free list."""
@@ -242,6 +289,8 @@ class Stack:
         assert self.tree_slots().numel() == 0 and self.cache.evictable_size() == 0
         assert self.allocator.available_size() == self.capacity
         self.check_books([])
+        assert self.pool.sink_rows_used() == 0
+        assert self.pool.sink_rows_free() == self.pool.sink_capacity
 
 
 def new_req(rid: str, ids, max_new_tokens: int = 8) -> Req:
@@ -251,7 +300,8 @@ def new_req(rid: str, ids, max_new_tokens: int = 8) -> Req:
 def assert_windows_restored(pool: OscarTokenToKVPool, req_idx: int, slots: torch.Tensor,
                             expect_bufs=None, untouched_poison: bool = True):
     """Window rows of request `req_idx` for its prefix `slots` (positions 0..n-1) hold the
-    dequantized codes of those slots; with untouched_poison, no other row of it was written."""
+    sink-pool row of a sink whose slot has one and the dequantized codes of every other slot;
+    with untouched_poison, no other row of it was written."""
     n = slots.numel()
     sink_end, recent_start = FMT.int2_span(n)
     restored = [*range(sink_end), *range(recent_start, n)]
@@ -259,12 +309,17 @@ def assert_windows_restored(pool: OscarTokenToKVPool, req_idx: int, slots: torch
     rows = {FMT.window_row(start, p): p for p in restored}
     bufs = expect_bufs or [pool.k_buffer, pool.k_scale_buffer, pool.v_buffer, pool.v_scale_buffer]
     for layer in range(LAYERS):
-        for codes, meta, window in ((bufs[0][layer], bufs[1][layer], pool.k_window[layer]),
-                                    (bufs[2][layer], bufs[3][layer], pool.v_window[layer])):
+        for codes, meta, window, store in (
+                (bufs[0][layer], bufs[1][layer], pool.k_window[layer], pool.k_sink),
+                (bufs[2][layer], bufs[3][layer], pool.v_window[layer], pool.v_sink)):
             for row in range(start, start + FMT.window_rows):
                 if row in rows:
                     slot = slots[rows[row]].long()
-                    want = decode_kv(codes[slot], meta[slot], FMT).to(torch.bfloat16)
+                    sink_row = int(pool.sink_row_of_slot[slot])
+                    if rows[row] < FMT.sink_tokens and sink_row >= 0:
+                        want = store[layer][sink_row]
+                    else:
+                        want = decode_kv(codes[slot], meta[slot], FMT).to(torch.bfloat16)
                     assert torch.equal(window[row], want), f"layer {layer} window row {row}"
                 elif untouched_poison:
                     assert (window[row] == WINDOW_POISON).all(), f"row {row} written by restore"
@@ -281,13 +336,15 @@ def test_shared_prefix_lifecycle_page1():
     a_slots = s.admit(a)
     assert len(a.prefix_indices) == 0 and a_slots.numel() == 40
     s.write_kv(a, 0, a_slots)
+    a_sinks = s.window_sinks(a)  # A's exact rotated BF16 sinks
+    assert s.pool.sink_rows_used() == FMT.sink_tokens
     a.output_ids.append(900)
     s.cache.cache_unfinished_req(a)  # prefill done, not finished: the prompt enters the tree
     assert a.cache_protected_len == 40 and s.cache.protected_size() == 40
     s.check_books([a])
     for tok in (901, 902):
         pos = a.kv_committed_len
-        s.write_kv(a, pos, s.decode_step(a))
+        s.write_kv(a, pos, s.decode_step(a), decode=True)
         a.output_ids.append(tok)
     s.check_books([a])
     a_all = s.row(a)[:42].to(torch.int64).clone()
@@ -297,7 +354,8 @@ def test_shared_prefix_lifecycle_page1():
     s.check_books([])
     kept = s.snapshot()
 
-    # request B shares 30 tokens: match_prefix hands back A's slots, windows come from INT2
+    # request B shares 30 tokens: match_prefix hands back A's slots; its sinks come exact from
+    # the sink pool, its recent rows from INT2
     b = new_req("b", (system + user_a)[:30] + list(range(300, 312)), max_new_tokens=2)
     b.init_next_round_input(s.cache)
     s.cache.inc_lock_ref(b.last_node)
@@ -308,14 +366,17 @@ def test_shared_prefix_lifecycle_page1():
     s.pool.restore_windows(b.req_pool_idx, s.row(b)[:30])
     assert_windows_restored(s.pool, b.req_pool_idx, a_all[:30])
     assert_windows_restored(s.pool, b.req_pool_idx, a_all[:30], expect_bufs=kept)
+    for exact, restored in zip(a_sinks, s.window_sinks(b)):
+        for layer in range(LAYERS):
+            assert torch.equal(restored[layer], exact[layer])
     s.check_books([b])
     assert not set(b_new.tolist()) & set(a_all.tolist())
     s.write_kv(b, 30, b_new)
+    assert s.pool.sink_rows_used() == FMT.sink_tokens  # B wrote no sink position
     # B's own chunk leaves the sink rows (positions 0..3 of the shared prefix) alone
     sink_rows = slice(b.req_pool_idx * FMT.window_rows, b.req_pool_idx * FMT.window_rows + FMT.sink_tokens)
     for layer in range(LAYERS):
-        want = decode_kv(kept[0][layer][a_all[:4]], kept[1][layer][a_all[:4]], FMT).bfloat16()
-        assert torch.equal(s.pool.k_window[layer][sink_rows], want)
+        assert torch.equal(s.pool.k_window[layer][sink_rows], a_sinks[0][layer])
         for new, old in zip(s.snapshot(), kept):  # the shared slots' codes were not touched
             assert torch.equal(new[layer][a_all], old[layer][a_all])
 
@@ -337,7 +398,7 @@ def test_shared_prefix_lifecycle_page1():
     assert s.allocator.available_size() == 54
     s.check_books([b])
     b.output_ids.append(950)
-    s.write_kv(b, 42, s.decode_step(b))
+    s.write_kv(b, 42, s.decode_step(b), decode=True)
     b.output_ids.append(951)
     s.finish(b)
     assert s.tree_slots().numel() == 43
@@ -354,13 +415,14 @@ def test_shared_prefix_lifecycle_paged():
     a = new_req("a", prompt_a, max_new_tokens=2)
     a_slots = s.admit(a)
     s.write_kv(a, 0, a_slots)
+    a_sinks = s.window_sinks(a)
     a.output_ids.append(900)
     s.cache.cache_unfinished_req(a)
     assert a.cache_protected_len == 40  # page-aligned part in the tree, 2 tokens stay with A
     s.check_books([a])
     slot = s.decode_step(a)
     assert slot.item() == s.row(a)[41].item() + 1  # continues A's partial page
-    s.write_kv(a, 42, slot)
+    s.write_kv(a, 42, slot, decode=True)
     a.output_ids.append(901)
     a_all = s.row(a)[:43].to(torch.int64).clone()
     s.finish(a)  # key aligned to 40: the partial page (40..42) goes back
@@ -374,6 +436,8 @@ def test_shared_prefix_lifecycle_paged():
     b_new = s.admit(b)
     assert b.cache_protected_len == 28 and torch.equal(b.prefix_indices, a_all[:28])
     assert_windows_restored(s.pool, b.req_pool_idx, a_all[:28], expect_bufs=kept, untouched_poison=False)
+    for exact, restored in zip(a_sinks, s.window_sinks(b)):
+        assert all(torch.equal(r, e) for r, e in zip(restored, exact))  # bit-exact sinks
     assert (b_new // ps).unique().numel() == math.ceil(14 / ps)
     s.write_kv(b, 28, b_new)
     s.check_books([b])
@@ -401,7 +465,7 @@ def test_shared_prefix_lifecycle_paged():
     s.check_books([b, e])
     s.finish(e, insert=False)
     b.output_ids.append(950)
-    s.write_kv(b, 42, s.decode_step(b))
+    s.write_kv(b, 42, s.decode_step(b), decode=True)
     b.output_ids.append(951)
     s.finish(b)
     s.check_books([])

@@ -13,7 +13,15 @@ Slot contents are tracked by a shadow tag per slot (token id and position of who
 every radix hit must hand back slots whose tags match the request's own tokens. A small random
 sample of requests writes real K/V with write_kv_int2; their codes must survive untouched while
 the slots are shared, and window restores (pool.restore_windows, as the backend calls it on
-every radix hit) must equal the dequantized codes.
+every radix hit) must equal the dequantized codes, except sinks whose slot has a sink-pool row,
+which must equal that row (for real K/V: bit-exactly the BF16 sink that was written).
+
+Sink pool: every extend gets sink-pool rows for its new positions < S through the backend's own
+_assign_sink_rows (the pool is small, so it often runs full and falls back); the plugin's
+allocator hooks (applied by SGLang's load_plugins) release them when slots are freed. Every
+audit checks that no sink row leaks (free + owned = all, each owned by one slot) and that no
+sink row outlives its slot (its slot is held by the tree or a running request and holds a
+position < S).
 """
 
 import random
@@ -21,6 +29,7 @@ import time
 from array import array
 from collections import Counter, deque
 
+import pytest
 import torch
 from sglang.srt.environ import envs
 from sglang.srt.managers.schedule_batch import Req, ReqKvInfo
@@ -38,6 +47,8 @@ from oscar_sglang.kernels.quantize import write_kv_int2
 from oscar_sglang.kernels.reference import decode_kv
 from oscar_sglang.kernels.rotations import data_free_rotations
 from oscar_sglang.pool import OscarTokenToKVPool
+from oscar_sglang.sizing import sink_rows_per_request
+from test_pool_lifecycle import backend_assign_sink_rows, check_sink_books
 
 SEED = 1234
 NUM_REQUESTS = 10_000
@@ -51,6 +62,11 @@ HEADS, HEAD_DIM, LAYERS = 2, 64, 2
 FMT = OscarFormat(HEAD_DIM, sink_tokens=4, recent_tokens=8)
 SYSTEM_PROMPTS = [[(p + 1) * 1000 + i for i in range(n)] for p, n in enumerate((48, 96, 160, 224))]
 POS = 4096  # tag = token * POS + position + 1; 0 = never written
+# a quarter of the served ratio (sizing.sink_rows_per_request: S rows per request), so that the
+# sink pool runs full here and the fallback path is soaked too
+SINK_ROWS_PER_REQUEST = sink_rows_per_request(FMT) // 4
+
+pytestmark = pytest.mark.usefixtures("oscar_allocator_hooks")
 
 
 class Soak:
@@ -58,7 +74,8 @@ class Soak:
         self.rng = random.Random(SEED)
         self.gen = torch.Generator().manual_seed(SEED)
         self.pool = OscarTokenToKVPool(CAPACITY, 1, HEADS, HEAD_DIM, LAYERS, "cpu", False, fmt=FMT,
-                                       rotations=data_free_rotations(LAYERS, HEADS, HEAD_DIM))
+                                       rotations=data_free_rotations(LAYERS, HEADS, HEAD_DIM),
+                                       sink_rows_per_request=SINK_ROWS_PER_REQUEST)
         self.allocator = TokenToKVPoolAllocator(CAPACITY, torch.uint8, "cpu", self.pool, need_sort=False)
         self.rtp = ReqToTokenPool(MAX_RUNNING, MAX_CONTEXT, "cpu", False)
         self.pool.allocate_windows(self.rtp.size)
@@ -75,7 +92,12 @@ class Soak:
         self.real = torch.full((CAPACITY + 1,), -1, dtype=torch.int64)
         self.snap = [[b.clone() for b in bufs] for bufs in self.buffers()]
         self.sampled: set[str] = set()
+        self.sample_rng = random.Random(SEED + 1)  # leaves the workload's random stream alone
         self.real_writes = 0
+        # the exact BF16 sink a real write left in a slot's window row: [slot, K/V, layer, H, D],
+        # valid while exact_tag[slot] == tag[slot]
+        self.exact_sink = torch.zeros(CAPACITY + 1, 2, LAYERS, HEADS, HEAD_DIM, dtype=torch.bfloat16)
+        self.exact_tag = torch.zeros(CAPACITY + 1, dtype=torch.int64)
 
     def buffers(self):
         p = self.pool
@@ -132,12 +154,25 @@ class Soak:
             req.kv.kv_allocated_len = end
         req.kv_committed_len = end
         fill = req.full_untruncated_fill_ids
-        self.write(req, new, torch.tensor(fill[prefix:end]), torch.arange(prefix, end))
+        # the backend's extend metadata: sink-pool rows for new positions < S, while rows last
+        sink_copy = backend_assign_sink_rows(self.pool, req.req_pool_idx, prefix, new)
+        wanted = max(0, min(FMT.sink_tokens, end) - prefix)
+        got = 0 if sink_copy is None else sink_copy[1].numel()
+        if got and self.sample_rng.random() < 0.02:  # some of them with real K/V too
+            self.sampled.add(req.rid)
+        self.events["sink_rows_assigned"] += got
+        self.events["sink_pool_short"] += got < wanted
+        self.write(req, new, torch.tensor(fill[prefix:end]), torch.arange(prefix, end), sink_copy)
 
-    def write(self, req: Req, slots: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor):
+    def write(self, req: Req, slots: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
+              sink_copy=None, decode: bool = False):
         assert (slots > 0).all(), "the padding slot was handed out"
         self.tag[slots] = tokens * POS + positions + 1
-        if req.rid not in self.sampled or self.real_writes >= REAL_KV_WRITES:
+        self.exact_tag[slots] = 0  # a rewrite with the same token and position has another sink
+        if req.rid not in self.sampled or self.real_writes >= REAL_KV_WRITES or decode:
+            if sink_copy is not None:  # forward_extend after the (here skipped) write kernel
+                for layer in range(LAYERS):
+                    self.pool.save_sinks(layer, *sink_copy)
             return
         self.real_writes += 1
         n = slots.numel()
@@ -149,6 +184,13 @@ class Soak:
             v = torch.randn(n, HEADS, HEAD_DIM, generator=self.gen).bfloat16()
             write_kv_int2(k, v, slots, lay.k_rot, lay.v_rot, lay.k_clip, lay.v_clip, lay.k_codes,
                           lay.k_meta, lay.v_codes, lay.v_meta, FMT, rows, lay.k_window, lay.v_window)
+            if sink_copy is not None:
+                self.pool.save_sinks(layer, *sink_copy)
+        sinks = positions < FMT.sink_tokens
+        for kv, windows in enumerate((self.pool.k_window, self.pool.v_window)):
+            for layer in range(LAYERS):
+                self.exact_sink[slots[sinks], kv, layer] = windows[layer][rows[sinks]]
+        self.exact_tag[slots[sinks]] = self.tag[slots[sinks]]
         self.real[slots] = self.tag[slots]
         for snaps, bufs in zip(self.snap, self.buffers()):
             for snap, buf in zip(snaps, bufs):
@@ -178,7 +220,9 @@ class Soak:
             return
         slots = self.row(req)[:n]
         self.pool.restore_windows(req.req_pool_idx, slots)
-        if self.events["hits"] % 25 and req.rid not in self.sampled:
+        head = slots[:FMT.sink_tokens].long()
+        real_sinks = bool((self.exact_tag[head] == self.tag[head]).any())
+        if self.events["hits"] % 25 and req.rid not in self.sampled and not real_sinks:
             return
         self.events["restores_checked"] += 1
         start = req.req_pool_idx * FMT.window_rows
@@ -186,12 +230,21 @@ class Soak:
         positions = [*range(sink_end), *range(recent_start, n)]
         rows = torch.tensor([FMT.window_row(start, p) for p in positions])
         src = slots[positions].long()
+        sink_rows = self.pool.sink_row_of_slot[src].long()
+        exact = (torch.tensor(positions) < FMT.sink_tokens) & (sink_rows >= 0)
+        self.events["exact_sink_restores"] += bool(exact.any())
+        real = exact & (self.exact_tag[src] == self.tag[src])
+        self.events["exact_sink_restores_on_real_kv"] += bool(real.any())
         for layer in range(LAYERS):
             lay = self.pool.layer(layer)
-            for codes, meta, window in ((lay.k_codes, lay.k_meta, lay.k_window),
-                                        (lay.v_codes, lay.v_meta, lay.v_window)):
+            for kv, (codes, meta, window, store) in enumerate((
+                    (lay.k_codes, lay.k_meta, lay.k_window, self.pool.k_sink[layer]),
+                    (lay.v_codes, lay.v_meta, lay.v_window, self.pool.v_sink[layer]))):
                 want = decode_kv(codes[src], meta[src], FMT).to(torch.bfloat16)
-                assert torch.equal(window[rows], want), "restored window rows != dequantized codes"
+                want[exact] = store[sink_rows[exact]]
+                assert torch.equal(window[rows], want), "restored window rows != sink rows / codes"
+                assert torch.equal(window[rows[real]], self.exact_sink[src[real], kv, layer]), (
+                    "restored sink != the BF16 sink written into that slot")
 
     # ---- request endings ---------------------------------------------------------------------
 
@@ -312,7 +365,7 @@ class Soak:
             req.kv_committed_len += 1
             req.kv.kv_allocated_len += 1
             token = req.output_ids[-1]
-            self.write(req, slot.view(1), torch.tensor([token]), torch.tensor([pos]))
+            self.write(req, slot.view(1), torch.tensor([token]), torch.tensor([pos]), decode=True)
             req.output_ids.append(60_000 + self.rng.randrange(4))
             if len(req.output_ids) >= req.sampling_params.max_new_tokens:
                 self.running.remove(req)
@@ -359,6 +412,12 @@ class Soak:
         assert self.cache.evictable_size() + protected == tree.numel()
         rows = self.rtp.free_slots + [r.req_pool_idx for r in live]
         assert sorted(rows) == list(range(1, self.rtp.size + 1)), "req-pool rows leaked"
+        # sink pool: no row leaks, none outlives its slot, only sink positions own one
+        owners = check_sink_books(self.pool, free.tolist())
+        held = torch.cat([tree.to(torch.int64), *owned])
+        assert torch.isin(owners, held).all(), "a sink row outlives its slot"
+        assert (((self.tag[owners] - 1) % POS) < FMT.sink_tokens).all(), "a non-sink slot owns a sink row"
+        self.events["sink_rows_in_use_max"] = max(self.events["sink_rows_in_use_max"], owners.numel())
         self.events["audits"] += 1
 
     def run(self):
@@ -394,6 +453,8 @@ def test_slot_soak():
     assert soak.cache.total_size() == 0 and not list(soak.nodes())
     assert soak.allocator.available_size() == CAPACITY
     soak.audit()
+    assert soak.pool.sink_rows_used() == 0
+    assert soak.pool.sink_rows_free() == soak.pool.sink_capacity
 
     ev = soak.events
     print(f"\nslot soak: {NUM_REQUESTS} requests, {steps} steps, "
@@ -403,6 +464,9 @@ def test_slot_soak():
                             ("duplicate_slots_freed", 200), ("chunked_requests", 1000),
                             ("alloc_failed_then_evicted", 1000), ("admission_deferred", 200),
                             ("retractions", 150), ("abort_running", 20), ("abort_waiting", 20),
-                            ("abort_chunked", 10), ("restores_checked", 100), ("audits", 50)):
+                            ("abort_chunked", 10), ("restores_checked", 100), ("audits", 50),
+                            ("sink_rows_assigned", 5000), ("sink_pool_short", 100),
+                            ("exact_sink_restores", 50), ("exact_sink_restores_on_real_kv", 3)):
         assert ev[event] >= at_least, f"soak exercised {event} only {ev[event]} times"
     assert soak.real_writes >= 3 and ev["hits_on_real_kv"] >= 1
+    assert ev["sink_rows_in_use_max"] == soak.pool.sink_capacity  # ran full

@@ -19,9 +19,9 @@ from benchmarks import common  # noqa: E402
 pytestmark = pytest.mark.gpu
 
 LOG_DIR = Path("/tmp/oscar-gpu-tests")
-SERVER_FLAGS = ["--load-format", "dummy", "--kv-quant", "oscar", "--context-length", "16384",
+SERVER_FLAGS = ["--load-format", "dummy", "--kv-quant", "oscar", "--context-length", "16384", "--chat-template", "qwen",
                 "--mem-fraction-static", "0.40", "--cuda-graph-backend-prefill", "disabled",
-                "--cuda-graph-bs-decode", "1", "2", "4", "8", "--max-running-requests", "8"]
+                "--cuda-graph-bs-decode", "1", "4", "--max-running-requests", "8"]
 
 
 def post(port, path, body, timeout=300):
