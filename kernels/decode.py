@@ -1,14 +1,17 @@
 """Triton split-KV decode attention that reads the packed OSCAR-2 cache directly.
 
-Everything happens in rotated space: the query is rotated once per program (q' = q · R_K[h]),
-scores are taken against INT2 codes without dequantizing them, and the output is rotated back
-(o = o' · R_V[h]ᵀ) in the reduce kernel. Two launches:
+Everything happens in rotated space: scores are taken against INT2 codes without dequantizing
+them and the output is rotated back at the end. Three launches:
 
-1. `_decode_split_kernel`, grid (B, H_kv, splits + 1): program (b, h, 0) reads request b's BF16
-   window rows (sinks and the recent ring), program (b, h, i >= 1) one contiguous range of its
-   INT2 span; each handles all query heads of KV head h, so every KV tile is loaded once per
-   GQA group. Each writes its normalized partial output o' and log2-sum-exp.
-2. `_decode_reduce_kernel`, grid (B, H_kv): merges the partials and applies R_Vᵀ.
+1. `_rotate_q_kernel`, grid (B, H_kv, 4): q' = q · R_K[h] · sm_scale · log2(e), one quarter slice
+   of the dims per program (one load of R: the rotation matrices are not in L2 at decode time).
+2. `_decode_split_kernel`, grid (B, H_kv, window programs + splits): programs (b, h, i <
+   WIN_PROGRAMS) read a slice of request b's BF16 window rows (sinks and the recent ring), the
+   others one contiguous range of its INT2 span; each handles all query heads of KV head h, so
+   every KV tile is loaded once per GQA group. Each writes its normalized partial output o' and
+   log2-sum-exp.
+3. `_decode_reduce_kernel`, grid (B, H_q, 4): merges a head's partials and applies R_Vᵀ to a
+   quarter of its dims (all its loads are issued at once: one round trip to memory).
 
 The grid depends only on shapes and host ints (no host sync), so decode can be captured in a
 CUDA graph; programs whose range is empty write lse = -inf.
@@ -17,11 +20,12 @@ INT2 scoring without dequantization: with codes c (quarter slices c_s), scale s_
 of the group g(s) holding slice s,
     q'·k̂ = Σ_g s_g · Σ_{s∈g} (q'_s · c_s) + Σ_g m_g · Σ_{i∈g} q'_i
 and likewise for V:  o'_s += (p · s_g) @ c_s + (p @ m_g)  (the minimum adds to every dim of g).
+The codes enter the tensor-core dots as the fp16 subnormals c·4^s·2^-24 (two instructions per
+two codes, see `_unpack_ptx`); the powers of two are folded into q'_s (K) and into the final
+scaling of o'_s (V), both exact.
 
 The @triton.jit tile helpers here are shared with the extend kernel (extend.py).
 """
-
-import struct
 
 import torch
 import triton
@@ -41,44 +45,40 @@ assert META_FIELDS * META_BYTES == 4, "the kernels read a group's (scale, minimu
 
 BLOCK_N = 128  # INT2 positions per tile
 BLOCK_ROWS = 32  # BF16 window rows per tile
-MIN_DOT_ROWS = 16  # tl.dot needs at least 16 rows: query-head blocks are padded to this
-NUM_STAGES = 3  # software pipelining depth of the INT2 loop (index load -> code/meta loads)
+WINDOW_ROWS_PER_PROGRAM = 64  # window rows per split-kernel program (3 programs at S + W = 192)
+# query-head blocks are padded to a power of two >= this (tl.dot pads small M internally; rows
+# beyond the GQA group would only add softmax work)
+MIN_DOT_ROWS = 4
+# software-pipelining depth of the INT2 loop. The pipeliner shares num_stages - 1 stages among
+# the chain of dependent loads (slot index -> codes/meta): 5 gives each load two stages, i.e.
+# double-buffered shared memory, so a tile's loads overlap the previous tile's compute (with 3
+# the codes get one buffer that is refilled only after the tile is consumed: no overlap)
+NUM_STAGES = 5
 NUM_WARPS = 4
-# registers per thread of the split kernel: 128 lets 4 programs share an SM (the only spills are
-# in the query-rotation prologue, per ptxas for sm_90), which the split heuristic assumes
-MAX_REGISTERS = 128
-PROGRAMS_PER_SM = 4
+MAX_REGISTERS = 128  # lets 4 programs share an SM (no spills, per ptxas for sm_90)
+# INT2 programs per SM the split heuristic aims at: two waves of the 4 that fit at once (the
+# second wave evens out programs that end at different times; on an H100 at 128K x 8, 16 splits
+# took 385 us against 444 us for 8)
+PROGRAMS_PER_SM = 8
 WAVE_OVERHEAD = 0.01  # fixed cost of a wave of split programs, relative to reading a whole span
-MAX_KV_SPLITS = 128
+MAX_KV_SPLITS = 64  # bounds the reduce kernel's one-shot tile of partials
+REDUCE_WARPS = 8
+REDUCE_DIM_PROGRAMS = 4  # reduce programs per query head, each producing D / 4 output dims
 CPU_SM_COUNT = 8  # stand-in SM count when there is no GPU (interpreter runs)
 LOG2E = 1.4426950408889634
 
 
-def _fp16_bits(x: float) -> int:
-    return struct.unpack("<H", struct.pack("<e", x))[0]
-
-
-# fp16 1024.0: its mantissa step is exactly 1, so OR-ing a small integer into the mantissa and
-# subtracting 1024 converts it to fp16 exactly without the slow integer-to-float instructions.
-FP16_1024_BITS = tl.constexpr(_fp16_bits(1024.0))
-
-
 def _unpack_ptx(s: int) -> str:
-    """PTX turning 4 packed bytes ($2) into the fp16 codes of quarter slice s, two f16x2 ($0, $1):
-    prmt moves bytes 0,1 (2,3) into 16-bit lanes; lop3 keeps the slice's bits in place and ORs
-    them into the mantissa of 1024.0, giving 1024 + c·4^s exactly; fma by 4^-s minus 1024·4^-s
-    leaves c exactly. Three instructions per two codes."""
+    """PTX turning 4 packed bytes ($2) into quarter slice s as two f16x2 ($0, $1) holding the
+    fp16 subnormals c·4^s·2^-24 (exact: the code bits land in the mantissa, exponent field 0):
+    prmt moves bytes 0,1 (2,3) into the low halves of the 16-bit lanes and an and keeps the
+    slice's bits in place. Two instructions per two codes, the prmt shared by the four slices."""
     shift = CODE_BITS * s
-    assert (CODE_MAX << shift) < 1024, "codes must fit the fp16 mantissa of 1024.0"
+    assert (CODE_MAX << shift) < 1024, "codes must stay inside the fp16 mantissa"
     mask = (CODE_MAX << shift) * 0x00010001  # both 16-bit lanes
-    magic = FP16_1024_BITS.value * 0x00010001
-    scale = _fp16_bits(2.0 ** -shift) * 0x00010001
-    bias = _fp16_bits(-1024.0 * 2.0 ** -shift) * 0x00010001
-    lines = ["{", ".reg .b32 t, sc, bi;", f"mov.b32 sc, {scale:#010x};", f"mov.b32 bi, {bias:#010x};"]
+    lines = ["{", ".reg .b32 t;"]
     for out, select in ((0, 0x4140), (1, 0x4342)):
-        lines += [f"prmt.b32 t, $2, 0, {select:#06x};",
-                  f"lop3.b32 t, t, {mask:#010x}, {magic:#010x}, 0xEA;",  # (t & mask) | magic
-                  f"fma.rn.f16x2 ${out}, t, sc, bi;"]
+        lines += [f"prmt.b32 t, $2, 0, {select:#06x};", f"and.b32 ${out}, t, {mask:#010x};"]
     return "\n".join(lines + ["}"])
 
 
@@ -86,6 +86,7 @@ UNPACK_PTX_0 = tl.constexpr(_unpack_ptx(0))
 UNPACK_PTX_1 = tl.constexpr(_unpack_ptx(1))
 UNPACK_PTX_2 = tl.constexpr(_unpack_ptx(2))
 UNPACK_PTX_3 = tl.constexpr(_unpack_ptx(3))
+CODE_UNIT = tl.constexpr(2.0 ** 24)  # 1 / the value of fp16 mantissa bit 0 (a subnormal)
 
 
 # ----------------------------------------------------------------------------- tile helpers
@@ -105,24 +106,19 @@ def _pick(s: tl.constexpr, x0, x1, x2, x3):
 
 
 @triton.jit
-def _column(x, g: tl.constexpr, NG: tl.constexpr):
-    """x: [N, NG] -> column g, [N]."""
-    return tl.sum(tl.where(tl.arange(0, NG)[None, :] == g, x, 0.0), axis=1)
-
-
-@triton.jit
-def _rotate_slice(x_ptrs, x_mask, rot_ptr, s: tl.constexpr, D: tl.constexpr, P: tl.constexpr):
+def _rotate_slice(x_ptrs, x_mask, rot_ptr, s, D: tl.constexpr, P: tl.constexpr, CHUNK: tl.constexpr):
     """x_ptrs: [M, 1] pointers to rows of x (D contiguous bf16/fp16 values), rot_ptr -> R [D, D]
     fp32: slice s of x · R, i.e. x · R[:, sP:(s+1)P], fp32 [M, P].
 
     A bf16/fp16 x converts to fp16 exactly (any |x| in fp16's normal range, [6e-5, 65504]) and R
-    is split into fp16 hi + lo parts, so two fp16 tensor-core dots give ~fp32 accuracy (2^-20);
-    a loop over P-wide chunks of the reduction keeps registers low."""
+    is split into fp16 hi + lo parts, so two fp16 tensor-core dots give ~fp32 accuracy (2^-20).
+    The reduction runs over CHUNK-wide pieces of R: CHUNK = D loads R's slice in one round trip
+    to memory (a lone program), smaller chunks keep registers low (many rows per program)."""
     acc = tl.zeros([x_ptrs.shape[0], P], tl.float32)
-    k = tl.arange(0, P)
-    for k0 in tl.range(0, D, P, num_stages=1):
+    k = tl.arange(0, CHUNK)
+    for k0 in tl.range(0, D, CHUNK, num_stages=1):
         x = tl.load(x_ptrs + k0 + k[None, :], mask=x_mask, other=0.0).to(tl.float32).to(tl.float16)
-        r = tl.load(rot_ptr + (k0 + k)[:, None] * D + s * P + k[None, :])
+        r = tl.load(rot_ptr + (k0 + k)[:, None] * D + s * P + tl.arange(0, P)[None, :])
         r_hi = r.to(tl.float16)
         acc = tl.dot(x, r_hi, acc)
         acc = tl.dot(x, (r - r_hi.to(tl.float32)).to(tl.float16), acc)
@@ -143,11 +139,9 @@ def _unrotate(a0, a1, a2, a3, rot_ptr, D: tl.constexpr, P: tl.constexpr):
 @triton.jit
 def _code_slice(codes, s: tl.constexpr, CODE_BITS: tl.constexpr, CODE_MAX: tl.constexpr,
                 PTX_UNPACK: tl.constexpr):
-    """codes: [N, P] uint8 -> the codes of quarter slice s as fp16 [N, P] (exact small integers).
-
-    Both paths put the code into the mantissa of fp16 1024.0 (exact) instead of converting
-    integers to float, which runs at a quarter of the ALU rate. PTX_UNPACK (GPU) works on four
-    packed bytes per instruction; the plain path is what the Triton interpreter can run."""
+    """codes: [N, P] uint8 -> quarter slice s as the fp16 subnormals c·4^s·2^-24 (exact).
+    PTX_UNPACK (GPU) works on four packed bytes per instruction; the plain path is what the
+    Triton interpreter can run."""
     if PTX_UNPACK:
         if s == 0:
             c = tl.inline_asm_elementwise(UNPACK_PTX_0, "=r,=r,r", [codes], dtype=tl.float16, is_pure=True, pack=4)
@@ -158,20 +152,32 @@ def _code_slice(codes, s: tl.constexpr, CODE_BITS: tl.constexpr, CODE_MAX: tl.co
         else:
             c = tl.inline_asm_elementwise(UNPACK_PTX_3, "=r,=r,r", [codes], dtype=tl.float16, is_pure=True, pack=4)
     else:
-        bits = ((codes >> (CODE_BITS * s)) & CODE_MAX).to(tl.uint16) | FP16_1024_BITS
-        c = bits.to(tl.uint16).to(tl.float16, bitcast=True) - 1024.0
+        c = (codes & (CODE_MAX << (CODE_BITS * s))).to(tl.uint16).to(tl.float16, bitcast=True)
     return c
 
 
 @triton.jit
-def _load_meta(meta_ptr, slot, valid, stride_ms, NG: tl.constexpr):
+def _meta_words(meta_ptr, slot, valid, stride_ms, NG: tl.constexpr):
     """meta_ptr: one head's meta viewed as 32-bit words [slots, ·, NG] (the fp16 pair scale,
-    minimum: scale in the low half) -> scale, minimum: [N, NG] fp32. One word per load keeps
-    the loads wide enough for the pipeliner's async copies."""
-    word = tl.load(meta_ptr + slot[:, None] * stride_ms + tl.arange(0, NG)[None, :],
-                   mask=valid[:, None], other=0)
-    scale = (word & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
-    minimum = (word >> 16).to(tl.uint16).to(tl.float16, bitcast=True)
+    minimum: scale in the low half) -> words [N] when NG == 1, else [N, NG]. One word per load
+    keeps the loads wide enough for the pipeliner's async copies."""
+    if NG == 1:
+        word = tl.load(meta_ptr + slot * stride_ms, mask=valid, other=0)
+    else:
+        word = tl.load(meta_ptr + slot[:, None] * stride_ms + tl.arange(0, NG)[None, :],
+                       mask=valid[:, None], other=0)
+    return word
+
+
+@triton.jit
+def _group_meta(words, g: tl.constexpr, NG: tl.constexpr):
+    """(scale, minimum) of group g as fp32 [N], from `_meta_words`."""
+    if NG == 1:
+        w = words
+    else:
+        w = tl.sum(tl.where(tl.arange(0, NG)[None, :] == g, words, 0), axis=1)
+    scale = (w & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
+    minimum = (w >> 16).to(tl.uint16).to(tl.float16, bitcast=True)
     return scale.to(tl.float32), minimum.to(tl.float32)
 
 
@@ -194,9 +200,73 @@ def _nonzero(x):
 
 
 @triton.jit
+def _int2_tile(
+    m_i, l_i, a0, a1, a2, a3, am0, am1, am2, am3,
+    q0, q1, q2, q3, qs0, qs1, qs2, qs3,
+    kc, vc, kw, vw, valid,
+    NG: tl.constexpr, CODE_BITS: tl.constexpr, CODE_MAX: tl.constexpr, PTX_UNPACK: tl.constexpr,
+):
+    """One INT2 tile: codes kc, vc [N, P] uint8, meta words kw, vw (`_meta_words`), valid [N].
+    q_s: fp16 [M, P] holding q'_s·4^-s; qs_s: [M] Σ q'_s; a_s: accumulators of o'_s·4^s·2^-24;
+    am_g: [M] Σ p·minimum of value group g (added to the dims of g at the end)."""
+    SPG: tl.constexpr = 4 // NG  # quarter slices per quantization group (G >= D/4 always)
+    # scores = Σ_g scale_g · Σ_{s∈g} q'_s·c_s + min_g · Σ_{s∈g} Σ q'_s
+    for g in tl.static_range(NG):
+        s = g * SPG
+        dots = tl.dot(_pick(s, q0, q1, q2, q3), tl.trans(_code_slice(kc, s, CODE_BITS, CODE_MAX, PTX_UNPACK)))
+        qsum = _pick(s, qs0, qs1, qs2, qs3)
+        for t in tl.static_range(1, SPG):
+            s = g * SPG + t
+            dots = tl.dot(_pick(s, q0, q1, q2, q3), tl.trans(_code_slice(kc, s, CODE_BITS, CODE_MAX, PTX_UNPACK)), dots)
+            qsum += _pick(s, qs0, qs1, qs2, qs3)
+        k_scale, k_min = _group_meta(kw, g, NG)
+        part = dots * (k_scale * CODE_UNIT)[None, :] + qsum[:, None] * k_min[None, :]
+        if g == 0:
+            scores = part
+        else:
+            scores += part
+    scores = tl.where(valid[None, :], scores, float("-inf"))
+
+    m_i, l_i, alpha, p = _online_softmax(m_i, l_i, scores)
+    a0 *= alpha[:, None]
+    a1 *= alpha[:, None]
+    a2 *= alpha[:, None]
+    a3 *= alpha[:, None]
+    am0 *= alpha
+    am1 *= alpha
+    am2 *= alpha
+    am3 *= alpha
+    # o'_s += (p · scale_g) @ c_s; the minimum's share goes to am_g
+    for g in tl.static_range(NG):
+        v_scale, v_min = _group_meta(vw, g, NG)
+        pg = (p * v_scale[None, :]).to(tl.float16)
+        pm = tl.sum(p * v_min[None, :], axis=1)
+        if g == 0:
+            am0 += pm
+        elif g == 1:
+            am1 += pm
+        elif g == 2:
+            am2 += pm
+        else:
+            am3 += pm
+        for t in tl.static_range(SPG):
+            s = g * SPG + t
+            c = _code_slice(vc, s, CODE_BITS, CODE_MAX, PTX_UNPACK)
+            if s == 0:
+                a0 = tl.dot(pg, c, a0)
+            elif s == 1:
+                a1 = tl.dot(pg, c, a1)
+            elif s == 2:
+                a2 = tl.dot(pg, c, a2)
+            else:
+                a3 = tl.dot(pg, c, a3)
+    return m_i, l_i, a0, a1, a2, a3, am0, am1, am2, am3
+
+
+@triton.jit
 def _int2_segment(
     m_i, l_i, a0, a1, a2, a3,
-    q0, q1, q2, q3, qs0, qs1, qs2, qs3,
+    q0, q1, q2, q3,
     idx_ptr, lo, hi,
     k_codes_ptr, v_codes_ptr, stride_cs, k_meta_ptr, v_meta_ptr, stride_ms,
     P: tl.constexpr, NG: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -206,78 +276,55 @@ def _int2_segment(
     """Attend to positions [lo, hi) read from INT2, slots idx_ptr[pos].
 
     State: m_i, l_i: [M] fp32 (log2 domain), a_s: [M, P] fp32 accumulators of o' slices.
-    q_s: [M, P] fp16 rotated, pre-scaled query slices; qs_s: [M] fp32 their row sums.
-    Code/meta pointers are offset to one KV head. Returns the updated (m_i, l_i, a0..a3).
+    q_s: [M, P] fp32 rotated, pre-scaled query slices. Code/meta pointers are offset to one KV
+    head. Returns the updated (m_i, l_i, a0..a3).
     """
-    SPG: tl.constexpr = 4 // NG  # quarter slices per quantization group (G >= D/4 always)
+    SPG: tl.constexpr = 4 // NG
     M: tl.constexpr = a0.shape[0]
     cols = tl.arange(0, P)
-    groups = tl.arange(0, NG)
-    # Σ_n p·m_g is the same for every dim of group g: accumulate it per group, add it at the end
-    acc_min = tl.zeros([M, NG], tl.float32)
+    # codes enter the dots as c·4^s·2^-24: K slices take 4^-s in q, V slices accumulate o'_s·4^s·2^-24
+    qs0 = tl.sum(q0, axis=1)
+    qs1 = tl.sum(q1, axis=1)
+    qs2 = tl.sum(q2, axis=1)
+    qs3 = tl.sum(q3, axis=1)
+    q0 = q0.to(tl.float16)
+    q1 = (q1 * 0.25).to(tl.float16)
+    q2 = (q2 * 0.0625).to(tl.float16)
+    q3 = (q3 * 0.015625).to(tl.float16)
+    a0 *= 1.0 / CODE_UNIT
+    a1 *= 4.0 / CODE_UNIT
+    a2 *= 16.0 / CODE_UNIT
+    a3 *= 64.0 / CODE_UNIT
+    am0 = tl.zeros([M], tl.float32)
+    am1 = tl.zeros([M], tl.float32)
+    am2 = tl.zeros([M], tl.float32)
+    am3 = tl.zeros([M], tl.float32)
     for n0 in tl.range(lo, hi, BLOCK_N, num_stages=NUM_STAGES):
         pos = n0 + tl.arange(0, BLOCK_N)
         valid = pos < hi
         slot = tl.load(idx_ptr + pos, mask=valid, other=0).to(tl.int64)
         kc = tl.load(k_codes_ptr + slot[:, None] * stride_cs + cols[None, :], mask=valid[:, None], other=0)
         vc = tl.load(v_codes_ptr + slot[:, None] * stride_cs + cols[None, :], mask=valid[:, None], other=0)
-        k_scale, k_min = _load_meta(k_meta_ptr, slot, valid, stride_ms, NG)
-        v_scale, v_min = _load_meta(v_meta_ptr, slot, valid, stride_ms, NG)
-
-        # scores = Σ_g scale_g · Σ_{s∈g} q'_s·c_s + min_g · Σ_{s∈g} Σ q'_s
-        for g in tl.static_range(NG):
-            s = g * SPG
-            dots = tl.dot(_pick(s, q0, q1, q2, q3), tl.trans(_code_slice(kc, s, CODE_BITS, CODE_MAX, PTX_UNPACK)))
-            qsum = _pick(s, qs0, qs1, qs2, qs3)
-            for t in tl.static_range(1, SPG):
-                s = g * SPG + t
-                dots = tl.dot(_pick(s, q0, q1, q2, q3), tl.trans(_code_slice(kc, s, CODE_BITS, CODE_MAX, PTX_UNPACK)), dots)
-                qsum += _pick(s, qs0, qs1, qs2, qs3)
-            part = dots * _column(k_scale, g, NG)[None, :] + qsum[:, None] * _column(k_min, g, NG)[None, :]
-            if g == 0:
-                scores = part
-            else:
-                scores += part
-        scores = tl.where(valid[None, :], scores, float("-inf"))
-
-        m_i, l_i, alpha, p = _online_softmax(m_i, l_i, scores)
-        a0 *= alpha[:, None]
-        a1 *= alpha[:, None]
-        a2 *= alpha[:, None]
-        a3 *= alpha[:, None]
-        acc_min *= alpha[:, None]
-        # o'_s += (p · scale_g) @ c_s; the minimum's share goes to acc_min
-        for g in tl.static_range(NG):
-            pg = (p * _column(v_scale, g, NG)[None, :]).to(tl.float16)
-            pm = tl.sum(p * _column(v_min, g, NG)[None, :], axis=1)
-            acc_min += tl.where(groups[None, :] == g, pm[:, None], 0.0)
-            for t in tl.static_range(SPG):
-                s = g * SPG + t
-                c = _code_slice(vc, s, CODE_BITS, CODE_MAX, PTX_UNPACK)
-                if s == 0:
-                    a0 = tl.dot(pg, c, a0)
-                elif s == 1:
-                    a1 = tl.dot(pg, c, a1)
-                elif s == 2:
-                    a2 = tl.dot(pg, c, a2)
-                else:
-                    a3 = tl.dot(pg, c, a3)
-    a0 += _column(acc_min, 0 // SPG, NG)[:, None]
-    a1 += _column(acc_min, 1 // SPG, NG)[:, None]
-    a2 += _column(acc_min, 2 // SPG, NG)[:, None]
-    a3 += _column(acc_min, 3 // SPG, NG)[:, None]
+        kw = _meta_words(k_meta_ptr, slot, valid, stride_ms, NG)
+        vw = _meta_words(v_meta_ptr, slot, valid, stride_ms, NG)
+        m_i, l_i, a0, a1, a2, a3, am0, am1, am2, am3 = _int2_tile(
+            m_i, l_i, a0, a1, a2, a3, am0, am1, am2, am3, q0, q1, q2, q3, qs0, qs1, qs2, qs3,
+            kc, vc, kw, vw, valid, NG, CODE_BITS, CODE_MAX, PTX_UNPACK)
+    a0 = a0 * CODE_UNIT + _pick(0 // SPG, am0, am1, am2, am3)[:, None]
+    a1 = a1 * (CODE_UNIT / 4) + _pick(1 // SPG, am0, am1, am2, am3)[:, None]
+    a2 = a2 * (CODE_UNIT / 16) + _pick(2 // SPG, am0, am1, am2, am3)[:, None]
+    a3 = a3 * (CODE_UNIT / 64) + _pick(3 // SPG, am0, am1, am2, am3)[:, None]
     return m_i, l_i, a0, a1, a2, a3
-
-
 @triton.jit
 def _window_segment(
     m_i, l_i, a0, a1, a2, a3,
     q0, q1, q2, q3,
-    k_win_ptr, v_win_ptr, stride_ws, n_sink, rec_lo, rec_hi,
+    k_win_ptr, v_win_ptr, stride_ws, n_sink, rec_lo, rec_hi, row_lo, row_hi,
     P: tl.constexpr, S: tl.constexpr, W: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """Attend to one request's BF16 window rows: sink rows [0, n_sink) and the recent positions
-    [rec_lo, rec_hi) (held in ring rows S + (p - S) mod W; rec_hi - rec_lo <= W).
+    """Attend to one request's BF16 window rows [row_lo, row_hi) (row_lo a multiple of BLOCK_R)
+    of: sink rows [0, n_sink) and the recent positions [rec_lo, rec_hi) (held in ring rows
+    S + (p - S) mod W; rec_hi - rec_lo <= W).
 
     State as in `_int2_segment`; q_s: [M, P] fp32 rotated, pre-scaled query slices; window
     pointers are offset to the request's first row and to one KV head. BF16 rows are exact in
@@ -287,10 +334,10 @@ def _window_segment(
     cols = tl.arange(0, P)
     # ring slot of the oldest recent position; slot j then holds the ((j - first) mod W)-th one
     first = (rec_lo - S) % W
-    for r0 in tl.range(0, S + W, BLOCK_R):
+    for r0 in tl.range(row_lo, row_hi, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
         nth = (r - S - first + W) % W
-        valid = tl.where(r < S, r < n_sink, (r < S + W) & (nth < rec_hi - rec_lo))
+        valid = (r < row_hi) & tl.where(r < S, r < n_sink, nth < rec_hi - rec_lo)
         ptrs = r[:, None] * stride_ws + cols[None, :]
         scores = tl.zeros([a0.shape[0], BLOCK_R], tl.float32)
         for s in tl.static_range(4):
@@ -317,16 +364,35 @@ def _window_pv(acc, p, v_ptr, ptrs, valid):
 
 
 @triton.jit
+def _rotate_q_kernel(
+    q_ptr, stride_qb, stride_qh, k_rot_ptr, stride_krh, qr_ptr, qk_scale,
+    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr,
+):
+    """Program (b, h, s): slice s of q' = q · R_K[h] · qk_scale for the GQA group of KV head h,
+    into qr: fp32 [B, H_q, D]. qk_scale = sm_scale·log2(e): scores come out in the exp2 domain."""
+    P: tl.constexpr = D // 4
+    b = tl.program_id(0)
+    hk = tl.program_id(1)
+    s = tl.program_id(2)
+    heads = tl.arange(0, BLOCK_H)
+    head_ok = heads < GROUP
+    q_rows = q_ptr + b.to(tl.int64) * stride_qb + (hk * GROUP + heads)[:, None] * stride_qh
+    qr = _rotate_slice(q_rows, head_ok[:, None], k_rot_ptr + hk * stride_krh, s, D, P, D) * qk_scale
+    row = b.to(tl.int64) * tl.num_programs(1) * GROUP + hk * GROUP + heads
+    tl.store(qr_ptr + row[:, None] * D + s * P + tl.arange(0, P)[None, :], qr, mask=head_ok[:, None])
+
+
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_split_kernel(
-    q_ptr, stride_qb, stride_qh,
+    qr_ptr,
     kv_indptr_ptr, kv_indices_ptr, window_starts_ptr,
     k_codes_ptr, v_codes_ptr, stride_cs, stride_ch,
     k_meta_ptr, v_meta_ptr, stride_ms, stride_mh,
     k_win_ptr, v_win_ptr, stride_ws, stride_wh,
-    k_rot_ptr, stride_krh,
-    part_o_ptr, part_lse_ptr, num_q_heads, num_splits, qk_scale,
+    part_o_ptr, part_lse_ptr, num_q_heads, num_splits,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, NG: tl.constexpr,
     S: tl.constexpr, W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    WIN_PROGRAMS: tl.constexpr, WIN_ROWS: tl.constexpr,
     CODE_BITS: tl.constexpr, CODE_MAX: tl.constexpr, PTX_UNPACK: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
@@ -339,12 +405,12 @@ def _decode_split_kernel(
     length = tl.load(kv_indptr_ptr + b + 1) - kv_lo
     start = tl.minimum(S, length)
     end = tl.maximum(start, length - W)
-    # program 0 reads the window rows (scheduled first: it is often the longest), programs
-    # 1..num_splits read BLOCK_N-aligned ranges of the INT2 span
+    # programs 0..WIN_PROGRAMS-1 read WIN_ROWS window rows each (scheduled first), the next
+    # num_splits programs BLOCK_N-aligned ranges of the INT2 span
     per_split = tl.cdiv(tl.cdiv(end - start, num_splits), BLOCK_N) * BLOCK_N
-    seg_lo = start + (split - 1) * per_split
+    seg_lo = start + (split - WIN_PROGRAMS) * per_split
     seg_hi = tl.minimum(seg_lo + per_split, end)
-    is_window = split == 0
+    is_window = split < WIN_PROGRAMS
     has_work = (is_window & (length > 0)) | (~is_window & (seg_lo < seg_hi))
 
     heads = tl.arange(0, BLOCK_H)
@@ -356,26 +422,24 @@ def _decode_split_kernel(
     a1 = tl.zeros([BLOCK_H, P], tl.float32)
     a2 = tl.zeros([BLOCK_H, P], tl.float32)
     a3 = tl.zeros([BLOCK_H, P], tl.float32)
+    row = b.to(tl.int64) * num_q_heads + hk * GROUP + heads
     if has_work:
-        q_rows = q_ptr + b.to(tl.int64) * stride_qb + (hk * GROUP + heads)[:, None] * stride_qh
-        rot = k_rot_ptr + hk * stride_krh
-        # fold sm_scale·log2(e) into q' so scores come out in the exp2 domain
-        q0 = _rotate_slice(q_rows, head_ok[:, None], rot, 0, D, P) * qk_scale
-        q1 = _rotate_slice(q_rows, head_ok[:, None], rot, 1, D, P) * qk_scale
-        q2 = _rotate_slice(q_rows, head_ok[:, None], rot, 2, D, P) * qk_scale
-        q3 = _rotate_slice(q_rows, head_ok[:, None], rot, 3, D, P) * qk_scale
+        q_ptrs = qr_ptr + row[:, None] * D + cols[None, :]
+        q0 = tl.load(q_ptrs, mask=head_ok[:, None], other=0.0)
+        q1 = tl.load(q_ptrs + P, mask=head_ok[:, None], other=0.0)
+        q2 = tl.load(q_ptrs + 2 * P, mask=head_ok[:, None], other=0.0)
+        q3 = tl.load(q_ptrs + 3 * P, mask=head_ok[:, None], other=0.0)
         if is_window:
             row0 = tl.load(window_starts_ptr + b).to(tl.int64)
             m_i, l_i, a0, a1, a2, a3 = _window_segment(
                 m_i, l_i, a0, a1, a2, a3, q0, q1, q2, q3,
                 k_win_ptr + row0 * stride_ws + hk * stride_wh,
                 v_win_ptr + row0 * stride_ws + hk * stride_wh,
-                stride_ws, start, end, length, P, S, W, BLOCK_R)
+                stride_ws, start, end, length, split * WIN_ROWS, tl.minimum((split + 1) * WIN_ROWS, S + W),
+                P, S, W, BLOCK_R)
         else:
             m_i, l_i, a0, a1, a2, a3 = _int2_segment(
-                m_i, l_i, a0, a1, a2, a3,
-                q0.to(tl.float16), q1.to(tl.float16), q2.to(tl.float16), q3.to(tl.float16),
-                tl.sum(q0, axis=1), tl.sum(q1, axis=1), tl.sum(q2, axis=1), tl.sum(q3, axis=1),
+                m_i, l_i, a0, a1, a2, a3, q0, q1, q2, q3,
                 kv_indices_ptr + kv_lo, seg_lo, seg_hi,
                 k_codes_ptr + hk * stride_ch, v_codes_ptr + hk * stride_ch, stride_cs,
                 k_meta_ptr + hk * stride_mh, v_meta_ptr + hk * stride_mh, stride_ms,
@@ -387,73 +451,67 @@ def _decode_split_kernel(
         a3 *= inv
     lse = tl.where(l_i > 0, m_i + tl.math.log2(_nonzero(l_i)), float("-inf"))
 
-    # partials: [B, H_q, num_splits + 1, D] and [B, H_q, num_splits + 1]
-    row = (b.to(tl.int64) * num_q_heads + hk * GROUP + heads) * (num_splits + 1) + split
-    tl.store(part_lse_ptr + row, lse, mask=head_ok)
-    o_ptrs = part_o_ptr + row[:, None] * D + cols[None, :]
+    # partials: [B, H_q, WIN_PROGRAMS + num_splits, D] and [B, H_q, WIN_PROGRAMS + num_splits]
+    part = row * (WIN_PROGRAMS + num_splits) + split
+    tl.store(part_lse_ptr + part, lse, mask=head_ok)
+    o_ptrs = part_o_ptr + part[:, None] * D + cols[None, :]
     tl.store(o_ptrs, a0, mask=head_ok[:, None])
     tl.store(o_ptrs + P, a1, mask=head_ok[:, None])
     tl.store(o_ptrs + 2 * P, a2, mask=head_ok[:, None])
     tl.store(o_ptrs + 3 * P, a3, mask=head_ok[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_parts"])
 def _decode_reduce_kernel(
-    part_o_ptr, part_lse_ptr, num_q_heads, num_parts,
+    part_o_ptr, part_lse_ptr, num_parts,
     out_ptr, stride_ob, stride_oh,
     v_rot_ptr, stride_vrh,
-    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr,
+    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
-    P: tl.constexpr = D // 4
+    """Program (b, h, c): merge query head h's num_parts (<= BLOCK_P) partials, then output dims
+    [c·BLOCK_J, (c+1)·BLOCK_J) of o' · R_V[h // GROUP]ᵀ (an fp32 matrix-vector product). Every
+    load is independent of the others, so the program waits for memory once; splitting the
+    output dims over programs keeps each program's share of R_V small."""
     b = tl.program_id(0)
-    hk = tl.program_id(1)
-    heads = tl.arange(0, BLOCK_H)
-    head_ok = heads < GROUP
-    cols = tl.arange(0, P)
-    rows = (b.to(tl.int64) * num_q_heads + hk * GROUP + heads) * num_parts
-
-    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_H], tl.float32)
-    a0 = tl.zeros([BLOCK_H, P], tl.float32)
-    a1 = tl.zeros([BLOCK_H, P], tl.float32)
-    a2 = tl.zeros([BLOCK_H, P], tl.float32)
-    a3 = tl.zeros([BLOCK_H, P], tl.float32)
-    for i in tl.range(0, num_parts, num_stages=2):
-        lse = tl.load(part_lse_ptr + rows + i, mask=head_ok, other=float("-inf"))
-        m_new = tl.maximum(m_i, lse)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_safe)
-        w = tl.math.exp2(lse - m_safe)
-        l_i = l_i * alpha + w
-        m_i = m_new
-        o_ptrs = part_o_ptr + (rows + i)[:, None] * D + cols[None, :]
-        a0 = a0 * alpha[:, None] + w[:, None] * tl.load(o_ptrs, mask=head_ok[:, None], other=0.0)
-        a1 = a1 * alpha[:, None] + w[:, None] * tl.load(o_ptrs + P, mask=head_ok[:, None], other=0.0)
-        a2 = a2 * alpha[:, None] + w[:, None] * tl.load(o_ptrs + 2 * P, mask=head_ok[:, None], other=0.0)
-        a3 = a3 * alpha[:, None] + w[:, None] * tl.load(o_ptrs + 3 * P, mask=head_ok[:, None], other=0.0)
-    out = _unrotate(a0, a1, a2, a3, v_rot_ptr + hk * stride_vrh, D, P)
-    out /= _nonzero(l_i)[:, None]
-    tl.store(out_ptr + b.to(tl.int64) * stride_ob + (hk * GROUP + heads)[:, None] * stride_oh
-             + tl.arange(0, D)[None, :], out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
+    h = tl.program_id(1)
+    j = tl.program_id(2) * BLOCK_J + tl.arange(0, BLOCK_J)
+    row = (b.to(tl.int64) * tl.num_programs(1) + h) * num_parts
+    parts = tl.arange(0, BLOCK_P)
+    ok = parts < num_parts
+    dims = tl.arange(0, D)
+    lse = tl.load(part_lse_ptr + row + parts, mask=ok, other=float("-inf"))
+    o = tl.load(part_o_ptr + (row + parts)[:, None] * D + dims[None, :], mask=ok[:, None], other=0.0)
+    rot = tl.load(v_rot_ptr + (h // GROUP) * stride_vrh + j[:, None] * D + dims[None, :])  # R[j, i]
+    m = tl.max(lse, axis=0)
+    w = tl.math.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
+    merged = tl.sum(w[:, None] * o, axis=0) / _nonzero(tl.sum(w, axis=0))
+    out = tl.sum(rot * merged[None, :], axis=1)  # out[j] = Σ_i o'[i] · R[j, i]
+    tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + j, out.to(out_ptr.dtype.element_ty))
 
 
 # ----------------------------------------------------------------------------- host side
 
 
 def head_block(group: int) -> int:
-    """Rows of a query-head block: the GQA group padded to a power of two >= 16 (tl.dot)."""
+    """Rows of a query-head block: the GQA group padded to a power of two >= MIN_DOT_ROWS."""
     return max(MIN_DOT_ROWS, triton.next_power_of_2(group))
 
 
+def window_programs(fmt: OscarFormat) -> int:
+    """Split-kernel programs per (request, KV head) that read the BF16 window rows."""
+    return triton.cdiv(fmt.window_rows, WINDOW_ROWS_PER_PROGRAM)
+
+
 def default_num_kv_splits(batch: int, num_kv_heads: int, device: torch.device) -> int:
-    """INT2 splits per (request, KV head); the grid has batch × H_kv × (splits + 1) programs.
+    """INT2 splits per (request, KV head).
 
     Picks the split count with the least modeled time at long context: the batch × H_kv × splits
     INT2 programs run in waves of PROGRAMS_PER_SM per SM, each wave as long as one split (1/splits
     of the span) plus a fixed WAVE_OVERHEAD (the window programs are short and not modeled).
-    Batch 1 thus gets about one full wave of short programs, large batches few splits with little
-    wave-quantization loss. Depends on shapes and the device only, never on tensor values, so it
-    is safe under CUDA-graph capture."""
+    Batch 1 thus gets the most splits, large batches few with little wave-quantization loss (on
+    an H100: 64 splits at batch 1, 16 at batch 8, the fastest of the counts measured at 32K-128K
+    context). Depends on shapes and the device only, never on tensor values, so it is safe under
+    CUDA-graph capture."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else CPU_SM_COUNT
     slots = PROGRAMS_PER_SM * sms
     pairs = batch * num_kv_heads
@@ -512,8 +570,9 @@ def decode_attention_int2(
     (request b sees slots kv_indices[kv_indptr[b]:kv_indptr[b+1]], positions 0..L-1);
     window_starts: [B] first window row of each request; codes [slots, H_kv, D/4] uint8,
     meta [slots, H_kv, D/G, 2] fp16, windows [rows, H_kv, D] bf16; rotations [H_kv or 1, D, D].
-    num_kv_splits: INT2 splits per (request, KV head), default from the SM count (a runtime
-    kernel argument: changing it does not recompile).
+    num_kv_splits: INT2 splits per (request, KV head), 1..MAX_KV_SPLITS, default from the SM
+    count (a runtime kernel argument: changing it recompiles only the reduce kernel, and only
+    when the number of partials crosses a power of two).
     Returns out: [B, H_q, D] in q's dtype.
     """
     batch, q_heads, d = q.shape
@@ -522,8 +581,8 @@ def decode_attention_int2(
         raise ValueError(f"q must be [B, H_q, {fmt.head_dim}] with H_q a multiple of {kv_heads}, got {tuple(q.shape)}")
     group = q_heads // kv_heads
     splits = default_num_kv_splits(batch, kv_heads, q.device) if num_kv_splits is None else num_kv_splits
-    if splits < 1:
-        raise ValueError(f"num_kv_splits must be >= 1, got {splits}")
+    if not 1 <= splits <= MAX_KV_SPLITS:
+        raise ValueError(f"num_kv_splits must be in 1..{MAX_KV_SPLITS}, got {splits}")
     if out is None:
         out = torch.empty_like(q)
     if batch == 0:
@@ -531,27 +590,35 @@ def decode_attention_int2(
     k_rot, k_rot_stride = rot_arg(k_rot)
     v_rot, v_rot_stride = rot_arg(v_rot)
     k_meta, v_meta = meta_words(k_meta), meta_words(v_meta)
-    part_o = torch.empty(batch, q_heads, splits + 1, d, dtype=torch.float32, device=q.device)
-    part_lse = torch.empty(batch, q_heads, splits + 1, dtype=torch.float32, device=q.device)
+    win = window_programs(fmt)
+    parts = win + splits
+    q_rot = torch.empty(batch, q_heads, d, dtype=torch.float32, device=q.device)
+    part_o = torch.empty(batch, q_heads, parts, d, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(batch, q_heads, parts, dtype=torch.float32, device=q.device)
     block_h = head_block(group)
 
-    _decode_split_kernel[(batch, kv_heads, splits + 1)](
-        q, q.stride(0), q.stride(1),
+    _rotate_q_kernel[(batch, kv_heads, CODES_PER_BYTE)](
+        q, q.stride(0), q.stride(1), k_rot, k_rot_stride, q_rot, sm_scale * LOG2E,
+        GROUP=group, BLOCK_H=block_h, D=d, num_warps=NUM_WARPS,
+    )
+    _decode_split_kernel[(batch, kv_heads, parts)](
+        q_rot,
         kv_indptr, kv_indices, window_starts,
         k_codes, v_codes, k_codes.stride(0), k_codes.stride(1),
         k_meta, v_meta, k_meta.stride(0), k_meta.stride(1),
         k_window, v_window, k_window.stride(0), k_window.stride(1),
-        k_rot, k_rot_stride,
-        part_o, part_lse, q_heads, splits, sm_scale * LOG2E,
+        part_o, part_lse, q_heads, splits,
         GROUP=group, BLOCK_H=block_h, D=d, NG=fmt.num_groups,
         S=fmt.sink_tokens, W=fmt.recent_tokens, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_ROWS,
+        WIN_PROGRAMS=win, WIN_ROWS=WINDOW_ROWS_PER_PROGRAM,
         CODE_BITS=CODE_BITS, CODE_MAX=CODE_MAX, PTX_UNPACK=not triton.knobs.runtime.interpret,
         NUM_STAGES=NUM_STAGES, num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS,
     )
-    _decode_reduce_kernel[(batch, kv_heads)](
-        part_o, part_lse, q_heads, splits + 1,
+    _decode_reduce_kernel[(batch, q_heads, REDUCE_DIM_PROGRAMS)](
+        part_o, part_lse, parts,
         out, out.stride(0), out.stride(1),
         v_rot, v_rot_stride,
-        GROUP=group, BLOCK_H=block_h, D=d, num_warps=NUM_WARPS,
+        GROUP=group, D=d, BLOCK_P=triton.next_power_of_2(parts), BLOCK_J=d // REDUCE_DIM_PROGRAMS,
+        num_warps=REDUCE_WARPS,
     )
     return out

@@ -92,11 +92,11 @@ def test_non_finite_token_is_isolated():
     k[4, 1, 10] = float("nan")
     v[6, 0, 3] = float("inf")
     rot = random_rotation(1, 64, gen)
-    bufs = [torch.zeros(fmt.codes_shape(9, 2), dtype=torch.uint8), torch.zeros(fmt.meta_shape(9, 2), dtype=torch.float16)]
-    k_codes, k_meta = bufs
-    v_codes, v_meta = (b.clone() for b in bufs)
-    slots = torch.arange(9)
-    write_kv_int2(k, v, slots, rot, rot, 0.96, 0.92, k_codes, k_meta, v_codes, v_meta, fmt)
+    k_codes, v_codes = (torch.zeros(fmt.codes_shape(9, 2), dtype=torch.uint8, device=DEVICE) for _ in "kv")
+    k_meta, v_meta = (torch.zeros(fmt.meta_shape(9, 2), dtype=torch.float16, device=DEVICE) for _ in "kv")
+    write_kv_int2(k.to(DEVICE), v.to(DEVICE), torch.arange(9, device=DEVICE), rot.to(DEVICE), rot.to(DEVICE),
+                  0.96, 0.92, k_codes, k_meta, v_codes, v_meta, fmt)
+    k_codes, k_meta, v_codes, v_meta = (t.cpu() for t in (k_codes, k_meta, v_codes, v_meta))
     assert (k_meta[4, 1] == 0).all() and (k_codes[4, 1] == 0).all()
     assert (v_meta[6, 0] == 0).all() and (v_codes[6, 0] == 0).all()
     clean_codes, clean_meta, _ = ref.encode_kv(k, rot, 0.96, fmt)

@@ -1,0 +1,338 @@
+"""Tuning sweep of the OSCAR-2 kernels on one GPU, for a Qwen3-8B layer (H_q 32, H_kv 8, D 128):
+
+- decode: the library's kernels launched directly with other launch parameters (BLOCK_N,
+  warps, register cap) and split counts around the default, at several context × batch shapes;
+- the decode step's pieces: q rotation, reduce, a step whose context fits the BF16 windows;
+- the write kernel (write_kv_int2) at decode and prefill token counts, and other tokens per
+  program / warps.
+
+Every point is the median of triton.testing.do_bench over a CUDA-graph replay, L2 flushed between
+calls; %HBM is the bytes a decode step must read over the measured device-to-device copy rate.
+
+    python -m benchmarks.tune_decode --out-dir benchmarks/results/h100
+
+Writes <out-dir>/tune_decode_<gpu>.txt and .json and prints the table.
+"""
+
+import argparse
+import json
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+import triton.testing
+from oscar_sglang.kernels import decode as dk
+from oscar_sglang.kernels import quantize as qk
+from oscar_sglang.kernels.format import CODE_BITS, CODE_MAX, CODES_PER_BYTE, WINDOW_BYTES, OscarFormat
+
+Q_HEADS, KV_HEADS, D = 32, 8, 128
+GROUP = Q_HEADS // KV_HEADS
+PAGE = 16
+DEV = "cuda"
+SHAPES = [(4096, 1), (32768, 1), (100000, 1), (131072, 1), (4096, 8), (32768, 8), (131072, 8)]
+# decode split-kernel variants: (BLOCK_N, num_warps, maxnreg); the first is the library default
+SPLIT_VARIANTS = {
+    "default": (dk.BLOCK_N, dk.NUM_WARPS, dk.MAX_REGISTERS),
+    "bn128_w2": (128, 2, None),
+}
+# write kernel: tokens -> [(tokens per program, warps)]; the library default is timed too
+WRITE_TOKENS = [1, 2, 8, 32, 64, 256, 8192]
+WRITE_VARIANTS = {8: [(8, 4)], 64: [(16, 4)], 256: [(4, 4)]}
+
+
+def make_problem(batch, context, seed=0):
+    """Decode inputs as benchmarks/decode_kernels.py builds them (shuffled pages, random codes)."""
+    torch.manual_seed(seed)
+    fmt = OscarFormat(D)
+    pages_per_req = triton.cdiv(context, PAGE)
+    slots_total = batch * pages_per_req * PAGE
+    pages = torch.randperm(batch * pages_per_req, device=DEV).view(batch, pages_per_req)
+    offs = torch.arange(context, device=DEV)
+    slots = (pages[:, offs // PAGE] * PAGE + offs % PAGE).reshape(-1).to(torch.int32)
+    indptr = torch.arange(batch + 1, device=DEV, dtype=torch.int32) * context
+    codes = [torch.randint(0, 256, fmt.codes_shape(slots_total, KV_HEADS), dtype=torch.uint8, device=DEV) for _ in "kv"]
+    metas = []
+    for _ in "kv":
+        meta = torch.empty(fmt.meta_shape(slots_total, KV_HEADS), dtype=torch.float16, device=DEV)
+        meta[..., 0].uniform_(0.01, 0.1)
+        meta[..., 1].uniform_(-0.2, -0.05)
+        metas.append(meta)
+    windows = [torch.randn(fmt.window_shape(batch, KV_HEADS), device=DEV).to(torch.bfloat16) for _ in "kv"]
+    rots = [torch.linalg.qr(torch.randn(KV_HEADS, D, D, device=DEV))[0] for _ in "kv"]
+    starts = torch.randperm(batch, device=DEV, dtype=torch.int32) * fmt.window_rows
+    q = torch.randn(batch, Q_HEADS, D, device=DEV).to(torch.bfloat16)
+    return (q, indptr, slots, starts, codes[0], metas[0], codes[1], metas[1], windows[0], windows[1],
+            rots[0], rots[1], D ** -0.5, fmt)
+
+
+def decode_bytes(batch, context):
+    fmt = OscarFormat(D)
+    start, end = fmt.int2_span(context)
+    n2, nw = end - start, context - (end - start)
+    return batch * KV_HEADS * (n2 * fmt.bytes_per_token_head() + nw * 2 * D * WINDOW_BYTES) + 2 * batch * Q_HEADS * D * 2
+
+
+def decode_variant(args, splits, block_n, warps, maxnreg):
+    """decode_attention_int2's three launches with other split-kernel launch parameters."""
+    (q, indptr, slots, starts, k_codes, k_meta, v_codes, v_meta, k_win, v_win, k_rot, v_rot, sm_scale, fmt) = args
+    batch = q.shape[0]
+    k_rot, k_rs = dk.rot_arg(k_rot)
+    v_rot, v_rs = dk.rot_arg(v_rot)
+    k_meta, v_meta = dk.meta_words(k_meta), dk.meta_words(v_meta)
+    win = dk.window_programs(fmt)
+    parts = win + splits
+    q_rot = torch.empty(batch, Q_HEADS, D, dtype=torch.float32, device=DEV)
+    part_o = torch.empty(batch, Q_HEADS, parts, D, dtype=torch.float32, device=DEV)
+    part_lse = torch.empty(batch, Q_HEADS, parts, dtype=torch.float32, device=DEV)
+    out = torch.empty_like(q)
+    bh = dk.head_block(GROUP)
+    dk._rotate_q_kernel[(batch, KV_HEADS, CODES_PER_BYTE)](
+        q, q.stride(0), q.stride(1), k_rot, k_rs, q_rot, sm_scale * dk.LOG2E,
+        GROUP=GROUP, BLOCK_H=bh, D=D, num_warps=dk.NUM_WARPS)
+    dk._decode_split_kernel[(batch, KV_HEADS, parts)](
+        q_rot, indptr, slots, starts,
+        k_codes, v_codes, k_codes.stride(0), k_codes.stride(1),
+        k_meta, v_meta, k_meta.stride(0), k_meta.stride(1),
+        k_win, v_win, k_win.stride(0), k_win.stride(1),
+        part_o, part_lse, Q_HEADS, splits,
+        GROUP=GROUP, BLOCK_H=bh, D=D, NG=fmt.num_groups, S=fmt.sink_tokens, W=fmt.recent_tokens,
+        BLOCK_N=block_n, BLOCK_R=dk.BLOCK_ROWS, WIN_PROGRAMS=win, WIN_ROWS=dk.WINDOW_ROWS_PER_PROGRAM,
+        CODE_BITS=CODE_BITS, CODE_MAX=CODE_MAX, PTX_UNPACK=not triton.knobs.runtime.interpret,
+        NUM_STAGES=dk.NUM_STAGES,
+        num_warps=warps, maxnreg=maxnreg)
+    dk._decode_reduce_kernel[(batch, Q_HEADS, dk.REDUCE_DIM_PROGRAMS)](
+        part_o, part_lse, parts, out, out.stride(0), out.stride(1), v_rot, v_rs,
+        GROUP=GROUP, D=D, BLOCK_P=triton.next_power_of_2(parts), BLOCK_J=D // dk.REDUCE_DIM_PROGRAMS,
+        num_warps=dk.REDUCE_WARPS)
+    return out
+
+
+def split_only(args, splits):
+    """The split kernel alone (default parameters), inputs prepared outside the timing."""
+    key = (id(args), splits)
+    if key not in _SPLIT_INPUTS:
+        (q, indptr, slots, starts, k_codes, k_meta, v_codes, v_meta, k_win, v_win, k_rot, v_rot, sm_scale, fmt) = args
+        batch = q.shape[0]
+        parts = dk.window_programs(fmt) + splits
+        _SPLIT_INPUTS.clear()
+        _SPLIT_INPUTS[key] = (torch.randn(batch, Q_HEADS, D, device=DEV),
+                              torch.empty(batch, Q_HEADS, parts, D, device=DEV),
+                              torch.empty(batch, Q_HEADS, parts, device=DEV),
+                              dk.meta_words(k_meta), dk.meta_words(v_meta))
+    q_rot, part_o, part_lse, k_words, v_words = _SPLIT_INPUTS[key]
+    (q, indptr, slots, starts, k_codes, k_meta, v_codes, v_meta, k_win, v_win, k_rot, v_rot, sm_scale, fmt) = args
+    win = dk.window_programs(fmt)
+    dk._decode_split_kernel[(q.shape[0], KV_HEADS, win + splits)](
+        q_rot, indptr, slots, starts,
+        k_codes, v_codes, k_codes.stride(0), k_codes.stride(1),
+        k_words, v_words, k_words.stride(0), k_words.stride(1),
+        k_win, v_win, k_win.stride(0), k_win.stride(1),
+        part_o, part_lse, Q_HEADS, splits,
+        GROUP=GROUP, BLOCK_H=dk.head_block(GROUP), D=D, NG=fmt.num_groups, S=fmt.sink_tokens,
+        W=fmt.recent_tokens, BLOCK_N=dk.BLOCK_N, BLOCK_R=dk.BLOCK_ROWS, WIN_PROGRAMS=win,
+        WIN_ROWS=dk.WINDOW_ROWS_PER_PROGRAM, CODE_BITS=CODE_BITS, CODE_MAX=CODE_MAX,
+        PTX_UNPACK=not triton.knobs.runtime.interpret, NUM_STAGES=dk.NUM_STAGES,
+        num_warps=dk.NUM_WARPS, maxnreg=dk.MAX_REGISTERS)
+
+
+_SPLIT_INPUTS = {}
+
+
+def write_variant(k, v, slots, rows, rots, bufs, fmt, block_t, warps):
+    """write_kv_int2's launch with other tokens per program / warps."""
+    k_codes, k_meta, v_codes, v_meta, k_win, v_win = bufs
+    k_lo, k_frac = qk.quantile_position(0.96, D)
+    v_lo, v_frac = qk.quantile_position(0.92, D)
+    qk._write_kv_kernel[(triton.cdiv(k.shape[0], block_t), KV_HEADS, 2)](
+        k, v, k.stride(0), k.stride(1), v.stride(0), v.stride(1), slots, rows, k.shape[0],
+        rots[0], rots[1], rots[0].stride(0), rots[1].stride(0),
+        k_codes, v_codes, k_codes.stride(0), k_codes.stride(1),
+        k_meta, v_meta, k_meta.stride(0), k_meta.stride(1),
+        k_win, v_win, k_win.stride(0), k_win.stride(1),
+        k_lo, k_frac, v_lo, v_frac,
+        HAS_WINDOW=True, D=D, G=fmt.group_size, BLOCK_T=block_t, BITS=CODE_BITS, PER_BYTE=CODES_PER_BYTE,
+        num_warps=warps)
+
+
+def time_us(fn, rep=25):
+    fn()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return triton.testing.do_bench(graph.replay, warmup=10, rep=rep, return_mode="median") * 1e3
+
+
+def hbm_gbs():
+    n = 2 << 30
+    src = torch.empty(n // 2, dtype=torch.bfloat16, device=DEV)
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=10, rep=50, return_mode="median")
+    return 2 * n / (ms * 1e-3) / 1e9
+
+
+def write_setup(tokens):
+    fmt = OscarFormat(D)
+    slots_total = max(2 * tokens, 1024)
+    rows_total = max(tokens, 64 * fmt.window_rows)
+    bufs = []
+    for _ in "kv":
+        bufs += [torch.zeros(fmt.codes_shape(slots_total, KV_HEADS), dtype=torch.uint8, device=DEV),
+                 torch.zeros(fmt.meta_shape(slots_total, KV_HEADS), dtype=torch.float16, device=DEV)]
+    bufs += [torch.zeros(rows_total, KV_HEADS, D, dtype=torch.bfloat16, device=DEV) for _ in "kv"]
+    k = torch.randn(tokens, KV_HEADS, D, device=DEV).to(torch.bfloat16)
+    v = torch.randn(tokens, KV_HEADS, D, device=DEV).to(torch.bfloat16)
+    slots = torch.randperm(slots_total, device=DEV)[:tokens]
+    rows = torch.randperm(rows_total, device=DEV)[:tokens]
+    rots = [torch.linalg.qr(torch.randn(KV_HEADS, D, D, device=DEV))[0].contiguous() for _ in "kv"]
+    return fmt, k, v, slots, rows, rots, bufs
+
+
+def warm(kind):
+    """Compile one group of kernels (a worker process; fills the Triton cache)."""
+    if kind.startswith("split:"):
+        block_n, warps, maxnreg = SPLIT_VARIANTS[kind[6:]]
+        for batch in (1, 8):
+            decode_variant(make_problem(batch, 4096), 8, block_n, warps, maxnreg)
+            decode_variant(make_problem(batch, 4096), 64, block_n, warps, maxnreg)
+    else:
+        tokens, block_t, warps = map(int, kind[6:].split(","))
+        fmt, k, v, slots, rows, rots, bufs = write_setup(tokens)
+        write_variant(k, v, slots, rows, rots, bufs, fmt, block_t, warps)
+    torch.cuda.synchronize()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--jobs", type=int, default=8, help="parallel compile workers")
+    parser.add_argument("--warm", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.warm:
+        warm(args.warm)
+        return 0
+    if not torch.cuda.is_available():
+        print("tune_decode needs a CUDA GPU", file=sys.stderr)
+        return 2
+    started = time.time()
+    kinds = [f"split:{n}" for n in SPLIT_VARIANTS]
+    kinds += [f"write:{t},{bt},{w}" for t, vs in WRITE_VARIANTS.items() for bt, w in vs]
+    procs = []
+    for kind in kinds:
+        while sum(p.poll() is None for _, p in procs) >= args.jobs:
+            time.sleep(0.2)
+        procs.append((kind, subprocess.Popen([sys.executable, "-m", "benchmarks.tune_decode", "--warm", kind],
+                                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
+    failed = set()
+    for kind, p in procs:
+        text = p.communicate()[0]
+        if p.returncode:
+            failed.add(kind)
+            print(f"[{kind}] failed:\n{text[-2000:]}", flush=True)
+
+    device = torch.cuda.get_device_name()
+    hbm = hbm_gbs()
+    lines = [f"{device}, {torch.cuda.get_device_properties(0).multi_processor_count} SMs; torch {torch.__version__}, "
+             f"triton {triton.__version__}; device-to-device copy {hbm:.0f} GB/s; compiled in {time.time() - started:.0f}s",
+             "command: " + shlex.join([sys.executable, "-m", "benchmarks.tune_decode", *sys.argv[1:]]), ""]
+    results = {"decode": {}, "pieces": {}, "write": {}}
+
+    lines.append("write_kv_int2 (K and V, H_kv 8, D 128, every token also to a window row), us:")
+    for tokens in WRITE_TOKENS:
+        fmt, k, v, slots, rows, rots, bufs = write_setup(tokens)
+        cells = []
+        us = time_us(lambda: qk.write_kv_int2(k, v, slots, rots[0], rots[1], 0.96, 0.92, bufs[0], bufs[1], bufs[2],
+                                              bufs[3], fmt, rows, bufs[4], bufs[5]))
+        results["write"][f"T{tokens}"] = {"default": us}
+        cells.append(f"default {us:.1f}")
+        for block_t, warps in WRITE_VARIANTS.get(tokens, []):
+            if f"write:{tokens},{block_t},{warps}" in failed:
+                continue
+            us = time_us(lambda: write_variant(k, v, slots, rows, rots, bufs, fmt, block_t, warps))
+            results["write"][f"T{tokens}"][f"{block_t}tok_{warps}w"] = us
+            cells.append(f"{block_t} tok/{warps} warps {us:.1f}")
+        lines.append(f"  T = {tokens:>5}: " + ", ".join(cells))
+        print(lines[-1], flush=True)
+    save(args.out_dir, device, lines, results, hbm)
+
+    lines.append("decode pieces, us:")
+    for batch in (1, 8):
+        problem = make_problem(batch, 32768)
+        q, k_rot = problem[0], problem[10].contiguous()
+        q_rot = torch.empty(batch, Q_HEADS, D, dtype=torch.float32, device=DEV)
+        rotate = time_us(lambda: dk._rotate_q_kernel[(batch, KV_HEADS, CODES_PER_BYTE)](
+            q, q.stride(0), q.stride(1), k_rot, k_rot.stride(0), q_rot, 0.1,
+            GROUP=GROUP, BLOCK_H=dk.head_block(GROUP), D=D, num_warps=dk.NUM_WARPS))
+        splits = dk.default_num_kv_splits(batch, KV_HEADS, torch.device("cuda"))
+        parts = dk.window_programs(problem[-1]) + splits
+        part_o = torch.randn(batch, Q_HEADS, parts, D, device=DEV)
+        part_lse = torch.randn(batch, Q_HEADS, parts, device=DEV)
+        out = torch.empty_like(q)
+        reduce = time_us(lambda: dk._decode_reduce_kernel[(batch, Q_HEADS, dk.REDUCE_DIM_PROGRAMS)](
+            part_o, part_lse, parts, out, out.stride(0), out.stride(1), k_rot, k_rot.stride(0),
+            GROUP=GROUP, D=D, BLOCK_P=triton.next_power_of_2(parts), BLOCK_J=D // dk.REDUCE_DIM_PROGRAMS,
+            num_warps=dk.REDUCE_WARPS))
+        small = {}
+        for context in (192, 1024):
+            p2 = make_problem(batch, context)
+            small[context] = time_us(lambda: dk.decode_attention_int2(*p2))
+        tiny = torch.empty(1, device=DEV)
+        floor = time_us(lambda: tiny.zero_())
+        split_alone = {}
+        for context in (32768, 131072):
+            p3 = make_problem(batch, context)
+            split_alone[context] = time_us(lambda: split_only(p3, splits))
+            del p3
+        results["pieces"][f"B{batch}"] = {"rotate_q": rotate, "reduce": reduce, "one_memset": floor,
+                                          **{f"step@{c}": t for c, t in small.items()},
+                                          **{f"split_kernel@{c}": t for c, t in split_alone.items()}}
+        lines.append(f"  batch {batch}: rotate_q {rotate:.1f}, reduce ({parts} partials) {reduce:.1f}, whole step at "
+                     f"context 192 (windows only) {small[192]:.1f}, at 1024 {small[1024]:.1f}; a 1-element memset "
+                     f"{floor:.1f} (the timing floor); split kernel alone " + ", ".join(
+                         f"at {c}: {t:.1f} ({100 * decode_bytes(batch, c) / (t * 1e-6) / 1e9 / hbm:.0f}%)"
+                         for c, t in split_alone.items()))
+        print(lines[-1], flush=True)
+
+    lines.append("decode step, us (%HBM of the bytes it must read) per split-kernel variant and splits:")
+    for context, batch in SHAPES:
+        problem = make_problem(batch, context)
+        nbytes = decode_bytes(batch, context)
+        default_splits = dk.default_num_kv_splits(batch, KV_HEADS, torch.device("cuda"))
+        cells = []
+        for name, (block_n, warps, maxnreg) in SPLIT_VARIANTS.items():
+            if f"split:{name}" in failed:
+                continue
+            trial = [default_splits] if name != "default" else sorted(
+                {max(1, default_splits // 2), default_splits, min(dk.MAX_KV_SPLITS, 2 * default_splits)})
+            for splits in trial:
+                us = time_us(lambda: decode_variant(problem, splits, block_n, warps, maxnreg))
+                results["decode"].setdefault(f"{context}x{batch}", {})[f"{name}@{splits}"] = us
+                pct = 100 * nbytes / (us * 1e-6) / 1e9 / hbm
+                cells.append(f"{name}@{splits} {us:.1f} ({pct:.0f}%)")
+        lines.append(f"  {context:>6} x {batch}: " + "; ".join(cells))
+        print(lines[-1], flush=True)
+        save(args.out_dir, device, lines, results, hbm)
+        del problem
+        torch.cuda.empty_cache()
+
+    lines.append(f"total {time.time() - started:.0f}s")
+    save(args.out_dir, device, lines, results, hbm)
+    print("\n".join(lines))
+    return 0
+
+
+def save(out_dir, device, lines, results, hbm):
+    """Write what has been measured so far (a run cut short keeps its finished sections)."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", device).strip("-").lower()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"tune_decode_{slug}.txt").write_text("\n".join(lines) + "\n")
+    (out_dir / f"tune_decode_{slug}.json").write_text(json.dumps({"hbm_copy_gbps": hbm, **results}, indent=1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
