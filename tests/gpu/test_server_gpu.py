@@ -19,7 +19,7 @@ from benchmarks import common  # noqa: E402
 pytestmark = pytest.mark.gpu
 
 LOG_DIR = Path("/tmp/oscar-gpu-tests")
-SERVER_FLAGS = ["--load-format", "dummy", "--kv-quant", "oscar", "--context-length", "16384", "--chat-template", "qwen",
+SERVER_FLAGS = ["--load-format", "dummy", "--kv-quant", "oscar", "--context-length", "16384",
                 "--mem-fraction-static", "0.40", "--cuda-graph-backend-prefill", "disabled",
                 "--cuda-graph-bs-decode", "1", "4", "--max-running-requests", "8"]
 
@@ -31,9 +31,16 @@ def post(port, path, body, timeout=300):
         return json.loads(response.read())
 
 
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
 def start_server(name, extra_flags=(), env=()):
     """Two of these fit on one 80 GB GPU at once (--mem-fraction-static 0.40 each)."""
     model = common.prepare_model_dir(common.find_shared_models(), LOG_DIR / "models")
+    template = model / "chat_template.jinja"  # the shared tokenizer has no chat template
+    template.write_text(CHATML)
+    extra_flags = ["--chat-template", str(template), *extra_flags]
     port = common.free_port()
     cmd = ["env", *env, sys.executable, "-m", "sglang.launch_server", "--model-path", str(model),
            "--port", str(port), *SERVER_FLAGS, *extra_flags]
