@@ -14,6 +14,7 @@ import torch
 from transformers import AttentionInterface
 
 DEFAULT_BLOCK = 256
+EXACT_BLOCK = 64  # the exact region's width is sink + recent + block: small blocks keep it narrow
 
 
 @contextmanager
@@ -34,7 +35,7 @@ def attention_override(model, handler, name: str):
 
 
 def check_unpadded(query: torch.Tensor, key: torch.Tensor, attention_mask) -> None:
-    """The handlers here assume full causal sequences without cache or padding."""
+    """The handlers here assume whole causal sequences without cache or padding."""
     if query.shape[2] != key.shape[2] or attention_mask is not None:
         raise ValueError("OSCAR attention simulation needs whole unpadded sequences "
                          "(use_cache=False, no attention_mask)")
@@ -46,24 +47,10 @@ def row_blocks(length: int, block: int = DEFAULT_BLOCK):
         yield start, min(start + block, length)
 
 
-def exact_columns(start: int, end: int, sink: int, recent: int) -> torch.Tensor:
-    """Key positions that queries [start, end) may read exactly: [0, sink) and the recent band
-    (start - recent, end). Sorted, disjoint, int64 [m]."""
-    sinks = torch.arange(min(sink, end))
-    band = torch.arange(max(sink, start - recent + 1, 0), end)
-    return torch.cat([sinks, band])
-
-
-def read_exact(rows: torch.Tensor, cols: torch.Tensor, sink: int, recent: int) -> torch.Tensor:
-    """bool [n, m]: whether query position rows[i] reads key position cols[j] exactly (a sink or
-    within its last `recent` positions, itself included) rather than from the quantized cache."""
-    return (cols[None, :] < sink) | (rows[:, None] - cols[None, :] < recent)
-
-
-def _grouped(query: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+def _grouped(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     """[B, H_q, L, D] -> [B, H_kv, G, L, D]: query heads of one KV group together (GQA)."""
-    b, h, length, d = query.shape
-    return query.reshape(b, num_kv_heads, h // num_kv_heads, length, d)
+    b, h, length, d = x.shape
+    return x.reshape(b, num_kv_heads, h // num_kv_heads, length, d)
 
 
 def _causal(start: int, end: int, device) -> torch.Tensor:
@@ -72,35 +59,103 @@ def _causal(start: int, end: int, device) -> torch.Tensor:
 
 
 def windowed_attention(query, k_exact, k_quant, v_exact, v_quant, scaling: float,
-                       sink: int, recent: int, block: int = DEFAULT_BLOCK) -> torch.Tensor:
+                       sink: int, recent: int, block: int = EXACT_BLOCK) -> torch.Tensor:
     """What a decoding server computes for every position at once: query i reads key/value t
-    from (k_exact, v_exact) when t < sink or i - t < recent, otherwise from (k_quant, v_quant).
+    from (k_exact, v_exact) when t < sink or i - t < recent, otherwise from (k_quant, v_quant);
     sink = recent = 0 reads everything from the quantized tensors.
 
     query [B, H_q, L, D]; k_*, v_* [B, H_kv, L, D]. Returns float32 [B, L, H_q, D]."""
-    bsz, _, length, dim = query.shape
-    heads_kv = k_quant.shape[1]
-    q = _grouped(query.float(), heads_kv)
-    k_quant, v_quant = k_quant.float(), v_quant.float()
-    windowed = sink > 0 or recent > 0
-    if windowed:
-        k_exact = k_exact.float()
-        v_delta = v_exact.float() - v_quant
-    out = torch.empty_like(q)
-    for start, end in row_blocks(length, block):
-        qb = q[:, :, :, start:end]
-        scores = torch.einsum("bhgnd,bhtd->bhgnt", qb, k_quant[:, :, :end]) * scaling
-        if windowed:
-            cols = exact_columns(start, end, sink, recent).to(query.device)
-            sel = read_exact(torch.arange(start, end, device=query.device), cols, sink, recent)
-            exact = torch.einsum("bhgnd,bhtd->bhgnt", qb, k_exact[:, :, cols]) * scaling
-            scores[..., cols] = torch.where(sel, exact, scores[..., cols])
-        probs = scores.masked_fill(~_causal(start, end, query.device), float("-inf")).softmax(-1)
-        o = torch.einsum("bhgnt,bhtd->bhgnd", probs, v_quant[:, :, :end])
-        if windowed:
-            o += torch.einsum("bhgnt,bhtd->bhgnd", probs[..., cols] * sel, v_delta[:, :, cols])
-        out[:, :, :, start:end] = o
-    return out.reshape(bsz, -1, length, dim).transpose(1, 2)
+    return merge_regions(quantized_region(query, k_quant, v_quant, scaling, sink, recent),
+                         exact_region(query, k_exact, v_exact, scaling, sink, recent, block))
+
+
+# A region is the attention of every query over a subset of its keys: (out [B, H_q, L, D]
+# normalized over that subset, lse [B, H_q, L] its log-sum-exp; -inf and zeros for a query with
+# no key there). Regions over disjoint key sets merge exactly through their log-sum-exps.
+
+def merge_regions(*regions) -> torch.Tensor:
+    """Attention over the union of disjoint regions: float32 [B, L, H_q, D]."""
+    return _union(regions)[0].transpose(1, 2)
+
+
+def _union(regions):
+    """The region over the union of disjoint regions."""
+    lse = torch.logsumexp(torch.stack([lse for _, lse in regions]), dim=0)
+    finite = torch.where(torch.isinf(lse), 0.0, lse)
+    return sum((part_lse - finite).exp()[..., None] * out for out, part_lse in regions), lse
+
+
+def quantized_region(query, k, v, scaling: float, sink: int, recent: int):
+    """Region of query i over keys [sink, i - recent] (the INT2 part as served). After shifting
+    both axes this is an ordinary causal square: one fused call, no L x L mask."""
+    q, k, v = query.float(), k.float(), v.float()
+    bsz, heads, length, dim = q.shape
+    out = q.new_zeros(bsz, heads, length, dim)
+    lse = q.new_full((bsz, heads, length), float("-inf"))
+    first = sink + recent  # first query with a quantized key
+    if length <= first:
+        return out, lse
+    group = heads // k.shape[1]
+    k = k[:, :, sink:length - recent].repeat_interleave(group, dim=1)
+    v = v[:, :, sink:length - recent].repeat_interleave(group, dim=1)
+    out[:, :, first:], lse[:, :, first:] = _attention_with_lse(q[:, :, first:], k, v, scaling)
+    return out, lse
+
+
+def _attention_with_lse(q, k, v, scaling):
+    """Causal attention of equal-length q, k, v [B, H, n, D] -> (out, logsumexp [B, H, n])."""
+    if q.device.type != "cpu":
+        return attention_with_lse_blocked(q, k, v, scaling)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scaling)
+    return out, lse
+
+
+def attention_with_lse_blocked(q, k, v, scaling):
+    """Device-independent `_attention_with_lse` (GPUs have no fused float32 kernel returning the
+    log-sum-exp), in row blocks so memory stays O(block x n)."""
+    out, lse = torch.empty_like(q), q.new_empty(q.shape[:-1])
+    for start, end in row_blocks(q.shape[2]):
+        scores = (q[:, :, start:end] @ k[:, :, :end].transpose(-1, -2)) * scaling
+        scores = scores.masked_fill(~_causal(start, end, q.device), float("-inf"))
+        out[:, :, start:end], lse[:, :, start:end] = _normalized(scores, v[:, :, :end])
+    return out, lse
+
+
+def _normalized(scores, v):
+    """Softmax-weighted values and the log-sum-exp of scores [..., n, m] over v [..., m, D];
+    rows with every score -inf give zeros and -inf."""
+    lse = scores.logsumexp(-1)
+    finite = torch.where(torch.isinf(lse), 0.0, lse)
+    return (scores - finite[..., None]).exp() @ v, lse
+
+
+def exact_region(query, k, v, scaling: float, sink: int, recent: int, block: int = EXACT_BLOCK):
+    """Region of query i over keys t < sink or i - recent < t <= i (the BF16 windows as served):
+    the sinks for all queries at once, the recent band in blocks of `block` query rows over
+    contiguous key slices (each block's band is at most block + recent - 1 wide)."""
+    q, k, v = query.float(), k.float(), v.float()
+    length = q.shape[2]
+    qg = _grouped(q, k.shape[1])  # [B, H_kv, G, L, D]
+    kg, vg = k[:, :, None], v[:, :, None]  # broadcast over the query heads of a group
+    regions = []
+    if sink:
+        s = min(sink, length)
+        scores = (qg @ kg[..., :s, :].transpose(-1, -2)) * scaling
+        scores = scores.masked_fill(~_causal(0, length, q.device)[:, :s], float("-inf"))
+        regions.append(_normalized(scores, vg[..., :s, :]))
+    if recent:
+        out, lse = torch.zeros_like(qg), qg.new_full(qg.shape[:-1], float("-inf"))
+        for start, end in row_blocks(length, block):
+            lo = min(max(sink, start - recent + 1), end)  # band keys: [lo, end), never a sink
+            rows = torch.arange(start, end, device=q.device)[:, None]
+            cols = torch.arange(lo, end, device=q.device)[None, :]
+            scores = (qg[..., start:end, :] @ kg[..., lo:end, :].transpose(-1, -2)) * scaling
+            scores = scores.masked_fill((cols > rows) | (rows - cols >= recent), float("-inf"))
+            out[..., start:end, :], lse[..., start:end] = _normalized(scores, vg[..., lo:end, :])
+        regions.append((out, lse))
+    if not regions:
+        return q.new_zeros(q.shape), q.new_full(q.shape[:-1], float("-inf"))
+    return _union([(out.reshape(q.shape), lse.reshape(q.shape[:-1])) for out, lse in regions])
 
 
 def attention_with_key_mass(query, key, value, scaling: float, sink: int, recent: int,
@@ -125,8 +180,8 @@ def attention_with_key_mass(query, key, value, scaling: float, sink: int, recent
         scores = torch.einsum("bhgnd,bhtd->bhgnt", q[:, :, :, start:end], key[:, :, :end]) * scaling
         probs = scores.masked_fill(~_causal(start, end, query.device), float("-inf")).softmax(-1)
         out[:, :, :, start:end] = torch.einsum("bhgnt,bhtd->bhgnd", probs, value[:, :, :end])
-        rows = torch.arange(start, end, device=query.device)
-        cols = torch.arange(end, device=query.device)
-        quantized = (cols[None, :] >= sink) & (rows[:, None] - cols[None, :] >= recent)
+        rows = torch.arange(start, end, device=query.device)[:, None]
+        cols = torch.arange(end, device=query.device)[None, :]
+        quantized = (cols >= sink) & (rows - cols >= recent)
         mass[:, :, :end] += (probs.square() * quantized).sum(dim=(2, 3))
     return out.reshape(bsz, -1, length, dim).transpose(1, 2), mass

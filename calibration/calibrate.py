@@ -1,0 +1,138 @@
+"""Offline attention-aware rotation calibration (`oscar-sglang calibrate`).
+
+Pass 1 runs the model over calibration sequences and accumulates the rotation targets
+(covariance.CovarianceAccumulator); R = U · H · P_br per layer and target (rotation.py). Pass 2
+runs held-out sequences (never used for the targets) and picks, per layer and for K and V
+separately, the target and clip ratio of least attention-output error (clip_search.ClipSearch).
+Why choose the target: on SmolLM2-135M the plain KᵀK target gave lower held-out key error and
+perplexity than the query-weighted one in most layers, while the attention-mass weighted target
+won for values (benchmarks/results/accuracy-*-ablations.md). The artifact is written with
+kernels.rotations.make_rotation_set / save_rotations.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from oscar_sglang.kernels.format import OscarFormat
+from oscar_sglang.kernels.rotations import (
+    RotationSet, data_free_rotations, make_rotation_set, save_rotations)
+
+from .attention import attention_override
+from .clip_search import DEFAULT_CLIP_GRID, ClipSearch
+from .covariance import TARGETS, CovarianceAccumulator
+from .datasets import resolve_data, split_sequences, token_stream
+from .models import geometry, load_model
+from .rotation import rotation_from_covariance
+
+
+TARGET_CHOICES = ("auto", *TARGETS)
+
+
+@dataclass
+class CalibrationResult:
+    rotations: RotationSet
+    search: ClipSearch
+    targets: tuple[str, ...]  # candidate targets, in ClipSearch candidate order
+    choice: list[list[tuple[int, float]]]  # per layer, K and V: (candidate, clip)
+    covariance_tokens: int
+    heldout_tokens: int
+
+
+def run_model(model, sequences: torch.Tensor, handler, name: str, desc: str) -> None:
+    """Forward every sequence [N, L] through `model` with `handler` as its attention function;
+    only the attention side effects matter (logits of one position are computed)."""
+    device = next(model.parameters()).device
+    with torch.inference_mode(), attention_override(model, handler, name):
+        for seq in tqdm(sequences, desc=desc, unit="seq"):
+            model(seq[None].to(device), use_cache=False, logits_to_keep=1)
+
+
+def calibrate(model, tokenizer, model_name: str, files: list[str], *, tokens: int, seq_len: int,
+              heldout_fraction: float, group_size: int | None, shared: bool, target: str,
+              sink: int, recent: int, offset: int = 0, grid=DEFAULT_CLIP_GRID,
+              source: str = "") -> CalibrationResult:
+    """Calibrate rotations from `tokens` tokens of `files` in sequences of `seq_len`; a
+    `heldout_fraction` of the sequences (at least one) is kept out of the targets for the clip
+    search. target "auto" makes rotations from both targets (covariance.TARGETS) and lets the
+    held-out attention-output error choose per layer, for K and for V separately."""
+    geo = geometry(model.config)
+    fmt = OscarFormat(geo.head_dim, group_size, sink, recent)  # validates group size / windows
+    count = math.ceil(tokens / seq_len)
+    heldout = max(1, round(count * heldout_fraction))
+    if count - heldout < 1:
+        raise ValueError(f"--tokens {tokens} gives {count} sequence(s) of {seq_len}: need at least "
+                         "one for the targets and one held out")
+    sequences = split_sequences(token_stream(tokenizer, files), seq_len, count, offset)
+    device = next(model.parameters()).device
+
+    acc = CovarianceAccumulator(geo, sink, recent, device)
+    run_model(model, sequences[:-heldout], acc, "oscar_calibration_targets", "targets")
+    baseline = data_free_rotations(geo.num_layers, geo.num_kv_heads, geo.head_dim)
+    targets = TARGETS if target == "auto" else (target,)
+    candidates = []
+    for t in targets:
+        c_k, c_v = acc.matrices(t, shared)
+        candidates.append(RotationSet([rotation_from_covariance(c) for c in c_k],
+                                      [rotation_from_covariance(c) for c in c_v],
+                                      baseline.k_clip, baseline.v_clip))
+
+    search = ClipSearch(candidates, baseline, fmt.group_size, sink, recent, grid)
+    run_model(model, sequences[-heldout:], search, "oscar_calibration_clip", "clip search")
+    choice = search.best()
+    rotations = make_rotation_set(
+        [candidates[k[0]].k_rot[layer] for layer, (k, _) in enumerate(choice)],
+        [candidates[v[0]].v_rot[layer] for layer, (_, v) in enumerate(choice)],
+        [k[1] for k, _ in choice], [v[1] for _, v in choice],
+        model_name=model_name, num_kv_heads=geo.num_kv_heads, calibration_tokens=acc.tokens,
+        calibration_source=source or ", ".join(files))
+    return CalibrationResult(rotations, search, targets, choice, acc.tokens, heldout * seq_len)
+
+
+def summary_table(result: CalibrationResult) -> str:
+    """Per-layer markdown table: chosen target and clip, and relative attention-output error
+    (K only / V only quantized) of the calibrated rotation vs the data-free Hadamard rotation
+    with its default clips."""
+    rel, base = result.search.relative_errors()
+    grid = result.search.grid
+    head = []
+    for kind in "KV":
+        head += [f"{kind} target", f"{kind} clip", f"{kind} err", f"{kind} err Hadamard", f"{kind} reduction"]
+    lines = ["| layer | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    totals = torch.zeros(2, 2, dtype=torch.float64)
+    for layer, picks in enumerate(result.choice):
+        cells = []
+        for i, (cand, clip) in enumerate(picks):
+            err, ref = rel[layer, i, cand, grid.index(clip)].item(), base[layer, i].item()
+            totals[i] += torch.tensor([err, ref], dtype=torch.float64)
+            cells += [result.targets[cand], f"{clip:.2f}", f"{err:.3e}", f"{ref:.3e}", _reduction(err, ref)]
+        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+    n = len(result.choice)
+    mean = []
+    for err, ref in totals.tolist():
+        mean += ["", "", f"{err / n:.3e}", f"{ref / n:.3e}", _reduction(err, ref)]
+    lines.append("| mean | " + " | ".join(mean) + " |")
+    return "\n".join(lines)
+
+
+def _reduction(err: float, ref: float) -> str:
+    return f"{100 * (1 - err / ref):.1f}%" if ref > 0 else "n/a"
+
+
+def run(args) -> int:
+    """`oscar-sglang calibrate` (arguments: see oscar_sglang/cli.py)."""
+    model, tokenizer, name = load_model(args.model, args.gguf_file, args.device)
+    result = calibrate(
+        model, tokenizer, name, resolve_data(args.data), tokens=args.tokens, seq_len=args.seq_len,
+        heldout_fraction=args.heldout_fraction, group_size=args.group_size,
+        shared=args.shared_across_heads, target=args.target, sink=args.sink_tokens,
+        recent=args.recent_tokens, offset=args.offset_tokens, grid=args.clip_grid,
+        source=f"{' '.join(args.data)} (target {args.target}, tokens from offset {args.offset_tokens})")
+    save_rotations(args.out, result.rotations)
+    print(summary_table(result))
+    print(f"wrote {args.out}: {result.rotations.num_layers} layers, "
+          f"{'shared' if args.shared_across_heads else 'per-head'} rotations, "
+          f"{result.covariance_tokens} target tokens, {result.heldout_tokens} held-out tokens")
+    return 0
