@@ -17,8 +17,7 @@ import torch
 from tqdm import tqdm
 
 from oscar_sglang.kernels.format import OscarFormat
-from oscar_sglang.kernels.rotations import (
-    RotationSet, data_free_rotations, make_rotation_set, save_rotations)
+from oscar_sglang.kernels.rotations import RotationSet, data_free_rotations, make_rotation_set, save_rotations
 
 from .attention import attention_override
 from .clip_search import DEFAULT_CLIP_GRID, ClipSearch
@@ -26,7 +25,6 @@ from .covariance import TARGETS, CovarianceAccumulator
 from .datasets import resolve_data, split_sequences, token_stream
 from .models import geometry, load_model
 from .rotation import rotation_from_covariance
-
 
 TARGET_CHOICES = ("auto", *TARGETS)
 

@@ -48,29 +48,26 @@ class ClipSearch:
     def __call__(self, module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
         check_unpadded(query, key, attention_mask)
         layer = module.layer_idx
-        q, k, v = query.float(), key.float(), value.float()
+        q, kv = query.float(), {"k": key.float(), "v": value.float()}
         # the exact windows read exact K and V whatever is quantized: attend to them once
-        exact = exact_region(q, k, v, scaling, self.sink, self.recent)
-        reference = merge_regions(quantized_region(q, k, v, scaling, self.sink, self.recent), exact)
+        exact = exact_region(q, kv["k"], kv["v"], scaling, self.sink, self.recent)
+        reference = merge_regions(quantized_region(q, kv["k"], kv["v"], scaling, self.sink, self.recent), exact)
         self.norms[layer] += reference.double().square().sum().item()
 
-        def error(k_quant, v_quant):
+        def error(kind, quantized):
+            """Squared output error with only `kind` read from INT2, the other exact."""
+            k_quant, v_quant = (quantized, kv["v"]) if kind == "k" else (kv["k"], quantized)
             out = merge_regions(quantized_region(q, k_quant, v_quant, scaling, self.sink, self.recent), exact)
             return (out - reference).double().square().sum().item()
 
-        for i, (x, kind) in enumerate(((k, "k"), (v, "v"))):
-            def quantized(rotations, clips):
-                rot = getattr(rotations, f"{kind}_rot")[layer].to(x.device)
-                return int2_roundtrips(x, rot, clips, self.group_size)
-
-            def swap(xq):  # quantize only this kind, keep the other exact
-                return error(xq, v) if kind == "k" else error(k, xq)
-
+        for i, kind in enumerate(KINDS):
             for c, rotations in enumerate(self.candidates):
-                for j, xq in enumerate(quantized(rotations, self.grid)):
-                    self.errors[layer, i, c, j] += swap(xq)
-            base_clip = getattr(self.baseline, f"{kind}_clip")[layer]
-            self.baseline_errors[layer, i] += swap(quantized(self.baseline, [base_clip])[0])
+                rot = getattr(rotations, f"{kind}_rot")[layer].to(q.device)
+                for j, quantized in enumerate(int2_roundtrips(kv[kind], rot, self.grid, self.group_size)):
+                    self.errors[layer, i, c, j] += error(kind, quantized)
+            rot = getattr(self.baseline, f"{kind}_rot")[layer].to(q.device)
+            clip = getattr(self.baseline, f"{kind}_clip")[layer]
+            self.baseline_errors[layer, i] += error(kind, int2_roundtrips(kv[kind], rot, [clip], self.group_size)[0])
         return reference.to(query.dtype), None
 
     def relative_errors(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,8 +8,7 @@ without windows have sink = recent = 0 and only the quantized pair is read.
 
 import torch
 
-from oscar_sglang.kernels.format import (
-    DEFAULT_RECENT_TOKENS, DEFAULT_SINK_TOKENS, OscarFormat)
+from oscar_sglang.kernels.format import DEFAULT_RECENT_TOKENS, DEFAULT_SINK_TOKENS, OscarFormat
 from oscar_sglang.kernels.reference import decode_kv, encode_kv, unrotate
 from oscar_sglang.kernels.rotations import RotationSet
 

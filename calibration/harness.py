@@ -247,7 +247,7 @@ def write_report(report: dict, out_dir: str, stem: str) -> list[str]:
               ("KL vs bf16 (nats/token)", quantized, [r["kl_vs_bf16"] for r in quantized], True)]
     panels += [(f"passkey@{n} (%)", rows, [r["passkey"][n] for r in rows], False) for n in rows[0]["passkey"]]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4.5), squeeze=False)
-    for ax, (title, subset, values, log) in zip(axes[0], panels):
+    for ax, (title, subset, values, log) in zip(axes[0], panels, strict=True):
         names = [r["format"] for r in subset]
         bars = ax.bar(names, values, color=["tab:red" if n.startswith("oscar") else "tab:gray" for n in names])
         ax.bar_label(bars, fmt="%.3g", fontsize=7)
@@ -291,7 +291,8 @@ def run(args) -> int:
                        passkey_trials=args.passkey_trials, seed=args.seed)
     rows = [r.row() for r in results]
     report = {
-        "command": shlex.join(["oscar-sglang", *args.argv]), "machine": machine(args.device), "model": name, "geometry": asdict(geo),
+        "command": shlex.join(["oscar-sglang", *args.argv]), "machine": machine(args.device),
+        "model": name, "geometry": asdict(geo),
         "config": {"seq_len": args.seq_len, "sequences": args.sequences, "offset_tokens": args.offset_tokens,
                    "data": args.data, "sink_tokens": args.sink_tokens, "recent_tokens": args.recent_tokens,
                    "group_size": args.group_size or geo.head_dim, "passkey_trials": args.passkey_trials,

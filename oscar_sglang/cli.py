@@ -43,8 +43,8 @@ def _clip_grid(text: str) -> tuple[float, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from oscar_sglang.calibration.clip_search import DEFAULT_CLIP_GRID
     from oscar_sglang.calibration.calibrate import TARGET_CHOICES
+    from oscar_sglang.calibration.clip_search import DEFAULT_CLIP_GRID
     from oscar_sglang.calibration.harness import FORMATS
 
     parser = argparse.ArgumentParser(prog="oscar-sglang", description="OSCAR-2 KV-cache tools")

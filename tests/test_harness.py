@@ -6,18 +6,33 @@ import json
 
 import pytest
 import torch
-from test_calibration import text_file, tiny_checkpoint
 from transformers import LlamaForCausalLM
 
 from oscar_sglang.calibration import attention
 from oscar_sglang.calibration.attention import attention_override, windowed_attention
 from oscar_sglang.calibration.formats import (
-    Fp8Format, Int2Format, Int4Format, Kivi2Format, KVFormat, identity_rotations)
+    Fp8Format,
+    Int2Format,
+    Int4Format,
+    Kivi2Format,
+    KVFormat,
+    identity_rotations,
+)
 from oscar_sglang.calibration.harness import SimulatedCache, passkey_prompt
 from oscar_sglang.cli import main
 from oscar_sglang.kernels.format import OscarFormat
 from oscar_sglang.kernels.reference import decode_attention, encode_kv
-from oscar_sglang.kernels.rotations import data_free_rotations, make_rotation_set, save_rotations
+from oscar_sglang.kernels.rotations import data_free_rotations, make_rotation_set
+from test_calibration import text_file, tiny_checkpoint
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """See test_calibration.one_thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def dense_windowed(q, k_e, k_q, v_e, v_q, scaling, sink, recent):
@@ -70,7 +85,8 @@ def test_format_bits_and_roundtrips():
     assert err["int4"] < err["kivi2"] and err["int4"] < err["naive"]
     # KIVI: a partial last key block stays exact (it is inside every query's residual)
     k_exact, k_quant, _, _ = Kivi2Format().kv(0, k, v)
-    assert torch.equal(k_quant[:, :, 96:], k_exact[:, :, 96:]) and not torch.equal(k_quant[:, :, :96], k_exact[:, :, :96])
+    assert torch.equal(k_quant[:, :, 96:], k_exact[:, :, 96:])
+    assert not torch.equal(k_quant[:, :, :96], k_exact[:, :, :96])
 
 
 class ReferenceDecodeCache:
