@@ -22,7 +22,7 @@ from oscar_sglang.kernels.rotations import RotationSet, data_free_rotations, mak
 from .attention import attention_override
 from .clip_search import DEFAULT_CLIP_GRID, ClipSearch
 from .covariance import TARGETS, CovarianceAccumulator
-from .datasets import resolve_data, split_sequences, token_stream
+from .datasets import DataError, resolve_data, split_sequences, token_stream
 from .models import geometry, load_model
 from .rotation import rotation_from_covariance
 
@@ -61,7 +61,7 @@ def calibrate(model, tokenizer, model_name: str, files: list[str], *, tokens: in
     count = math.ceil(tokens / seq_len)
     heldout = max(1, round(count * heldout_fraction))
     if count - heldout < 1:
-        raise ValueError(f"--tokens {tokens} gives {count} sequence(s) of {seq_len}: need at least "
+        raise DataError(f"--tokens {tokens} gives {count} sequence(s) of {seq_len}: need at least "
                          "one for the targets and one held out")
     sequences = split_sequences(token_stream(tokenizer, files), seq_len, count, offset)
     device = next(model.parameters()).device

@@ -58,6 +58,9 @@ def load_model(model: str, gguf_file: str | None = None, device: str = "cpu"):
     to ordinary float tensors, so attention is the stock module code."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub is reachable; fail fast
     path, gguf = resolve_model(model, gguf_file)
+    if not Path(path).is_dir():
+        raise DataError(f"model directory {path!r} does not exist (no model hub is used: pass a local "
+                        "checkpoint directory, or the alias smollm2-135m-instruct)")
     kwargs = {"gguf_file": gguf} if gguf else {}
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs).to(device).eval()

@@ -25,6 +25,7 @@ from oscar_sglang.kernels.rotations import (
     save_rotations,
 )
 
+
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Tiny tensors gain nothing from intra-op threads, and on a shared CPU two threads of many
