@@ -85,6 +85,12 @@ def test_server_features(sglang, tmp_path, flags, message):
         serve(sglang, write_model(tmp_path), *flags)
 
 
+def test_head_major_layout_is_refused(sglang, tmp_path, monkeypatch):
+    monkeypatch.setenv("SGLANG_USE_HND_KVCACHE", "1")
+    with pytest.raises(ValueError, match="SGLANG_USE_HND_KVCACHE"):
+        serve(sglang, write_model(tmp_path))
+
+
 @pytest.mark.parametrize("config, changes, message", [
     (TINY_MLA, {}, "multi-head latent attention .*has kv_lora_rank=512"),
     (TINY_QWEN3, {"use_sliding_window": True, "sliding_window": 4096, "max_window_layers": 1},
