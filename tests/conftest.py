@@ -24,6 +24,27 @@ def oscar_allocator_hooks():
     assert not missing, f"allocator hooks not applied: {missing}"
 
 
+@pytest.fixture
+def oscar_env(monkeypatch):
+    """No SGLANG_OSCAR_* variable set during the test, and none left behind by it."""
+    from oscar_sglang.config import ALL_SETTINGS
+
+    for setting in ALL_SETTINGS:
+        monkeypatch.setenv(setting.env, "")  # records "unset" so that undo removes it again
+        monkeypatch.delenv(setting.env)
+
+
+@pytest.fixture(scope="module")
+def sglang():
+    """SGLang's server_args module after its own plugin loading, as launch_server / Engine /
+    the schedulers do it."""
+    from sglang.srt import server_args
+    from sglang.srt.plugins import load_plugins
+
+    load_plugins()
+    return server_args
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -24,21 +24,7 @@ TINY_QWEN3 = {
 }
 
 
-@pytest.fixture(autouse=True)
-def oscar_env(monkeypatch):
-    for setting in ALL_SETTINGS:
-        monkeypatch.setenv(setting.env, "")  # records "unset" so that undo removes it again
-        monkeypatch.delenv(setting.env)
-
-
-@pytest.fixture(scope="module")
-def sglang():
-    """SGLang's own plugin loading, as launch_server / Engine / the schedulers do it."""
-    from sglang.srt import server_args
-    from sglang.srt.plugins import load_plugins
-
-    load_plugins()
-    return server_args
+pytestmark = pytest.mark.usefixtures("oscar_env")
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import pytest
 from oscar_sglang.kernels.rotations import RotationSet, data_free_rotations, save_rotations
 
 from oscar_sglang import validation
-from oscar_sglang.config import ALL_SETTINGS, OscarConfig
+from oscar_sglang.config import OscarConfig
 
 TINY_QWEN3 = {
     "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 256,
@@ -34,20 +34,7 @@ QWEN3_8B_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "shared", 
                                "qwen3-8b", "config.json")
 
 
-@pytest.fixture(autouse=True)
-def oscar_env(monkeypatch):
-    for setting in ALL_SETTINGS:
-        monkeypatch.setenv(setting.env, "")  # records "unset" so that undo removes it again
-        monkeypatch.delenv(setting.env)
-
-
-@pytest.fixture(scope="module")
-def sglang():
-    from sglang.srt import server_args
-    from sglang.srt.plugins import load_plugins
-
-    load_plugins()
-    return server_args
+pytestmark = pytest.mark.usefixtures("oscar_env")
 
 
 def write_model(tmp_path, config=TINY_QWEN3, **changes):
