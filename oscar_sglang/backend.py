@@ -23,6 +23,7 @@ from oscar_sglang.kernels.quantize import write_kv_int2
 from oscar_sglang.pool import OscarTokenToKVPool
 
 REFERENCE_ENV = "SGLANG_OSCAR_REFERENCE_ATTENTION"
+EXTEND_SCRATCH_BYTES = 1 << 30  # bound on the extend kernel's dequantized-prefix scratch per launch
 
 
 class OscarAttnBackend(TritonAttnBackend):
@@ -150,5 +151,41 @@ class OscarAttnBackend(TritonAttnBackend):
         if self.use_reference:
             o = reference.extend_attention(q, k, v, *args).to(q.dtype)
         else:
-            o = extend_attention_int2(q, k, v, *args, max_extend_len=meta.max_extend_len)
+            o = self._extend_in_groups(q, k, v, args, forward_batch, lay)
         return o.reshape(-1, heads * d)
+
+    def _extend_in_groups(self, q, k, v, args, forward_batch, lay):
+        """extend_attention_int2 over groups of consecutive requests whose prefix scratch (4 KiB
+        a token for Qwen3-8B) stays within EXTEND_SCRATCH_BYTES; a longer prefix runs alone."""
+        qo_indptr, kv_indptr, kv_indices, starts, *pool_args = args
+        per_token = 2 * lay.k_codes.shape[1] * self.fmt.head_dim * q.element_size()
+        prefix_lens = forward_batch.extend_prefix_lens_cpu
+        extend_lens = forward_batch.extend_seq_lens_cpu
+        groups = request_groups(prefix_lens, EXTEND_SCRATCH_BYTES // per_token)
+        if len(groups) == 1:
+            return extend_attention_int2(q, k, v, *args, max_extend_len=max(extend_lens),
+                                         max_prefix_len=max(prefix_lens))
+        out = torch.empty_like(q)
+        qo, kv = 0, 0
+        for r0, r1 in groups:
+            qo_end, kv_end = qo + sum(extend_lens[r0:r1]), kv + sum(prefix_lens[r0:r1])
+            extend_attention_int2(
+                q[qo:qo_end], k[qo:qo_end], v[qo:qo_end], qo_indptr[r0:r1 + 1] - qo,
+                kv_indptr[r0:r1 + 1] - kv, kv_indices[kv:kv_end], starts[r0:r1], *pool_args,
+                max_extend_len=max(extend_lens[r0:r1]), max_prefix_len=max(prefix_lens[r0:r1]),
+                out=out[qo:qo_end])
+            qo, kv = qo_end, kv_end
+        return out
+
+
+def request_groups(prefix_lens, limit: int) -> list[tuple[int, int]]:
+    """Consecutive request ranges [r0, r1) whose prefix lengths sum to at most `limit` (a range
+    of one request may exceed it)."""
+    groups, r0, total = [], 0, 0
+    for r, length in enumerate(prefix_lens):
+        if r > r0 and total + length > limit:
+            groups.append((r0, r))
+            r0, total = r, 0
+        total += length
+    groups.append((r0, len(prefix_lens)))
+    return groups

@@ -19,8 +19,9 @@ def run_extend(cache: Cache, q, k_new, v_new, qo_indptr, kv_indptr, kv_indices, 
     sm_scale = cache.fmt.head_dim ** -0.5
     args = (q, k_new, v_new, qo_indptr, kv_indptr, kv_indices, window_starts, *cache.buffers, sm_scale, cache.fmt)
     chunks = (qo_indptr[1:] - qo_indptr[:-1]).tolist()
+    prefixes = (kv_indptr[1:] - kv_indptr[:-1]).tolist()
     out = torch.full_like(q, float("nan"))
-    got = extend_attention_int2(*args, max_extend_len=max(chunks), out=out)
+    got = extend_attention_int2(*args, max_extend_len=max(chunks), max_prefix_len=max(prefixes), out=out)
     assert got.data_ptr() == out.data_ptr()
     return got, ref.extend_attention(*args)
 
@@ -116,4 +117,38 @@ def test_extend_rejects_bad_shapes():
     k = torch.randn(3, 1, 64).to(torch.bfloat16)
     with pytest.raises(ValueError, match="k_new"):
         extend_attention_int2(q, k, k, torch.tensor([0, 3]), torch.tensor([0, 0]), torch.tensor([], dtype=torch.int64),
-                              torch.tensor([0]), *cache.buffers, 0.1, fmt, 3)
+                              torch.tensor([0]), *cache.buffers, 0.1, fmt, 3, 0)
+
+
+def test_backend_splits_large_batches_into_scratch_sized_groups(monkeypatch):
+    """OscarAttnBackend runs the kernel over request groups whose prefix scratch fits its bound;
+    the groups' outputs equal one launch over the whole batch."""
+    from types import SimpleNamespace
+
+    from oscar_sglang import backend
+
+    gen = torch.Generator().manual_seed(11)
+    fmt = OscarFormat(64, 32, sink_tokens=4, recent_tokens=8)
+    prefixes, chunks = [40, 0, 25, 30, 7], [3, 5, 1, 4, 2]
+    cache = make_cache(fmt, 2, sum(prefixes) + 8, len(prefixes) + 1, True, gen)
+    batch = fill_requests(cache, prefixes, torch.bfloat16, torch.int32, gen)
+    q, k, v, qo_indptr = new_tokens(chunks, 2, 2, 64, torch.bfloat16, gen)
+    args = (qo_indptr, batch.kv_indptr, batch.kv_indices, batch.window_starts, *cache.buffers, 64 ** -0.5, fmt)
+    forward_batch = SimpleNamespace(extend_prefix_lens_cpu=prefixes, extend_seq_lens_cpu=chunks)
+    owner = SimpleNamespace(fmt=fmt)
+    lay = SimpleNamespace(k_codes=cache.k_codes)
+    whole = backend.OscarAttnBackend._extend_in_groups(owner, q, k, v, args, forward_batch, lay)
+    per_token = 2 * 2 * 64 * 2
+    monkeypatch.setattr(backend, "EXTEND_SCRATCH_BYTES", 50 * per_token)
+    assert backend.request_groups(prefixes, 50) == [(0, 2), (2, 3), (3, 5)]
+    grouped = backend.OscarAttnBackend._extend_in_groups(owner, q, k, v, args, forward_batch, lay)
+    torch.testing.assert_close(grouped, whole, rtol=0, atol=0)
+    assert_matches(whole, ref.extend_attention(q, k, v, *args), torch.bfloat16)
+
+
+def test_request_groups_bound():
+    from oscar_sglang.backend import request_groups
+
+    assert request_groups([5, 5, 5], 10) == [(0, 2), (2, 3)]
+    assert request_groups([50, 1, 1], 10) == [(0, 1), (1, 3)]
+    assert request_groups([0, 0], 1) == [(0, 2)]

@@ -84,21 +84,24 @@ def test_decode_shapes(head_dim, group_size, kv_heads, gqa, sinks, recent, index
         assert_matches(decode_attention_int2(*args, num_kv_splits=splits), expected, torch.bfloat16)
 
 
-def test_extend_qwen3_layer():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_extend_qwen3_layer(dtype):
+    """Prefixes from INT2 and windows, and a long chunk without prefix (a prompt's first chunk),
+    whose keys the GPU path multiplies in 16 bits."""
     gen = torch.Generator(DEVICE).manual_seed(1)
     fmt = OscarFormat(128)
-    prefixes, chunks = [32768, 0, 300], [512, 700, 1]
-    cache, batch = build(fmt, prefixes, 8, torch.bfloat16, gen)
+    prefixes, chunks = [32768, 0, 300, 0], [512, 700, 1, 2500]
+    cache, batch = build(fmt, prefixes, 8, dtype, gen)
     n = sum(chunks)
-    q = torch.randn(n, 32, 128, generator=gen, device=DEVICE).to(torch.bfloat16)
-    k = torch.randn(n, 8, 128, generator=gen, device=DEVICE).to(torch.bfloat16)
-    v = torch.randn(n, 8, 128, generator=gen, device=DEVICE).to(torch.bfloat16)
+    q = torch.randn(n, 32, 128, generator=gen, device=DEVICE).to(dtype)
+    k = torch.randn(n, 8, 128, generator=gen, device=DEVICE).to(dtype)
+    v = torch.randn(n, 8, 128, generator=gen, device=DEVICE).to(dtype)
     qo_indptr = torch.tensor([0, *torch.tensor(chunks).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
     args = (q, k, v, qo_indptr, batch.kv_indptr, batch.kv_indices, batch.window_starts, *cache.buffers,
             128 ** -0.5, fmt)
     out = torch.full_like(q, float("nan"))
-    extend_attention_int2(*args, max_extend_len=max(chunks), out=out)
-    assert_matches(out, ref.extend_attention(*args), torch.bfloat16)
+    extend_attention_int2(*args, max_extend_len=max(chunks), max_prefix_len=max(prefixes), out=out)
+    assert_matches(out, ref.extend_attention(*args), dtype)
 
 
 def test_decode_cuda_graph_replay_with_new_lengths():

@@ -1,0 +1,168 @@
+"""Extend (chunked-prefill) attention microbenchmark for one Qwen3-8B layer (H_q 32, H_kv 8,
+D 128): OSCAR-2's `extend_attention_int2` (prefix dequantized from INT2, then attended) against
+SGLang's Triton extend kernel on a BF16 cache, plus a sweep of the OSCAR kernels' tile sizes.
+
+A point is (batch, prefix, chunk): `batch` requests each with `prefix` cached tokens (shuffled
+pages, random codes: no kernel here has data-dependent control flow) and a new chunk of `chunk`
+tokens, causal. Reported: the median time (triton.testing.do_bench over a CUDA-graph replay)
+and TFLOP/s counted as 4·D·H_q per visible (query, key) pair. Every tile variant's output is
+compared with the default's, so a variant that computes something else is flagged.
+
+    python -m benchmarks.extend_kernels --out-dir benchmarks/results/h100
+
+Writes <out-dir>/extend_kernels_<gpu>.json and prints a markdown table.
+"""
+
+import argparse
+import contextlib
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+from oscar_sglang.kernels import extend as ek
+
+from benchmarks.common import DEFAULT_RESULTS_DIR, machine_info, markdown_table, now_iso, write_json
+from benchmarks.decode_kernels import median_us, release
+from benchmarks.tune_decode import D, KV_HEADS, PAGE, Q_HEADS, make_problem
+
+POINTS = [(1, 0, 8192), (1, 32768, 8192), (1, 98304, 8192), (8, 32768, 1024)]
+# tile variants: name -> module constants of kernels/extend.py; "default" is the library's own
+VARIANTS = {
+    "default": {},
+    "m64": {"BLOCK_M": 64},
+    "n32": {"BLOCK_N": 32},
+    "w4": {"NUM_WARPS": 4},
+}
+
+
+def parse_points(text):
+    """'1x0x8192,8x32768x1024' -> [(batch, prefix, chunk), ...]."""
+    return [tuple(int(v) for v in point.split("x")) for point in text.split(",")]
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--points", type=parse_points, default=POINTS,
+                        help="batch x prefix x chunk, comma-separated (default: %(default)s)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="subset of %(default)s")
+    parser.add_argument("--rep-ms", type=int, default=200, help="do_bench time per point (default: %(default)s)")
+    parser.add_argument("--out-dir", type=Path, default=DEFAULT_RESULTS_DIR)
+    return parser
+
+
+@contextlib.contextmanager
+def tile_constants(overrides):
+    """kernels/extend.py's module constants set to `overrides` inside the block."""
+    saved = {name: getattr(ek, name) for name in overrides}
+    for name, value in overrides.items():
+        setattr(ek, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(ek, name, value)
+
+
+def make_extend_problem(batch, prefix, chunk):
+    """extend_attention_int2's positional arguments and the host max_extend_len."""
+    (_, _, slots, starts, k_codes, k_meta, v_codes, v_meta, k_win, v_win, k_rot, v_rot, sm_scale,
+     fmt) = make_problem(batch, max(prefix, PAGE))
+    stride = max(prefix, PAGE)
+    slots = slots.view(batch, stride)[:, :prefix].reshape(-1).contiguous()
+    kv_indptr = torch.arange(batch + 1, device="cuda", dtype=torch.int32) * prefix
+    qo_indptr = torch.arange(batch + 1, device="cuda", dtype=torch.int32) * chunk
+    q = torch.randn(batch * chunk, Q_HEADS, D, device="cuda").to(torch.bfloat16)
+    k, v = (torch.randn(batch * chunk, KV_HEADS, D, device="cuda").to(torch.bfloat16) for _ in "kv")
+    return (q, k, v, qo_indptr, kv_indptr, slots, starts, k_codes, k_meta, v_codes, v_meta, k_win, v_win,
+            k_rot, v_rot, sm_scale, fmt)
+
+
+def causal_tflop(batch, prefix, chunk):
+    return 4 * D * Q_HEADS * batch * (chunk * prefix + chunk * (chunk + 1) / 2) / 1e12
+
+
+def bench_oscar(problem, prefix, chunk, rep_ms, overrides):
+    """(µs, output) of extend_attention_int2 with the given tile constants."""
+    out = torch.empty_like(problem[0])
+    with tile_constants(overrides):
+        us, _ = median_us(lambda: ek.extend_attention_int2(*problem, max_extend_len=chunk, max_prefix_len=prefix, out=out), rep_ms)
+    return us, out
+
+
+def bench_sglang_bf16(problem, chunk, rep_ms):
+    """µs of SGLang's Triton extend kernel over a BF16 cache holding the same prefix slots."""
+    from sglang.kernels.ops.attention.extend_attention import extend_attention_fwd
+
+    q, k, v, qo_indptr, kv_indptr, slots = problem[:6]
+    slot_count = int(slots.max()) + 1 if slots.numel() else 1
+    k_buf, v_buf = (torch.randn(slot_count, KV_HEADS, D, device="cuda").to(torch.bfloat16) for _ in "kv")
+    out = torch.empty_like(q)
+    us, _ = median_us(lambda: extend_attention_fwd(
+        q, k, v, out, k_buf, v_buf, qo_indptr, kv_indptr, slots, None, True, None, chunk, 1.0, 1.0,
+        sm_scale=D ** -0.5), rep_ms)
+    return us
+
+
+def run_point(point, variants, rep_ms):
+    batch, prefix, chunk = point
+    tflop = causal_tflop(*point)
+    problem = make_extend_problem(*point)
+    record = {"batch": batch, "prefix": prefix, "chunk": chunk, "tflop": tflop, "methods": {}}
+    reference = None
+    for name in variants:
+        try:
+            us, out = bench_oscar(problem, prefix, chunk, rep_ms, VARIANTS[name])
+            result = {"us": us, "tflops": tflop / (us * 1e-6)}
+            if reference is None:
+                reference = out.float()
+            else:
+                result["max_abs_diff_vs_first"] = (out.float() - reference).abs().max().item()
+        except Exception as exc:  # noqa: BLE001  (a variant that fails to compile must not stop the sweep)
+            result = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        record["methods"][f"oscar-{name}"] = result
+        print(f"  {batch}x{prefix}x{chunk} oscar-{name}: {result}", flush=True)
+    try:
+        us = bench_sglang_bf16(problem, chunk, rep_ms)
+        record["methods"]["sglang-triton-bf16"] = {"us": us, "tflops": tflop / (us * 1e-6)}
+    except Exception as exc:  # noqa: BLE001
+        record["methods"]["sglang-triton-bf16"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+    print(f"  {batch}x{prefix}x{chunk} sglang-triton-bf16: {record['methods']['sglang-triton-bf16']}", flush=True)
+    release()
+    return record
+
+
+def table(points, methods):
+    headers = ["batch x prefix x chunk"] + [f"{m} µs (TFLOP/s)" for m in methods]
+    rows = []
+    for point in points:
+        cells = []
+        for m in methods:
+            r = point["methods"].get(m, {})
+            cells.append(f"{r['us']:.0f} ({r['tflops']:.0f})" if "us" in r else "error")
+        rows.append([f"{point['batch']}x{point['prefix']}x{point['chunk']}", *cells])
+    return markdown_table(headers, rows)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("extend_kernels needs a CUDA GPU")
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        sys.exit(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
+    points = [run_point(point, variants, args.rep_ms) for point in args.points]
+    methods = [f"oscar-{v}" for v in variants] + ["sglang-triton-bf16"]
+    print(table(points, methods))
+    gpu = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(args.out_dir / f"extend_kernels_{gpu}.json", {
+        "benchmark": "extend_kernels", "created": now_iso(), "machine": machine_info(),
+        "command": "python -m benchmarks.extend_kernels " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "variants": {v: VARIANTS[v] for v in variants}, "points": points})
+
+
+if __name__ == "__main__":
+    main()
