@@ -1,8 +1,11 @@
 """Helpers shared by the serving and latency benchmarks.
 
-The KV configurations compared, the dummy-weight model folder, process management (every child
-runs in its own process group and is stopped with it), machine facts, the results files (JSON
-merged across invocations with the same settings on the same GPU, markdown table, PNG chart).
+The KV configurations compared (the oscar one takes extra flags through --oscar-args), the
+dummy-weight model folder, process management (every child runs in its own process group with
+GPU_ENV set, is stopped with its group when its configuration ends, fails or times out, and gets
+SIGTERM if the benchmark itself is killed), time limits (per configuration, and an optional
+budget for the whole invocation), machine facts, the results files (JSON merged across
+invocations with the same settings on the same GPU, markdown table, PNG chart).
 """
 
 import argparse
@@ -14,6 +17,7 @@ import json
 import lzma
 import os
 import platform
+import shlex
 import shutil
 import signal
 import socket
@@ -51,6 +55,12 @@ BASELINE = "fp8-flashinfer"
 
 PACKAGES = ("sglang", "torch", "flashinfer-python", "triton", "oscar-sglang")
 
+# A budget (--budget) keeps this much for stopping the running configuration's process group
+# (SIGTERM, up to 30 s grace) and writing the results; a configuration is not started with less
+# than MIN_CONFIG_S of it left.
+BUDGET_MARGIN_S = 45.0
+MIN_CONFIG_S = 60.0
+
 
 # ---------------------------------------------------------------------------- arguments
 
@@ -77,6 +87,17 @@ def parse_int_list(text):
     if not values or values[0] < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
+
+
+def flag_list(text):
+    """argparse type: extra command-line flags in one shell-quoted string."""
+    try:
+        flags = shlex.split(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"cannot split {text!r}: {exc}") from None
+    if flags and not flags[0].startswith("-"):
+        raise argparse.ArgumentTypeError(f"expected flags (starting with -), got {text!r}")
+    return flags
 
 
 def existing_file(text):
@@ -125,21 +146,56 @@ def add_common_args(parser, mem_fraction_static, timeout):
         help="seconds allowed per configuration, start-up included (default: %(default)s)",
     )
     parser.add_argument(
+        "--budget",
+        type=float,
+        help="seconds for the whole invocation: each configuration's limit is cut to what is "
+        f"left minus {BUDGET_MARGIN_S:.0f} s (stopping and writing results), and a configuration "
+        f"with less than {MIN_CONFIG_S:.0f} s left is not started (default: no budget)",
+    )
+    parser.add_argument(
         "--oscar-rotations",
         type=existing_file,
         help="rotation artifact passed to the oscar configuration (default: data-free rotation)",
+    )
+    parser.add_argument(
+        "--oscar-args",
+        type=flag_list,
+        default=[],
+        help="extra flags for the oscar configuration only, one quoted string, e.g. "
+        "--oscar-args='--oscar-window-fraction 0.3' (recorded with its results)",
     )
     parser.add_argument(
         "--dry-run", action="store_true", help="print the commands and exit without running them"
     )
 
 
-def kv_flags(config, oscar_rotations=None):
-    """SGLang flags selecting the KV cache and attention backend of one configuration."""
+def kv_flags(config, oscar_rotations=None, oscar_args=()):
+    """SGLang flags selecting the KV cache and attention backend of one configuration
+    (the oscar configuration also gets its rotation file and --oscar-args)."""
     flags = list(KV_CONFIGS[config])
-    if config == OSCAR and oscar_rotations is not None:
-        flags += ["--oscar-rotations", str(oscar_rotations)]
+    if config == OSCAR:
+        if oscar_rotations is not None:
+            flags += ["--oscar-rotations", str(oscar_rotations)]
+        flags += list(oscar_args)
     return flags
+
+
+class Budget:
+    """Per-configuration time limits under an optional budget for the whole invocation."""
+
+    def __init__(self, per_config, total=None, clock=time.monotonic):
+        self.per_config = per_config
+        self.clock = clock
+        self.deadline = None if total is None else clock() + total
+
+    def config_timeout(self):
+        """Seconds the next configuration may run, or None if too little budget is left."""
+        if self.deadline is None:
+            return self.per_config
+        left = self.deadline - self.clock() - BUDGET_MARGIN_S
+        if left < MIN_CONFIG_S:
+            return None
+        return min(self.per_config, left)
 
 
 # ---------------------------------------------------------------------------- model folder
@@ -381,25 +437,40 @@ def _gpu_names(machine):
     return [gpu.get("name") for gpu in machine.get("gpus", [])]
 
 
-def merge_results(path, benchmark, settings, machine, configs):
+def load_compatible(path, benchmark, settings, machine, quiet=False):
+    """The results document at `path` if its benchmark, settings and GPU match, else None."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        old = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        old = {}
+    same = (
+        old.get("benchmark") == benchmark
+        and old.get("settings") == settings
+        and _gpu_names(old.get("machine", {})) == _gpu_names(machine)
+    )
+    if same:
+        return old
+    if not quiet:
+        print(f"note: {path} holds results of other settings or another GPU; replacing them")
+    return None
+
+
+_LOAD = object()
+
+
+def merge_results(path, benchmark, settings, machine, configs, previous=_LOAD):
     """The results document at `path` with `configs` (name → record) added or replaced.
 
     Records from an earlier invocation are kept only when its benchmark, settings and GPU
     match, so a run split over several invocations (one configuration each) ends in one file.
+    `previous`: what load_compatible() returned for `path`, if already loaded (None: nothing kept).
     """
-    path = Path(path)
-    kept = {}
-    if path.is_file():
-        old = json.loads(path.read_text())
-        same = (
-            old.get("benchmark") == benchmark
-            and old.get("settings") == settings
-            and _gpu_names(old.get("machine", {})) == _gpu_names(machine)
-        )
-        if same:
-            kept = old.get("configs", {})
-        else:
-            print(f"note: {path} holds results of other settings or another GPU; replacing them")
+    if previous is _LOAD:
+        previous = load_compatible(path, benchmark, settings, machine)
+    kept = (previous or {}).get("configs", {})
     return {
         "benchmark": benchmark,
         "updated": now_iso(),
@@ -416,6 +487,25 @@ def write_json(path, doc):
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(doc, indent=2) + "\n")
     tmp.replace(path)
+
+
+def write_text(path, text):
+    """Write a text file atomically (a reader never sees half of it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def kv_flag_lines(doc):
+    """'config: `flags`' for every configuration of a results doc that recorded its KV flags."""
+    lines = []
+    for name in ordered_configs(doc["configs"]):
+        flags = doc["configs"][name].get("kv_flags")
+        if flags:
+            lines.append(f"{name}: `{shlex.join(flags)}`")
+    return lines
 
 
 def ordered_configs(configs):

@@ -7,12 +7,26 @@ of requests, each group sharing one long system prompt, every request adding a q
 generating a fixed number of tokens, all sent at once (request rate inf).
 
 Recorded per configuration: output tokens/s, requests/s, TTFT and ITL p50/p99 (from the
-client's result file), KV pool capacity in tokens, peak running requests and cache-hit tokens
-(from the server log; the client's cache report too), and the exact commands.
+client's result file), KV pool capacity in tokens, the server's running-request cap, peak running
+requests and cache-hit tokens (from the server log; the client's cache report too), the KV flags
+and the exact commands. The table ends with the OSCAR / FP8-FlashInfer ratio of every column.
+
+Limits: each configuration (server start-up included) gets --timeout seconds, cut to what is left
+of --budget (seconds for the whole invocation) if given; a configuration that fails or runs out
+of time is recorded and the next one runs. Every server and client runs in its own process group
+with GPU_ENV set, and the group is stopped when its configuration ends, fails or times out, or
+when the benchmark is stopped (SIGTERM) or killed. The JSON and markdown are rewritten after
+each configuration, so a run cut off keeps the configurations it finished.
+
+OSCAR caps running requests by its BF16 window rows (--oscar-window-fraction, default 0.10:
+111 requests on an 80 GB H100 at --mem-fraction-static 0.70, ~130 at 0.80; the "running cap"
+column shows it). The default workload (64 requests) stays below it; for workloads with more
+requests in flight pass e.g. --oscar-args='--oscar-window-fraction 0.3' (oscar server only,
+recorded with its results; the share comes out of the INT2 pool, so it holds fewer tokens).
 
 Run from the repository root (on the GPU machine after `source .gpu/install.sh`):
 
-    python -m benchmarks.serving
+    python -m benchmarks.serving --configs fp8-flashinfer,oscar --budget 520
     python -m benchmarks.serving --configs fp8-flashinfer,oscar --system-prompt-len 100000
 
 Writes <results-dir>/<name>.json, .md and .png; logs go to <results-dir>/logs/<name>/. A run
@@ -28,11 +42,14 @@ import time
 from pathlib import Path
 
 from benchmarks.common import (
+    kv_flag_lines,
     BASELINE,
     OSCAR,
+    Budget,
     add_common_args,
     free_port,
     kv_flags,
+    load_compatible,
     log_tail,
     machine_info,
     managed_process,
@@ -48,6 +65,7 @@ from benchmarks.common import (
     run_logged,
     wait_for_http_ok,
     write_json,
+    write_text,
 )
 
 HOST = "127.0.0.1"
@@ -62,6 +80,7 @@ METRICS = (
     ("itl_p50_ms", "ITL p50 ms"),
     ("itl_p99_ms", "ITL p99 ms"),
     ("peak_running_requests", "peak running req"),
+    ("max_running_requests", "running cap"),
     ("kv_pool_tokens", "KV pool tokens"),
     ("cached_tokens", "cache-hit tokens"),
 )
@@ -82,7 +101,7 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.serving", description=__doc__.split("\n\n")[0]
     )
-    add_common_args(parser, mem_fraction_static=0.80, timeout=900.0)
+    add_common_args(parser, mem_fraction_static=0.80, timeout=300.0)
     parser.add_argument("--num-groups", type=int, default=4, help="system prompts (default: %(default)s)")
     parser.add_argument(
         "--prompts-per-group", type=int, default=16, help="requests per system prompt (default: %(default)s)"
@@ -120,7 +139,7 @@ def server_command(config, args, model_path, port):
         "--cuda-graph-backend-prefill", "disabled",
         "--cuda-graph-max-bs-decode", str(concurrency(args)),
         "--decode-log-interval", str(DECODE_LOG_INTERVAL),
-        *kv_flags(config, args.oscar_rotations),
+        *kv_flags(config, args.oscar_rotations, args.oscar_args),
     ]  # fmt: skip
 
 
@@ -149,7 +168,8 @@ def bench_command(args, model_path, port, output_file):
 
 
 def settings(args, model_path):
-    """What must match for results of two invocations to share one file."""
+    """What must match for results of two invocations to share one file (each configuration's
+    record holds its own KV flags)."""
     return {
         "model": model_path.name,
         "load_format": "dummy",
@@ -162,7 +182,6 @@ def settings(args, model_path):
         "request_rate": "inf",
         "max_concurrency": concurrency(args),
         "mem_fraction_static": args.mem_fraction_static,
-        "oscar_rotations": args.oscar_rotations.name if args.oscar_rotations else None,
     }
 
 
@@ -207,8 +226,11 @@ def serving_metrics(bench, server):
     }
 
 
-def run_config(config, args, model_path, logs_dir):
-    """Start the server of `config`, run the client against it, stop it; the record."""
+def run_config(config, args, model_path, logs_dir, timeout=None):
+    """Start the server of `config`, run the client against it, stop it; the record.
+
+    `timeout` (default --timeout) covers start-up and the client together."""
+    timeout = args.timeout if timeout is None else timeout
     port = args.port or free_port()
     server_log = logs_dir / f"{config}.server.log"
     bench_log = logs_dir / f"{config}.bench.log"
@@ -219,6 +241,8 @@ def run_config(config, args, model_path, logs_dir):
     record = {
         "status": "failed",
         "started": now_iso(),
+        "kv_flags": kv_flags(config, args.oscar_rotations, args.oscar_args),
+        "timeout_s": round(timeout, 1),
         "server_command": shlex.join(server_cmd),
         "bench_command": shlex.join(bench_cmd),
         "server_log": str(server_log),
@@ -228,20 +252,24 @@ def run_config(config, args, model_path, logs_dir):
     bench = {}
     try:
         with managed_process(server_cmd, server_log) as server:
-            wait_for_http_ok(f"http://{HOST}:{port}/health", server, args.timeout)
+            wait_for_http_ok(f"http://{HOST}:{port}/health", server, timeout)
             record["startup_s"] = round(time.monotonic() - start, 1)
-            code = run_logged(bench_cmd, bench_log, args.timeout - (time.monotonic() - start))
+            code = run_logged(bench_cmd, bench_log, timeout - (time.monotonic() - start))
+        if code is None:
+            raise TimeoutError(f"benchmark client did not finish within the {timeout:.0f} s limit")
         if code != 0:
-            raise RuntimeError(
-                "benchmark client " + ("timed out" if code is None else f"exited with code {code}")
-            )
+            raise RuntimeError(f"benchmark client exited with code {code}")
         results = read_jsonl(bench_out)
         if not results:
             raise RuntimeError(f"benchmark client wrote no result to {bench_out}")
         bench = {k: v for k, v in results[-1].items() if k != "server_info"}
         record["status"] = "ok" if bench.get("completed") == num_requests(args) else "incomplete"
-    except (RuntimeError, TimeoutError) as exc:
-        record["error"] = str(exc)
+    except (RuntimeError, TimeoutError, KeyboardInterrupt) as exc:
+        if isinstance(exc, KeyboardInterrupt):  # SIGTERM to the benchmark; the server is stopped
+            record["status"], record["error"] = "interrupted", "benchmark stopped"
+        else:
+            record["status"] = "timeout" if isinstance(exc, TimeoutError) else "failed"
+            record["error"] = str(exc)
         record["server_log_tail"] = log_tail(server_log)
         record["bench_log_tail"] = log_tail(bench_log)
     server = parse_server_log(server_log.read_text(errors="replace")) if server_log.is_file() else {}
@@ -290,10 +318,38 @@ def plot(doc, path):
     return plot_panels(path, title, panels)
 
 
+def notes(doc):
+    """The workload and the KV flags, in words (printed above the table)."""
+    s = doc["settings"]
+    lines = [
+        (
+            f"{s['model']} ({s['load_format']} weights), sglang.benchmark.serving {s['dataset']}: "
+            f"{s['num_groups']} system prompts of {s['system_prompt_len']} tokens x "
+            f"{s['prompts_per_group']} questions of {s['question_len']} tokens, {s['output_len']} "
+            f"output tokens each, request rate {s['request_rate']}, at most {s['max_concurrency']} "
+            f"in flight; --mem-fraction-static {s['mem_fraction_static']}."
+        )
+    ]
+    lines += kv_flag_lines(doc)
+    return "\n\n".join(lines)
+
+
+def markdown(doc):
+    """The whole markdown report."""
+    return notes(doc) + "\n\n" + table(doc) + "\n"
+
+
+def write_results(doc, json_path):
+    """The JSON and the markdown (the PNG is drawn once at the end)."""
+    write_json(json_path, doc)
+    write_text(json_path.with_suffix(".md"), markdown(doc))
+
+
 def main(argv=None):
     """Run every configuration, writing the results after each one; exit 1 if any failed."""
     args = build_parser().parse_args(argv)
     raise_keyboard_interrupt_on_sigterm()
+    budget = Budget(args.timeout, args.budget)
     model_path = resolve_model_path(args)
     name = args.name or f"serving-sp{args.system_prompt_len}"
     json_path = Path(args.results_dir) / f"{name}.json"
@@ -307,21 +363,33 @@ def main(argv=None):
         )
         return 0
     machine, run_settings = machine_info(), settings(args, model_path)
-    failed = []
+    failed, doc = [], None
     for config in args.configs:
-        print(f"== {config}: starting server", flush=True)
-        record = run_config(config, args, model_path, logs_dir)
-        doc = merge_results(json_path, "serving", run_settings, machine, {config: record})
-        write_json(json_path, doc)
+        timeout = budget.config_timeout()
+        if timeout is None:
+            print(f"== {config}: not started, the --budget is spent", flush=True)
+            failed.append(config)
+            continue
+        print(f"== {config}: starting server (limit {timeout:.0f} s)", flush=True)
+        record = run_config(config, args, model_path, logs_dir, timeout)
+        previous = load_compatible(json_path, "serving", run_settings, machine)
+        doc = merge_results(json_path, "serving", run_settings, machine, {config: record}, previous=previous)
+        write_results(doc, json_path)
+        m = record["metrics"]
         print(
-            f"== {config}: {record['status']} in {record['elapsed_s']} s {record.get('error', '')}",
+            f"== {config}: {record['status']} in {record['elapsed_s']} s {record.get('error', '')}; "
+            f"output tok/s {m.get('output_tok_s')}, peak running {m.get('peak_running_requests')}, "
+            f"KV pool tokens {m.get('kv_pool_tokens')}",
             flush=True,
         )
         if record["status"] != "ok":
             failed.append(config)
-    markdown = table(doc)
-    print(markdown)
-    json_path.with_suffix(".md").write_text(markdown + "\n")
+        if record["status"] == "interrupted":
+            print(f"interrupted; results so far: {json_path}", flush=True)
+            return 130
+    if doc is None:
+        return 1
+    print(markdown(doc))
     plot(doc, json_path.with_suffix(".png"))
     print(f"results: {json_path} (.md, .png); logs: {logs_dir}")
     return 1 if failed else 0

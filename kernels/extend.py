@@ -7,7 +7,8 @@
 2. `_extend_attention_kernel` is plain flash attention: program (b, h, i) handles BLOCK_M query
    rows of request b, (token, query head) pairs of KV head h's GQA group, so every K/V tile is
    loaded once for the whole group; one online softmax runs over the prefix scratch and then,
-   causally, over the new chunk (k_new, v_new).
+   causally, over the new chunk (k_new, v_new), whose non-finite rows count as zeros, as the
+   pool stores them.
 
 Dequantizing once per chunk costs O(prefix) next to the attention's O(prefix · chunk), and lets
 the attention loop run at 16-bit tensor-core speed instead of unpacking codes for every query
@@ -103,13 +104,28 @@ def _dot(a, b, acc, NATIVE_DOT: tl.constexpr):
 
 
 @triton.jit
-def _attend_tile(q, m_i, l_i, acc, k_ptrs, v_ptrs, key_ok, visible, qk_scale, NATIVE_DOT: tl.constexpr):
+def _zero_nonfinite_rows(x):
+    """x: [N, D] with every row holding a NaN or Inf replaced by zeros (the pool's rule)."""
+    wide = x.to(tl.float32)
+    bad = ((wide != wide) | (tl.abs(wide) == float("inf"))).to(tl.int32)
+    return tl.where(tl.max(bad, axis=1)[:, None] > 0, 0.0, x).to(x.dtype)
+
+
+@triton.jit
+def _attend_tile(q, m_i, l_i, acc, k_ptrs, v_ptrs, key_ok, visible, qk_scale, NATIVE_DOT: tl.constexpr,
+                 SANITIZE: tl.constexpr):
     """One online-softmax step over a K/V tile. q: [M, D] 16-bit; k_ptrs, v_ptrs: [N, D]
-    pointers, key_ok: [N, 1] which to load; visible: [M or 1, N] bool. Returns (m_i, l_i, acc)."""
+    pointers, key_ok: [N, 1] which to load; visible: [M or 1, N] bool. SANITIZE: zero K and V
+    rows that are not finite, as the pool stores them (the new chunk's rows are raw model
+    output). Returns (m_i, l_i, acc)."""
     k = tl.load(k_ptrs, mask=key_ok, other=0.0)
+    if SANITIZE:
+        k = _zero_nonfinite_rows(k)
     scores = _dot(q, tl.trans(k), tl.zeros((q.shape[0], k.shape[0]), tl.float32), NATIVE_DOT) * qk_scale
     m_i, l_i, alpha, p = _online_softmax(m_i, l_i, tl.where(visible, scores, float("-inf")))
     v = tl.load(v_ptrs, mask=key_ok, other=0.0)
+    if SANITIZE:
+        v = _zero_nonfinite_rows(v)
     return m_i, l_i, _dot(p, v, acc * alpha[:, None], NATIVE_DOT)
 
 
@@ -147,7 +163,8 @@ def _extend_attention_kernel(
             j = j0 + tl.arange(0, BLOCK_N)
             key = (kv_lo + j).to(tl.int64)[:, None] * stride_pt + hk * stride_ph + dims[None, :]
             m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, k_pre_ptr + key, v_pre_ptr + key,
-                                         (j < prefix)[:, None], (j < prefix)[None, :], qk_scale, NATIVE_DOT)
+                                         (j < prefix)[:, None], (j < prefix)[None, :], qk_scale, NATIVE_DOT,
+                                         False)
         for j0 in tl.range(0, tl.minimum(tok0 + TOKENS, n), BLOCK_N):  # token t sees chunk keys [0, t]
             j = j0 + tl.arange(0, BLOCK_N)
             key = (q_lo + j).to(tl.int64)[:, None]
@@ -155,7 +172,7 @@ def _extend_attention_kernel(
             m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc,
                                          k_new_ptr + key * stride_knt + hk * stride_knh + dims[None, :],
                                          v_new_ptr + key * stride_vnt + hk * stride_vnh + dims[None, :],
-                                         (j < n)[:, None], visible, qk_scale, NATIVE_DOT)
+                                         (j < n)[:, None], visible, qk_scale, NATIVE_DOT, True)
 
         out = acc / _nonzero(l_i)[:, None]
         tl.store(out_ptr + (q_lo + tok).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh

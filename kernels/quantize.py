@@ -3,7 +3,8 @@
 One launch handles K and V of every new token of one layer (grid: token blocks × KV heads × 2).
 No host synchronization and a grid that depends only on shapes, so it can be captured in a
 CUDA graph. The numerics follow `reference.encode_kv` (see its module docstring for rounding
-and non-finite rows).
+and non-finite rows); a launch can also set a caller's flag when any of its rows is non-finite,
+so that the caller can report it later without synchronizing here.
 """
 
 import math
@@ -27,10 +28,10 @@ def _encode_tile(
     rot_ptr, stride_rh,
     codes_ptr, stride_ct, stride_ch,
     meta_ptr, stride_mt, stride_mh,
-    window_ptr, stride_wt, stride_wh,
+    window_ptr, stride_wt, stride_wh, flag_ptr,
     slots, rows, tok, tok_ok, head,
     clip_lo, clip_frac,
-    HAS_WINDOW: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BLOCK_T: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_FLAG: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BLOCK_T: tl.constexpr,
     BITS: tl.constexpr, PER_BYTE: tl.constexpr,
 ):
     NG: tl.constexpr = D // G
@@ -45,6 +46,9 @@ def _encode_tile(
     bad = (xr != xr) | (tl.abs(xr) == float("inf"))
     row_bad = tl.max(bad.to(tl.int32), axis=1) > 0
     xr = tl.where(row_bad[:, None], 0.0, xr)
+    if HAS_FLAG:
+        # masked-off tokens loaded as zeros, so only real rows can set it; racing stores all write 1
+        tl.store(flag_ptr, 1, mask=tl.max(row_bad.to(tl.int32), axis=0) > 0)
 
     if HAS_WINDOW:
         w_ok = tok_ok & (rows >= 0)
@@ -96,9 +100,9 @@ def _write_kv_kernel(
     k_rot_ptr, v_rot_ptr, stride_krh, stride_vrh,
     k_codes_ptr, v_codes_ptr, stride_ct, stride_ch,
     k_meta_ptr, v_meta_ptr, stride_mt, stride_mh,
-    k_win_ptr, v_win_ptr, stride_wt, stride_wh,
+    k_win_ptr, v_win_ptr, stride_wt, stride_wh, flag_ptr,
     k_clip_lo, k_clip_frac, v_clip_lo, v_clip_frac,
-    HAS_WINDOW: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BLOCK_T: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_FLAG: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BLOCK_T: tl.constexpr,
     BITS: tl.constexpr, PER_BYTE: tl.constexpr,
 ):
     head = tl.program_id(1)
@@ -111,13 +115,13 @@ def _write_kv_kernel(
     if tl.program_id(2) == 0:
         _encode_tile(k_ptr, stride_kt, stride_kh, k_rot_ptr, stride_krh,
                      k_codes_ptr, stride_ct, stride_ch, k_meta_ptr, stride_mt, stride_mh,
-                     k_win_ptr, stride_wt, stride_wh, slots, rows, tok, tok_ok, head,
-                     k_clip_lo, k_clip_frac, HAS_WINDOW, D, G, BLOCK_T, BITS, PER_BYTE)
+                     k_win_ptr, stride_wt, stride_wh, flag_ptr, slots, rows, tok, tok_ok, head,
+                     k_clip_lo, k_clip_frac, HAS_WINDOW, HAS_FLAG, D, G, BLOCK_T, BITS, PER_BYTE)
     else:
         _encode_tile(v_ptr, stride_vt, stride_vh, v_rot_ptr, stride_vrh,
                      v_codes_ptr, stride_ct, stride_ch, v_meta_ptr, stride_mt, stride_mh,
-                     v_win_ptr, stride_wt, stride_wh, slots, rows, tok, tok_ok, head,
-                     v_clip_lo, v_clip_frac, HAS_WINDOW, D, G, BLOCK_T, BITS, PER_BYTE)
+                     v_win_ptr, stride_wt, stride_wh, flag_ptr, slots, rows, tok, tok_ok, head,
+                     v_clip_lo, v_clip_frac, HAS_WINDOW, HAS_FLAG, D, G, BLOCK_T, BITS, PER_BYTE)
 
 
 def quantile_position(ratio: float, n: int) -> tuple[int, float]:
@@ -136,6 +140,7 @@ def write_kv_int2(
     fmt: OscarFormat,
     window_rows: torch.Tensor | None = None,
     k_window: torch.Tensor | None = None, v_window: torch.Tensor | None = None,
+    nonfinite_flag: torch.Tensor | None = None,
 ) -> None:
     """Encode new tokens of one layer into its pool buffers, in place.
 
@@ -144,6 +149,9 @@ def write_kv_int2(
     k_codes, v_codes: [slots, H_kv, D/4] uint8; k_meta, v_meta: [slots, H_kv, D/G, 2] fp16.
     window_rows: optional [T] int (-1 = none, no repeats otherwise) selecting rows of
     k_window, v_window: [rows, H_kv, D] bf16 that receive the rotated, unclipped BF16 copy.
+    nonfinite_flag: optional [1] int32 (one layer's element of a flags tensor), set to 1 when
+    any K or V row of the launch is non-finite after rotation (stored as zeros); never cleared
+    here, so the caller can read it later without a host sync in this launch's path.
     """
     num_tokens, heads, d = k.shape
     if d != fmt.head_dim or v.shape != k.shape:
@@ -160,6 +168,11 @@ def write_kv_int2(
         assert k_window.stride() == v_window.stride() and k_window.stride(-1) == 1
     else:
         window_rows, k_window, v_window = slots, k_codes, v_codes  # unused placeholders
+    has_flag = nonfinite_flag is not None
+    if has_flag:
+        assert nonfinite_flag.dtype == torch.int32 and nonfinite_flag.numel() == 1
+    else:
+        nonfinite_flag = slots  # unused placeholder
     k_lo, k_frac = quantile_position(k_clip, d)
     v_lo, v_frac = quantile_position(v_clip, d)
     if num_tokens > DECODE_MAX_TOKENS:
@@ -174,8 +187,8 @@ def write_kv_int2(
         v_rot.stride(0) if v_rot.shape[0] > 1 else 0,
         k_codes, v_codes, k_codes.stride(0), k_codes.stride(1),
         k_meta, v_meta, k_meta.stride(0), k_meta.stride(1),
-        k_window, v_window, k_window.stride(0), k_window.stride(1),
+        k_window, v_window, k_window.stride(0), k_window.stride(1), nonfinite_flag,
         k_lo, k_frac, v_lo, v_frac,
-        HAS_WINDOW=has_window, D=d, G=fmt.group_size, BLOCK_T=block_t,
+        HAS_WINDOW=has_window, HAS_FLAG=has_flag, D=d, G=fmt.group_size, BLOCK_T=block_t,
         BITS=CODE_BITS, PER_BYTE=CODES_PER_BYTE,
     )

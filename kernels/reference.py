@@ -30,6 +30,11 @@ def finite_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(x).all(dim=-1, keepdim=True)
 
 
+def zero_nonfinite_rows(x: torch.Tensor) -> torch.Tensor:
+    """x: [..., D] with the rows that hold a NaN or Inf replaced by zeros."""
+    return torch.where(finite_rows(x), x, 0.0)
+
+
 def clip_rows(x: torch.Tensor, ratio: float) -> torch.Tensor:
     """Clip each row of x: [..., D] at tau = the `ratio`-quantile of |x| over that row
     (linear interpolation, as torch.quantile). Returns float32."""
@@ -59,10 +64,7 @@ def quantize_int2(x: torch.Tensor, group_size: int):
     x: [..., D] float -> codes [..., D/4] uint8 (quartered), scale [..., D/G] fp16,
     minimum [..., D/G] fp16. Constant groups get scale 0 and reconstruct exactly.
     """
-    x = x.float()
-    ok = finite_rows(x)
-    x = torch.where(ok, x, 0.0)
-    groups = x.unflatten(-1, (-1, group_size))
+    groups = zero_nonfinite_rows(x.float()).unflatten(-1, (-1, group_size))
     lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
     minimum = lo.half()
     scale = ((hi - lo) / CODE_MAX).half()
@@ -85,9 +87,8 @@ def encode_kv(x: torch.Tensor, rot: torch.Tensor, clip_ratio: float, fmt: OscarF
     [T, H, D] (rotated, unclipped; zeros for non-finite rows).
     """
     rotated = rotate(x, rot)
-    ok = finite_rows(rotated)
     codes, scale, minimum = quantize_int2(clip_rows(rotated, clip_ratio), fmt.group_size)
-    window = torch.where(ok, rotated, 0.0).to(torch.bfloat16)
+    window = zero_nonfinite_rows(rotated).to(torch.bfloat16)
     return codes, torch.stack([scale, minimum], dim=-1), window
 
 
@@ -154,8 +155,8 @@ def extend_attention(
     q: [N, H_q, D] and k_new, v_new: [N, H_kv, D] (not rotated, attended exactly and causally);
     its cached prefix is the slots kv_indices[kv_indptr[b]:kv_indptr[b+1]]. With L = prefix +
     chunk, prefix positions in `fmt.int2_span(L)` come from INT2 and the others from the
-    request's window rows (which hold the prefix's sinks and its last W positions).
-    Returns float32 [N, H_q, D]."""
+    request's window rows (which hold the prefix's sinks and its last W positions). A chunk's
+    non-finite K or V rows count as zeros, as the pool stores them. Returns float32 [N, H_q, D]."""
     out = []
     for b in range(len(qo_indptr) - 1):
         lo, hi = int(qo_indptr[b]), int(qo_indptr[b + 1])
@@ -164,8 +165,8 @@ def extend_attention(
         row = int(window_starts[b])
         k_pre = unrotate(gather_rotated_kv(slots, row, prefix + n, k_codes, k_meta, k_window, fmt), k_rot)
         v_pre = unrotate(gather_rotated_kv(slots, row, prefix + n, v_codes, v_meta, v_window, fmt), v_rot)
-        k = torch.cat([k_pre, k_new[lo:hi].float()])
-        v = torch.cat([v_pre, v_new[lo:hi].float()])
+        k = torch.cat([k_pre, zero_nonfinite_rows(k_new[lo:hi].float())])
+        v = torch.cat([v_pre, zero_nonfinite_rows(v_new[lo:hi].float())])
         pos = torch.arange(prefix + n, device=q.device)
         visible = pos[None, :] <= pos[prefix:, None]
         out.append(_attend(q[lo:hi], k, v, sm_scale, visible))

@@ -117,8 +117,9 @@ def make_rotation_set(k_rot, v_rot, k_clip, v_clip, *, model_name: str, num_kv_h
 def save_rotations(path: str, rotations: RotationSet) -> None:
     tensors = {}
     for layer in range(rotations.num_layers):
-        tensors[f"layers.{layer}.k_rot"] = rotations.k_rot[layer].float().clone()
-        tensors[f"layers.{layer}.v_rot"] = rotations.v_rot[layer].float().clone()
+        # separate contiguous storage per tensor: safetensors refuses shared or strided ones
+        tensors[f"layers.{layer}.k_rot"] = rotations.k_rot[layer].float().clone(memory_format=torch.contiguous_format)
+        tensors[f"layers.{layer}.v_rot"] = rotations.v_rot[layer].float().clone(memory_format=torch.contiguous_format)
         tensors[f"layers.{layer}.k_clip"] = torch.tensor(rotations.k_clip[layer], dtype=torch.float32)
         tensors[f"layers.{layer}.v_clip"] = torch.tensor(rotations.v_clip[layer], dtype=torch.float32)
     meta = {k: v for k, v in rotations.metadata.items() if k != "source_path"}
@@ -148,16 +149,29 @@ def load_rotations(path: str) -> RotationSet:
             f"rotation file {path!r} has format {metadata['format']} version "
             f"{metadata['format_version']}, this oscar-sglang reads {FORMAT_NAME} version "
             f"{FORMAT_VERSION}: calibrate it again with this version")
-    num_layers, heads, dim = (int(metadata[k]) for k in ("num_layers", "num_kv_heads", "head_dim"))
+    num_layers, heads, dim = (_positive_int(metadata, k, path) for k in ("num_layers", "num_kv_heads", "head_dim"))
+    # counted first: a corrupted num_layers must not make us build a huge set of names
+    if len(tensors) != 4 * num_layers:
+        raise RotationFileError(
+            f"rotation file {path!r} holds {len(tensors)} tensors, but its metadata says "
+            f"{num_layers} layers ({4 * num_layers} tensors): calibrate it again")
+    unexpected = sorted(set(tensors) - {f"layers.{layer}.{kind}_{part}" for layer in range(num_layers)
+                                        for kind in "kv" for part in ("rot", "clip")})
+    if unexpected:
+        raise RotationFileError(
+            f"rotation file {path!r} holds {unexpected[0]!r}, which is not one of the "
+            f"layers.{{0..{num_layers - 1}}}.{{k,v}}_{{rot,clip}} its metadata calls for: "
+            "calibrate it again")
+    bad_dtype = next((n for n in sorted(tensors) if tensors[n].dtype != torch.float32), None)
+    if bad_dtype is not None:
+        raise RotationFileError(f"{bad_dtype} in {path!r} is {tensors[bad_dtype].dtype}, expected "
+                                "float32: calibrate it again")
     rots = {"k": [], "v": []}
     clips = {"k": [], "v": []}
     for layer in range(num_layers):
         for kind in "kv":
             name = f"layers.{layer}.{kind}_rot"
-            if name not in tensors or f"layers.{layer}.{kind}_clip" not in tensors:
-                raise RotationFileError(f"rotation file {path!r} lacks {name} or its clip ratio "
-                                        f"(metadata says {num_layers} layers): calibrate it again")
-            rot = tensors[name].float()
+            rot = tensors[name]
             if rot.ndim != 3 or rot.shape[0] not in (1, heads) or rot.shape[1:] != (dim, dim):
                 raise RotationFileError(f"{name} in {path!r} has shape {tuple(rot.shape)}, expected "
                                         f"[1 or {heads}, {dim}, {dim}]: calibrate it again")
@@ -165,11 +179,20 @@ def load_rotations(path: str) -> RotationSet:
             if not err <= ORTHOGONALITY_TOLERANCE:
                 raise RotationFileError(f"{name} in {path!r} is not orthogonal (max |RᵀR - I| = "
                                         f"{err:.2e}): calibrate it again")
-            clip = float(tensors[f"layers.{layer}.{kind}_clip"])
+            clip_t = tensors[f"layers.{layer}.{kind}_clip"]
+            clip = float(clip_t) if clip_t.ndim == 0 else float("nan")
             if not 0.0 < clip <= 1.0:
-                raise RotationFileError(f"layers.{layer}.{kind}_clip in {path!r} is {clip}, "
+                raise RotationFileError(f"layers.{layer}.{kind}_clip in {path!r} is {clip_t.tolist()}, "
                                         "expected a quantile in (0, 1]: calibrate it again")
             rots[kind].append(rot)
             clips[kind].append(clip)
     metadata = dict(metadata, source_path=path)
     return RotationSet(rots["k"], rots["v"], clips["k"], clips["v"], metadata)
+
+
+def _positive_int(metadata: dict[str, str], key: str, path: str) -> int:
+    value = metadata[key]
+    if not (value.isascii() and value.isdigit() and int(value) > 0):
+        raise RotationFileError(f"rotation file {path!r} has {key}={value!r} in its metadata, "
+                                "expected a positive integer: calibrate it again")
+    return int(value)

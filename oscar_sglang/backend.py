@@ -6,7 +6,8 @@ qo_indptr, max_extend_len) and the CUDA-graph capture / replay machinery. Overri
 write (rotate + quantize + window copies) and both attention kernels. Extend batches (never
 captured) also restore the window rows of requests with a radix hit and give the slots of new
 sink positions rows of the pool's slot-keyed sink store, copied from the window rows after the
-write kernel; decode never touches the sink store. Setting
+write kernel; decode never touches the sink store. The write kernel flags layers that wrote
+non-finite K/V (stored as zeros); `oscar_sglang.nonfinite` warns once per layer. Setting
 SGLANG_OSCAR_REFERENCE_ATTENTION=1 routes attention through the PyTorch reference instead (a
 debug switch: slow, needs --disable-cuda-graph).
 """
@@ -20,9 +21,11 @@ from oscar_sglang.kernels import reference
 from oscar_sglang.kernels.decode import decode_attention_int2
 from oscar_sglang.kernels.extend import extend_attention_int2
 from oscar_sglang.kernels.quantize import write_kv_int2
+from oscar_sglang.nonfinite import NonFiniteReporter
 from oscar_sglang.pool import OscarTokenToKVPool
 
 REFERENCE_ENV = "SGLANG_OSCAR_REFERENCE_ATTENTION"
+DETERMINISTIC_KV_SPLITS = 16
 EXTEND_SCRATCH_BYTES = 1 << 30  # bound on the extend kernel's dequantized-prefix scratch per launch
 
 
@@ -42,21 +45,32 @@ class OscarAttnBackend(TritonAttnBackend):
         pool.allocate_windows(model_runner.req_to_token_pool.size)
         self.req_generation = model_runner.req_to_token_pool.req_generation
         self.window_generation = torch.full_like(self.req_generation, -1)
+        self.pool_clears = pool.clears
         self.use_reference = os.environ.get(REFERENCE_ENV, "0") == "1"
         self._token_rows = None
         self._sink_copy = None
+        self.nonfinite = NonFiniteReporter(pool.layer_num, pool.start_layer, pool.device)
 
     def init_forward_metadata(self, forward_batch):
         super().init_forward_metadata(forward_batch)
+        self.nonfinite.check()
         if forward_batch.forward_mode.is_extend():
             indices = forward_batch.req_pool_indices.tolist()
             self._restore_windows_of_new_requests(forward_batch, indices)
             self._sink_copy = self._assign_sink_rows(forward_batch, indices)
 
+    def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
+        super().init_forward_metadata_out_graph(forward_batch, in_capture)
+        if not in_capture:  # CUDA-graph replay prepares here; init_forward_metadata is not called
+            self.nonfinite.check()
+
     def _restore_windows_of_new_requests(self, forward_batch, indices):
         """A request seen for the first time whose prefix came from the radix cache gets its
         window rows filled for that prefix: exact sinks from the sink pool where its slots have
         rows, the rest from INT2 codes (its own chunks write them)."""
+        if self.pool.clears != self.pool_clears:  # flush_cache restarted the generations at 0
+            self.pool_clears = self.pool.clears
+            self.window_generation.fill_(-1)
         for idx, prefix in zip(indices, forward_batch.extend_prefix_lens_cpu):
             generation = self.req_generation[idx]
             if self.window_generation[idx] == generation:
@@ -105,7 +119,7 @@ class OscarAttnBackend(TritonAttnBackend):
         lay = self.pool.layer(layer.layer_id)
         write_kv_int2(k, v, forward_batch.out_cache_loc, lay.k_rot, lay.v_rot, lay.k_clip, lay.v_clip,
                       lay.k_codes, lay.k_meta, lay.v_codes, lay.v_meta, self.fmt,
-                      window_rows, lay.k_window, lay.v_window)
+                      window_rows, lay.k_window, lay.v_window, self.nonfinite.flag(layer.layer_id))
         return lay
 
     @staticmethod
@@ -129,7 +143,10 @@ class OscarAttnBackend(TritonAttnBackend):
         if self.use_reference:
             o = reference.decode_attention(q, *args).to(q.dtype)
         else:
-            o = decode_attention_int2(q, *args)
+            # deterministic inference: a split count independent of the batch keeps every
+            # request's reduction order, so its outputs do not depend on what runs beside it
+            splits = DETERMINISTIC_KV_SPLITS if self.enable_deterministic else None
+            o = decode_attention_int2(q, *args, num_kv_splits=splits)
         return o.reshape(-1, heads * d)
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None, **kwargs):

@@ -8,6 +8,8 @@ every scheduler process. It adds:
   environment variables (see oscar_sglang.config), which the spawned schedulers inherit;
 - the startup checks (oscar_sglang.validation) around ServerArgs.__post_init__;
 - the "oscar" attention backend and AROUND hooks that size and build the OSCAR KV pool;
+- for --enable-deterministic-inference: "oscar" among SGLang's deterministic backends, and an
+  AROUND hook on Scheduler.init_deterministic_inference_config that aligns prefill chunks;
 - AROUND hooks on the token allocators' release points (TokenToKVPoolAllocator.free / .clear,
   PagedTokenToKVPoolAllocator._release_page_ids / .clear) that release the sink-pool rows of
   slots going back to the free list (OscarTokenToKVPool.release_sink_rows / reset_sink_rows).
@@ -65,6 +67,9 @@ TOKEN_CLEAR = f"{TOKEN_ALLOCATOR}.clear"
 PAGED_RELEASE = f"{PAGED_ALLOCATOR}._release_page_ids"
 PAGED_CLEAR = f"{PAGED_ALLOCATOR}.clear"
 ALLOCATOR_TARGETS = (TOKEN_FREE, TOKEN_CLEAR, PAGED_RELEASE, PAGED_CLEAR)
+DETERMINISTIC_CONFIG = "sglang.srt.managers.scheduler.Scheduler.init_deterministic_inference_config"
+TRITON_ALIGN_ENV = "SGLANG_TRITON_PREFILL_TRUNCATION_ALIGN_SIZE"  # SGLang's, with its default
+TRITON_ALIGN_DEFAULT = 4096
 # Without these an OSCAR server would size or build SGLang's BF16 pool, or leak sink-pool rows
 # (and hand a reused slot a stale exact sink).
 POOL_TARGETS = (COMPUTE_CELL_SIZE, FINALIZE_MAX_RUNNING_REQUESTS, BUILD_MHA_KV_POOL,
@@ -102,10 +107,18 @@ def register() -> None:
     HookRegistry.register(TOKEN_CLEAR, _allocator_clear, HookType.AROUND)
     HookRegistry.register(PAGED_CLEAR, _allocator_clear, HookType.AROUND)
 
+    HookRegistry.register(DETERMINISTIC_CONFIG, _init_deterministic_inference_config, HookType.AROUND)
+
     from sglang.srt.layers.attention.attention_registry import register_attention_backend
-    from sglang.srt.server_args import add_attention_backend_choices
+    from sglang.srt.server_args import (
+        DETERMINISTIC_ATTENTION_BACKEND_CHOICES,
+        add_attention_backend_choices,
+        add_deterministic_attention_backend_choices,
+    )
 
     add_attention_backend_choices([validation.BACKEND])
+    if validation.BACKEND not in DETERMINISTIC_ATTENTION_BACKEND_CHOICES:
+        add_deterministic_attention_backend_choices([validation.BACKEND])
     register_attention_backend(validation.BACKEND)(_create_backend)
 
 
@@ -244,6 +257,19 @@ def _allocator_clear(original, allocator):
     if pool is not None:
         pool.reset_sink_rows()
     return result
+
+
+def _init_deterministic_inference_config(original, scheduler):
+    """AROUND Scheduler.init_deterministic_inference_config(self). Under
+    --enable-deterministic-inference SGLang cuts prefill chunks at fixed multiples only for its
+    flashinfer and triton backends. OSCAR's extend reads a chunk's prefix from INT2, so where
+    a chunk ends must not depend on the batch either: OSCAR aligns like triton."""
+    original(scheduler)
+    args = scheduler.server_args
+    if args.enable_deterministic_inference and validation.scheduler_enabled(args):
+        from sglang.srt.utils.common import get_int_env_var
+
+        scheduler.truncation_align_size = get_int_env_var(TRITON_ALIGN_ENV, TRITON_ALIGN_DEFAULT)
 
 
 def _create_backend(runner):

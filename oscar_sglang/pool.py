@@ -94,6 +94,7 @@ class OscarTokenToKVPool(MHATokenToKVPool):
         # sink-pool row of each slot (-1: none); sized like the slot buffers
         self.sink_row_of_slot = torch.full((rows,), -1, dtype=torch.int32, device=self.device)
         self._sink_released = torch.zeros(1, dtype=torch.bool, device=self.device)
+        self.clears = 0
         self._kv_buffer_descs = self._build_kv_buffer_descs()
         self._init_data_ptrs_and_strides()
 
@@ -128,7 +129,10 @@ class OscarTokenToKVPool(MHATokenToKVPool):
                     capacity * row_bytes / 2**30)
 
     def reset_sink_rows(self) -> None:
-        """Every slot is free (the allocator's clear()): every sink row is free."""
+        """Every slot is free (the allocator's clear()): every sink row is free. Counted in
+        `clears`, since flush_cache also restarts SGLang's request generations, which the
+        backend uses to know which requests' window rows it filled."""
+        self.clears += 1
         self.sink_row_of_slot.fill_(-1)
         self._sink_released.zero_()
         self._sink_free = list(range(self.sink_capacity - 1, -1, -1))

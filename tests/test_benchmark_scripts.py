@@ -1,7 +1,11 @@
 """CPU tests of benchmarks/serving.py, benchmarks/latency.py and benchmarks/common.py.
 
-Nothing here starts SGLang or touches a GPU (stand-in processes play server and client): flags, commands, log parsing (on lines in the
-formats SGLang 0.5.17 writes), the one-batch launcher's bookkeeping, results files and tables.
+Nothing here starts an SGLang server or touches a GPU (stand-in processes play server, client
+and one-batch launcher): flags, commands, log parsing (on lines in the formats SGLang 0.5.17
+writes), the one-batch launcher's bookkeeping, time limits, progress lines, partial and merged
+results files and tables. The synthetic prefill runs through SGLang's real bench_one_batch code
+(extend, decode, latency_test_run_once), ScheduleBatch and pools on the CPU, with stand-ins for
+the model forward and the sampler only.
 """
 
 import dataclasses
@@ -46,7 +50,8 @@ def test_serving_defaults():
     assert args.configs == ["bf16-flashinfer", "fp8-flashinfer", "fp8-triton", "oscar"]
     assert (args.num_groups, args.prompts_per_group) == (4, 16)
     assert (args.system_prompt_len, args.question_len, args.output_len) == (32768, 1024, 512)
-    assert args.mem_fraction_static == 0.80 and args.timeout == 900.0
+    assert args.mem_fraction_static == 0.80 and args.timeout == 300.0
+    assert args.budget is None and args.oscar_args == []
     assert serving.concurrency(args) == 64
     assert serving.concurrency(serving.build_parser().parse_args(["--max-concurrency", "8"])) == 8
 
@@ -56,7 +61,10 @@ def test_latency_defaults():
     assert args.configs == ["bf16-flashinfer", "fp8-flashinfer", "fp8-triton", "oscar"]
     assert args.batches == [1, 8, 32] and args.contexts == [16384, 32768, 100000]
     assert args.mem_fraction_static == 0.70 and args.decode_steps == 32
-    assert not args.max_batch_search and args.max_batch_context == 100000
+    assert args.timeout == 300.0 and args.budget is None
+    assert args.prefill == "synthetic" and args.prefill_chunk_tokens == 131072
+    assert args.max_batch_search and args.max_batch_context == 100000
+    assert not latency.build_parser().parse_args(["--no-max-batch-search"]).max_batch_search
 
 
 @pytest.mark.parametrize(
@@ -68,6 +76,9 @@ def test_latency_defaults():
         ["--contexts", "0"],
         ["--decode-steps", "2"],
         ["--oscar-rotations", "/no/such/file.safetensors"],
+        ["--prefill", "fake"],
+        ["--oscar-args", "oscar-window-fraction 0.3"],
+        ["--oscar-args", "--oscar-window-fraction '0.3"],
     ],
 )
 def test_latency_rejects_bad_flags(argv):
@@ -104,6 +115,22 @@ def test_kv_flags():
         "r.safetensors",
     ]
     assert common.kv_flags("fp8-triton", rotations) == common.kv_flags("fp8-triton")
+    extra = ["--oscar-window-fraction", "0.3"]
+    assert common.kv_flags("oscar", None, extra) == ["--kv-quant", "oscar", *extra]
+    assert common.kv_flags("fp8-flashinfer", rotations, extra) == common.kv_flags("fp8-flashinfer")
+
+
+def test_oscar_args_reach_the_oscar_server_only(tmp_path):
+    args = serving.build_parser().parse_args(["--oscar-args", "--oscar-window-fraction 0.3"])
+    assert args.oscar_args == ["--oscar-window-fraction", "0.3"]
+    assert serving.server_command("oscar", args, MODEL, 1)[-4:] == [
+        "--kv-quant", "oscar", "--oscar-window-fraction", "0.3"
+    ]  # fmt: skip
+    assert "--oscar-window-fraction" not in serving.server_command("fp8-flashinfer", args, MODEL, 1)
+    args = latency.build_parser().parse_args(["--oscar-args=--oscar-window-fraction 0.3"])
+    cmd = latency.launcher_command("oscar", args, MODEL, "/out/oscar.jsonl")
+    assert _value(cmd, "--oscar-window-fraction") == "0.3"
+    assert "--oscar-window-fraction" not in latency.launcher_command("fp8-triton", args, MODEL, "/o")
 
 
 def test_server_commands_differ_only_in_the_kv_option(tmp_path):
@@ -162,7 +189,11 @@ def test_launcher_commands_differ_only_in_the_kv_option_and_names():
     cmd = list(cmd)
     assert cmd[:4] == [sys.executable, "-m", "benchmarks.latency", "one-batch"]
     own, sglang_argv = latency.split_launcher_argv(cmd[4:])
-    assert own == ["--prefill-chunk-tokens", "131072", "--max-batch-context", "100000"]
+    assert own == [
+        "--prefill", "synthetic", "--prefill-chunk-tokens", "131072", "--max-batch-context", "100000"
+    ]  # fmt: skip
+    options = latency.launcher_parser().parse_args(own)
+    assert (options.prefill, options.max_batch_context) == ("synthetic", 100000)
     assert _without(sglang_argv, ["--batch-size", "1", "8"]) != sglang_argv
     assert _without(sglang_argv, ["--cuda-graph-bs-decode", "1", "8"]) != sglang_argv
     assert _value(sglang_argv, "--input-len") == "100000"
@@ -175,6 +206,8 @@ def test_launcher_options():
     assert rest == ["--model-path", "m"]
     options = latency.launcher_parser().parse_args(own)
     assert (options.prefill_chunk_tokens, options.max_batch_context) == (8, None)
+    assert options.prefill == "synthetic"
+    assert latency.launcher_parser().parse_args(["--prefill", "model"]).prefill == "model"
     assert latency.split_launcher_argv(["--model-path", "m"]) == ([], ["--model-path", "m"])
 
 
@@ -287,7 +320,7 @@ def test_recorder_records_warmup_points_skips_and_failures(tmp_path):
         ("point", 5, "skipped"),
         ("point", 3, "failed"),
     ]
-    assert records[2]["reason"] == "KV pool and request slots hold 4"
+    assert records[2]["reason"] == "KV pool holds 4 sequences of 100+10 tokens (440 tokens), request slots 2048"
     assert records[3]["error"] == "OutOfMemoryError: CUDA out of memory."
     assert runner.cleared == 1
 
@@ -398,19 +431,27 @@ def _latency_doc():
     return {
         "settings": {
             "model": "qwen3-8b-dummy",
-            "batches": [1, 8],
-            "contexts": [100000],
+            "load_format": "dummy",
+            "decode_steps": 32,
+            "mem_fraction_static": 0.7,
+            "prefill": "synthetic",
+            "prefill_chunk_tokens": None,
             "max_batch_context": 100000,
         },
+        "grid": {"batches": [1, 8], "contexts": [100000]},
         "configs": {
             "fp8-flashinfer": {
                 "status": "ok",
+                "kv_flags": ["--kv-cache-dtype", "fp8_e4m3", "--attention-backend", "flashinfer"],
+                "cuda_graph_bs": [1, 8],
                 "pool": {"max_total_num_tokens": 500_000, "request_slots": 2048},
                 "points": [point(1, 100000, latency_s=0.012), point(8, 100000, "skipped")],
                 "max_batch": [point(4, 100000, latency_s=0.03)],
             },
             "oscar": {
                 "status": "ok",
+                "kv_flags": ["--kv-quant", "oscar", "--oscar-window-fraction", "0.3"],
+                "cuda_graph_bs": [1, 8],
                 "pool": {"max_total_num_tokens": 3_000_000, "request_slots": 2048},
                 "points": [point(1, 100000, latency_s=0.006), point(8, 100000, "failed")],
                 "max_batch": [point(29, 100000, "failed"), point(28, 100000, latency_s=0.05)],
@@ -651,17 +692,20 @@ def _fake_sglang(monkeypatch, runner):
     return one_batch, seen
 
 
-def test_one_batch_launcher_loads_plugins_and_records_every_point(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "prefill, wrapper", [([], "synthetic_extend"), (["--prefill", "model"], "chunked_extend")]
+)
+def test_one_batch_launcher_loads_plugins_and_records_every_point(tmp_path, monkeypatch, prefill, wrapper):
     runner = FakeRunner(tokens=3 * 110)  # three 100 + 10 token sequences fit
     one_batch, seen = _fake_sglang(monkeypatch, runner)
     out = tmp_path / "r.jsonl"
-    argv = ["--prefill-chunk-tokens", "64", "--max-batch-context", "100", "--", "--model-path", "m", str(out)]
+    argv = [*prefill, "--prefill-chunk-tokens", "64", "--max-batch-context", "100", "--", "--model-path", "m", str(out)]
     assert latency.main(["one-batch", *argv]) == 0
     assert seen["argv"] == ["sglang.benchmark.one_batch", "--model-path", "m", str(out)]
     assert seen["plugins"] == 2  # launcher (before the parser) and worker (for spawned TP ranks)
     assert seen["stock_result_filename"] == ""  # the recorder writes the file, not stock latency_test
     assert one_batch.latency_test is latency.latency_worker
-    assert one_batch._TorchBenchRunner.extend.__qualname__.startswith("chunked_extend")
+    assert one_batch._TorchBenchRunner.extend.__qualname__.startswith(wrapper)
     records = common.read_jsonl(out)
     summary = [(r["kind"], r.get("batch_size"), r["status"]) for r in records[1:]]
     assert records[0] == {"kind": "pool", "max_total_num_tokens": 330, "request_slots": 2048}
@@ -698,3 +742,372 @@ def test_children_die_with_the_benchmark(tmp_path):
     while common.group_members(child) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert common.group_members(child) == []
+
+
+# ---------------------------------------------------------------------------- synthetic prefill, real SGLang on CPU
+
+# A tiny Qwen3 config: enough for SGLang's ServerArgs and ModelConfig.
+TINY_QWEN3 = {
+    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 256,
+    "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2,
+    "head_dim": 128, "num_hidden_layers": 2, "vocab_size": 1000,
+    "max_position_embeddings": 4096, "use_sliding_window": False, "torch_dtype": "bfloat16",
+}  # fmt: skip
+
+
+@pytest.fixture
+def cpu_sglang(tmp_path, monkeypatch):
+    """SGLang's real bench_one_batch module, ServerArgs published for a CPU run (torch_native
+    attention: req_to_token written without Triton), and a factory of bench runners: SGLang's
+    real _TorchBenchRunner over a stand-in ModelRunner holding real pools (ReqToTokenPool,
+    MHATokenToKVPool, TokenToKVPoolAllocator) whose forward / sample stand in for the model."""
+    one_batch = pytest.importorskip("sglang.benchmark.one_batch")
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.mem_cache.allocator import TokenToKVPoolAllocator
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
+    from sglang.srt.runtime_context import get_context, get_parallel
+    from sglang.srt.server_args import ServerArgs
+
+    (tmp_path / "config.json").write_text(json.dumps(TINY_QWEN3))
+    context = get_context()
+    for owner, name in (
+        (context, "_server_args"), (context, "_config_bags"), (context, "_overrides_log"),
+        (context, "_publish_role"), (context.parallel, "_config"),
+        (context.flags.capture, "enable_torch_compile"),
+    ):  # fmt: skip
+        monkeypatch.setattr(owner, name, getattr(owner, name))  # put back after the test
+    server_args = ServerArgs(model_path=str(tmp_path), device="cpu", attention_backend="torch_native")
+    context.set_server_args(server_args)
+    model_config = ModelConfig.from_server_args(server_args)
+    monkeypatch.setattr(latency, "_STOCK", {})
+    monkeypatch.setattr(one_batch._TorchBenchRunner, "extend", one_batch._TorchBenchRunner.extend)
+    from sglang.srt.model_executor import forward_batch_info
+
+    # on a CUDA host SGLang picks a CUDA kernel for decode positions; these tensors are on the CPU
+    monkeypatch.setattr(forward_batch_info, "clamp_position", forward_batch_info._clamp_position_native)
+
+    def make(tokens=400, slots=4, max_total_num_tokens=None, context_len=512):
+        calls = []
+
+        def forward(forward_batch, *args, **kwargs):
+            calls.append(forward_batch.forward_mode.name)
+            logits = torch.zeros(forward_batch.batch_size, model_config.vocab_size)
+            return types.SimpleNamespace(logits_output=types.SimpleNamespace(next_token_logits=logits))
+
+        def sample(logits_output, forward_batch):
+            calls.append("sample")
+            return torch.argmax(logits_output.next_token_logits, -1)
+
+        kv_pool = MHATokenToKVPool(tokens, 1, torch.bfloat16, 2, 128, 2, "cpu", False)
+        model_runner = types.SimpleNamespace(
+            server_args=server_args,
+            device="cpu",
+            model_config=model_config,
+            req_to_token_pool=ReqToTokenPool(slots, context_len, "cpu", False),
+            token_to_kv_pool_allocator=TokenToKVPoolAllocator(tokens, torch.bfloat16, "cpu", kv_pool, need_sort=False),
+            max_total_num_tokens=tokens if max_total_num_tokens is None else max_total_num_tokens,
+            is_draft_worker=False,
+            ngram_embedding_manager=types.SimpleNamespace(enabled=False),
+            forward=forward,
+            sample=sample,
+            calls=calls,
+        )  # fmt: skip
+        return one_batch._TorchBenchRunner(model_runner)
+
+    with get_parallel().override(moe_ep_size=1):  # no distributed groups on this machine
+        yield one_batch, make
+
+
+def _reqs(one_batch, lengths, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    inputs = [torch.randint(0, 1000, (n,), generator=gen).tolist() for n in lengths]
+    return one_batch.prepare_synthetic_inputs_for_latency_test(len(inputs), max(lengths), inputs)
+
+
+def test_synthetic_extend_sets_the_batch_up_like_the_real_one(cpu_sglang):
+    one_batch, make = cpu_sglang
+    stock = one_batch._TorchBenchRunner.extend
+    synthetic = latency.synthetic_extend(stock)
+    real_runner, fake_runner = make(), make()
+    own_forward = fake_runner.torch_runner.forward
+    real_ids, real_logits, real = stock(real_runner, _reqs(one_batch, [100, 60, 80]))
+    ids, logits, batch = synthetic(fake_runner, _reqs(one_batch, [100, 60, 80]))
+    assert real_runner.torch_runner.calls == ["EXTEND", "sample"]
+    assert fake_runner.torch_runner.calls == []  # no model forward, no sampler
+    assert fake_runner.torch_runner.forward is own_forward  # the stand-ins are gone again
+    assert logits is None and real_logits is not None
+    assert ids.dtype == torch.int64 and ids.shape == real_ids.shape == (3,)
+    assert ids.device == batch.seq_lens.device and 0 <= ids.min() and ids.max() < 1000
+    for field in ("seq_lens", "seq_lens_cpu", "orig_seq_lens", "req_pool_indices", "out_cache_loc", "input_ids"):
+        assert torch.equal(getattr(batch, field), getattr(real, field)), field
+    assert (batch.prefix_lens, batch.extend_lens, batch.seq_lens_sum) == ([0, 0, 0], [100, 60, 80], 240)
+    assert batch.forward_mode == real.forward_mode and batch.sampling_info is not None
+    def rows(runner, b):
+        return runner.torch_runner.req_to_token_pool.req_to_token[b.req_pool_indices]
+
+    assert torch.equal(rows(fake_runner, batch), rows(real_runner, real))
+    allocator = fake_runner.torch_runner.token_to_kv_pool_allocator
+    assert allocator.available_size() == 400 - 240
+    assert [len(set(rows(fake_runner, batch)[i, :n].tolist())) for i, n in enumerate((100, 60, 80))] == [100, 60, 80]
+    assert [r.kv_committed_len for r in batch.reqs] == [100, 60, 80]
+
+
+def test_decode_runs_after_a_synthetic_prefill(cpu_sglang):
+    """SGLang's own decode() (prepare_for_decode, ForwardBatch, forward, sample) on the batch."""
+    one_batch, make = cpu_sglang
+    runner = make()
+    runner_cls = type(runner)
+    runner_cls.extend = latency.synthetic_extend(runner_cls.extend)  # put back by the fixture
+    ids, _, batch = runner.extend(_reqs(one_batch, [50, 70]))
+    for step in range(1, 4):
+        previous = ids
+        ids, _ = runner.decode(previous, batch)
+        assert batch.seq_lens.tolist() == [50 + step, 70 + step]
+        assert torch.equal(batch.input_ids, previous)  # the synthetic ids fed the first step
+    assert runner.torch_runner.calls == ["DECODE", "sample"] * 3
+    assert runner.torch_runner.token_to_kv_pool_allocator.available_size() == 400 - 120 - 2 * 3
+    row = runner.torch_runner.req_to_token_pool.req_to_token[batch.req_pool_indices[0]]
+    assert len(set(row[:53].tolist())) == 53  # the decode tokens got their own slots
+
+
+def test_recorded_points_with_a_synthetic_prefill(cpu_sglang, tmp_path):
+    """bench_one_batch's real latency_test_run_once, recorded; a batch the pool formula admits
+    but the allocator cannot hold is recorded as failed, and the max-batch search goes on down."""
+    one_batch, make = cpu_sglang
+    runner_cls = one_batch._TorchBenchRunner
+    runner_cls.extend = latency.synthetic_extend(runner_cls.extend)
+    out = tmp_path / "r.jsonl"
+    recorder = latency.PointRecorder(out, "synthetic")
+    run = recorder.wrap_run_once(one_batch.latency_test_run_once)
+    runner = make(tokens=400, slots=4)
+    args = ("cfg", runner, print)
+    assert run(*args, _reqs(one_batch, [100]), 1, 100, 4, 0, False, False, ("CPU",), "", "all", 0)  # warm-up
+    result = run(*args, _reqs(one_batch, [100, 100]), 2, 100, 4, 0, False, False, ("CPU",), "", "all", 0)
+    assert result["median_decode_latency"] > 0
+    assert run(*args, _reqs(one_batch, [100] * 4), 4, 100, 4, 0, False, False, ("CPU",), "", "all", 0) is None
+    records = common.read_jsonl(out)
+    assert [(r["kind"], r["batch_size"], r["status"]) for r in records] == [
+        ("warmup", 1, "ok"), ("point", 2, "ok"), ("point", 4, "skipped")
+    ]  # fmt: skip
+    point = records[1]
+    assert point["setup_s"] >= 0 and point["median_decode_latency"] > 0
+    assert not set(latency.PREFILL_FIELDS) & set(point)
+    assert "KV pool holds 3 sequences of 100+4 tokens" in records[2]["reason"]
+    assert runner.torch_runner.calls == ["DECODE", "sample"] * 3 * 2  # output_len 4: 3 decode steps each
+
+    # The pool formula says 4 sequences of 96 + 4 fit (max_total_num_tokens 400), the allocator
+    # holds 280 slots: 4 and 3 fail in the allocation, 2 then runs.
+    out.unlink()
+    recorder = latency.PointRecorder(out, "synthetic")
+    recorder.runner = make(tokens=280, slots=8, max_total_num_tokens=400)
+    bench_args = types.SimpleNamespace(run_name="cfg", output_len=(4,))
+    latency.search_max_batch(recorder, one_batch, bench_args, 96, 0)
+    records = common.read_jsonl(out)
+    assert [(r["kind"], r["batch_size"], r["status"]) for r in records] == [
+        ("max_batch", 4, "failed"), ("max_batch", 3, "failed"), ("max_batch", 2, "ok")
+    ]  # fmt: skip
+    assert records[0]["error"].startswith("KV slot allocation failed"), records[0]["error"]
+    assert records[2]["median_decode_latency"] > 0
+    assert latency.max_batch_point(latency.config_record(records, 0))["batch_size"] == 2
+
+
+def test_chunked_extend_keeps_missing_logits_missing():
+    def extend(self, reqs):
+        return torch.ones(len(reqs), dtype=torch.int64), None, FakeBatch(reqs)
+
+    reqs = [types.SimpleNamespace(origin_input_ids=[0] * 60) for _ in range(3)]
+    ids, logits, batch = latency.chunked_extend(extend, limit=100)(None, reqs)
+    assert ids.tolist() == [1, 1, 1] and logits is None and batch.reqs == reqs
+
+
+def test_instance_overrides_put_everything_back():
+    class Thing:
+        def forward(self):
+            return "class"
+
+    thing = Thing()
+    thing.sample = "own"
+    with latency.instance_overrides(thing, forward=lambda: "stand-in", sample="other"):
+        assert thing.forward() == "stand-in" and thing.sample == "other"
+    assert thing.forward() == "class" and vars(thing) == {"sample": "own"}
+    with pytest.raises(ValueError), latency.instance_overrides(thing, forward=None):
+        raise ValueError
+    assert thing.forward() == "class"
+
+
+# ---------------------------------------------------------------------------- limits, progress, partial results
+
+
+def test_budget_cuts_each_configuration_to_what_is_left():
+    now = [0.0]
+    budget = common.Budget(300.0, 520.0, clock=lambda: now[0])
+    assert budget.config_timeout() == 300.0
+    now[0] = 200.0
+    assert budget.config_timeout() == 520.0 - 200.0 - common.BUDGET_MARGIN_S
+    now[0] = 520.0 - common.BUDGET_MARGIN_S - common.MIN_CONFIG_S + 1
+    assert budget.config_timeout() is None
+    assert common.Budget(300.0).config_timeout() == 300.0
+
+
+def test_children_get_the_gpu_environment(tmp_path):
+    script = f"import json, os; print(json.dumps({{k: os.environ.get(k) for k in {list(common.GPU_ENV)!r}}}))"
+    assert common.run_logged([sys.executable, "-c", script], tmp_path / "env.log", 30) == 0
+    assert json.loads((tmp_path / "env.log").read_text()) == common.GPU_ENV
+
+
+def test_load_compatible_and_merge_with_a_loaded_document(tmp_path, capsys):
+    path = tmp_path / "r.json"
+    assert common.load_compatible(path, "latency", {"a": 1}, GPU) is None
+    common.write_json(path, common.merge_results(path, "latency", {"a": 1}, GPU, {"x": {"n": 1}}))
+    previous = common.load_compatible(path, "latency", {"a": 1}, GPU)
+    assert previous["configs"] == {"x": {"n": 1}}
+    doc = common.merge_results(path, "latency", {"a": 1}, GPU, {"y": {}}, previous=previous)
+    assert set(doc["configs"]) == {"x", "y"}
+    assert common.load_compatible(path, "latency", {"a": 2}, GPU) is None
+    assert "replacing them" in capsys.readouterr().out
+    assert set(common.merge_results(path, "latency", {"a": 1}, GPU, {"y": {}}, previous=None)["configs"]) == {"y"}
+
+
+def _point(batch, context, status="ok", latency_s=0.01):
+    return {"batch_size": batch, "input_len": context, "status": status, "median_decode_latency": latency_s}
+
+
+def test_merge_record_keeps_earlier_points_the_new_run_lacks():
+    old = {"status": "timeout", "started": "t0", "elapsed_s": 1, "command": "c0",
+           "pool": {"max_total_num_tokens": 9}, "points": [_point(1, 16), _point(8, 16, latency_s=0.5)],
+           "max_batch": [_point(30, 100)]}  # fmt: skip
+    new = {"status": "ok", "started": "t1", "pool": None, "points": [_point(8, 16, latency_s=0.2), _point(32, 16)],
+           "max_batch": []}  # fmt: skip
+    merged = latency.merge_record(old, new)
+    assert [(p["batch_size"], p["median_decode_latency"]) for p in merged["points"]] == [
+        (1, 0.01), (8, 0.2), (32, 0.01)
+    ]  # fmt: skip
+    assert merged["status"] == "ok" and merged["pool"] == {"max_total_num_tokens": 9}
+    assert merged["max_batch"] == old["max_batch"]
+    assert merged["earlier_runs"] == [{"status": "timeout", "started": "t0", "elapsed_s": 1, "command": "c0"}]
+    assert latency.merge_record(None, new) is new
+
+
+def test_progress_lines():
+    line = latency.progress_line
+    assert line("oscar", {"kind": "pool", "max_total_num_tokens": 5, "request_slots": 2}) == (
+        "   oscar: KV pool 5 tokens, 2 request slots"
+    )
+    assert line("oscar", {"kind": "point", **_point(8, 100000, latency_s=0.01234)}) == (
+        "   oscar: point 8 x 100000: 12.34 ms/step (median)"
+    )
+    skipped = {"kind": "point", "batch_size": 32, "input_len": 100000, "status": "skipped", "reason": "KV pool holds 18"}
+    assert line("bf16", skipped) == "   bf16: point 32 x 100000: skipped: KV pool holds 18"
+    assert line("x", {"kind": "max_batch", "input_len": 9, "status": "skipped"}) == "   x: max_batch - x 9: skipped"
+
+
+# A stand-in launcher: writes the pool line and two points, then (optionally) hangs.
+FAKE_LAUNCHER = """
+import json, sys, time
+out, hang = sys.argv[1], sys.argv[2] == "hang"
+lines = [{"kind": "pool", "max_total_num_tokens": 1000, "request_slots": 111},
+         {"kind": "warmup", "batch_size": 1, "input_len": 16, "output_len": 4, "status": "ok", "median_decode_latency": 0.5},
+         {"kind": "point", "batch_size": 1, "input_len": 16, "output_len": 4, "status": "ok", "median_decode_latency": 0.01},
+         {"kind": "point", "batch_size": 8, "input_len": 16, "output_len": 4, "status": "ok", "median_decode_latency": 0.02}]
+for line in lines:
+    with open(out, "a") as f:
+        f.write(json.dumps(line) + "\\n")
+    time.sleep(0.3)
+if hang:
+    time.sleep(60)
+"""
+
+
+def _fake_launcher(monkeypatch, mode):
+    monkeypatch.setattr(
+        latency, "launcher_command",
+        lambda config, args, model_path, out: [sys.executable, "-c", FAKE_LAUNCHER, str(out), mode],
+    )  # fmt: skip
+    monkeypatch.setattr(latency, "POLL_S", 0.2)
+    monkeypatch.setattr(latency, "raise_keyboard_interrupt_on_sigterm", lambda: None)  # keep pytest's handler
+
+
+def test_latency_run_prints_points_and_keeps_them_on_timeout(tmp_path, monkeypatch, capsys):
+    _fake_launcher(monkeypatch, "hang")
+    res = tmp_path / "res"
+    argv = ["--model-path", str(tmp_path), "--results-dir", str(res), "--configs", "oscar",
+            "--batches", "1,8", "--contexts", "16", "--timeout", "4"]  # fmt: skip
+    start = time.monotonic()
+    assert latency.main(argv) == 1
+    assert time.monotonic() - start < 30
+    out = capsys.readouterr().out
+    assert "   oscar: KV pool 1000 tokens, 111 request slots" in out
+    assert "   oscar: point 8 x 16: 20.00 ms/step (median)" in out
+    assert "== oscar: timeout" in out
+    doc = json.loads((res / "latency.json").read_text())
+    record = doc["configs"]["oscar"]
+    assert record["status"] == "timeout" and [p["batch_size"] for p in record["points"]] == [1, 8]
+    assert record["kv_flags"] == ["--kv-quant", "oscar"] and record["cuda_graph_bs"] == [1, 8]
+    assert doc["settings"]["prefill"] == "synthetic" and doc["grid"] == {"batches": [1, 8], "contexts": [16]}
+    md = (res / "latency.md").read_text()
+    assert "Prefill: synthetic" in md and "| 8 x 16 | 20.0 |" in md
+
+
+def test_latency_partial_results_are_written_while_a_config_runs(tmp_path, monkeypatch):
+    _fake_launcher(monkeypatch, "hang")
+    args = latency.build_parser().parse_args(["--configs", "oscar"])
+    seen = []
+
+    def on_progress(record):
+        seen.append((record["status"], len(record["points"])))
+        if len(record["points"]) == 2:
+            raise KeyboardInterrupt  # as SIGTERM to the driver would
+    record = latency.run_config("oscar", args, MODEL, tmp_path, timeout=30, on_progress=on_progress)
+    assert seen[-1] == ("running", 2) and all(status == "running" for status, _ in seen)
+    assert record["status"] == "interrupted" and len(record["points"]) == 2
+    assert record["elapsed_s"] < 20  # the launcher was stopped, not waited for
+
+
+def test_latency_runs_merge_point_by_point(tmp_path, monkeypatch):
+    _fake_launcher(monkeypatch, "exit")
+    res = tmp_path / "res"
+    base = ["--model-path", str(tmp_path), "--results-dir", str(res), "--contexts", "16"]
+    assert latency.main([*base, "--configs", "oscar", "--batches", "1,8"]) == 0
+    assert latency.main([*base, "--configs", "fp8-flashinfer", "--batches", "32"]) == 0
+    doc = json.loads((res / "latency.json").read_text())
+    assert doc["grid"] == {"batches": [1, 8, 32], "contexts": [16]}
+    assert set(doc["configs"]) == {"oscar", "fp8-flashinfer"}
+    md = (res / "latency.md").read_text()
+    assert "| 1 x 16 | 10.0 | 10.0 | 1.00x |" in md and "| 32 x 16 | — | — | — |" in md
+    assert "oscar / fp8-flashinfer: KV pool tokens 1.00x" in md
+
+
+def test_latency_budget_spent_leaves_configs_unstarted(tmp_path, monkeypatch, capsys):
+    _fake_launcher(monkeypatch, "exit")
+    argv = ["--model-path", str(tmp_path), "--results-dir", str(tmp_path / "res"), "--budget", "10"]
+    assert latency.main(argv) == 1
+    assert capsys.readouterr().out.count("not started, the --budget is spent") == 4
+
+
+def test_serving_timeout_is_recorded_and_the_server_stopped(tmp_path, monkeypatch):
+    silent = "import time; print('loading', flush=True); time.sleep(60)"  # never answers /health
+    _fake_serving(monkeypatch, server_code=silent)
+    args = serving.build_parser().parse_args([])
+    start = time.monotonic()
+    record = serving.run_config("oscar", args, MODEL, tmp_path, timeout=3)
+    assert time.monotonic() - start < 20
+    assert record["status"] == "timeout" and "did not answer within 3 s" in record["error"]
+    assert "loading" in record["server_log_tail"] and record["timeout_s"] == 3
+
+
+def test_serving_markdown_names_the_workload_and_flags(tmp_path, monkeypatch):
+    _fake_serving(monkeypatch)
+    monkeypatch.setattr(serving, "raise_keyboard_interrupt_on_sigterm", lambda: None)
+    res = tmp_path / "res"
+    argv = ["--model-path", str(tmp_path), "--results-dir", str(res), "--configs", "oscar,fp8-flashinfer",
+            "--oscar-args", "--oscar-window-fraction 0.3"]  # fmt: skip
+    assert serving.main(argv) == 0
+    doc = json.loads((res / "serving-sp32768.json").read_text())
+    assert doc["configs"]["oscar"]["kv_flags"] == ["--kv-quant", "oscar", "--oscar-window-fraction", "0.3"]
+    assert doc["configs"]["oscar"]["metrics"]["max_running_requests"] == 2048
+    md = (res / "serving-sp32768.md").read_text()
+    assert "4 system prompts of 32768 tokens x 16 questions of 1024 tokens, 512 output tokens" in md
+    assert "oscar: `--kv-quant oscar --oscar-window-fraction 0.3`" in md
+    header = next(line for line in md.splitlines() if line.startswith("| config |"))
+    assert "| peak running req | running cap | KV pool tokens |" in header
+    assert md.splitlines()[-1].startswith("| oscar / fp8-flashinfer | 1.00x |")

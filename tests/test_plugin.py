@@ -195,3 +195,24 @@ def test_backend_factory_refuses_without_oscar():
     runner = types.SimpleNamespace(server_args=_server_args("triton"), token_to_kv_pool=None)
     with pytest.raises(RuntimeError, match="needs the OSCAR KV cache: pass --kv-quant oscar"):
         plugin._create_backend(runner)
+
+
+def test_deterministic_inference_is_accepted_and_aligns_prefill_chunks(sglang, model_dir):
+    from sglang.srt.managers.scheduler import Scheduler
+
+    def original(scheduler):
+        scheduler.truncation_align_size = None  # what SGLang sets for backends it does not know
+
+    off = types.SimpleNamespace(server_args=_server_args("triton", "triton", "triton"))
+    off.server_args.enable_deterministic_inference = True
+    plugin._init_deterministic_inference_config(original, off)
+    assert off.truncation_align_size is None
+
+    args = sglang.prepare_server_args(["--model-path", model_dir, "--device", "cpu", "--kv-quant", "oscar",
+                                       "--enable-deterministic-inference"])
+    assert args.attention_backend == "oscar" and args.enable_deterministic_inference
+    assert hasattr(Scheduler.init_deterministic_inference_config, "__wrapped__")
+    on = types.SimpleNamespace(server_args=_server_args("oscar", "oscar", "oscar"))
+    on.server_args.enable_deterministic_inference = True
+    plugin._init_deterministic_inference_config(original, on)
+    assert on.truncation_align_size == plugin.TRITON_ALIGN_DEFAULT

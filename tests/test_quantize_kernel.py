@@ -42,6 +42,24 @@ def assert_codes_match(got, want, x_rot_clipped, meta, group):
     assert ((got_c.int() - want_c.int()).abs() <= 1).all()
 
 
+def write_poisoned(k, v, slots, k_rot, v_rot, clips, rows, fmt: OscarFormat, num_slots: int) -> dict:
+    """write_kv_int2 into poisoned pool buffers ({k,v}_{codes,meta,window}, window rows = tokens)
+    on DEVICE; returns the buffers on the CPU."""
+    tokens, heads, d = k.shape
+    bufs = {
+        f"{kind}_{name}": torch.full(shape, poison, dtype=dtype, device=DEVICE)
+        for kind in "kv"
+        for name, shape, poison, dtype in (
+            ("codes", fmt.codes_shape(num_slots, heads), CODE_POISON, torch.uint8),
+            ("meta", fmt.meta_shape(num_slots, heads), META_POISON, torch.float16),
+            ("window", (tokens, heads, d), WINDOW_POISON, torch.bfloat16),
+        )
+    }
+    write_kv_int2(k.to(DEVICE), v.to(DEVICE), slots.to(DEVICE), k_rot.to(DEVICE), v_rot.to(DEVICE),
+                  *clips, fmt=fmt, window_rows=rows.to(DEVICE), **bufs)
+    return {name: t.cpu() for name, t in bufs.items()}
+
+
 @pytest.mark.parametrize("tokens,heads,d,group,dtype,per_head", CASES)
 def test_write_kernel_matches_reference(tokens, heads, d, group, dtype, per_head):
     gen = torch.Generator().manual_seed(tokens * 1000 + heads * 10 + d + group)
@@ -54,18 +72,7 @@ def test_write_kernel_matches_reference(tokens, heads, d, group, dtype, per_head
     slots = torch.randperm(num_slots, generator=gen)[:tokens]
     rows = torch.where(torch.rand(tokens, generator=gen) < 0.5, torch.randperm(tokens, generator=gen), -1)
 
-    bufs = dict(
-        k_codes=torch.full(fmt.codes_shape(num_slots, heads), CODE_POISON, dtype=torch.uint8),
-        v_codes=torch.full(fmt.codes_shape(num_slots, heads), CODE_POISON, dtype=torch.uint8),
-        k_meta=torch.full(fmt.meta_shape(num_slots, heads), META_POISON, dtype=torch.float16),
-        v_meta=torch.full(fmt.meta_shape(num_slots, heads), META_POISON, dtype=torch.float16),
-        k_window=torch.full((tokens, heads, d), WINDOW_POISON, dtype=torch.bfloat16),
-        v_window=torch.full((tokens, heads, d), WINDOW_POISON, dtype=torch.bfloat16),
-    )
-    dev = {name: t.to(DEVICE) for name, t in bufs.items()}
-    write_kv_int2(k.to(DEVICE), v.to(DEVICE), slots.to(DEVICE), k_rot.to(DEVICE), v_rot.to(DEVICE),
-                  0.96, 0.92, fmt=fmt, window_rows=rows.to(DEVICE), **dev)
-    out = {name: t.cpu() for name, t in dev.items()}
+    out = write_poisoned(k, v, slots, k_rot, v_rot, (0.96, 0.92), rows, fmt, num_slots)
 
     unwritten = torch.ones(num_slots, dtype=torch.bool)
     unwritten[slots] = False

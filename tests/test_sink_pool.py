@@ -251,8 +251,10 @@ def test_token_allocator_free_group_releases_at_group_end():
     assert owned(pool, slots[:6]) == [False] * 4 + [True] * 2
     assert pool.sink_rows_free() == 2 * S - 2
     check_sink_books(pool, allocator.free_pages.tolist())
-    allocator.clear()
+    clears = pool.clears
+    allocator.clear()  # flush_cache: the backend learns from `clears` to refill every window
     assert pool.sink_rows_used() == 0 and pool.sink_rows_free() == 2 * S
+    assert pool.clears == clears + 1
 
 
 def test_paged_allocator_frees_whole_pages_in_and_out_of_groups():

@@ -5,47 +5,22 @@ sharing on compressed slots, and the debug switch that routes attention through 
 reference (same greedy tokens and close logprobs as the Triton kernels).
 """
 
-import json
 import re
-import sys
-import urllib.request
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from benchmarks import common  # noqa: E402
+import server_helpers
+from server_helpers import common, post
 
 pytestmark = pytest.mark.gpu
 
-LOG_DIR = Path("/tmp/oscar-gpu-tests")
 SERVER_FLAGS = ["--load-format", "dummy", "--kv-quant", "oscar", "--context-length", "16384",
                 "--mem-fraction-static", "0.40", "--cuda-graph-backend-prefill", "disabled",
                 "--cuda-graph-bs-decode", "1", "4", "--max-running-requests", "8"]
 
 
-def post(port, path, body, timeout=300):
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.loads(response.read())
-
-
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
 def start_server(name, extra_flags=(), env=()):
     """Two of these fit on one 80 GB GPU at once (--mem-fraction-static 0.40 each)."""
-    model = common.prepare_model_dir(common.find_shared_models(), LOG_DIR / "models")
-    template = model / "chat_template.jinja"  # the shared tokenizer has no chat template
-    template.write_text(CHATML)
-    extra_flags = ["--chat-template", str(template), *extra_flags]
-    port = common.free_port()
-    cmd = ["env", *env, sys.executable, "-m", "sglang.launch_server", "--model-path", str(model),
-           "--port", str(port), *SERVER_FLAGS, *extra_flags]
-    log = LOG_DIR / f"{name}.log"
-    return port, log, common.managed_process(cmd, log)
+    return server_helpers.start_server(name, [*SERVER_FLAGS, *extra_flags], env)
 
 
 @pytest.fixture(scope="module")
