@@ -138,6 +138,9 @@ def server_command(config, args, model_path, port):
         "--mem-fraction-static", str(args.mem_fraction_static),
         "--cuda-graph-backend-prefill", "disabled",
         "--cuda-graph-max-bs-decode", str(concurrency(args)),
+        # every request the client keeps in flight may run; OSCAR then reserves BF16 rows for
+        # that many requests instead of capping them by --oscar-window-fraction
+        "--max-running-requests", str(concurrency(args)),
         "--decode-log-interval", str(DECODE_LOG_INTERVAL),
         *kv_flags(config, args.oscar_rotations, args.oscar_args),
     ]  # fmt: skip

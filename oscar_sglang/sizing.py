@@ -1,16 +1,20 @@
 """KV budget arithmetic and the pool-configurator hook bodies.
 
-SGLang sizes its token pool as budget // cell_size. OSCAR reports a cell size inflated by
-1 / (1 - f) so that a fraction f of the budget is left for the per-request BF16 window rows
-and the slot-keyed sink pool (SINK_SEQUENCES_PER_REQUEST sequence starts of S sink rows per
-running request), then caps max_running_requests to the requests those rows can hold.
+SGLang sizes its token pool as budget // cell_size. Every running request also needs BF16
+window rows and its share of the slot-keyed sink pool (SINK_SEQUENCES_PER_REQUEST sequence
+starts of S sink rows), taken from the same budget in one of two ways:
+- by default OSCAR reports a cell size inflated by 1 / (1 - f), so that a fraction f
+  (--oscar-window-fraction) of the budget is left for those rows, then caps
+  max_running_requests to the requests they can hold;
+- with an explicit --max-running-requests, the rows of that many requests are taken off the
+  budget first and the INT2 pool gets the rest, as a user who sets the request count expects.
 """
 
 import logging
 import math
 
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
-from sglang.srt.runtime_context import get_exec, get_parallel
+from sglang.srt.runtime_context import get_exec, get_parallel, get_schedule
 
 from oscar_sglang.config import OscarConfig
 from oscar_sglang.pool import OscarTokenToKVPool
@@ -55,14 +59,25 @@ def compute_cell_size(original, configurator, kvc, num_layers: int) -> int:
     fmt = config.format(kvc.model_config.head_dim)
     heads = kvc.model_config.get_num_kv_heads(get_parallel().attn_tp_size)
     int2 = fmt.bytes_per_token(num_layers, heads)
+    schedule = get_schedule()
+    explicit_requests = schedule.max_running_requests is not None
     configurator._oscar = dict(
+        explicit_requests=explicit_requests, page_size=schedule.page_size,
         fraction=config.window_memory_fraction,
         window_bytes=fmt.window_bytes_per_request(num_layers, heads),
         sink_bytes=sink_bytes_per_request(fmt, num_layers, heads),
         sink_rows=sink_rows_per_request(fmt),
         int2_bytes=int2, bf16_bytes=2 * num_layers * heads * kvc.model_config.head_dim * BF16_BYTES,
         bits=fmt.bits_per_element, group=fmt.group_size)
-    return budgeted_cell_bytes(int2, config.window_memory_fraction)
+    return int2 if explicit_requests else budgeted_cell_bytes(int2, config.window_memory_fraction)
+
+
+def tokens_after_window_rows(budget_bytes: int, requests: int, per_request_bytes: int,
+                             int2_bytes_per_token: int, page_size: int) -> int:
+    """INT2 tokens (whole pages) left in `budget_bytes` once `requests` running requests (plus
+    SGLang's padding request) have their window and sink rows."""
+    left = budget_bytes - (requests + 1) * per_request_bytes
+    return max(0, left // int2_bytes_per_token) // page_size * page_size
 
 
 def finalize_with_max_running_requests(original, configurator, config):
@@ -71,19 +86,33 @@ def finalize_with_max_running_requests(original, configurator, config):
     capacity next to BF16's."""
     config = original(configurator, config)
     info = configurator._oscar
-    tokens = config.max_total_num_tokens
+    budget = config.max_total_num_tokens * configurator._cell_size
     per_request = info["window_bytes"] + info["sink_bytes"]
-    fit = window_request_capacity(tokens, configurator._cell_size, info["fraction"], per_request)
-    if fit < 1:
-        raise ValueError(
-            f"OSCAR: the KV budget leaves no room for BF16 window rows ({per_request / 2**20:.1f} "
-            "MB per request with its sink-pool share); raise --mem-fraction-static or "
-            "--oscar-window-fraction")
-    if config.max_running_requests > fit:
-        logger.info("OSCAR: max_running_requests capped from %d to %d by the window rows "
-                    "(--oscar-window-fraction %.2f)", config.max_running_requests, fit, info["fraction"])
-        config.max_running_requests = fit
-    bf16_tokens = tokens * configurator._cell_size // info["bf16_bytes"]
+    if info["explicit_requests"]:
+        tokens = tokens_after_window_rows(budget, config.max_running_requests, per_request,
+                                          info["int2_bytes"], info["page_size"])
+        if tokens < config.max_running_requests:
+            raise ValueError(
+                f"OSCAR: the BF16 window rows of --max-running-requests {config.max_running_requests} "
+                f"({per_request / 2**20:.1f} MB each, with the sink-pool share) leave "
+                f"{tokens} KV tokens of the {budget / 2**30:.1f} GiB budget; lower "
+                "--max-running-requests or raise --mem-fraction-static")
+        config.max_total_num_tokens = tokens
+    else:
+        fit = window_request_capacity(config.max_total_num_tokens, configurator._cell_size,
+                                      info["fraction"], per_request)
+        if fit < 1:
+            raise ValueError(
+                f"OSCAR: the KV budget leaves no room for BF16 window rows ({per_request / 2**20:.1f} "
+                "MB per request with its sink-pool share); raise --mem-fraction-static or "
+                "--oscar-window-fraction")
+        if config.max_running_requests > fit:
+            logger.info("OSCAR: max_running_requests capped from %d to %d by the window rows "
+                        "(--oscar-window-fraction %.2f; or pass --max-running-requests)",
+                        config.max_running_requests, fit, info["fraction"])
+            config.max_running_requests = fit
+    tokens = config.max_total_num_tokens
+    bf16_tokens = budget // info["bf16_bytes"]
     logger.info(
         "OSCAR-2 KV cache: %.2f bits/element (group %d), %d bytes/token, %d tokens; BF16 KV would "
         "hold %d tokens in the same budget (%.2fx); window rows for %d running requests; "

@@ -615,3 +615,42 @@ def test_window_request_capacity_fits_budget():
     assert (fit + 1) * per_request <= tokens * cell * fraction < (fit + 2) * per_request
     assert tokens * 20_736 + (fit + 1) * per_request <= budget
     assert window_request_capacity(tokens, budgeted_cell_bytes(20_736, 0.0), 0.0, per_request) < 1
+
+
+def _configurator(explicit_requests: bool, fraction: float = 0.10):
+    """What compute_cell_size leaves on SGLang's DefaultPoolConfigurator, for Qwen3-8B."""
+    from oscar_sglang.sizing import budgeted_cell_bytes
+
+    fmt = OscarFormat(128)
+    info = dict(explicit_requests=explicit_requests, page_size=16, fraction=fraction,
+                window_bytes=fmt.window_bytes_per_request(36, 8), sink_bytes=9_437_184,
+                sink_rows=64, int2_bytes=20_736, bf16_bytes=147_456, bits=2.25, group=128)
+    cell = 20_736 if explicit_requests else budgeted_cell_bytes(20_736, fraction)
+    return types.SimpleNamespace(_oscar=info, _cell_size=cell)
+
+
+def test_explicit_max_running_requests_gets_its_window_rows():
+    """--max-running-requests N: N requests keep their BF16 rows, the INT2 pool gets the rest
+    of the budget (whole pages); the window fraction caps only when N is not given."""
+    from sglang.srt.model_executor.pool_configurator import MemoryPoolConfig
+    from oscar_sglang.sizing import finalize_with_max_running_requests
+
+    budget = 20 * 2**30
+    per_request = 28_311_552 + 9_437_184
+    explicit = _configurator(True)
+    config = MemoryPoolConfig(max_total_num_tokens=budget // 20_736, max_running_requests=192)
+    config = finalize_with_max_running_requests(lambda _, c: c, explicit, config)
+    assert config.max_running_requests == 192
+    assert config.max_total_num_tokens % 16 == 0
+    used = config.max_total_num_tokens * 20_736 + 193 * per_request
+    assert budget - 16 * 20_736 < used + 20_736 and used <= budget
+
+    by_fraction = _configurator(False)
+    cell = by_fraction._cell_size
+    config = MemoryPoolConfig(max_total_num_tokens=budget // cell, max_running_requests=2048)
+    config = finalize_with_max_running_requests(lambda _, c: c, by_fraction, config)
+    assert config.max_running_requests == int(budget // cell * cell * 0.10 // per_request) - 1 < 192
+
+    too_many = MemoryPoolConfig(max_total_num_tokens=budget // 20_736, max_running_requests=600)
+    with pytest.raises(ValueError, match="lower --max-running-requests"):
+        finalize_with_max_running_requests(lambda _, c: c, explicit, too_many)
