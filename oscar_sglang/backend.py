@@ -129,17 +129,26 @@ class OscarAttnBackend(TritonAttnBackend):
                 "--kv-quant oscar supports plain causal self-attention (no attention sinks, "
                 "logit soft-capping or cross-attention)")
 
-    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None, **kwargs):
-        self._check_layer(layer, sinks)
-        heads, d = layer.tp_q_head_num, layer.head_dim
-        q = q.reshape(-1, heads, d)
+    def _prepare(self, q, k, v, layer, forward_batch, save_kv_cache: bool, decode: bool):
+        """Per-head views q: [T, H_q, D], k, v: [T, H_kv, D]; the new tokens written to the pool
+        (unless the caller already saved them). Returns (q, k, v, window starts [B], the layer's
+        OscarLayer, the kernels' arguments after the window starts: pool buffers, rotations,
+        softmax scale, format)."""
+        d = layer.head_dim
+        q = q.reshape(-1, layer.tp_q_head_num, d)
         k = k.reshape(-1, layer.tp_k_head_num, d)
         v = v.reshape(-1, layer.tp_v_head_num, d)
-        rows, starts = self._token_windows(layer, forward_batch, q.shape[0], decode=True)
+        rows, starts = self._token_windows(layer, forward_batch, q.shape[0], decode=decode)
         lay = self._write(layer, forward_batch, k, v, rows) if save_kv_cache else self.pool.layer(layer.layer_id)
+        buffers = (lay.k_codes, lay.k_meta, lay.v_codes, lay.v_meta, lay.k_window, lay.v_window,
+                   lay.k_rot, lay.v_rot, layer.scaling, self.fmt)
+        return q, k, v, starts, lay, buffers
+
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None, **kwargs):
+        self._check_layer(layer, sinks)
+        q, k, v, starts, _, buffers = self._prepare(q, k, v, layer, forward_batch, save_kv_cache, decode=True)
         meta = self.forward_metadata
-        args = (meta.kv_indptr, meta.kv_indices, starts, lay.k_codes, lay.k_meta, lay.v_codes,
-                lay.v_meta, lay.k_window, lay.v_window, lay.k_rot, lay.v_rot, layer.scaling, self.fmt)
+        args = (meta.kv_indptr, meta.kv_indices, starts, *buffers)
         if self.use_reference:
             o = reference.decode_attention(q, *args).to(q.dtype)
         else:
@@ -147,29 +156,22 @@ class OscarAttnBackend(TritonAttnBackend):
             # request's reduction order, so its outputs do not depend on what runs beside it
             splits = DETERMINISTIC_KV_SPLITS if self.enable_deterministic else None
             o = decode_attention_int2(q, *args, num_kv_splits=splits)
-        return o.reshape(-1, heads * d)
+        return o.reshape(q.shape[0], -1)
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None, **kwargs):
         self._check_layer(layer, sinks)
         if k is None or v is None:
             raise NotImplementedError("--kv-quant oscar needs the new tokens' K and V in extend")
-        heads, d = layer.tp_q_head_num, layer.head_dim
-        q = q.reshape(-1, heads, d)
-        k = k.reshape(-1, layer.tp_k_head_num, d)
-        v = v.reshape(-1, layer.tp_v_head_num, d)
-        rows, starts = self._token_windows(layer, forward_batch, q.shape[0], decode=False)
-        lay = self._write(layer, forward_batch, k, v, rows) if save_kv_cache else self.pool.layer(layer.layer_id)
+        q, k, v, starts, lay, buffers = self._prepare(q, k, v, layer, forward_batch, save_kv_cache, decode=False)
         if save_kv_cache and self._sink_copy is not None:  # the sinks just written, kept by slot
             self.pool.save_sinks(layer.layer_id, *self._sink_copy)
         meta = self.forward_metadata
-        args = (meta.qo_indptr, meta.kv_indptr, meta.kv_indices, starts, lay.k_codes, lay.k_meta,
-                lay.v_codes, lay.v_meta, lay.k_window, lay.v_window, lay.k_rot, lay.v_rot,
-                layer.scaling, self.fmt)
+        args = (meta.qo_indptr, meta.kv_indptr, meta.kv_indices, starts, *buffers)
         if self.use_reference:
             o = reference.extend_attention(q, k, v, *args).to(q.dtype)
         else:
             o = self._extend_in_groups(q, k, v, args, forward_batch, lay)
-        return o.reshape(-1, heads * d)
+        return o.reshape(q.shape[0], -1)
 
     def _extend_in_groups(self, q, k, v, args, forward_batch, lay):
         """extend_attention_int2 over groups of consecutive requests whose prefix scratch (4 KiB

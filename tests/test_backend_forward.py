@@ -1,0 +1,111 @@
+"""OscarAttnBackend's forward paths on the CPU (Triton interpreter): the glue between SGLang's
+per-layer call and the kernels (head reshapes, window rows of new tokens, the write, the
+attention call), prefill then decode of two requests, against the same backend routed through
+the PyTorch reference (SGLANG_OSCAR_REFERENCE_ATTENTION). The backend object skips
+TritonAttnBackend.__init__, which needs a model runner; forward metadata is set as SGLang's
+Triton backend computes it for these batches."""
+
+from types import SimpleNamespace
+
+import torch
+from oscar_sglang.kernels import reference as ref
+from oscar_sglang.kernels.format import OscarFormat
+from oscar_sglang.kernels.rotations import data_free_rotations
+
+from oscar_sglang.backend import OscarAttnBackend
+from oscar_sglang.nonfinite import NonFiniteReporter
+from oscar_sglang.pool import OscarTokenToKVPool
+from test_decode_kernel import assert_matches
+from test_quantize_kernel import assert_codes_match
+
+FMT = OscarFormat(64, 32, sink_tokens=4, recent_tokens=8)
+LAYERS, KV_HEADS, GQA = 2, 2, 2
+LENS = [13, 20]  # prompt lengths of the two requests (request pool indices 1 and 2)
+
+
+def make_backend(pool: OscarTokenToKVPool, use_reference: bool) -> OscarAttnBackend:
+    backend = OscarAttnBackend.__new__(OscarAttnBackend)
+    backend.pool, backend.fmt = pool, pool.fmt
+    backend.use_reference, backend.enable_deterministic = use_reference, False
+    backend.nonfinite = NonFiniteReporter(LAYERS, 0, "cpu")
+    backend._token_rows, backend._sink_copy = None, None
+    return backend
+
+
+def layer(layer_id: int):
+    return SimpleNamespace(layer_id=layer_id, tp_q_head_num=KV_HEADS * GQA, tp_k_head_num=KV_HEADS,
+                           tp_v_head_num=KV_HEADS, head_dim=FMT.head_dim, scaling=FMT.head_dim ** -0.5,
+                           logit_cap=0.0, is_cross_attention=False)
+
+
+def indptr(lengths):
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+
+
+def run_layers(backend, forward, batch, tokens, gen):
+    """Every layer's output for random q, k, v of `tokens` new tokens, and that k ([layer]
+    [tokens, H_kv, D])."""
+    outs, keys = [], []
+    for i in range(LAYERS):
+        q = torch.randn(tokens, KV_HEADS * GQA * FMT.head_dim, generator=gen).bfloat16()
+        k = torch.randn(tokens, KV_HEADS * FMT.head_dim, generator=gen).bfloat16()
+        v = torch.randn(tokens, KV_HEADS * FMT.head_dim, generator=gen).bfloat16()
+        outs.append(getattr(backend, forward)(q, k, v, layer(i), batch))
+        keys.append(k.view(tokens, KV_HEADS, FMT.head_dim))
+    return outs, keys
+
+
+def assert_pool_holds(pool, keys, slots, req_idx):
+    """The INT2 codes of every position and the BF16 window rows of the sinks and the last W
+    positions are what the format says for one request's keys ([layer][L, H_kv, D])."""
+    length = slots.shape[0]
+    for i in range(LAYERS):
+        lay = pool.layer(i)
+        codes, meta, window = ref.encode_kv(keys[i], lay.k_rot, lay.k_clip, FMT)
+        # the kernel's fp32 rotation may differ from the reference's by an ulp: values then
+        # round one fp16 / bf16 step apart, and codes only at rounding ties
+        torch.testing.assert_close(lay.k_meta[slots], meta, rtol=2e-3, atol=1e-4)
+        clipped = ref.clip_rows(ref.rotate(keys[i], lay.k_rot), lay.k_clip)
+        assert_codes_match(lay.k_codes[slots], codes, clipped, lay.k_meta[slots], FMT.group_size)
+        start = req_idx * FMT.window_rows
+        for p in [*range(FMT.sink_tokens), *range(length - FMT.recent_tokens, length)]:
+            torch.testing.assert_close(lay.k_window[FMT.window_row(start, p)].float(), window[p].float(),
+                                       rtol=1e-2, atol=1e-2, msg=f"layer {i}, position {p}")
+
+
+def test_prefill_then_decode_matches_reference_path():
+    results = {}
+    for reference in (False, True):
+        pool = OscarTokenToKVPool(64, 1, KV_HEADS, FMT.head_dim, LAYERS, "cpu", False, fmt=FMT,
+                                  rotations=data_free_rotations(LAYERS, KV_HEADS, FMT.head_dim),
+                                  sink_rows_per_request=0)
+        pool.allocate_windows(3)
+        backend = make_backend(pool, reference)
+        slots = torch.randperm(63, generator=torch.Generator().manual_seed(0))[:sum(LENS) + 2] + 1
+        prompt_slots, decode_slots = slots[:sum(LENS)], slots[sum(LENS):]
+        req = torch.tensor([1, 2])
+        gen = torch.Generator().manual_seed(1)
+
+        backend.forward_metadata = SimpleNamespace(qo_indptr=indptr(LENS), kv_indptr=indptr([0, 0]),
+                                                   kv_indices=torch.empty(0, dtype=torch.int64))
+        prefill = SimpleNamespace(
+            req_pool_indices=req, positions=torch.cat([torch.arange(n) for n in LENS]),
+            seq_lens=torch.tensor(LENS), out_cache_loc=prompt_slots, extend_seq_lens=torch.tensor(LENS),
+            extend_prefix_lens_cpu=[0, 0], extend_seq_lens_cpu=LENS)
+        prefill_out, prefill_keys = run_layers(backend, "forward_extend", prefill, sum(LENS), gen)
+
+        parts = prompt_slots.split(LENS)
+        seen = [torch.cat([part, decode_slots[b:b + 1]]) for b, part in enumerate(parts)]
+        backend.forward_metadata = SimpleNamespace(kv_indptr=indptr([n + 1 for n in LENS]),
+                                                   kv_indices=torch.cat(seen))
+        decode = SimpleNamespace(req_pool_indices=req, positions=torch.tensor(LENS),
+                                 seq_lens=torch.tensor(LENS) + 1, out_cache_loc=decode_slots)
+        decode_out, decode_keys = run_layers(backend, "forward_decode", decode, len(LENS), gen)
+        results[reference] = (prefill_out, decode_out)
+        for b, idx in enumerate(req.tolist()):
+            keys = [torch.cat([pk.split(LENS)[b], dk[b:b + 1]]) for pk, dk in zip(prefill_keys, decode_keys)]
+            assert_pool_holds(pool, keys, seen[b], idx)
+    for got, expected in zip(sum(results[False], []), sum(results[True], [])):
+        assert got.shape == expected.shape and got.dtype == torch.bfloat16
+        assert torch.isfinite(got).all()
+        assert_matches(got, expected.float(), torch.bfloat16)
