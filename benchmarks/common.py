@@ -100,6 +100,17 @@ def flag_list(text):
     return flags
 
 
+def positive_int(text):
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
 def existing_file(text):
     """argparse type: a path that must name an existing file."""
     path = Path(text)
@@ -167,6 +178,42 @@ def add_common_args(parser, mem_fraction_static, timeout):
     parser.add_argument(
         "--dry-run", action="store_true", help="print the commands and exit without running them"
     )
+
+
+def add_parallel_args(parser):
+    """--tp-size / --dp-size, passed unchanged to every configuration's server."""
+    parser.add_argument(
+        "--tp-size",
+        type=positive_int,
+        default=1,
+        help="tensor parallelism of every configuration's server (SGLang --tp-size: KV heads "
+        "and weights split over that many GPUs; default: %(default)s)",
+    )
+    parser.add_argument(
+        "--dp-size",
+        type=positive_int,
+        default=1,
+        help="data parallelism of every configuration's server (SGLang --dp-size: that many "
+        "schedulers, each with a whole model on --tp-size GPUs, requests spread round robin; "
+        "default: %(default)s)",
+    )
+
+
+def parallel_flags(args):
+    """SGLang flags for --tp-size / --dp-size; none for the one-GPU default (commands unchanged)."""
+    flags = []
+    for name in ("tp_size", "dp_size"):
+        value = getattr(args, name, 1)
+        if value != 1:
+            flags += ["--" + name.replace("_", "-"), str(value)]
+    return flags
+
+
+def parallel_settings(args):
+    """{"tp_size": N, "dp_size": M} for a parallel run, {} for one GPU (so that results files
+    written before these flags existed keep matching a default run)."""
+    sizes = {name: getattr(args, name, 1) for name in ("tp_size", "dp_size")}
+    return sizes if any(value != 1 for value in sizes.values()) else {}
 
 
 def kv_flags(config, oscar_rotations=None, oscar_args=()):

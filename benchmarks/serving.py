@@ -28,6 +28,13 @@ Run from the repository root (on the GPU machine after `source .gpu/install.sh`)
 
     python -m benchmarks.serving --configs fp8-flashinfer,oscar --budget 520
     python -m benchmarks.serving --configs fp8-flashinfer,oscar --system-prompt-len 100000
+    python -m benchmarks.serving --configs oscar --dp-size 2     # two GPUs, a model on each
+    python -m benchmarks.serving --configs oscar --tp-size 2     # two GPUs, KV heads split
+
+--tp-size / --dp-size go unchanged to every configuration's server (recorded in the settings;
+the default results name gets a -tp<N> / -dp<M> suffix). With --dp-size the pool figures of the
+table are summed over the DP workers (KV pool tokens, running cap, peak running requests: the
+sum of each worker's peak).
 
 Writes <results-dir>/<name>.json, .md and .png; logs go to <results-dir>/logs/<name>/. A run
 split over several invocations (e.g. one configuration each) with the same settings on the same
@@ -47,6 +54,7 @@ from benchmarks.common import (
     OSCAR,
     Budget,
     add_common_args,
+    add_parallel_args,
     free_port,
     kv_flags,
     load_compatible,
@@ -57,6 +65,8 @@ from benchmarks.common import (
     merge_results,
     now_iso,
     ordered_configs,
+    parallel_flags,
+    parallel_settings,
     plot_panels,
     raise_keyboard_interrupt_on_sigterm,
     ratio,
@@ -87,6 +97,8 @@ METRICS = (
 
 # Formats of SGLang 0.5.17's log lines (scheduler.py, metrics_reporter.py, memory_pool.py).
 POOL_RE = re.compile(r"max_total_num_tokens=(\d+),.*max_running_requests=(\d+)")
+# The scheduler's log prefix, "[time DP1 TP0]", names the DP worker when --dp-size > 1.
+DP_RANK_RE = re.compile(r"^\[[^\]]*\bDP(\d+)\b[^\]]*\]")
 RUNNING_RE = re.compile(r"#running-req: (\d+)")
 CACHED_RE = re.compile(r"#cached-token: (\d+)")
 NEW_TOKEN_RE = re.compile(r"#new-token: (\d+)")
@@ -102,6 +114,7 @@ def build_parser():
         prog="python -m benchmarks.serving", description=__doc__.split("\n\n")[0]
     )
     add_common_args(parser, mem_fraction_static=0.80, timeout=300.0)
+    add_parallel_args(parser)
     parser.add_argument("--num-groups", type=int, default=4, help="system prompts (default: %(default)s)")
     parser.add_argument(
         "--prompts-per-group", type=int, default=16, help="requests per system prompt (default: %(default)s)"
@@ -113,7 +126,9 @@ def build_parser():
         "--max-concurrency", type=int, help="client-side cap on requests in flight (default: all requests)"
     )
     parser.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
-    parser.add_argument("--name", help="results file stem (default: serving-sp<system-prompt-len>)")
+    parser.add_argument(
+        "--name", help="results file stem (default: serving-sp<system-prompt-len>[-tp<N>][-dp<M>])"
+    )
     return parser
 
 
@@ -127,8 +142,18 @@ def concurrency(args):
     return args.max_concurrency or num_requests(args)
 
 
+def default_name(args):
+    """Results file stem: serving-sp<system prompt>, plus -tp<N> / -dp<M> for a parallel run."""
+    name = f"serving-sp{args.system_prompt_len}"
+    for key, value in parallel_settings(args).items():
+        if value != 1:
+            name += f"-{key.split('_')[0]}{value}"
+    return name
+
+
 def server_command(config, args, model_path, port):
-    """The launch_server command of one configuration; only kv_flags() differs between them."""
+    """The launch_server command of one configuration; only kv_flags() differs between them
+    (--tp-size / --dp-size, when given, go to every configuration alike)."""
     return [
         sys.executable, "-m", "sglang.launch_server",
         "--model-path", str(model_path),
@@ -142,6 +167,7 @@ def server_command(config, args, model_path, port):
         # that many requests instead of capping them by --oscar-window-fraction
         "--max-running-requests", str(concurrency(args)),
         "--decode-log-interval", str(DECODE_LOG_INTERVAL),
+        *parallel_flags(args),
         *kv_flags(config, args.oscar_rotations, args.oscar_args),
     ]  # fmt: skip
 
@@ -185,18 +211,36 @@ def settings(args, model_path):
         "request_rate": "inf",
         "max_concurrency": concurrency(args),
         "mem_fraction_static": args.mem_fraction_static,
+        **parallel_settings(args),
     }
 
 
+def dp_worker(line):
+    """The DP rank in a log line's prefix ("[time DP1 TP0] ..."), None without one."""
+    match = DP_RANK_RE.match(line)
+    return None if match is None else int(match.group(1))
+
+
 def parse_server_log(text):
-    """KV pool size, peak running requests and prefix-cache hits from a server log."""
+    """KV pool size, peak running requests and prefix-cache hits from a server log. With
+    several DP workers (--dp-size) the pool size, running cap and peak running requests are
+    summed over them (each worker's last pool line, each worker's own peak)."""
     stats = {"peak_running_requests": None, "cached_tokens": None, "new_tokens": None}
-    pools = POOL_RE.findall(text)
+    pools, peaks = {}, {}
+    for line in text.splitlines():
+        pool = POOL_RE.search(line)
+        if pool:
+            pools[dp_worker(line)] = tuple(map(int, pool.groups()))
+        for n in RUNNING_RE.findall(line):
+            worker = dp_worker(line)
+            peaks[worker] = max(peaks.get(worker, 0), int(n))
     if pools:
-        stats["max_total_num_tokens"], stats["max_running_requests"] = map(int, pools[-1])
-    running = [int(n) for n in RUNNING_RE.findall(text)]
-    if running:
-        stats["peak_running_requests"] = max(running)
+        stats["max_total_num_tokens"] = sum(tokens for tokens, _ in pools.values())
+        stats["max_running_requests"] = sum(requests for _, requests in pools.values())
+        if len(pools) > 1:
+            stats["dp_workers"] = len(pools)
+    if peaks:
+        stats["peak_running_requests"] = sum(peaks.values())
     cached = [int(n) for n in CACHED_RE.findall(text)]
     if cached:
         stats["cached_tokens"] = sum(cached)
@@ -333,6 +377,17 @@ def notes(doc):
             f"in flight; --mem-fraction-static {s['mem_fraction_static']}."
         )
     ]
+    parallel = {key: s[key] for key in ("tp_size", "dp_size") if key in s}
+    if parallel:
+        lines.append(
+            "Every server: "
+            + " ".join(f"`--{key.replace('_', '-')} {value}`" for key, value in parallel.items())
+            + (
+                "; KV pool tokens, running cap and peak running requests are summed over the DP workers."
+                if parallel.get("dp_size", 1) > 1
+                else "."
+            )
+        )
     lines += kv_flag_lines(doc)
     return "\n\n".join(lines)
 
@@ -354,7 +409,7 @@ def main(argv=None):
     raise_keyboard_interrupt_on_sigterm()
     budget = Budget(args.timeout, args.budget)
     model_path = resolve_model_path(args)
-    name = args.name or f"serving-sp{args.system_prompt_len}"
+    name = args.name or default_name(args)
     json_path = Path(args.results_dir) / f"{name}.json"
     logs_dir = Path(args.results_dir) / "logs" / name
     if args.dry_run:

@@ -130,6 +130,39 @@ def check_server_features(server_args) -> None:
         raise refusal(f"PD disaggregation (--disaggregation-mode "
                       f"{server_args.disaggregation_mode}: the KV transfer moves SGLang's BF16 "
                       "layout)", "serve prefill and decode in one server")
+    check_parallelism(server_args)
+
+
+PARALLEL_FIX = ("use --tp-size (KV heads split over GPUs) and/or --dp-size without "
+                "--enable-dp-attention (one full server per GPU group)")
+
+
+def check_parallelism(server_args) -> None:
+    """Refuse the parallel layouts the OSCAR backend does not implement. Tensor parallelism
+    (each rank holds its own KV heads: oscar_sglang.sizing slices rotations and pools by head),
+    plain data parallelism (separate schedulers, each with the whole model) and DP attention
+    with one attention rank per DP group (--dp-size = --tp-size) need nothing from it. Also run
+    after SGLang's resolution (`check_resolved`), which may switch some of these on."""
+    dcp = getattr(server_args, "dcp_size", 1) or 1
+    if dcp > 1:
+        raise refusal(f"decode context parallelism (--dcp-size {dcp}: each rank would store one "
+                      f"token in {dcp} of a sequence and merge partial attention across ranks, "
+                      "which the OSCAR backend and its BF16 window rows do not do)", PARALLEL_FIX)
+    cp = getattr(server_args, "attn_cp_size", 1) or 1
+    if cp > 1 or getattr(server_args, "enable_prefill_cp", False):
+        raise refusal(f"attention context parallelism (--attn-cp-size {cp} / --enable-prefill-cp: "
+                      "a prefill split over ranks is attended by SGLang's context-parallel "
+                      "backends, not by the OSCAR backend)", PARALLEL_FIX)
+    tp, dp = getattr(server_args, "tp_size", 1) or 1, getattr(server_args, "dp_size", 1) or 1
+    if getattr(server_args, "enable_dp_attention", False) and dp > 1 and tp // dp > 1:
+        # With several attention-TP ranks per DP group SGLang pads each rank's extend tokens to
+        # a multiple of tp/dp (ForwardBatch.prepare_mlp_sync_batch); the OSCAR backend maps
+        # every token of an extend batch to a request and has no row for padding tokens.
+        raise refusal(f"--enable-dp-attention with {tp // dp} attention-TP ranks per DP group "
+                      f"(--tp-size {tp} --dp-size {dp}: SGLang pads prefill batches to a multiple "
+                      f"of {tp // dp} tokens, which the OSCAR backend does not handle)",
+                      f"pass --dp-size {tp} (one attention rank per DP group) or "
+                      + PARALLEL_FIX)
 
 
 def read_model_config(server_args):
@@ -203,6 +236,7 @@ def check_resolved(server_args) -> None:
         raise refusal(f"what SGLang's defaults for {server_args.model_path} set after OSCAR "
                       f"was validated: {', '.join(changed)}", "serve this model without "
                       "--kv-quant oscar")
+    check_parallelism(server_args)
 
 
 def scheduler_enabled(server_args) -> bool:

@@ -52,6 +52,7 @@ def test_serving_defaults():
     assert (args.system_prompt_len, args.question_len, args.output_len) == (32768, 1024, 512)
     assert args.mem_fraction_static == 0.80 and args.timeout == 300.0
     assert args.budget is None and args.oscar_args == []
+    assert (args.tp_size, args.dp_size) == (1, 1)
     assert serving.concurrency(args) == 64
     assert serving.concurrency(serving.build_parser().parse_args(["--max-concurrency", "8"])) == 8
 
@@ -149,6 +150,44 @@ def test_server_commands_differ_only_in_the_kv_option(tmp_path):
     assert commands["oscar"][-4:] == ["--kv-quant", "oscar", "--oscar-rotations", str(rotations)]
 
 
+def test_parallel_flags_reach_every_server_alike():
+    default = serving.build_parser().parse_args([])
+    args = serving.build_parser().parse_args(["--tp-size", "2", "--dp-size", "4"])
+    for config in common.KV_CONFIGS:
+        plain = serving.server_command(config, default, MODEL, 30001)
+        assert "--tp-size" not in plain and "--dp-size" not in plain  # one GPU: unchanged
+        cmd = serving.server_command(config, args, MODEL, 30001)
+        assert _without(cmd, ["--tp-size", "2", "--dp-size", "4"]) == plain
+        # before the KV flags, so they stay last (and --oscar-args can still override)
+        kv = common.kv_flags(config)
+        assert cmd[-len(kv) - 4 :] == ["--tp-size", "2", "--dp-size", "4", *kv]
+    assert common.parallel_flags(serving.build_parser().parse_args(["--dp-size", "2"])) == ["--dp-size", "2"]
+    # the client is the same whatever the server's parallelism
+    assert serving.bench_command(args, MODEL, 1, "/o") == serving.bench_command(default, MODEL, 1, "/o")
+
+
+def test_parallel_sizes_are_recorded_and_name_the_results():
+    default = serving.build_parser().parse_args([])
+    assert "tp_size" not in serving.settings(default, MODEL)  # old results files keep matching
+    assert serving.default_name(default) == "serving-sp32768"
+    args = serving.build_parser().parse_args(["--dp-size", "2", "--system-prompt-len", "4096"])
+    recorded = serving.settings(args, MODEL)
+    assert (recorded["tp_size"], recorded["dp_size"]) == (1, 2)
+    assert serving.default_name(args) == "serving-sp4096-dp2"
+    args = serving.build_parser().parse_args(["--tp-size", "2", "--dp-size", "2"])
+    assert serving.default_name(args) == "serving-sp32768-tp2-dp2"
+    doc = {"settings": serving.settings(args, MODEL), "configs": {}}
+    assert "Every server: `--tp-size 2` `--dp-size 2`; KV pool tokens" in serving.notes(doc)
+    assert "Every server" not in serving.notes({"settings": serving.settings(default, MODEL), "configs": {}})
+
+
+@pytest.mark.parametrize("flag", ["--tp-size", "--dp-size"])
+@pytest.mark.parametrize("value", ["0", "-2", "two"])
+def test_parallel_sizes_must_be_positive_integers(flag, value):
+    with pytest.raises(SystemExit):
+        serving.build_parser().parse_args([flag, value])
+
+
 def test_bench_command_uses_the_shared_prefix_workload():
     args = serving.build_parser().parse_args(["--num-groups", "2", "--system-prompt-len", "100000"])
     cmd = serving.bench_command(args, MODEL, 30001, "/out/x.jsonl")
@@ -235,6 +274,29 @@ def test_parse_server_log():
     assert stats["cached_tokens"] == 262144
     assert stats["new_tokens"] == 16384
     assert stats["kv_cache_gb"] == pytest.approx(56.62)
+
+
+# --dp-size 2: every DP worker prints its own pool line and batch lines.
+DP_SERVER_LOG = """\
+[2026-11-23 10:00:40 DP0] max_total_num_tokens=700000, chunked_prefill_size=8192, max_prefill_tokens=16384, max_running_requests=64, context_len=131072, available_gpu_mem=12.34 GB
+[2026-11-23 10:00:41 DP1] max_total_num_tokens=700016, chunked_prefill_size=8192, max_prefill_tokens=16384, max_running_requests=64, context_len=131072, available_gpu_mem=12.30 GB
+[2026-11-23 10:01:00 DP0] Prefill batch, #new-seq: 1, #new-token: 4096, #cached-token: 0, token usage: 0.02, #running-req: 0, #queue-req: 31, #pending-token: 0, cuda graph: False, input throughput (token/s): 0.00
+[2026-11-23 10:01:00 DP1] Prefill batch, #new-seq: 2, #new-token: 4096, #cached-token: 4096, token usage: 0.02, #running-req: 1, #queue-req: 30, #pending-token: 0, cuda graph: False, input throughput (token/s): 0.00
+[2026-11-23 10:01:09 DP0] Decode batch, #running-req: 32, #token: 123456, token usage: 0.30, cuda graph: True, gen throughput (token/s): 2345.67, #queue-req: 0
+[2026-11-23 10:01:09 DP1] Decode batch, #running-req: 30, #token: 120000, token usage: 0.29, cuda graph: True, gen throughput (token/s): 2300.00, #queue-req: 0
+[2026-11-23 10:01:19 DP1] Decode batch, #running-req: 31, #token: 120000, token usage: 0.29, cuda graph: True, gen throughput (token/s): 2300.00, #queue-req: 0
+"""
+
+
+def test_parse_server_log_sums_the_dp_workers():
+    stats = serving.parse_server_log(DP_SERVER_LOG)
+    assert stats["dp_workers"] == 2
+    assert stats["max_total_num_tokens"] == 1_400_016 and stats["max_running_requests"] == 128
+    assert stats["peak_running_requests"] == 32 + 31  # each worker's own peak
+    assert stats["cached_tokens"] == 4096 and stats["new_tokens"] == 8192
+    assert serving.dp_worker("[2026-11-23 10:00:40 DP1 TP0] x") == 1
+    assert serving.dp_worker("[2026-11-23 10:00:40 TP1] x #running-req: DP3") is None
+    assert "dp_workers" not in serving.parse_server_log(SERVER_LOG)  # one worker: as before
 
 
 def test_parse_server_log_single_kv_size_and_empty():

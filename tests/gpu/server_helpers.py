@@ -100,3 +100,10 @@ def running_server(name, flags, env=(), timeout=STARTUP_TIMEOUT):
             raise RuntimeError(f"server {name!r} did not start ({e}); log {log}:\n"
                                f"{common.log_tail(log, 60)}") from e
         yield Server(name, port, log, proc)
+
+
+def greedy_body(ids, new_tokens):
+    """/generate body: greedy decoding of exactly new_tokens tokens, with the top-2 logprobs."""
+    return {"input_ids": ids, "return_logprob": True, "top_logprobs_num": 2,
+            "sampling_params": {"max_new_tokens": new_tokens, "temperature": 0.0,
+                                "ignore_eos": True}}

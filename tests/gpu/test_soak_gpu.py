@@ -41,7 +41,7 @@ import uuid
 
 import pytest
 import server_helpers
-from server_helpers import LOG_DIR, get_json, post, request_status, running_server
+from server_helpers import LOG_DIR, get_json, greedy_body, post, request_status, running_server
 
 pytestmark = pytest.mark.gpu
 
@@ -509,12 +509,6 @@ def scan_log(text):
 # ---------------------------------------------------------------------------- determinism
 
 
-def determinism_body(ids, new_tokens):
-    return {"input_ids": ids, "return_logprob": True, "top_logprobs_num": 2,
-            "sampling_params": {"max_new_tokens": new_tokens, "temperature": 0.0,
-                                "ignore_eos": True}}
-
-
 def greedy_result(answer):
     """(output ids, output logprobs, top-2 logprob gap per position) of a /generate answer."""
     meta = answer["meta_info"]
@@ -529,7 +523,7 @@ def greedy_result(answer):
 def run_concurrent(port, prompts, new_tokens):
     """All prompts at once, one HTTP request and thread each; results in prompt order."""
     def one(ids):
-        return greedy_result(post(port, "/generate", determinism_body(ids, new_tokens),
+        return greedy_result(post(port, "/generate", greedy_body(ids, new_tokens),
                                   timeout=REQUEST_TIMEOUT))
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(prompts)) as pool:
@@ -537,7 +531,7 @@ def run_concurrent(port, prompts, new_tokens):
 
 
 def run_one_by_one(port, prompts, new_tokens):
-    return [greedy_result(post(port, "/generate", determinism_body(ids, new_tokens),
+    return [greedy_result(post(port, "/generate", greedy_body(ids, new_tokens),
                                timeout=REQUEST_TIMEOUT)) for ids in prompts]
 
 
