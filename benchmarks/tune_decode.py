@@ -287,7 +287,7 @@ def main():
         for context in (32768, 131072):
             p3 = make_problem(batch, context)
             split_alone[context] = time_us(lambda: split_only(p3, splits))
-            del p3
+            p3 = None  # frees the buffers before the next problem
         results["pieces"][f"B{batch}"] = {"rotate_q": rotate, "reduce": reduce, "one_memset": floor,
                                           **{f"step@{c}": t for c, t in small.items()},
                                           **{f"split_kernel@{c}": t for c, t in split_alone.items()}}
@@ -317,7 +317,7 @@ def main():
         lines.append(f"  {context:>6} x {batch}: " + "; ".join(cells))
         print(lines[-1], flush=True)
         save(args.out_dir, device, lines, results, hbm)
-        del problem
+        problem = None  # frees the buffers before the next shape
         torch.cuda.empty_cache()
 
     lines.append(f"total {time.time() - started:.0f}s")
