@@ -245,6 +245,37 @@ class Budget:
         return min(self.per_config, left)
 
 
+def run_configurations(configs, budget, run_one, markdown, plot, json_path, logs_dir):
+    """The drivers' loop: run_one(config, timeout) -> (record, results doc so far) for every
+    configuration the budget still allows, then the markdown report printed and the PNG drawn.
+    Returns the exit status: 0 all ok, 1 any failed or not started, 130 interrupted."""
+    failed, doc = [], None
+    for config in configs:
+        timeout = budget.config_timeout()
+        if timeout is None:
+            print(f"== {config}: not started, the --budget is spent", flush=True)
+            failed.append(config)
+            continue
+        record, doc = run_one(config, timeout)
+        if record["status"] != "ok":
+            failed.append(config)
+        if record["status"] == "interrupted":
+            print(f"interrupted; results so far: {json_path}", flush=True)
+            return 130
+    if doc is None:
+        return 1
+    print(markdown(doc))
+    plot(doc, json_path.with_suffix(".png"))
+    print(f"results: {json_path} (.md, .png); logs: {logs_dir}")
+    return 1 if failed else 0
+
+
+def write_results(doc, json_path, markdown):
+    """The JSON and its markdown report (the PNG is drawn once at the end)."""
+    write_json(json_path, doc)
+    write_text(json_path.with_suffix(".md"), markdown(doc))
+
+
 # ---------------------------------------------------------------------------- model folder
 
 

@@ -78,11 +78,11 @@ import types
 from pathlib import Path
 
 from benchmarks.common import (
-    kv_flag_lines,
     BASELINE,
     OSCAR,
     Budget,
     add_common_args,
+    kv_flag_lines,
     kv_flags,
     load_compatible,
     log_tail,
@@ -98,8 +98,8 @@ from benchmarks.common import (
     ratio,
     read_jsonl,
     resolve_model_path,
-    write_json,
-    write_text,
+    run_configurations,
+    write_results,
 )
 
 ONE_BATCH = "one-batch"
@@ -804,12 +804,6 @@ def results_doc(json_path, run_settings, machine, config, record, previous, args
     return doc
 
 
-def write_results(doc, json_path):
-    """The JSON and the markdown (the PNG is drawn once at the end)."""
-    write_json(json_path, doc)
-    write_text(json_path.with_suffix(".md"), markdown(doc))
-
-
 def main(argv=None):
     """The driver, or the one-batch launcher when the first argument is `one-batch`."""
     argv = sys.argv[1:] if argv is None else argv
@@ -828,34 +822,22 @@ def main(argv=None):
             )
         return 0
     machine, run_settings = machine_info(), settings(args, model_path)
-    failed, doc = [], None
-    for config in args.configs:
+
+    def run_one(config, timeout):
         previous = load_compatible(json_path, "latency", run_settings, machine)
-        timeout = budget.config_timeout()
-        if timeout is None:
-            print(f"== {config}: not started, the --budget is spent", flush=True)
-            failed.append(config)
-            continue
         print(f"== {config}: running bench_one_batch (limit {timeout:.0f} s, prefill {args.prefill})", flush=True)
 
-        def on_progress(partial, config=config, previous=previous):
-            write_results(results_doc(json_path, run_settings, machine, config, partial, previous, args), json_path)
+        def on_progress(partial):
+            write_results(results_doc(json_path, run_settings, machine, config, partial, previous, args),
+                          json_path, markdown)
 
         record = run_config(config, args, model_path, logs_dir, timeout, on_progress)
         doc = results_doc(json_path, run_settings, machine, config, record, previous, args)
-        write_results(doc, json_path)
+        write_results(doc, json_path, markdown)
         print(f"== {config}: {record['status']} in {record['elapsed_s']} s", flush=True)
-        if record["status"] != "ok":
-            failed.append(config)
-        if record["status"] == "interrupted":
-            print(f"interrupted; results so far: {json_path}", flush=True)
-            return 130
-    if doc is None:
-        return 1
-    print(markdown(doc))
-    plot(doc, json_path.with_suffix(".png"))
-    print(f"results: {json_path} (.md, .png); logs: {logs_dir}")
-    return 1 if failed else 0
+        return record, doc
+
+    return run_configurations(args.configs, budget, run_one, markdown, plot, json_path, logs_dir)
 
 
 if __name__ == "__main__":

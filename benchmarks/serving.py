@@ -49,13 +49,13 @@ import time
 from pathlib import Path
 
 from benchmarks.common import (
-    kv_flag_lines,
     BASELINE,
     OSCAR,
     Budget,
     add_common_args,
     add_parallel_args,
     free_port,
+    kv_flag_lines,
     kv_flags,
     load_compatible,
     log_tail,
@@ -72,10 +72,10 @@ from benchmarks.common import (
     ratio,
     read_jsonl,
     resolve_model_path,
+    run_configurations,
     run_logged,
     wait_for_http_ok,
-    write_json,
-    write_text,
+    write_results,
 )
 
 HOST = "127.0.0.1"
@@ -397,12 +397,6 @@ def markdown(doc):
     return notes(doc) + "\n\n" + table(doc) + "\n"
 
 
-def write_results(doc, json_path):
-    """The JSON and the markdown (the PNG is drawn once at the end)."""
-    write_json(json_path, doc)
-    write_text(json_path.with_suffix(".md"), markdown(doc))
-
-
 def main(argv=None):
     """Run every configuration, writing the results after each one; exit 1 if any failed."""
     args = build_parser().parse_args(argv)
@@ -421,18 +415,13 @@ def main(argv=None):
         )
         return 0
     machine, run_settings = machine_info(), settings(args, model_path)
-    failed, doc = [], None
-    for config in args.configs:
-        timeout = budget.config_timeout()
-        if timeout is None:
-            print(f"== {config}: not started, the --budget is spent", flush=True)
-            failed.append(config)
-            continue
+
+    def run_one(config, timeout):
         print(f"== {config}: starting server (limit {timeout:.0f} s)", flush=True)
         record = run_config(config, args, model_path, logs_dir, timeout)
         previous = load_compatible(json_path, "serving", run_settings, machine)
         doc = merge_results(json_path, "serving", run_settings, machine, {config: record}, previous=previous)
-        write_results(doc, json_path)
+        write_results(doc, json_path, markdown)
         m = record["metrics"]
         print(
             f"== {config}: {record['status']} in {record['elapsed_s']} s {record.get('error', '')}; "
@@ -440,17 +429,9 @@ def main(argv=None):
             f"KV pool tokens {m.get('kv_pool_tokens')}",
             flush=True,
         )
-        if record["status"] != "ok":
-            failed.append(config)
-        if record["status"] == "interrupted":
-            print(f"interrupted; results so far: {json_path}", flush=True)
-            return 130
-    if doc is None:
-        return 1
-    print(markdown(doc))
-    plot(doc, json_path.with_suffix(".png"))
-    print(f"results: {json_path} (.md, .png); logs: {logs_dir}")
-    return 1 if failed else 0
+        return record, doc
+
+    return run_configurations(args.configs, budget, run_one, markdown, plot, json_path, logs_dir)
 
 
 if __name__ == "__main__":
