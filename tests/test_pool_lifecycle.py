@@ -50,6 +50,20 @@ WINDOW_POISON = 1234.0
 pytestmark = pytest.mark.usefixtures("oscar_allocator_hooks")
 
 
+def write_random_kv(pool, slots: torch.Tensor, rows: torch.Tensor, sink_copy, gen: torch.Generator):
+    """Random K/V (K at twice V's scale) for `slots` in every layer through write_kv_int2, with
+    window rows `rows`; then, as forward_extend does, the new sinks into their sink-pool rows."""
+    n = slots.numel()
+    for layer in range(LAYERS):
+        lay = pool.layer(layer)
+        k = (torch.randn(n, HEADS, HEAD_DIM, generator=gen) * 2).bfloat16()
+        v = torch.randn(n, HEADS, HEAD_DIM, generator=gen).bfloat16()
+        write_kv_int2(k, v, slots, lay.k_rot, lay.v_rot, lay.k_clip, lay.v_clip, lay.k_codes,
+                      lay.k_meta, lay.v_codes, lay.v_meta, FMT, rows, lay.k_window, lay.v_window)
+        if sink_copy is not None:
+            pool.save_sinks(layer, *sink_copy)
+
+
 def backend_assign_sink_rows(pool: OscarTokenToKVPool, req_pool_idx: int, prefix: int,
                              slots: torch.Tensor):
     """OscarAttnBackend._assign_sink_rows (the real method) for an extend batch holding one
@@ -193,14 +207,7 @@ class Stack:
         positions = torch.arange(start, start + n)
         rows = self.pool.window_rows_for(torch.full((n,), req.req_pool_idx), positions,
                                          torch.full((n,), start + n))
-        for layer in range(LAYERS):
-            lay = self.pool.layer(layer)
-            k = (torch.randn(n, HEADS, HEAD_DIM, generator=self.gen) * 2).bfloat16()
-            v = torch.randn(n, HEADS, HEAD_DIM, generator=self.gen).bfloat16()
-            write_kv_int2(k, v, slots, lay.k_rot, lay.v_rot, lay.k_clip, lay.v_clip, lay.k_codes,
-                          lay.k_meta, lay.v_codes, lay.v_meta, FMT, rows, lay.k_window, lay.v_window)
-            if sink_copy is not None:
-                self.pool.save_sinks(layer, *sink_copy)
+        write_random_kv(self.pool, slots, rows, sink_copy, self.gen)
 
     def window_sinks(self, req: Req, n: int = FMT.sink_tokens):
         """Copies of the BF16 window rows of `req`'s first n positions: [k, v][layer]."""

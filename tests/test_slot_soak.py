@@ -42,13 +42,19 @@ from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
 from sglang.srt.mem_cache.radix_cache import RadixCache
 from sglang.srt.sampling.sampling_params import SamplingParams
 
-from oscar_sglang.kernels.format import OscarFormat
-from oscar_sglang.kernels.quantize import write_kv_int2
 from oscar_sglang.kernels.reference import decode_kv
 from oscar_sglang.kernels.rotations import data_free_rotations
 from oscar_sglang.pool import OscarTokenToKVPool
 from oscar_sglang.sizing import sink_rows_per_request
-from test_pool_lifecycle import backend_assign_sink_rows, check_sink_books
+from test_pool_lifecycle import (
+    FMT,
+    HEAD_DIM,
+    HEADS,
+    LAYERS,
+    backend_assign_sink_rows,
+    check_sink_books,
+    write_random_kv,
+)
 
 SEED = 1234
 NUM_REQUESTS = 10_000
@@ -58,8 +64,6 @@ MAX_CONTEXT = 512
 CHUNK = 64  # chunked-prefill size
 CHECK_EVERY = 100  # steps between full audits
 REAL_KV_WRITES = 8  # write_kv_int2 calls (Triton interpreter: slow, so few)
-HEADS, HEAD_DIM, LAYERS = 2, 64, 2
-FMT = OscarFormat(HEAD_DIM, sink_tokens=4, recent_tokens=8)
 SYSTEM_PROMPTS = [[(p + 1) * 1000 + i for i in range(n)] for p, n in enumerate((48, 96, 160, 224))]
 POS = 4096  # tag = token * POS + position + 1; 0 = never written
 # a quarter of the served ratio (sizing.sink_rows_per_request: S rows per request), so that the
@@ -178,14 +182,7 @@ class Soak:
         n = slots.numel()
         rows = self.pool.window_rows_for(torch.full((n,), req.req_pool_idx), positions,
                                          torch.full((n,), int(positions[-1]) + 1))
-        for layer in range(LAYERS):
-            lay = self.pool.layer(layer)
-            k = (torch.randn(n, HEADS, HEAD_DIM, generator=self.gen) * 2).bfloat16()
-            v = torch.randn(n, HEADS, HEAD_DIM, generator=self.gen).bfloat16()
-            write_kv_int2(k, v, slots, lay.k_rot, lay.v_rot, lay.k_clip, lay.v_clip, lay.k_codes,
-                          lay.k_meta, lay.v_codes, lay.v_meta, FMT, rows, lay.k_window, lay.v_window)
-            if sink_copy is not None:
-                self.pool.save_sinks(layer, *sink_copy)
+        write_random_kv(self.pool, slots, rows, sink_copy, self.gen)
         sinks = positions < FMT.sink_tokens
         for kv, windows in enumerate((self.pool.k_window, self.pool.v_window)):
             for layer in range(LAYERS):
