@@ -18,21 +18,15 @@ SERVER_FLAGS = ["--load-format", "dummy", "--kv-quant", "oscar", "--context-leng
                 "--cuda-graph-bs-decode", "1", "4", "--max-running-requests", "8"]
 
 
-def start_server(name, extra_flags=(), env=()):
+def running_server(name, extra_flags=(), env=()):
     """Two of these fit on one 80 GB GPU at once (--mem-fraction-static 0.40 each)."""
-    return server_helpers.start_server(name, [*SERVER_FLAGS, *extra_flags], env)
+    return server_helpers.running_server(name, [*SERVER_FLAGS, *extra_flags], env)
 
 
 @pytest.fixture(scope="module")
 def server():
-    port, log, process = start_server("oscar-server")
-    with process as proc:
-        try:
-            common.wait_for_http_ok(f"http://127.0.0.1:{port}/health_generate", proc, timeout=600)
-        except Exception:
-            print(common.log_tail(log, 80))
-            raise
-        yield port, log
+    with running_server("oscar-server") as running:
+        yield running.port, running.log
 
 
 def generate(port, text, max_new_tokens=16, logprobs=False):
@@ -76,15 +70,9 @@ def test_reference_switch_matches_kernels(server):
     port, _ = server
     prompt = "Long-context serving keeps the KV cache small. " * 60
     fast = generate(port, prompt, max_new_tokens=24, logprobs=True)
-    ref_port, ref_log, ref_process = start_server(
-        "oscar-reference", ["--disable-cuda-graph"], ["SGLANG_OSCAR_REFERENCE_ATTENTION=1"])
-    with ref_process as proc:
-        try:
-            common.wait_for_http_ok(f"http://127.0.0.1:{ref_port}/health_generate", proc, timeout=600)
-        except Exception:
-            print(common.log_tail(ref_log, 80))
-            raise
-        slow = generate(ref_port, prompt, max_new_tokens=24, logprobs=True)
+    with running_server("oscar-reference", ["--disable-cuda-graph"],
+                        ["SGLANG_OSCAR_REFERENCE_ATTENTION=1"]) as reference:
+        slow = generate(reference.port, prompt, max_new_tokens=24, logprobs=True)
     fast_lp = [t[0] for t in fast["meta_info"]["output_token_logprobs"]]
     slow_lp = [t[0] for t in slow["meta_info"]["output_token_logprobs"]]
     fast_ids = [t[1] for t in fast["meta_info"]["output_token_logprobs"]]
