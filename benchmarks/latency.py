@@ -125,16 +125,9 @@ def _stock(owner, name):
 
 def prefill_groups(lengths, limit):
     """Split request indices into consecutive groups of at most `limit` tokens (>= 1 request each)."""
-    groups, current, total = [], [], 0
-    for index, length in enumerate(lengths):
-        if current and total + length > limit:
-            groups.append(current)
-            current, total = [], 0
-        current.append(index)
-        total += length
-    if current:
-        groups.append(current)
-    return groups
+    from oscar_sglang.backend import request_groups  # imported late: after the plugin hooks are in
+
+    return [list(range(r0, r1)) for r0, r1 in request_groups(lengths, limit)]
 
 
 def chunked_extend(extend, limit):

@@ -140,9 +140,7 @@ class OscarAttnBackend(TritonAttnBackend):
         v = v.reshape(-1, layer.tp_v_head_num, d)
         rows, starts = self._token_windows(layer, forward_batch, q.shape[0], decode=decode)
         lay = self._write(layer, forward_batch, k, v, rows) if save_kv_cache else self.pool.layer(layer.layer_id)
-        buffers = (lay.k_codes, lay.k_meta, lay.v_codes, lay.v_meta, lay.k_window, lay.v_window,
-                   lay.k_rot, lay.v_rot, layer.scaling, self.fmt)
-        return q, k, v, starts, lay, buffers
+        return q, k, v, starts, lay, (*lay.attention_buffers, layer.scaling, self.fmt)
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None, **kwargs):
         self._check_layer(layer, sinks)
@@ -198,13 +196,14 @@ class OscarAttnBackend(TritonAttnBackend):
 
 
 def request_groups(prefix_lens, limit: int) -> list[tuple[int, int]]:
-    """Consecutive request ranges [r0, r1) whose prefix lengths sum to at most `limit` (a range
-    of one request may exceed it)."""
+    """Consecutive request ranges [r0, r1) whose lengths sum to at most `limit` (a range of one
+    request may exceed it); none for no requests."""
     groups, r0, total = [], 0, 0
     for r, length in enumerate(prefix_lens):
         if r > r0 and total + length > limit:
             groups.append((r0, r))
             r0, total = r, 0
         total += length
-    groups.append((r0, len(prefix_lens)))
+    if len(prefix_lens) > r0:
+        groups.append((r0, len(prefix_lens)))
     return groups

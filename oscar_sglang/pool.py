@@ -52,6 +52,12 @@ class OscarLayer:
     k_clip: float
     v_clip: float
 
+    @property
+    def attention_buffers(self) -> tuple:
+        """The pool arguments of the decode and extend kernels, in their order."""
+        return (self.k_codes, self.k_meta, self.v_codes, self.v_meta, self.k_window, self.v_window,
+                self.k_rot, self.v_rot)
+
 
 class OscarTokenToKVPool(MHATokenToKVPool):
     def __init__(self, size: int, page_size: int, head_num: int, head_dim: int, layer_num: int,
