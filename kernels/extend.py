@@ -22,6 +22,7 @@ import triton.language as tl
 
 from .decode import LOG2E, _nonzero, _online_softmax, _unrotate, check_pool, rot_arg
 from .format import CODE_BITS, CODE_MAX, OscarFormat
+from .quantize import nonfinite_rows
 
 BLOCK_M = 128  # query rows ((token, head) pairs) per attention program
 BLOCK_N = 64  # keys per attention tile (128 exceeds the H100's shared memory at BLOCK_M 128)
@@ -106,9 +107,7 @@ def _dot(a, b, acc, NATIVE_DOT: tl.constexpr):
 @triton.jit
 def _zero_nonfinite_rows(x):
     """x: [N, D] with every row holding a NaN or Inf replaced by zeros (the pool's rule)."""
-    wide = x.to(tl.float32)
-    bad = ((wide != wide) | (tl.abs(wide) == float("inf"))).to(tl.int32)
-    return tl.where(tl.max(bad, axis=1)[:, None] > 0, 0.0, x).to(x.dtype)
+    return tl.where(nonfinite_rows(x)[:, None], 0.0, x).to(x.dtype)
 
 
 @triton.jit

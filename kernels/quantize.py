@@ -23,6 +23,14 @@ DECODE_MAX_TOKENS = 128
 
 
 @triton.jit
+def nonfinite_rows(x):
+    """x: [N, D] -> [N] bool, True where the row holds a NaN or Inf (stored as zeros)."""
+    wide = x.to(tl.float32)
+    bad = (wide != wide) | (tl.abs(wide) == float("inf"))
+    return tl.max(bad.to(tl.int32), axis=1) > 0
+
+
+@triton.jit
 def _encode_tile(
     x_ptr, stride_xt, stride_xh,
     rot_ptr, stride_rh,
@@ -43,8 +51,7 @@ def _encode_tile(
     rot = tl.load(rot_ptr + head * stride_rh + dims[:, None] * D + dims[None, :])
     xr = tl.dot(x, rot, input_precision="ieee")
 
-    bad = (xr != xr) | (tl.abs(xr) == float("inf"))
-    row_bad = tl.max(bad.to(tl.int32), axis=1) > 0
+    row_bad = nonfinite_rows(xr)
     xr = tl.where(row_bad[:, None], 0.0, xr)
     if HAS_FLAG:
         # masked-off tokens loaded as zeros, so only real rows can set it; racing stores all write 1
