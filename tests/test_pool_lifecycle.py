@@ -50,6 +50,18 @@ WINDOW_POISON = 1234.0
 pytestmark = pytest.mark.usefixtures("oscar_allocator_hooks")
 
 
+def map_request_slots(req_to_token_pool, req: Req, prefix: int, end: int, new: torch.Tensor):
+    """What alloc_for_extend records for one request: its prefix and new slots in
+    req_to_token, and its KV lengths."""
+    req_to_token_pool.write((req.req_pool_idx, slice(0, prefix)), req.prefix_indices)
+    req_to_token_pool.write((req.req_pool_idx, slice(prefix, end)), new)
+    if req.kv is None:
+        req.kv = ReqKvInfo(kv_allocated_len=end, swa_evicted_seqlen=0)
+    else:
+        req.kv.kv_allocated_len = end
+    req.kv_committed_len = end
+
+
 def write_random_kv(pool, slots: torch.Tensor, rows: torch.Tensor, sink_copy, gen: torch.Generator):
     """Random K/V (K at twice V's scale) for `slots` in every layer through write_kv_int2, with
     window rows `rows`; then, as forward_extend does, the new sinks into their sink-pool rows."""
@@ -150,13 +162,7 @@ class Stack:
             new = alloc_paged_token_slots_extend(
                 self.cache, torch.tensor([prefix]), torch.tensor([prefix]), torch.tensor([end]),
                 torch.tensor([end]), last.to(torch.int64), end - prefix)
-        self.req_to_token_pool.write((req.req_pool_idx, slice(0, prefix)), req.prefix_indices)
-        self.req_to_token_pool.write((req.req_pool_idx, slice(prefix, end)), new)
-        if req.kv is None:
-            req.kv = ReqKvInfo(kv_allocated_len=end, swa_evicted_seqlen=0)
-        else:
-            req.kv.kv_allocated_len = end
-        req.kv_committed_len = end
+        map_request_slots(self.req_to_token_pool, req, prefix, end, new)
         return new
 
     def alloc_or_evict(self, n: int) -> torch.Tensor:

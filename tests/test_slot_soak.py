@@ -32,7 +32,7 @@ from collections import Counter, deque
 import pytest
 import torch
 from sglang.srt.environ import envs
-from sglang.srt.managers.schedule_batch import Req, ReqKvInfo
+from sglang.srt.managers.schedule_batch import Req
 from sglang.srt.mem_cache.allocation import alloc_token_slots
 from sglang.srt.mem_cache.allocator import TokenToKVPoolAllocator
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
@@ -53,6 +53,7 @@ from test_pool_lifecycle import (
     LAYERS,
     backend_assign_sink_rows,
     check_sink_books,
+    map_request_slots,
     write_random_kv,
 )
 
@@ -150,13 +151,7 @@ class Soak:
         assert len(req.prefix_indices) == prefix
         self.rtp.alloc([req])
         new = self.alloc_or_evict(end - prefix)
-        self.rtp.write((req.req_pool_idx, slice(0, prefix)), req.prefix_indices)
-        self.rtp.write((req.req_pool_idx, slice(prefix, end)), new)
-        if req.kv is None:
-            req.kv = ReqKvInfo(kv_allocated_len=end, swa_evicted_seqlen=0)
-        else:
-            req.kv.kv_allocated_len = end
-        req.kv_committed_len = end
+        map_request_slots(self.rtp, req, prefix, end, new)
         fill = req.full_untruncated_fill_ids
         # the backend's extend metadata: sink-pool rows for new positions < S, while rows last
         sink_copy = backend_assign_sink_rows(self.pool, req.req_pool_idx, prefix, new)
