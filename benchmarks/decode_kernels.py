@@ -10,6 +10,10 @@ random (no kernel here has data-dependent control flow). A configuration whose b
 fit in free GPU memory is recorded as skipped; a method that fails records its error and the
 sweep goes on.
 
+--shared-prefix N gives every request of a batch the same slots (pages) for its first N tokens,
+as requests that hit one radix-cached system prompt have. Bytes stay the bytes each request
+attends to, so a share of HBM above 100 % means requests were served from L2 by each other.
+
 Run from the repository root on a GPU machine:
 
     python -m benchmarks.decode_kernels            # full sweep
@@ -61,6 +65,7 @@ def build_parser():
     parser.add_argument("--quick", action="store_true", help=f"only contexts {QUICK_CONTEXTS} at batches {QUICK_BATCHES}")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of %(default)s")
     parser.add_argument("--group-size", type=int, default=HEAD_DIM, help="OSCAR quantization group size (default: %(default)s)")
+    parser.add_argument("--shared-prefix", type=int, default=0, help="tokens whose slots all requests share (default: %(default)s)")
     parser.add_argument("--page-size", type=int, default=16, help="FlashInfer page size and slot-shuffle granularity (default: %(default)s)")
     parser.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition time per point (default: %(default)s)")
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_RESULTS_DIR, help="where JSON and PNG go (default: %(default)s)")
@@ -102,11 +107,14 @@ def hbm_bandwidth_gbs(rep_ms, nbytes=4 << 30):
 # ---------------------------------------------------------------------------- requests
 
 
-def paged_requests(batch, context, page_size):
-    """Shuffled pages for `batch` requests of `context` tokens: page ids [B, pages] (int64),
-    per-token slots [B * context] (int64), kv_indptr in tokens [B + 1] (int32)."""
+def paged_requests(batch, context, page_size, shared_prefix):
+    """Shuffled pages for `batch` requests of `context` tokens, the first shared_prefix tokens'
+    pages (rounded down to whole pages) common to all: page ids [B, pages] (int64), per-token
+    slots [B * context] (int64), kv_indptr in tokens [B + 1] (int32)."""
     pages_per_req = triton.cdiv(context, page_size)
     pages = torch.randperm(batch * pages_per_req, device="cuda").view(batch, pages_per_req)
+    shared = min(shared_prefix, context) // page_size
+    pages[:, :shared] = pages[0, :shared]
     offsets = torch.arange(context, device="cuda")
     slots = (pages[:, offsets // page_size] * page_size + offsets % page_size).reshape(-1)
     indptr = torch.arange(batch + 1, device="cuda", dtype=torch.int32) * context
@@ -144,7 +152,7 @@ def bench_oscar(batch, context, args, q):
     pool_bytes = fmt.bytes_per_token(1, KV_HEADS) * slots_total + fmt.window_bytes_per_request(1, KV_HEADS) * batch
     if not enough_memory(pool_bytes):
         return {"status": "skipped", "reason": f"needs {pool_bytes / 2**30:.1f} GiB"}
-    _, slots, indptr = paged_requests(batch, context, args.page_size)
+    _, slots, indptr = paged_requests(batch, context, args.page_size, args.shared_prefix)
     codes = [torch.randint(0, 256, fmt.codes_shape(slots_total, KV_HEADS), dtype=torch.uint8, device="cuda") for _ in "kv"]
     metas = []
     for _ in "kv":
@@ -245,7 +253,7 @@ def run_point(batch, context, args, methods, hbm_gbs):
         release()
 
     attempt("oscar-int2", bench_oscar)
-    pages, slots, _ = paged_requests(batch, context, args.page_size)
+    pages, slots, _ = paged_requests(batch, context, args.page_size, args.shared_prefix)
     for dtype, tag in ((torch.float8_e4m3fn, "fp8"), (torch.bfloat16, "bf16")):
         wanted = [m for m in (f"flashinfer-{tag}", f"sglang-triton-{tag}") if m in methods]
         if not wanted:
@@ -319,7 +327,8 @@ def main(argv=None):
             points.append({"context": context, "batch": batch, "methods": run_point(batch, context, args, methods, hbm)})
 
     slug = re.sub(r"[^A-Za-z0-9]+", "-", device).strip("-").lower()
-    stem = args.out_dir / f"decode_kernels_{slug}{'_quick' if args.quick else ''}"
+    shared = f"_sp{args.shared_prefix}" if args.shared_prefix else ""
+    stem = args.out_dir / f"decode_kernels_{slug}{'_quick' if args.quick else ''}{shared}"
     doc = {
         "benchmark": "decode_kernels",
         "updated": now_iso(),
@@ -328,7 +337,7 @@ def main(argv=None):
         "versions": {"torch": torch.__version__, "triton": triton.__version__},
         "machine": machine_info(),
         "settings": {"q_heads": Q_HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "group_size": args.group_size,
-                     "page_size": args.page_size, "q_dtype": "bfloat16", "rep_ms": args.rep_ms},
+                     "page_size": args.page_size, "shared_prefix": args.shared_prefix, "q_dtype": "bfloat16", "rep_ms": args.rep_ms},
         "hbm_copy_gbps": hbm,
         "seconds": time.time() - started,
         "points": points,

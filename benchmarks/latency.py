@@ -71,6 +71,7 @@ import inspect
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -202,6 +203,40 @@ def synthetic_extend(extend):
     return run
 
 
+@contextlib.contextmanager
+def decode_forward_timer(model_runner):
+    """Times every decode forward of `model_runner` while open: yields a list that gets, after
+    exit, the milliseconds of each decode `model_runner.forward` as its device sees it (on a GPU
+    between CUDA events recorded just before and after it: the model's kernels and the graph
+    replay's input copies, not the batch preparation and sampling around it)."""
+    import torch
+
+    stock = model_runner.forward
+    on_gpu = torch.device(model_runner.device).type == "cuda"
+    spans, times = [], []
+
+    def forward(forward_batch, *args, **kwargs):
+        if not forward_batch.forward_mode.is_decode():
+            return stock(forward_batch, *args, **kwargs)
+        if not on_gpu:  # the forward ran to completion when it returns
+            start = time.perf_counter()
+            result = stock(forward_batch, *args, **kwargs)
+            times.append((time.perf_counter() - start) * 1000)
+            return result
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        result = stock(forward_batch, *args, **kwargs)
+        end.record()
+        spans.append((start, end))
+        return result
+
+    with instance_overrides(model_runner, forward=forward):
+        yield times
+    if spans:
+        torch.cuda.synchronize()
+        times.extend(start.elapsed_time(end) for start, end in spans)
+
+
 def pool_capacity(runner):
     """KV pool tokens and request slots of a bench_one_batch runner."""
     model_runner = runner.torch_runner
@@ -288,7 +323,8 @@ class PointRecorder:
             self.write({**point, "status": "skipped", "reason": capacity_reason(runner, input_len, output_len)})
             return None
         try:
-            result = call()
+            with decode_forward_timer(runner.torch_runner) as forward_ms:
+                result = call()
         except Exception as exc:  # an OOM or a kernel error at one point must not lose the others
             import torch
 
@@ -301,6 +337,8 @@ class PointRecorder:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             return None
+        if result and forward_ms:
+            result = {**result, "median_forward_ms": statistics.median(forward_ms)}
         self.write({**point, "status": "ok" if result else "skipped", **self.clean(result or {})})
         return result
 
@@ -628,6 +666,14 @@ def decode_ms(point):
     return point["median_decode_latency"] * 1000
 
 
+def forward_ms(point):
+    """Median GPU time of an ok point's decode forwards in ms (`decode_forward_timer`), else None
+    (also for points recorded before it was measured)."""
+    if point is None or point.get("status") != "ok":
+        return None
+    return point.get("median_forward_ms")
+
+
 def find_point(record, batch_size, context):
     """The point of `record` at batch_size × context, or None."""
     for point in record.get("points", []):
@@ -636,11 +682,11 @@ def find_point(record, batch_size, context):
     return None
 
 
-def cell(point):
-    """Table cell of a point: decode ms, or why there is none."""
+def cell(point, value):
+    """Table cell of a point: value(point), or why there is none."""
     if point is None:
         return None
-    return decode_ms(point) if point["status"] == "ok" else point["status"]
+    return value(point) if point["status"] == "ok" else point["status"]
 
 
 def max_batch_point(record):
@@ -654,21 +700,22 @@ def grid_of(doc):
     return grid["batches"], grid["contexts"]
 
 
-def latency_table(doc):
-    """Markdown table: decode ms/step per point and configuration, with the OSCAR / FP8 ratio."""
+def latency_table(doc, value=decode_ms, unit="ms"):
+    """Markdown table: value(point) (default decode ms/step) per point and configuration, with
+    the OSCAR / FP8 ratio."""
     configs = doc["configs"]
     batches, contexts = grid_of(doc)
     names = ordered_configs(configs)
     with_ratio = OSCAR in configs and BASELINE in configs
-    headers = ["batch x context", *(f"{name} ms" for name in names)]
+    headers = ["batch x context", *(f"{name} {unit}" for name in names)]
     headers += [f"{OSCAR} / {BASELINE}"] if with_ratio else []
     rows = []
     for batch_size in batches:
         for context in contexts:
             points = {name: find_point(configs[name], batch_size, context) for name in names}
-            row = [f"{batch_size} x {context}", *(cell(points[name]) for name in names)]
+            row = [f"{batch_size} x {context}", *(cell(points[name], value) for name in names)]
             if with_ratio:
-                r = ratio(decode_ms(points[OSCAR]), decode_ms(points[BASELINE]))
+                r = ratio(value(points[OSCAR]), value(points[BASELINE]))
                 row.append(None if r is None else f"{r:.2f}x")
             rows.append(row)
     return markdown_table(headers, rows)
@@ -743,9 +790,23 @@ def notes(doc):
     return "\n\n".join(lines)
 
 
+def forward_section(doc):
+    """The GPU-forward table, when any point has that measurement."""
+    points = [p for record in doc["configs"].values() for p in record.get("points", [])]
+    if not any(forward_ms(p) is not None for p in points):
+        return []
+    return [
+        "GPU time of the decode forward alone (median over the same steps; CUDA events around "
+        "ModelRunner.forward): the step above minus bench_one_batch's host-side batch "
+        "preparation, sampling and synchronization, which a serving scheduler overlaps with the "
+        "previous step's forward.",
+        latency_table(doc, forward_ms, "GPU forward ms"),
+    ]
+
+
 def markdown(doc):
     """The whole markdown report."""
-    parts = [notes(doc), latency_table(doc), capacity_table(doc), *ratio_lines(doc)]
+    parts = [notes(doc), latency_table(doc), *forward_section(doc), capacity_table(doc), *ratio_lines(doc)]
     return "\n\n".join(parts) + "\n"
 
 

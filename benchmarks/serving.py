@@ -84,6 +84,7 @@ DECODE_LOG_INTERVAL = 10
 # (key in a record's "metrics", column header); the table and the chart show these.
 METRICS = (
     ("output_tok_s", "output tok/s"),
+    ("peak_decode_tok_s", "peak decode tok/s"),
     ("requests_s", "req/s"),
     ("ttft_p50_ms", "TTFT p50 ms"),
     ("ttft_p99_ms", "TTFT p99 ms"),
@@ -102,6 +103,9 @@ DP_RANK_RE = re.compile(r"^\[[^\]]*\bDP(\d+)\b[^\]]*\]")
 RUNNING_RE = re.compile(r"#running-req: (\d+)")
 CACHED_RE = re.compile(r"#cached-token: (\d+)")
 NEW_TOKEN_RE = re.compile(r"#new-token: (\d+)")
+# generated tokens / wall time since the previous decode log line (prefill batches in between
+# count as time): its highest value is the throughput of decode alone
+GEN_RE = re.compile(r"gen throughput \(token/s\): ([\d.]+)")
 KV_ALLOC_RE = re.compile(
     r"KV [Cc]ache (?:is )?allocated\. dtype: [^,]+, #tokens: \d+, "
     r"(?:K size: ([\d.]+) GB, V size: ([\d.]+) GB|KV size: ([\d.]+) GB)"
@@ -222,11 +226,12 @@ def dp_worker(line):
 
 
 def parse_server_log(text):
-    """KV pool size, peak running requests and prefix-cache hits from a server log. With
-    several DP workers (--dp-size) the pool size, running cap and peak running requests are
-    summed over them (each worker's last pool line, each worker's own peak)."""
+    """KV pool size, peak running requests, peak decode throughput and prefix-cache hits from a
+    server log. With several DP workers (--dp-size) the pool size, running cap, peak running
+    requests and peak decode throughput are summed over them (each worker's last pool line,
+    each worker's own peaks)."""
     stats = {"peak_running_requests": None, "cached_tokens": None, "new_tokens": None}
-    pools, peaks = {}, {}
+    pools, peaks, gen_peaks = {}, {}, {}
     for line in text.splitlines():
         pool = POOL_RE.search(line)
         if pool:
@@ -234,6 +239,9 @@ def parse_server_log(text):
         for n in RUNNING_RE.findall(line):
             worker = dp_worker(line)
             peaks[worker] = max(peaks.get(worker, 0), int(n))
+        for rate in GEN_RE.findall(line):
+            worker = dp_worker(line)
+            gen_peaks[worker] = max(gen_peaks.get(worker, 0.0), float(rate))
     if pools:
         stats["max_total_num_tokens"] = sum(tokens for tokens, _ in pools.values())
         stats["max_running_requests"] = sum(requests for _, requests in pools.values())
@@ -241,6 +249,8 @@ def parse_server_log(text):
             stats["dp_workers"] = len(pools)
     if peaks:
         stats["peak_running_requests"] = sum(peaks.values())
+    if gen_peaks:
+        stats["peak_decode_tok_s"] = sum(gen_peaks.values())
     cached = [int(n) for n in CACHED_RE.findall(text)]
     if cached:
         stats["cached_tokens"] = sum(cached)
@@ -257,6 +267,7 @@ def serving_metrics(bench, server):
     cache = bench.get("cache_report") or {}
     return {
         "output_tok_s": bench.get("output_throughput"),
+        "peak_decode_tok_s": server.get("peak_decode_tok_s"),
         "requests_s": bench.get("request_throughput"),
         "ttft_p50_ms": bench.get("median_ttft_ms"),
         "ttft_p99_ms": bench.get("p99_ttft_ms"),

@@ -1,7 +1,9 @@
 """Tuning sweep of the OSCAR-2 kernels on one GPU, for a Qwen3-8B layer (H_q 32, H_kv 8, D 128):
 
 - decode: the library's kernels launched directly with other launch parameters (BLOCK_N,
-  warps, register cap) and split counts around the default, at several context × batch shapes;
+  warps, register cap, pipeline stages) and split counts around the default, at several
+  context × batch shapes (--shapes), optionally with a prefix all requests share (--shared-prefix,
+  as in benchmarks/decode_kernels.py);
 - the decode step's pieces: q rotation, reduce, a step whose context fits the BF16 windows;
 - the write kernel (write_kv_int2) at decode and prefill token counts, and other tokens per
   program / warps.
@@ -10,6 +12,7 @@ Every point is the median of triton.testing.do_bench over a CUDA-graph replay, L
 calls; %HBM is the bytes a decode step must read over the measured device-to-device copy rate.
 
     python -m benchmarks.tune_decode --out-dir benchmarks/results/h100
+    python -m benchmarks.tune_decode --sections decode --shapes 33792x192 --shared-prefix 32768
 
 Writes <out-dir>/tune_decode_<gpu>.txt and .json and prints the table.
 """
@@ -30,31 +33,37 @@ from oscar_sglang.kernels import decode as dk
 from oscar_sglang.kernels import quantize as qk
 from oscar_sglang.kernels.format import CODE_BITS, CODE_MAX, CODES_PER_BYTE, WINDOW_BYTES, OscarFormat
 
+from benchmarks.decode_kernels import paged_requests
+
 Q_HEADS, KV_HEADS, D = 32, 8, 128
 GROUP = Q_HEADS // KV_HEADS
 PAGE = 16
 DEV = "cuda"
 SHAPES = [(4096, 1), (32768, 1), (100000, 1), (131072, 1), (4096, 8), (32768, 8), (131072, 8)]
-# decode split-kernel variants: (BLOCK_N, num_warps, maxnreg); the first is the library default
+SECTIONS = ("write", "pieces", "decode")
+# decode split-kernel variants: (BLOCK_N, num_warps, maxnreg, num_stages); the first is the
+# library default
 SPLIT_VARIANTS = {
-    "default": (dk.BLOCK_N, dk.NUM_WARPS, dk.MAX_REGISTERS),
-    "bn128_w2": (128, 2, None),
+    "default": (dk.BLOCK_N, dk.NUM_WARPS, dk.MAX_REGISTERS, dk.NUM_STAGES),
+    "bn128_w2": (128, 2, None, dk.NUM_STAGES),
+    "bn128_w8": (128, 8, None, dk.NUM_STAGES),
+    "bn128_s3": (128, 4, dk.MAX_REGISTERS, 3),
+    "bn64": (64, 4, dk.MAX_REGISTERS, dk.NUM_STAGES),
+    "bn64_w2": (64, 2, None, dk.NUM_STAGES),
+    "bn256_w8": (256, 8, None, 3),
 }
 # write kernel: tokens -> [(tokens per program, warps)]; the library default is timed too
 WRITE_TOKENS = [1, 2, 8, 32, 64, 256, 8192]
 WRITE_VARIANTS = {8: [(8, 4)], 64: [(16, 4)], 256: [(4, 4)]}
 
 
-def make_problem(batch, context, seed=0):
+def make_problem(batch, context, seed=0, shared_prefix=0):
     """Decode inputs as benchmarks/decode_kernels.py builds them (shuffled pages, random codes)."""
     torch.manual_seed(seed)
     fmt = OscarFormat(D)
-    pages_per_req = triton.cdiv(context, PAGE)
-    slots_total = batch * pages_per_req * PAGE
-    pages = torch.randperm(batch * pages_per_req, device=DEV).view(batch, pages_per_req)
-    offs = torch.arange(context, device=DEV)
-    slots = (pages[:, offs // PAGE] * PAGE + offs % PAGE).reshape(-1).to(torch.int32)
-    indptr = torch.arange(batch + 1, device=DEV, dtype=torch.int32) * context
+    slots_total = batch * triton.cdiv(context, PAGE) * PAGE
+    _, slots, indptr = paged_requests(batch, context, PAGE, shared_prefix)
+    slots = slots.to(torch.int32)
     codes = [torch.randint(0, 256, fmt.codes_shape(slots_total, KV_HEADS), dtype=torch.uint8, device=DEV) for _ in "kv"]
     metas = []
     for _ in "kv":
@@ -77,7 +86,7 @@ def decode_bytes(batch, context):
     return batch * KV_HEADS * (n2 * fmt.bytes_per_token_head() + nw * 2 * D * WINDOW_BYTES) + 2 * batch * Q_HEADS * D * 2
 
 
-def decode_variant(args, splits, block_n, warps, maxnreg):
+def decode_variant(args, splits, block_n, warps, maxnreg, stages):
     """decode_attention_int2's three launches with other split-kernel launch parameters."""
     (q, indptr, slots, starts, k_codes, k_meta, v_codes, v_meta, k_win, v_win, k_rot, v_rot, sm_scale, fmt) = args
     batch = q.shape[0]
@@ -103,7 +112,7 @@ def decode_variant(args, splits, block_n, warps, maxnreg):
         GROUP=GROUP, BLOCK_H=bh, D=D, NG=fmt.num_groups, S=fmt.sink_tokens, W=fmt.recent_tokens,
         BLOCK_N=block_n, BLOCK_R=dk.BLOCK_ROWS, WIN_PROGRAMS=win, WIN_ROWS=dk.WINDOW_ROWS_PER_PROGRAM,
         CODE_BITS=CODE_BITS, CODE_MAX=CODE_MAX, PTX_UNPACK=not triton.knobs.runtime.interpret,
-        NUM_STAGES=dk.NUM_STAGES,
+        NUM_STAGES=stages,
         num_warps=warps, maxnreg=maxnreg)
     dk._decode_reduce_kernel[(batch, Q_HEADS, dk.REDUCE_DIM_PROGRAMS)](
         part_o, part_lse, parts, out, out.stride(0), out.stride(1), v_rot, v_rs,
@@ -196,10 +205,10 @@ def write_setup(tokens):
 def warm(kind):
     """Compile one group of kernels (a worker process; fills the Triton cache)."""
     if kind.startswith("split:"):
-        block_n, warps, maxnreg = SPLIT_VARIANTS[kind[6:]]
+        variant = SPLIT_VARIANTS[kind[6:]]
         for batch in (1, 8):
-            decode_variant(make_problem(batch, 4096), 8, block_n, warps, maxnreg)
-            decode_variant(make_problem(batch, 4096), 64, block_n, warps, maxnreg)
+            decode_variant(make_problem(batch, 4096), 8, *variant)
+            decode_variant(make_problem(batch, 4096), 64, *variant)
     else:
         tokens, block_t, warps = map(int, kind[6:].split(","))
         fmt, k, v, slots, rows, rots, bufs = write_setup(tokens)
@@ -211,8 +220,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--jobs", type=int, default=8, help="parallel compile workers")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of %(default)s")
+    parser.add_argument("--shapes", default=",".join(f"{c}x{b}" for c, b in SHAPES),
+                        help="decode shapes CONTEXTxBATCH (default: %(default)s)")
+    parser.add_argument("--shared-prefix", type=int, default=0, help="tokens whose slots all requests share")
     parser.add_argument("--warm", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
+    shapes = [tuple(map(int, shape.split("x"))) for shape in args.shapes.split(",")]
     if args.warm:
         warm(args.warm)
         return 0
@@ -220,8 +235,8 @@ def main():
         print("tune_decode needs a CUDA GPU", file=sys.stderr)
         return 2
     started = time.time()
-    kinds = [f"split:{n}" for n in SPLIT_VARIANTS]
-    kinds += [f"write:{t},{bt},{w}" for t, vs in WRITE_VARIANTS.items() for bt, w in vs]
+    kinds = [f"split:{n}" for n in SPLIT_VARIANTS] if "decode" in sections else []
+    kinds += [f"write:{t},{bt},{w}" for t, vs in WRITE_VARIANTS.items() for bt, w in vs if "write" in sections]
     procs = []
     for kind in kinds:
         while sum(p.poll() is None for _, p in procs) >= args.jobs:
@@ -243,7 +258,7 @@ def main():
     results = {"decode": {}, "pieces": {}, "write": {}}
 
     lines.append("write_kv_int2 (K and V, H_kv 8, D 128, every token also to a window row), us:")
-    for tokens in WRITE_TOKENS:
+    for tokens in WRITE_TOKENS if "write" in sections else []:
         fmt, k, v, slots, rows, rots, bufs = write_setup(tokens)
         cells = []
         us = time_us(lambda: qk.write_kv_int2(k, v, slots, rots[0], rots[1], 0.96, 0.92, bufs[0], bufs[1], bufs[2],
@@ -261,7 +276,7 @@ def main():
     save(args.out_dir, device, lines, results, hbm)
 
     lines.append("decode pieces, us:")
-    for batch in (1, 8):
+    for batch in (1, 8) if "pieces" in sections else []:
         problem = make_problem(batch, 32768)
         q, k_rot = problem[0], problem[10].contiguous()
         q_rot = torch.empty(batch, Q_HEADS, D, dtype=torch.float32, device=DEV)
@@ -298,19 +313,20 @@ def main():
                          for c, t in split_alone.items()))
         print(lines[-1], flush=True)
 
-    lines.append("decode step, us (%HBM of the bytes it must read) per split-kernel variant and splits:")
-    for context, batch in SHAPES:
-        problem = make_problem(batch, context)
+    lines.append("decode step, us (%HBM of the bytes it must read) per split-kernel variant and splits"
+                 + (f", the first {args.shared_prefix} tokens' slots shared by all requests:" if args.shared_prefix else ":"))
+    for context, batch in shapes if "decode" in sections else []:
+        problem = make_problem(batch, context, shared_prefix=args.shared_prefix)
         nbytes = decode_bytes(batch, context)
         default_splits = dk.default_num_kv_splits(batch, KV_HEADS, torch.device("cuda"))
         cells = []
-        for name, (block_n, warps, maxnreg) in SPLIT_VARIANTS.items():
+        for name, variant in SPLIT_VARIANTS.items():
             if f"split:{name}" in failed:
                 continue
             trial = [default_splits] if name != "default" else sorted(
                 {max(1, default_splits // 2), default_splits, min(dk.MAX_KV_SPLITS, 2 * default_splits)})
             for splits in trial:
-                us = time_us(lambda: decode_variant(problem, splits, block_n, warps, maxnreg))
+                us = time_us(lambda: decode_variant(problem, splits, *variant))
                 results["decode"].setdefault(f"{context}x{batch}", {})[f"{name}@{splits}"] = us
                 pct = 100 * nbytes / (us * 1e-6) / 1e9 / hbm
                 cells.append(f"{name}@{splits} {us:.1f} ({pct:.0f}%)")

@@ -271,6 +271,7 @@ def test_parse_server_log():
     assert stats["max_total_num_tokens"] == 412345
     assert stats["max_running_requests"] == 2048
     assert stats["peak_running_requests"] == 64
+    assert stats["peak_decode_tok_s"] == 2345.67
     assert stats["cached_tokens"] == 262144
     assert stats["new_tokens"] == 16384
     assert stats["kv_cache_gb"] == pytest.approx(56.62)
@@ -293,6 +294,7 @@ def test_parse_server_log_sums_the_dp_workers():
     assert stats["dp_workers"] == 2
     assert stats["max_total_num_tokens"] == 1_400_016 and stats["max_running_requests"] == 128
     assert stats["peak_running_requests"] == 32 + 31  # each worker's own peak
+    assert stats["peak_decode_tok_s"] == pytest.approx(2345.67 + 2300.0)
     assert stats["cached_tokens"] == 4096 and stats["new_tokens"] == 8192
     assert serving.dp_worker("[2026-11-23 10:00:40 DP1 TP0] x") == 1
     assert serving.dp_worker("[2026-11-23 10:00:40 TP1] x #running-req: DP3") is None
@@ -325,6 +327,7 @@ def test_serving_metrics_from_client_result_and_log():
     assert (metrics["ttft_p50_ms"], metrics["ttft_p99_ms"]) == (100.0, 900.0)
     assert (metrics["itl_p50_ms"], metrics["itl_p99_ms"]) == (20.0, 60.0)
     assert metrics["kv_pool_tokens"] == 412345 and metrics["peak_running_requests"] == 64
+    assert metrics["peak_decode_tok_s"] == 2345.67
     assert metrics["cached_tokens"] == 1_900_000 and metrics["server_cached_tokens"] == 262144
     assert serving.serving_metrics({}, {})["output_tok_s"] is None
 
@@ -337,7 +340,8 @@ class FakeRunner:
 
     def __init__(self, tokens, slots=2048):
         self.torch_runner = types.SimpleNamespace(
-            max_total_num_tokens=tokens, req_to_token_pool=types.SimpleNamespace(size=slots)
+            max_total_num_tokens=tokens, req_to_token_pool=types.SimpleNamespace(size=slots), device="cpu",
+            forward=None,  # fake_run_once runs no forward
         )
         self.cleared = 0
 
@@ -476,10 +480,10 @@ def test_serving_table_has_the_oscar_ratio_row():
         }
     }
     lines = serving.table(doc).splitlines()
-    assert lines[0].startswith("| config | output tok/s | req/s | TTFT p50 ms")
+    assert lines[0].startswith("| config | output tok/s | peak decode tok/s | req/s | TTFT p50 ms")
     assert lines[2].startswith("| fp8-flashinfer | 1500.0 |")  # canonical order, not insertion order
     assert lines[3].startswith("| fp8-triton (failed) | — |")
-    assert lines[5].startswith("| oscar / fp8-flashinfer | 2.00x | — |")
+    assert lines[5].startswith("| oscar / fp8-flashinfer | 2.00x | — | — |")
     assert "| 4.00x |" in lines[5]
 
 
@@ -528,6 +532,12 @@ def test_latency_tables():
     assert lines[0] == "| batch x context | fp8-flashinfer ms | oscar ms | oscar / fp8-flashinfer |"
     assert lines[2] == "| 1 x 100000 | 12.0 | 6.0 | 0.50x |"
     assert lines[3] == "| 8 x 100000 | skipped | failed | — |"
+    assert "GPU forward" not in latency.markdown(doc)  # no point measured it
+    doc["configs"]["oscar"]["points"][0]["median_forward_ms"] = 4.5
+    forward = latency.latency_table(doc, latency.forward_ms, "GPU forward ms").splitlines()
+    assert forward[0] == "| batch x context | fp8-flashinfer GPU forward ms | oscar GPU forward ms | oscar / fp8-flashinfer |"
+    assert forward[2] == "| 1 x 100000 | — | 4.5 | — |"  # FP8's point predates the measurement
+    assert latency.forward_section(doc)[1] in latency.markdown(doc)
     capacity = latency.capacity_table(doc).splitlines()
     assert capacity[0].startswith("| config | KV pool tokens | request slots | max batch @ 100000 |")
     assert capacity[2] == "| fp8-flashinfer | 500000 | 2048 | 4 | 30.0 | 133.3 | yes |"
@@ -942,6 +952,7 @@ def test_recorded_points_with_a_synthetic_prefill(cpu_sglang, tmp_path):
     recorder = latency.PointRecorder(out, "synthetic")
     run = recorder.wrap_run_once(one_batch.latency_test_run_once)
     runner = make(tokens=400, slots=4)
+    forward = runner.torch_runner.forward
     args = ("cfg", runner, print)
     assert run(*args, _reqs(one_batch, [100]), 1, 100, 4, 0, False, False, ("CPU",), "", "all", 0)  # warm-up
     result = run(*args, _reqs(one_batch, [100, 100]), 2, 100, 4, 0, False, False, ("CPU",), "", "all", 0)
@@ -953,6 +964,8 @@ def test_recorded_points_with_a_synthetic_prefill(cpu_sglang, tmp_path):
     ]  # fmt: skip
     point = records[1]
     assert point["setup_s"] >= 0 and point["median_decode_latency"] > 0
+    assert 0 < point["median_forward_ms"] < point["median_decode_latency"] * 1000
+    assert vars(runner.torch_runner)["forward"] is forward  # the timer is gone again
     assert not set(latency.PREFILL_FIELDS) & set(point)
     assert "KV pool holds 3 sequences of 100+4 tokens" in records[2]["reason"]
     assert runner.torch_runner.calls == ["DECODE", "sample"] * 3 * 2  # output_len 4: 3 decode steps each
