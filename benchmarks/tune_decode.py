@@ -103,7 +103,7 @@ def decode_variant(args, splits, block_n, warps, maxnreg, stages):
     dk._rotate_q_kernel[(batch, KV_HEADS, CODES_PER_BYTE)](
         q, q.stride(0), q.stride(1), k_rot, k_rs, q_rot, sm_scale * dk.LOG2E,
         GROUP=GROUP, BLOCK_H=bh, D=D, num_warps=dk.NUM_WARPS)
-    dk._decode_split_kernel[(batch, KV_HEADS, parts)](
+    dk._decode_split_kernel[(KV_HEADS, batch, parts)](
         q_rot, indptr, slots, starts,
         k_codes, v_codes, k_codes.stride(0), k_codes.stride(1),
         k_meta, v_meta, k_meta.stride(0), k_meta.stride(1),
@@ -136,7 +136,7 @@ def split_only(args, splits):
     q_rot, part_o, part_lse, k_words, v_words = _SPLIT_INPUTS[key]
     (q, indptr, slots, starts, k_codes, k_meta, v_codes, v_meta, k_win, v_win, k_rot, v_rot, sm_scale, fmt) = args
     win = dk.window_programs(fmt)
-    dk._decode_split_kernel[(q.shape[0], KV_HEADS, win + splits)](
+    dk._decode_split_kernel[(KV_HEADS, q.shape[0], win + splits)](
         q_rot, indptr, slots, starts,
         k_codes, v_codes, k_codes.stride(0), k_codes.stride(1),
         k_words, v_words, k_words.stride(0), k_words.stride(1),

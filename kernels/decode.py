@@ -5,11 +5,13 @@ them and the output is rotated back at the end. Three launches:
 
 1. `_rotate_q_kernel`, grid (B, H_kv, 4): q' = q · R_K[h] · sm_scale · log2(e), one quarter slice
    of the dims per program (one load of R: the rotation matrices are not in L2 at decode time).
-2. `_decode_split_kernel`, grid (B, H_kv, window programs + splits): programs (b, h, i <
+2. `_decode_split_kernel`, grid (H_kv, B, window programs + splits): programs (h, b, i <
    WIN_PROGRAMS) read a slice of request b's BF16 window rows (sinks and the recent ring), the
    others one contiguous range of its INT2 span; each handles all query heads of KV head h, so
    every KV tile is loaded once per GQA group. Each writes its normalized partial output o' and
-   log2-sum-exp.
+   log2-sum-exp. KV heads vary fastest in launch order: the heads of a slot share its 32-byte
+   memory sectors (codes and meta are [slots, H_kv, ...]), so the programs reading them run
+   together and fetch each sector once.
 3. `_decode_reduce_kernel`, grid (B, H_q, 4): merges a head's partials and applies R_Vᵀ to a
    quarter of its dims (all its loads are issued at once: one round trip to memory).
 
@@ -397,8 +399,8 @@ def _decode_split_kernel(
     NUM_STAGES: tl.constexpr,
 ):
     P: tl.constexpr = D // 4
-    b = tl.program_id(0)
-    hk = tl.program_id(1)
+    hk = tl.program_id(0)
+    b = tl.program_id(1)
     split = tl.program_id(2)
 
     kv_lo = tl.load(kv_indptr_ptr + b)
@@ -601,7 +603,7 @@ def decode_attention_int2(
         q, q.stride(0), q.stride(1), k_rot, k_rot_stride, q_rot, sm_scale * LOG2E,
         GROUP=group, BLOCK_H=block_h, D=d, num_warps=NUM_WARPS,
     )
-    _decode_split_kernel[(batch, kv_heads, parts)](
+    _decode_split_kernel[(kv_heads, batch, parts)](
         q_rot,
         kv_indptr, kv_indices, window_starts,
         k_codes, v_codes, k_codes.stride(0), k_codes.stride(1),
