@@ -46,12 +46,8 @@ SECTIONS = ("write", "pieces", "decode")
 SPLIT_VARIANTS = {
     "default": (dk.BLOCK_N, dk.NUM_WARPS, dk.MAX_REGISTERS, dk.NUM_STAGES),
     "bn128_w2": (128, 2, None, dk.NUM_STAGES),
-    "bn128_w8": (128, 8, None, dk.NUM_STAGES),
     "bn128_s3": (128, 4, dk.MAX_REGISTERS, 3),
-    "bn64": (64, 4, dk.MAX_REGISTERS, dk.NUM_STAGES),
-    "bn64_w2": (64, 2, None, dk.NUM_STAGES),
-    "bn256_w8": (256, 8, None, 3),
-}
+}  # 8 warps, BLOCK_N 64 and 256 were slower everywhere (results/h100/tune_decode_large_batch*.txt)
 # write kernel: tokens -> [(tokens per program, warps)]; the library default is timed too
 WRITE_TOKENS = [1, 2, 8, 32, 64, 256, 8192]
 WRITE_VARIANTS = {8: [(8, 4)], 64: [(16, 4)], 256: [(4, 4)]}
