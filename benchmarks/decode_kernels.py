@@ -8,7 +8,7 @@ KV, q and out), the achieved GB/s and its share of the HBM bandwidth measured in
 (device-to-device copy). Requests use shuffled pages of --page-size tokens; cache contents are
 random (no kernel here has data-dependent control flow). A configuration whose buffers do not
 fit in free GPU memory is recorded as skipped; a method that fails records its error and the
-sweep goes on.
+sweep goes on. oscar-int2-shared is OSCAR with shared-prefix blocks (kernels/shared_prefix.py).
 
 --shared-prefix N gives every request of a batch the same slots (pages) for its first N tokens,
 as requests that hit one radix-cached system prompt have. Bytes stay the bytes each request
@@ -23,6 +23,7 @@ Writes <out-dir>/decode_kernels_<gpu>.json and .png and prints a markdown table.
 """
 
 import argparse
+import functools
 import gc
 import re
 import shlex
@@ -35,6 +36,7 @@ import triton
 import triton.testing
 from oscar_sglang.kernels.decode import decode_attention_int2, default_num_kv_splits
 from oscar_sglang.kernels.format import WINDOW_BYTES, OscarFormat
+from oscar_sglang.kernels.shared_prefix import find_shared_prefixes
 
 from benchmarks.common import (
     DEFAULT_RESULTS_DIR,
@@ -51,7 +53,7 @@ Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128  # Qwen3-8B attention layer
 CONTEXTS = [4096, 16384, 32768, 65536, 131072]
 BATCHES = [1, 8, 32, 64]
 QUICK_CONTEXTS, QUICK_BATCHES = [32768, 131072], [1, 8]
-METHODS = ["oscar-int2", "flashinfer-fp8", "flashinfer-bf16", "sglang-triton-fp8", "sglang-triton-bf16"]
+METHODS = ["oscar-int2", "oscar-int2-shared", "flashinfer-fp8", "flashinfer-bf16", "sglang-triton-fp8", "sglang-triton-bf16"]
 BASELINE = "flashinfer-fp8"
 HEADROOM_BYTES = 2 << 30  # free memory kept aside for workspaces and the L2 flush buffer
 FLASHINFER_WORKSPACE_BYTES = 512 << 20
@@ -146,7 +148,10 @@ def oscar_bytes(fmt, batch, context):
     return batch * per_request + qo_bytes(batch)
 
 
-def bench_oscar(batch, context, args, q):
+def bench_oscar(batch, context, args, q, shared=False):
+    """OSCAR decode; shared: with `find_shared_prefixes` blocks, computed once outside the timed
+    step as a backend computes them once per batch for all layers (their own time is recorded
+    as find_shared_us)."""
     fmt = OscarFormat(HEAD_DIM, args.group_size)
     slots_total = batch * triton.cdiv(context, args.page_size) * args.page_size
     pool_bytes = fmt.bytes_per_token(1, KV_HEADS) * slots_total + fmt.window_bytes_per_request(1, KV_HEADS) * batch
@@ -166,13 +171,22 @@ def bench_oscar(batch, context, args, q):
     out = torch.empty_like(q)
     kv_indices = slots.to(torch.int32)
 
+    def blocks():
+        return find_shared_prefixes(indptr, kv_indices, fmt, Q_HEADS // KV_HEADS)
+
+    prefixes = blocks() if shared else None
+
     def step():
         decode_attention_int2(q, indptr, kv_indices, window_starts, codes[0], metas[0], codes[1], metas[1],
-                              windows[0], windows[1], rots[0], rots[1], HEAD_DIM ** -0.5, fmt, out=out)
+                              windows[0], windows[1], rots[0], rots[1], HEAD_DIM ** -0.5, fmt, out=out,
+                              shared=prefixes)
 
     us, mode = median_us(step, args.rep_ms)
-    return {"us": us, "timing": mode, "bytes": oscar_bytes(fmt, batch, context),
-            "kv_splits": default_num_kv_splits(batch, KV_HEADS, q.device)}
+    record = {"us": us, "timing": mode, "bytes": oscar_bytes(fmt, batch, context),
+              "kv_splits": default_num_kv_splits(batch, KV_HEADS, q.device)}
+    if shared:
+        record["find_shared_us"] = median_us(blocks, args.rep_ms)[0]
+    return record
 
 
 def paged_pool(batch, context, page_size, dtype):
@@ -253,6 +267,7 @@ def run_point(batch, context, args, methods, hbm_gbs):
         release()
 
     attempt("oscar-int2", bench_oscar)
+    attempt("oscar-int2-shared", functools.partial(bench_oscar, shared=True))
     pages, slots, _ = paged_requests(batch, context, args.page_size, args.shared_prefix)
     for dtype, tag in ((torch.float8_e4m3fn, "fp8"), (torch.bfloat16, "bf16")):
         wanted = [m for m in (f"flashinfer-{tag}", f"sglang-triton-{tag}") if m in methods]

@@ -100,13 +100,13 @@ def decode_variant(args, splits, block_n, warps, maxnreg, stages):
         q, q.stride(0), q.stride(1), k_rot, k_rs, q_rot, sm_scale * dk.LOG2E,
         GROUP=GROUP, BLOCK_H=bh, D=D, num_warps=dk.NUM_WARPS)
     dk._decode_split_kernel[(KV_HEADS, batch, parts)](
-        q_rot, indptr, slots, starts,
+        q_rot, indptr, slots, starts, indptr,
         k_codes, v_codes, k_codes.stride(0), k_codes.stride(1),
         k_meta, v_meta, k_meta.stride(0), k_meta.stride(1),
         k_win, v_win, k_win.stride(0), k_win.stride(1),
-        part_o, part_lse, Q_HEADS, splits,
+        part_o, part_lse, Q_HEADS, splits, parts,
         GROUP=GROUP, BLOCK_H=bh, D=D, NG=fmt.num_groups, S=fmt.sink_tokens, W=fmt.recent_tokens,
-        BLOCK_N=block_n, BLOCK_R=dk.BLOCK_ROWS, WIN_PROGRAMS=win, WIN_ROWS=dk.WINDOW_ROWS_PER_PROGRAM,
+        BLOCK_N=block_n, BLOCK_R=dk.BLOCK_ROWS, WIN_PROGRAMS=win, WIN_ROWS=dk.WINDOW_ROWS_PER_PROGRAM, SHARED=False,
         CODE_BITS=CODE_BITS, CODE_MAX=CODE_MAX, PTX_UNPACK=not triton.knobs.runtime.interpret,
         NUM_STAGES=stages,
         num_warps=warps, maxnreg=maxnreg)
@@ -133,14 +133,14 @@ def split_only(args, splits):
     (q, indptr, slots, starts, k_codes, k_meta, v_codes, v_meta, k_win, v_win, k_rot, v_rot, sm_scale, fmt) = args
     win = dk.window_programs(fmt)
     dk._decode_split_kernel[(KV_HEADS, q.shape[0], win + splits)](
-        q_rot, indptr, slots, starts,
+        q_rot, indptr, slots, starts, indptr,
         k_codes, v_codes, k_codes.stride(0), k_codes.stride(1),
         k_words, v_words, k_words.stride(0), k_words.stride(1),
         k_win, v_win, k_win.stride(0), k_win.stride(1),
-        part_o, part_lse, Q_HEADS, splits,
+        part_o, part_lse, Q_HEADS, splits, win + splits,
         GROUP=GROUP, BLOCK_H=dk.head_block(GROUP), D=D, NG=fmt.num_groups, S=fmt.sink_tokens,
         W=fmt.recent_tokens, BLOCK_N=dk.BLOCK_N, BLOCK_R=dk.BLOCK_ROWS, WIN_PROGRAMS=win,
-        WIN_ROWS=dk.WINDOW_ROWS_PER_PROGRAM, CODE_BITS=CODE_BITS, CODE_MAX=CODE_MAX,
+        WIN_ROWS=dk.WINDOW_ROWS_PER_PROGRAM, SHARED=False, CODE_BITS=CODE_BITS, CODE_MAX=CODE_MAX,
         PTX_UNPACK=not triton.knobs.runtime.interpret, NUM_STAGES=dk.NUM_STAGES,
         num_warps=dk.NUM_WARPS, maxnreg=dk.MAX_REGISTERS)
 

@@ -15,6 +15,11 @@ them and the output is rotated back at the end. Three launches:
 3. `_decode_reduce_kernel`, grid (B, H_q, 4): merges a head's partials and applies R_Vᵀ to a
    quarter of its dims (all its loads are issued at once: one round trip to memory).
 
+With `shared` (requests holding a cached prefix in the same slots, `shared_prefix.py`), a fourth
+launch, `_decode_shared_kernel`, reads the positions a block of requests shares once for all of
+them, their query heads stacked as the rows of one dot; the split kernel then reads only each
+request's own positions, and the reduce kernel merges both kinds of partials.
+
 The grid depends only on shapes and host ints (no host sync), so decode can be captured in a
 CUDA graph; programs whose range is empty write lse = -inf.
 
@@ -41,6 +46,7 @@ from .format import (
     META_FIELDS,
     OscarFormat,
 )
+from .shared_prefix import SharedPrefixes, block_members
 
 assert CODES_PER_BYTE == 4, "the kernels keep one accumulator per quarter slice of a packed byte"
 assert META_FIELDS * META_BYTES == 4, "the kernels read a group's (scale, minimum) as one 32-bit word"
@@ -384,17 +390,17 @@ def _rotate_q_kernel(
     tl.store(qr_ptr + row[:, None] * D + s * P + tl.arange(0, P)[None, :], qr, mask=head_ok[:, None])
 
 
-@triton.jit(do_not_specialize=["num_splits"])
+@triton.jit(do_not_specialize=["num_splits", "num_parts"])
 def _decode_split_kernel(
     qr_ptr,
-    kv_indptr_ptr, kv_indices_ptr, window_starts_ptr,
+    kv_indptr_ptr, kv_indices_ptr, window_starts_ptr, own_start_ptr,
     k_codes_ptr, v_codes_ptr, stride_cs, stride_ch,
     k_meta_ptr, v_meta_ptr, stride_ms, stride_mh,
     k_win_ptr, v_win_ptr, stride_ws, stride_wh,
-    part_o_ptr, part_lse_ptr, num_q_heads, num_splits,
+    part_o_ptr, part_lse_ptr, num_q_heads, num_splits, num_parts,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, NG: tl.constexpr,
     S: tl.constexpr, W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    WIN_PROGRAMS: tl.constexpr, WIN_ROWS: tl.constexpr,
+    WIN_PROGRAMS: tl.constexpr, WIN_ROWS: tl.constexpr, SHARED: tl.constexpr,
     CODE_BITS: tl.constexpr, CODE_MAX: tl.constexpr, PTX_UNPACK: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
@@ -407,10 +413,12 @@ def _decode_split_kernel(
     length = tl.load(kv_indptr_ptr + b + 1) - kv_lo
     start = tl.minimum(S, length)
     end = tl.maximum(start, length - W)
+    # SHARED: positions [S, own_start) are read by the request's shared-prefix block
+    own_start = tl.load(own_start_ptr + b) if SHARED else start
     # programs 0..WIN_PROGRAMS-1 read WIN_ROWS window rows each (scheduled first), the next
-    # num_splits programs BLOCK_N-aligned ranges of the INT2 span
-    per_split = tl.cdiv(tl.cdiv(end - start, num_splits), BLOCK_N) * BLOCK_N
-    seg_lo = start + (split - WIN_PROGRAMS) * per_split
+    # num_splits programs BLOCK_N-aligned ranges of the INT2 positions the request reads alone
+    per_split = tl.cdiv(tl.cdiv(end - own_start, num_splits), BLOCK_N) * BLOCK_N
+    seg_lo = own_start + (split - WIN_PROGRAMS) * per_split
     seg_hi = tl.minimum(seg_lo + per_split, end)
     is_window = split < WIN_PROGRAMS
     has_work = (is_window & (length > 0)) | (~is_window & (seg_lo < seg_hi))
@@ -453,14 +461,80 @@ def _decode_split_kernel(
         a3 *= inv
     lse = tl.where(l_i > 0, m_i + tl.math.log2(_nonzero(l_i)), float("-inf"))
 
-    # partials: [B, H_q, WIN_PROGRAMS + num_splits, D] and [B, H_q, WIN_PROGRAMS + num_splits]
-    part = row * (WIN_PROGRAMS + num_splits) + split
-    tl.store(part_lse_ptr + part, lse, mask=head_ok)
+    _store_partial(part_o_ptr, part_lse_ptr, row * num_parts + split, head_ok, lse, a0, a1, a2, a3, D)
+
+
+@triton.jit
+def _store_partial(part_o_ptr, part_lse_ptr, part, ok, lse, a0, a1, a2, a3, D: tl.constexpr):
+    """Partials [B, H_q, num_parts, D] and [B, H_q, num_parts]: rows `part` [M] (where ok) get
+    the log2-sum-exp lse [M] and the normalized output slices a_s [M, D/4]."""
+    P: tl.constexpr = D // 4
+    cols = tl.arange(0, P)
+    tl.store(part_lse_ptr + part, lse, mask=ok)
     o_ptrs = part_o_ptr + part[:, None] * D + cols[None, :]
-    tl.store(o_ptrs, a0, mask=head_ok[:, None])
-    tl.store(o_ptrs + P, a1, mask=head_ok[:, None])
-    tl.store(o_ptrs + 2 * P, a2, mask=head_ok[:, None])
-    tl.store(o_ptrs + 3 * P, a3, mask=head_ok[:, None])
+    tl.store(o_ptrs, a0, mask=ok[:, None])
+    tl.store(o_ptrs + P, a1, mask=ok[:, None])
+    tl.store(o_ptrs + 2 * P, a2, mask=ok[:, None])
+    tl.store(o_ptrs + 3 * P, a3, mask=ok[:, None])
+
+
+@triton.jit(do_not_specialize=["num_shared_splits", "num_parts", "first_part"])
+def _decode_shared_kernel(
+    qr_ptr,
+    kv_indptr_ptr, kv_indices_ptr, members_ptr, block_end_ptr,
+    k_codes_ptr, v_codes_ptr, stride_cs, stride_ch,
+    k_meta_ptr, v_meta_ptr, stride_ms, stride_mh,
+    part_o_ptr, part_lse_ptr, num_q_heads, num_shared_splits, num_parts, first_part,
+    GROUP: tl.constexpr, MEMBERS: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr,
+    NG: tl.constexpr, S: tl.constexpr, BLOCK_N: tl.constexpr,
+    CODE_BITS: tl.constexpr, CODE_MAX: tl.constexpr, PTX_UNPACK: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
+    """Program (h, i, j): split j of the INT2 positions [S, block_end[i]) that the members of
+    shared-prefix block i (`shared_prefix.SharedPrefixes`) hold in the same slots, read through
+    the block's first member, for the query heads of KV head h of every member at once (row r:
+    member r // GROUP, head r % GROUP). Writes each member's partial `first_part + j`."""
+    P: tl.constexpr = D // 4
+    hk = tl.program_id(0)
+    blk = tl.program_id(1)
+    split = tl.program_id(2)
+    lead = tl.load(members_ptr + blk * MEMBERS)
+    if lead >= 0:
+        rows = tl.arange(0, BLOCK_M)
+        member = tl.load(members_ptr + blk * MEMBERS + rows // GROUP, mask=rows < MEMBERS * GROUP, other=-1)
+        row_ok = member >= 0
+        row = member.to(tl.int64) * num_q_heads + hk * GROUP + rows % GROUP
+        shared_end = tl.load(block_end_ptr + blk)
+        per_split = tl.cdiv(tl.cdiv(shared_end - S, num_shared_splits), BLOCK_N) * BLOCK_N
+        seg_lo = S + split * per_split
+        seg_hi = tl.minimum(seg_lo + per_split, shared_end)
+        cols = tl.arange(0, P)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        a0 = tl.zeros([BLOCK_M, P], tl.float32)
+        a1 = tl.zeros([BLOCK_M, P], tl.float32)
+        a2 = tl.zeros([BLOCK_M, P], tl.float32)
+        a3 = tl.zeros([BLOCK_M, P], tl.float32)
+        if seg_lo < seg_hi:
+            q_ptrs = qr_ptr + row[:, None] * D + cols[None, :]
+            q0 = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+            q1 = tl.load(q_ptrs + P, mask=row_ok[:, None], other=0.0)
+            q2 = tl.load(q_ptrs + 2 * P, mask=row_ok[:, None], other=0.0)
+            q3 = tl.load(q_ptrs + 3 * P, mask=row_ok[:, None], other=0.0)
+            m_i, l_i, a0, a1, a2, a3 = _int2_segment(
+                m_i, l_i, a0, a1, a2, a3, q0, q1, q2, q3,
+                kv_indices_ptr + tl.load(kv_indptr_ptr + lead), seg_lo, seg_hi,
+                k_codes_ptr + hk * stride_ch, v_codes_ptr + hk * stride_ch, stride_cs,
+                k_meta_ptr + hk * stride_mh, v_meta_ptr + hk * stride_mh, stride_ms,
+                P, NG, BLOCK_N, CODE_BITS, CODE_MAX, PTX_UNPACK, NUM_STAGES)
+            inv = 1.0 / _nonzero(l_i)[:, None]
+            a0 *= inv
+            a1 *= inv
+            a2 *= inv
+            a3 *= inv
+        lse = tl.where(l_i > 0, m_i + tl.math.log2(_nonzero(l_i)), float("-inf"))
+        _store_partial(part_o_ptr, part_lse_ptr, row * num_parts + first_part + split, row_ok,
+                       lse, a0, a1, a2, a3, D)
 
 
 @triton.jit(do_not_specialize=["num_parts"])
@@ -565,6 +639,7 @@ def decode_attention_int2(
     k_codes: torch.Tensor, k_meta: torch.Tensor, v_codes: torch.Tensor, v_meta: torch.Tensor,
     k_window: torch.Tensor, v_window: torch.Tensor, k_rot: torch.Tensor, v_rot: torch.Tensor,
     sm_scale: float, fmt: OscarFormat, num_kv_splits: int | None = None, out: torch.Tensor | None = None,
+    shared: SharedPrefixes | None = None,
 ) -> torch.Tensor:
     """One decode step over the OSCAR-2 cache; same semantics as `reference.decode_attention`.
 
@@ -575,6 +650,9 @@ def decode_attention_int2(
     num_kv_splits: INT2 splits per (request, KV head), 1..MAX_KV_SPLITS, default from the SM
     count (a runtime kernel argument: changing it recompiles only the reduce kernel, and only
     when the number of partials crosses a power of two).
+    shared: `shared_prefix.find_shared_prefixes(kv_indptr, kv_indices, fmt, H_q // H_kv)`, computed
+    once per batch for all layers: INT2 positions that requests hold in the same slots are read
+    once per block of requests (`_decode_shared_kernel`), the rest per request.
     Returns out: [B, H_q, D] in q's dtype.
     """
     batch, q_heads, d = q.shape
@@ -593,7 +671,16 @@ def decode_attention_int2(
     v_rot, v_rot_stride = rot_arg(v_rot)
     k_meta, v_meta = meta_words(k_meta), meta_words(v_meta)
     win = window_programs(fmt)
-    parts = win + splits
+    members = block_members(group)
+    shared_splits = 0
+    if shared is not None:
+        if tuple(shared.members.shape) != (batch, members) or tuple(shared.own_start.shape) != (batch,):
+            raise ValueError(f"shared prefixes are for another batch or GQA group: members "
+                             f"{tuple(shared.members.shape)}, expected ({batch}, {members})")
+        # the reduce kernel merges at most MAX_KV_SPLITS INT2 partials per head in one tile
+        shared_splits = max(1, min(default_num_kv_splits(triton.cdiv(batch, members), kv_heads, q.device),
+                                   MAX_KV_SPLITS - splits))
+    parts = win + splits + shared_splits
     q_rot = torch.empty(batch, q_heads, d, dtype=torch.float32, device=q.device)
     part_o = torch.empty(batch, q_heads, parts, d, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(batch, q_heads, parts, dtype=torch.float32, device=q.device)
@@ -603,19 +690,32 @@ def decode_attention_int2(
         q, q.stride(0), q.stride(1), k_rot, k_rot_stride, q_rot, sm_scale * LOG2E,
         GROUP=group, BLOCK_H=block_h, D=d, num_warps=NUM_WARPS,
     )
-    _decode_split_kernel[(kv_heads, batch, parts)](
+    ptx_unpack = not triton.knobs.runtime.interpret
+    _decode_split_kernel[(kv_heads, batch, win + splits)](
         q_rot,
-        kv_indptr, kv_indices, window_starts,
+        kv_indptr, kv_indices, window_starts, kv_indptr if shared is None else shared.own_start,
         k_codes, v_codes, k_codes.stride(0), k_codes.stride(1),
         k_meta, v_meta, k_meta.stride(0), k_meta.stride(1),
         k_window, v_window, k_window.stride(0), k_window.stride(1),
-        part_o, part_lse, q_heads, splits,
+        part_o, part_lse, q_heads, splits, parts,
         GROUP=group, BLOCK_H=block_h, D=d, NG=fmt.num_groups,
         S=fmt.sink_tokens, W=fmt.recent_tokens, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_ROWS,
-        WIN_PROGRAMS=win, WIN_ROWS=WINDOW_ROWS_PER_PROGRAM,
-        CODE_BITS=CODE_BITS, CODE_MAX=CODE_MAX, PTX_UNPACK=not triton.knobs.runtime.interpret,
+        WIN_PROGRAMS=win, WIN_ROWS=WINDOW_ROWS_PER_PROGRAM, SHARED=shared is not None,
+        CODE_BITS=CODE_BITS, CODE_MAX=CODE_MAX, PTX_UNPACK=ptx_unpack,
         NUM_STAGES=NUM_STAGES, num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS,
     )
+    if shared is not None:
+        _decode_shared_kernel[(kv_heads, batch, shared_splits)](
+            q_rot,
+            kv_indptr, kv_indices, shared.members, shared.block_end,
+            k_codes, v_codes, k_codes.stride(0), k_codes.stride(1),
+            k_meta, v_meta, k_meta.stride(0), k_meta.stride(1),
+            part_o, part_lse, q_heads, shared_splits, parts, win + splits,
+            GROUP=group, MEMBERS=members, BLOCK_M=head_block(members * group), D=d, NG=fmt.num_groups,
+            S=fmt.sink_tokens, BLOCK_N=BLOCK_N,
+            CODE_BITS=CODE_BITS, CODE_MAX=CODE_MAX, PTX_UNPACK=ptx_unpack,
+            NUM_STAGES=NUM_STAGES, num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS,
+        )
     _decode_reduce_kernel[(batch, q_heads, REDUCE_DIM_PROGRAMS)](
         part_o, part_lse, parts,
         out, out.stride(0), out.stride(1),

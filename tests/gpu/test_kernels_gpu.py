@@ -11,6 +11,7 @@ from oscar_sglang.kernels.decode import decode_attention_int2
 from oscar_sglang.kernels.extend import extend_attention_int2
 from oscar_sglang.kernels.format import DEFAULT_K_CLIP, DEFAULT_V_CLIP, OscarFormat
 from oscar_sglang.kernels.quantize import write_kv_int2
+from oscar_sglang.kernels.shared_prefix import find_shared_prefixes
 from test_decode_kernel import Batch, Cache, assert_matches, make_cache
 
 pytestmark = pytest.mark.gpu
@@ -19,12 +20,18 @@ DEVICE = "cuda"
 
 
 def write_sequence(cache: Cache, slots: torch.Tensor, window_start: int, dtype, gen, scale=1.0):
-    """Random K/V for a whole sequence at `slots`, written with write_kv_int2; window rows get
-    the sinks and the last W positions."""
+    """Random K/V for a whole sequence at `slots`, written with `write_kv`."""
     fmt, length = cache.fmt, slots.shape[0]
     heads = cache.k_codes.shape[1]
     k = (torch.randn(length, heads, fmt.head_dim, generator=gen, device=DEVICE) * scale).to(dtype)
     v = torch.randn(length, heads, fmt.head_dim, generator=gen, device=DEVICE).to(dtype)
+    write_kv(cache, k, v, slots, window_start)
+
+
+def write_kv(cache: Cache, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, window_start: int):
+    """k, v: [L, H_kv, D], a whole sequence, written at `slots` with write_kv_int2; window rows
+    get the sinks and the last W positions."""
+    fmt, length = cache.fmt, slots.shape[0]
     pos = torch.arange(length, device=DEVICE)
     start, end = fmt.int2_span(length)
     ring = window_start + fmt.sink_tokens + (pos - fmt.sink_tokens) % fmt.recent_tokens
@@ -141,3 +148,70 @@ def test_decode_cuda_graph_replay_with_new_lengths():
         n = int(batch.kv_indptr[-1])
         current = (q, batch.kv_indptr, batch.kv_indices[:n], batch.window_starts, *cache.buffers, 128 ** -0.5, fmt)
         assert_matches(out, ref.decode_attention(*current), torch.bfloat16)
+
+
+def test_shared_prefix_decode_in_a_cuda_graph():
+    """find_shared_prefixes and the shared decode captured in one CUDA graph (as a backend would
+    capture them), replayed after the batch changed in place from six requests on one 20K-token
+    prefix to three of them on it and three on sequences of their own: both match the reference."""
+    gen = torch.Generator(DEVICE).manual_seed(3)
+    fmt = OscarFormat(128)
+    prefix, own = 20000, [300, 1, 4000, 57, 900, 2]
+    alone = [n + 5000 for n in own]
+    heads, dtype = 8, torch.bfloat16
+    cache = make_cache(fmt, heads, prefix + sum(own) + sum(alone), len(own) + 2, True,
+                       torch.Generator().manual_seed(0), DEVICE)
+    perm = torch.randperm(cache.k_codes.shape[0], generator=gen, device=DEVICE)
+    prefix_slots = perm[:prefix]
+    own_slots = list(torch.split(perm[prefix:prefix + sum(own)], own))
+    alone_slots = list(torch.split(perm[prefix + sum(own):], alone))
+
+    def kv(length):
+        return [torch.randn(length, heads, 128, generator=gen, device=DEVICE).to(dtype) for _ in "kv"]
+
+    prefix_kv = kv(prefix)
+    windows = [b * fmt.window_rows for b in range(len(own))]
+    shared_layout = [(True, own_slots[b]) for b in range(len(own))]
+    mixed_layout = [(b % 2 == 0, own_slots[b] if b % 2 == 0 else alone_slots[b]) for b in range(len(own))]
+    capacity = len(own) * prefix + sum(own) + sum(alone)  # every request lists its prefix slots
+    batch = Batch(torch.zeros(len(own) + 1, dtype=torch.int32, device=DEVICE),
+                  torch.zeros(capacity, dtype=torch.int32, device=DEVICE),
+                  torch.tensor(windows, dtype=torch.int32, device=DEVICE))
+
+    def set_layout(layout):
+        sequences = []
+        for b, (on_prefix, slots) in enumerate(layout):
+            k, v = kv(slots.shape[0])
+            if on_prefix:
+                slots = torch.cat([prefix_slots, slots])
+                k, v = torch.cat([prefix_kv[0], k]), torch.cat([prefix_kv[1], v])
+            write_kv(cache, k, v, slots, windows[b])
+            sequences.append(slots)
+        lengths = torch.tensor([0] + [s.shape[0] for s in sequences], device=DEVICE).cumsum(0)
+        batch.kv_indptr.copy_(lengths.to(torch.int32))
+        batch.kv_indices[:int(lengths[-1])].copy_(torch.cat(sequences).to(torch.int32))
+
+    set_layout(shared_layout)
+    q = torch.randn(len(own), 32, 128, generator=gen, device=DEVICE).to(dtype)
+    out = torch.empty_like(q)
+    args = decode_args(cache, batch, q)
+
+    def step():
+        shared = find_shared_prefixes(batch.kv_indptr, batch.kv_indices, fmt, group=4)
+        decode_attention_int2(*args, out=out, shared=shared)
+
+    step()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+
+    for layout in (shared_layout, mixed_layout):
+        set_layout(layout)
+        q.copy_(torch.randn(q.shape, generator=gen, device=DEVICE).to(dtype))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        n = int(batch.kv_indptr[-1])
+        current = (q, batch.kv_indptr, batch.kv_indices[:n], batch.window_starts, *cache.buffers, 128 ** -0.5, fmt)
+        assert_matches(out, ref.decode_attention(*current), dtype)

@@ -1,0 +1,138 @@
+"""Decode with shared-prefix blocks (`kernels/shared_prefix.py`) against the reference, and the
+blocks themselves (CPU: Triton interpreter).
+
+Requests are built as a radix-cache hit leaves them: the requests of a group hold one prefix's
+slots for its first positions, then slots of their own. The pool is poisoned as in
+test_decode_kernel.py (NaN meta in unused slots, NaN window rows, NaN output).
+"""
+
+import pytest
+import torch
+from oscar_sglang.kernels import reference as ref
+from oscar_sglang.kernels.decode import decode_attention_int2
+from oscar_sglang.kernels.format import OscarFormat
+from oscar_sglang.kernels.shared_prefix import block_members, find_shared_prefixes
+
+from test_decode_kernel import Batch, assert_matches, make_cache, store_tokens, window_positions
+
+
+def shared_batch(prefix_lens, requests, slots_total):
+    """kv_indptr, kv_indices (int64) for requests (group, shared tokens, own tokens) that take
+    the first `shared` slots of their group's prefix, then own slots; slots are shuffled."""
+    perm = torch.randperm(slots_total, generator=torch.Generator().manual_seed(5)).tolist()
+    prefixes = []
+    for n in prefix_lens:
+        prefixes.append(perm[:n])
+        perm = perm[n:]
+    indptr, indices = [0], []
+    for group, shared, own in requests:
+        slots = prefixes[group][:shared] + perm[:own]
+        perm = perm[own:]
+        indices += slots
+        indptr.append(len(indices))
+    return torch.tensor(indptr), torch.tensor(indices, dtype=torch.int64)
+
+
+def test_blocks_group_requests_by_their_shared_slots():
+    fmt = OscarFormat(64, 64, sink_tokens=4, recent_tokens=8)
+    # group 0's prefix: 60 tokens; group 1's: 40. Five requests of group 0 (more than a block of
+    # 4 holds), one of which shares only the first 30 positions; interleaved with group 1, a
+    # request of its own and one too short for INT2 positions.
+    requests = [(0, 60, 20), (1, 40, 30), (0, 60, 5), (2, 0, 70), (0, 30, 40), (0, 60, 9),
+                (1, 40, 12), (0, 60, 33), (2, 0, 6)]
+    indptr, indices = shared_batch([60, 40, 0], requests, 1000)
+    shared = find_shared_prefixes(indptr, indices, fmt, group=4)
+    assert block_members(4) == 4 and shared.members.shape == (len(requests), 4)
+    blocks = {}
+    for row, end in zip(shared.members.tolist(), shared.block_end.tolist()):
+        members = tuple(b for b in row if b >= 0)
+        if members:
+            blocks[members] = end
+    assert sorted(b for members in blocks for b in members) == list(range(len(requests)))
+    lengths = [shared + own for _, shared, own in requests]
+    ends = [fmt.int2_span(n)[1] for n in lengths]
+    group0 = [0, 2, 4, 5, 7]
+    assert blocks[tuple(group0[:4])] == 30  # request 4 diverges at position 30
+    assert blocks[(7,)] == 4  # the fifth request is a block of its own: nothing shared
+    assert blocks[(1, 6)] == min(40, ends[1], ends[6])
+    assert blocks[(3,)] == 4 and blocks[(8,)] == 4
+    block_end_of = {b: end for members, end in blocks.items() for b in members}
+    for b, n in enumerate(lengths):
+        start = fmt.int2_span(n)[0]
+        own = block_end_of[b] if len(next(m for m in blocks if b in m)) > 1 else start
+        assert shared.own_start[b] == own <= ends[b]
+
+
+def test_blocks_of_a_batch_without_positions():
+    fmt = OscarFormat(64, 64, sink_tokens=4, recent_tokens=8)
+    shared = find_shared_prefixes(torch.zeros(3, dtype=torch.int32), torch.zeros(0, dtype=torch.int32), fmt, 4)
+    assert shared.block_end.tolist() == [4, 4] and shared.own_start.tolist() == [0, 0]
+
+
+def fill_shared_requests(cache, prefix_lens, requests, dtype, index_dtype, gen):
+    """Write random K/V for `requests` (group, shared tokens, own tokens) laid out by
+    shared_batch: a group's prefix positions hold the same K/V in every request of the group."""
+    fmt, kv_heads, d = cache.fmt, cache.k_codes.shape[1], cache.fmt.head_dim
+    indptr, indices = shared_batch(prefix_lens, requests, cache.k_codes.shape[0])
+    prefix_kv = [(torch.randn(n, kv_heads, d, generator=gen).to(dtype),
+                  torch.randn(n, kv_heads, d, generator=gen).to(dtype)) for n in prefix_lens]
+    rows = torch.randperm(cache.k_window.shape[0] // fmt.window_rows, generator=gen)
+    starts = []
+    for b, (group, shared, own) in enumerate(requests):
+        k = torch.cat([prefix_kv[group][0][:shared], torch.randn(own, kv_heads, d, generator=gen).to(dtype)])
+        v = torch.cat([prefix_kv[group][1][:shared], torch.randn(own, kv_heads, d, generator=gen).to(dtype)])
+        start = int(rows[b]) * fmt.window_rows
+        length = shared + own
+        if length:
+            store_tokens(cache, k, v, indices[indptr[b]:indptr[b + 1]], start, list(range(length)),
+                         window_positions(fmt, length))
+        starts.append(start)
+    return Batch(indptr.to(index_dtype), indices.to(index_dtype), torch.tensor(starts, dtype=index_dtype))
+
+
+@pytest.mark.parametrize(
+    "head_dim, group_size, gqa, dtype, index_dtype",
+    [
+        (64, 32, 1, torch.bfloat16, torch.int32),
+        (64, 64, 3, torch.float16, torch.int64),
+        (128, 32, 4, torch.bfloat16, torch.int64),
+        (128, 128, 8, torch.float16, torch.int32),
+    ],
+)
+def test_decode_with_shared_prefixes_matches_reference(head_dim, group_size, gqa, dtype, index_dtype):
+    gen = torch.Generator().manual_seed(head_dim + gqa)
+    fmt = OscarFormat(head_dim, group_size, sink_tokens=4, recent_tokens=8)
+    kv_heads = 2
+    prefix_lens = [301, 77]
+    # odd lengths; a request that is all prefix but for one token, one that ends inside the
+    # prefix's recent window, a diverging one, one of its own, an empty one
+    requests = [(0, 301, 5), (1, 77, 40), (0, 301, 1), (0, 301, 130), (1, 77, 3), (0, 150, 61),
+                (0, 301, 17), (1, 70, 0), (0, 0, 13), (0, 0, 0), (0, 301, 44)]
+    cache = make_cache(fmt, kv_heads, sum(prefix_lens) + sum(own for *_, own in requests) + 16,
+                       len(requests) + 2, True, gen)
+    batch = fill_shared_requests(cache, prefix_lens, requests, dtype, index_dtype, gen)
+    q = torch.randn(len(requests), kv_heads * gqa, head_dim, generator=gen).to(dtype)
+    args = (q, batch.kv_indptr, batch.kv_indices, batch.window_starts, *cache.buffers, head_dim ** -0.5, fmt)
+    shared = find_shared_prefixes(batch.kv_indptr, batch.kv_indices, fmt, gqa)
+    assert (shared.block_end > fmt.sink_tokens).any(), "the batch must share positions"
+    out = torch.full_like(q, float("nan"))
+    decode_attention_int2(*args, out=out, shared=shared, num_kv_splits=3)
+    assert_matches(out, ref.decode_attention(*args), dtype)
+    alone = decode_attention_int2(*args, num_kv_splits=3)
+    torch.testing.assert_close(out.float(), alone.float(), rtol=TIGHT[dtype], atol=TIGHT[dtype])
+
+
+TIGHT = {torch.bfloat16: 1e-2, torch.float16: 2e-3}  # same math, another summation order
+
+
+def test_shared_prefixes_must_match_the_batch():
+    gen = torch.Generator().manual_seed(1)
+    fmt = OscarFormat(64, 64, sink_tokens=4, recent_tokens=8)
+    requests = [(0, 40, 3), (0, 40, 9)]
+    cache = make_cache(fmt, 1, 64, 2, True, gen)
+    batch = fill_shared_requests(cache, [40], requests, torch.bfloat16, torch.int32, gen)
+    q = torch.randn(2, 2, 64, generator=gen).to(torch.bfloat16)
+    args = (q, batch.kv_indptr, batch.kv_indices, batch.window_starts, *cache.buffers, 0.125, fmt)
+    wrong_group = find_shared_prefixes(batch.kv_indptr, batch.kv_indices, fmt, group=4)
+    with pytest.raises(ValueError, match="another batch or GQA group"):
+        decode_attention_int2(*args, shared=wrong_group)
