@@ -8,21 +8,22 @@ generating a fixed number of tokens, all sent at once (request rate inf).
 
 Recorded per configuration: output tokens/s, requests/s, TTFT and ITL p50/p99 (from the
 client's result file), KV pool capacity in tokens, the server's running-request cap, peak running
-requests and cache-hit tokens (from the server log; the client's cache report too), the KV flags
-and the exact commands. The table ends with the OSCAR / FP8-FlashInfer ratio of every column.
+requests, peak decode throughput (the highest "gen throughput" of the server's decode log lines)
+and cache-hit tokens (from the server log; the client's cache report too), the KV flags and the
+exact commands. The table ends with the OSCAR / FP8-FlashInfer ratio of every column.
 
-Limits: each configuration (server start-up included) gets --timeout seconds, cut to what is left
-of --budget (seconds for the whole invocation) if given; a configuration that fails or runs out
-of time is recorded and the next one runs. Every server and client runs in its own process group
+The client's prompts are generated once before the first server starts (`prepare_workload`, into
+the cache the client reads). Limits: each configuration (server start-up included) gets
+--timeout seconds, cut to what is left of --budget (seconds for the whole invocation) if given;
+a configuration that fails or runs out of time is recorded and the next one runs. Every server and client runs in its own process group
 with GPU_ENV set, and the group is stopped when its configuration ends, fails or times out, or
 when the benchmark is stopped (SIGTERM) or killed. The JSON and markdown are rewritten after
 each configuration, so a run cut off keeps the configurations it finished.
 
-OSCAR caps running requests by its BF16 window rows (--oscar-window-fraction, default 0.10:
-111 requests on an 80 GB H100 at --mem-fraction-static 0.70, ~130 at 0.80; the "running cap"
-column shows it). The default workload (64 requests) stays below it; for workloads with more
-requests in flight pass e.g. --oscar-args='--oscar-window-fraction 0.3' (oscar server only,
-recorded with its results; the share comes out of the INT2 pool, so it holds fewer tokens).
+Every server gets --max-running-requests = the client's concurrency, so the KV pool, not a request
+cap, limits how many requests run: OSCAR reserves BF16 window rows for that many requests and
+gives the rest of the budget to its INT2 pool (start-up refuses if they do not fit). Other OSCAR
+flags go to the oscar server only with --oscar-args (recorded with its results).
 
 Run from the repository root (on the GPU machine after `source .gpu/install.sh`):
 
@@ -79,6 +80,7 @@ from benchmarks.common import (
 )
 
 HOST = "127.0.0.1"
+CLIENT_SEED = 42  # sglang.benchmark.serving's default --seed
 DECODE_LOG_INTERVAL = 10
 
 # (key in a record's "metrics", column header); the table and the chart show these.
@@ -198,6 +200,32 @@ def bench_command(args, model_path, port, output_file):
         "--disable-tqdm",
         "--output-file", str(output_file),
     ]  # fmt: skip
+
+
+def prepare_workload(args, model_path):
+    """Generate the client's prompts once, before any server starts, into the cache file that
+    sglang.benchmark.serving loads them from (~/.cache/sglang/benchmark/gen_shared_prefix_*):
+    4 × 48 prompts of 33K tokens take ~35 s, which would otherwise count against the first
+    configuration's time limit. Seeded as the client seeds itself (bench_command keeps its
+    default --seed), so these are the prompts it would make. Returns the dataset rows."""
+    import random
+
+    import numpy as np
+    from sglang.benchmark.datasets import get_dataset
+    from sglang.benchmark.utils import get_tokenizer
+
+    random.seed(CLIENT_SEED)
+    np.random.seed(CLIENT_SEED)
+    client_args = argparse.Namespace(
+        dataset_name="generated-shared-prefix",
+        seed=CLIENT_SEED,
+        gsp_num_groups=args.num_groups,
+        gsp_prompts_per_group=args.prompts_per_group,
+        gsp_system_prompt_len=args.system_prompt_len,
+        gsp_question_len=args.question_len,
+        gsp_output_len=args.output_len,
+    )
+    return get_dataset(client_args, get_tokenizer(str(model_path)))
 
 
 def settings(args, model_path):
@@ -426,6 +454,9 @@ def main(argv=None):
         )
         return 0
     machine, run_settings = machine_info(), settings(args, model_path)
+    started = time.monotonic()
+    prepare_workload(args, model_path)
+    print(f"== workload prepared in {time.monotonic() - started:.0f} s", flush=True)
 
     def run_one(config, timeout):
         print(f"== {config}: starting server (limit {timeout:.0f} s)", flush=True)

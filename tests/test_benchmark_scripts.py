@@ -631,6 +631,7 @@ CLIENT_RESULT = {
 
 
 def _fake_serving(monkeypatch, client_result=CLIENT_RESULT, server_code=FAKE_SERVER):
+    monkeypatch.setattr(serving, "prepare_workload", lambda args, model_path: [])
     monkeypatch.setattr(
         serving,
         "server_command",
@@ -1186,3 +1187,24 @@ def test_serving_markdown_names_the_workload_and_flags(tmp_path, monkeypatch):
     header = next(line for line in md.splitlines() if line.startswith("| config |"))
     assert "| peak running req | running cap | KV pool tokens |" in header
     assert md.splitlines()[-1].startswith("| oscar / fp8-flashinfer | 1.00x |")
+
+
+def test_prepare_workload_fills_the_cache_the_client_loads(tmp_path, monkeypatch):
+    """The real dataset code of sglang.benchmark.serving, on the offline Qwen tokenizer: the
+    prompts land in the cache file the client reads, with the requested lengths."""
+    shared = pytest.importorskip("sglang.benchmark.datasets.generated_shared_prefix")
+    from sglang.benchmark.utils import get_tokenizer
+
+    try:
+        model = common.prepare_model_dir(common.find_shared_models(None), tmp_path / "model")
+    except FileNotFoundError:
+        pytest.skip("no shared models folder (../shared/models)")
+    monkeypatch.setenv("HOME", str(tmp_path))  # the client's cache lives under ~/.cache
+    args = serving.build_parser().parse_args(
+        ["--num-groups", "2", "--prompts-per-group", "3", "--system-prompt-len", "64",
+         "--question-len", "16", "--output-len", "8"])  # fmt: skip
+    rows = serving.prepare_workload(args, model)
+    assert len(rows) == 6 and {row.output_len for row in rows} == {8}
+    cache = shared.get_gen_prefix_cache_path(serving.CLIENT_SEED, 2, 3, 64, 16, 8, get_tokenizer(str(model)))
+    assert cache.is_file() and cache.is_relative_to(tmp_path)
+    assert [row.prompt for row in serving.prepare_workload(args, model)] == [row.prompt for row in rows]
