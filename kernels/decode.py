@@ -425,20 +425,10 @@ def _decode_split_kernel(
 
     heads = tl.arange(0, BLOCK_H)
     head_ok = heads < GROUP
-    cols = tl.arange(0, P)
-    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_H], tl.float32)
-    a0 = tl.zeros([BLOCK_H, P], tl.float32)
-    a1 = tl.zeros([BLOCK_H, P], tl.float32)
-    a2 = tl.zeros([BLOCK_H, P], tl.float32)
-    a3 = tl.zeros([BLOCK_H, P], tl.float32)
+    m_i, l_i, a0, a1, a2, a3 = _empty_state(BLOCK_H, P)
     row = b.to(tl.int64) * num_q_heads + hk * GROUP + heads
     if has_work:
-        q_ptrs = qr_ptr + row[:, None] * D + cols[None, :]
-        q0 = tl.load(q_ptrs, mask=head_ok[:, None], other=0.0)
-        q1 = tl.load(q_ptrs + P, mask=head_ok[:, None], other=0.0)
-        q2 = tl.load(q_ptrs + 2 * P, mask=head_ok[:, None], other=0.0)
-        q3 = tl.load(q_ptrs + 3 * P, mask=head_ok[:, None], other=0.0)
+        q0, q1, q2, q3 = _query_slices(qr_ptr, row, head_ok, D)
         if is_window:
             row0 = tl.load(window_starts_ptr + b).to(tl.int64)
             m_i, l_i, a0, a1, a2, a3 = _window_segment(
@@ -454,28 +444,44 @@ def _decode_split_kernel(
                 k_codes_ptr + hk * stride_ch, v_codes_ptr + hk * stride_ch, stride_cs,
                 k_meta_ptr + hk * stride_mh, v_meta_ptr + hk * stride_mh, stride_ms,
                 P, NG, BLOCK_N, CODE_BITS, CODE_MAX, PTX_UNPACK, NUM_STAGES)
-        inv = 1.0 / _nonzero(l_i)[:, None]
-        a0 *= inv
-        a1 *= inv
-        a2 *= inv
-        a3 *= inv
-    lse = tl.where(l_i > 0, m_i + tl.math.log2(_nonzero(l_i)), float("-inf"))
-
-    _store_partial(part_o_ptr, part_lse_ptr, row * num_parts + split, head_ok, lse, a0, a1, a2, a3, D)
+    _store_partial(part_o_ptr, part_lse_ptr, row * num_parts + split, head_ok, m_i, l_i, a0, a1, a2, a3, D)
 
 
 @triton.jit
-def _store_partial(part_o_ptr, part_lse_ptr, part, ok, lse, a0, a1, a2, a3, D: tl.constexpr):
-    """Partials [B, H_q, num_parts, D] and [B, H_q, num_parts]: rows `part` [M] (where ok) get
-    the log2-sum-exp lse [M] and the normalized output slices a_s [M, D/4]."""
+def _empty_state(M: tl.constexpr, P: tl.constexpr):
+    """Online-softmax state of M rows that have seen nothing: m = -inf, l = 0, a_s = 0 [M, P]."""
+    m_i = tl.full([M], float("-inf"), tl.float32)
+    l_i = tl.zeros([M], tl.float32)
+    a = tl.zeros([M, P], tl.float32)
+    return m_i, l_i, a, a, a, a
+
+
+@triton.jit
+def _query_slices(qr_ptr, row, ok, D: tl.constexpr):
+    """Rows `row` [M] (int64; 0 where not ok) of the rotated queries qr [B·H_q, D] fp32 as four
+    [M, D/4] slices."""
     P: tl.constexpr = D // 4
-    cols = tl.arange(0, P)
-    tl.store(part_lse_ptr + part, lse, mask=ok)
-    o_ptrs = part_o_ptr + part[:, None] * D + cols[None, :]
-    tl.store(o_ptrs, a0, mask=ok[:, None])
-    tl.store(o_ptrs + P, a1, mask=ok[:, None])
-    tl.store(o_ptrs + 2 * P, a2, mask=ok[:, None])
-    tl.store(o_ptrs + 3 * P, a3, mask=ok[:, None])
+    q_ptrs = qr_ptr + row[:, None] * D + tl.arange(0, P)[None, :]
+    q0 = tl.load(q_ptrs, mask=ok[:, None], other=0.0)
+    q1 = tl.load(q_ptrs + P, mask=ok[:, None], other=0.0)
+    q2 = tl.load(q_ptrs + 2 * P, mask=ok[:, None], other=0.0)
+    q3 = tl.load(q_ptrs + 3 * P, mask=ok[:, None], other=0.0)
+    return q0, q1, q2, q3
+
+
+@triton.jit
+def _store_partial(part_o_ptr, part_lse_ptr, part, ok, m_i, l_i, a0, a1, a2, a3, D: tl.constexpr):
+    """Partials [B, H_q, num_parts, D] and [B, H_q, num_parts]: rows `part` [M] (where ok) get
+    the log2-sum-exp [M] (-inf where nothing was seen) and the normalized output slices of the
+    online-softmax state (m_i, l_i, a_s [M, D/4])."""
+    P: tl.constexpr = D // 4
+    inv = 1.0 / _nonzero(l_i)[:, None]
+    tl.store(part_lse_ptr + part, tl.where(l_i > 0, m_i + tl.math.log2(_nonzero(l_i)), float("-inf")), mask=ok)
+    o_ptrs = part_o_ptr + part[:, None] * D + tl.arange(0, P)[None, :]
+    tl.store(o_ptrs, a0 * inv, mask=ok[:, None])
+    tl.store(o_ptrs + P, a1 * inv, mask=ok[:, None])
+    tl.store(o_ptrs + 2 * P, a2 * inv, mask=ok[:, None])
+    tl.store(o_ptrs + 3 * P, a3 * inv, mask=ok[:, None])
 
 
 @triton.jit(do_not_specialize=["num_shared_splits", "num_parts", "first_part"])
@@ -508,33 +514,17 @@ def _decode_shared_kernel(
         per_split = tl.cdiv(tl.cdiv(shared_end - S, num_shared_splits), BLOCK_N) * BLOCK_N
         seg_lo = S + split * per_split
         seg_hi = tl.minimum(seg_lo + per_split, shared_end)
-        cols = tl.arange(0, P)
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        a0 = tl.zeros([BLOCK_M, P], tl.float32)
-        a1 = tl.zeros([BLOCK_M, P], tl.float32)
-        a2 = tl.zeros([BLOCK_M, P], tl.float32)
-        a3 = tl.zeros([BLOCK_M, P], tl.float32)
+        m_i, l_i, a0, a1, a2, a3 = _empty_state(BLOCK_M, P)
         if seg_lo < seg_hi:
-            q_ptrs = qr_ptr + row[:, None] * D + cols[None, :]
-            q0 = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-            q1 = tl.load(q_ptrs + P, mask=row_ok[:, None], other=0.0)
-            q2 = tl.load(q_ptrs + 2 * P, mask=row_ok[:, None], other=0.0)
-            q3 = tl.load(q_ptrs + 3 * P, mask=row_ok[:, None], other=0.0)
+            q0, q1, q2, q3 = _query_slices(qr_ptr, row, row_ok, D)
             m_i, l_i, a0, a1, a2, a3 = _int2_segment(
                 m_i, l_i, a0, a1, a2, a3, q0, q1, q2, q3,
                 kv_indices_ptr + tl.load(kv_indptr_ptr + lead), seg_lo, seg_hi,
                 k_codes_ptr + hk * stride_ch, v_codes_ptr + hk * stride_ch, stride_cs,
                 k_meta_ptr + hk * stride_mh, v_meta_ptr + hk * stride_mh, stride_ms,
                 P, NG, BLOCK_N, CODE_BITS, CODE_MAX, PTX_UNPACK, NUM_STAGES)
-            inv = 1.0 / _nonzero(l_i)[:, None]
-            a0 *= inv
-            a1 *= inv
-            a2 *= inv
-            a3 *= inv
-        lse = tl.where(l_i > 0, m_i + tl.math.log2(_nonzero(l_i)), float("-inf"))
         _store_partial(part_o_ptr, part_lse_ptr, row * num_parts + first_part + split, row_ok,
-                       lse, a0, a1, a2, a3, D)
+                       m_i, l_i, a0, a1, a2, a3, D)
 
 
 @triton.jit(do_not_specialize=["num_parts"])
