@@ -323,7 +323,7 @@ class PointRecorder:
             self.write({**point, "status": "skipped", "reason": capacity_reason(runner, input_len, output_len)})
             return None
         try:
-            with decode_forward_timer(runner.torch_runner) as forward_ms:
+            with decode_forward_timer(runner.torch_runner) as forward_times:
                 result = call()
         except Exception as exc:  # an OOM or a kernel error at one point must not lose the others
             import torch
@@ -337,8 +337,8 @@ class PointRecorder:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             return None
-        if result and forward_ms:
-            result = {**result, "median_forward_ms": statistics.median(forward_ms)}
+        if result and forward_times:
+            result = {**result, "median_forward_ms": statistics.median(forward_times)}
         self.write({**point, "status": "ok" if result else "skipped", **self.clean(result or {})})
         return result
 

@@ -661,9 +661,9 @@ def decode_attention_int2(
     v_rot, v_rot_stride = rot_arg(v_rot)
     k_meta, v_meta = meta_words(k_meta), meta_words(v_meta)
     win = window_programs(fmt)
-    members = block_members(group)
     shared_splits = 0
     if shared is not None:
+        members = block_members(group)
         if tuple(shared.members.shape) != (batch, members) or tuple(shared.own_start.shape) != (batch,):
             raise ValueError(f"shared prefixes are for another batch or GQA group: members "
                              f"{tuple(shared.members.shape)}, expected ({batch}, {members})")

@@ -96,8 +96,8 @@ def find_shared_prefixes(kv_indptr: torch.Tensor, kv_indices: torch.Tensor, fmt:
     new_run = torch.ones(batch, dtype=torch.bool, device=device)
     new_run[1:] = sorted_key[1:] != sorted_key[:-1]
     run_start = torch.cummax(torch.where(new_run, index, 0), dim=0).values
-    place = (index - run_start) % members
-    block_of_sorted = torch.cumsum(new_run | (place == 0), dim=0) - 1
+    place = (index - run_start) % members  # 0 at every run start: each run starts a block
+    block_of_sorted = torch.cumsum(place == 0, dim=0) - 1
     block = torch.full((batch, members), -1, dtype=torch.int32, device=device)
     block[block_of_sorted, place] = order.to(torch.int32)
     block_of = torch.empty_like(block_of_sorted)

@@ -90,6 +90,9 @@ def fill_shared_requests(cache, prefix_lens, requests, dtype, index_dtype, gen):
     return Batch(indptr.to(index_dtype), indices.to(index_dtype), torch.tensor(starts, dtype=index_dtype))
 
 
+TIGHT = {torch.bfloat16: 1e-2, torch.float16: 2e-3}  # same math, another summation order
+
+
 @pytest.mark.parametrize(
     "head_dim, group_size, gqa, dtype, index_dtype",
     [
@@ -120,9 +123,6 @@ def test_decode_with_shared_prefixes_matches_reference(head_dim, group_size, gqa
     assert_matches(out, ref.decode_attention(*args), dtype)
     alone = decode_attention_int2(*args, num_kv_splits=3)
     torch.testing.assert_close(out.float(), alone.float(), rtol=TIGHT[dtype], atol=TIGHT[dtype])
-
-
-TIGHT = {torch.bfloat16: 1e-2, torch.float16: 2e-3}  # same math, another summation order
 
 
 def test_shared_prefixes_must_match_the_batch():
