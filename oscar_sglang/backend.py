@@ -6,7 +6,9 @@ qo_indptr, max_extend_len) and the CUDA-graph capture / replay machinery. Overri
 write (rotate + quantize + window copies) and both attention kernels. Extend batches (never
 captured) also restore the window rows of requests with a radix hit and give the slots of new
 sink positions rows of the pool's slot-keyed sink store, copied from the window rows after the
-write kernel; decode never touches the sink store. The write kernel flags layers that wrote
+write kernel; decode never touches the sink store. A decode batch of several requests finds,
+once per forward, the requests that hold a cached prefix in the same slots (radix hits), and the
+decode kernel reads those positions once per block of them. The write kernel flags layers that wrote
 non-finite K/V (stored as zeros); `oscar_sglang.nonfinite` warns once per layer. Setting
 SGLANG_OSCAR_REFERENCE_ATTENTION=1 routes attention through the PyTorch reference instead (a
 debug switch: slow, needs --disable-cuda-graph).
@@ -19,6 +21,7 @@ from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 
 from oscar_sglang.kernels import reference
 from oscar_sglang.kernels.decode import decode_attention_int2
+from oscar_sglang.kernels.shared_prefix import find_shared_prefixes
 from oscar_sglang.kernels.extend import extend_attention_int2
 from oscar_sglang.kernels.quantize import write_kv_int2
 from oscar_sglang.nonfinite import NonFiniteReporter
@@ -48,6 +51,7 @@ class OscarAttnBackend(TritonAttnBackend):
         self.pool_clears = pool.clears
         self.use_reference = os.environ.get(REFERENCE_ENV, "0") == "1"
         self._token_rows = None
+        self._shared = None
         self._sink_copy = None
         self.nonfinite = NonFiniteReporter(pool.layer_num, pool.start_layer, pool.device)
 
@@ -115,6 +119,19 @@ class OscarAttnBackend(TritonAttnBackend):
             self._token_rows = (rows, self.pool.window_starts(req))
         return self._token_rows
 
+    def _shared_prefixes(self, layer, forward_batch):
+        """Shared-prefix blocks of this decode batch (`kernels/shared_prefix.py`), found at the
+        first layer and reused by the others (also inside a captured CUDA graph). None for a
+        single request, and under deterministic inference: a request's result must not depend
+        on which requests run beside it."""
+        if self.enable_deterministic or forward_batch.req_pool_indices.shape[0] < 2:
+            return None
+        if layer.layer_id == self.pool.start_layer or self._shared is None:
+            meta = self.forward_metadata
+            self._shared = find_shared_prefixes(meta.kv_indptr, meta.kv_indices, self.fmt,
+                                                layer.tp_q_head_num // layer.tp_k_head_num)
+        return self._shared
+
     def _write(self, layer, forward_batch, k, v, window_rows):
         lay = self.pool.layer(layer.layer_id)
         write_kv_int2(k, v, forward_batch.out_cache_loc, lay.k_rot, lay.v_rot, lay.k_clip, lay.v_clip,
@@ -153,7 +170,8 @@ class OscarAttnBackend(TritonAttnBackend):
             # deterministic inference: a split count independent of the batch keeps every
             # request's reduction order, so its outputs do not depend on what runs beside it
             splits = DETERMINISTIC_KV_SPLITS if self.enable_deterministic else None
-            o = decode_attention_int2(q, *args, num_kv_splits=splits)
+            o = decode_attention_int2(q, *args, num_kv_splits=splits,
+                                      shared=self._shared_prefixes(layer, forward_batch))
         return o.reshape(q.shape[0], -1)
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None, **kwargs):

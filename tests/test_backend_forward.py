@@ -28,7 +28,7 @@ def make_backend(pool: OscarTokenToKVPool, use_reference: bool) -> OscarAttnBack
     backend.pool, backend.fmt = pool, pool.fmt
     backend.use_reference, backend.enable_deterministic = use_reference, False
     backend.nonfinite = NonFiniteReporter(LAYERS, 0, "cpu")
-    backend._token_rows, backend._sink_copy = None, None
+    backend._token_rows, backend._shared, backend._sink_copy = None, None, None
     return backend
 
 
@@ -107,5 +107,44 @@ def test_prefill_then_decode_matches_reference_path():
             assert_pool_holds(pool, keys, seen[b], idx)
     for got, expected in zip(sum(results[False], []), sum(results[True], [])):
         assert got.shape == expected.shape and got.dtype == torch.bfloat16
+        assert torch.isfinite(got).all()
+        assert_matches(got, expected.float(), torch.bfloat16)
+
+
+def test_decode_of_requests_sharing_a_prefix_matches_reference_path():
+    """Request 3 holds request 2's first 16 slots (a radix hit, its windows restored from INT2):
+    the decode of requests 1-3 reads their common INT2 positions through a shared-prefix block
+    and matches the reference path."""
+    results = {}
+    for reference in (False, True):
+        pool = OscarTokenToKVPool(64, 1, KV_HEADS, FMT.head_dim, LAYERS, "cpu", False, fmt=FMT,
+                                  rotations=data_free_rotations(LAYERS, KV_HEADS, FMT.head_dim),
+                                  sink_rows_per_request=0)
+        pool.allocate_windows(4)
+        backend = make_backend(pool, reference)
+        slots = torch.randperm(63, generator=torch.Generator().manual_seed(0))[:sum(LENS) + 3] + 1
+        prompt_slots, decode_slots = slots[:sum(LENS)], slots[sum(LENS):]
+        gen = torch.Generator().manual_seed(2)
+        backend.forward_metadata = SimpleNamespace(qo_indptr=indptr(LENS), kv_indptr=indptr([0, 0]),
+                                                   kv_indices=torch.empty(0, dtype=torch.int64))
+        prefill = SimpleNamespace(
+            req_pool_indices=torch.tensor([1, 2]), positions=torch.cat([torch.arange(n) for n in LENS]),
+            seq_lens=torch.tensor(LENS), out_cache_loc=prompt_slots, extend_seq_lens=torch.tensor(LENS),
+            extend_prefix_lens_cpu=[0, 0], extend_seq_lens_cpu=LENS)
+        run_layers(backend, "forward_extend", prefill, sum(LENS), gen)
+
+        first, second = prompt_slots.split(LENS)
+        pool.restore_windows(3, second[:16])
+        seen = [first, second, second[:16]]
+        seen = [torch.cat([part, decode_slots[b:b + 1]]) for b, part in enumerate(seen)]
+        lengths = [n.shape[0] for n in seen]
+        backend.forward_metadata = SimpleNamespace(kv_indptr=indptr(lengths), kv_indices=torch.cat(seen))
+        decode = SimpleNamespace(req_pool_indices=torch.tensor([1, 2, 3]), positions=torch.tensor(lengths) - 1,
+                                 seq_lens=torch.tensor(lengths), out_cache_loc=decode_slots)
+        results[reference] = run_layers(backend, "forward_decode", decode, 3, gen)[0]
+        if not reference:
+            shared = backend._shared_prefixes(layer(0), decode)
+            assert shared.block_end.max() > FMT.sink_tokens, "requests 2 and 3 must share positions"
+    for got, expected in zip(results[False], results[True]):
         assert torch.isfinite(got).all()
         assert_matches(got, expected.float(), torch.bfloat16)
