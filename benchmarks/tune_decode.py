@@ -111,9 +111,9 @@ def decode_variant(args, splits, block_n, warps, maxnreg, stages):
         NUM_STAGES=stages,
         num_warps=warps, maxnreg=maxnreg)
     dk._decode_reduce_kernel[(batch, Q_HEADS, dk.REDUCE_DIM_PROGRAMS)](
-        part_o, part_lse, parts, out, out.stride(0), out.stride(1), v_rot, v_rs,
+        part_o, part_lse, parts, indptr, parts, out, out.stride(0), out.stride(1), v_rot, v_rs,
         GROUP=GROUP, D=D, BLOCK_P=triton.next_power_of_2(parts), BLOCK_J=D // dk.REDUCE_DIM_PROGRAMS,
-        num_warps=dk.REDUCE_WARPS)
+        S=fmt.sink_tokens, SHARED=False, num_warps=dk.REDUCE_WARPS)
     return out
 
 
@@ -285,9 +285,9 @@ def main():
         part_lse = torch.randn(batch, Q_HEADS, parts, device=DEV)
         out = torch.empty_like(q)
         reduce = time_us(lambda: dk._decode_reduce_kernel[(batch, Q_HEADS, dk.REDUCE_DIM_PROGRAMS)](
-            part_o, part_lse, parts, out, out.stride(0), out.stride(1), k_rot, k_rot.stride(0),
+            part_o, part_lse, parts, problem[1], parts, out, out.stride(0), out.stride(1), k_rot, k_rot.stride(0),
             GROUP=GROUP, D=D, BLOCK_P=triton.next_power_of_2(parts), BLOCK_J=D // dk.REDUCE_DIM_PROGRAMS,
-            num_warps=dk.REDUCE_WARPS))
+            S=problem[-1].sink_tokens, SHARED=False, num_warps=dk.REDUCE_WARPS))
         small = {}
         for context in (192, 1024):
             p2 = make_problem(batch, context)

@@ -505,12 +505,13 @@ def _decode_shared_kernel(
     blk = tl.program_id(1)
     split = tl.program_id(2)
     lead = tl.load(members_ptr + blk * MEMBERS)
-    if lead >= 0:
+    shared_end = tl.load(block_end_ptr + blk)
+    # a block of one request shares nothing (block_end = S): the reduce kernel skips its parts
+    if (lead >= 0) & (shared_end > S):
         rows = tl.arange(0, BLOCK_M)
         member = tl.load(members_ptr + blk * MEMBERS + rows // GROUP, mask=rows < MEMBERS * GROUP, other=-1)
         row_ok = member >= 0
         row = member.to(tl.int64) * num_q_heads + hk * GROUP + rows % GROUP
-        shared_end = tl.load(block_end_ptr + blk)
         per_split = tl.cdiv(tl.cdiv(shared_end - S, num_shared_splits), BLOCK_N) * BLOCK_N
         seg_lo = S + split * per_split
         seg_hi = tl.minimum(seg_lo + per_split, shared_end)
@@ -527,23 +528,27 @@ def _decode_shared_kernel(
                        m_i, l_i, a0, a1, a2, a3, D)
 
 
-@triton.jit(do_not_specialize=["num_parts"])
+@triton.jit(do_not_specialize=["num_parts", "first_shared_part"])
 def _decode_reduce_kernel(
-    part_o_ptr, part_lse_ptr, num_parts,
+    part_o_ptr, part_lse_ptr, num_parts, own_start_ptr, first_shared_part,
     out_ptr, stride_ob, stride_oh,
     v_rot_ptr, stride_vrh,
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr,
+    S: tl.constexpr, SHARED: tl.constexpr,
 ):
     """Program (b, h, c): merge query head h's num_parts (<= BLOCK_P) partials, then output dims
     [c·BLOCK_J, (c+1)·BLOCK_J) of o' · R_V[h // GROUP]ᵀ (an fp32 matrix-vector product). Every
     load is independent of the others, so the program waits for memory once; splitting the
-    output dims over programs keeps each program's share of R_V small."""
+    output dims over programs keeps each program's share of R_V small. SHARED: the partials from
+    first_shared_part on exist only for a request in a shared-prefix block (own_start > S)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     j = tl.program_id(2) * BLOCK_J + tl.arange(0, BLOCK_J)
     row = (b.to(tl.int64) * tl.num_programs(1) + h) * num_parts
     parts = tl.arange(0, BLOCK_P)
     ok = parts < num_parts
+    if SHARED:
+        ok &= (parts < first_shared_part) | (tl.load(own_start_ptr + b) > S)
     dims = tl.arange(0, D)
     lse = tl.load(part_lse_ptr + row + parts, mask=ok, other=float("-inf"))
     o = tl.load(part_o_ptr + (row + parts)[:, None] * D + dims[None, :], mask=ok[:, None], other=0.0)
@@ -707,10 +712,10 @@ def decode_attention_int2(
             NUM_STAGES=NUM_STAGES, num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS,
         )
     _decode_reduce_kernel[(batch, q_heads, REDUCE_DIM_PROGRAMS)](
-        part_o, part_lse, parts,
+        part_o, part_lse, parts, kv_indptr if shared is None else shared.own_start, win + splits,
         out, out.stride(0), out.stride(1),
         v_rot, v_rot_stride,
         GROUP=group, D=d, BLOCK_P=triton.next_power_of_2(parts), BLOCK_J=d // REDUCE_DIM_PROGRAMS,
-        num_warps=REDUCE_WARPS,
+        S=fmt.sink_tokens, SHARED=shared is not None, num_warps=REDUCE_WARPS,
     )
     return out

@@ -54,13 +54,14 @@ def block_members(group: int) -> int:
 def _common_span_kernel(kv_indptr_ptr, kv_indices_ptr, leader_ptr, end_ptr, out_ptr, S: tl.constexpr,
                         BLOCK: tl.constexpr):
     """Program b: the first position p >= S at which request b's slot differs from its leader's,
-    or the smaller of their INT2 ends -> out[b] (int32)."""
+    or the smaller of their INT2 ends -> out[b] (int32). A leader's span is its INT2 end, found
+    without comparing (every request of a batch without shared prefixes leads its own block)."""
     b = tl.program_id(0)
     lead = tl.load(leader_ptr + b)
     hi = tl.minimum(tl.load(end_ptr + b), tl.load(end_ptr + lead))
     own = tl.load(kv_indptr_ptr + b).to(tl.int64)
     theirs = tl.load(kv_indptr_ptr + lead).to(tl.int64)
-    common = tl.minimum(S, hi)
+    common = tl.where(lead == b, hi, tl.minimum(S, hi))
     searching = common < hi
     while searching:
         pos = common + tl.arange(0, BLOCK)

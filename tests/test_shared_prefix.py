@@ -3,7 +3,8 @@ blocks themselves (CPU: Triton interpreter).
 
 Requests are built as a radix-cache hit leaves them: the requests of a group hold one prefix's
 slots for its first positions, then slots of their own. The pool is poisoned as in
-test_decode_kernel.py (NaN meta in unused slots, NaN window rows, NaN output).
+test_decode_kernel.py (NaN meta in unused slots, NaN window rows, NaN output), and so is the
+kernels' float scratch (partials no program wrote must never be read).
 """
 
 import pytest
@@ -93,6 +94,18 @@ def fill_shared_requests(cache, prefix_lens, requests, dtype, index_dtype, gen):
 TIGHT = {torch.bfloat16: 1e-2, torch.float16: 2e-3}  # same math, another summation order
 
 
+@pytest.fixture
+def nan_scratch(monkeypatch):
+    """torch.empty returns NaN-filled float tensors while the test runs."""
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
 @pytest.mark.parametrize(
     "head_dim, group_size, gqa, dtype, index_dtype",
     [
@@ -102,7 +115,7 @@ TIGHT = {torch.bfloat16: 1e-2, torch.float16: 2e-3}  # same math, another summat
         (128, 128, 8, torch.float16, torch.int32),
     ],
 )
-def test_decode_with_shared_prefixes_matches_reference(head_dim, group_size, gqa, dtype, index_dtype):
+def test_decode_with_shared_prefixes_matches_reference(head_dim, group_size, gqa, dtype, index_dtype, nan_scratch):
     gen = torch.Generator().manual_seed(head_dim + gqa)
     fmt = OscarFormat(head_dim, group_size, sink_tokens=4, recent_tokens=8)
     kv_heads = 2
