@@ -1,6 +1,14 @@
 """Extend (chunked-prefill) attention microbenchmark for one Qwen3-8B layer (H_q 32, H_kv 8,
 D 128): OSCAR-2's `extend_attention_int2` (prefix dequantized from INT2, then attended) against
-SGLang's Triton extend kernel on a BF16 cache, plus a sweep of the OSCAR kernels' tile sizes.
+SGLang's Triton extend kernel on a BF16 cache and FlashInfer as SGLang's FlashInfer backend runs
+it on an FP8 or BF16 cache, plus a sweep of the OSCAR kernels' tile sizes. oscar-dequant-
+flashinfer times the alternative to OSCAR's attention kernel: the same dequantization
+(`extend.dequantize_prefix`), then FlashInfer's ragged prefill over the prefix scratch.
+
+FlashInfer methods (`--flashinfer`) follow SGLang 0.5.17's `FlashInferAttnBackend.forward_extend`:
+the chunk's own K/V by causal ragged attention (backend "auto"), the cached prefix by
+non-causal attention, the two states merged (`flashinfer.merge_state`); without a prefix, the
+ragged call alone.
 
 A point is (batch, prefix, chunk): `batch` requests each with `prefix` cached tokens (shuffled
 pages, random codes: no kernel here has data-dependent control flow) and a new chunk of `chunk`
@@ -9,6 +17,7 @@ and TFLOP/s counted as 4·D·H_q per visible (query, key) pair. Every tile varia
 compared with the default's, so a variant that computes something else is flagged.
 
     python -m benchmarks.extend_kernels --out-dir benchmarks/results/h100
+    python -m benchmarks.extend_kernels --variants default --flashinfer --points 8x32768x1024
 
 Writes <out-dir>/extend_kernels_<gpu>.json and prints a markdown table.
 """
@@ -24,10 +33,11 @@ import torch
 from oscar_sglang.kernels import extend as ek
 
 from benchmarks.common import DEFAULT_RESULTS_DIR, machine_info, markdown_table, now_iso, write_json
-from benchmarks.decode_kernels import median_us, release
+from benchmarks.decode_kernels import FLASHINFER_WORKSPACE_BYTES, median_us, release
 from benchmarks.tune_decode import D, KV_HEADS, PAGE, Q_HEADS, make_problem
 
 POINTS = [(1, 0, 8192), (1, 32768, 8192), (1, 98304, 8192), (8, 32768, 1024)]
+FLASHINFER_CACHES = {"flashinfer-fp8": torch.float8_e4m3fn, "flashinfer-bf16": torch.bfloat16}
 # tile variants: name -> module constants of kernels/extend.py; "default" is the library's own
 VARIANTS = {
     "default": {},
@@ -48,6 +58,8 @@ def build_parser():
                         help="batch x prefix x chunk, comma-separated (default: %(default)s)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="subset of %(default)s")
     parser.add_argument("--rep-ms", type=int, default=200, help="do_bench time per point (default: %(default)s)")
+    parser.add_argument("--flashinfer", action="store_true",
+                        help="also time FlashInfer on FP8 / BF16 caches and OSCAR's dequantization + FlashInfer")
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_RESULTS_DIR)
     return parser
 
@@ -105,30 +117,117 @@ def bench_sglang_bf16(problem, chunk, rep_ms):
     return us
 
 
-def run_point(point, variants, rep_ms):
+def flashinfer_ragged(qo_indptr, kv_indptr, causal, dtype):
+    """A planned FlashInfer ragged prefill wrapper (SGLang's backend choice, "auto")."""
+    import flashinfer
+
+    workspace = torch.empty(FLASHINFER_WORKSPACE_BYTES, dtype=torch.uint8, device="cuda")
+    wrapper = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(workspace, "NHD", backend="auto")
+    wrapper.plan(qo_indptr, kv_indptr, Q_HEADS, KV_HEADS, D, causal=causal, sm_scale=D ** -0.5,
+                 q_data_type=dtype, kv_data_type=dtype)
+    return wrapper
+
+
+def flashinfer_paged_prefix(qo_indptr, kv_indptr, slots, kv_dtype, q_dtype):
+    """A planned FlashInfer paged prefill wrapper over a page-size-1 cache (SGLang's default
+    page size and its prefill backend, "fa2"), non-causal: the cached prefix."""
+    import flashinfer
+
+    workspace = torch.empty(FLASHINFER_WORKSPACE_BYTES, dtype=torch.uint8, device="cuda")
+    wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend="fa2")
+    last_page_len = torch.ones(qo_indptr.shape[0] - 1, dtype=torch.int32, device="cuda")
+    wrapper.plan(qo_indptr, kv_indptr, slots.to(torch.int32), last_page_len, Q_HEADS, KV_HEADS, D, 1,
+                 causal=False, sm_scale=D ** -0.5, q_data_type=q_dtype, kv_data_type=kv_dtype)
+    return wrapper
+
+
+def bench_flashinfer_cache(problem, prefix, rep_ms, kv_dtype):
+    """µs of FlashInfer extend with the prefix in a paged cache of kv_dtype (random contents:
+    only the time is compared)."""
+    import flashinfer
+
+    q, k, v, qo_indptr, kv_indptr, slots = problem[:6]
+    ragged = flashinfer_ragged(qo_indptr, qo_indptr, True, q.dtype)
+    if prefix == 0:
+        return median_us(lambda: ragged.run(q, k, v), rep_ms)[0]
+    slot_count = int(slots.max()) + 1
+    shape = (slot_count, 1, KV_HEADS, D)
+    if kv_dtype == torch.bfloat16:
+        cache = tuple(torch.randn(shape, device="cuda").to(kv_dtype) for _ in "kv")
+    else:  # random bit patterns of modest positive values (no NaN encodings)
+        cache = tuple(torch.empty(shape, dtype=torch.uint8, device="cuda").random_(0, 0x48).view(kv_dtype)
+                      for _ in "kv")
+    paged = flashinfer_paged_prefix(qo_indptr, kv_indptr, slots, kv_dtype, q.dtype)
+    scales = {"k_scale": 1.0, "v_scale": 1.0} if kv_dtype != torch.bfloat16 else {}
+
+    def extend():
+        o_new, lse_new = ragged.run(q, k, v, return_lse=True)
+        o_pre, lse_pre = paged.run(q, cache, return_lse=True, **scales)
+        return flashinfer.merge_state(o_new, lse_new, o_pre, lse_pre)
+
+    return median_us(extend, rep_ms)[0]
+
+
+def bench_oscar_dequant_flashinfer(problem, prefix, rep_ms):
+    """(µs, output) of `extend.dequantize_prefix` followed by FlashInfer: causal ragged attention
+    over the chunk, non-causal ragged attention over the prefix scratch, states merged."""
+    import flashinfer
+
+    q, k, v, qo_indptr, kv_indptr, slots = problem[:6]
+    pool, fmt = problem[6:15], problem[16]
+    ragged_new = flashinfer_ragged(qo_indptr, qo_indptr, True, q.dtype)
+    if prefix == 0:
+        return median_us(lambda: ragged_new.run(q, k, v), rep_ms)[0], ragged_new.run(q, k, v)
+    ragged_prefix = flashinfer_ragged(qo_indptr, kv_indptr, False, q.dtype)
+    result = {}
+
+    def extend():
+        prefix_kv = ek.dequantize_prefix(qo_indptr, kv_indptr, slots, *pool, fmt, prefix, q.dtype)
+        o_new, lse_new = ragged_new.run(q, k, v, return_lse=True)
+        o_pre, lse_pre = ragged_prefix.run(q, prefix_kv[0], prefix_kv[1], return_lse=True)
+        result["out"] = flashinfer.merge_state(o_new, lse_new, o_pre, lse_pre)[0]
+
+    us = median_us(extend, rep_ms)[0]
+    extend()
+    return us, result["out"]
+
+
+def timed(record, name, bench, reference):
+    """record["methods"][name] = {"us", "tflops"} from bench() -> µs or (µs, output), or {"error"}
+    if it raised; an output is compared with `reference` (the first OSCAR variant's) when given.
+    Returns the output (None without one)."""
+    out = None
+    try:
+        got = bench()
+        us, out = got if isinstance(got, tuple) else (got, None)
+        result = {"us": us, "tflops": record["tflop"] / (us * 1e-6)}
+        if out is not None and reference is not None:
+            result["max_abs_diff_vs_first"] = (out.float() - reference).abs().max().item()
+    except Exception as exc:  # noqa: BLE001  (a method or variant that fails must not stop the sweep)
+        result = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+    record["methods"][name] = result
+    print(f"  {record['batch']}x{record['prefix']}x{record['chunk']} {name}: {result}", flush=True)
+    return out
+
+
+def run_point(point, variants, rep_ms, flashinfer):
+    """One point: every OSCAR tile variant, SGLang's Triton kernel on a BF16 cache and, with
+    `flashinfer`, the FlashInfer methods."""
     batch, prefix, chunk = point
-    tflop = causal_tflop(*point)
     problem = make_extend_problem(*point)
-    record = {"batch": batch, "prefix": prefix, "chunk": chunk, "tflop": tflop, "methods": {}}
+    record = {"batch": batch, "prefix": prefix, "chunk": chunk, "tflop": causal_tflop(*point), "methods": {}}
     reference = None
     for name in variants:
-        try:
-            us, out = bench_oscar(problem, prefix, chunk, rep_ms, VARIANTS[name])
-            result = {"us": us, "tflops": tflop / (us * 1e-6)}
-            if reference is None:
-                reference = out.float()
-            else:
-                result["max_abs_diff_vs_first"] = (out.float() - reference).abs().max().item()
-        except Exception as exc:  # noqa: BLE001  (a variant that fails to compile must not stop the sweep)
-            result = {"error": f"{type(exc).__name__}: {exc}"[:500]}
-        record["methods"][f"oscar-{name}"] = result
-        print(f"  {batch}x{prefix}x{chunk} oscar-{name}: {result}", flush=True)
-    try:
-        us = bench_sglang_bf16(problem, chunk, rep_ms)
-        record["methods"]["sglang-triton-bf16"] = {"us": us, "tflops": tflop / (us * 1e-6)}
-    except Exception as exc:  # noqa: BLE001
-        record["methods"]["sglang-triton-bf16"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
-    print(f"  {batch}x{prefix}x{chunk} sglang-triton-bf16: {record['methods']['sglang-triton-bf16']}", flush=True)
+        out = timed(record, f"oscar-{name}", lambda: bench_oscar(problem, prefix, chunk, rep_ms, VARIANTS[name]),
+                    reference)
+        if reference is None and out is not None:
+            reference = out.float()
+    timed(record, "sglang-triton-bf16", lambda: bench_sglang_bf16(problem, chunk, rep_ms), None)
+    if flashinfer:
+        for name, kv_dtype in FLASHINFER_CACHES.items():
+            timed(record, name, lambda: bench_flashinfer_cache(problem, prefix, rep_ms, kv_dtype), None)
+        timed(record, "oscar-dequant-flashinfer", lambda: bench_oscar_dequant_flashinfer(problem, prefix, rep_ms),
+              reference)
     release()
     return record
 
@@ -153,8 +252,10 @@ def main(argv=None):
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         sys.exit(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
-    points = [run_point(point, variants, args.rep_ms) for point in args.points]
+    points = [run_point(point, variants, args.rep_ms, args.flashinfer) for point in args.points]
     methods = [f"oscar-{v}" for v in variants] + ["sglang-triton-bf16"]
+    if args.flashinfer:
+        methods += [*FLASHINFER_CACHES, "oscar-dequant-flashinfer"]
     print(table(points, methods))
     gpu = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
     args.out_dir.mkdir(parents=True, exist_ok=True)

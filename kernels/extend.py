@@ -181,6 +181,37 @@ def _extend_attention_kernel(
 # ----------------------------------------------------------------------------- host side
 
 
+def dequantize_prefix(
+    qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, window_starts: torch.Tensor,
+    k_codes: torch.Tensor, k_meta: torch.Tensor, v_codes: torch.Tensor, v_meta: torch.Tensor,
+    k_window: torch.Tensor, v_window: torch.Tensor, k_rot: torch.Tensor, v_rot: torch.Tensor,
+    fmt: OscarFormat, max_prefix_len: int, dtype: torch.dtype,
+) -> torch.Tensor:
+    """The cached prefixes of a chunk's requests in the model's space (launch 1 of the module
+    docstring). Arguments as for `extend_attention_int2`; the chunk lengths (qo_indptr) decide
+    which positions come from the window rows. Returns prefix_kv: [2 (K, V), len(kv_indices),
+    H_kv, D] of `dtype`, request b's prefix at rows kv_indptr[b]:kv_indptr[b+1]."""
+    kv_heads = check_pool(k_codes, k_meta, v_codes, v_meta, k_window, v_window, k_rot, v_rot, fmt)
+    d = fmt.head_dim
+    batch = qo_indptr.shape[0] - 1
+    prefix_kv = torch.empty(2, kv_indices.shape[0], kv_heads, d, dtype=dtype, device=kv_indices.device)
+    if max_prefix_len == 0 or batch == 0:
+        return prefix_kv
+    grid = (batch, triton.cdiv(max_prefix_len, DEQUANT_BLOCK_T), kv_heads)
+    for codes, meta, window, rot, dest in ((k_codes, k_meta, k_window, k_rot, prefix_kv[0]),
+                                           (v_codes, v_meta, v_window, v_rot, prefix_kv[1])):
+        rot, rot_stride = rot_arg(rot)
+        _dequantize_prefix_kernel[grid](
+            qo_indptr, kv_indptr, kv_indices, window_starts,
+            codes, codes.stride(0), codes.stride(1), meta, meta.stride(0), meta.stride(1),
+            window, window.stride(0), window.stride(1), rot, rot_stride,
+            dest, dest.stride(0), dest.stride(1),
+            D=d, G=fmt.group_size, S=fmt.sink_tokens, W=fmt.recent_tokens, BLOCK_T=DEQUANT_BLOCK_T,
+            CODE_BITS=CODE_BITS, CODE_MAX=CODE_MAX, num_warps=DEQUANT_WARPS,
+        )
+    return prefix_kv
+
+
 def extend_attention_int2(
     q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
@@ -214,20 +245,8 @@ def extend_attention_int2(
     batch = qo_indptr.shape[0] - 1
     if tokens == 0 or batch == 0 or max_extend_len == 0:
         return out
-    prefix_kv = torch.empty(2, kv_indices.shape[0], kv_heads, d, dtype=q.dtype, device=q.device)
-    if max_prefix_len > 0:
-        grid = (batch, triton.cdiv(max_prefix_len, DEQUANT_BLOCK_T), kv_heads)
-        for codes, meta, window, rot, dest in ((k_codes, k_meta, k_window, k_rot, prefix_kv[0]),
-                                               (v_codes, v_meta, v_window, v_rot, prefix_kv[1])):
-            rot, rot_stride = rot_arg(rot)
-            _dequantize_prefix_kernel[grid](
-                qo_indptr, kv_indptr, kv_indices, window_starts,
-                codes, codes.stride(0), codes.stride(1), meta, meta.stride(0), meta.stride(1),
-                window, window.stride(0), window.stride(1), rot, rot_stride,
-                dest, dest.stride(0), dest.stride(1),
-                D=d, G=fmt.group_size, S=fmt.sink_tokens, W=fmt.recent_tokens, BLOCK_T=DEQUANT_BLOCK_T,
-                CODE_BITS=CODE_BITS, CODE_MAX=CODE_MAX, num_warps=DEQUANT_WARPS,
-            )
+    prefix_kv = dequantize_prefix(qo_indptr, kv_indptr, kv_indices, window_starts, k_codes, k_meta, v_codes,
+                                  v_meta, k_window, v_window, k_rot, v_rot, fmt, max_prefix_len, q.dtype)
     _extend_attention_kernel[(batch, kv_heads, triton.cdiv(max_extend_len, BLOCK_M // group))](
         q, q.stride(0), q.stride(1),
         k_new, v_new, k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),

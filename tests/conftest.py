@@ -25,6 +25,19 @@ def oscar_allocator_hooks():
 
 
 @pytest.fixture
+def nan_scratch(monkeypatch):
+    """torch.empty returns NaN-filled float tensors while the test runs, so a kernel that reads
+    scratch it never wrote (partials, dequantized prefixes) produces NaN."""
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
+@pytest.fixture
 def oscar_env(monkeypatch):
     """No SGLANG_OSCAR_* variable set during the test, and none left behind by it."""
     from oscar_sglang.config import ALL_SETTINGS

@@ -8,7 +8,7 @@ and the output as in test_decode_kernel.py.
 import pytest
 import torch
 from oscar_sglang.kernels import reference as ref
-from oscar_sglang.kernels.extend import extend_attention_int2
+from oscar_sglang.kernels.extend import dequantize_prefix, extend_attention_int2
 from oscar_sglang.kernels.format import DEFAULT_K_CLIP, DEFAULT_V_CLIP, OscarFormat
 from oscar_sglang.kernels.quantize import write_kv_int2
 from test_decode_kernel import Cache, assert_matches, fill_requests, make_cache
@@ -62,6 +62,30 @@ def test_extend_matches_reference(head_dim, group_size, gqa, dtype, index_dtype,
     got, expected = run_extend(cache, q, k, v, qo_indptr.to(index_dtype), batch.kv_indptr, batch.kv_indices,
                                batch.window_starts)
     assert_matches(got, expected, dtype)
+
+
+@pytest.mark.parametrize("head_dim, group_size, dtype", [(64, 32, torch.bfloat16), (128, 64, torch.float16)])
+def test_dequantize_prefix_matches_reference(head_dim, group_size, dtype, nan_scratch):
+    """Every prefix row of the scratch, in the model's space, from INT2 or the window rows as the
+    chunk length decides (`reference.gather_rotated_kv` · Rᵀ)."""
+    gen = torch.Generator().manual_seed(head_dim + 7)
+    fmt = OscarFormat(head_dim, group_size, sink_tokens=4, recent_tokens=8)
+    prefixes, chunks = zip(*PAIRS)
+    cache = make_cache(fmt, 3, sum(prefixes) + 16, len(PAIRS) + 1, True, gen)
+    batch = fill_requests(cache, list(prefixes), dtype, torch.int32, gen)
+    qo_indptr = torch.tensor([0, *torch.tensor(chunks).cumsum(0).tolist()], dtype=torch.int32)
+    got = dequantize_prefix(qo_indptr, batch.kv_indptr, batch.kv_indices, batch.window_starts, *cache.buffers,
+                            fmt, max(prefixes), dtype)
+    assert got.shape == (2, sum(prefixes), 3, head_dim) and got.dtype == dtype
+    pools = ((cache.k_codes, cache.k_meta, cache.k_window, cache.k_rot),
+             (cache.v_codes, cache.v_meta, cache.v_window, cache.v_rot))
+    for b, (prefix, chunk) in enumerate(PAIRS):
+        lo = int(batch.kv_indptr[b])
+        slots = batch.kv_indices[lo:lo + prefix]
+        for which, (codes, meta, window, rot) in enumerate(pools):
+            rotated = ref.gather_rotated_kv(slots, int(batch.window_starts[b]), prefix + chunk, codes, meta, window, fmt)
+            torch.testing.assert_close(got[which, lo:lo + prefix].float(), ref.unrotate(rotated, rot),
+                                       rtol=2e-2, atol=2e-2)
 
 
 def test_extend_default_windows():

@@ -94,18 +94,6 @@ def fill_shared_requests(cache, prefix_lens, requests, dtype, index_dtype, gen):
 TIGHT = {torch.bfloat16: 1e-2, torch.float16: 2e-3}  # same math, another summation order
 
 
-@pytest.fixture
-def nan_scratch(monkeypatch):
-    """torch.empty returns NaN-filled float tensors while the test runs."""
-    empty = torch.empty
-
-    def poisoned(*args, **kwargs):
-        t = empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", poisoned)
-
-
 @pytest.mark.parametrize(
     "head_dim, group_size, gqa, dtype, index_dtype",
     [
