@@ -270,6 +270,20 @@ def run_configurations(configs, budget, run_one, markdown, plot, json_path, logs
     return 1 if failed else 0
 
 
+@contextlib.contextmanager
+def module_constants(module, overrides):
+    """`module`'s constants (name -> value) set to `overrides` inside the block, restored after:
+    how the kernel sweeps try launch parameters of the library's own kernels."""
+    saved = {name: getattr(module, name) for name in overrides}
+    for name, value in overrides.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
 def write_results(doc, json_path, markdown):
     """The JSON and its markdown report (the PNG is drawn once at the end)."""
     write_json(json_path, doc)

@@ -23,7 +23,6 @@ Writes <out-dir>/extend_kernels_<gpu>.json and prints a markdown table.
 """
 
 import argparse
-import contextlib
 import re
 import shlex
 import sys
@@ -32,7 +31,7 @@ from pathlib import Path
 import torch
 from oscar_sglang.kernels import extend as ek
 
-from benchmarks.common import DEFAULT_RESULTS_DIR, machine_info, markdown_table, now_iso, write_json
+from benchmarks.common import DEFAULT_RESULTS_DIR, machine_info, markdown_table, module_constants, now_iso, write_json
 from benchmarks.decode_kernels import FLASHINFER_WORKSPACE_BYTES, median_us, release
 from benchmarks.tune_decode import D, KV_HEADS, PAGE, Q_HEADS, make_problem
 
@@ -64,19 +63,6 @@ def build_parser():
     return parser
 
 
-@contextlib.contextmanager
-def tile_constants(overrides):
-    """kernels/extend.py's module constants set to `overrides` inside the block."""
-    saved = {name: getattr(ek, name) for name in overrides}
-    for name, value in overrides.items():
-        setattr(ek, name, value)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(ek, name, value)
-
-
 def make_extend_problem(batch, prefix, chunk):
     """extend_attention_int2's positional arguments and the host max_extend_len."""
     (_, _, slots, starts, k_codes, k_meta, v_codes, v_meta, k_win, v_win, k_rot, v_rot, sm_scale,
@@ -98,7 +84,7 @@ def causal_tflop(batch, prefix, chunk):
 def bench_oscar(problem, prefix, chunk, rep_ms, overrides):
     """(µs, output) of extend_attention_int2 with the given tile constants."""
     out = torch.empty_like(problem[0])
-    with tile_constants(overrides):
+    with module_constants(ek, overrides):
         us, _ = median_us(lambda: ek.extend_attention_int2(*problem, max_extend_len=chunk, max_prefix_len=prefix, out=out), rep_ms)
     return us, out
 

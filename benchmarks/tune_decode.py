@@ -4,6 +4,9 @@
   warps, register cap, pipeline stages) and split counts around the default, at several
   context × batch shapes (--shapes), optionally with a prefix all requests share (--shared-prefix,
   as in benchmarks/decode_kernels.py);
+- shared: `decode_attention_int2` with shared-prefix blocks (`kernels/shared_prefix.py`, found
+  outside the timing) at the --shapes with --shared-prefix, for block sizes (query rows per
+  block, SHARED_DOT_ROWS) and warps of the shared-prefix kernel (SHARED_WARPS);
 - the decode step's pieces: q rotation, reduce, a step whose context fits the BF16 windows;
 - the write kernel (write_kv_int2) at decode and prefill token counts, and other tokens per
   program / warps.
@@ -13,6 +16,7 @@ calls; %HBM is the bytes a decode step must read over the measured device-to-dev
 
     python -m benchmarks.tune_decode --out-dir benchmarks/results/h100
     python -m benchmarks.tune_decode --sections decode --shapes 33792x192 --shared-prefix 32768
+    python -m benchmarks.tune_decode --sections shared --shapes 33792x8,33792x64,33792x192 --shared-prefix 32768
 
 Writes <out-dir>/tune_decode_<gpu>.txt and .json and prints the table.
 """
@@ -31,8 +35,10 @@ import triton
 import triton.testing
 from oscar_sglang.kernels import decode as dk
 from oscar_sglang.kernels import quantize as qk
+from oscar_sglang.kernels import shared_prefix as sp
 from oscar_sglang.kernels.format import CODE_BITS, CODE_MAX, CODES_PER_BYTE, WINDOW_BYTES, OscarFormat
 
+from benchmarks.common import module_constants
 from benchmarks.decode_kernels import paged_requests
 
 Q_HEADS, KV_HEADS, D = 32, 8, 128
@@ -40,7 +46,7 @@ GROUP = Q_HEADS // KV_HEADS
 PAGE = 16
 DEV = "cuda"
 SHAPES = [(4096, 1), (32768, 1), (100000, 1), (131072, 1), (4096, 8), (32768, 8), (131072, 8)]
-SECTIONS = ("write", "pieces", "decode")
+SECTIONS = ("write", "pieces", "decode", "shared")
 # decode split-kernel variants: (BLOCK_N, num_warps, maxnreg, num_stages); the first is the
 # library default
 SPLIT_VARIANTS = {
@@ -48,6 +54,14 @@ SPLIT_VARIANTS = {
     "bn128_w2": (128, 2, None, dk.NUM_STAGES),
     "bn128_s3": (128, 4, dk.MAX_REGISTERS, 3),
 }  # 8 warps, BLOCK_N 64 and 256 were slower everywhere (results/h100/tune_decode_large_batch*.txt)
+# shared-prefix variants: constants of kernels/shared_prefix.py (sp) and kernels/decode.py (dk);
+# the first is the library default
+SHARED_VARIANTS = {
+    "default": ({}, {}),
+    "rows32": ({"SHARED_DOT_ROWS": 32}, {}),
+    "rows32_w8": ({"SHARED_DOT_ROWS": 32}, {"SHARED_WARPS": 8}),
+    "rows64_w8": ({"SHARED_DOT_ROWS": 64}, {"SHARED_WARPS": 8}),
+}
 # write kernel: tokens -> [(tokens per program, warps)]; the library default is timed too
 WRITE_TOKENS = [1, 2, 8, 32, 64, 256, 8192]
 WRITE_VARIANTS = {8: [(8, 4)], 64: [(16, 4)], 256: [(4, 4)]}
@@ -251,7 +265,7 @@ def main():
     lines = [f"{device}, {torch.cuda.get_device_properties(0).multi_processor_count} SMs; torch {torch.__version__}, "
              f"triton {triton.__version__}; device-to-device copy {hbm:.0f} GB/s; compiled in {time.time() - started:.0f}s",
              "command: " + shlex.join([sys.executable, "-m", "benchmarks.tune_decode", *sys.argv[1:]]), ""]
-    results = {"decode": {}, "pieces": {}, "write": {}}
+    results = {"decode": {}, "pieces": {}, "write": {}, "shared": {}}
 
     lines.append("write_kv_int2 (K and V, H_kv 8, D 128, every token also to a window row), us:")
     for tokens in WRITE_TOKENS if "write" in sections else []:
@@ -332,10 +346,40 @@ def main():
         problem = None  # frees the buffers before the next shape
         torch.cuda.empty_cache()
 
+    if "shared" in sections:
+        shared_section(shapes, args.shared_prefix, lines, results, hbm)
+        save(args.out_dir, device, lines, results, hbm)
+
     lines.append(f"total {time.time() - started:.0f}s")
     save(args.out_dir, device, lines, results, hbm)
     print("\n".join(lines))
     return 0
+
+
+def shared_section(shapes, shared_prefix, lines, results, hbm):
+    """Decode steps with shared-prefix blocks per SHARED_VARIANTS entry (blocks found outside
+    the timing, their search timed apart)."""
+    lines.append(f"decode step with shared-prefix blocks, us (%HBM of the bytes a step reads without blocks), "
+                 f"the first {shared_prefix} tokens' slots shared by all requests:")
+    for context, batch in shapes:
+        problem = make_problem(batch, context, shared_prefix=shared_prefix)
+        nbytes = decode_bytes(batch, context)
+        cells = []
+        for name, (sp_constants, dk_constants) in SHARED_VARIANTS.items():
+            with module_constants(sp, sp_constants), module_constants(dk, dk_constants):
+                try:
+                    blocks = sp.find_shared_prefixes(problem[1], problem[2], problem[-1], GROUP)
+                    us = time_us(lambda: dk.decode_attention_int2(*problem, shared=blocks))
+                    find = time_us(lambda: sp.find_shared_prefixes(problem[1], problem[2], problem[-1], GROUP))
+                except Exception as exc:  # noqa: BLE001  (a variant that fails to compile must not stop the sweep)
+                    cells.append(f"{name} failed: {type(exc).__name__}")
+                    continue
+            results["shared"].setdefault(f"{context}x{batch}", {})[name] = {"step": us, "find": find}
+            cells.append(f"{name} {us:.1f} ({100 * nbytes / (us * 1e-6) / 1e9 / hbm:.0f}%; search {find:.1f})")
+        lines.append(f"  {context:>6} x {batch}: " + "; ".join(cells))
+        print(lines[-1], flush=True)
+        problem = None  # frees the buffers before the next shape
+        torch.cuda.empty_cache()
 
 
 def save(out_dir, device, lines, results, hbm):

@@ -12,6 +12,7 @@ import torch
 from oscar_sglang.kernels import reference as ref
 from oscar_sglang.kernels.decode import decode_attention_int2
 from oscar_sglang.kernels.format import OscarFormat
+from oscar_sglang.kernels import shared_prefix
 from oscar_sglang.kernels.shared_prefix import block_members, find_shared_prefixes
 
 from test_decode_kernel import Batch, assert_matches, make_cache, store_tokens, window_positions
@@ -124,6 +125,26 @@ def test_decode_with_shared_prefixes_matches_reference(head_dim, group_size, gqa
     assert_matches(out, ref.decode_attention(*args), dtype)
     alone = decode_attention_int2(*args, num_kv_splits=3)
     torch.testing.assert_close(out.float(), alone.float(), rtol=TIGHT[dtype], atol=TIGHT[dtype])
+
+
+@pytest.mark.parametrize("dot_rows", [32, 64])
+def test_larger_blocks_match_reference(dot_rows, monkeypatch, nan_scratch):
+    """Blocks of more requests (the block sizes `benchmarks/tune_decode.py --sections shared` tries)."""
+    monkeypatch.setattr(shared_prefix, "SHARED_DOT_ROWS", dot_rows)
+    gen = torch.Generator().manual_seed(dot_rows)
+    fmt = OscarFormat(64, 32, sink_tokens=4, recent_tokens=8)
+    gqa, kv_heads = 4, 2
+    requests = [(0, 120, b % 7) for b in range(dot_rows // gqa + 3)] + [(0, 60, 9), (0, 0, 30)]
+    cache = make_cache(fmt, kv_heads, 120 + sum(own for *_, own in requests) + 16, len(requests) + 2, True, gen)
+    batch = fill_shared_requests(cache, [120], requests, torch.bfloat16, torch.int32, gen)
+    q = torch.randn(len(requests), kv_heads * gqa, 64, generator=gen).to(torch.bfloat16)
+    args = (q, batch.kv_indptr, batch.kv_indices, batch.window_starts, *cache.buffers, 0.125, fmt)
+    shared = find_shared_prefixes(batch.kv_indptr, batch.kv_indices, fmt, gqa)
+    assert shared.members.shape == (len(requests), dot_rows // gqa)
+    assert (shared.members >= 0).sum(dim=1).max() == dot_rows // gqa, "a block must be full"
+    out = torch.full_like(q, float("nan"))
+    decode_attention_int2(*args, out=out, shared=shared, num_kv_splits=2)
+    assert_matches(out, ref.decode_attention(*args), torch.bfloat16)
 
 
 def test_shared_prefixes_must_match_the_batch():
