@@ -100,7 +100,9 @@ def _encode_tile(
     tl.store(meta_ptr + meta_off + 1, minimum, mask=tok_ok[:, None])
 
 
-@triton.jit
+# token counts and clip positions vary between batches and layers: specializing on them (Triton
+# compiles an int argument apart when it is 1 or a multiple of 16) would only multiply compiles
+@triton.jit(do_not_specialize=["num_tokens", "k_clip_lo", "v_clip_lo"])
 def _write_kv_kernel(
     k_ptr, v_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
     slot_ptr, row_ptr, num_tokens,

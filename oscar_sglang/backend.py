@@ -75,13 +75,16 @@ class OscarAttnBackend(TritonAttnBackend):
         if self.pool.clears != self.pool_clears:  # flush_cache restarted the generations at 0
             self.pool_clears = self.pool.clears
             self.window_generation.fill_(-1)
+        hits = []
         for idx, prefix in zip(indices, forward_batch.extend_prefix_lens_cpu):
             generation = self.req_generation[idx]
             if self.window_generation[idx] == generation:
                 continue
             self.window_generation[idx] = generation
             if prefix > 0:
-                self.pool.restore_windows(idx, self.req_to_token[idx, :prefix])
+                hits.append((idx, self.req_to_token[idx, :prefix]))
+        if hits:
+            self.pool.restore_windows(hits)
 
     def _assign_sink_rows(self, forward_batch, indices):
         """Sink-pool rows for the slots of this batch's new positions < S (as many as the pool

@@ -220,30 +220,38 @@ class OscarTokenToKVPool(MHATokenToKVPool):
         ring = start + fmt.sink_tokens + (pos - fmt.sink_tokens).remainder(fmt.recent_tokens)
         return torch.where(sink, start + pos, torch.where(recent, ring, -1))
 
-    def restore_windows(self, req_pool_idx: int, slots: torch.Tensor) -> None:
-        """Refill a newly admitted request's window rows for its cached prefix (slots of
-        positions 0..len-1, e.g. a radix hit): sinks whose slot has a sink-pool row get that
-        exact BF16 row, every other restored position the dequantized INT2 codes."""
-        fmt, length = self.fmt, slots.shape[0]
-        sink_end, recent_start = fmt.int2_span(length)
-        positions = torch.cat([torch.arange(sink_end), torch.arange(recent_start, length)])
-        if positions.numel() == 0:
+    def restore_windows(self, requests: list[tuple[int, torch.Tensor]]) -> None:
+        """Refill newly admitted requests' window rows for their cached prefixes; `requests`:
+        (req_pool_idx, slots of positions 0..len-1, e.g. a radix hit) each. Sinks whose slot
+        has a sink-pool row get that exact BF16 row, every other restored position the
+        dequantized INT2 codes. All requests in one pass per layer: a batch of radix hits costs
+        the same few launches per layer as one."""
+        fmt = self.fmt
+        entries, offset, any_sink = [], 0, False
+        for req_pool_idx, slots in requests:  # (request, position, length, index into the slots)
+            length = slots.shape[0]
+            sink_end, recent_start = fmt.int2_span(length)
+            for pos in [*range(sink_end), *range(recent_start, length)]:
+                entries.append((req_pool_idx, pos, length, offset + pos))
+            offset += length
+            any_sink |= sink_end > 0
+        if not entries:
             return
-        positions = positions.to(slots.device)
-        rows = self.window_rows_for(torch.full_like(positions, req_pool_idx), positions,
-                                    torch.full_like(positions, length))
-        src = slots[positions].long()
-        exact = self.sink_capacity > 0 and sink_end > 0
+        req, pos, length, index = torch.tensor(entries, dtype=torch.int64).to(self.device).unbind(1)
+        rows = self.window_rows_for(req, pos, length)
+        src = torch.cat([slots for _, slots in requests]).to(self.device)[index].long()
+        exact = self.sink_capacity > 0 and any_sink
         if exact:  # no host sync: slots without a sink row select the dequantized values
-            sink_rows = self.sink_row_of_slot[src[:sink_end]]
-            has_row, at = (sink_rows >= 0)[:, None, None], sink_rows.clamp(min=0).long()
+            sink_rows = self.sink_row_of_slot[src]
+            has_row = ((pos < fmt.sink_tokens) & (sink_rows >= 0))[:, None, None]
+            at = sink_rows.clamp(min=0).long()
         for i in range(self.layer_num):
             for codes, meta, window, store in (
                     (self.k_buffer[i], self.k_scale_buffer[i], self.k_window[i], self.k_sink),
                     (self.v_buffer[i], self.v_scale_buffer[i], self.v_window[i], self.v_sink)):
                 values = decode_kv(codes[src], meta[src], fmt).to(torch.bfloat16)
                 if exact:
-                    values[:sink_end] = torch.where(has_row, store[i][at], values[:sink_end])
+                    values = torch.where(has_row, store[i][at], values)
                 window[rows] = values
 
     def get_kv_size_bytes(self):

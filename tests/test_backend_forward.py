@@ -134,7 +134,7 @@ def test_decode_of_requests_sharing_a_prefix_matches_reference_path():
         run_layers(backend, "forward_extend", prefill, sum(LENS), gen)
 
         first, second = prompt_slots.split(LENS)
-        pool.restore_windows(3, second[:16])
+        pool.restore_windows([(3, second[:16])])
         seen = [first, second, second[:16]]
         seen = [torch.cat([part, decode_slots[b:b + 1]]) for b, part in enumerate(seen)]
         lengths = [n.shape[0] for n in seen]

@@ -146,7 +146,7 @@ class Stack:
         req.set_extend_range(prefix, end)
         new = self.extend(req)
         if prefix > 0:  # OscarAttnBackend._restore_windows_of_new_requests
-            self.pool.restore_windows(req.req_pool_idx, self.row(req)[:prefix])
+            self.pool.restore_windows([(req.req_pool_idx, self.row(req)[:prefix])])
         return new
 
     def extend(self, req: Req) -> torch.Tensor:
@@ -376,7 +376,7 @@ def test_shared_prefix_lifecycle_page1():
     b.set_extend_range(30, 42)
     b_new = s.extend(b)
     s.poison_windows(b)
-    s.pool.restore_windows(b.req_pool_idx, s.row(b)[:30])
+    s.pool.restore_windows([(b.req_pool_idx, s.row(b)[:30])])
     assert_windows_restored(s.pool, b.req_pool_idx, a_all[:30])
     assert_windows_restored(s.pool, b.req_pool_idx, a_all[:30], expect_bufs=kept)
     for exact, restored in zip(a_sinks, s.window_sinks(b)):
@@ -527,7 +527,7 @@ def test_restore_windows_lengths(length):
     for w in (*pool.k_window, *pool.v_window):
         w.fill_(WINDOW_POISON)
     slots = torch.randperm(64, generator=gen)[:length].to(torch.int32) + 1
-    pool.restore_windows(2, slots)
+    pool.restore_windows([(2, slots)])
     assert_windows_restored(pool, 2, slots)
     for w in (*pool.k_window, *pool.v_window):  # other requests' rows untouched
         outside = torch.cat([w[:2 * FMT.window_rows], w[3 * FMT.window_rows:]])

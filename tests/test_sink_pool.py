@@ -72,7 +72,7 @@ def admit_poisoned(s: Stack, req):
     req.set_extend_range(prefix, len(req.full_untruncated_fill_ids))
     new = s.extend(req)
     s.poison_windows(req)
-    s.pool.restore_windows(req.req_pool_idx, s.row(req)[:prefix])
+    s.pool.restore_windows([(req.req_pool_idx, s.row(req)[:prefix])])
     return new
 
 
@@ -200,7 +200,7 @@ def test_partial_assignment_and_mixed_restore():
     exact = sinks_of(pool, 1)
     for w in (*pool.k_window, *pool.v_window):
         w[24:36] = 0
-    pool.restore_windows(2, torch.cat([slots, torch.tensor([3, 4])]))
+    pool.restore_windows([(2, torch.cat([slots, torch.tensor([3, 4])]))])
     restored = sinks_of(pool, 2)
     for kv, (codes, meta) in enumerate(((pool.k_buffer, pool.k_scale_buffer), (pool.v_buffer, pool.v_scale_buffer))):
         for layer in range(LAYERS):
@@ -211,6 +211,29 @@ def test_partial_assignment_and_mixed_restore():
     pool.release_sink_rows(torch.tensor([9, 20, 9]))  # a slot without a row, a repeat
     assert pool.sink_rows_used() == 1 and pool.sink_rows_free() == 1
     check_sink_books(pool, [9, 20])
+
+
+def test_restoring_several_requests_at_once_equals_one_by_one():
+    """One restore_windows call for a batch of radix hits (sinks with and without sink-pool
+    rows, prefixes longer than the windows, shorter than the sinks, empty) writes exactly what
+    per-request calls write."""
+    batched, single = small_pool(size=64, requests=4), small_pool(size=64, requests=4)
+    for pool in (batched, single):
+        fill_random(pool)
+        written = torch.tensor([5, 9, 11, 20])
+        window_rows, rows = pool.assign_sink_rows(written, [12 + p for p in range(4)])
+        for layer in range(LAYERS):
+            pool.save_sinks(layer, window_rows, rows)
+    gen = torch.Generator().manual_seed(3)
+    hits = [(1, torch.cat([torch.tensor([5, 9, 11, 20]), 30 + torch.randperm(25, generator=gen)])),
+            (2, torch.tensor([], dtype=torch.int64)),
+            (3, torch.tensor([9, 40])),
+            (4, torch.tensor([7, 5, 9, 11, 20, 33, 34, 35, 36, 37, 38, 39, 41, 42]))]
+    batched.restore_windows(hits)
+    for hit in hits:
+        single.restore_windows([hit])
+    for got, expected in zip((*batched.k_window, *batched.v_window), (*single.k_window, *single.v_window)):
+        assert torch.equal(got, expected)
 
 
 def test_backend_assigns_rows_for_new_sink_positions_only():

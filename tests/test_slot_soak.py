@@ -211,7 +211,7 @@ class Soak:
         if n == 0:
             return
         slots = self.row(req)[:n]
-        self.pool.restore_windows(req.req_pool_idx, slots)
+        self.pool.restore_windows([(req.req_pool_idx, slots)])
         head = slots[:FMT.sink_tokens].long()
         real_sinks = bool((self.exact_tag[head] == self.tag[head]).any())
         if self.events["hits"] % 25 and req.rid not in self.sampled and not real_sinks:
