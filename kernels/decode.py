@@ -28,10 +28,10 @@ of the group g(s) holding slice s,
     q'·k̂ = Σ_g s_g · Σ_{s∈g} (q'_s · c_s) + Σ_g m_g · Σ_{i∈g} q'_i
 and likewise for V:  o'_s += (p · s_g) @ c_s + (p @ m_g)  (the minimum adds to every dim of g).
 The codes enter the tensor-core dots as the fp16 subnormals c·4^s·2^-24 (two instructions per
-two codes, see `_unpack_ptx`); the powers of two are folded into q'_s (K) and into the final
+two codes, see `tiles.unpack_ptx`); the powers of two are folded into q'_s (K) and into the final
 scaling of o'_s (V), both exact.
 
-The @triton.jit tile helpers here are shared with the extend kernel (extend.py).
+The @triton.jit tile helpers are in tiles.py (shared with the extend kernel, extend.py).
 """
 
 import torch
@@ -42,14 +42,11 @@ from .format import (
     CODE_BITS,
     CODE_MAX,
     CODES_PER_BYTE,
-    META_BYTES,
     META_FIELDS,
     OscarFormat,
 )
 from .shared_prefix import SharedPrefixes, block_members
-
-assert CODES_PER_BYTE == 4, "the kernels keep one accumulator per quarter slice of a packed byte"
-assert META_FIELDS * META_BYTES == 4, "the kernels read a group's (scale, minimum) as one 32-bit word"
+from .tiles import int2_segment, nonzero, rotate_slice, window_segment
 
 BLOCK_N = 128  # INT2 positions per tile
 BLOCK_ROWS = 32  # BF16 window rows per tile
@@ -77,298 +74,6 @@ CPU_SM_COUNT = 8  # stand-in SM count when there is no GPU (interpreter runs)
 LOG2E = 1.4426950408889634
 
 
-def _unpack_ptx(s: int) -> str:
-    """PTX turning 4 packed bytes ($2) into quarter slice s as two f16x2 ($0, $1) holding the
-    fp16 subnormals c·4^s·2^-24 (exact: the code bits land in the mantissa, exponent field 0):
-    prmt moves bytes 0,1 (2,3) into the low halves of the 16-bit lanes and an and keeps the
-    slice's bits in place. Two instructions per two codes, the prmt shared by the four slices."""
-    shift = CODE_BITS * s
-    assert (CODE_MAX << shift) < 1024, "codes must stay inside the fp16 mantissa"
-    mask = (CODE_MAX << shift) * 0x00010001  # both 16-bit lanes
-    lines = ["{", ".reg .b32 t;"]
-    for out, select in ((0, 0x4140), (1, 0x4342)):
-        lines += [f"prmt.b32 t, $2, 0, {select:#06x};", f"and.b32 ${out}, t, {mask:#010x};"]
-    return "\n".join(lines + ["}"])
-
-
-UNPACK_PTX_0 = tl.constexpr(_unpack_ptx(0))
-UNPACK_PTX_1 = tl.constexpr(_unpack_ptx(1))
-UNPACK_PTX_2 = tl.constexpr(_unpack_ptx(2))
-UNPACK_PTX_3 = tl.constexpr(_unpack_ptx(3))
-CODE_UNIT = tl.constexpr(2.0 ** 24)  # 1 / the value of fp16 mantissa bit 0 (a subnormal)
-
-
-# ----------------------------------------------------------------------------- tile helpers
-
-
-@triton.jit
-def _pick(s: tl.constexpr, x0, x1, x2, x3):
-    """The s-th of four per-slice values (s is a compile-time constant)."""
-    x = x0
-    if s == 1:
-        x = x1
-    elif s == 2:
-        x = x2
-    elif s == 3:
-        x = x3
-    return x
-
-
-@triton.jit
-def _rotate_slice(x_ptrs, x_mask, rot_ptr, s, D: tl.constexpr, P: tl.constexpr, CHUNK: tl.constexpr):
-    """x_ptrs: [M, 1] pointers to rows of x (D contiguous bf16/fp16 values), rot_ptr -> R [D, D]
-    fp32: slice s of x · R, i.e. x · R[:, sP:(s+1)P], fp32 [M, P].
-
-    A bf16/fp16 x converts to fp16 exactly (any |x| in fp16's normal range, [6e-5, 65504]) and R
-    is split into fp16 hi + lo parts, so two fp16 tensor-core dots give ~fp32 accuracy (2^-20).
-    The reduction runs over CHUNK-wide pieces of R: CHUNK = D loads R's slice in one round trip
-    to memory (a lone program), smaller chunks keep registers low (many rows per program)."""
-    acc = tl.zeros([x_ptrs.shape[0], P], tl.float32)
-    k = tl.arange(0, CHUNK)
-    for k0 in tl.range(0, D, CHUNK, num_stages=1):
-        x = tl.load(x_ptrs + k0 + k[None, :], mask=x_mask, other=0.0).to(tl.float32).to(tl.float16)
-        r = tl.load(rot_ptr + (k0 + k)[:, None] * D + s * P + tl.arange(0, P)[None, :])
-        r_hi = r.to(tl.float16)
-        acc = tl.dot(x, r_hi, acc)
-        acc = tl.dot(x, (r - r_hi.to(tl.float32)).to(tl.float16), acc)
-    return acc
-
-
-@triton.jit
-def _unrotate(a0, a1, a2, a3, rot_ptr, D: tl.constexpr, P: tl.constexpr):
-    """o' given as four slices a_s: [M, P] fp32 (dims sP..(s+1)P) -> o' · Rᵀ, fp32 [M, D]."""
-    cols = tl.arange(0, D)[None, :] * D + tl.arange(0, P)[:, None]  # Rᵀ[sP + i, j] = R[j, sP + i]
-    out = tl.dot(a0, tl.load(rot_ptr + cols), input_precision="tf32x3")
-    out += tl.dot(a1, tl.load(rot_ptr + P + cols), input_precision="tf32x3")
-    out += tl.dot(a2, tl.load(rot_ptr + 2 * P + cols), input_precision="tf32x3")
-    out += tl.dot(a3, tl.load(rot_ptr + 3 * P + cols), input_precision="tf32x3")
-    return out
-
-
-@triton.jit
-def _code_slice(codes, s: tl.constexpr, CODE_BITS: tl.constexpr, CODE_MAX: tl.constexpr,
-                PTX_UNPACK: tl.constexpr):
-    """codes: [N, P] uint8 -> quarter slice s as the fp16 subnormals c·4^s·2^-24 (exact).
-    PTX_UNPACK (GPU) works on four packed bytes per instruction; the plain path is what the
-    Triton interpreter can run."""
-    if PTX_UNPACK:
-        if s == 0:
-            c = tl.inline_asm_elementwise(UNPACK_PTX_0, "=r,=r,r", [codes], dtype=tl.float16, is_pure=True, pack=4)
-        elif s == 1:
-            c = tl.inline_asm_elementwise(UNPACK_PTX_1, "=r,=r,r", [codes], dtype=tl.float16, is_pure=True, pack=4)
-        elif s == 2:
-            c = tl.inline_asm_elementwise(UNPACK_PTX_2, "=r,=r,r", [codes], dtype=tl.float16, is_pure=True, pack=4)
-        else:
-            c = tl.inline_asm_elementwise(UNPACK_PTX_3, "=r,=r,r", [codes], dtype=tl.float16, is_pure=True, pack=4)
-    else:
-        c = (codes & (CODE_MAX << (CODE_BITS * s))).to(tl.uint16).to(tl.float16, bitcast=True)
-    return c
-
-
-@triton.jit
-def _meta_words(meta_ptr, slot, valid, stride_ms, NG: tl.constexpr):
-    """meta_ptr: one head's meta viewed as 32-bit words [slots, ·, NG] (the fp16 pair scale,
-    minimum: scale in the low half) -> words [N] when NG == 1, else [N, NG]. One word per load
-    keeps the loads wide enough for the pipeliner's async copies."""
-    if NG == 1:
-        word = tl.load(meta_ptr + slot * stride_ms, mask=valid, other=0)
-    else:
-        word = tl.load(meta_ptr + slot[:, None] * stride_ms + tl.arange(0, NG)[None, :],
-                       mask=valid[:, None], other=0)
-    return word
-
-
-@triton.jit
-def _group_meta(words, g: tl.constexpr, NG: tl.constexpr):
-    """(scale, minimum) of group g as fp32 [N], from `_meta_words`."""
-    if NG == 1:
-        w = words
-    else:
-        w = tl.sum(tl.where(tl.arange(0, NG)[None, :] == g, words, 0), axis=1)
-    scale = (w & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
-    minimum = (w >> 16).to(tl.uint16).to(tl.float16, bitcast=True)
-    return scale.to(tl.float32), minimum.to(tl.float32)
-
-
-@triton.jit
-def _online_softmax(m_i, l_i, scores):
-    """One online-softmax step on scores: [M, N] fp32 (log2 domain, -inf = masked) ->
-    (m_new, l_new, alpha [M] to rescale accumulators by, p [M, N]). Rows with nothing visible
-    yet keep m = -inf and get alpha = p = 0 instead of NaN."""
-    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.math.exp2(m_i - m_safe)
-    p = tl.math.exp2(scores - m_safe[:, None])
-    return m_new, l_i * alpha + tl.sum(p, axis=1), alpha, p
-
-
-@triton.jit
-def _nonzero(x):
-    """x with zeros replaced by 1 (rows that saw nothing: their accumulators are 0 anyway)."""
-    return tl.where(x > 0, x, 1.0)
-
-
-@triton.jit
-def _int2_tile(
-    m_i, l_i, a0, a1, a2, a3, am0, am1, am2, am3,
-    q0, q1, q2, q3, qs0, qs1, qs2, qs3,
-    kc, vc, kw, vw, valid,
-    NG: tl.constexpr, CODE_BITS: tl.constexpr, CODE_MAX: tl.constexpr, PTX_UNPACK: tl.constexpr,
-):
-    """One INT2 tile: codes kc, vc [N, P] uint8, meta words kw, vw (`_meta_words`), valid [N].
-    q_s: fp16 [M, P] holding q'_s·4^-s; qs_s: [M] Σ q'_s; a_s: accumulators of o'_s·4^s·2^-24;
-    am_g: [M] Σ p·minimum of value group g (added to the dims of g at the end)."""
-    SPG: tl.constexpr = 4 // NG  # quarter slices per quantization group (G >= D/4 always)
-    # scores = Σ_g scale_g · Σ_{s∈g} q'_s·c_s + min_g · Σ_{s∈g} Σ q'_s
-    for g in tl.static_range(NG):
-        s = g * SPG
-        dots = tl.dot(_pick(s, q0, q1, q2, q3), tl.trans(_code_slice(kc, s, CODE_BITS, CODE_MAX, PTX_UNPACK)))
-        qsum = _pick(s, qs0, qs1, qs2, qs3)
-        for t in tl.static_range(1, SPG):
-            s = g * SPG + t
-            dots = tl.dot(_pick(s, q0, q1, q2, q3), tl.trans(_code_slice(kc, s, CODE_BITS, CODE_MAX, PTX_UNPACK)), dots)
-            qsum += _pick(s, qs0, qs1, qs2, qs3)
-        k_scale, k_min = _group_meta(kw, g, NG)
-        part = dots * (k_scale * CODE_UNIT)[None, :] + qsum[:, None] * k_min[None, :]
-        if g == 0:
-            scores = part
-        else:
-            scores += part
-    scores = tl.where(valid[None, :], scores, float("-inf"))
-
-    m_i, l_i, alpha, p = _online_softmax(m_i, l_i, scores)
-    a0 *= alpha[:, None]
-    a1 *= alpha[:, None]
-    a2 *= alpha[:, None]
-    a3 *= alpha[:, None]
-    am0 *= alpha
-    am1 *= alpha
-    am2 *= alpha
-    am3 *= alpha
-    # o'_s += (p · scale_g) @ c_s; the minimum's share goes to am_g
-    for g in tl.static_range(NG):
-        v_scale, v_min = _group_meta(vw, g, NG)
-        pg = (p * v_scale[None, :]).to(tl.float16)
-        pm = tl.sum(p * v_min[None, :], axis=1)
-        if g == 0:
-            am0 += pm
-        elif g == 1:
-            am1 += pm
-        elif g == 2:
-            am2 += pm
-        else:
-            am3 += pm
-        for t in tl.static_range(SPG):
-            s = g * SPG + t
-            c = _code_slice(vc, s, CODE_BITS, CODE_MAX, PTX_UNPACK)
-            if s == 0:
-                a0 = tl.dot(pg, c, a0)
-            elif s == 1:
-                a1 = tl.dot(pg, c, a1)
-            elif s == 2:
-                a2 = tl.dot(pg, c, a2)
-            else:
-                a3 = tl.dot(pg, c, a3)
-    return m_i, l_i, a0, a1, a2, a3, am0, am1, am2, am3
-
-
-@triton.jit
-def _int2_segment(
-    m_i, l_i, a0, a1, a2, a3,
-    q0, q1, q2, q3,
-    idx_ptr, lo, hi,
-    k_codes_ptr, v_codes_ptr, stride_cs, k_meta_ptr, v_meta_ptr, stride_ms,
-    P: tl.constexpr, NG: tl.constexpr, BLOCK_N: tl.constexpr,
-    CODE_BITS: tl.constexpr, CODE_MAX: tl.constexpr, PTX_UNPACK: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
-):
-    """Attend to positions [lo, hi) read from INT2, slots idx_ptr[pos].
-
-    State: m_i, l_i: [M] fp32 (log2 domain), a_s: [M, P] fp32 accumulators of o' slices.
-    q_s: [M, P] fp32 rotated, pre-scaled query slices. Code/meta pointers are offset to one KV
-    head. Returns the updated (m_i, l_i, a0..a3).
-    """
-    SPG: tl.constexpr = 4 // NG
-    M: tl.constexpr = a0.shape[0]
-    cols = tl.arange(0, P)
-    # codes enter the dots as c·4^s·2^-24: K slices take 4^-s in q, V slices accumulate o'_s·4^s·2^-24
-    qs0 = tl.sum(q0, axis=1)
-    qs1 = tl.sum(q1, axis=1)
-    qs2 = tl.sum(q2, axis=1)
-    qs3 = tl.sum(q3, axis=1)
-    q0 = q0.to(tl.float16)
-    q1 = (q1 * 0.25).to(tl.float16)
-    q2 = (q2 * 0.0625).to(tl.float16)
-    q3 = (q3 * 0.015625).to(tl.float16)
-    a0 *= 1.0 / CODE_UNIT
-    a1 *= 4.0 / CODE_UNIT
-    a2 *= 16.0 / CODE_UNIT
-    a3 *= 64.0 / CODE_UNIT
-    am0 = tl.zeros([M], tl.float32)
-    am1 = tl.zeros([M], tl.float32)
-    am2 = tl.zeros([M], tl.float32)
-    am3 = tl.zeros([M], tl.float32)
-    for n0 in tl.range(lo, hi, BLOCK_N, num_stages=NUM_STAGES):
-        pos = n0 + tl.arange(0, BLOCK_N)
-        valid = pos < hi
-        slot = tl.load(idx_ptr + pos, mask=valid, other=0).to(tl.int64)
-        kc = tl.load(k_codes_ptr + slot[:, None] * stride_cs + cols[None, :], mask=valid[:, None], other=0)
-        vc = tl.load(v_codes_ptr + slot[:, None] * stride_cs + cols[None, :], mask=valid[:, None], other=0)
-        kw = _meta_words(k_meta_ptr, slot, valid, stride_ms, NG)
-        vw = _meta_words(v_meta_ptr, slot, valid, stride_ms, NG)
-        m_i, l_i, a0, a1, a2, a3, am0, am1, am2, am3 = _int2_tile(
-            m_i, l_i, a0, a1, a2, a3, am0, am1, am2, am3, q0, q1, q2, q3, qs0, qs1, qs2, qs3,
-            kc, vc, kw, vw, valid, NG, CODE_BITS, CODE_MAX, PTX_UNPACK)
-    a0 = a0 * CODE_UNIT + _pick(0 // SPG, am0, am1, am2, am3)[:, None]
-    a1 = a1 * (CODE_UNIT / 4) + _pick(1 // SPG, am0, am1, am2, am3)[:, None]
-    a2 = a2 * (CODE_UNIT / 16) + _pick(2 // SPG, am0, am1, am2, am3)[:, None]
-    a3 = a3 * (CODE_UNIT / 64) + _pick(3 // SPG, am0, am1, am2, am3)[:, None]
-    return m_i, l_i, a0, a1, a2, a3
-@triton.jit
-def _window_segment(
-    m_i, l_i, a0, a1, a2, a3,
-    q0, q1, q2, q3,
-    k_win_ptr, v_win_ptr, stride_ws, n_sink, rec_lo, rec_hi, row_lo, row_hi,
-    P: tl.constexpr, S: tl.constexpr, W: tl.constexpr, BLOCK_R: tl.constexpr,
-):
-    """Attend to one request's BF16 window rows [row_lo, row_hi) (row_lo a multiple of BLOCK_R)
-    of: sink rows [0, n_sink) and the recent positions [rec_lo, rec_hi) (held in ring rows
-    S + (p - S) mod W; rec_hi - rec_lo <= W).
-
-    State as in `_int2_segment`; q_s: [M, P] fp32 rotated, pre-scaled query slices; window
-    pointers are offset to the request's first row and to one KV head. BF16 rows are exact in
-    tf32, so tf32 dots round only q' and p (to 11 significant bits, as the INT2 path's fp16 q'),
-    and bf16 arithmetic, which the Triton interpreter cannot run, stays out of the kernel.
-    """
-    cols = tl.arange(0, P)
-    # ring slot of the oldest recent position; slot j then holds the ((j - first) mod W)-th one
-    first = (rec_lo - S) % W
-    for r0 in tl.range(row_lo, row_hi, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        nth = (r - S - first + W) % W
-        valid = (r < row_hi) & tl.where(r < S, r < n_sink, nth < rec_hi - rec_lo)
-        ptrs = r[:, None] * stride_ws + cols[None, :]
-        scores = tl.zeros([a0.shape[0], BLOCK_R], tl.float32)
-        for s in tl.static_range(4):
-            k = tl.load(k_win_ptr + s * P + ptrs, mask=valid[:, None], other=0.0).to(tl.float32)
-            scores = tl.dot(_pick(s, q0, q1, q2, q3), tl.trans(k), scores, input_precision="tf32")
-        scores = tl.where(valid[None, :], scores, float("-inf"))
-
-        m_i, l_i, alpha, p = _online_softmax(m_i, l_i, scores)
-        a0 = _window_pv(a0 * alpha[:, None], p, v_win_ptr, ptrs, valid)
-        a1 = _window_pv(a1 * alpha[:, None], p, v_win_ptr + P, ptrs, valid)
-        a2 = _window_pv(a2 * alpha[:, None], p, v_win_ptr + 2 * P, ptrs, valid)
-        a3 = _window_pv(a3 * alpha[:, None], p, v_win_ptr + 3 * P, ptrs, valid)
-    return m_i, l_i, a0, a1, a2, a3
-
-
-@triton.jit
-def _window_pv(acc, p, v_ptr, ptrs, valid):
-    """acc: [M, P] + p: [M, R] @ the BF16 value slice at v_ptr + ptrs: [R, P]."""
-    v = tl.load(v_ptr + ptrs, mask=valid[:, None], other=0.0).to(tl.float32)
-    return tl.dot(p, v, acc, input_precision="tf32")
-
-
 # ----------------------------------------------------------------------------- decode kernels
 
 
@@ -386,7 +91,7 @@ def _rotate_q_kernel(
     heads = tl.arange(0, BLOCK_H)
     head_ok = heads < GROUP
     q_rows = q_ptr + b.to(tl.int64) * stride_qb + (hk * GROUP + heads)[:, None] * stride_qh
-    qr = _rotate_slice(q_rows, head_ok[:, None], k_rot_ptr + hk * stride_krh, s, D, P, D) * qk_scale
+    qr = rotate_slice(q_rows, head_ok[:, None], k_rot_ptr + hk * stride_krh, s, D, P, D) * qk_scale
     row = b.to(tl.int64) * tl.num_programs(1) * GROUP + hk * GROUP + heads
     tl.store(qr_ptr + row[:, None] * D + s * P + tl.arange(0, P)[None, :], qr, mask=head_ok[:, None])
 
@@ -432,14 +137,14 @@ def _decode_split_kernel(
         q0, q1, q2, q3 = _query_slices(qr_ptr, row, head_ok, D)
         if is_window:
             row0 = tl.load(window_starts_ptr + b).to(tl.int64)
-            m_i, l_i, a0, a1, a2, a3 = _window_segment(
+            m_i, l_i, a0, a1, a2, a3 = window_segment(
                 m_i, l_i, a0, a1, a2, a3, q0, q1, q2, q3,
                 k_win_ptr + row0 * stride_ws + hk * stride_wh,
                 v_win_ptr + row0 * stride_ws + hk * stride_wh,
                 stride_ws, start, end, length, split * WIN_ROWS, tl.minimum((split + 1) * WIN_ROWS, S + W),
                 P, S, W, BLOCK_R)
         else:
-            m_i, l_i, a0, a1, a2, a3 = _int2_segment(
+            m_i, l_i, a0, a1, a2, a3 = int2_segment(
                 m_i, l_i, a0, a1, a2, a3, q0, q1, q2, q3,
                 kv_indices_ptr + kv_lo, seg_lo, seg_hi,
                 k_codes_ptr + hk * stride_ch, v_codes_ptr + hk * stride_ch, stride_cs,
@@ -476,8 +181,8 @@ def _store_partial(part_o_ptr, part_lse_ptr, part, ok, m_i, l_i, a0, a1, a2, a3,
     the log2-sum-exp [M] (-inf where nothing was seen) and the normalized output slices of the
     online-softmax state (m_i, l_i, a_s [M, D/4])."""
     P: tl.constexpr = D // 4
-    inv = 1.0 / _nonzero(l_i)[:, None]
-    tl.store(part_lse_ptr + part, tl.where(l_i > 0, m_i + tl.math.log2(_nonzero(l_i)), float("-inf")), mask=ok)
+    inv = 1.0 / nonzero(l_i)[:, None]
+    tl.store(part_lse_ptr + part, tl.where(l_i > 0, m_i + tl.math.log2(nonzero(l_i)), float("-inf")), mask=ok)
     o_ptrs = part_o_ptr + part[:, None] * D + tl.arange(0, P)[None, :]
     tl.store(o_ptrs, a0 * inv, mask=ok[:, None])
     tl.store(o_ptrs + P, a1 * inv, mask=ok[:, None])
@@ -519,7 +224,7 @@ def _decode_shared_kernel(
         m_i, l_i, a0, a1, a2, a3 = _empty_state(BLOCK_M, P)
         if seg_lo < seg_hi:
             q0, q1, q2, q3 = _query_slices(qr_ptr, row, row_ok, D)
-            m_i, l_i, a0, a1, a2, a3 = _int2_segment(
+            m_i, l_i, a0, a1, a2, a3 = int2_segment(
                 m_i, l_i, a0, a1, a2, a3, q0, q1, q2, q3,
                 kv_indices_ptr + tl.load(kv_indptr_ptr + lead), seg_lo, seg_hi,
                 k_codes_ptr + hk * stride_ch, v_codes_ptr + hk * stride_ch, stride_cs,
@@ -556,7 +261,7 @@ def _decode_reduce_kernel(
     rot = tl.load(v_rot_ptr + (h // GROUP) * stride_vrh + j[:, None] * D + dims[None, :])  # R[j, i]
     m = tl.max(lse, axis=0)
     w = tl.math.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
-    merged = tl.sum(w[:, None] * o, axis=0) / _nonzero(tl.sum(w, axis=0))
+    merged = tl.sum(w[:, None] * o, axis=0) / nonzero(tl.sum(w, axis=0))
     out = tl.sum(rot * merged[None, :], axis=1)  # out[j] = Σ_i o'[i] · R[j, i]
     tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + j, out.to(out_ptr.dtype.element_ty))
 

@@ -20,9 +20,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .decode import LOG2E, _nonzero, _online_softmax, _unrotate, check_pool, rot_arg
+from .decode import LOG2E, check_pool, rot_arg
 from .format import CODE_BITS, CODE_MAX, OscarFormat
 from .quantize import nonfinite_rows
+from .tiles import nonzero, online_softmax, unrotate
 
 BLOCK_M = 128  # query rows ((token, head) pairs) per attention program
 BLOCK_N = 64  # keys per attention tile (128 exceeds the H100's shared memory at BLOCK_M 128)
@@ -84,7 +85,7 @@ def _dequantize_prefix_kernel(
         x1 = _prefix_quarter(1, byte, from_window, slot, valid, meta, stride_ms, win, row, stride_ws, P, G, CODE_BITS, CODE_MAX)
         x2 = _prefix_quarter(2, byte, from_window, slot, valid, meta, stride_ms, win, row, stride_ws, P, G, CODE_BITS, CODE_MAX)
         x3 = _prefix_quarter(3, byte, from_window, slot, valid, meta, stride_ms, win, row, stride_ws, P, G, CODE_BITS, CODE_MAX)
-        x = _unrotate(x0, x1, x2, x3, rot_ptr + hk * stride_rh, D, P)
+        x = unrotate(x0, x1, x2, x3, rot_ptr + hk * stride_rh, D, P)
         dims = tl.arange(0, D)
         tl.store(out_ptr + (kv_lo + pos).to(tl.int64)[:, None] * stride_ot + hk * stride_oh + dims[None, :],
                  x.to(out_ptr.dtype.element_ty), mask=valid[:, None])
@@ -121,7 +122,7 @@ def _attend_tile(q, m_i, l_i, acc, k_ptrs, v_ptrs, key_ok, visible, qk_scale, NA
     if SANITIZE:
         k = _zero_nonfinite_rows(k)
     scores = _dot(q, tl.trans(k), tl.zeros((q.shape[0], k.shape[0]), tl.float32), NATIVE_DOT) * qk_scale
-    m_i, l_i, alpha, p = _online_softmax(m_i, l_i, tl.where(visible, scores, float("-inf")))
+    m_i, l_i, alpha, p = online_softmax(m_i, l_i, tl.where(visible, scores, float("-inf")))
     v = tl.load(v_ptrs, mask=key_ok, other=0.0)
     if SANITIZE:
         v = _zero_nonfinite_rows(v)
@@ -173,7 +174,7 @@ def _extend_attention_kernel(
                                          v_new_ptr + key * stride_vnt + hk * stride_vnh + dims[None, :],
                                          (j < n)[:, None], visible, qk_scale, NATIVE_DOT, True)
 
-        out = acc / _nonzero(l_i)[:, None]
+        out = acc / nonzero(l_i)[:, None]
         tl.store(out_ptr + (q_lo + tok).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh
                  + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
