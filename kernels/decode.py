@@ -61,7 +61,9 @@ MIN_DOT_ROWS = 4
 NUM_STAGES = 5
 NUM_WARPS = 4
 MAX_REGISTERS = 128  # lets 4 programs share an SM (no spills, per ptxas for sm_90)
-SHARED_WARPS = 4  # warps of `_decode_shared_kernel`, whose dots have up to SHARED_DOT_ROWS rows
+# launch parameters of `_decode_shared_kernel`, whose dots have up to SHARED_DOT_ROWS rows
+SHARED_WARPS = 4
+SHARED_MAX_REGISTERS = MAX_REGISTERS
 # INT2 programs per SM the split heuristic aims at: two waves of the 4 that fit at once (the
 # second wave evens out programs that end at different times; on an H100 at 128K x 8, 16 splits
 # took 385 us against 444 us for 8)
@@ -415,7 +417,7 @@ def decode_attention_int2(
             GROUP=group, MEMBERS=members, BLOCK_M=head_block(members * group), D=d, NG=fmt.num_groups,
             S=fmt.sink_tokens, BLOCK_N=BLOCK_N,
             CODE_BITS=CODE_BITS, CODE_MAX=CODE_MAX, PTX_UNPACK=ptx_unpack,
-            NUM_STAGES=NUM_STAGES, num_warps=SHARED_WARPS, maxnreg=MAX_REGISTERS,
+            NUM_STAGES=NUM_STAGES, num_warps=SHARED_WARPS, maxnreg=SHARED_MAX_REGISTERS,
         )
     _decode_reduce_kernel[(batch, q_heads, REDUCE_DIM_PROGRAMS)](
         part_o, part_lse, parts, kv_indptr if shared is None else shared.own_start, win + splits,

@@ -129,7 +129,8 @@ def test_decode_with_shared_prefixes_matches_reference(head_dim, group_size, gqa
 
 @pytest.mark.parametrize("dot_rows", [32, 64])
 def test_larger_blocks_match_reference(dot_rows, monkeypatch, nan_scratch):
-    """Blocks of more requests (the block sizes `benchmarks/tune_decode.py --sections shared` tries)."""
+    """Blocks of 8 and 16 requests (SHARED_DOT_ROWS 32 and 64; `benchmarks/tune_decode.py --sections
+    shared` times the 64-row block)."""
     monkeypatch.setattr(shared_prefix, "SHARED_DOT_ROWS", dot_rows)
     gen = torch.Generator().manual_seed(dot_rows)
     fmt = OscarFormat(64, 32, sink_tokens=4, recent_tokens=8)

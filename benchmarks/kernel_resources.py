@@ -1,0 +1,206 @@
+"""Registers, spills and main-loop instruction mix of the OSCAR-2 Triton kernels as an H100
+(sm_90) runs them, measured on any machine: Triton compiles them ahead of time with its bundled
+ptxas and cuobjdump reads the cubins, so no GPU is needed.
+
+Every kernel is compiled exactly as the library's host functions launch it (the same arguments,
+hence the same specializations and launch options as on a GPU), for one Qwen3-8B layer (H_q 32,
+H_kv 8, D 128, G 128; --head-dim 64 for a D = 64 model): decode without and with shared-prefix
+blocks, extend over a cached prefix, the write kernel at decode and prefill token counts.
+Reported per kernel: registers and stack bytes per thread, shared memory, and for its main loop
+(the backward branch holding the most tensor-core instructions) the SASS instructions per
+iteration, the local-memory accesses among them (register spills: STL / LDL) and the
+tensor-core instructions (HMMA, or HGMMA for warpgroup MMAs). --set MODULE.NAME=VALUE changes a
+launch constant of kernels/MODULE.py first.
+
+    python -m benchmarks.kernel_resources
+    python -m benchmarks.kernel_resources --set decode.SHARED_WARPS=8 --set shared_prefix.SHARED_DOT_ROWS=64
+
+Writes <out-dir>/kernel_resources_sm90_d<D>[_<NAME><VALUE>...].json and prints a markdown table.
+"""
+
+import argparse
+import contextlib
+import importlib
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from triton import knobs
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile, make_backend
+from triton.runtime.jit import JITFunction, create_function_from_signature
+
+from benchmarks.common import DEFAULT_RESULTS_DIR, machine_info, markdown_table, module_constants, now_iso, write_json
+
+TARGET = GPUTarget("cuda", 90, 32)  # H100
+Q_HEADS, KV_HEADS = 32, 8
+BATCH, CONTEXT = 4, 1000  # shapes only select specializations; nothing runs
+INSTRUCTION_RE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+BACKWARD_BRANCH_RE = re.compile(r"\bBRA\s+0x([0-9a-f]+)")
+
+
+def compile_launch(kernel: JITFunction, args, kwargs, backend):
+    """The CompiledKernel that `kernel[grid](*args, **kwargs)` would build for TARGET: Triton's
+    own binder picks the specializations (divisibility, constants) from the arguments."""
+    kwargs = {**kwargs, "debug": kwargs.get("debug", kernel.debug) or knobs.runtime.debug,
+              "instrumentation_mode": knobs.compilation.instrumentation_mode}
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
+    return compile(ASTSource(kernel, signature, constexprs, attrs), target=TARGET, options=options.__dict__)
+
+
+@contextlib.contextmanager
+def compiled_instead_of_launched(records: list, tag: str):
+    """Inside the block, every Triton launch compiles its kernel for TARGET, appends
+    (tag, kernel name, CompiledKernel) to `records` and runs nothing."""
+    backend = make_backend(TARGET)
+    launch = JITFunction.__getitem__
+
+    def compile_only(kernel, grid):
+        def run(*args, **kwargs):
+            records.append((tag, kernel.fn.__name__, compile_launch(kernel, args, kwargs, backend)))
+        return run
+
+    JITFunction.__getitem__ = compile_only
+    try:
+        yield
+    finally:
+        JITFunction.__getitem__ = launch
+
+
+def cuobjdump(cubin: bytes, flag: str) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([knobs.nvidia.cuobjdump.path, flag, f.name], capture_output=True, text=True,
+                              check=True).stdout
+
+
+def opcode(instruction: str) -> str:
+    """'@!P0 LDL.64 R2, [R1+0x8]' -> 'LDL'."""
+    words = instruction.split()
+    return (words[1] if words[0].startswith("@") else words[0]).split(".")[0]
+
+
+def main_loop(sass: str) -> dict:
+    """Instructions, spills (STL / LDL) and tensor-core instructions of one iteration of the
+    loop (backward branch) with the most tensor-core instructions; zeros without a loop."""
+    instructions = [(int(a, 16), text) for a, text in INSTRUCTION_RE.findall(sass)]
+    best = {"instructions": 0, "spills": 0, "mma": 0}
+    for address, text in instructions:
+        target = BACKWARD_BRANCH_RE.search(text)
+        if not target or int(target.group(1), 16) >= address:
+            continue
+        body = [opcode(t) for a, t in instructions if int(target.group(1), 16) <= a <= address]
+        loop = {"instructions": len(body), "spills": sum(op in ("STL", "LDL") for op in body),
+                "mma": sum(op in ("HMMA", "HGMMA") for op in body)}
+        if (loop["mma"], loop["instructions"]) > (best["mma"], best["instructions"]):
+            best = loop
+    return best
+
+
+def describe(tag: str, name: str, kernel) -> dict:
+    """One row: the kernel's resources and its main loop."""
+    usage = re.search(r"REG:(\d+) STACK:(\d+)", cuobjdump(kernel.asm["cubin"], "-res-usage"))
+    sass = cuobjdump(kernel.asm["cubin"], "-sass")
+    return {"launch": tag, "kernel": name, "num_warps": kernel.metadata.num_warps, "maxnreg": kernel.metadata.maxnreg,
+            "registers": int(usage.group(1)), "stack_bytes": int(usage.group(2)),
+            "shared_bytes": kernel.metadata.shared, "loop": main_loop(sass)}
+
+
+def launches(head_dim: int):
+    """(tag, host call) pairs covering every kernel, on CPU tensors of one layer."""
+    from oscar_sglang.kernels.decode import decode_attention_int2
+    from oscar_sglang.kernels.extend import extend_attention_int2
+    from oscar_sglang.kernels.format import OscarFormat
+    from oscar_sglang.kernels.quantize import write_kv_int2
+    from oscar_sglang.kernels.shared_prefix import find_shared_prefixes
+
+    fmt = OscarFormat(head_dim)
+    slots = BATCH * CONTEXT
+    kv_indptr = torch.arange(BATCH + 1, dtype=torch.int32) * CONTEXT
+    kv_indices = torch.arange(slots, dtype=torch.int32)
+    starts = torch.arange(BATCH, dtype=torch.int32) * fmt.window_rows
+    codes = [torch.zeros(fmt.codes_shape(slots, KV_HEADS), dtype=torch.uint8) for _ in "kv"]
+    metas = [torch.zeros(fmt.meta_shape(slots, KV_HEADS), dtype=torch.float16) for _ in "kv"]
+    windows = [torch.zeros(fmt.window_shape(BATCH, KV_HEADS), dtype=torch.bfloat16) for _ in "kv"]
+    rots = [torch.eye(head_dim).expand(KV_HEADS, head_dim, head_dim).contiguous() for _ in "kv"]
+    pool = (codes[0], metas[0], codes[1], metas[1], windows[0], windows[1], rots[0], rots[1])
+    q = torch.zeros(BATCH, Q_HEADS, head_dim, dtype=torch.bfloat16)
+    decode_args = (q, kv_indptr, kv_indices, starts, *pool, head_dim ** -0.5, fmt)
+    chunk = 256
+    qo_indptr = torch.arange(BATCH + 1, dtype=torch.int32) * chunk
+    new = [torch.zeros(BATCH * chunk, heads, head_dim, dtype=torch.bfloat16) for heads in (Q_HEADS, KV_HEADS, KV_HEADS)]
+
+    def write(tokens):
+        k = torch.zeros(tokens, KV_HEADS, head_dim, dtype=torch.bfloat16)
+        write_kv_int2(k, k.clone(), kv_indices[:tokens], rots[0], rots[1], 0.96, 0.92, *pool[:4], fmt,
+                      kv_indices[:tokens], windows[0], windows[1], torch.zeros(1, dtype=torch.int32))
+
+    return [
+        ("decode", lambda: decode_attention_int2(*decode_args)),
+        ("decode, shared-prefix blocks", lambda: decode_attention_int2(
+            *decode_args, shared=find_shared_prefixes(kv_indptr, kv_indices, fmt, Q_HEADS // KV_HEADS))),
+        ("extend", lambda: extend_attention_int2(*new, qo_indptr, kv_indptr, kv_indices, starts, *pool,
+                                                 head_dim ** -0.5, fmt, max_extend_len=chunk, max_prefix_len=CONTEXT)),
+        ("write, decode", lambda: write(BATCH)),
+        ("write, prefill", lambda: write(chunk * BATCH)),
+    ]
+
+
+def parse_setting(text: str):
+    """'decode.SHARED_WARPS=8' -> (the kernels.decode module, 'SHARED_WARPS', 8)."""
+    match = re.fullmatch(r"(\w+)\.(\w+)=(.+)", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected MODULE.NAME=VALUE, got {text!r}")
+    module = importlib.import_module(f"oscar_sglang.kernels.{match.group(1)}")
+    if not hasattr(module, match.group(2)):
+        raise argparse.ArgumentTypeError(f"kernels/{match.group(1)}.py has no constant {match.group(2)}")
+    value = match.group(3)
+    return module, match.group(2), None if value == "None" else int(value)
+
+
+def table(rows: list) -> str:
+    headers = ["launch", "kernel", "warps", "maxnreg", "registers", "stack B", "shared B",
+               "loop instructions", "loop spills", "loop MMA"]
+    return markdown_table(headers, [
+        [r["launch"], r["kernel"], r["num_warps"], r["maxnreg"], r["registers"], r["stack_bytes"],
+         r["shared_bytes"], r["loop"]["instructions"], r["loop"]["spills"], r["loop"]["mma"]] for r in rows])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--head-dim", type=int, choices=(64, 128), default=128)
+    parser.add_argument("--set", type=parse_setting, action="append", default=[], metavar="MODULE.NAME=VALUE",
+                        help="a launch constant of kernels/MODULE.py (repeatable)")
+    parser.add_argument("--out-dir", type=Path, default=DEFAULT_RESULTS_DIR)
+    args = parser.parse_args(argv)
+    if knobs.runtime.interpret:
+        sys.exit("kernel_resources compiles the GPU code paths: run it with TRITON_INTERPRET unset")
+    records = []
+    with contextlib.ExitStack() as stack:
+        for module, name, value in args.set:
+            stack.enter_context(module_constants(module, {name: value}))
+        for tag, call in launches(args.head_dim):
+            with compiled_instead_of_launched(records, tag):
+                call()
+    # a kernel launched twice alike in one call (extend dequantizes K, then V) is one row
+    rows = [describe(*record) for i, record in enumerate(records)
+            if (record[0], record[2].hash) not in {(r[0], r[2].hash) for r in records[:i]}]
+    print(table(rows))
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    settings = "".join(f"_{name}{value}" for _, name, value in args.set)
+    write_json(args.out_dir / f"kernel_resources_sm90_d{args.head_dim}{settings}.json", {
+        "benchmark": "kernel_resources", "created": now_iso(), "machine": machine_info(),
+        "command": "python -m benchmarks.kernel_resources " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "target": f"{TARGET.backend} sm_{TARGET.arch}", "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
