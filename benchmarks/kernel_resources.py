@@ -6,10 +6,10 @@ Every kernel is compiled exactly as the library's host functions launch it (the 
 hence the same specializations and launch options as on a GPU), for one Qwen3-8B layer (H_q 32,
 H_kv 8, D 128, G 128; --head-dim 64 for a D = 64 model): decode without and with shared-prefix
 blocks, extend over a cached prefix, the write kernel at decode and prefill token counts.
-Reported per kernel: registers and stack bytes per thread, shared memory, and for its main loop
-(the backward branch holding the most tensor-core instructions) the SASS instructions per
-iteration, the local-memory accesses among them (register spills: STL / LDL) and the
-tensor-core instructions (HMMA, or HGMMA for warpgroup MMAs). --set MODULE.NAME=VALUE changes a
+Reported per kernel: registers and stack bytes per thread, shared memory, and per loop (backward
+branch) the SASS instructions of one iteration, the local-memory accesses among them (register
+spills: STL / LDL) and the tensor-core instructions (HMMA, or HGMMA for warpgroup MMAs); the
+table shows the main loop, the one with the most tensor-core instructions. --set MODULE.NAME=VALUE changes a
 launch constant of kernels/MODULE.py first.
 
     python -m benchmarks.kernel_resources
@@ -87,30 +87,35 @@ def opcode(instruction: str) -> str:
     return (words[1] if words[0].startswith("@") else words[0]).split(".")[0]
 
 
-def main_loop(sass: str) -> dict:
-    """Instructions, spills (STL / LDL) and tensor-core instructions of one iteration of the
-    loop (backward branch) with the most tensor-core instructions; zeros without a loop."""
+def loops(sass: str) -> list[dict]:
+    """Per loop (backward branch), one iteration's instructions, spills (STL / LDL) and
+    tensor-core instructions, in address order."""
     instructions = [(int(a, 16), text) for a, text in INSTRUCTION_RE.findall(sass)]
-    best = {"instructions": 0, "spills": 0, "mma": 0}
+    found = []
     for address, text in instructions:
         target = BACKWARD_BRANCH_RE.search(text)
         if not target or int(target.group(1), 16) >= address:
             continue
         body = [opcode(t) for a, t in instructions if int(target.group(1), 16) <= a <= address]
-        loop = {"instructions": len(body), "spills": sum(op in ("STL", "LDL") for op in body),
-                "mma": sum(op in ("HMMA", "HGMMA") for op in body)}
-        if (loop["mma"], loop["instructions"]) > (best["mma"], best["instructions"]):
-            best = loop
-    return best
+        found.append({"instructions": len(body), "spills": sum(op in ("STL", "LDL") for op in body),
+                      "mma": sum(op in ("HMMA", "HGMMA") for op in body)})
+    return found
+
+
+def main_loop(found: list[dict]) -> dict:
+    """The loop with the most tensor-core instructions, the leaner one of equals (the extend
+    kernel's prefix loop rather than its causal chunk loop); zeros without a loop."""
+    return max(found, key=lambda loop: (loop["mma"], -loop["instructions"]),
+               default={"instructions": 0, "spills": 0, "mma": 0})
 
 
 def describe(tag: str, name: str, kernel) -> dict:
     """One row: the kernel's resources and its main loop."""
     usage = re.search(r"REG:(\d+) STACK:(\d+)", cuobjdump(kernel.asm["cubin"], "-res-usage"))
-    sass = cuobjdump(kernel.asm["cubin"], "-sass")
+    found = loops(cuobjdump(kernel.asm["cubin"], "-sass"))
     return {"launch": tag, "kernel": name, "num_warps": kernel.metadata.num_warps, "maxnreg": kernel.metadata.maxnreg,
             "registers": int(usage.group(1)), "stack_bytes": int(usage.group(2)),
-            "shared_bytes": kernel.metadata.shared, "loop": main_loop(sass)}
+            "shared_bytes": kernel.metadata.shared, "loop": main_loop(found), "loops": found}
 
 
 def launches(head_dim: int):

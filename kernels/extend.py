@@ -7,8 +7,9 @@
 2. `_extend_attention_kernel` is plain flash attention: program (b, h, i) handles BLOCK_M query
    rows of request b, (token, query head) pairs of KV head h's GQA group, so every K/V tile is
    loaded once for the whole group; one online softmax runs over the prefix scratch and then,
-   causally, over the new chunk (k_new, v_new), whose non-finite rows count as zeros, as the
-   pool stores them.
+   causally, over the new chunk (k_new, v_new). The chunk's rows that hold a NaN or Inf count
+   as zeros, as the pool stores them: they are zeroed once before the launch, not in every
+   query tile that reads them.
 
 Dequantizing once per chunk costs O(prefix) next to the attention's O(prefix · chunk), and lets
 the attention loop run at 16-bit tensor-core speed instead of unpacking codes for every query
@@ -22,7 +23,6 @@ import triton.language as tl
 
 from .decode import LOG2E, check_pool, rot_arg
 from .format import CODE_BITS, CODE_MAX, OscarFormat
-from .quantize import nonfinite_rows
 from .tiles import nonzero, online_softmax, unrotate
 
 BLOCK_M = 128  # query rows ((token, head) pairs) per attention program
@@ -106,26 +106,13 @@ def _dot(a, b, acc, NATIVE_DOT: tl.constexpr):
 
 
 @triton.jit
-def _zero_nonfinite_rows(x):
-    """x: [N, D] with every row holding a NaN or Inf replaced by zeros (the pool's rule)."""
-    return tl.where(nonfinite_rows(x)[:, None], 0.0, x).to(x.dtype)
-
-
-@triton.jit
-def _attend_tile(q, m_i, l_i, acc, k_ptrs, v_ptrs, key_ok, visible, qk_scale, NATIVE_DOT: tl.constexpr,
-                 SANITIZE: tl.constexpr):
+def _attend_tile(q, m_i, l_i, acc, k_ptrs, v_ptrs, key_ok, visible, qk_scale, NATIVE_DOT: tl.constexpr):
     """One online-softmax step over a K/V tile. q: [M, D] 16-bit; k_ptrs, v_ptrs: [N, D]
-    pointers, key_ok: [N, 1] which to load; visible: [M or 1, N] bool. SANITIZE: zero K and V
-    rows that are not finite, as the pool stores them (the new chunk's rows are raw model
-    output). Returns (m_i, l_i, acc)."""
+    pointers, key_ok: [N, 1] which to load; visible: [M or 1, N] bool. Returns (m_i, l_i, acc)."""
     k = tl.load(k_ptrs, mask=key_ok, other=0.0)
-    if SANITIZE:
-        k = _zero_nonfinite_rows(k)
     scores = _dot(q, tl.trans(k), tl.zeros((q.shape[0], k.shape[0]), tl.float32), NATIVE_DOT) * qk_scale
     m_i, l_i, alpha, p = online_softmax(m_i, l_i, tl.where(visible, scores, float("-inf")))
     v = tl.load(v_ptrs, mask=key_ok, other=0.0)
-    if SANITIZE:
-        v = _zero_nonfinite_rows(v)
     return m_i, l_i, _dot(p, v, acc * alpha[:, None], NATIVE_DOT)
 
 
@@ -163,8 +150,7 @@ def _extend_attention_kernel(
             j = j0 + tl.arange(0, BLOCK_N)
             key = (kv_lo + j).to(tl.int64)[:, None] * stride_pt + hk * stride_ph + dims[None, :]
             m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, k_pre_ptr + key, v_pre_ptr + key,
-                                         (j < prefix)[:, None], (j < prefix)[None, :], qk_scale, NATIVE_DOT,
-                                         False)
+                                         (j < prefix)[:, None], (j < prefix)[None, :], qk_scale, NATIVE_DOT)
         for j0 in tl.range(0, tl.minimum(tok0 + TOKENS, n), BLOCK_N):  # token t sees chunk keys [0, t]
             j = j0 + tl.arange(0, BLOCK_N)
             key = (q_lo + j).to(tl.int64)[:, None]
@@ -172,7 +158,7 @@ def _extend_attention_kernel(
             m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc,
                                          k_new_ptr + key * stride_knt + hk * stride_knh + dims[None, :],
                                          v_new_ptr + key * stride_vnt + hk * stride_vnh + dims[None, :],
-                                         (j < n)[:, None], visible, qk_scale, NATIVE_DOT, True)
+                                         (j < n)[:, None], visible, qk_scale, NATIVE_DOT)
 
         out = acc / nonzero(l_i)[:, None]
         tl.store(out_ptr + (q_lo + tok).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh
@@ -248,6 +234,7 @@ def extend_attention_int2(
         return out
     prefix_kv = dequantize_prefix(qo_indptr, kv_indptr, kv_indices, window_starts, k_codes, k_meta, v_codes,
                                   v_meta, k_window, v_window, k_rot, v_rot, fmt, max_prefix_len, q.dtype)
+    k_new, v_new = (torch.where(torch.isfinite(x).all(dim=-1, keepdim=True), x, 0) for x in (k_new, v_new))
     _extend_attention_kernel[(batch, kv_heads, triton.cdiv(max_extend_len, BLOCK_M // group))](
         q, q.stride(0), q.stride(1),
         k_new, v_new, k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
