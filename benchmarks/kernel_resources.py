@@ -45,7 +45,8 @@ BACKWARD_BRANCH_RE = re.compile(r"\bBRA\s+0x([0-9a-f]+)")
 
 def compile_launch(kernel: JITFunction, args, kwargs, backend):
     """The CompiledKernel that `kernel[grid](*args, **kwargs)` would build for TARGET: Triton's
-    own binder picks the specializations (divisibility, constants) from the arguments."""
+    own binder picks the specializations (divisibility, constants) from the arguments. Mirrors
+    JITFunction.run of Triton 3.6 (private helpers: a Triton upgrade may need this adjusted)."""
     kwargs = {**kwargs, "debug": kwargs.get("debug", kernel.debug) or knobs.runtime.debug,
               "instrumentation_mode": knobs.compilation.instrumentation_mode}
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
