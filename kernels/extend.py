@@ -106,13 +106,24 @@ def _dot(a, b, acc, NATIVE_DOT: tl.constexpr):
 
 
 @triton.jit
-def _attend_tile(q, m_i, l_i, acc, k_ptrs, v_ptrs, key_ok, visible, qk_scale, NATIVE_DOT: tl.constexpr):
+def _attend_tile(q, m_i, l_i, acc, k_ptrs, v_ptrs, key_ok, visible, qk_scale, NATIVE_DOT: tl.constexpr,
+                 MASKED: tl.constexpr):
     """One online-softmax step over a K/V tile. q: [M, D] 16-bit; k_ptrs, v_ptrs: [N, D]
-    pointers, key_ok: [N, 1] which to load; visible: [M or 1, N] bool. Returns (m_i, l_i, acc)."""
-    k = tl.load(k_ptrs, mask=key_ok, other=0.0)
+    pointers, key_ok: [N, 1] which to load; visible: [M or 1, N] bool. MASKED = False: every
+    key exists and every row sees it (key_ok and visible unused), so the tile is loaded and
+    scored without predicates. Returns (m_i, l_i, acc)."""
+    if MASKED:
+        k = tl.load(k_ptrs, mask=key_ok, other=0.0)
+    else:
+        k = tl.load(k_ptrs)
     scores = _dot(q, tl.trans(k), tl.zeros((q.shape[0], k.shape[0]), tl.float32), NATIVE_DOT) * qk_scale
-    m_i, l_i, alpha, p = online_softmax(m_i, l_i, tl.where(visible, scores, float("-inf")))
-    v = tl.load(v_ptrs, mask=key_ok, other=0.0)
+    if MASKED:
+        scores = tl.where(visible, scores, float("-inf"))
+    m_i, l_i, alpha, p = online_softmax(m_i, l_i, scores)
+    if MASKED:
+        v = tl.load(v_ptrs, mask=key_ok, other=0.0)
+    else:
+        v = tl.load(v_ptrs)
     return m_i, l_i, _dot(p, v, acc * alpha[:, None], NATIVE_DOT)
 
 
@@ -146,19 +157,34 @@ def _extend_attention_kernel(
 
         kv_lo = tl.load(kv_indptr_ptr + b)
         prefix = tl.load(kv_indptr_ptr + b + 1) - kv_lo
-        for j0 in tl.range(0, prefix, BLOCK_N):  # the whole cached prefix is visible
-            j = j0 + tl.arange(0, BLOCK_N)
+        # the whole cached prefix is visible: whole tiles without predicates, then the rest
+        full = prefix // BLOCK_N * BLOCK_N
+        for j0 in tl.range(0, full, BLOCK_N):
+            key = (kv_lo + j0 + tl.arange(0, BLOCK_N)).to(tl.int64)[:, None] * stride_pt + hk * stride_ph + dims[None, :]
+            m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, k_pre_ptr + key, v_pre_ptr + key, None, None, qk_scale,
+                                         NATIVE_DOT, False)
+        if full < prefix:
+            j = full + tl.arange(0, BLOCK_N)
             key = (kv_lo + j).to(tl.int64)[:, None] * stride_pt + hk * stride_ph + dims[None, :]
-            m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, k_pre_ptr + key, v_pre_ptr + key,
-                                         (j < prefix)[:, None], (j < prefix)[None, :], qk_scale, NATIVE_DOT)
-        for j0 in tl.range(0, tl.minimum(tok0 + TOKENS, n), BLOCK_N):  # token t sees chunk keys [0, t]
+            m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, k_pre_ptr + key, v_pre_ptr + key, (j < prefix)[:, None],
+                                         (j < prefix)[None, :], qk_scale, NATIVE_DOT, True)
+        # token t sees chunk keys [0, t]: whole tiles below this program's first token, then the
+        # tiles its tokens see in part
+        below = tl.minimum(tok0 + 1, n) // BLOCK_N * BLOCK_N
+        for j0 in tl.range(0, below, BLOCK_N):
+            key = (q_lo + j0 + tl.arange(0, BLOCK_N)).to(tl.int64)[:, None]
+            m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc,
+                                         k_new_ptr + key * stride_knt + hk * stride_knh + dims[None, :],
+                                         v_new_ptr + key * stride_vnt + hk * stride_vnh + dims[None, :],
+                                         None, None, qk_scale, NATIVE_DOT, False)
+        for j0 in tl.range(below, tl.minimum(tok0 + TOKENS, n), BLOCK_N):
             j = j0 + tl.arange(0, BLOCK_N)
             key = (q_lo + j).to(tl.int64)[:, None]
             visible = (j[None, :] <= tok[:, None]) & (j[None, :] < n)
             m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc,
                                          k_new_ptr + key * stride_knt + hk * stride_knh + dims[None, :],
                                          v_new_ptr + key * stride_vnt + hk * stride_vnh + dims[None, :],
-                                         (j < n)[:, None], visible, qk_scale, NATIVE_DOT)
+                                         (j < n)[:, None], visible, qk_scale, NATIVE_DOT, True)
 
         out = acc / nonzero(l_i)[:, None]
         tl.store(out_ptr + (q_lo + tok).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh

@@ -38,8 +38,9 @@ def new_tokens(chunks, kv_heads, gqa, dim, dtype, gen):
 
 # (prefix, chunk) pairs for OscarFormat(·, ·, sink_tokens=4, recent_tokens=8): no prefix,
 # L = prefix + chunk < S, a chunk crossing the sinks, S < L < S + W, L = S + W + 1, an empty
-# chunk, a long prefix with a multi-tile chunk, a long prefix with one token
-PAIRS = [(0, 5), (2, 1), (3, 6), (6, 4), (12, 1), (30, 0), (200, 70), (90, 1)]
+# chunk, a long prefix with a multi-tile chunk, a long prefix with one token, a prefix and a
+# chunk of whole attention tiles (64 keys)
+PAIRS = [(0, 5), (2, 1), (3, 6), (6, 4), (12, 1), (30, 0), (200, 70), (90, 1), (128, 128)]
 
 
 @pytest.mark.parametrize(
