@@ -73,27 +73,35 @@ def assert_pool_holds(pool, keys, slots, req_idx):
                                        rtol=1e-2, atol=1e-2, msg=f"layer {i}, position {p}")
 
 
+def prefill_two_requests(reference: bool, requests: int, decode_slots: int, seed: int):
+    """A backend (reference path or kernels) over a fresh pool with window rows for `requests`
+    requests, after the prefill of requests 1 and 2 (LENS tokens). Returns the pool, the backend,
+    the prompts' slots, `decode_slots` more free slots, the random generator and the prefill's
+    (outputs, keys) as run_layers gives them."""
+    pool = OscarTokenToKVPool(64, 1, KV_HEADS, FMT.head_dim, LAYERS, "cpu", False, fmt=FMT,
+                              rotations=data_free_rotations(LAYERS, KV_HEADS, FMT.head_dim),
+                              sink_rows_per_request=0)
+    pool.allocate_windows(requests)
+    backend = make_backend(pool, reference)
+    slots = torch.randperm(63, generator=torch.Generator().manual_seed(0))[:sum(LENS) + decode_slots] + 1
+    prompt_slots = slots[:sum(LENS)]
+    gen = torch.Generator().manual_seed(seed)
+    backend.forward_metadata = SimpleNamespace(qo_indptr=indptr(LENS), kv_indptr=indptr([0, 0]),
+                                               kv_indices=torch.empty(0, dtype=torch.int64))
+    prefill = SimpleNamespace(
+        req_pool_indices=torch.tensor([1, 2]), positions=torch.cat([torch.arange(n) for n in LENS]),
+        seq_lens=torch.tensor(LENS), out_cache_loc=prompt_slots, extend_seq_lens=torch.tensor(LENS),
+        extend_prefix_lens_cpu=[0, 0], extend_seq_lens_cpu=LENS)
+    prefilled = run_layers(backend, "forward_extend", prefill, sum(LENS), gen)
+    return pool, backend, prompt_slots, slots[sum(LENS):], gen, prefilled
+
+
 def test_prefill_then_decode_matches_reference_path():
     results = {}
     for reference in (False, True):
-        pool = OscarTokenToKVPool(64, 1, KV_HEADS, FMT.head_dim, LAYERS, "cpu", False, fmt=FMT,
-                                  rotations=data_free_rotations(LAYERS, KV_HEADS, FMT.head_dim),
-                                  sink_rows_per_request=0)
-        pool.allocate_windows(3)
-        backend = make_backend(pool, reference)
-        slots = torch.randperm(63, generator=torch.Generator().manual_seed(0))[:sum(LENS) + 2] + 1
-        prompt_slots, decode_slots = slots[:sum(LENS)], slots[sum(LENS):]
+        pool, backend, prompt_slots, decode_slots, gen, (prefill_out, prefill_keys) = prefill_two_requests(
+            reference, requests=3, decode_slots=2, seed=1)
         req = torch.tensor([1, 2])
-        gen = torch.Generator().manual_seed(1)
-
-        backend.forward_metadata = SimpleNamespace(qo_indptr=indptr(LENS), kv_indptr=indptr([0, 0]),
-                                                   kv_indices=torch.empty(0, dtype=torch.int64))
-        prefill = SimpleNamespace(
-            req_pool_indices=req, positions=torch.cat([torch.arange(n) for n in LENS]),
-            seq_lens=torch.tensor(LENS), out_cache_loc=prompt_slots, extend_seq_lens=torch.tensor(LENS),
-            extend_prefix_lens_cpu=[0, 0], extend_seq_lens_cpu=LENS)
-        prefill_out, prefill_keys = run_layers(backend, "forward_extend", prefill, sum(LENS), gen)
-
         parts = prompt_slots.split(LENS)
         seen = [torch.cat([part, decode_slots[b:b + 1]]) for b, part in enumerate(parts)]
         backend.forward_metadata = SimpleNamespace(kv_indptr=indptr([n + 1 for n in LENS]),
@@ -117,22 +125,8 @@ def test_decode_of_requests_sharing_a_prefix_matches_reference_path():
     and matches the reference path."""
     results = {}
     for reference in (False, True):
-        pool = OscarTokenToKVPool(64, 1, KV_HEADS, FMT.head_dim, LAYERS, "cpu", False, fmt=FMT,
-                                  rotations=data_free_rotations(LAYERS, KV_HEADS, FMT.head_dim),
-                                  sink_rows_per_request=0)
-        pool.allocate_windows(4)
-        backend = make_backend(pool, reference)
-        slots = torch.randperm(63, generator=torch.Generator().manual_seed(0))[:sum(LENS) + 3] + 1
-        prompt_slots, decode_slots = slots[:sum(LENS)], slots[sum(LENS):]
-        gen = torch.Generator().manual_seed(2)
-        backend.forward_metadata = SimpleNamespace(qo_indptr=indptr(LENS), kv_indptr=indptr([0, 0]),
-                                                   kv_indices=torch.empty(0, dtype=torch.int64))
-        prefill = SimpleNamespace(
-            req_pool_indices=torch.tensor([1, 2]), positions=torch.cat([torch.arange(n) for n in LENS]),
-            seq_lens=torch.tensor(LENS), out_cache_loc=prompt_slots, extend_seq_lens=torch.tensor(LENS),
-            extend_prefix_lens_cpu=[0, 0], extend_seq_lens_cpu=LENS)
-        run_layers(backend, "forward_extend", prefill, sum(LENS), gen)
-
+        pool, backend, prompt_slots, decode_slots, gen, _ = prefill_two_requests(
+            reference, requests=4, decode_slots=3, seed=2)
         first, second = prompt_slots.split(LENS)
         pool.restore_windows([(3, second[:16])])
         seen = [first, second, second[:16]]
