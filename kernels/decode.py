@@ -384,6 +384,8 @@ def decode_attention_int2(
         shared_splits = max(1, min(default_num_kv_splits(triton.cdiv(batch, members), kv_heads, q.device),
                                    MAX_KV_SPLITS - splits))
     parts = win + splits + shared_splits
+    # without shared blocks the kernels never read own_start (SHARED is off): any int32 pointer
+    own_start = kv_indptr if shared is None else shared.own_start
     q_rot = torch.empty(batch, q_heads, d, dtype=torch.float32, device=q.device)
     part_o = torch.empty(batch, q_heads, parts, d, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(batch, q_heads, parts, dtype=torch.float32, device=q.device)
@@ -396,7 +398,7 @@ def decode_attention_int2(
     ptx_unpack = not triton.knobs.runtime.interpret
     _decode_split_kernel[(kv_heads, batch, win + splits)](
         q_rot,
-        kv_indptr, kv_indices, window_starts, kv_indptr if shared is None else shared.own_start,
+        kv_indptr, kv_indices, window_starts, own_start,
         k_codes, v_codes, k_codes.stride(0), k_codes.stride(1),
         k_meta, v_meta, k_meta.stride(0), k_meta.stride(1),
         k_window, v_window, k_window.stride(0), k_window.stride(1),
@@ -420,7 +422,7 @@ def decode_attention_int2(
             NUM_STAGES=NUM_STAGES, num_warps=SHARED_WARPS, maxnreg=SHARED_MAX_REGISTERS,
         )
     _decode_reduce_kernel[(batch, q_heads, REDUCE_DIM_PROGRAMS)](
-        part_o, part_lse, parts, kv_indptr if shared is None else shared.own_start, win + splits,
+        part_o, part_lse, parts, own_start, win + splits,
         out, out.stride(0), out.stride(1),
         v_rot, v_rot_stride,
         GROUP=group, D=d, BLOCK_P=triton.next_power_of_2(parts), BLOCK_J=d // REDUCE_DIM_PROGRAMS,
