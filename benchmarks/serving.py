@@ -20,9 +20,12 @@ with GPU_ENV set, and the group is stopped when its configuration ends, fails or
 when the benchmark is stopped (SIGTERM) or killed. The JSON and markdown are rewritten after
 each configuration, so a run cut off keeps the configurations it finished.
 
-Every server gets --max-running-requests = the client's concurrency, so the KV pool, not a request
-cap, limits how many requests run: OSCAR reserves BF16 window rows for that many requests and
-gives the rest of the budget to its INT2 pool (start-up refuses if they do not fit). Other OSCAR
+Every server gets --max-running-requests = the client's concurrency + 1, so the KV pool, not a
+request cap, limits how many requests run: OSCAR reserves BF16 window rows for that many requests
+and gives the rest of the budget to its INT2 pool (start-up refuses if they do not fit). The one
+extra: SGLang counts the request in chunked prefill against the cap, and a running batch it marks
+full then stays full until a running request finishes, so with the cap equal to the concurrency
+the last request waited for the whole batch to finish (seen on the H100: 191 decoding, 1 queued). Other OSCAR
 flags go to the oscar server only with --oscar-args (recorded with its results).
 
 Run from the repository root (on the GPU machine after `source .gpu/install.sh`):
@@ -148,6 +151,12 @@ def concurrency(args):
     return args.max_concurrency or num_requests(args)
 
 
+def running_cap(args):
+    """--max-running-requests of every server: one above the client's concurrency (module
+    docstring)."""
+    return concurrency(args) + 1
+
+
 def default_name(args):
     """Results file stem: serving-sp<system prompt>, plus -tp<N> / -dp<M> for a parallel run."""
     name = f"serving-sp{args.system_prompt_len}"
@@ -168,10 +177,10 @@ def server_command(config, args, model_path, port):
         "--port", str(port),
         "--mem-fraction-static", str(args.mem_fraction_static),
         "--cuda-graph-backend-prefill", "disabled",
-        "--cuda-graph-max-bs-decode", str(concurrency(args)),
+        "--cuda-graph-max-bs-decode", str(running_cap(args)),
         # every request the client keeps in flight may run; OSCAR then reserves BF16 rows for
         # that many requests instead of capping them by --oscar-window-fraction
-        "--max-running-requests", str(concurrency(args)),
+        "--max-running-requests", str(running_cap(args)),
         "--decode-log-interval", str(DECODE_LOG_INTERVAL),
         *parallel_flags(args),
         *kv_flags(config, args.oscar_rotations, args.oscar_args),

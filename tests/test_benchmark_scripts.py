@@ -146,7 +146,8 @@ def test_server_commands_differ_only_in_the_kv_option(tmp_path):
     assert _value(base, "--model-path") == str(MODEL) and _value(base, "--load-format") == "dummy"
     assert _value(base, "--port") == "30001" and _value(base, "--mem-fraction-static") == "0.8"
     assert _value(base, "--cuda-graph-backend-prefill") == "disabled"
-    assert _value(base, "--cuda-graph-max-bs-decode") == "64"
+    # one running slot above the client's 64 in flight: a request in chunked prefill holds one
+    assert _value(base, "--cuda-graph-max-bs-decode") == "65" and _value(base, "--max-running-requests") == "65"
     assert commands["oscar"][-4:] == ["--kv-quant", "oscar", "--oscar-rotations", str(rotations)]
 
 
