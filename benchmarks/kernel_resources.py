@@ -43,15 +43,21 @@ INSTRUCTION_RE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 BACKWARD_BRANCH_RE = re.compile(r"\bBRA\s+0x([0-9a-f]+)")
 
 
-def compile_launch(kernel: JITFunction, args, kwargs, backend):
-    """The CompiledKernel that `kernel[grid](*args, **kwargs)` would build for TARGET: Triton's
-    own binder picks the specializations (divisibility, constants) from the arguments. Mirrors
-    JITFunction.run of Triton 3.6 (private helpers: a Triton upgrade may need this adjusted)."""
+def bind_launch(kernel: JITFunction, args, kwargs, backend):
+    """(options, signature, constexprs, attrs) of `kernel[grid](*args, **kwargs)` for TARGET:
+    Triton's own binder picks the specializations (divisibility, constants) from the arguments;
+    two launches with equal results run one compiled kernel. Mirrors JITFunction.run of
+    Triton 3.6 (private helpers: a Triton upgrade may need this adjusted)."""
     kwargs = {**kwargs, "debug": kwargs.get("debug", kernel.debug) or knobs.runtime.debug,
               "instrumentation_mode": knobs.compilation.instrumentation_mode}
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound_args, specialization, options = binder(*args, **kwargs)
-    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
+    return kernel._pack_args(backend, kwargs, bound_args, specialization, options)
+
+
+def compile_launch(kernel: JITFunction, args, kwargs, backend):
+    """The CompiledKernel that `kernel[grid](*args, **kwargs)` would build for TARGET."""
+    options, signature, constexprs, attrs = bind_launch(kernel, args, kwargs, backend)
     return compile(ASTSource(kernel, signature, constexprs, attrs), target=TARGET, options=options.__dict__)
 
 

@@ -52,7 +52,9 @@ def _prefix_quarter(
     return tl.where(from_window[:, None], win.to(tl.float32), code * scale[:, None] + minimum[:, None])
 
 
-@triton.jit
+# Index arrays reach the kernels as slices (a batch split into scratch-bounded groups): their
+# alignment varies from launch to launch, and specializing on it compiled new variants mid-serving.
+@triton.jit(do_not_specialize_on_alignment=["qo_indptr_ptr", "kv_indptr_ptr", "kv_indices_ptr", "window_starts_ptr"])
 def _dequantize_prefix_kernel(
     qo_indptr_ptr, kv_indptr_ptr, kv_indices_ptr, window_starts_ptr,
     codes_ptr, stride_cs, stride_ch, meta_ptr, stride_ms, stride_mh,
@@ -127,7 +129,7 @@ def _attend_tile(q, m_i, l_i, acc, k_ptrs, v_ptrs, key_ok, visible, qk_scale, NA
     return m_i, l_i, _dot(p, v, acc * alpha[:, None], NATIVE_DOT)
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=["qo_indptr_ptr", "kv_indptr_ptr"])
 def _extend_attention_kernel(
     q_ptr, stride_qt, stride_qh,
     k_new_ptr, v_new_ptr, stride_knt, stride_knh, stride_vnt, stride_vnh,

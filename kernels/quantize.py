@@ -102,7 +102,8 @@ def _encode_tile(
 
 # token counts and clip positions vary between batches and layers: specializing on them (Triton
 # compiles an int argument apart when it is 1 or a multiple of 16) would only multiply compiles
-@triton.jit(do_not_specialize=["num_tokens", "k_clip_lo", "v_clip_lo"])
+# flag_ptr points at the layer's entry of one flags tensor: its alignment depends on the layer
+@triton.jit(do_not_specialize=["num_tokens", "k_clip_lo", "v_clip_lo"], do_not_specialize_on_alignment=["flag_ptr"])
 def _write_kv_kernel(
     k_ptr, v_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
     slot_ptr, row_ptr, num_tokens,

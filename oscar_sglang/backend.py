@@ -54,6 +54,24 @@ class OscarAttnBackend(TritonAttnBackend):
         self._shared = None
         self._sink_copy = None
         self.nonfinite = NonFiniteReporter(pool.layer_num, pool.start_layer, pool.device)
+        if not self.use_reference:
+            self.compile_extend_kernels(model_runner.dtype)
+
+    def compile_extend_kernels(self, dtype: torch.dtype) -> None:
+        """Launch the extend kernels once with a cached prefix, so that Triton compiles them at
+        start-up: SGLang's warm-up request has no cached prefix, and the first radix hit would
+        otherwise hold its whole batch for the compile (~3 s on the H200 host). The arguments
+        have serving's dtypes (the indptr buffers' own; SGLang builds extend kv_indices as int64)
+        and zero lengths, so every program returns at once and nothing is read."""
+        fmt, device = self.fmt, self.pool.device
+        lay = self.pool.layer(self.pool.start_layer)
+        qo_indptr = torch.zeros(2, dtype=self.qo_indptr.dtype, device=device)
+        kv_indptr = torch.zeros(2, dtype=self.kv_indptr.dtype, device=device)
+        kv_indices = torch.zeros(1, dtype=torch.int64, device=device)
+        q = torch.zeros(1, self.num_head, fmt.head_dim, dtype=dtype, device=device)
+        k = torch.zeros(1, self.num_kv_head, fmt.head_dim, dtype=dtype, device=device)
+        extend_attention_int2(q, k, k, qo_indptr, kv_indptr, kv_indices, self.pool.window_starts(kv_indices),
+                              *lay.attention_buffers, 1.0, fmt, max_extend_len=1, max_prefix_len=1)
 
     def init_forward_metadata(self, forward_batch):
         super().init_forward_metadata(forward_batch)

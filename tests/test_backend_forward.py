@@ -142,3 +142,16 @@ def test_decode_of_requests_sharing_a_prefix_matches_reference_path():
     for got, expected in zip(results[False], results[True]):
         assert torch.isfinite(got).all()
         assert_matches(got, expected.float(), torch.bfloat16)
+
+
+def test_start_up_compile_launch_leaves_the_pool_unchanged():
+    """compile_extend_kernels launches both extend kernels over the real pool buffers with zero
+    lengths: the pool after a prefill is unchanged, bit for bit."""
+    pool, backend, *_ = prefill_two_requests(False, requests=3, decode_slots=0, seed=3)
+    backend.num_head, backend.num_kv_head = KV_HEADS * GQA, KV_HEADS
+    backend.qo_indptr = torch.zeros(4, dtype=torch.int64)
+    backend.kv_indptr = torch.zeros(4, dtype=torch.int32)
+    before = [t.clone() for i in range(LAYERS) for t in pool.layer(i).attention_buffers]
+    backend.compile_extend_kernels(torch.bfloat16)
+    after = [t for i in range(LAYERS) for t in pool.layer(i).attention_buffers]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
