@@ -25,8 +25,9 @@ request cap, limits how many requests run: OSCAR reserves BF16 window rows for t
 and gives the rest of the budget to its INT2 pool (start-up refuses if they do not fit). The one
 extra: SGLang counts the request in chunked prefill against the cap, and a running batch it marks
 full then stays full until a running request finishes, so with the cap equal to the concurrency
-the last request waited for the whole batch to finish (seen on the H100: 191 decoding, 1 queued). Other OSCAR
-flags go to the oscar server only with --oscar-args (recorded with its results).
+the last request waited for the whole batch to finish (seen on the H100: 191 decoding, 1
+queued). Other OSCAR flags go to the oscar server only with --oscar-args (recorded with its
+results).
 
 Run from the repository root (on the GPU machine after `source .gpu/install.sh`):
 
@@ -34,6 +35,14 @@ Run from the repository root (on the GPU machine after `source .gpu/install.sh`)
     python -m benchmarks.serving --configs fp8-flashinfer,oscar --system-prompt-len 100000
     python -m benchmarks.serving --configs oscar --dp-size 2     # two GPUs, a model on each
     python -m benchmarks.serving --configs oscar --tp-size 2     # two GPUs, KV heads split
+    python -m benchmarks.serving --configs fp8-flashinfer,oscar --tokenizer-worker-num 8
+
+The server tokenizes every prompt in its tokenizer process: one process takes ~0.13 s per
+35K-token agent prompt (the development machine's CPU), so the H200 OSCAR server received the
+192 requests at ~6 per second, over 33 s, whatever its KV cache (its queue was empty while
+requests trickled in). --tokenizer-worker-num N gives every configuration's server N tokenizer
+processes (SGLang's flag; recorded in the settings, and the default results name gets a
+-tok<N> suffix).
 
 --tp-size / --dp-size go unchanged to every configuration's server (recorded in the settings;
 the default results name gets a -tp<N> / -dp<M> suffix). With --dp-size the pool figures of the
@@ -72,6 +81,7 @@ from benchmarks.common import (
     parallel_flags,
     parallel_settings,
     plot_panels,
+    positive_int,
     raise_keyboard_interrupt_on_sigterm,
     ratio,
     read_jsonl,
@@ -134,6 +144,12 @@ def build_parser():
     parser.add_argument(
         "--max-concurrency", type=int, help="client-side cap on requests in flight (default: all requests)"
     )
+    parser.add_argument(
+        "--tokenizer-worker-num",
+        type=positive_int,
+        default=1,
+        help="tokenizer processes of every server (SGLang --tokenizer-worker-num; default: %(default)s)",
+    )
     parser.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
     parser.add_argument(
         "--name", help="results file stem (default: serving-sp<system-prompt-len>[-tp<N>][-dp<M>])"
@@ -157,12 +173,25 @@ def running_cap(args):
     return concurrency(args) + 1
 
 
+def server_settings(args):
+    """The server flags that every configuration gets alike beyond the defaults, as settings:
+    tp_size / dp_size for a parallel run, tokenizer_worker_num when not 1; {} by default (so that
+    results files written before these flags existed keep matching a default run)."""
+    found = dict(parallel_settings(args))
+    if args.tokenizer_worker_num != 1:
+        found["tokenizer_worker_num"] = args.tokenizer_worker_num
+    return found
+
+
 def default_name(args):
-    """Results file stem: serving-sp<system prompt>, plus -tp<N> / -dp<M> for a parallel run."""
+    """Results file stem: serving-sp<system prompt>, plus -tp<N> / -dp<M> for a parallel run and
+    -tok<N> for N tokenizer processes."""
     name = f"serving-sp{args.system_prompt_len}"
     for key, value in parallel_settings(args).items():
         if value != 1:
             name += f"-{key.split('_')[0]}{value}"
+    if args.tokenizer_worker_num != 1:
+        name += f"-tok{args.tokenizer_worker_num}"
     return name
 
 
@@ -183,6 +212,7 @@ def server_command(config, args, model_path, port):
         "--max-running-requests", str(running_cap(args)),
         "--decode-log-interval", str(DECODE_LOG_INTERVAL),
         *parallel_flags(args),
+        *(["--tokenizer-worker-num", str(args.tokenizer_worker_num)] if args.tokenizer_worker_num != 1 else []),
         *kv_flags(config, args.oscar_rotations, args.oscar_args),
     ]  # fmt: skip
 
@@ -252,7 +282,7 @@ def settings(args, model_path):
         "request_rate": "inf",
         "max_concurrency": concurrency(args),
         "mem_fraction_static": args.mem_fraction_static,
-        **parallel_settings(args),
+        **server_settings(args),
     }
 
 
@@ -425,7 +455,7 @@ def notes(doc):
             f"in flight; --mem-fraction-static {s['mem_fraction_static']}."
         )
     ]
-    parallel = {key: s[key] for key in ("tp_size", "dp_size") if key in s}
+    parallel = {key: s[key] for key in ("tp_size", "dp_size", "tokenizer_worker_num") if key in s}
     if parallel:
         lines.append(
             "Every server: "

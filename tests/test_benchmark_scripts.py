@@ -182,7 +182,21 @@ def test_parallel_sizes_are_recorded_and_name_the_results():
     assert "Every server" not in serving.notes({"settings": serving.settings(default, MODEL), "configs": {}})
 
 
-@pytest.mark.parametrize("flag", ["--tp-size", "--dp-size"])
+def test_tokenizer_workers_reach_every_server_alike_and_are_recorded():
+    default = serving.build_parser().parse_args([])
+    args = serving.build_parser().parse_args(["--tokenizer-worker-num", "8"])
+    for config in common.KV_CONFIGS:
+        plain = serving.server_command(config, default, MODEL, 30001)
+        assert "--tokenizer-worker-num" not in plain  # SGLang's default: commands unchanged
+        assert _without(serving.server_command(config, args, MODEL, 30001), ["--tokenizer-worker-num", "8"]) == plain
+    assert "tokenizer_worker_num" not in serving.settings(default, MODEL)
+    assert serving.settings(args, MODEL)["tokenizer_worker_num"] == 8
+    assert serving.default_name(args) == "serving-sp32768-tok8"
+    assert "Every server: `--tokenizer-worker-num 8`." in serving.notes(
+        {"settings": serving.settings(args, MODEL), "configs": {}})
+
+
+@pytest.mark.parametrize("flag", ["--tp-size", "--dp-size", "--tokenizer-worker-num"])
 @pytest.mark.parametrize("value", ["0", "-2", "two"])
 def test_parallel_sizes_must_be_positive_integers(flag, value):
     with pytest.raises(SystemExit):
