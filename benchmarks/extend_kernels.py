@@ -45,6 +45,11 @@ VARIANTS = {
     "w4": {"NUM_WARPS": 4},
     # the dequantization kernel spills at 4 warps (255 registers) and not at 8 (kernel_resources.py)
     "dequant_w8": {"DEQUANT_WARPS": 8},
+    # 128-key tiles: 20 % fewer loop instructions per key and wider warpgroup MMAs at 255
+    # registers, 224 KiB of shared memory at 3 stages, 160 KiB at 2 (kernel_resources.py)
+    "s2": {"NUM_STAGES": 2},
+    "n128": {"BLOCK_N": 128},
+    "n128_s2": {"BLOCK_N": 128, "NUM_STAGES": 2},
 }
 
 

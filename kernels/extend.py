@@ -4,12 +4,14 @@
    model-space BF16/FP16 scratch [Σ prefix, H_kv, D] (K and V): positions the chunk reads from
    the window rows (the sinks and, with L = prefix + chunk, positions >= L - W) come from the
    request's BF16 rows, the others from INT2 codes; both are rotated back (· Rᵀ) there.
-2. `_extend_attention_kernel` is plain flash attention: program (b, h, i) handles BLOCK_M query
+2. `_extend_attention_kernel` is plain flash attention: program (i, h, b) handles BLOCK_M query
    rows of request b, (token, query head) pairs of KV head h's GQA group, so every K/V tile is
-   loaded once for the whole group; one online softmax runs over the prefix scratch and then,
-   causally, over the new chunk (k_new, v_new). The chunk's rows that hold a NaN or Inf count
-   as zeros, as the pool stores them: they are zeroed once before the launch, not in every
-   query tile that reads them.
+   loaded once for the whole group. Query tiles are the grid's fastest dimension: the tiles of
+   one request and KV head run side by side and stream the same prefix tiles, which they can
+   share through L2 instead of each reading them from memory. One online softmax runs over the
+   prefix scratch and then, causally, over the new chunk (k_new, v_new). The chunk's rows that
+   hold a NaN or Inf count as zeros, as the pool stores them: they are zeroed once before the
+   launch, not in every query tile that reads them.
 
 Dequantizing once per chunk costs O(prefix) next to the attention's O(prefix · chunk), and lets
 the attention loop run at 16-bit tensor-core speed instead of unpacking codes for every query
@@ -26,8 +28,9 @@ from .format import CODE_BITS, CODE_MAX, OscarFormat
 from .tiles import nonzero, online_softmax, unrotate
 
 BLOCK_M = 128  # query rows ((token, head) pairs) per attention program
-BLOCK_N = 64  # keys per attention tile (128 exceeds the H100's shared memory at BLOCK_M 128)
+BLOCK_N = 64  # keys per attention tile (128: variants n128* of benchmarks/extend_kernels, untimed)
 NUM_WARPS = 8
+NUM_STAGES = 3  # software-pipelined K/V tiles of the attention loop (Triton's default on CUDA)
 DEQUANT_BLOCK_T = 64  # prefix positions per dequantization program
 DEQUANT_WARPS = 4
 
@@ -140,9 +143,9 @@ def _extend_attention_kernel(
     NATIVE_DOT: tl.constexpr,
 ):
     TOKENS: tl.constexpr = BLOCK_M // GROUP  # chunk tokens per program
-    b = tl.program_id(0)
+    tok0 = tl.program_id(0) * TOKENS
     hk = tl.program_id(1)
-    tok0 = tl.program_id(2) * TOKENS
+    b = tl.program_id(2)
     q_lo = tl.load(qo_indptr_ptr + b)
     n = tl.load(qo_indptr_ptr + b + 1) - q_lo
     if tok0 < n:
@@ -263,13 +266,13 @@ def extend_attention_int2(
     prefix_kv = dequantize_prefix(qo_indptr, kv_indptr, kv_indices, window_starts, k_codes, k_meta, v_codes,
                                   v_meta, k_window, v_window, k_rot, v_rot, fmt, max_prefix_len, q.dtype)
     k_new, v_new = (torch.where(torch.isfinite(x).all(dim=-1, keepdim=True), x, 0) for x in (k_new, v_new))
-    _extend_attention_kernel[(batch, kv_heads, triton.cdiv(max_extend_len, BLOCK_M // group))](
+    _extend_attention_kernel[(triton.cdiv(max_extend_len, BLOCK_M // group), kv_heads, batch)](
         q, q.stride(0), q.stride(1),
         k_new, v_new, k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         prefix_kv[0], prefix_kv[1], prefix_kv.stride(1), prefix_kv.stride(2),
         qo_indptr, kv_indptr,
         out, out.stride(0), out.stride(1), sm_scale * LOG2E,
         GROUP=group, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, D=d,
-        NATIVE_DOT=not triton.knobs.runtime.interpret, num_warps=NUM_WARPS,
+        NATIVE_DOT=not triton.knobs.runtime.interpret, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     return out
