@@ -199,16 +199,6 @@ def add_parallel_args(parser):
     )
 
 
-def parallel_flags(args):
-    """SGLang flags for --tp-size / --dp-size; none for the one-GPU default (commands unchanged)."""
-    flags = []
-    for name in ("tp_size", "dp_size"):
-        value = getattr(args, name, 1)
-        if value != 1:
-            flags += ["--" + name.replace("_", "-"), str(value)]
-    return flags
-
-
 def parallel_settings(args):
     """{"tp_size": N, "dp_size": M} for a parallel run, {} for one GPU (so that results files
     written before these flags existed keep matching a default run)."""

@@ -37,7 +37,7 @@ Run from the repository root (on the GPU machine after `source .gpu/install.sh`)
     python -m benchmarks.serving --configs oscar --tp-size 2     # two GPUs, KV heads split
     python -m benchmarks.serving --configs fp8-flashinfer,oscar --tokenizer-worker-num 8
 
-The server tokenizes every prompt in its tokenizer process: one process takes ~0.13 s per
+The server tokenizes every prompt in its tokenizer process: one process takes 0.15-0.19 s per
 35K-token agent prompt (the development machine's CPU), so the H200 OSCAR server received the
 192 requests at ~6 per second, over 33 s, whatever its KV cache (its queue was empty while
 requests trickled in). --tokenizer-worker-num N gives every configuration's server N tokenizer
@@ -78,7 +78,6 @@ from benchmarks.common import (
     merge_results,
     now_iso,
     ordered_configs,
-    parallel_flags,
     parallel_settings,
     plot_panels,
     positive_int,
@@ -173,25 +172,33 @@ def running_cap(args):
     return concurrency(args) + 1
 
 
+# server flags that every configuration gets alike: settings key -> tag in the default results name
+SERVER_WIDE = {"tp_size": "tp", "dp_size": "dp", "tokenizer_worker_num": "tok"}
+
+
 def server_settings(args):
-    """The server flags that every configuration gets alike beyond the defaults, as settings:
-    tp_size / dp_size for a parallel run, tokenizer_worker_num when not 1; {} by default (so that
-    results files written before these flags existed keep matching a default run)."""
+    """The SERVER_WIDE flags beyond SGLang's defaults, as settings: tp_size / dp_size for a
+    parallel run, tokenizer_worker_num when not 1; {} by default (so that results files written
+    before these flags existed keep matching a default run)."""
     found = dict(parallel_settings(args))
     if args.tokenizer_worker_num != 1:
         found["tokenizer_worker_num"] = args.tokenizer_worker_num
     return found
 
 
+def server_flags(args):
+    """The SGLang flags of server_settings whose value is not the default 1."""
+    return [flag for key, value in server_settings(args).items() if value != 1
+            for flag in ("--" + key.replace("_", "-"), str(value))]
+
+
 def default_name(args):
     """Results file stem: serving-sp<system prompt>, plus -tp<N> / -dp<M> for a parallel run and
     -tok<N> for N tokenizer processes."""
     name = f"serving-sp{args.system_prompt_len}"
-    for key, value in parallel_settings(args).items():
+    for key, value in server_settings(args).items():
         if value != 1:
-            name += f"-{key.split('_')[0]}{value}"
-    if args.tokenizer_worker_num != 1:
-        name += f"-tok{args.tokenizer_worker_num}"
+            name += f"-{SERVER_WIDE[key]}{value}"
     return name
 
 
@@ -211,8 +218,7 @@ def server_command(config, args, model_path, port):
         # that many requests instead of capping them by --oscar-window-fraction
         "--max-running-requests", str(running_cap(args)),
         "--decode-log-interval", str(DECODE_LOG_INTERVAL),
-        *parallel_flags(args),
-        *(["--tokenizer-worker-num", str(args.tokenizer_worker_num)] if args.tokenizer_worker_num != 1 else []),
+        *server_flags(args),
         *kv_flags(config, args.oscar_rotations, args.oscar_args),
     ]  # fmt: skip
 
@@ -455,7 +461,7 @@ def notes(doc):
             f"in flight; --mem-fraction-static {s['mem_fraction_static']}."
         )
     ]
-    parallel = {key: s[key] for key in ("tp_size", "dp_size", "tokenizer_worker_num") if key in s}
+    parallel = {key: s[key] for key in SERVER_WIDE if key in s}
     if parallel:
         lines.append(
             "Every server: "

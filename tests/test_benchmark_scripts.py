@@ -162,7 +162,7 @@ def test_parallel_flags_reach_every_server_alike():
         # before the KV flags, so they stay last (and --oscar-args can still override)
         kv = common.kv_flags(config)
         assert cmd[-len(kv) - 4 :] == ["--tp-size", "2", "--dp-size", "4", *kv]
-    assert common.parallel_flags(serving.build_parser().parse_args(["--dp-size", "2"])) == ["--dp-size", "2"]
+    assert serving.server_flags(serving.build_parser().parse_args(["--dp-size", "2"])) == ["--dp-size", "2"]
     # the client is the same whatever the server's parallelism
     assert serving.bench_command(args, MODEL, 1, "/o") == serving.bench_command(default, MODEL, 1, "/o")
 
