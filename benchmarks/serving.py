@@ -18,7 +18,10 @@ the cache the client reads). Limits: each configuration (server start-up include
 a configuration that fails or runs out of time is recorded and the next one runs. Every server and client runs in its own process group
 with GPU_ENV set, and the group is stopped when its configuration ends, fails or times out, or
 when the benchmark is stopped (SIGTERM) or killed. The JSON and markdown are rewritten after
-each configuration, so a run cut off keeps the configurations it finished.
+each configuration, so a run cut off keeps the configurations it finished. A configuration cut
+off by its limit still gets a bound: its output tok/s is below the workload's output tokens over
+the time its measured run surely lasted by the server log (output_tok_s_at_most; the table shows
+"< bound" and the OSCAR ratio as "> ratio").
 
 Every server gets --max-running-requests = the client's concurrency + 1, so the KV pool, not a
 request cap, limits how many requests run: OSCAR reserves BF16 window rows for that many requests
@@ -55,6 +58,7 @@ GPU accumulates in one JSON file.
 """
 
 import argparse
+import datetime
 import re
 import shlex
 import sys
@@ -120,6 +124,13 @@ NEW_TOKEN_RE = re.compile(r"#new-token: (\d+)")
 # generated tokens / wall time since the previous decode log line (prefill batches in between
 # count as time): its highest value is the throughput of decode alone
 GEN_RE = re.compile(r"gen throughput \(token/s\): ([\d.]+)")
+# the log's time stamp, whole seconds: "[2026-12-02 15:50:43" (then " DP0 TP0]" or "]")
+LOG_TIME_RE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)")
+# uvicorn access-log lines: the client flushes the cache right before its measured run
+# (--flush-cache), then sends every request
+FLUSH_MARK = '"POST /flush_cache'
+REQUEST_MARK = '"POST /generate'
+BATCH_MARKS = ("Prefill batch", "Decode batch")
 KV_ALLOC_RE = re.compile(
     r"KV [Cc]ache (?:is )?allocated\. dtype: [^,]+, #tokens: \d+, "
     r"(?:K size: ([\d.]+) GB, V size: ([\d.]+) GB|KV size: ([\d.]+) GB)"
@@ -335,6 +346,32 @@ def parse_server_log(text):
     return stats
 
 
+def log_time(line):
+    """The time stamp of a server log line (datetime, whole seconds), None without one."""
+    match = LOG_TIME_RE.match(line)
+    return None if match is None else datetime.datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S")
+
+
+def measured_run_at_least_s(text):
+    """Seconds the client's measured run had surely lasted by the server log's last prefill or
+    decode batch: from the first request after the client's last cache flush, plus 1 s because
+    log times are whole seconds (the run starts before that request arrives), to that batch's
+    whole second. For a run cut off by its time limit, the workload's output tokens over this is
+    more than its output tok/s could have been. None without a flush followed by a request and a
+    batch."""
+    lines = text.splitlines()
+    flushes = [i for i, line in enumerate(lines) if FLUSH_MARK in line]
+    if not flushes:
+        return None
+    after = lines[flushes[-1]:]
+    first_request = next((log_time(line) for line in after if REQUEST_MARK in line), None)
+    batches = [log_time(line) for line in after if any(mark in line for mark in BATCH_MARKS)]
+    if first_request is None or not batches or batches[-1] is None:
+        return None
+    lasted = (batches[-1] - first_request).total_seconds() - 1.0
+    return lasted if lasted > 0 else None
+
+
 def serving_metrics(bench, server):
     """The figures compared across configurations, from the client result and the server log."""
     cache = bench.get("cache_report") or {}
@@ -355,6 +392,14 @@ def serving_metrics(bench, server):
         "cache_hit_rate_pct": cache.get("cache_hit_rate_pct"),
         "server_cached_tokens": server.get("cached_tokens"),
     }
+
+
+def output_tok_s_at_most(args, server_log_text):
+    """For a run cut off by its time limit: the workload's output tokens over the seconds its
+    measured run surely lasted (measured_run_at_least_s), a bound its output tok/s is below;
+    None if the log does not show how long it ran."""
+    lasted = measured_run_at_least_s(server_log_text)
+    return None if lasted is None else round(num_requests(args) * args.output_len / lasted, 1)
 
 
 def run_config(config, args, model_path, logs_dir, timeout=None):
@@ -403,14 +448,40 @@ def run_config(config, args, model_path, logs_dir, timeout=None):
             record["error"] = str(exc)
         record["server_log_tail"] = log_tail(server_log)
         record["bench_log_tail"] = log_tail(bench_log)
-    server = parse_server_log(server_log.read_text(errors="replace")) if server_log.is_file() else {}
+    log_text = server_log.read_text(errors="replace") if server_log.is_file() else ""
+    server = parse_server_log(log_text)
     record.update(
         elapsed_s=round(time.monotonic() - start, 1),
         metrics=serving_metrics(bench, server),
         server=server,
         bench=bench,
     )
+    if record["status"] == "timeout":
+        record["metrics"]["output_tok_s_at_most"] = output_tok_s_at_most(args, log_text)
     return record
+
+
+def metric_cell(metrics, key):
+    """A table cell: the metric, or "< bound" for the output tok/s of a run cut off by its time
+    limit (output_tok_s_at_most)."""
+    bound = metrics.get("output_tok_s_at_most") if key == "output_tok_s" else None
+    value = metrics.get(key)
+    return f"< {bound:.1f}" if value is None and bound is not None else value
+
+
+def ratio_cell(ours, base, key):
+    """OSCAR / FP8-FlashInfer of one metric; where one side's output tok/s is only bounded
+    (a run cut off by its time limit), the ratio is bounded the same way ("> 4.84x")."""
+    r = ratio(ours.get(key), base.get(key))
+    if r is not None:
+        return f"{r:.2f}x"
+    if key != "output_tok_s":
+        return None
+    above = ratio(ours.get(key), base.get("output_tok_s_at_most"))
+    below = ratio(ours.get("output_tok_s_at_most"), base.get(key))
+    if above is not None:
+        return f"> {above:.2f}x"
+    return None if below is None else f"< {below:.2f}x"
 
 
 def table(doc):
@@ -420,11 +491,10 @@ def table(doc):
     for name in ordered_configs(configs):
         record = configs[name]
         label = name if record["status"] == "ok" else f"{name} ({record['status']})"
-        rows.append([label, *(record["metrics"].get(key) for key, _ in METRICS)])
+        rows.append([label, *(metric_cell(record["metrics"], key) for key, _ in METRICS)])
     if OSCAR in configs and BASELINE in configs:
         ours, base = configs[OSCAR]["metrics"], configs[BASELINE]["metrics"]
-        ratios = [ratio(ours.get(key), base.get(key)) for key, _ in METRICS]
-        rows.append([f"{OSCAR} / {BASELINE}", *(None if r is None else f"{r:.2f}x" for r in ratios)])
+        rows.append([f"{OSCAR} / {BASELINE}", *(ratio_cell(ours, base, key) for key, _ in METRICS)])
     return markdown_table(["config", *(header for _, header in METRICS)], rows)
 
 

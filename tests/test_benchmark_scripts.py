@@ -502,6 +502,52 @@ def test_serving_table_has_the_oscar_ratio_row():
     assert "| 4.00x |" in lines[5]
 
 
+# A run cut off by its limit (sglang 0.5.17 formats): the client's warm-up request, its cache
+# flush, the measured run's requests, and batches until the server was stopped.
+CUT_OFF_LOG = """\
+[2026-12-02 15:50:20] INFO:     127.0.0.1:1 - "POST /generate HTTP/1.1" 200 OK
+[2026-12-02 15:50:29] Prefill batch, #new-seq: 1, #new-token: 8192, #cached-token: 0, token usage: 0.06, #running-req: 0, #queue-req: 0, #pending-token: 0, cuda graph: False, input throughput (token/s): 499.65
+[2026-12-02 15:50:43] Cache flushed successfully!
+[2026-12-02 15:50:43] INFO:     127.0.0.1:2 - "POST /flush_cache HTTP/1.1" 200 OK
+[2026-12-02 15:50:44 DP0] INFO:     127.0.0.1:3 - "POST /generate HTTP/1.1" 200 OK
+[2026-12-02 15:50:45] INFO:     127.0.0.1:4 - "POST /generate HTTP/1.1" 200 OK
+[2026-12-02 15:51:13] Decode batch, #running-req: 2, #token: 215352, token usage: 0.74, cuda graph: True, gen throughput (token/s): 165.98, #queue-req: 62
+[2026-12-02 15:56:44] Prefill batch, #new-seq: 1, #new-token: 8192, #cached-token: 0, token usage: 0.34, #running-req: 1, #queue-req: 25, #pending-token: 0, cuda graph: False, input throughput (token/s): 4424.14
+[2026-12-02 15:56:48] INFO:     Stopping parent process [4726]
+"""
+
+
+def test_measured_run_at_least_counts_from_the_first_request_after_the_flush():
+    # 15:50:44 (first request after the flush) + 1 s -> 15:56:44 (last batch)
+    assert serving.measured_run_at_least_s(CUT_OFF_LOG) == 359.0
+    no_flush = "".join(line + "\n" for line in CUT_OFF_LOG.splitlines() if "flush" not in line)
+    assert serving.measured_run_at_least_s(no_flush) is None
+    no_batch_after = "".join(line + "\n" for line in CUT_OFF_LOG.splitlines()[:6])
+    assert serving.measured_run_at_least_s(no_batch_after) is None
+    assert serving.log_time("[2026-12-02 15:50:44 DP0 TP0] x").second == 44
+    assert serving.log_time("Stopping") is None
+
+
+def test_cut_off_run_gets_an_output_bound_and_a_bounded_ratio():
+    args = serving.build_parser().parse_args(["--num-groups", "4", "--prompts-per-group", "16"])
+    bound = serving.output_tok_s_at_most(args, CUT_OFF_LOG)
+    assert bound == round(64 * 512 / 359.0, 1)
+    assert serving.output_tok_s_at_most(args, "") is None
+    doc = {
+        "configs": {
+            "oscar": _serving_record("ok", output_tok_s=443.1, kv_pool_tokens=920_853),
+            "fp8-flashinfer": _serving_record("timeout", output_tok_s_at_most=bound, kv_pool_tokens=292_782),
+        }
+    }
+    lines = serving.table(doc).splitlines()
+    assert lines[2].startswith(f"| fp8-flashinfer (timeout) | < {bound:.1f} | — |")
+    assert lines[4].startswith(f"| oscar / fp8-flashinfer | > {443.1 / bound:.2f}x | — |")
+    assert "| 3.15x |" in lines[4]  # other columns keep plain ratios
+    doc["configs"]["oscar"] = _serving_record("timeout", output_tok_s_at_most=100.0)
+    doc["configs"]["fp8-flashinfer"] = _serving_record("ok", output_tok_s=50.0)
+    assert serving.table(doc).splitlines()[4].startswith("| oscar / fp8-flashinfer | < 2.00x |")
+
+
 def _latency_doc():
     def point(batch, context, status="ok", latency_s=None):
         p = {"batch_size": batch, "input_len": context, "status": status}
@@ -1184,6 +1230,21 @@ def test_serving_timeout_is_recorded_and_the_server_stopped(tmp_path, monkeypatc
     assert time.monotonic() - start < 20
     assert record["status"] == "timeout" and "did not answer within 3 s" in record["error"]
     assert "loading" in record["server_log_tail"] and record["timeout_s"] == 3
+    assert record["metrics"]["output_tok_s_at_most"] is None  # the log shows no measured run
+
+
+def test_serving_client_cut_off_by_the_limit_gets_the_bound_from_the_server_log(tmp_path, monkeypatch):
+    _fake_serving(monkeypatch)
+    monkeypatch.setattr(
+        serving,
+        "server_command",
+        lambda config, args, model_path, port: [sys.executable, "-c", FAKE_SERVER, str(port), CUT_OFF_LOG],
+    )
+    monkeypatch.setattr(serving, "bench_command", lambda args, model_path, port, out: ["sleep", "60"])
+    args = serving.build_parser().parse_args([])
+    record = serving.run_config("fp8-flashinfer", args, MODEL, tmp_path, timeout=4)
+    assert record["status"] == "timeout" and "benchmark client did not finish" in record["error"]
+    assert record["metrics"]["output_tok_s_at_most"] == round(64 * 512 / 359.0, 1)
 
 
 def test_serving_markdown_names_the_workload_and_flags(tmp_path, monkeypatch):
