@@ -461,6 +461,11 @@ def run_config(config, args, model_path, logs_dir, timeout=None):
     return record
 
 
+def config_label(name, record):
+    """A configuration's name, with its status unless it finished ("oscar (timeout)")."""
+    return name if record["status"] == "ok" else f"{name} ({record['status']})"
+
+
 def metric_cell(metrics, key):
     """A table cell: the metric, or "< bound" for the output tok/s of a run cut off by its time
     limit (output_tok_s_at_most)."""
@@ -490,8 +495,7 @@ def table(doc):
     rows = []
     for name in ordered_configs(configs):
         record = configs[name]
-        label = name if record["status"] == "ok" else f"{name} ({record['status']})"
-        rows.append([label, *(metric_cell(record["metrics"], key) for key, _ in METRICS)])
+        rows.append([config_label(name, record), *(metric_cell(record["metrics"], key) for key, _ in METRICS)])
     if OSCAR in configs and BASELINE in configs:
         ours, base = configs[OSCAR]["metrics"], configs[BASELINE]["metrics"]
         rows.append([f"{OSCAR} / {BASELINE}", *(ratio_cell(ours, base, key) for key, _ in METRICS)])
@@ -499,18 +503,21 @@ def table(doc):
 
 
 def plot(doc, path):
-    """One bar panel per metric, a bar per configuration."""
+    """One bar panel per metric, a bar per configuration; a run cut off by its time limit shows
+    its output tok/s bound (output_tok_s_at_most), and the panel says so."""
     configs = doc["configs"]
-    names = ordered_configs(configs)
-    panels = [
-        {
-            "title": header,
-            "ylabel": header,
-            "groups": [""],
-            "series": {name: [configs[name]["metrics"].get(key)] for name in names},
-        }
-        for key, header in METRICS
-    ]
+    labels = {name: config_label(name, configs[name]) for name in ordered_configs(configs)}
+    panels = []
+    for key, header in METRICS:
+        series, bounded = {}, False
+        for name, label in labels.items():
+            metrics = configs[name]["metrics"]
+            value = metrics.get(key)
+            if value is None and key == "output_tok_s" and metrics.get("output_tok_s_at_most") is not None:
+                value, bounded = metrics["output_tok_s_at_most"], True
+            series[label] = [value]
+        title = f"{header} (cut-off runs: upper bound)" if bounded else header
+        panels.append({"title": title, "ylabel": header, "groups": [""], "series": series})
     s = doc["settings"]
     title = (
         f"{s['model']}: {s['num_groups']} groups x {s['prompts_per_group']} requests, "

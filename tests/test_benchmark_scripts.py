@@ -617,6 +617,22 @@ def test_plots_are_written(tmp_path):
     assert (tmp_path / "latency.png").stat().st_size > 0 and (tmp_path / "serving.png").stat().st_size > 0
 
 
+def test_serving_plot_shows_a_cut_off_run_by_its_bound(monkeypatch):
+    drawn = {}
+    monkeypatch.setattr(serving, "plot_panels", lambda path, title, panels: drawn.setdefault("panels", panels))
+    doc = {
+        "settings": {"model": "m", "num_groups": 4, "prompts_per_group": 16, "system_prompt_len": 100000,
+                     "question_len": 1024, "output_len": 512},
+        "configs": {"oscar": _serving_record("ok", output_tok_s=443.1, requests_s=0.9),
+                    "fp8-flashinfer": _serving_record("timeout", output_tok_s_at_most=91.3)},
+    }  # fmt: skip
+    serving.plot(doc, "unused.png")
+    output, requests = drawn["panels"][0], drawn["panels"][2]
+    assert output["title"] == "output tok/s (cut-off runs: upper bound)"
+    assert output["series"] == {"fp8-flashinfer (timeout)": [91.3], "oscar": [443.1]}
+    assert requests["title"] == "req/s" and requests["series"]["fp8-flashinfer (timeout)"] == [None]
+
+
 # ---------------------------------------------------------------------------- model folder, processes
 
 
