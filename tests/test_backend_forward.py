@@ -155,3 +155,45 @@ def test_start_up_compile_launch_leaves_the_pool_unchanged():
     backend.compile_extend_kernels(torch.bfloat16)
     after = [t for i in range(LAYERS) for t in pool.layer(i).attention_buffers]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_mixed_batch_gives_a_decoding_request_its_decode_output():
+    """SGLang's --enable-mixed-chunk runs decoding requests inside a prefill batch: forward_extend
+    with one new token over the request's whole cached sequence. Request 1's token there gets
+    the output the decode path gives the same q, k, v (both read the sinks and recent positions
+    from the BF16 window rows), request 2's chunk next to it matches the reference path, and the
+    pool holds both requests' positions as the format says."""
+    chunk = 5
+    mixed, decoded = {}, []
+    for reference in (False, True):
+        pool, backend, prompt_slots, new_slots, _, (_, prefill_keys) = prefill_two_requests(
+            reference, requests=3, decode_slots=1 + chunk, seed=4)
+        first, second = prompt_slots.split(LENS)
+        gen = torch.Generator().manual_seed(5)
+        qkv = [[torch.randn(1 + chunk, heads * FMT.head_dim, generator=gen).bfloat16()
+                for heads in (KV_HEADS * GQA, KV_HEADS, KV_HEADS)] for _ in range(LAYERS)]
+        backend.forward_metadata = SimpleNamespace(qo_indptr=indptr([1, chunk]), kv_indptr=indptr(LENS),
+                                                   kv_indices=torch.cat([first, second]))
+        batch = SimpleNamespace(
+            req_pool_indices=torch.tensor([1, 2]), positions=torch.cat([torch.tensor(LENS[:1]),
+                                                                         torch.arange(LENS[1], LENS[1] + chunk)]),
+            seq_lens=torch.tensor([LENS[0] + 1, LENS[1] + chunk]), out_cache_loc=new_slots,
+            extend_seq_lens=torch.tensor([1, chunk]), extend_prefix_lens_cpu=LENS, extend_seq_lens_cpu=[1, chunk])
+        mixed[reference] = [backend.forward_extend(q, k, v, layer(i), batch) for i, (q, k, v) in enumerate(qkv)]
+        for b, (slots, idx) in enumerate(((torch.cat([first, new_slots[:1]]), 1),
+                                          (torch.cat([second, new_slots[1:]]), 2))):
+            new = slice(0, 1) if b == 0 else slice(1, 1 + chunk)
+            keys = [torch.cat([pk.split(LENS)[b], k[new].view(-1, KV_HEADS, FMT.head_dim)])
+                    for pk, (_, k, _) in zip(prefill_keys, qkv)]
+            assert_pool_holds(pool, keys, slots, idx)
+        if not reference:  # the same token of request 1 through the decode path, on a fresh pool
+            pool, backend, *_ = prefill_two_requests(False, requests=3, decode_slots=1 + chunk, seed=4)
+            backend.forward_metadata = SimpleNamespace(kv_indptr=indptr([LENS[0] + 1]),
+                                                       kv_indices=torch.cat([first, new_slots[:1]]))
+            decode = SimpleNamespace(req_pool_indices=torch.tensor([1]), positions=torch.tensor(LENS[:1]),
+                                     seq_lens=torch.tensor([LENS[0] + 1]), out_cache_loc=new_slots[:1])
+            decoded = [backend.forward_decode(q[:1], k[:1], v[:1], layer(i), decode) for i, (q, k, v) in enumerate(qkv)]
+    for got, expected, single in zip(mixed[False], mixed[True], decoded):
+        assert torch.isfinite(got).all()
+        assert_matches(got, expected.float(), torch.bfloat16)
+        assert_matches(got[:1], single.float(), torch.bfloat16)
