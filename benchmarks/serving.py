@@ -162,7 +162,7 @@ def build_parser():
     )
     parser.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
     parser.add_argument(
-        "--name", help="results file stem (default: serving-sp<system-prompt-len>[-tp<N>][-dp<M>])"
+        "--name", help="results file stem (default: serving-sp<system-prompt-len>[-tp<N>][-dp<M>][-tok<K>])"
     )
     return parser
 
