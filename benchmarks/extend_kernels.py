@@ -1,9 +1,9 @@
 """Extend (chunked-prefill) attention microbenchmark for one Qwen3-8B layer (H_q 32, H_kv 8,
-D 128): OSCAR-2's `extend_attention_int2` (prefix dequantized from INT2, then attended) against
-SGLang's Triton extend kernel on a BF16 cache and FlashInfer as SGLang's FlashInfer backend runs
-it on an FP8 or BF16 cache, plus a sweep of the OSCAR kernels' tile sizes. oscar-dequant-
-flashinfer times the alternative to OSCAR's attention kernel: the same dequantization
-(`extend.dequantize_prefix`), then FlashInfer's ragged prefill over the prefix scratch.
+D 128): OSCAR-2's `extend_attention_int2` (prefix gathered from INT2 into a 16-bit scratch, then
+attended) as the backend runs it on CUDA (oscar-flashinfer: FlashInfer's ragged prefill over the
+scratch) and with the module's Triton attention kernel (oscar-triton-<variant>, a sweep of its
+tile sizes), against SGLang's Triton extend kernel on a BF16 cache and, with --flashinfer,
+FlashInfer as SGLang's FlashInfer backend runs it on an FP8 or BF16 cache.
 
 FlashInfer methods (`--flashinfer`) follow SGLang 0.5.17's `FlashInferAttnBackend.forward_extend`:
 the chunk's own K/V by causal ragged attention (backend "auto"), the cached prefix by
@@ -13,8 +13,8 @@ ragged call alone.
 A point is (batch, prefix, chunk): `batch` requests each with `prefix` cached tokens (shuffled
 pages, random codes: no kernel here has data-dependent control flow) and a new chunk of `chunk`
 tokens, causal. Reported: the median time (triton.testing.do_bench over a CUDA-graph replay)
-and TFLOP/s counted as 4·D·H_q per visible (query, key) pair. Every tile variant's output is
-compared with the default's, so a variant that computes something else is flagged.
+and TFLOP/s counted as 4·D·H_q per visible (query, key) pair. Every OSCAR method's output is
+compared with the first Triton variant's, so one that computes something else is flagged.
 
     python -m benchmarks.extend_kernels --out-dir benchmarks/results/h100
     python -m benchmarks.extend_kernels --variants default --flashinfer --points 8x32768x1024
@@ -43,8 +43,8 @@ VARIANTS = {
     "m64": {"BLOCK_M": 64},
     "n32": {"BLOCK_N": 32},
     "w4": {"NUM_WARPS": 4},
-    # the dequantization kernel spills at 4 warps (255 registers) and not at 8 (kernel_resources.py)
-    "dequant_w8": {"DEQUANT_WARPS": 8},
+    # the gather kernel spilled at 4 warps (255 registers) and not at 8 (kernel_resources.py)
+    "gather_w8": {"GATHER_WARPS": 8},
     # 128-key tiles: 20 % fewer loop instructions per key and wider warpgroup MMAs at 255
     # registers, 224 KiB of shared memory at 3 stages, 160 KiB at 2 (kernel_resources.py)
     "s2": {"NUM_STAGES": 2},
@@ -65,7 +65,7 @@ def build_parser():
     parser.add_argument("--variants", default=",".join(VARIANTS), help="subset of %(default)s")
     parser.add_argument("--rep-ms", type=int, default=200, help="do_bench time per point (default: %(default)s)")
     parser.add_argument("--flashinfer", action="store_true",
-                        help="also time FlashInfer on FP8 / BF16 caches and OSCAR's dequantization + FlashInfer")
+                        help="also time SGLang's FlashInfer extend on FP8 / BF16 caches")
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_RESULTS_DIR)
     return parser
 
@@ -88,12 +88,22 @@ def causal_tflop(batch, prefix, chunk):
     return 4 * D * Q_HEADS * batch * (chunk * prefix + chunk * (chunk + 1) / 2) / 1e12
 
 
-def bench_oscar(problem, prefix, chunk, rep_ms, overrides):
-    """(µs, output) of extend_attention_int2 with the given tile constants."""
+def bench_oscar(problem, prefix, chunk, rep_ms, overrides, flashinfer=None):
+    """(µs, output) of extend_attention_int2 with the given tile constants and FlashInfer
+    wrapper (None: the Triton attention kernel)."""
     out = torch.empty_like(problem[0])
     with module_constants(ek, overrides):
-        us, _ = median_us(lambda: ek.extend_attention_int2(*problem, max_extend_len=chunk, max_prefix_len=prefix, out=out), rep_ms)
+        us, _ = median_us(lambda: ek.extend_attention_int2(*problem, max_extend_len=chunk, max_prefix_len=prefix,
+                                                           out=out, flashinfer=flashinfer), rep_ms)
     return us, out
+
+
+def bench_oscar_flashinfer(problem, batch, prefix, chunk, rep_ms):
+    """(µs, output) of extend_attention_int2 through FlashInfer, planned as the backend plans it."""
+    workspace = torch.empty(FLASHINFER_WORKSPACE_BYTES, dtype=torch.uint8, device="cuda")
+    wrapper = ek.plan_flashinfer_extend(ek.flashinfer_extend_wrapper(workspace), [chunk] * batch, [prefix] * batch,
+                                        Q_HEADS, KV_HEADS, D, problem[15], problem[0].dtype)
+    return bench_oscar(problem, prefix, chunk, rep_ms, {}, wrapper)
 
 
 def bench_sglang_bf16(problem, chunk, rep_ms):
@@ -161,29 +171,6 @@ def bench_flashinfer_cache(problem, prefix, rep_ms, kv_dtype):
     return median_us(extend, rep_ms)[0]
 
 
-def bench_oscar_dequant_flashinfer(problem, prefix, rep_ms):
-    """(µs, output) of `extend.dequantize_prefix` followed by FlashInfer: causal ragged attention
-    over the chunk, non-causal ragged attention over the prefix scratch, states merged."""
-    import flashinfer
-
-    q, k, v, qo_indptr, kv_indptr, slots = problem[:6]
-    pool, fmt = problem[6:15], problem[16]
-    ragged_new = flashinfer_ragged(qo_indptr, qo_indptr, True, q.dtype)
-    if prefix == 0:
-        return median_us(lambda: ragged_new.run(q, k, v), rep_ms)[0], ragged_new.run(q, k, v)
-    ragged_prefix = flashinfer_ragged(qo_indptr, kv_indptr, False, q.dtype)
-    result = {}
-
-    def extend():
-        prefix_kv = ek.dequantize_prefix(qo_indptr, kv_indptr, slots, *pool, fmt, prefix, q.dtype)
-        o_new, lse_new = ragged_new.run(q, k, v, return_lse=True)
-        o_pre, lse_pre = ragged_prefix.run(q, prefix_kv[0], prefix_kv[1], return_lse=True)
-        result["out"] = flashinfer.merge_state(o_new, lse_new, o_pre, lse_pre)[0]
-
-    us = median_us(extend, rep_ms)[0]
-    return us, result["out"]  # the last call's output (a CUDA-graph replay writes the captured tensor)
-
-
 def timed(record, name, bench, reference):
     """record["methods"][name] = {"us", "tflops"} from bench() -> µs or (µs, output), or {"error"}
     if it raised; an output is compared with `reference` (the first OSCAR variant's) when given.
@@ -203,23 +190,22 @@ def timed(record, name, bench, reference):
 
 
 def run_point(point, variants, rep_ms, flashinfer):
-    """One point: every OSCAR tile variant, SGLang's Triton kernel on a BF16 cache and, with
-    `flashinfer`, the FlashInfer methods."""
+    """One point: OSCAR through FlashInfer and every Triton tile variant, SGLang's Triton kernel on
+    a BF16 cache and, with `flashinfer`, SGLang's FlashInfer on FP8 and BF16 caches."""
     batch, prefix, chunk = point
     problem = make_extend_problem(*point)
     record = {"batch": batch, "prefix": prefix, "chunk": chunk, "tflop": causal_tflop(*point), "methods": {}}
     reference = None
     for name in variants:
-        out = timed(record, f"oscar-{name}", lambda: bench_oscar(problem, prefix, chunk, rep_ms, VARIANTS[name]),
-                    reference)
+        out = timed(record, f"oscar-triton-{name}",
+                    lambda: bench_oscar(problem, prefix, chunk, rep_ms, VARIANTS[name]), reference)
         if reference is None and out is not None:
             reference = out.float()
+    timed(record, "oscar-flashinfer", lambda: bench_oscar_flashinfer(problem, batch, prefix, chunk, rep_ms), reference)
     timed(record, "sglang-triton-bf16", lambda: bench_sglang_bf16(problem, chunk, rep_ms), None)
     if flashinfer:
         for name, kv_dtype in FLASHINFER_CACHES.items():
             timed(record, name, lambda: bench_flashinfer_cache(problem, prefix, rep_ms, kv_dtype), None)
-        timed(record, "oscar-dequant-flashinfer", lambda: bench_oscar_dequant_flashinfer(problem, prefix, rep_ms),
-              reference)
     release()
     return record
 
@@ -245,9 +231,9 @@ def main(argv=None):
     if unknown:
         sys.exit(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
     points = [run_point(point, variants, args.rep_ms, args.flashinfer) for point in args.points]
-    methods = [f"oscar-{v}" for v in variants] + ["sglang-triton-bf16"]
+    methods = ["oscar-flashinfer"] + [f"oscar-triton-{v}" for v in variants] + ["sglang-triton-bf16"]
     if args.flashinfer:
-        methods += [*FLASHINFER_CACHES, "oscar-dequant-flashinfer"]
+        methods += [*FLASHINFER_CACHES]
     print(table(points, methods))
     gpu = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
     args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,22 +1,25 @@
-"""Triton extend (chunked-prefill) attention over the packed OSCAR-2 cache, in two launches.
+"""Extend (chunked-prefill) attention over the packed OSCAR-2 cache, in two launches.
 
-1. `_dequantize_prefix_kernel` expands each request's cached prefix, for this chunk, into a
-   model-space BF16/FP16 scratch [Σ prefix, H_kv, D] (K and V): positions the chunk reads from
-   the window rows (the sinks and, with L = prefix + chunk, positions >= L - W) come from the
-   request's BF16 rows, the others from INT2 codes; both are rotated back (· Rᵀ) there.
-2. `_extend_attention_kernel` is plain flash attention: program (i, h, b) handles BLOCK_M query
-   rows of request b, (token, query head) pairs of KV head h's GQA group, so every K/V tile is
-   loaded once for the whole group. Query tiles are the grid's fastest dimension: the tiles of
-   one request and KV head run side by side and stream the same prefix tiles, which they can
-   share through L2 instead of each reading them from memory. One online softmax runs over the
-   prefix scratch and then, causally, over the new chunk (k_new, v_new). The chunk's rows that
-   hold a NaN or Inf count as zeros, as the pool stores them: they are zeroed once before the
-   launch, not in every query tile that reads them.
+1. `_gather_kv_kernel` builds a model-space BF16/FP16 K/V scratch [Σ (prefix + chunk), H_kv, D]
+   holding, for request b from row scratch_indptr[b] = kv_indptr[b] + qo_indptr[b], its cached
+   prefix and then its new chunk. Prefix positions the chunk reads from the window rows (the
+   sinks and, with L = prefix + chunk, positions >= L - W) come from the request's BF16 rows,
+   the others from INT2 codes; both are rotated back (· Rᵀ) there. The chunk's rows that hold a
+   NaN or Inf become zeros, as the pool stores them.
+2. Causal attention of the chunk's queries over the scratch, the mask aligned to each
+   request's last key (query t of a chunk sees keys [0, prefix + t]): on CUDA, FlashInfer's
+   ragged prefill (its FA3 kernels on sm90: 489 against 377 TFLOP/s for this module's kernel
+   at 8 requests × 35,840 cached × 1,024 new tokens on the H200,
+   benchmarks/results/h200/extend_kernels_nvidia-h200.json); otherwise, and where a request's
+   result must not depend on its batch, `_extend_attention_kernel`: program (i, h, b) handles
+   BLOCK_M query rows of request b, (token, query head) pairs of KV head h's GQA group, so
+   every K/V tile is loaded once for the whole group, with one online softmax over the prefix
+   and then, causally, over the chunk.
 
-Dequantizing once per chunk costs O(prefix) next to the attention's O(prefix · chunk), and lets
-the attention loop run at 16-bit tensor-core speed instead of unpacking codes for every query
-tile. The scratch needs 2 · H_kv · D · 2 bytes per prefix token of the batch (Qwen3-8B: 4 KiB);
-callers bound it by splitting large batches. Grids depend on shapes and host ints only.
+Gathering once per chunk costs O(prefix + chunk) next to the attention's O(prefix · chunk), and
+lets the attention loop run at 16-bit tensor-core speed instead of unpacking codes for every
+query tile. The scratch needs 2 · H_kv · D · 2 bytes per token (Qwen3-8B: 4 KiB); callers bound
+it by splitting large batches. Grids depend on shapes and host ints only.
 """
 
 import torch
@@ -28,11 +31,11 @@ from .format import CODE_BITS, CODE_MAX, OscarFormat
 from .tiles import nonzero, online_softmax, unrotate
 
 BLOCK_M = 128  # query rows ((token, head) pairs) per attention program
-BLOCK_N = 64  # keys per attention tile (128: variants n128* of benchmarks/extend_kernels, untimed)
+BLOCK_N = 64  # keys per attention tile (128, variant n128 of benchmarks/extend_kernels: 2 % faster on the H200)
 NUM_WARPS = 8
 NUM_STAGES = 3  # software-pipelined K/V tiles of the attention loop (Triton's default on CUDA)
-DEQUANT_BLOCK_T = 64  # prefix positions per dequantization program
-DEQUANT_WARPS = 4
+GATHER_BLOCK_T = 64  # prefix + chunk positions per gather program
+GATHER_WARPS = 4
 
 
 # ----------------------------------------------------------------------------- 1. dequantize
@@ -58,24 +61,31 @@ def _prefix_quarter(
 # Index arrays reach the kernels as slices (a batch split into scratch-bounded groups): their
 # alignment varies from launch to launch, and specializing on it compiled new variants mid-serving.
 @triton.jit(do_not_specialize_on_alignment=["qo_indptr_ptr", "kv_indptr_ptr", "kv_indices_ptr", "window_starts_ptr"])
-def _dequantize_prefix_kernel(
+def _gather_kv_kernel(
     qo_indptr_ptr, kv_indptr_ptr, kv_indices_ptr, window_starts_ptr,
+    new_ptr, stride_nt, stride_nh,
     codes_ptr, stride_cs, stride_ch, meta_ptr, stride_ms, stride_mh,
     win_ptr, stride_ws, stride_wh, rot_ptr, stride_rh,
     out_ptr, stride_ot, stride_oh,
     D: tl.constexpr, G: tl.constexpr, S: tl.constexpr, W: tl.constexpr, BLOCK_T: tl.constexpr,
     CODE_BITS: tl.constexpr, CODE_MAX: tl.constexpr,
 ):
-    """Program (b, i, h): prefix positions [i·BLOCK_T, (i+1)·BLOCK_T) of request b, KV head h,
-    of one of K / V -> out[kv_indptr[b] + position, h] in the model's space and out's dtype."""
+    """Program (b, i, h): positions [i·BLOCK_T, (i+1)·BLOCK_T) of request b's prefix + chunk,
+    KV head h, of one of K / V -> out[kv_indptr[b] + qo_indptr[b] + position, h] in the model's
+    space and out's dtype; new_ptr: that one's new rows [N, H_kv, D]."""
     P: tl.constexpr = D // 4
     b = tl.program_id(0)
     hk = tl.program_id(2)
     kv_lo = tl.load(kv_indptr_ptr + b)
     prefix = tl.load(kv_indptr_ptr + b + 1) - kv_lo
-    pos = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    if tl.program_id(1) * BLOCK_T < prefix:
-        length = prefix + tl.load(qo_indptr_ptr + b + 1) - tl.load(qo_indptr_ptr + b)
+    q_lo = tl.load(qo_indptr_ptr + b)
+    chunk = tl.load(qo_indptr_ptr + b + 1) - q_lo
+    pos0 = tl.program_id(1) * BLOCK_T
+    pos = pos0 + tl.arange(0, BLOCK_T)
+    dims = tl.arange(0, D)
+    out_rows = out_ptr + (kv_lo + q_lo + pos).to(tl.int64)[:, None] * stride_ot + hk * stride_oh + dims[None, :]
+    if pos0 < prefix:
+        length = prefix + chunk
         start = tl.minimum(S, length)
         end = tl.maximum(start, length - W)
         valid = pos < prefix
@@ -91,9 +101,13 @@ def _dequantize_prefix_kernel(
         x2 = _prefix_quarter(2, byte, from_window, slot, valid, meta, stride_ms, win, row, stride_ws, P, G, CODE_BITS, CODE_MAX)
         x3 = _prefix_quarter(3, byte, from_window, slot, valid, meta, stride_ms, win, row, stride_ws, P, G, CODE_BITS, CODE_MAX)
         x = unrotate(x0, x1, x2, x3, rot_ptr + hk * stride_rh, D, P)
-        dims = tl.arange(0, D)
-        tl.store(out_ptr + (kv_lo + pos).to(tl.int64)[:, None] * stride_ot + hk * stride_oh + dims[None, :],
-                 x.to(out_ptr.dtype.element_ty), mask=valid[:, None])
+        tl.store(out_rows, x.to(out_ptr.dtype.element_ty), mask=valid[:, None])
+    if pos0 + BLOCK_T > prefix and pos0 < prefix + chunk:
+        new = (pos >= prefix) & (pos < prefix + chunk)
+        x = tl.load(new_ptr + (q_lo + pos - prefix).to(tl.int64)[:, None] * stride_nt + hk * stride_nh + dims[None, :],
+                    mask=new[:, None], other=0.0).to(tl.float32)
+        finite = tl.min(((x - x) == 0).to(tl.int32), axis=1) == 1  # x - x is NaN for NaN and ±Inf
+        tl.store(out_rows, tl.where(finite[:, None], x, 0.0).to(out_ptr.dtype.element_ty), mask=new[:, None])
 
 
 # ----------------------------------------------------------------------------- 2. attention
@@ -135,13 +149,13 @@ def _attend_tile(q, m_i, l_i, acc, k_ptrs, v_ptrs, key_ok, visible, qk_scale, NA
 @triton.jit(do_not_specialize_on_alignment=["qo_indptr_ptr", "kv_indptr_ptr"])
 def _extend_attention_kernel(
     q_ptr, stride_qt, stride_qh,
-    k_new_ptr, v_new_ptr, stride_knt, stride_knh, stride_vnt, stride_vnh,
-    k_pre_ptr, v_pre_ptr, stride_pt, stride_ph,
+    k_ptr, v_ptr, stride_kt, stride_kh,
     qo_indptr_ptr, kv_indptr_ptr,
     out_ptr, stride_ot, stride_oh, qk_scale,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     NATIVE_DOT: tl.constexpr,
 ):
+    """k_ptr, v_ptr: the gathered scratch (launch 1), request b's prefix and then its chunk."""
     TOKENS: tl.constexpr = BLOCK_M // GROUP  # chunk tokens per program
     tok0 = tl.program_id(0) * TOKENS
     hk = tl.program_id(1)
@@ -162,34 +176,32 @@ def _extend_attention_kernel(
 
         kv_lo = tl.load(kv_indptr_ptr + b)
         prefix = tl.load(kv_indptr_ptr + b + 1) - kv_lo
+        first = kv_lo + q_lo  # the request's first scratch row
         # the whole cached prefix is visible: whole tiles without predicates, then the rest
         full = prefix // BLOCK_N * BLOCK_N
         for j0 in tl.range(0, full, BLOCK_N):
-            key = (kv_lo + j0 + tl.arange(0, BLOCK_N)).to(tl.int64)[:, None] * stride_pt + hk * stride_ph + dims[None, :]
-            m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, k_pre_ptr + key, v_pre_ptr + key, None, None, qk_scale,
+            key = (first + j0 + tl.arange(0, BLOCK_N)).to(tl.int64)[:, None] * stride_kt + hk * stride_kh + dims[None, :]
+            m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, k_ptr + key, v_ptr + key, None, None, qk_scale,
                                          NATIVE_DOT, False)
         if full < prefix:
             j = full + tl.arange(0, BLOCK_N)
-            key = (kv_lo + j).to(tl.int64)[:, None] * stride_pt + hk * stride_ph + dims[None, :]
-            m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, k_pre_ptr + key, v_pre_ptr + key, (j < prefix)[:, None],
+            key = (first + j).to(tl.int64)[:, None] * stride_kt + hk * stride_kh + dims[None, :]
+            m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, k_ptr + key, v_ptr + key, (j < prefix)[:, None],
                                          (j < prefix)[None, :], qk_scale, NATIVE_DOT, True)
         # token t sees chunk keys [0, t]: whole tiles below this program's first token, then the
         # tiles its tokens see in part
+        chunk_first = first + prefix
         below = tl.minimum(tok0 + 1, n) // BLOCK_N * BLOCK_N
         for j0 in tl.range(0, below, BLOCK_N):
-            key = (q_lo + j0 + tl.arange(0, BLOCK_N)).to(tl.int64)[:, None]
-            m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc,
-                                         k_new_ptr + key * stride_knt + hk * stride_knh + dims[None, :],
-                                         v_new_ptr + key * stride_vnt + hk * stride_vnh + dims[None, :],
-                                         None, None, qk_scale, NATIVE_DOT, False)
+            key = (chunk_first + j0 + tl.arange(0, BLOCK_N)).to(tl.int64)[:, None] * stride_kt + hk * stride_kh + dims[None, :]
+            m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, k_ptr + key, v_ptr + key, None, None, qk_scale,
+                                         NATIVE_DOT, False)
         for j0 in tl.range(below, tl.minimum(tok0 + TOKENS, n), BLOCK_N):
             j = j0 + tl.arange(0, BLOCK_N)
-            key = (q_lo + j).to(tl.int64)[:, None]
+            key = (chunk_first + j).to(tl.int64)[:, None] * stride_kt + hk * stride_kh + dims[None, :]
             visible = (j[None, :] <= tok[:, None]) & (j[None, :] < n)
-            m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc,
-                                         k_new_ptr + key * stride_knt + hk * stride_knh + dims[None, :],
-                                         v_new_ptr + key * stride_vnt + hk * stride_vnh + dims[None, :],
-                                         (j < n)[:, None], visible, qk_scale, NATIVE_DOT, True)
+            m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, k_ptr + key, v_ptr + key, (j < n)[:, None], visible,
+                                         qk_scale, NATIVE_DOT, True)
 
         out = acc / nonzero(l_i)[:, None]
         tl.store(out_ptr + (q_lo + tok).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh
@@ -199,35 +211,58 @@ def _extend_attention_kernel(
 # ----------------------------------------------------------------------------- host side
 
 
-def dequantize_prefix(
+def gather_kv(
     qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, window_starts: torch.Tensor,
+    k_new: torch.Tensor, v_new: torch.Tensor,
     k_codes: torch.Tensor, k_meta: torch.Tensor, v_codes: torch.Tensor, v_meta: torch.Tensor,
     k_window: torch.Tensor, v_window: torch.Tensor, k_rot: torch.Tensor, v_rot: torch.Tensor,
-    fmt: OscarFormat, max_prefix_len: int, dtype: torch.dtype,
+    fmt: OscarFormat, max_extend_len: int, max_prefix_len: int, dtype: torch.dtype,
 ) -> torch.Tensor:
-    """The cached prefixes of a chunk's requests in the model's space (launch 1 of the module
-    docstring). Arguments as for `extend_attention_int2`; the chunk lengths (qo_indptr) decide
-    which positions come from the window rows. Returns prefix_kv: [2 (K, V), len(kv_indices),
-    H_kv, D] of `dtype`, request b's prefix at rows kv_indptr[b]:kv_indptr[b+1]."""
+    """The chunk's requests' keys and values in the model's space (launch 1 of the module
+    docstring). Arguments as for `extend_attention_int2`. Returns kv: [2 (K, V), Σ (prefix +
+    chunk), H_kv, D] of `dtype`, request b's prefix and then its chunk from row
+    kv_indptr[b] + qo_indptr[b]."""
     kv_heads = check_pool(k_codes, k_meta, v_codes, v_meta, k_window, v_window, k_rot, v_rot, fmt)
     d = fmt.head_dim
     batch = qo_indptr.shape[0] - 1
-    prefix_kv = torch.empty(2, kv_indices.shape[0], kv_heads, d, dtype=dtype, device=kv_indices.device)
-    if max_prefix_len == 0 or batch == 0:
-        return prefix_kv
-    grid = (batch, triton.cdiv(max_prefix_len, DEQUANT_BLOCK_T), kv_heads)
-    for codes, meta, window, rot, dest in ((k_codes, k_meta, k_window, k_rot, prefix_kv[0]),
-                                           (v_codes, v_meta, v_window, v_rot, prefix_kv[1])):
+    kv = torch.empty(2, kv_indices.shape[0] + k_new.shape[0], kv_heads, d, dtype=dtype, device=k_new.device)
+    if batch == 0 or max_prefix_len + max_extend_len == 0:
+        return kv
+    grid = (batch, triton.cdiv(max_prefix_len + max_extend_len, GATHER_BLOCK_T), kv_heads)
+    for new, codes, meta, window, rot, dest in ((k_new, k_codes, k_meta, k_window, k_rot, kv[0]),
+                                                (v_new, v_codes, v_meta, v_window, v_rot, kv[1])):
         rot, rot_stride = rot_arg(rot)
-        _dequantize_prefix_kernel[grid](
+        _gather_kv_kernel[grid](
             qo_indptr, kv_indptr, kv_indices, window_starts,
+            new, new.stride(0), new.stride(1),
             codes, codes.stride(0), codes.stride(1), meta, meta.stride(0), meta.stride(1),
             window, window.stride(0), window.stride(1), rot, rot_stride,
             dest, dest.stride(0), dest.stride(1),
-            D=d, G=fmt.group_size, S=fmt.sink_tokens, W=fmt.recent_tokens, BLOCK_T=DEQUANT_BLOCK_T,
-            CODE_BITS=CODE_BITS, CODE_MAX=CODE_MAX, num_warps=DEQUANT_WARPS,
+            D=d, G=fmt.group_size, S=fmt.sink_tokens, W=fmt.recent_tokens, BLOCK_T=GATHER_BLOCK_T,
+            CODE_BITS=CODE_BITS, CODE_MAX=CODE_MAX, num_warps=GATHER_WARPS,
         )
-    return prefix_kv
+    return kv
+
+
+def flashinfer_extend_wrapper(workspace: torch.Tensor):
+    """A FlashInfer ragged prefill wrapper for `extend_attention_int2(flashinfer=...)`.
+    workspace: uint8 CUDA buffer (FlashInfer recommends 128 MiB), which wrappers run one after
+    another may share."""
+    import flashinfer
+
+    return flashinfer.BatchPrefillWithRaggedKVCacheWrapper(workspace, "NHD")
+
+
+def plan_flashinfer_extend(wrapper, extend_lens: list[int], prefix_lens: list[int], q_heads: int, kv_heads: int,
+                           head_dim: int, sm_scale: float, dtype: torch.dtype):
+    """Plan `wrapper` for one `extend_attention_int2` call: causal over each request's gathered
+    prefix + chunk (FlashInfer aligns the mask to the last key). Host lists, so planning does not
+    wait for the GPU; a plan serves every layer of a forward. Returns the wrapper."""
+    qo_indptr = torch.tensor([0, *extend_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    scratch_indptr = qo_indptr + torch.tensor([0, *prefix_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    wrapper.plan(qo_indptr, scratch_indptr, q_heads, kv_heads, head_dim, causal=True, sm_scale=sm_scale,
+                 q_data_type=dtype)
+    return wrapper
 
 
 def extend_attention_int2(
@@ -237,7 +272,7 @@ def extend_attention_int2(
     k_codes: torch.Tensor, k_meta: torch.Tensor, v_codes: torch.Tensor, v_meta: torch.Tensor,
     k_window: torch.Tensor, v_window: torch.Tensor, k_rot: torch.Tensor, v_rot: torch.Tensor,
     sm_scale: float, fmt: OscarFormat, max_extend_len: int, max_prefix_len: int,
-    out: torch.Tensor | None = None,
+    out: torch.Tensor | None = None, flashinfer=None,
 ) -> torch.Tensor:
     """One chunk of prefill over the OSCAR-2 cache; same semantics as `reference.extend_attention`.
 
@@ -245,8 +280,10 @@ def extend_attention_int2(
     qo_indptr[b]:qo_indptr[b+1]); its cached prefix is the slots
     kv_indices[kv_indptr[b]:kv_indptr[b+1]] (int32/int64) and its window rows start at
     window_starts[b]. Pool buffers as in `decode_attention_int2`. max_extend_len,
-    max_prefix_len: host ints >= every chunk / prefix length (they size the grids). Allocates a
-    scratch of 2 · len(kv_indices) · H_kv · D values of q's dtype.
+    max_prefix_len: host ints >= every chunk / prefix length (they size the grids). flashinfer:
+    a wrapper planned for these lengths by `plan_flashinfer_extend` (then it attends), or None
+    (`_extend_attention_kernel`). Allocates a scratch of 2 · (len(kv_indices) + N) · H_kv · D
+    values of q's dtype.
     Returns out: [N, H_q, D] in q's dtype.
     """
     tokens, q_heads, d = q.shape
@@ -263,13 +300,13 @@ def extend_attention_int2(
     batch = qo_indptr.shape[0] - 1
     if tokens == 0 or batch == 0 or max_extend_len == 0:
         return out
-    prefix_kv = dequantize_prefix(qo_indptr, kv_indptr, kv_indices, window_starts, k_codes, k_meta, v_codes,
-                                  v_meta, k_window, v_window, k_rot, v_rot, fmt, max_prefix_len, q.dtype)
-    k_new, v_new = (torch.where(torch.isfinite(x).all(dim=-1, keepdim=True), x, 0) for x in (k_new, v_new))
+    kv = gather_kv(qo_indptr, kv_indptr, kv_indices, window_starts, k_new, v_new, k_codes, k_meta, v_codes,
+                   v_meta, k_window, v_window, k_rot, v_rot, fmt, max_extend_len, max_prefix_len, q.dtype)
+    if flashinfer is not None:
+        return flashinfer.run(q, kv[0], kv[1], out=out)
     _extend_attention_kernel[(triton.cdiv(max_extend_len, BLOCK_M // group), kv_heads, batch)](
         q, q.stride(0), q.stride(1),
-        k_new, v_new, k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
-        prefix_kv[0], prefix_kv[1], prefix_kv.stride(1), prefix_kv.stride(2),
+        kv[0], kv[1], kv.stride(1), kv.stride(2),
         qo_indptr, kv_indptr,
         out, out.stride(0), out.stride(1), sm_scale * LOG2E,
         GROUP=group, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, D=d,

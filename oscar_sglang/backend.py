@@ -9,12 +9,15 @@ sink positions rows of the pool's slot-keyed sink store, copied from the window 
 write kernel; decode never touches the sink store. A decode batch of several requests finds,
 once per forward, the requests that hold a cached prefix in the same slots (radix hits), and the
 decode kernel reads those positions once per block of them. The write kernel flags layers that wrote
-non-finite K/V (stored as zeros); `oscar_sglang.nonfinite` warns once per layer. Setting
+non-finite K/V (stored as zeros); `oscar_sglang.nonfinite` warns once per layer. Extend
+attention runs through FlashInfer on CUDA (planned at a forward's first layer for all of its
+layers), through the Triton kernel under deterministic inference. Setting
 SGLANG_OSCAR_REFERENCE_ATTENTION=1 routes attention through the PyTorch reference instead (a
 debug switch: slow, needs --disable-cuda-graph).
 """
 
 import os
+from dataclasses import dataclass
 
 import torch
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
@@ -22,14 +25,15 @@ from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 from oscar_sglang.kernels import reference
 from oscar_sglang.kernels.decode import decode_attention_int2
 from oscar_sglang.kernels.shared_prefix import find_shared_prefixes
-from oscar_sglang.kernels.extend import extend_attention_int2
+from oscar_sglang.kernels.extend import extend_attention_int2, flashinfer_extend_wrapper, plan_flashinfer_extend
 from oscar_sglang.kernels.quantize import write_kv_int2
 from oscar_sglang.nonfinite import NonFiniteReporter
 from oscar_sglang.pool import OscarTokenToKVPool
 
 REFERENCE_ENV = "SGLANG_OSCAR_REFERENCE_ATTENTION"
 DETERMINISTIC_KV_SPLITS = 16
-EXTEND_SCRATCH_BYTES = 1 << 30  # bound on the extend kernel's dequantized-prefix scratch per launch
+EXTEND_SCRATCH_BYTES = 1 << 30  # bound on the extend path's gathered K/V scratch per launch
+FLASHINFER_WORKSPACE_BYTES = 128 << 20  # FlashInfer's recommended size
 
 
 class OscarAttnBackend(TritonAttnBackend):
@@ -53,25 +57,47 @@ class OscarAttnBackend(TritonAttnBackend):
         self._token_rows = None
         self._shared = None
         self._sink_copy = None
+        self._extend_groups = None
+        # a deterministic request's result must not depend on its batch: the Triton kernel's
+        # reduction order does not, and FlashInfer's choice of kernel and schedule might
+        self.use_flashinfer = (torch.device(self.device).type == "cuda" and not self.use_reference
+                               and not self.enable_deterministic)
+        self._flashinfer = []  # one wrapper per request group of an extend forward
+        self._flashinfer_workspace = (torch.empty(FLASHINFER_WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
+                                      if self.use_flashinfer else None)
         self.nonfinite = NonFiniteReporter(pool.layer_num, pool.start_layer, pool.device)
         if not self.use_reference:
             self.compile_extend_kernels(model_runner.dtype)
 
     def compile_extend_kernels(self, dtype: torch.dtype) -> None:
-        """Launch the extend kernels once with a cached prefix, so that Triton compiles them at
-        start-up: SGLang's warm-up request has no cached prefix, and the first radix hit would
-        otherwise hold its whole batch for the compile (~3 s on the H200 host). The arguments
-        have serving's dtypes (the indptr buffers' own; SGLang builds extend kv_indices as int64)
-        and zero lengths, so every program returns at once and nothing is read."""
+        """Run the extend path once, so that Triton compiles its kernels (and FlashInfer loads
+        its module) at start-up: SGLang's warm-up request has no cached prefix, and the first
+        radix hit would otherwise hold its whole batch for the compile (~3 s on the H200 host).
+        The index arrays have serving's dtypes (the indptr buffers' own; SGLang builds extend
+        kv_indices as int64); one new token and no prefix, so nothing is read from the pool."""
         fmt, device = self.fmt, self.pool.device
         lay = self.pool.layer(self.pool.start_layer)
-        qo_indptr = torch.zeros(2, dtype=self.qo_indptr.dtype, device=device)
+        qo_indptr = torch.tensor([0, 1], dtype=self.qo_indptr.dtype, device=device)
         kv_indptr = torch.zeros(2, dtype=self.kv_indptr.dtype, device=device)
-        kv_indices = torch.zeros(1, dtype=torch.int64, device=device)
+        kv_indices = torch.zeros(0, dtype=torch.int64, device=device)
+        request = torch.zeros(1, dtype=torch.int64, device=device)
         q = torch.zeros(1, self.num_head, fmt.head_dim, dtype=dtype, device=device)
         k = torch.zeros(1, self.num_kv_head, fmt.head_dim, dtype=dtype, device=device)
-        extend_attention_int2(q, k, k, qo_indptr, kv_indptr, kv_indices, self.pool.window_starts(kv_indices),
-                              *lay.attention_buffers, 1.0, fmt, max_extend_len=1, max_prefix_len=1)
+        wrapper = self._planned_wrappers([(0, 1)], [1], [0], 1.0, dtype)[0]
+        extend_attention_int2(q, k, k, qo_indptr, kv_indptr, kv_indices, self.pool.window_starts(request),
+                              *lay.attention_buffers, 1.0, fmt, max_extend_len=1, max_prefix_len=1,
+                              flashinfer=wrapper)
+
+    def _planned_wrappers(self, groups, extend_lens, prefix_lens, sm_scale: float, dtype: torch.dtype):
+        """One FlashInfer wrapper planned for each request group [r0, r1), or Nones without
+        FlashInfer."""
+        if not self.use_flashinfer:
+            return [None] * len(groups)
+        while len(self._flashinfer) < len(groups):
+            self._flashinfer.append(flashinfer_extend_wrapper(self._flashinfer_workspace))
+        return [plan_flashinfer_extend(wrapper, extend_lens[r0:r1], prefix_lens[r0:r1], self.num_head,
+                                       self.num_kv_head, self.fmt.head_dim, sm_scale, dtype)
+                for wrapper, (r0, r1) in zip(self._flashinfer, groups)]
 
     def init_forward_metadata(self, forward_batch):
         super().init_forward_metadata(forward_batch)
@@ -207,31 +233,64 @@ class OscarAttnBackend(TritonAttnBackend):
         if self.use_reference:
             o = reference.extend_attention(q, k, v, *args).to(q.dtype)
         else:
-            o = self._extend_in_groups(q, k, v, args, forward_batch, lay)
+            o = extend_in_groups(q, k, v, args, self._request_groups(layer, forward_batch, q))
         return o.reshape(q.shape[0], -1)
 
-    def _extend_in_groups(self, q, k, v, args, forward_batch, lay):
-        """extend_attention_int2 over groups of consecutive requests whose prefix scratch (4 KiB
-        a token for Qwen3-8B) stays within EXTEND_SCRATCH_BYTES; a longer prefix runs alone."""
-        qo_indptr, kv_indptr, kv_indices, starts, *pool_args = args
-        per_token = 2 * lay.k_codes.shape[1] * self.fmt.head_dim * q.element_size()
-        prefix_lens = forward_batch.extend_prefix_lens_cpu
-        extend_lens = forward_batch.extend_seq_lens_cpu
-        groups = request_groups(prefix_lens, EXTEND_SCRATCH_BYTES // per_token)
-        if len(groups) == 1:
-            return extend_attention_int2(q, k, v, *args, max_extend_len=max(extend_lens),
-                                         max_prefix_len=max(prefix_lens))
-        out = torch.empty_like(q)
-        qo, kv = 0, 0
-        for r0, r1 in groups:
-            qo_end, kv_end = qo + sum(extend_lens[r0:r1]), kv + sum(prefix_lens[r0:r1])
-            extend_attention_int2(
-                q[qo:qo_end], k[qo:qo_end], v[qo:qo_end], qo_indptr[r0:r1 + 1] - qo,
-                kv_indptr[r0:r1 + 1] - kv, kv_indices[kv:kv_end], starts[r0:r1], *pool_args,
-                max_extend_len=max(extend_lens[r0:r1]), max_prefix_len=max(prefix_lens[r0:r1]),
-                out=out[qo:qo_end])
-            qo, kv = qo_end, kv_end
-        return out
+    def _request_groups(self, layer, forward_batch, q):
+        """This forward's RequestGroups, with FlashInfer plans: consecutive requests whose
+        gathered K/V (4 KiB a token for Qwen3-8B) stays within EXTEND_SCRATCH_BYTES; a longer
+        request runs alone. Found (and planned) at the first layer, reused by the others."""
+        key = (layer.scaling, q.dtype)
+        if layer.layer_id == self.pool.start_layer or self._extend_groups is None or self._extend_groups[0] != key:
+            prefix_lens = forward_batch.extend_prefix_lens_cpu
+            extend_lens = forward_batch.extend_seq_lens_cpu
+            per_token = 2 * layer.tp_k_head_num * self.fmt.head_dim * q.element_size()
+            ranges = request_groups([p + e for p, e in zip(prefix_lens, extend_lens)], EXTEND_SCRATCH_BYTES // per_token)
+            wrappers = self._planned_wrappers(ranges, extend_lens, prefix_lens, layer.scaling, q.dtype)
+            self._extend_groups = (key, [RequestGroup.of(r0, r1, extend_lens, prefix_lens, wrapper)
+                                         for (r0, r1), wrapper in zip(ranges, wrappers)])
+        return self._extend_groups[1]
+
+
+@dataclass(frozen=True)
+class RequestGroup:
+    """Requests [r0, r1) of an extend batch run by one extend_attention_int2 call: their new
+    tokens [qo, qo_end) and prefix entries [kv, kv_end) of the batch's arrays (host ints, so
+    slicing does not wait for the GPU), and a FlashInfer wrapper planned for them or None."""
+
+    r0: int
+    r1: int
+    qo: int
+    qo_end: int
+    kv: int
+    kv_end: int
+    max_extend: int
+    max_prefix: int
+    flashinfer: object
+
+    @classmethod
+    def of(cls, r0, r1, extend_lens, prefix_lens, flashinfer=None):
+        qo, kv = sum(extend_lens[:r0]), sum(prefix_lens[:r0])
+        return cls(r0, r1, qo, qo + sum(extend_lens[r0:r1]), kv, kv + sum(prefix_lens[r0:r1]),
+                   max(extend_lens[r0:r1]), max(prefix_lens[r0:r1]), flashinfer)
+
+
+def extend_in_groups(q, k, v, args, groups: list[RequestGroup]):
+    """extend_attention_int2 over request groups; args are its arguments after k_new, v_new, for
+    the whole batch."""
+    if len(groups) == 1:
+        g = groups[0]
+        return extend_attention_int2(q, k, v, *args, max_extend_len=g.max_extend, max_prefix_len=g.max_prefix,
+                                     flashinfer=g.flashinfer)
+    qo_indptr, kv_indptr, kv_indices, starts, *pool_args = args
+    out = torch.empty_like(q)
+    for g in groups:
+        tokens = slice(g.qo, g.qo_end)
+        extend_attention_int2(
+            q[tokens], k[tokens], v[tokens], qo_indptr[g.r0:g.r1 + 1] - g.qo, kv_indptr[g.r0:g.r1 + 1] - g.kv,
+            kv_indices[g.kv:g.kv_end], starts[g.r0:g.r1], *pool_args, max_extend_len=g.max_extend,
+            max_prefix_len=g.max_prefix, out=out[tokens], flashinfer=g.flashinfer)
+    return out
 
 
 def request_groups(prefix_lens, limit: int) -> list[tuple[int, int]]:

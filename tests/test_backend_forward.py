@@ -29,6 +29,7 @@ def make_backend(pool: OscarTokenToKVPool, use_reference: bool) -> OscarAttnBack
     backend.use_reference, backend.enable_deterministic = use_reference, False
     backend.nonfinite = NonFiniteReporter(LAYERS, 0, "cpu")
     backend._token_rows, backend._shared, backend._sink_copy = None, None, None
+    backend.use_flashinfer, backend._extend_groups = False, None  # FlashInfer needs CUDA
     return backend
 
 

@@ -8,7 +8,7 @@ and the output as in test_decode_kernel.py.
 import pytest
 import torch
 from oscar_sglang.kernels import reference as ref
-from oscar_sglang.kernels.extend import dequantize_prefix, extend_attention_int2
+from oscar_sglang.kernels.extend import extend_attention_int2, gather_kv
 from oscar_sglang.kernels.format import DEFAULT_K_CLIP, DEFAULT_V_CLIP, OscarFormat
 from oscar_sglang.kernels.quantize import write_kv_int2
 from test_decode_kernel import Cache, assert_matches, fill_requests, make_cache
@@ -66,27 +66,33 @@ def test_extend_matches_reference(head_dim, group_size, gqa, dtype, index_dtype,
 
 
 @pytest.mark.parametrize("head_dim, group_size, dtype", [(64, 32, torch.bfloat16), (128, 64, torch.float16)])
-def test_dequantize_prefix_matches_reference(head_dim, group_size, dtype, nan_scratch):
-    """Every prefix row of the scratch, in the model's space, from INT2 or the window rows as the
-    chunk length decides (`reference.gather_rotated_kv` · Rᵀ)."""
+def test_gather_kv_matches_reference(head_dim, group_size, dtype, nan_scratch):
+    """Every row of the scratch: a request's prefix in the model's space, from INT2 or the window
+    rows as the chunk length decides (`reference.gather_rotated_kv` · Rᵀ), then its chunk, whose
+    rows holding a NaN or Inf are zeros."""
     gen = torch.Generator().manual_seed(head_dim + 7)
     fmt = OscarFormat(head_dim, group_size, sink_tokens=4, recent_tokens=8)
     prefixes, chunks = zip(*PAIRS)
-    cache = make_cache(fmt, 3, sum(prefixes) + 16, len(PAIRS) + 1, True, gen)
+    kv_heads = 3
+    cache = make_cache(fmt, kv_heads, sum(prefixes) + 16, len(PAIRS) + 1, True, gen)
     batch = fill_requests(cache, list(prefixes), dtype, torch.int32, gen)
-    qo_indptr = torch.tensor([0, *torch.tensor(chunks).cumsum(0).tolist()], dtype=torch.int32)
-    got = dequantize_prefix(qo_indptr, batch.kv_indptr, batch.kv_indices, batch.window_starts, *cache.buffers,
-                            fmt, max(prefixes), dtype)
-    assert got.shape == (2, sum(prefixes), 3, head_dim) and got.dtype == dtype
-    pools = ((cache.k_codes, cache.k_meta, cache.k_window, cache.k_rot),
-             (cache.v_codes, cache.v_meta, cache.v_window, cache.v_rot))
+    _, k_new, v_new, qo_indptr = new_tokens(chunks, kv_heads, 1, head_dim, dtype, gen)
+    k_new[3, 1, 5], v_new[7, 2, 0], v_new[-1, 0, -1] = float("nan"), float("inf"), float("-inf")
+    got = gather_kv(qo_indptr, batch.kv_indptr, batch.kv_indices, batch.window_starts, k_new, v_new, *cache.buffers,
+                    fmt, max(chunks), max(prefixes), dtype)
+    assert got.shape == (2, sum(prefixes) + sum(chunks), kv_heads, head_dim) and got.dtype == dtype
+    pools = ((cache.k_codes, cache.k_meta, cache.k_window, cache.k_rot, k_new),
+             (cache.v_codes, cache.v_meta, cache.v_window, cache.v_rot, v_new))
     for b, (prefix, chunk) in enumerate(PAIRS):
-        lo = int(batch.kv_indptr[b])
+        lo, first = int(batch.kv_indptr[b]), int(batch.kv_indptr[b] + qo_indptr[b])
         slots = batch.kv_indices[lo:lo + prefix]
-        for which, (codes, meta, window, rot) in enumerate(pools):
+        for which, (codes, meta, window, rot, new) in enumerate(pools):
             rotated = ref.gather_rotated_kv(slots, int(batch.window_starts[b]), prefix + chunk, codes, meta, window, fmt)
-            torch.testing.assert_close(got[which, lo:lo + prefix].float(), ref.unrotate(rotated, rot),
+            torch.testing.assert_close(got[which, first:first + prefix].float(), ref.unrotate(rotated, rot),
                                        rtol=2e-2, atol=2e-2)
+            rows = new[int(qo_indptr[b]):int(qo_indptr[b + 1])]
+            expected = torch.where(torch.isfinite(rows).all(dim=-1, keepdim=True), rows, 0)
+            assert torch.equal(got[which, first + prefix:first + prefix + chunk], expected)
 
 
 def test_extend_default_windows():
@@ -145,12 +151,10 @@ def test_extend_rejects_bad_shapes():
                               torch.tensor([0]), *cache.buffers, 0.1, fmt, 3, 0)
 
 
-def test_backend_splits_large_batches_into_scratch_sized_groups(monkeypatch):
-    """OscarAttnBackend runs the kernel over request groups whose prefix scratch fits its bound;
+def test_backend_splits_large_batches_into_scratch_sized_groups():
+    """OscarAttnBackend runs the kernel over request groups whose gathered K/V fits its bound;
     the groups' outputs equal one launch over the whole batch."""
-    from types import SimpleNamespace
-
-    from oscar_sglang import backend
+    from oscar_sglang.backend import RequestGroup, extend_in_groups, request_groups
 
     gen = torch.Generator().manual_seed(11)
     fmt = OscarFormat(64, 32, sink_tokens=4, recent_tokens=8)
@@ -159,14 +163,10 @@ def test_backend_splits_large_batches_into_scratch_sized_groups(monkeypatch):
     batch = fill_requests(cache, prefixes, torch.bfloat16, torch.int32, gen)
     q, k, v, qo_indptr = new_tokens(chunks, 2, 2, 64, torch.bfloat16, gen)
     args = (qo_indptr, batch.kv_indptr, batch.kv_indices, batch.window_starts, *cache.buffers, 64 ** -0.5, fmt)
-    forward_batch = SimpleNamespace(extend_prefix_lens_cpu=prefixes, extend_seq_lens_cpu=chunks)
-    owner = SimpleNamespace(fmt=fmt)
-    lay = SimpleNamespace(k_codes=cache.k_codes)
-    whole = backend.OscarAttnBackend._extend_in_groups(owner, q, k, v, args, forward_batch, lay)
-    per_token = 2 * 2 * 64 * 2
-    monkeypatch.setattr(backend, "EXTEND_SCRATCH_BYTES", 50 * per_token)
-    assert backend.request_groups(prefixes, 50) == [(0, 2), (2, 3), (3, 5)]
-    grouped = backend.OscarAttnBackend._extend_in_groups(owner, q, k, v, args, forward_batch, lay)
+    whole = extend_in_groups(q, k, v, args, [RequestGroup.of(0, 5, chunks, prefixes)])
+    ranges = request_groups([p + c for p, c in zip(prefixes, chunks)], 50)
+    assert ranges == [(0, 2), (2, 3), (3, 5)]
+    grouped = extend_in_groups(q, k, v, args, [RequestGroup.of(r0, r1, chunks, prefixes) for r0, r1 in ranges])
     torch.testing.assert_close(grouped, whole, rtol=0, atol=0)
     assert_matches(whole, ref.extend_attention(q, k, v, *args), torch.bfloat16)
 

@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = {"_rotate_q_kernel", "_decode_split_kernel", "_decode_reduce_kernel", "_common_span_kernel",
-           "_decode_shared_kernel", "_dequantize_prefix_kernel", "_extend_attention_kernel", "_write_kv_kernel"}
+           "_decode_shared_kernel", "_extend_attention_kernel", "_gather_kv_kernel", "_write_kv_kernel"}
 ATTENTION = {"_decode_split_kernel", "_decode_shared_kernel", "_extend_attention_kernel"}
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from oscar_sglang.kernels import reference as ref
 from oscar_sglang.kernels.decode import decode_attention_int2
-from oscar_sglang.kernels.extend import extend_attention_int2
+from oscar_sglang.kernels.extend import extend_attention_int2, flashinfer_extend_wrapper, plan_flashinfer_extend
 from oscar_sglang.kernels.format import DEFAULT_K_CLIP, DEFAULT_V_CLIP, OscarFormat
 from oscar_sglang.kernels.quantize import write_kv_int2
 from oscar_sglang.kernels.shared_prefix import find_shared_prefixes
@@ -91,23 +91,42 @@ def test_decode_shapes(head_dim, group_size, kv_heads, gqa, sinks, recent, index
         assert_matches(decode_attention_int2(*args, num_kv_splits=splits), expected, torch.bfloat16)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_extend_qwen3_layer(dtype):
-    """Prefixes from INT2 and windows, and a long chunk without prefix (a prompt's first chunk),
-    whose keys the GPU path multiplies in 16 bits."""
-    gen = torch.Generator(DEVICE).manual_seed(1)
-    fmt = OscarFormat(128)
-    prefixes, chunks = [32768, 0, 300, 0], [512, 700, 1, 2500]
-    cache, batch = build(fmt, prefixes, 8, dtype, gen)
-    n = sum(chunks)
-    q = torch.randn(n, 32, 128, generator=gen, device=DEVICE).to(dtype)
-    k = torch.randn(n, 8, 128, generator=gen, device=DEVICE).to(dtype)
-    v = torch.randn(n, 8, 128, generator=gen, device=DEVICE).to(dtype)
+def planned_flashinfer(chunks, prefixes, q_heads, kv_heads, head_dim, dtype):
+    workspace = torch.empty(128 << 20, dtype=torch.uint8, device=DEVICE)
+    return plan_flashinfer_extend(flashinfer_extend_wrapper(workspace), chunks, prefixes, q_heads, kv_heads,
+                                  head_dim, head_dim ** -0.5, dtype)
+
+
+@pytest.mark.parametrize("attention", ["flashinfer", "triton"])
+@pytest.mark.parametrize(
+    "dtype, head_dim, kv_heads, gqa, prefixes, chunks",
+    [
+        # Qwen3-8B: prefixes from INT2 and windows, long chunks without a prefix (a prompt's
+        # first chunk) beside one-token chunks (decode requests in a mixed batch)
+        (torch.bfloat16, 128, 8, 4, [32768, 0, 300, 0, 77], [512, 700, 1, 2500, 1]),
+        (torch.float16, 128, 8, 4, [32768, 0, 300, 0, 77], [512, 700, 1, 2500, 1]),
+        (torch.bfloat16, 64, 3, 3, [5000, 1, 0, 129], [333, 65, 17, 1]),
+    ],
+)
+def test_extend_matches_reference(attention, dtype, head_dim, kv_heads, gqa, prefixes, chunks):
+    """Both attention paths of extend_attention_int2 (FlashInfer over the gathered K/V, as the
+    backend runs it on CUDA, and the Triton kernel) against the reference, into a NaN-poisoned
+    output, with non-finite rows among the new K/V (the pool stores them as zeros)."""
+    gen = torch.Generator(DEVICE).manual_seed(head_dim + gqa)
+    fmt = OscarFormat(head_dim)
+    cache, batch = build(fmt, prefixes, kv_heads, dtype, gen)
+    n, q_heads = sum(chunks), kv_heads * gqa
+    q = torch.randn(n, q_heads, head_dim, generator=gen, device=DEVICE).to(dtype)
+    k = torch.randn(n, kv_heads, head_dim, generator=gen, device=DEVICE).to(dtype)
+    v = torch.randn(n, kv_heads, head_dim, generator=gen, device=DEVICE).to(dtype)
+    k[n // 2, 1, 3], v[n - 1, 0, 0] = float("nan"), float("inf")
     qo_indptr = torch.tensor([0, *torch.tensor(chunks).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
     args = (q, k, v, qo_indptr, batch.kv_indptr, batch.kv_indices, batch.window_starts, *cache.buffers,
-            128 ** -0.5, fmt)
+            head_dim ** -0.5, fmt)
+    wrapper = planned_flashinfer(chunks, prefixes, q_heads, kv_heads, head_dim, dtype) if attention == "flashinfer" else None
     out = torch.full_like(q, float("nan"))
-    extend_attention_int2(*args, max_extend_len=max(chunks), max_prefix_len=max(prefixes), out=out)
+    extend_attention_int2(*args, max_extend_len=max(chunks), max_prefix_len=max(prefixes), out=out,
+                          flashinfer=wrapper)
     assert_matches(out, ref.extend_attention(*args), dtype)
 
 
