@@ -43,7 +43,8 @@ VARIANTS = {
     "m64": {"BLOCK_M": 64},
     "n32": {"BLOCK_N": 32},
     "w4": {"NUM_WARPS": 4},
-    # the gather kernel spilled at 4 warps (255 registers) and not at 8 (kernel_resources.py)
+    # the gather kernel spills at 4 warps (255 registers) and not at 8 (kernel_resources.py), yet
+    # 8 warps were slower on the H200
     "gather_w8": {"GATHER_WARPS": 8},
     # 128-key tiles: 20 % fewer loop instructions per key and wider warpgroup MMAs at 255
     # registers, 224 KiB of shared memory at 3 stages, 160 KiB at 2 (kernel_resources.py)

@@ -245,7 +245,8 @@ class OscarAttnBackend(TritonAttnBackend):
             prefix_lens = forward_batch.extend_prefix_lens_cpu
             extend_lens = forward_batch.extend_seq_lens_cpu
             per_token = 2 * layer.tp_k_head_num * self.fmt.head_dim * q.element_size()
-            ranges = request_groups([p + e for p, e in zip(prefix_lens, extend_lens)], EXTEND_SCRATCH_BYTES // per_token)
+            ranges = request_groups([p + e for p, e in zip(prefix_lens, extend_lens)],
+                                    EXTEND_SCRATCH_BYTES // per_token)
             wrappers = self._planned_wrappers(ranges, extend_lens, prefix_lens, layer.scaling, q.dtype)
             self._extend_groups = (key, [RequestGroup.of(r0, r1, extend_lens, prefix_lens, wrapper)
                                          for (r0, r1), wrapper in zip(ranges, wrappers)])

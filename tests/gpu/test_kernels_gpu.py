@@ -123,7 +123,9 @@ def test_extend_matches_reference(attention, dtype, head_dim, kv_heads, gqa, pre
     qo_indptr = torch.tensor([0, *torch.tensor(chunks).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
     args = (q, k, v, qo_indptr, batch.kv_indptr, batch.kv_indices, batch.window_starts, *cache.buffers,
             head_dim ** -0.5, fmt)
-    wrapper = planned_flashinfer(chunks, prefixes, q_heads, kv_heads, head_dim, dtype) if attention == "flashinfer" else None
+    wrapper = None
+    if attention == "flashinfer":
+        wrapper = planned_flashinfer(chunks, prefixes, q_heads, kv_heads, head_dim, dtype)
     out = torch.full_like(q, float("nan"))
     extend_attention_int2(*args, max_extend_len=max(chunks), max_prefix_len=max(prefixes), out=out,
                           flashinfer=wrapper)
