@@ -294,15 +294,15 @@ def extend_in_groups(q, k, v, args, groups: list[RequestGroup]):
     return out
 
 
-def request_groups(prefix_lens, limit: int) -> list[tuple[int, int]]:
+def request_groups(lengths, limit: int) -> list[tuple[int, int]]:
     """Consecutive request ranges [r0, r1) whose lengths sum to at most `limit` (a range of one
     request may exceed it); none for no requests."""
     groups, r0, total = [], 0, 0
-    for r, length in enumerate(prefix_lens):
+    for r, length in enumerate(lengths):
         if r > r0 and total + length > limit:
             groups.append((r0, r))
             r0, total = r, 0
         total += length
-    if len(prefix_lens) > r0:
-        groups.append((r0, len(prefix_lens)))
+    if len(lengths) > r0:
+        groups.append((r0, len(lengths)))
     return groups
