@@ -34,6 +34,9 @@ REFERENCE_ENV = "SGLANG_OSCAR_REFERENCE_ATTENTION"
 DETERMINISTIC_KV_SPLITS = 16
 EXTEND_SCRATCH_BYTES = 1 << 30  # bound on the extend path's gathered K/V scratch per launch
 FLASHINFER_WORKSPACE_BYTES = 128 << 20  # FlashInfer's recommended size
+# each wrapper holds 8 MiB of device and 8 MiB of page-locked plan buffers; request groups of a
+# forward beyond this many go to the Triton attention kernel
+MAX_FLASHINFER_PLANS = 8
 
 
 class OscarAttnBackend(TritonAttnBackend):
@@ -89,15 +92,22 @@ class OscarAttnBackend(TritonAttnBackend):
                               flashinfer=wrapper)
 
     def _planned_wrappers(self, groups, extend_lens, prefix_lens, sm_scale: float, dtype: torch.dtype):
-        """One FlashInfer wrapper planned for each request group [r0, r1), or Nones without
-        FlashInfer."""
+        """For each request group [r0, r1), a FlashInfer wrapper planned for it, or None (the
+        Triton kernel) without FlashInfer and for groups past MAX_FLASHINFER_PLANS.
+
+        FlashInfer copies a plan to the GPU asynchronously from the wrapper's page-locked
+        buffer. Extend forwards plan after init_forward_metadata's host sync
+        (req_pool_indices.tolist()), so every copy of an earlier forward has run by then and
+        re-planning a wrapper never overwrites a plan still in flight."""
         if not self.use_flashinfer:
             return [None] * len(groups)
-        while len(self._flashinfer) < len(groups):
+        planned = min(len(groups), MAX_FLASHINFER_PLANS)
+        while len(self._flashinfer) < planned:
             self._flashinfer.append(flashinfer_extend_wrapper(self._flashinfer_workspace))
-        return [plan_flashinfer_extend(wrapper, extend_lens[r0:r1], prefix_lens[r0:r1], self.num_head,
-                                       self.num_kv_head, self.fmt.head_dim, sm_scale, dtype)
-                for wrapper, (r0, r1) in zip(self._flashinfer, groups)]
+        wrappers = [plan_flashinfer_extend(wrapper, extend_lens[r0:r1], prefix_lens[r0:r1], self.num_head,
+                                           self.num_kv_head, self.fmt.head_dim, sm_scale, dtype)
+                    for wrapper, (r0, r1) in zip(self._flashinfer, groups[:planned])]
+        return wrappers + [None] * (len(groups) - planned)
 
     def init_forward_metadata(self, forward_batch):
         super().init_forward_metadata(forward_batch)

@@ -177,3 +177,28 @@ def test_request_groups_bound():
     assert request_groups([5, 5, 5], 10) == [(0, 2), (2, 3)]
     assert request_groups([50, 1, 1], 10) == [(0, 1), (1, 3)]
     assert request_groups([0, 0], 1) == [(0, 2)]
+
+
+def test_backend_bounds_flashinfer_plans(monkeypatch):
+    """A forward plans one FlashInfer wrapper per request group, at most MAX_FLASHINFER_PLANS
+    (each holds 16 MiB of plan buffers): later groups get None (the Triton kernel), and the
+    wrappers are made once and planned again by later forwards. Stand-ins replace FlashInfer,
+    which needs CUDA."""
+    from oscar_sglang import backend
+
+    made, plans = [], []
+    monkeypatch.setattr(backend, "flashinfer_extend_wrapper", lambda workspace: made.append(object()) or made[-1])
+    monkeypatch.setattr(backend, "plan_flashinfer_extend",
+                        lambda wrapper, extend, prefix, *rest: plans.append((wrapper, extend, prefix)) or wrapper)
+    owner = backend.OscarAttnBackend.__new__(backend.OscarAttnBackend)
+    owner.use_flashinfer, owner._flashinfer, owner._flashinfer_workspace = True, [], None
+    owner.num_head, owner.num_kv_head, owner.fmt = 32, 8, OscarFormat(128)
+    limit = backend.MAX_FLASHINFER_PLANS
+    groups = [(r, r + 1) for r in range(limit + 3)]
+    lens = list(range(1, limit + 4))
+    wrappers = owner._planned_wrappers(groups, lens, lens, 0.1, torch.bfloat16)
+    assert wrappers[:limit] == made and len(made) == limit and wrappers[limit:] == [None] * 3
+    assert [(extend, prefix) for _, extend, prefix in plans] == [([n], [n]) for n in lens[:limit]]
+    assert owner._planned_wrappers(groups[:2], lens, lens, 0.1, torch.bfloat16) == made[:2] and len(made) == limit
+    owner.use_flashinfer = False
+    assert owner._planned_wrappers(groups, lens, lens, 0.1, torch.bfloat16) == [None] * len(groups)
