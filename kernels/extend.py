@@ -28,6 +28,7 @@ import triton.language as tl
 
 from .decode import LOG2E, check_pool, rot_arg
 from .format import CODE_BITS, CODE_MAX, OscarFormat
+from .quantize import nonfinite_rows
 from .tiles import nonzero, online_softmax, unrotate
 
 BLOCK_M = 128  # query rows ((token, head) pairs) per attention program
@@ -38,7 +39,7 @@ GATHER_BLOCK_T = 64  # prefix + chunk positions per gather program
 GATHER_WARPS = 4
 
 
-# ----------------------------------------------------------------------------- 1. dequantize
+# ----------------------------------------------------------------------------- 1. gather
 
 
 @triton.jit
@@ -105,9 +106,8 @@ def _gather_kv_kernel(
     if pos0 + BLOCK_T > prefix and pos0 < prefix + chunk:
         new = (pos >= prefix) & (pos < prefix + chunk)
         x = tl.load(new_ptr + (q_lo + pos - prefix).to(tl.int64)[:, None] * stride_nt + hk * stride_nh + dims[None, :],
-                    mask=new[:, None], other=0.0).to(tl.float32)
-        finite = tl.min(((x - x) == 0).to(tl.int32), axis=1) == 1  # x - x is NaN for NaN and ±Inf
-        tl.store(out_rows, tl.where(finite[:, None], x, 0.0).to(out_ptr.dtype.element_ty), mask=new[:, None])
+                    mask=new[:, None], other=0.0)
+        tl.store(out_rows, tl.where(nonfinite_rows(x)[:, None], 0.0, x).to(out_ptr.dtype.element_ty), mask=new[:, None])
 
 
 # ----------------------------------------------------------------------------- 2. attention
