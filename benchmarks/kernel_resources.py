@@ -13,7 +13,7 @@ table shows the main loop, the one with the most tensor-core instructions. --set
 launch constant of kernels/MODULE.py first.
 
     python -m benchmarks.kernel_resources
-    python -m benchmarks.kernel_resources --set decode.SHARED_WARPS=8 --set shared_prefix.SHARED_DOT_ROWS=64
+    python -m benchmarks.kernel_resources --set shared_prefix.WIDE_BLOCKS_MIN_BATCH=1
 
 Writes <out-dir>/kernel_resources_sm90_d<D>[_<NAME><VALUE>...].json and prints a markdown table.
 """

@@ -6,7 +6,7 @@
   as in benchmarks/decode_kernels.py);
 - shared: `decode_attention_int2` with shared-prefix blocks (`kernels/shared_prefix.py`, found
   outside the timing) at the --shapes with --shared-prefix, for block sizes (query rows per
-  block, SHARED_DOT_ROWS) and launch parameters of the shared-prefix kernel (SHARED_WARPS,
+  block, from the batch size) and launch parameters of the shared-prefix kernel (SHARED_WARPS,
   SHARED_MAX_REGISTERS);
 - the decode step's pieces: q rotation, reduce, a step whose context fits the BF16 windows;
 - the write kernel (write_kv_int2) at decode and prefill token counts, and other tokens per
@@ -56,13 +56,13 @@ SPLIT_VARIANTS = {
     "bn128_s3": (128, 4, dk.MAX_REGISTERS, 3),
 }  # 8 warps, BLOCK_N 64 and 256 were slower everywhere (results/h100/tune_decode_large_batch*.txt)
 # shared-prefix variants: constants of kernels/shared_prefix.py (sp) and kernels/decode.py (dk);
-# the first is the library default. Blocks of 32 or 64 query rows under the 128-register cap
-# spill hundreds of registers per tile (python -m benchmarks.kernel_resources --set ...), so
-# the 64-row block (16 requests, warpgroup MMAs) is tried uncapped only
+# the first is the library default (wide blocks from WIDE_BLOCKS_MIN_BATCH requests on), then
+# 16-row and 64-row blocks at every batch size. 8 warps, 32-row blocks and 1-warp programs were
+# slower (results/h200/README.md, sessions 7 and 8)
 SHARED_VARIANTS = {
     "default": ({}, {}),
-    "w8": ({}, {"SHARED_WARPS": 8}),
-    "rows64_w8_r255": ({"SHARED_DOT_ROWS": 64}, {"SHARED_WARPS": 8, "SHARED_MAX_REGISTERS": 255}),
+    "rows16": ({"WIDE_BLOCKS_MIN_BATCH": 1 << 30}, {}),
+    "rows64": ({"WIDE_BLOCKS_MIN_BATCH": 1}, {}),
 }
 # write kernel: tokens -> [(tokens per program, warps)]; the library default is timed too
 WRITE_TOKENS = [1, 2, 8, 32, 64, 256, 8192]

@@ -61,9 +61,13 @@ MIN_DOT_ROWS = 4
 NUM_STAGES = 5
 NUM_WARPS = 4
 MAX_REGISTERS = 128  # lets 4 programs share an SM (no spills, per ptxas for sm_90)
-# launch parameters of `_decode_shared_kernel`, whose dots have up to SHARED_DOT_ROWS rows
+# launch parameters of `_decode_shared_kernel`: dots of up to CAPPED_SHARED_ROWS rows share an SM
+# four ways under the register cap; wider ones (64 rows: `shared_prefix.shared_dot_rows`) spill
+# hundreds of registers per tile under it, so they get WIDE_SHARED_MAX_REGISTERS (two programs per SM)
 SHARED_WARPS = 4
 SHARED_MAX_REGISTERS = MAX_REGISTERS
+CAPPED_SHARED_ROWS = 16
+WIDE_SHARED_MAX_REGISTERS = 255
 # INT2 programs per SM the split heuristic aims at: two waves of the 4 that fit at once (the
 # second wave evens out programs that end at different times; on an H100 at 128K x 8, 16 splits
 # took 385 us against 444 us for 8)
@@ -376,13 +380,14 @@ def decode_attention_int2(
     win = window_programs(fmt)
     shared_splits = 0
     if shared is not None:
-        members = block_members(group)
+        members = block_members(group, batch)
         if tuple(shared.members.shape) != (batch, members) or tuple(shared.own_start.shape) != (batch,):
             raise ValueError(f"shared prefixes are for another batch or GQA group: members "
                              f"{tuple(shared.members.shape)}, expected ({batch}, {members})")
         # the reduce kernel merges at most MAX_KV_SPLITS INT2 partials per head in one tile
         shared_splits = max(1, min(default_num_kv_splits(triton.cdiv(batch, members), kv_heads, q.device),
                                    MAX_KV_SPLITS - splits))
+        shared_rows = head_block(members * group)
     parts = win + splits + shared_splits
     # without shared blocks the kernels never read own_start (SHARED is off): any int32 pointer
     own_start = kv_indptr if shared is None else shared.own_start
@@ -416,10 +421,11 @@ def decode_attention_int2(
             k_codes, v_codes, k_codes.stride(0), k_codes.stride(1),
             k_meta, v_meta, k_meta.stride(0), k_meta.stride(1),
             part_o, part_lse, q_heads, shared_splits, parts, win + splits,
-            GROUP=group, MEMBERS=members, BLOCK_M=head_block(members * group), D=d, NG=fmt.num_groups,
+            GROUP=group, MEMBERS=members, BLOCK_M=shared_rows, D=d, NG=fmt.num_groups,
             S=fmt.sink_tokens, BLOCK_N=BLOCK_N,
-            CODE_BITS=CODE_BITS, CODE_MAX=CODE_MAX, PTX_UNPACK=ptx_unpack,
-            NUM_STAGES=NUM_STAGES, num_warps=SHARED_WARPS, maxnreg=SHARED_MAX_REGISTERS,
+            CODE_BITS=CODE_BITS, CODE_MAX=CODE_MAX, PTX_UNPACK=ptx_unpack, NUM_STAGES=NUM_STAGES,
+            num_warps=SHARED_WARPS,
+            maxnreg=SHARED_MAX_REGISTERS if shared_rows <= CAPPED_SHARED_ROWS else WIDE_SHARED_MAX_REGISTERS,
         )
     _decode_reduce_kernel[(batch, q_heads, REDUCE_DIM_PROGRAMS)](
         part_o, part_lse, parts, own_start, win + splits,

@@ -44,7 +44,7 @@ def test_blocks_group_requests_by_their_shared_slots():
                 (1, 40, 12), (0, 60, 33), (2, 0, 6)]
     indptr, indices = shared_batch([60, 40, 0], requests, 1000)
     shared = find_shared_prefixes(indptr, indices, fmt, group=4)
-    assert block_members(4) == 4 and shared.members.shape == (len(requests), 4)
+    assert block_members(4, len(requests)) == 4 and shared.members.shape == (len(requests), 4)
     blocks = {}
     for row, end in zip(shared.members.tolist(), shared.block_end.tolist()):
         members = tuple(b for b in row if b >= 0)
@@ -129,13 +129,17 @@ def test_decode_with_shared_prefixes_matches_reference(head_dim, group_size, gqa
 
 @pytest.mark.parametrize("dot_rows", [32, 64])
 def test_larger_blocks_match_reference(dot_rows, monkeypatch, nan_scratch):
-    """Blocks of 8 and 16 requests (SHARED_DOT_ROWS 32 and 64; `benchmarks/tune_decode.py --sections
-    shared` times the 64-row block)."""
-    monkeypatch.setattr(shared_prefix, "SHARED_DOT_ROWS", dot_rows)
+    """Blocks of 8 requests (SHARED_DOT_ROWS 32) and the wide blocks of 16 that batches of
+    WIDE_BLOCKS_MIN_BATCH requests get (64 rows; lowered here to this batch's size)."""
     gen = torch.Generator().manual_seed(dot_rows)
     fmt = OscarFormat(64, 32, sink_tokens=4, recent_tokens=8)
     gqa, kv_heads = 4, 2
     requests = [(0, 120, b % 7) for b in range(dot_rows // gqa + 3)] + [(0, 60, 9), (0, 0, 30)]
+    if dot_rows == shared_prefix.WIDE_SHARED_DOT_ROWS:
+        assert shared_prefix.block_members(gqa, len(requests)) == shared_prefix.SHARED_DOT_ROWS // gqa
+        monkeypatch.setattr(shared_prefix, "WIDE_BLOCKS_MIN_BATCH", len(requests))
+    else:
+        monkeypatch.setattr(shared_prefix, "SHARED_DOT_ROWS", dot_rows)
     cache = make_cache(fmt, kv_heads, 120 + sum(own for *_, own in requests) + 16, len(requests) + 2, True, gen)
     batch = fill_shared_requests(cache, [120], requests, torch.bfloat16, torch.int32, gen)
     q = torch.randn(len(requests), kv_heads * gqa, 64, generator=gen).to(torch.bfloat16)

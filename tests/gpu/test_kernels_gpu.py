@@ -7,6 +7,7 @@ Pools are written with the real Triton write path (`quantize.write_kv_int2`) on 
 import pytest
 import torch
 from oscar_sglang.kernels import reference as ref
+from oscar_sglang.kernels import shared_prefix
 from oscar_sglang.kernels.decode import decode_attention_int2
 from oscar_sglang.kernels.extend import extend_attention_int2, flashinfer_extend_wrapper, plan_flashinfer_extend
 from oscar_sglang.kernels.format import DEFAULT_K_CLIP, DEFAULT_V_CLIP, OscarFormat
@@ -236,3 +237,34 @@ def test_shared_prefix_decode_in_a_cuda_graph():
         n = int(batch.kv_indptr[-1])
         current = (q, batch.kv_indptr, batch.kv_indices[:n], batch.window_starts, *cache.buffers, 128 ** -0.5, fmt)
         assert_matches(out, ref.decode_attention(*current), dtype)
+
+
+def test_wide_shared_blocks_match_reference():
+    """A batch large enough for wide shared-prefix blocks (`shared_prefix.WIDE_BLOCKS_MIN_BATCH`):
+    requests on one 6K-token prefix, with own tails of 1 to 300 tokens, read it in blocks of 16
+    (64 query rows, uncapped registers) at the library's default launch parameters."""
+    gen = torch.Generator(DEVICE).manual_seed(5)
+    fmt = OscarFormat(128)
+    heads, gqa, dtype = 8, 4, torch.bfloat16
+    batch_size = shared_prefix.WIDE_BLOCKS_MIN_BATCH + 4
+    prefix, own = 6000, [1 + (37 * b) % 300 for b in range(batch_size)]
+    cache = make_cache(fmt, heads, prefix + sum(own), batch_size, True, torch.Generator().manual_seed(0), DEVICE)
+    perm = torch.randperm(cache.k_codes.shape[0], generator=gen, device=DEVICE)
+    prefix_kv = [torch.randn(prefix, heads, 128, generator=gen, device=DEVICE).to(dtype) for _ in "kv"]
+    sequences = []
+    for b, (slots, n) in enumerate(zip(torch.split(perm[prefix:], own), own)):
+        tail = [torch.randn(n, heads, 128, generator=gen, device=DEVICE).to(dtype) for _ in "kv"]
+        slots = torch.cat([perm[:prefix], slots])
+        write_kv(cache, torch.cat([prefix_kv[0], tail[0]]), torch.cat([prefix_kv[1], tail[1]]), slots,
+                 b * fmt.window_rows)
+        sequences.append(slots)
+    indptr = torch.tensor([0] + [s.shape[0] for s in sequences], device=DEVICE).cumsum(0)
+    batch = Batch(indptr.to(torch.int32), torch.cat(sequences).to(torch.int32),
+                  torch.arange(batch_size, dtype=torch.int32, device=DEVICE) * fmt.window_rows)
+    q = torch.randn(batch_size, heads * gqa, 128, generator=gen, device=DEVICE).to(dtype)
+    args = decode_args(cache, batch, q)
+    shared = find_shared_prefixes(batch.kv_indptr, batch.kv_indices, fmt, group=gqa)
+    assert shared.members.shape == (batch_size, shared_prefix.WIDE_SHARED_DOT_ROWS // gqa)
+    out = torch.full_like(q, float("nan"))
+    decode_attention_int2(*args, out=out, shared=shared)
+    assert_matches(out, ref.decode_attention(*args), dtype)
