@@ -45,7 +45,7 @@ from .format import (
     META_FIELDS,
     OscarFormat,
 )
-from .shared_prefix import SharedPrefixes, block_members
+from .shared_prefix import SHARED_DOT_ROWS, SharedPrefixes, block_members
 from .tiles import int2_segment, nonzero, rotate_slice, window_segment
 
 BLOCK_N = 128  # INT2 positions per tile
@@ -61,12 +61,12 @@ MIN_DOT_ROWS = 4
 NUM_STAGES = 5
 NUM_WARPS = 4
 MAX_REGISTERS = 128  # lets 4 programs share an SM (no spills, per ptxas for sm_90)
-# launch parameters of `_decode_shared_kernel`: dots of up to CAPPED_SHARED_ROWS rows share an SM
-# four ways under the register cap; wider ones (64 rows: `shared_prefix.shared_dot_rows`) spill
-# hundreds of registers per tile under it, so they get WIDE_SHARED_MAX_REGISTERS (two programs per SM)
+# launch parameters of `_decode_shared_kernel`: dots of up to shared_prefix.SHARED_DOT_ROWS rows
+# (narrow blocks) share an SM four ways under the register cap; wider ones (64 rows:
+# `shared_prefix.shared_dot_rows`) spill hundreds of registers per tile under it, so they get
+# WIDE_SHARED_MAX_REGISTERS (two programs per SM)
 SHARED_WARPS = 4
 SHARED_MAX_REGISTERS = MAX_REGISTERS
-CAPPED_SHARED_ROWS = 16
 WIDE_SHARED_MAX_REGISTERS = 255
 # INT2 programs per SM the split heuristic aims at: two waves of the 4 that fit at once (the
 # second wave evens out programs that end at different times; on an H100 at 128K x 8, 16 splits
@@ -425,7 +425,7 @@ def decode_attention_int2(
             S=fmt.sink_tokens, BLOCK_N=BLOCK_N,
             CODE_BITS=CODE_BITS, CODE_MAX=CODE_MAX, PTX_UNPACK=ptx_unpack, NUM_STAGES=NUM_STAGES,
             num_warps=SHARED_WARPS,
-            maxnreg=SHARED_MAX_REGISTERS if shared_rows <= CAPPED_SHARED_ROWS else WIDE_SHARED_MAX_REGISTERS,
+            maxnreg=SHARED_MAX_REGISTERS if shared_rows <= SHARED_DOT_ROWS else WIDE_SHARED_MAX_REGISTERS,
         )
     _decode_reduce_kernel[(batch, q_heads, REDUCE_DIM_PROGRAMS)](
         part_o, part_lse, parts, own_start, win + splits,
