@@ -158,6 +158,40 @@ def exact_region(query, k, v, scaling: float, sink: int, recent: int, block: int
     return _union([(out.reshape(q.shape), lse.reshape(q.shape[:-1])) for out, lse in regions])
 
 
+def key_kl(query, key, key_quant, scaling: float, sink: int, recent: int, exact_lse,
+           block: int = DEFAULT_BLOCK) -> float:
+    """Sum over batch, query heads and query positions of KL(p || p̂): p is query i's exact
+    attention distribution, p̂ the same with the keys it reads from INT2 (positions
+    [sink, i - recent]) taken from `key_quant`. It depends on keys only, and it grows when a
+    query that singled out a few keys (a retrieval) spreads its mass after quantization, which
+    the attention output error barely sees when the values it then averages look alike.
+
+    query [B, H_q, L, D]; key, key_quant [B, H_kv, L, D]; exact_lse [B, H_q, L]: the
+    log-sum-exp of the exact windows' scores (exact_region's)."""
+    q = query.float()
+    length = q.shape[2]
+    first = sink + recent  # first query with a quantized key
+    if length <= first:
+        return 0.0
+    group = q.shape[1] // key.shape[1]
+    k = key[:, :, sink:length - recent].float().repeat_interleave(group, dim=1)
+    k_hat = key_quant[:, :, sink:length - recent].float().repeat_interleave(group, dim=1)
+    total = 0.0
+    # query first + r reads region keys j <= r (position sink + j): a causal square again
+    for start, end in row_blocks(length - first, block):
+        rows = q[:, :, first + start:first + end]
+        visible = _causal(start, end, q.device)
+        scores = (rows @ k[:, :, :end].transpose(-1, -2)) * scaling
+        scores_hat = (rows @ k_hat[:, :, :end].transpose(-1, -2)) * scaling
+        exact = exact_lse[:, :, first + start:first + end]
+        lse = torch.logaddexp(scores.masked_fill(~visible, float("-inf")).logsumexp(-1), exact)
+        lse_hat = torch.logaddexp(scores_hat.masked_fill(~visible, float("-inf")).logsumexp(-1), exact)
+        probs = (scores - lse[..., None]).exp() * visible
+        cross = (probs * (scores - scores_hat)).sum(-1)
+        total += (cross + lse_hat - lse).double().sum().item()
+    return total
+
+
 def attention_with_key_mass(query, key, value, scaling: float, sink: int, recent: int,
                             block: int = DEFAULT_BLOCK):
     """Exact causal float32 attention and each key's squared attention mass from the queries

@@ -3,7 +3,8 @@
 Pass 1 runs the model over calibration sequences and accumulates the rotation targets
 (covariance.CovarianceAccumulator); R = U · H · P_br per layer and target (rotation.py). Pass 2
 runs held-out sequences (never used for the targets) and picks, per layer and for K and V
-separately, the target and clip ratio of least attention-output error (clip_search.ClipSearch).
+separately, the target and clip ratio of least held-out error (clip_search.ClipSearch: attention
+KL divergence for keys, attention-output error for values).
 Why choose the target: on SmolLM2-135M the plain KᵀK target gave lower held-out key error and
 perplexity than the query-weighted one in most layers, while the attention-mass weighted target
 won for values (benchmarks/results/accuracy-*-ablations.md). The artifact is written with
@@ -20,7 +21,7 @@ from oscar_sglang.kernels.format import OscarFormat
 from oscar_sglang.kernels.rotations import RotationSet, data_free_rotations, make_rotation_set, save_rotations
 
 from .attention import attention_override
-from .clip_search import DEFAULT_CLIP_GRID, ClipSearch
+from .clip_search import DEFAULT_CLIP_GRID, KEY_OBJECTIVES, ClipSearch
 from .covariance import TARGETS, CovarianceAccumulator
 from .datasets import DataError, resolve_data, split_sequences, token_stream
 from .models import geometry, load_model
@@ -51,7 +52,7 @@ def run_model(model, sequences: torch.Tensor, handler, name: str, desc: str) -> 
 def calibrate(model, tokenizer, model_name: str, files: list[str], *, tokens: int, seq_len: int,
               heldout_fraction: float, group_size: int | None, shared: bool, target: str,
               sink: int, recent: int, offset: int = 0, grid=DEFAULT_CLIP_GRID,
-              source: str = "") -> CalibrationResult:
+              key_objective: str = KEY_OBJECTIVES[0], source: str = "") -> CalibrationResult:
     """Calibrate rotations from `tokens` tokens of `files` in sequences of `seq_len`; a
     `heldout_fraction` of the sequences (at least one) is kept out of the targets for the clip
     search. target "auto" makes rotations from both targets (covariance.TARGETS) and lets the
@@ -77,7 +78,7 @@ def calibrate(model, tokenizer, model_name: str, files: list[str], *, tokens: in
                                       [rotation_from_covariance(c) for c in c_v],
                                       baseline.k_clip, baseline.v_clip))
 
-    search = ClipSearch(candidates, baseline, fmt.group_size, sink, recent, grid)
+    search = ClipSearch(candidates, baseline, fmt.group_size, sink, recent, grid, key_objective)
     run_model(model, sequences[-heldout:], search, "oscar_calibration_clip", "clip search")
     choice = search.best()
     rotations = make_rotation_set(
@@ -90,28 +91,42 @@ def calibrate(model, tokenizer, model_name: str, files: list[str], *, tokens: in
 
 
 def summary_table(result: CalibrationResult) -> str:
-    """Per-layer markdown table: chosen target and clip, and relative attention-output error
-    (K only / V only quantized) of the calibrated rotation vs the data-free Hadamard rotation
-    with its default clips."""
-    rel, base = result.search.relative_errors()
+    """Per-layer markdown table: chosen target and clip for K and V; the key attention KL and
+    the value output error (relative) of that choice against the data-free Hadamard rotation
+    with its default clips; and the clips single held-out sequences would have chosen where
+    they disagree (ClipSearch.unsure). A closing line names the unsure layers."""
+    rel, base_err = result.search.relative_errors()
+    kl, base_kl = result.search.mean_key_kl()
+    unsure = result.search.unsure()
     grid = result.search.grid
-    head = []
-    for kind in "KV":
-        head += [f"{kind} target", f"{kind} clip", f"{kind} err", f"{kind} err Hadamard", f"{kind} reduction"]
+    head = ["K target", "K clip", "K attention KL", "K KL Hadamard", "K reduction", "K unsure",
+            "V target", "V clip", "V err", "V err Hadamard", "V reduction", "V unsure"]
     lines = ["| layer | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     totals = torch.zeros(2, 2, dtype=torch.float64)
-    for layer, picks in enumerate(result.choice):
+    for layer, ((kc, kclip), (vc, vclip)) in enumerate(result.choice):
+        pairs = [(kl[layer, kc, grid.index(kclip)].item(), base_kl[layer].item()),
+                 (rel[layer, 1, vc, grid.index(vclip)].item(), base_err[layer, 1].item())]
         cells = []
-        for i, (cand, clip) in enumerate(picks):
-            err, ref = rel[layer, i, cand, grid.index(clip)].item(), base[layer, i].item()
+        for i, ((cand, clip), (err, ref)) in enumerate(zip(result.choice[layer], pairs)):
             totals[i] += torch.tensor([err, ref], dtype=torch.float64)
-            cells += [result.targets[cand], f"{clip:.2f}", f"{err:.3e}", f"{ref:.3e}", _reduction(err, ref)]
+            doubt = "/".join(f"{c:.2f}" for c in unsure[layer][i])
+            cells += [result.targets[cand], f"{clip:.2f}", f"{err:.3e}", f"{ref:.3e}", _reduction(err, ref), doubt]
         lines.append(f"| {layer} | " + " | ".join(cells) + " |")
     n = len(result.choice)
     mean = []
     for err, ref in totals.tolist():
-        mean += ["", "", f"{err / n:.3e}", f"{ref / n:.3e}", _reduction(err, ref)]
+        mean += ["", "", f"{err / n:.3e}", f"{ref / n:.3e}", _reduction(err, ref), ""]
     lines.append("| mean | " + " | ".join(mean) + " |")
+    doubtful = [layer for layer, pair in enumerate(unsure) if any(pair)]
+    sequences = len(result.search.sequence_objectives)
+    if sequences < 2:
+        lines.append(f"\nunsure layers: not known with {sequences} held-out sequence; pass more "
+                     "--tokens or a larger --heldout-fraction")
+    elif doubtful:
+        lines.append(f"\nunsure layers (single held-out sequences chose other clips): {doubtful}; "
+                     "more --tokens would settle them")
+    else:
+        lines.append(f"\nunsure layers: none (all {sequences} held-out sequences agree)")
     return "\n".join(lines)
 
 
@@ -127,7 +142,9 @@ def run(args) -> int:
         heldout_fraction=args.heldout_fraction, group_size=args.group_size,
         shared=args.shared_across_heads, target=args.target, sink=args.sink_tokens,
         recent=args.recent_tokens, offset=args.offset_tokens, grid=args.clip_grid,
-        source=f"{' '.join(args.data)} (target {args.target}, tokens from offset {args.offset_tokens})")
+        key_objective=args.key_objective,
+        source=(f"{' '.join(args.data)} (target {args.target}, key clips by {args.key_objective}, "
+                f"tokens from offset {args.offset_tokens})"))
     save_rotations(args.out, result.rotations)
     print(summary_table(result))
     print(f"wrote {args.out}: {result.rotations.num_layers} layers, "

@@ -2,9 +2,11 @@
 decoding server reads it (formats.py, attention.windowed_attention), on held-out text.
 
 Metrics per format: perplexity; KL divergence and top-1 agreement of the next-token
-distribution vs the BF16 cache; passkey retrieval (a random 5-digit key sentence inserted at
-depths 10-90% of real text, scored as correct when greedy argmax reproduces every answer token
-under teacher forcing). One forward pass per format per sequence.
+distribution vs the BF16 cache; retrieval (calibration.retrieval: passkey and multi-needle
+prompts built from held-out text, the same ids the server benchmark sends), scored as correct
+when greedy argmax reproduces every answer token under teacher forcing, which is exactly when
+greedy generation would produce the answer. Rates carry Wilson 95 % intervals. One forward pass
+per format per sequence or prompt.
 """
 
 import json
@@ -23,20 +25,12 @@ from oscar_sglang.kernels.rotations import RotationSet, data_free_rotations, loa
 
 from .attention import attention_override, check_unpadded, windowed_attention
 from .datasets import DataError, resolve_data, split_sequences, token_stream
+from .retrieval import PROMPT_STYLES, TASKS, PromptBuilder, Proportion, RetrievalPrompt, correct
 from .formats import Fp8Format, Int2Format, Int4Format, Kivi2Format, KVFormat, identity_rotations
 from .models import Geometry, geometry, load_model
 
 FORMATS = ("bf16", "fp8", "int4", "kivi2", "int2-naive", "int2-hadamard", "oscar")
 REFERENCE = "bf16"
-PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and "
-                 "memorize it. I will quiz you about the important information there.\n\n")
-PASSKEY_NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
-# the prompt ends with the space before the key: SmolLM2's tokenizer emits a lone space token
-# before digits, after which even the BF16 model often predicts a word; the key's digits are scored
-PASSKEY_QUESTION = "\n\nWhat is the pass key? The pass key is "
-PASSKEY_ANSWER = "{key}"
-
-
 class SimulatedCache:
     """Attention handler: every layer reads its keys/values through `fmt` with the format's
     exact windows (attention.windowed_attention)."""
@@ -91,7 +85,7 @@ class FormatResult:
     kl_sum: float = 0.0
     top1_sum: float = 0.0
     predictions: int = 0
-    passkey: dict[int, list[bool]] = field(default_factory=dict)
+    retrieval: dict[str, dict[int, list[bool]]] = field(default_factory=dict)  # task -> length -> outcomes
 
     @property
     def perplexity(self) -> float:
@@ -102,8 +96,9 @@ class FormatResult:
                 "effective_bits": self.effective_bits, "perplexity": self.perplexity,
                 "kl_vs_bf16": self.kl_sum / self.predictions,
                 "top1_agreement": self.top1_sum / self.predictions, "predictions": self.predictions,
-                "passkey": {str(n): 100.0 * sum(v) / len(v) for n, v in self.passkey.items()},
-                "passkey_trials": {str(n): len(v) for n, v in self.passkey.items()}}
+                "retrieval": {task: {str(n): dict(Proportion(sum(v), len(v)).as_dict(), outcomes=v)
+                                     for n, v in by_length.items()}
+                              for task, by_length in self.retrieval.items()}}
 
 
 def _logits(model, ids: torch.Tensor, fmt: KVFormat, keep: int = 0) -> torch.Tensor:
@@ -133,56 +128,45 @@ def language_metrics(model, formats: list[KVFormat], sequences: torch.Tensor, re
     bar.close()
 
 
-def passkey_prompt(tokenizer, filler: torch.Tensor, length: int, depth: float, key: int):
-    """(input ids [n], answer ids [a]) of a `length`-token passkey prompt: the needle sentence
-    at the sentence boundary nearest `depth` of the filler text, the answer teacher-forced."""
-    needle, answer = PASSKEY_NEEDLE.format(key=key), PASSKEY_ANSWER.format(key=key)
-    def count(text):
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
-    budget = length - count(PASSKEY_INTRO + needle + PASSKEY_QUESTION + answer)
-    if budget < 1 or budget > filler.numel():
-        raise DataError(f"passkey length {length} does not fit the prompt and {filler.numel()} "
-                        "filler tokens")
-    text = tokenizer.decode(filler[:budget].tolist(), clean_up_tokenization_spaces=False)
-    cut = text.find(". ", int(depth * len(text)))
-    cut = int(depth * len(text)) if cut < 0 else cut + 1
-    prompt = PASSKEY_INTRO + text[:cut] + needle + text[cut:].lstrip() + PASSKEY_QUESTION
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    full_ids = tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]
-    if full_ids[:len(prompt_ids)] != prompt_ids:  # the answer must not merge into the prompt
-        full_ids = prompt_ids + tokenizer(answer, add_special_tokens=False)["input_ids"]
-    return torch.tensor(full_ids[:-1]), torch.tensor(full_ids[len(prompt_ids):])
+def retrieval_metrics(model, formats: list[KVFormat], prompts: list[RetrievalPrompt], results: dict) -> None:
+    """Scores every prompt under every format into results[name].retrieval."""
+    for fmt in tqdm(formats, desc="retrieval", unit="format"):
+        for p in prompts:
+            ids = torch.tensor(p.prompt + p.answer[:-1])
+            predicted = _logits(model, ids, fmt, keep=len(p.answer)).argmax(-1).tolist()
+            outcomes = results[fmt.name].retrieval.setdefault(p.task, {}).setdefault(p.length, [])
+            outcomes.append(correct(p, predicted))
 
 
-def passkey_metrics(model, tokenizer, formats: list[KVFormat], filler: torch.Tensor,
-                    lengths: list[int], trials: int, seed: int, results: dict) -> None:
-    """`trials` prompts per length (depths evenly spread over 10-90%, random 5-digit keys)."""
-    gen = torch.Generator().manual_seed(seed)
-    prompts = []
-    for length in lengths:
-        depths = torch.linspace(0.1, 0.9, trials).tolist() if trials > 1 else [0.5]
-        for depth in depths:
-            key = int(torch.randint(10000, 100000, (1,), generator=gen))
-            prompts.append((length, *passkey_prompt(tokenizer, filler, length, depth, key)))
-    for fmt in tqdm(formats, desc="passkey", unit="format"):
-        for length, ids, answer in prompts:
-            predicted = _logits(model, ids, fmt, keep=answer.numel()).argmax(-1).cpu()
-            results[fmt.name].passkey.setdefault(length, []).append(bool((predicted == answer).all()))
+@dataclass(frozen=True)
+class RetrievalSettings:
+    """What builds the retrieval prompts; the server benchmark records the same fields, and
+    equal settings give equal prompts."""
+
+    tasks: tuple[str, ...] = TASKS
+    lengths: tuple[int, ...] = (1024, 2048, 4096, 6000)
+    trials: int = 40
+    haystack_offset: int = 40000
+    style: str = PROMPT_STYLES[0]
+    needles: int = 4
+    seed: int = 0
+
+    def prompts(self, tokenizer, stream: torch.Tensor) -> list[RetrievalPrompt]:
+        builder = PromptBuilder(tokenizer, stream[self.haystack_offset:], self.style, self.needles, self.seed)
+        return [p for task in self.tasks for p in builder.build(task, list(self.lengths), self.trials)]
 
 
 def evaluate(model, tokenizer, formats: list[KVFormat], files: list[str], *, seq_len: int,
-             sequences: int, offset: int, passkey_lengths: list[int], passkey_trials: int,
-             seed: int = 0) -> list[FormatResult]:
+             sequences: int, offset: int, retrieval: RetrievalSettings | None) -> list[FormatResult]:
     """Perplexity/KL/top-1 on `sequences` x `seq_len` tokens of `files` from token `offset`,
-    then passkey prompts whose filler is the text that follows them."""
+    then the retrieval prompts of `retrieval` (None: none)."""
     if formats[0].name != REFERENCE:
         raise ValueError("the first format must be the BF16 reference")
     stream = token_stream(tokenizer, files)
     results = {f.name: FormatResult(f.name, f.bits, f.effective_bits(seq_len)) for f in formats}
     language_metrics(model, formats, split_sequences(stream, seq_len, sequences, offset), results)
-    if passkey_lengths:
-        filler = stream[offset + sequences * seq_len:]
-        passkey_metrics(model, tokenizer, formats, filler, passkey_lengths, passkey_trials, seed, results)
+    if retrieval is not None and retrieval.tasks and retrieval.lengths:
+        retrieval_metrics(model, formats, retrieval.prompts(tokenizer, stream), results)
     return list(results.values())
 
 
@@ -193,20 +177,32 @@ def machine(device: str) -> str:
             f"torch threads {torch.get_num_threads()}")
 
 
+def _rates(row: dict) -> list[tuple[str, str, dict]]:
+    """(task, length, proportion dict) of a result row, in table order."""
+    return [(task, n, p) for task, by_length in row["retrieval"].items() for n, p in by_length.items()]
+
+
+def _text(p: dict) -> str:
+    return Proportion(p["successes"], p["trials"]).text()
+
+
 def markdown(report: dict) -> str:
     rows = report["results"]
-    lengths = list(rows[0]["passkey"])
     base = rows[0]["perplexity"]
     head = ["format", "bits/elem", f"eff. bits @{report['config']['seq_len']}", "ppl", "Δppl",
-            "KL vs bf16", "top-1 vs bf16"] + [f"passkey@{n} (%)" for n in lengths]
+            "KL vs bf16", "top-1 vs bf16"] + [f"{task}@{n}" for task, n, _ in _rates(rows[0])]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["format"], f"{r['bits_per_element']:.2f}", f"{r['effective_bits']:.2f}",
                  f"{r['perplexity']:.3f}", f"{r['perplexity'] - base:+.3f}", f"{r['kl_vs_bf16']:.4f}",
-                 f"{100 * r['top1_agreement']:.1f}%"] + [f"{r['passkey'][n]:.0f}" for n in lengths]
+                 f"{100 * r['top1_agreement']:.1f}%"] + [_text(p) for _, _, p in _rates(r)]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", *report["checks"], "", f"command: `{report['command']}`", f"machine: {report['machine']}"]
+    lines += ["", "Retrieval: % correct of the trials, [Wilson 95 % interval].", "", *report["checks"], "",
+              f"command: `{report['command']}`", f"machine: {report['machine']}"]
     return "\n".join(lines)
+
+
+RETRIEVAL_TOLERANCE = 0.05  # OSCAR within 5 points of BF16
 
 
 def checks(rows: list[dict]) -> list[str]:
@@ -222,10 +218,10 @@ def checks(rows: list[dict]) -> list[str]:
             ok = delta("oscar") <= limit * delta(other)
             out.append(f"- OSCAR Δppl {delta('oscar'):+.3f} vs {other} Δppl {delta(other):+.3f} "
                        f"(target ≤ {limit:g}×): {'met' if ok else 'MISSED'}")
-    for n, acc in by["oscar"]["passkey"].items():
-        ref = by[REFERENCE]["passkey"][n]
-        out.append(f"- passkey@{n}: OSCAR {acc:.0f}% vs BF16 {ref:.0f}% (target within 2 points): "
-                   f"{'met' if acc >= ref - 2 else 'MISSED'}")
+    for (task, n, acc), (_, _, ref) in zip(_rates(by["oscar"]), _rates(by[REFERENCE]), strict=True):
+        ok = acc["rate"] >= ref["rate"] - RETRIEVAL_TOLERANCE
+        out.append(f"- {task}@{n}: OSCAR {_text(acc)} vs BF16 {_text(ref)} (target within "
+                   f"{100 * RETRIEVAL_TOLERANCE:.0f} points): {'met' if ok else 'MISSED'}")
     return out
 
 
@@ -242,19 +238,33 @@ def write_report(report: dict, out_dir: str, stem: str) -> list[str]:
     paths[1].write_text(markdown(report) + "\n")
     rows = report["results"]
     quantized = rows[1:]  # the BF16 reference is 0 on the error panels
-    # (title, rows, values, log scale): errors span orders of magnitude (naive INT2 vs FP8)
-    panels = [("Δ perplexity vs bf16", quantized, [r["perplexity"] - rows[0]["perplexity"] for r in quantized], True),
-              ("KL vs bf16 (nats/token)", quantized, [r["kl_vs_bf16"] for r in quantized], True)]
-    panels += [(f"passkey@{n} (%)", rows, [r["passkey"][n] for r in rows], False) for n in rows[0]["passkey"]]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4.5), squeeze=False)
-    for ax, (title, subset, values, log) in zip(axes[0], panels, strict=True):
-        names = [r["format"] for r in subset]
+    tasks = list(rows[0]["retrieval"])
+    fig, axes = plt.subplots(1, 2 + len(tasks), figsize=(4.8 * (2 + len(tasks)), 4.5), squeeze=False)
+    # errors span orders of magnitude (naive INT2 vs FP8): log scale
+    for ax, (title, values) in zip(axes[0], [
+            ("Δ perplexity vs bf16", [r["perplexity"] - rows[0]["perplexity"] for r in quantized]),
+            ("KL vs bf16 (nats/token)", [r["kl_vs_bf16"] for r in quantized])]):
+        names = [r["format"] for r in quantized]
         bars = ax.bar(names, values, color=["tab:red" if n.startswith("oscar") else "tab:gray" for n in names])
         ax.bar_label(bars, fmt="%.3g", fontsize=7)
-        if log and all(v > 0 for v in values):
+        if all(v > 0 for v in values):
             ax.set_yscale("log")
         ax.set_title(title)
         ax.tick_params(axis="x", labelrotation=60)
+    for ax, task in zip(axes[0][2:], tasks):
+        for r in rows:
+            by_length = r["retrieval"][task]
+            x = [int(n) for n in by_length]
+            y = [100 * p["rate"] for p in by_length.values()]
+            err = [[100 * (p["rate"] - p["wilson95"][0]) for p in by_length.values()],
+                   [100 * (p["wilson95"][1] - p["rate"]) for p in by_length.values()]]
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=r["format"])
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("prompt tokens")
+        ax.set_ylabel("% correct (Wilson 95 %)")
+        ax.set_ylim(-5, 105)
+        ax.set_title(task)
+        ax.legend(fontsize=7)
     fig.suptitle(f"{report['model']}: KV-cache formats, seq-len {report['config']['seq_len']}")
     fig.tight_layout()
     fig.savefig(paths[2], dpi=120)
@@ -285,17 +295,17 @@ def run(args) -> int:
             rots.check_matches(geo.num_layers, geo.num_kv_heads, geo.head_dim, model=name)
     formats = build_formats(names, geo, rotations, args.group_size, args.sink_tokens,
                             args.recent_tokens, ablations)
-    lengths = [int(n) for n in args.passkey_lengths.split(",") if n] if args.passkey_lengths else []
+    retrieval = RetrievalSettings(tuple(args.tasks), tuple(args.lengths), args.trials,
+                                  args.haystack_offset, args.prompt_style, args.needles, args.seed)
     results = evaluate(model, tokenizer, formats, resolve_data(args.data), seq_len=args.seq_len,
-                       sequences=args.sequences, offset=args.offset_tokens, passkey_lengths=lengths,
-                       passkey_trials=args.passkey_trials, seed=args.seed)
+                       sequences=args.sequences, offset=args.offset_tokens, retrieval=retrieval)
     rows = [r.row() for r in results]
     report = {
         "command": shlex.join(["oscar-sglang", *args.argv]), "machine": machine(args.device),
         "model": name, "geometry": asdict(geo),
         "config": {"seq_len": args.seq_len, "sequences": args.sequences, "offset_tokens": args.offset_tokens,
                    "data": args.data, "sink_tokens": args.sink_tokens, "recent_tokens": args.recent_tokens,
-                   "group_size": args.group_size or geo.head_dim, "passkey_trials": args.passkey_trials,
+                   "group_size": args.group_size or geo.head_dim, "retrieval": asdict(retrieval),
                    "default_clips": {"k": DEFAULT_K_CLIP, "v": DEFAULT_V_CLIP}},
         "rotations": dict(rotations.metadata) if rotations else None,
         "results": rows, "checks": checks(rows),

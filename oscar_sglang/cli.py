@@ -42,10 +42,31 @@ def _clip_grid(text: str) -> tuple[float, ...]:
     return grid
 
 
+def _names(allowed):
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(n for n in text.split(",") if n)
+        unknown = [n for n in names if n not in allowed]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {unknown}; choose from {','.join(allowed)}")
+        return names
+    return parse
+
+
+def _lengths(text: str) -> tuple[int, ...]:
+    try:
+        lengths = tuple(int(n) for n in text.split(",") if n)
+    except ValueError:
+        lengths = ()
+    if not lengths or min(lengths) < 1:
+        raise argparse.ArgumentTypeError(f"lengths must be positive integers, got {text!r}")
+    return lengths
+
+
 def build_parser() -> argparse.ArgumentParser:
     from oscar_sglang.calibration.calibrate import TARGET_CHOICES
-    from oscar_sglang.calibration.clip_search import DEFAULT_CLIP_GRID
+    from oscar_sglang.calibration.clip_search import DEFAULT_CLIP_GRID, KEY_OBJECTIVES
     from oscar_sglang.calibration.harness import FORMATS
+    from oscar_sglang.calibration.retrieval import PROMPT_STYLES, TASKS
 
     parser = argparse.ArgumentParser(prog="oscar-sglang", description="OSCAR-2 KV-cache tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,18 +89,30 @@ def build_parser() -> argparse.ArgumentParser:
                      help="comma-separated clip quantiles to search (default "
                           f"{','.join(map(str, DEFAULT_CLIP_GRID))})")
 
-    ev = sub.add_parser("evaluate", help="accuracy of KV-cache formats (perplexity, KL, passkey)")
+    cal.add_argument("--key-objective", choices=KEY_OBJECTIVES, default=KEY_OBJECTIVES[0],
+                     help="what the key clip search minimizes on held-out tokens: the attention "
+                          "distribution's KL divergence (default; keeps the large scores that "
+                          "retrieval needs) or the attention-output error")
+    ev = sub.add_parser("evaluate", help="accuracy of KV-cache formats (perplexity, KL, retrieval)")
     _common(ev)
     ev.add_argument("--rotations", help="artifact from `calibrate` (needed by format oscar)")
     ev.add_argument("--formats", default=",".join(FORMATS),
                     help=f"comma-separated subset of {','.join(FORMATS)} (bf16 always runs)")
     ev.add_argument("--sequences", type=int, default=2,
                     help="held-out sequences of --seq-len for perplexity/KL (default 2)")
-    ev.add_argument("--passkey-lengths", default="1024,4096",
-                    help="comma-separated prompt lengths in tokens, empty for none (default 1024,4096)")
-    ev.add_argument("--passkey-trials", type=int, default=5,
-                    help="prompts per length, depths spread over 10-90%% (default 5)")
-    ev.add_argument("--seed", type=int, default=0, help="passkey key seed (default 0)")
+    ev.add_argument("--tasks", type=_names(TASKS), default=TASKS,
+                    help=f"comma-separated retrieval tasks, empty for none (default {','.join(TASKS)})")
+    ev.add_argument("--lengths", type=_lengths, default=(1024, 2048, 4096, 6000),
+                    help="comma-separated retrieval prompt lengths in tokens (default 1024,2048,4096,6000)")
+    ev.add_argument("--trials", type=int, default=40,
+                    help="retrieval prompts per task and length, depths spread over 5-95%% (default 40)")
+    ev.add_argument("--haystack-offset", type=int, default=40000,
+                    help="retrieval haystacks start at this token of the data (default 40000; keep "
+                         "them apart from calibration text)")
+    ev.add_argument("--prompt-style", choices=PROMPT_STYLES, default=PROMPT_STYLES[0],
+                    help="chat: one user message of the tokenizer's chat template (default); plain: bare text")
+    ev.add_argument("--needles", type=int, default=4, help="facts per multi-needle prompt (default 4)")
+    ev.add_argument("--seed", type=int, default=0, help="retrieval prompt seed (default 0)")
     ev.add_argument("--ablations", action="store_true",
                     help="also OSCAR without BF16 windows and every --ablation-rotations artifact")
     ev.add_argument("--ablation-rotations", nargs="*", default=[], metavar="LABEL=PATH",

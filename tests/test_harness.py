@@ -18,7 +18,7 @@ from oscar_sglang.calibration.formats import (
     KVFormat,
     identity_rotations,
 )
-from oscar_sglang.calibration.harness import SimulatedCache, passkey_prompt
+from oscar_sglang.calibration.harness import SimulatedCache
 from oscar_sglang.cli import main
 from oscar_sglang.kernels.format import OscarFormat
 from oscar_sglang.kernels.reference import decode_attention, encode_kv
@@ -146,17 +146,6 @@ def test_simulated_decode_equals_token_by_token(tmp_path):
     assert (model(ids[None], use_cache=False).logits[0] - simulated).abs().max() > 1e-2
 
 
-def test_passkey_prompt(tmp_path):
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(tiny_checkpoint(tmp_path / "m"))
-    filler = torch.tensor(tok(" ".join(["Some text here."] * 100))["input_ids"])
-    ids, answer = passkey_prompt(tok, filler, 512, 0.5, 12345)
-    assert abs(ids.numel() + 1 - 512) <= 4
-    assert tok.decode(answer) == "12345"
-    text = tok.decode(ids)
-    assert "The pass key is 12345." in text and text.endswith("The pass key is 1234")
-
-
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory):
     d = tmp_path_factory.mktemp("harness")
@@ -175,7 +164,8 @@ def test_evaluate_cli_end_to_end(calibrated, capsys):
                  "--shared-across-heads", "--heldout-fraction", "0.5", *common]) == 0
     out_dir = d / "results"
     assert main(["evaluate", "--model", model, "--rotations", art, "--seq-len", "160", "--sequences", "1",
-                 "--offset-tokens", "2000", "--passkey-lengths", "384", "--passkey-trials", "2",
+                 "--offset-tokens", "2000", "--lengths", "640,900", "--trials", "2", "--prompt-style",
+                 "plain", "--haystack-offset", "2200", "--needles", "2",
                  "--out-dir", str(out_dir), "--name", "tiny", "--ablations",
                  "--ablation-rotations", f"shared={shared}", *common]) == 0
     report = json.loads((out_dir / "accuracy-tiny.json").read_text())
@@ -186,7 +176,16 @@ def test_evaluate_cli_end_to_end(calibrated, capsys):
                           "oscar-nowindow", "oscar-shared"]
     assert rows["bf16"]["kl_vs_bf16"] == pytest.approx(0, abs=1e-9) and rows["bf16"]["top1_agreement"] == 1
     assert rows["oscar"]["bits_per_element"] == 3.0 and rows["int4"]["bits_per_element"] == 4.5
-    assert all(r["predictions"] == 159 and set(r["passkey_trials"]) == {"384"} for r in rows.values())
+    assert all(r["predictions"] == 159 for r in rows.values())
+    for r in rows.values():
+        assert list(r["retrieval"]) == ["passkey", "multi-needle-one", "multi-needle-all"]
+        for by_length in r["retrieval"].values():
+            assert list(by_length) == ["640", "900"]
+            assert all(p["trials"] == 2 and len(p["outcomes"]) == 2 and 0 <= p["wilson95"][0] <= p["rate"]
+                       for p in by_length.values())
+    assert report["config"]["retrieval"]["lengths"] == [640, 900]
+    assert "passkey@640" in (out_dir / "accuracy-tiny.md").read_text()
+    assert any("multi-needle-all@900: OSCAR" in c for c in report["checks"])
     assert rows["oscar-nowindow"]["kl_vs_bf16"] > rows["oscar"]["kl_vs_bf16"]
     assert report["rotations"]["model_name"] == "model" and report["command"].startswith("oscar-sglang evaluate")
     assert "| oscar |" in capsys.readouterr().out
@@ -197,7 +196,7 @@ def test_evaluate_refuses_mismatching_model(calibrated, tmp_path):
     other = tiny_checkpoint(tmp_path / "three-layers", num_layers=3)
     with pytest.raises(SystemExit, match="num_layers=2.*num_layers=3"):
         main(["evaluate", "--model", other, "--rotations", art, "--seq-len", "64", "--sequences", "1",
-              "--passkey-lengths", "", "--out-dir", str(tmp_path), *common])
+              "--tasks", "", "--out-dir", str(tmp_path), *common])
 
 
 def test_asymmetric_roundtrip_at_two_bits_matches_reference():
