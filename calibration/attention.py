@@ -158,25 +158,30 @@ def exact_region(query, k, v, scaling: float, sink: int, recent: int, block: int
     return _union([(out.reshape(q.shape), lse.reshape(q.shape[:-1])) for out, lse in regions])
 
 
-def key_kl(query, key, key_quant, scaling: float, sink: int, recent: int, exact_lse,
-           block: int = DEFAULT_BLOCK) -> float:
-    """Sum over batch, query heads and query positions of KL(p || p̂): p is query i's exact
-    attention distribution, p̂ the same with the keys it reads from INT2 (positions
-    [sink, i - recent]) taken from `key_quant`. It depends on keys only, and it grows when a
-    query that singled out a few keys (a retrieval) spreads its mass after quantization, which
-    the attention output error barely sees when the values it then averages look alike.
+def key_divergences(query, key, key_quant, scaling: float, sink: int, recent: int, exact_lse,
+                    block: int = DEFAULT_BLOCK) -> tuple[float, float]:
+    """How reading keys from INT2 changes attention distributions, summed over batch, query
+    heads and query positions. For query i, p is its exact attention distribution and p̂ the
+    same with the keys it reads from INT2 (positions [sink, i - recent]) taken from `key_quant`:
 
-    query [B, H_q, L, D]; key, key_quant [B, H_kv, L, D]; exact_lse [B, H_q, L]: the
-    log-sum-exp of the exact windows' scores (exact_region's)."""
+    - attention KL: KL(p || p̂);
+    - peak KL: the term of KL(p || p̂) of the INT2 key with the largest exact score,
+      p_top · log(p_top / p̂_top): the share of the divergence that a query singling out one
+      key far back (a retrieval) loses on that key. Diffuse queries contribute little to it,
+      so it is not dominated by the many queries whose attention averages similar values.
+
+    Both depend on keys only. query [B, H_q, L, D]; key, key_quant [B, H_kv, L, D];
+    exact_lse [B, H_q, L]: the log-sum-exp of the exact windows' scores (exact_region's).
+    Returns (attention KL sum, peak KL sum)."""
     q = query.float()
     length = q.shape[2]
     first = sink + recent  # first query with a quantized key
     if length <= first:
-        return 0.0
+        return 0.0, 0.0
     group = q.shape[1] // key.shape[1]
     k = key[:, :, sink:length - recent].float().repeat_interleave(group, dim=1)
     k_hat = key_quant[:, :, sink:length - recent].float().repeat_interleave(group, dim=1)
-    total = 0.0
+    kl = peak = 0.0
     # query first + r reads region keys j <= r (position sink + j): a causal square again
     for start, end in row_blocks(length - first, block):
         rows = q[:, :, first + start:first + end]
@@ -184,12 +189,18 @@ def key_kl(query, key, key_quant, scaling: float, sink: int, recent: int, exact_
         scores = (rows @ k[:, :, :end].transpose(-1, -2)) * scaling
         scores_hat = (rows @ k_hat[:, :, :end].transpose(-1, -2)) * scaling
         exact = exact_lse[:, :, first + start:first + end]
-        lse = torch.logaddexp(scores.masked_fill(~visible, float("-inf")).logsumexp(-1), exact)
+        masked = scores.masked_fill(~visible, float("-inf"))
+        lse = torch.logaddexp(masked.logsumexp(-1), exact)
         lse_hat = torch.logaddexp(scores_hat.masked_fill(~visible, float("-inf")).logsumexp(-1), exact)
-        probs = (scores - lse[..., None]).exp() * visible
-        cross = (probs * (scores - scores_hat)).sum(-1)
-        total += (cross + lse_hat - lse).double().sum().item()
-    return total
+        logp = scores - lse[..., None]
+        log_ratio = logp - (scores_hat - lse_hat[..., None])  # log p - log p̂
+        probs = logp.exp() * visible
+        # the exact windows' keys (mass 1 - Σ probs) each have log p - log p̂ = lse_hat - lse
+        exact_terms = (1 - probs.sum(-1)) * (lse_hat - lse)
+        kl += ((probs * log_ratio).sum(-1) + exact_terms).double().sum().item()
+        top = masked.argmax(-1, keepdim=True)
+        peak += (probs.gather(-1, top) * log_ratio.gather(-1, top)).double().sum().item()
+    return kl, peak
 
 
 def attention_with_key_mass(query, key, value, scaling: float, sink: int, recent: int,

@@ -91,15 +91,18 @@ def calibrate(model, tokenizer, model_name: str, files: list[str], *, tokens: in
 
 
 def summary_table(result: CalibrationResult) -> str:
-    """Per-layer markdown table: chosen target and clip for K and V; the key attention KL and
-    the value output error (relative) of that choice against the data-free Hadamard rotation
-    with its default clips; and the clips single held-out sequences would have chosen where
-    they disagree (ClipSearch.unsure). A closing line names the unsure layers."""
-    rel, base_err = result.search.relative_errors()
-    kl, base_kl = result.search.mean_key_kl()
-    unsure = result.search.unsure()
-    grid = result.search.grid
-    head = ["K target", "K clip", "K attention KL", "K KL Hadamard", "K reduction", "K unsure",
+    """Per-layer markdown table: chosen target and clip for K and V; the key objective (for
+    output-error, the relative error) and the value output error (relative) of that choice
+    against the data-free Hadamard rotation with its default clips; and the clips single
+    held-out sequences would have chosen where they disagree (ClipSearch.unsure). A closing line
+    names the unsure layers."""
+    search = result.search
+    rel, base_err = search.relative_errors()
+    div, base_div = search.mean_key_divergences()
+    kl, base_kl = search.key_score(rel[:, 0], div), search.key_score(base_err[:, 0], base_div)
+    unsure = search.unsure()
+    grid = search.grid
+    head = ["K target", "K clip", f"K {search.key_objective}", "K Hadamard", "K reduction", "K unsure",
             "V target", "V clip", "V err", "V err Hadamard", "V reduction", "V unsure"]
     lines = ["| layer | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     totals = torch.zeros(2, 2, dtype=torch.float64)
@@ -118,7 +121,7 @@ def summary_table(result: CalibrationResult) -> str:
         mean += ["", "", f"{err / n:.3e}", f"{ref / n:.3e}", _reduction(err, ref), ""]
     lines.append("| mean | " + " | ".join(mean) + " |")
     doubtful = [layer for layer, pair in enumerate(unsure) if any(pair)]
-    sequences = len(result.search.sequence_objectives)
+    sequences = len(search.sequence_objectives)
     if sequences < 2:
         lines.append(f"\nunsure layers: not known with {sequences} held-out sequence; pass more "
                      "--tokens or a larger --heldout-fraction")

@@ -1,11 +1,12 @@
 """Clip-ratio grid search on held-out calibration tokens.
 
-Keys are chosen by the attention distribution's KL divergence (attention.key_kl) and values by
-the attention-output error. Key clipping lowers the output error of typical queries, whose
+Keys are chosen by how their INT2 copy changes attention distributions (attention.key_divergences)
+and values by the attention-output error. Key clipping lowers the output error of typical queries, whose
 attention is spread over many similar values, while it flattens the few large scores that let a
 query single out one key far back: measured on SmolLM2-135M, clips chosen by output error
 (0.76-0.92) kept perplexity and lost passkey retrieval at 2K tokens (8 % against 75 % at 0.96).
-The KL divergence sees that loss directly; it does not depend on the values.
+Divergences of the attention distribution see that loss directly; they do not depend on the
+values.
 """
 
 import torch
@@ -13,12 +14,13 @@ import torch
 from oscar_sglang.kernels.reference import dequantize_int2, quantize_int2, rotate, unrotate
 from oscar_sglang.kernels.rotations import RotationSet
 
-from .attention import check_unpadded, exact_region, key_kl, merge_regions, quantized_region
+from .attention import check_unpadded, exact_region, key_divergences, merge_regions, quantized_region
 from .formats import from_tokens, to_tokens
 
 DEFAULT_CLIP_GRID = (0.72, 0.76, 0.80, 0.84, 0.88, 0.92, 0.96, 1.0)
 KINDS = ("k", "v")
-KEY_OBJECTIVES = ("attention-kl", "output-error")
+DIVERGENCES = ("attention-kl", "peak-kl")  # the order of attention.key_divergences' results
+KEY_OBJECTIVES = ("peak-kl", "attention-kl", "output-error")
 
 
 def int2_roundtrips(x: torch.Tensor, rot: torch.Tensor, clips, group_size: int):
@@ -37,15 +39,15 @@ def int2_roundtrips(x: torch.Tensor, rot: torch.Tensor, clips, group_size: int):
 class ClipSearch:
     """Attention handler that runs the model with exact float32 attention and, per layer,
     measures the squared error of the attention output when only K (V exact) or only V (K exact)
-    goes through the INT2 cache, as served (sinks and recent positions exact), and the KL
-    divergence of the attention distribution when K goes through it:
+    goes through the INT2 cache, as served (sinks and recent positions exact), and the
+    divergences of the attention distribution (attention.key_divergences) when K goes through it:
 
     - for each candidate rotation set and each clip ratio of `grid`;
     - once under `baseline` (the data-free Hadamard rotation with its default clips), for the
       summary.
 
     Errors are summed over held-out sequences; `relative_errors` divides them by Σ‖output‖²,
-    `mean_key_kl` the KL sums by the number of (query, head) pairs. `key_objective` (one of
+    `mean_key_divergences` the divergence sums by the number of (query, head) pairs. `key_objective` (one of
     KEY_OBJECTIVES) is what `best` minimizes for keys."""
 
     def __init__(self, candidates: list[RotationSet], baseline: RotationSet, group_size: int,
@@ -59,8 +61,9 @@ class ClipSearch:
         self.errors = torch.zeros(layers, len(KINDS), len(candidates), len(self.grid), dtype=torch.float64)
         self.baseline_errors = torch.zeros(layers, len(KINDS), dtype=torch.float64)
         self.norms = torch.zeros(layers, dtype=torch.float64)
-        self.key_kl = torch.zeros(layers, len(candidates), len(self.grid), dtype=torch.float64)
-        self.baseline_key_kl = torch.zeros(layers, dtype=torch.float64)
+        # [..., 2]: DIVERGENCES
+        self.key_divergences = torch.zeros(layers, len(candidates), len(self.grid), 2, dtype=torch.float64)
+        self.baseline_key_divergences = torch.zeros(layers, 2, dtype=torch.float64)
         self.queries = torch.zeros(layers, dtype=torch.float64)
         self.sequence_objectives: list[torch.Tensor] = []  # per held-out sequence, as objectives()
 
@@ -77,8 +80,9 @@ class ClipSearch:
             self.sequence_objectives.append(torch.zeros_like(self.errors))
         this_sequence = self.sequence_objectives[-1]
 
-        def kl(quantized):
-            return key_kl(q, kv["k"], quantized, scaling, self.sink, self.recent, exact[1])
+        def divergences(quantized):
+            return torch.tensor(key_divergences(q, kv["k"], quantized, scaling, self.sink, self.recent, exact[1]),
+                                dtype=torch.float64)
 
         def error(kind, quantized):
             """Squared output error with only `kind` read from INT2, the other exact."""
@@ -93,16 +97,16 @@ class ClipSearch:
                     err = error(kind, quantized)
                     self.errors[layer, i, c, j] += err
                     if kind == "k":
-                        divergence = kl(quantized)
-                        self.key_kl[layer, c, j] += divergence
-                        err = divergence if self.key_objective == "attention-kl" else err
+                        both = divergences(quantized)
+                        self.key_divergences[layer, c, j] += both
+                        err = self.key_score(err, both)
                     this_sequence[layer, i, c, j] += err
             rot = getattr(self.baseline, f"{kind}_rot")[layer].to(q.device)
             clip = getattr(self.baseline, f"{kind}_clip")[layer]
             quantized = int2_roundtrips(kv[kind], rot, [clip], self.group_size)[0]
             self.baseline_errors[layer, i] += error(kind, quantized)
             if kind == "k":
-                self.baseline_key_kl[layer] += kl(quantized)
+                self.baseline_key_divergences[layer] += divergences(quantized)
         return reference.to(query.dtype), None
 
     def relative_errors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,16 +114,22 @@ class ClipSearch:
         norms = self.norms.clamp_min(torch.finfo(torch.float64).tiny)
         return self.errors / norms[:, None, None, None], self.baseline_errors / norms[:, None]
 
-    def mean_key_kl(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """([layers, candidates, grid], [layers] baseline): mean KL per (query, head)."""
+    def key_score(self, error, divergences):
+        """The key objective from the output error and the (attention KL, peak KL) pair(s)."""
+        if self.key_objective == "output-error":
+            return error
+        return divergences[..., DIVERGENCES.index(self.key_objective)]
+
+    def mean_key_divergences(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """([layers, candidates, grid, 2], [layers, 2] baseline): mean DIVERGENCES per
+        (query, head)."""
         queries = self.queries.clamp_min(1.0)
-        return self.key_kl / queries[:, None, None], self.baseline_key_kl / queries
+        return self.key_divergences / queries[:, None, None, None], self.baseline_key_divergences / queries[:, None]
 
     def objectives(self) -> torch.Tensor:
         """[layers, 2, candidates, grid]: what `best` minimizes for K and for V."""
         out = self.errors.clone()
-        if self.key_objective == "attention-kl":
-            out[:, 0] = self.key_kl
+        out[:, 0] = self.key_score(self.errors[:, 0], self.key_divergences)
         return out
 
     def _argmin(self, objectives: torch.Tensor) -> list[list[tuple[int, float]]]:

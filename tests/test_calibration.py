@@ -12,7 +12,7 @@ from oscar_sglang.calibration.attention import (
     attention_override,
     attention_with_key_mass,
     exact_region,
-    key_kl,
+    key_divergences,
 )
 from oscar_sglang.calibration.clip_search import DEFAULT_CLIP_GRID, ClipSearch, int2_roundtrips
 from oscar_sglang.calibration.covariance import CovarianceAccumulator
@@ -187,43 +187,51 @@ def test_key_mass_matches_dense():
 
 
 @pytest.mark.parametrize("sink,recent,length", [(3, 5, 40), (0, 1, 33), (4, 8, 12), (2, 30, 31)])
-def test_key_kl_matches_dense(sink, recent, length):
+def test_key_divergences_match_dense(sink, recent, length):
     torch.manual_seed(length + sink)
     q, k = torch.randn(2, 4, length, 64), torch.randn(2, 2, length, 64)
     k_hat = k + 0.4 * torch.randn_like(k)
     v = torch.randn_like(k)
     lse = exact_region(q, k, v, 0.125, sink, recent)[1]
-    got = key_kl(q, k, k_hat, 0.125, sink, recent, lse, block=7)
+    got, got_peak = key_divergences(q, k, k_hat, 0.125, sink, recent, lse, block=7)
     i, t = torch.arange(length)[:, None], torch.arange(length)[None, :]
     quantized = (t >= sink) & (i - t >= recent)
     exact_scores = (q @ k.repeat_interleave(2, 1).mT) * 0.125
     mixed = torch.where(quantized, (q @ k_hat.repeat_interleave(2, 1).mT) * 0.125, exact_scores)
     logp = exact_scores.masked_fill(t > i, float("-inf")).log_softmax(-1)
     logp_hat = mixed.masked_fill(t > i, float("-inf")).log_softmax(-1)
-    want = torch.where(t <= i, logp.exp() * (logp - logp_hat), 0.0).sum().item()
+    terms = torch.where(t <= i, logp.exp() * (logp - logp_hat), 0.0)
+    want = terms.sum().item()
+    top = exact_scores.masked_fill(~quantized, float("-inf")).argmax(-1, keepdim=True)
+    want_peak = torch.where(quantized.any(-1, keepdim=True), terms.gather(-1, top), 0.0).sum().item()
     assert got == pytest.approx(want, rel=1e-4, abs=1e-6)
+    assert got_peak == pytest.approx(want_peak, rel=1e-4, abs=1e-6)
     assert want > 0 or length <= sink + recent
-    assert key_kl(q, k, k, 0.125, sink, recent, lse) == pytest.approx(0.0, abs=1e-4)
+    assert key_divergences(q, k, k, 0.125, sink, recent, lse) == pytest.approx((0.0, 0.0), abs=1e-4)
 
 
-def _search(key_objective="attention-kl"):
+def _search(*key_objective):
     rots = [hadamard_bitrev(64)[None]] * 2
     rs = make_rotation_set(rots, rots, [0.96] * 2, [0.92] * 2, model_name="t", num_kv_heads=1,
                            calibration_tokens=0, calibration_source="test")
-    search = ClipSearch([rs, rs], rs, 64, 4, 8, grid=(0.8, 0.9, 1.0), key_objective=key_objective)
+    search = ClipSearch([rs, rs], rs, 64, 4, 8, (0.8, 0.9, 1.0), *key_objective)
+    # layer 0, K: output error -> candidate 1 clip 1.0; attention KL -> 0, 1.0; peak KL -> 1, 0.8
     search.errors.fill_(1.0)
     search.errors[0, 0, 1, 2] = 0.5  # layer 0, K: candidate 1, clip 1.0
     search.errors[0, 1, 0, 0] = 0.5  # layer 0, V: candidate 0, clip 0.8
     search.errors[1, :, 0, 1] = 0.5  # layer 1: candidate 0, clip 0.9
-    search.key_kl.fill_(1.0)
-    search.key_kl[0, 0, 2] = 0.5  # layer 0: candidate 0, clip 1.0
-    search.key_kl[1, 1, 0] = 0.5  # layer 1: candidate 1, clip 0.8
+    search.key_divergences.fill_(1.0)
+    search.key_divergences[0, 0, 2, 0] = 0.5  # attention KL, layer 0: candidate 0, clip 1.0
+    search.key_divergences[1, 1, 0, 0] = 0.5  # attention KL, layer 1: candidate 1, clip 0.8
+    search.key_divergences[0, 1, 0, 1] = 0.5  # peak KL, layer 0: candidate 1, clip 0.8
+    search.key_divergences[1, 0, 2, 1] = 0.5  # peak KL, layer 1: candidate 0, clip 1.0
     return search
 
 
 def test_clip_search_picks_least_objective_per_layer_and_kind():
-    # keys by attention KL, values by output error
-    assert _search().best() == [[(0, 1.0), (0, 0.8)], [(1, 0.8), (0, 0.9)]]
+    # keys by the key objective, values by output error
+    assert _search().best() == [[(1, 0.8), (0, 0.8)], [(0, 1.0), (0, 0.9)]]
+    assert _search("attention-kl").best() == [[(0, 1.0), (0, 0.8)], [(1, 0.8), (0, 0.9)]]
     assert _search("output-error").best() == [[(1, 1.0), (0, 0.8)], [(0, 0.9), (0, 0.9)]]
     with pytest.raises(ValueError, match="key objective"):
         _search("perplexity")
