@@ -28,6 +28,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from oscar_sglang.config import DATA_FREE_ROTATIONS
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 DEFAULT_WORK_DIR = Path(tempfile.gettempdir()) / "oscar-bench"
@@ -166,7 +168,9 @@ def add_common_args(parser, mem_fraction_static, timeout):
     parser.add_argument(
         "--oscar-rotations",
         type=existing_file,
-        help="rotation artifact passed to the oscar configuration (default: data-free rotation)",
+        help="rotation artifact passed to the oscar configuration (default: --oscar-rotations "
+        f"{DATA_FREE_ROTATIONS}, the data-free rotations: the servers run dummy weights, whose "
+        "throughput does not depend on them)",
     )
     parser.add_argument(
         "--oscar-args",
@@ -208,12 +212,12 @@ def parallel_settings(args):
 
 def kv_flags(config, oscar_rotations=None, oscar_args=()):
     """SGLang flags selecting the KV cache and attention backend of one configuration
-    (the oscar configuration also gets its rotation file and --oscar-args)."""
+    (the oscar configuration also gets its rotation file, data-free without one, and
+    --oscar-args)."""
     flags = list(KV_CONFIGS[config])
     if config == OSCAR:
-        if oscar_rotations is not None:
-            flags += ["--oscar-rotations", str(oscar_rotations)]
-        flags += list(oscar_args)
+        rotations = DATA_FREE_ROTATIONS if oscar_rotations is None else str(oscar_rotations)
+        flags += ["--oscar-rotations", rotations, *oscar_args]
     return flags
 
 

@@ -3,8 +3,8 @@
 Tensors: `layers.{l}.k_rot` / `layers.{l}.v_rot` [H_kv or 1, D, D] float32 (orthogonal),
 `layers.{l}.k_clip` / `layers.{l}.v_clip` float32 scalars. String metadata: see
 `REQUIRED_METADATA`. Loading validates structure, version and orthogonality; matching against a
-served model is `RotationSet.check_matches`. Without an artifact, `data_free_rotations` gives the
-normalized Hadamard · bit-reversal rotation.
+served model is `RotationSet.check_matches`. Without an artifact (`--oscar-rotations data-free`),
+`data_free_rotations` gives the normalized Hadamard · bit-reversal rotation.
 """
 
 import math
@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from scipy.linalg import hadamard
 
-from .format import DEFAULT_K_CLIP, DEFAULT_V_CLIP, FORMAT_NAME, FORMAT_VERSION
+from .format import DATA_FREE_ROTATIONS, DEFAULT_K_CLIP, DEFAULT_V_CLIP, FORMAT_NAME, FORMAT_VERSION
 
 REQUIRED_METADATA = (
     "format", "format_version", "model_name", "num_layers", "num_kv_heads", "head_dim",
@@ -73,7 +73,8 @@ class RotationSet:
                 raise RotationFileError(
                     f"{source} was calibrated for {name}={have} ({self.metadata['model_name']}), "
                     f"but {model} has {name}={want}; calibrate rotations for this model with "
-                    "`oscar-sglang calibrate` or omit --oscar-rotations for data-free rotations"
+                    "`oscar-sglang calibrate` or pass --oscar-rotations "
+                    f"{DATA_FREE_ROTATIONS} for data-free rotations"
                 )
 
     def slice_kv_heads(self, start: int, end: int) -> "RotationSet":
@@ -131,7 +132,8 @@ def load_rotations(path: str) -> RotationSet:
     if not os.path.isfile(path):
         raise RotationFileError(
             f"rotation file {path!r} does not exist; pass the path written by `oscar-sglang "
-            "calibrate --out`, or omit --oscar-rotations for data-free rotations")
+            f"calibrate --out`, or pass --oscar-rotations {DATA_FREE_ROTATIONS} for data-free "
+            "rotations")
     try:
         tensors = load_file(path)
         with safe_open(path, "pt") as f:

@@ -4,8 +4,9 @@ SGLang's ServerArgs keeps only its own dataclass fields, so the plugin's flags t
 environment variables, which the spawned scheduler processes inherit:
 
     SGLANG_OSCAR_KV_QUANT        --kv-quant               oscar | none (default: none)
-    SGLANG_OSCAR_ROTATIONS       --oscar-rotations        rotation file (.oscar.safetensors);
-                                                          unset: data-free rotations
+    SGLANG_OSCAR_ROTATIONS       --oscar-rotations        rotation file (.oscar.safetensors), or
+                                                          data-free (Hadamard rotations, lower
+                                                          quality); required with oscar
     SGLANG_OSCAR_GROUP_SIZE      --oscar-group-size       32 | 64 | 128 (default: head_dim)
     SGLANG_OSCAR_SINK_TOKENS     --oscar-sink-tokens      BF16 sink tokens per sequence, >= 0
     SGLANG_OSCAR_RECENT_TOKENS   --oscar-recent-tokens    BF16 recent tokens per sequence, >= 1
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from oscar_sglang.kernels.format import (
+    DATA_FREE_ROTATIONS,
     DEFAULT_RECENT_TOKENS,
     DEFAULT_SINK_TOKENS,
     SUPPORTED_GROUP_SIZES,
@@ -59,9 +61,10 @@ class Setting:
 
 KV_QUANT = Setting("kv_quant", "SGLANG_OSCAR_KV_QUANT", "--kv-quant",
                    " or ".join(KV_QUANT_CHOICES), str.strip, lambda v: v in KV_QUANT_CHOICES)
+ROTATIONS = Setting("rotations", "SGLANG_OSCAR_ROTATIONS", "--oscar-rotations",
+                    f"the path of a rotation file or {DATA_FREE_ROTATIONS!r}", str, bool)
 SETTINGS = (
-    Setting("rotations", "SGLANG_OSCAR_ROTATIONS", "--oscar-rotations",
-            "the path of a rotation file", str, bool),
+    ROTATIONS,
     Setting("group_size", "SGLANG_OSCAR_GROUP_SIZE", "--oscar-group-size",
             f"one of {list(SUPPORTED_GROUP_SIZES)}", int, lambda v: v in SUPPORTED_GROUP_SIZES),
     Setting("sink_tokens", "SGLANG_OSCAR_SINK_TOKENS", "--oscar-sink-tokens",
@@ -92,7 +95,9 @@ def given_settings(environ: Mapping[str, str] = os.environ) -> list[Setting]:
 
 @dataclass(frozen=True)
 class OscarConfig:
-    """What the OSCAR KV cache is asked to do; `group_size` None means one group per head."""
+    """What the OSCAR KV cache is asked to do; `group_size` None means one group per head,
+    `rotations` None that none was given (refused at startup; DATA_FREE_ROTATIONS opts in to
+    the data-free ones)."""
 
     rotations: str | None = None
     group_size: int | None = None

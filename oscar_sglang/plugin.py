@@ -36,6 +36,7 @@ from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 from oscar_sglang import validation
 from oscar_sglang.config import (
     ALL_SETTINGS,
+    DATA_FREE_ROTATIONS,
     DEFAULT_WINDOW_FRACTION,
     KV_QUANT_CHOICES,
     Setting,
@@ -79,8 +80,9 @@ FLAG_HELP = {
     "kv_quant": ("'oscar': store K/V as 2-bit rotated codes (OSCAR-2, oscar-sglang) with BF16 "
                  "sink/recent windows; 'none' (default): SGLang's own KV cache"),
     "rotations": ("rotation file written by `oscar-sglang calibrate --out "
-                  "NAME.oscar.safetensors`, checked against the model at startup; default: "
-                  "data-free Hadamard rotations (lower quality)"),
+                  "NAME.oscar.safetensors`, checked against the model at startup, or "
+                  f"'{DATA_FREE_ROTATIONS}': data-free Hadamard rotations (lower quality, "
+                  "unusable on some models); required with --kv-quant oscar"),
     "group_size": "quantization group size along head_dim; default: head_dim",
     "sink_tokens": f"first tokens of every sequence kept in BF16 (default {DEFAULT_SINK_TOKENS})",
     "recent_tokens": (f"most recent tokens of every sequence kept in BF16 "

@@ -1,9 +1,11 @@
-"""Rotations for the served model: load (or fall back to data-free), validate against the model,
-slice to this tensor-parallel rank's KV heads."""
+"""Rotations for the served model: load (or data-free ones when asked for), validate against the
+model, slice to this tensor-parallel rank's KV heads."""
 
 import logging
 
+from oscar_sglang.config import DATA_FREE_ROTATIONS
 from oscar_sglang.kernels.rotations import RotationSet, data_free_rotations, load_rotations
+from oscar_sglang.validation import missing_rotations
 
 logger = logging.getLogger(__name__)
 
@@ -23,11 +25,15 @@ def kv_head_range(total_kv_heads: int, tp_size: int, tp_rank: int) -> tuple[int,
 
 def rotations_for_model(path: str | None, num_layers: int, num_kv_heads: int, head_dim: int,
                         model_name: str) -> RotationSet:
-    """The validated RotationSet for a model with these dimensions (all KV heads)."""
+    """The validated RotationSet for a model with these dimensions (all KV heads): `path` is a
+    rotation file or DATA_FREE_ROTATIONS; None is refused."""
     if path is None:
+        raise missing_rotations(model_name)
+    if path == DATA_FREE_ROTATIONS:
         logger.warning(
-            "OSCAR: no --oscar-rotations given; using data-free Hadamard rotations, whose "
-            "quality is lower than calibrated ones (run `oscar-sglang calibrate`)")
+            "OSCAR: --oscar-rotations %s; using data-free Hadamard rotations, whose quality is "
+            "lower than calibrated ones and can be unusable on some models (run `oscar-sglang "
+            "calibrate`)", DATA_FREE_ROTATIONS)
         return data_free_rotations(num_layers, num_kv_heads, head_dim, model_name)
     rotations = load_rotations(path)
     rotations.check_matches(num_layers, num_kv_heads, head_dim, model=model_name or "the served model")

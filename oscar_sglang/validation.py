@@ -42,6 +42,19 @@ def refusal(problem: str, fix: str) -> ValueError:
     return ValueError(f"--kv-quant oscar does not support {problem}; {fix}")
 
 
+def missing_rotations(model: str) -> ValueError:
+    """The error for OSCAR without --oscar-rotations: data-free rotations are an explicit
+    choice, since on some models they serve garbage."""
+    flag, env = oscar_config.ROTATIONS.flag, oscar_config.ROTATIONS.env
+    return ValueError(
+        f"--kv-quant oscar needs rotations ({flag} / {env}) and none were given; calibrate a "
+        f"rotation file for this model with `oscar-sglang calibrate --model {model} --data "
+        "<text files> --tokens 32768 --out NAME.oscar.safetensors` and pass "
+        f"`{flag} NAME.oscar.safetensors`, or pass `{flag} {oscar_config.DATA_FREE_ROTATIONS}` "
+        "to serve the data-free Hadamard rotations knowingly (lower quality, unusable on some "
+        "models)")
+
+
 MODEL_FIX = ("serve this model without --kv-quant oscar (OSCAR supports full-attention MHA/GQA "
              "models only)")
 
@@ -83,6 +96,8 @@ def validate_server_args(server_args) -> OscarConfig | None:
     hf_config = read_model_config(server_args)
     shape = check_model_config(hf_config, server_args.model_path)
     settings.format(shape.head_dim)  # ValueError for unsupported head_dim / group size
+    if settings.rotations is None:
+        raise missing_rotations(server_args.model_path)
     # The schedulers load the file again the same way; a RotationFileError (a ValueError) names
     # the unreadable part or the field that differs from the model.
     from oscar_sglang.rotations import rotations_for_model

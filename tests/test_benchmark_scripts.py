@@ -107,7 +107,8 @@ def test_kv_flags():
         "flashinfer",
     ]
     assert common.kv_flags("fp8-triton") == ["--kv-cache-dtype", "fp8_e4m3", "--attention-backend", "triton"]
-    assert common.kv_flags("oscar") == ["--kv-quant", "oscar"]
+    # without an artifact, the data-free rotations knowingly (dummy weights: quality is moot)
+    assert common.kv_flags("oscar") == ["--kv-quant", "oscar", "--oscar-rotations", "data-free"]
     rotations = Path("r.safetensors")
     assert common.kv_flags("oscar", rotations) == [
         "--kv-quant",
@@ -117,15 +118,17 @@ def test_kv_flags():
     ]
     assert common.kv_flags("fp8-triton", rotations) == common.kv_flags("fp8-triton")
     extra = ["--oscar-window-fraction", "0.3"]
-    assert common.kv_flags("oscar", None, extra) == ["--kv-quant", "oscar", *extra]
+    assert common.kv_flags("oscar", None, extra) == [
+        "--kv-quant", "oscar", "--oscar-rotations", "data-free", *extra
+    ]  # fmt: skip
     assert common.kv_flags("fp8-flashinfer", rotations, extra) == common.kv_flags("fp8-flashinfer")
 
 
 def test_oscar_args_reach_the_oscar_server_only(tmp_path):
     args = serving.build_parser().parse_args(["--oscar-args", "--oscar-window-fraction 0.3"])
     assert args.oscar_args == ["--oscar-window-fraction", "0.3"]
-    assert serving.server_command("oscar", args, MODEL, 1)[-4:] == [
-        "--kv-quant", "oscar", "--oscar-window-fraction", "0.3"
+    assert serving.server_command("oscar", args, MODEL, 1)[-6:] == [
+        "--kv-quant", "oscar", "--oscar-rotations", "data-free", "--oscar-window-fraction", "0.3"
     ]  # fmt: skip
     assert "--oscar-window-fraction" not in serving.server_command("fp8-flashinfer", args, MODEL, 1)
     args = latency.build_parser().parse_args(["--oscar-args=--oscar-window-fraction 0.3"])
@@ -1195,7 +1198,8 @@ def test_latency_run_prints_points_and_keeps_them_on_timeout(tmp_path, monkeypat
     doc = json.loads((res / "latency.json").read_text())
     record = doc["configs"]["oscar"]
     assert record["status"] == "timeout" and [p["batch_size"] for p in record["points"]] == [1, 8]
-    assert record["kv_flags"] == ["--kv-quant", "oscar"] and record["cuda_graph_bs"] == [1, 8]
+    assert record["kv_flags"] == ["--kv-quant", "oscar", "--oscar-rotations", "data-free"]
+    assert record["cuda_graph_bs"] == [1, 8]
     assert doc["settings"]["prefill"] == "synthetic" and doc["grid"] == {"batches": [1, 8], "contexts": [16]}
     md = (res / "latency.md").read_text()
     assert "Prefill: synthetic" in md and "| 8 x 16 | 20.0 |" in md
@@ -1271,11 +1275,13 @@ def test_serving_markdown_names_the_workload_and_flags(tmp_path, monkeypatch):
             "--oscar-args", "--oscar-window-fraction 0.3"]  # fmt: skip
     assert serving.main(argv) == 0
     doc = json.loads((res / "serving-sp32768.json").read_text())
-    assert doc["configs"]["oscar"]["kv_flags"] == ["--kv-quant", "oscar", "--oscar-window-fraction", "0.3"]
+    assert doc["configs"]["oscar"]["kv_flags"] == [
+        "--kv-quant", "oscar", "--oscar-rotations", "data-free", "--oscar-window-fraction", "0.3"
+    ]  # fmt: skip
     assert doc["configs"]["oscar"]["metrics"]["max_running_requests"] == 2048
     md = (res / "serving-sp32768.md").read_text()
     assert "4 system prompts of 32768 tokens x 16 questions of 1024 tokens, 512 output tokens" in md
-    assert "oscar: `--kv-quant oscar --oscar-window-fraction 0.3`" in md
+    assert "oscar: `--kv-quant oscar --oscar-rotations data-free --oscar-window-fraction 0.3`" in md
     header = next(line for line in md.splitlines() if line.startswith("| config |"))
     assert "| peak running req | running cap | KV pool tokens |" in header
     assert md.splitlines()[-1].startswith("| oscar / fp8-flashinfer | 1.00x |")

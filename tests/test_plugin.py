@@ -71,10 +71,11 @@ def test_bad_flag_value_is_an_argparse_error_naming_it(sglang, model_dir, capsys
 
 
 def test_engine_style_attention_backend_turns_oscar_on(sglang, model_dir, monkeypatch):
+    monkeypatch.setenv("SGLANG_OSCAR_ROTATIONS", "data-free")
     monkeypatch.setenv("SGLANG_OSCAR_GROUP_SIZE", "32")
     args = sglang.ServerArgs(model_path=model_dir, device="cpu", attention_backend="oscar")
     assert [getattr(args, f) for f in validation.BACKEND_FIELDS] == ["oscar"] * 3
-    assert args._oscar_settings == OscarConfig(group_size=32)
+    assert args._oscar_settings == OscarConfig(rotations="data-free", group_size=32)
     # The launcher's os.environ is left alone, so a later Engine in this process is not OSCAR.
     assert "SGLANG_OSCAR_KV_QUANT" not in os.environ
 
@@ -116,6 +117,7 @@ def test_unapplied_pool_hook_refuses_instead_of_serving_bf16(sglang, model_dir, 
 
     patched = HookRegistry._patched - {target}
     monkeypatch.setattr(HookRegistry, "_patched", patched)
+    monkeypatch.setenv("SGLANG_OSCAR_ROTATIONS", "data-free")
     with pytest.raises(RuntimeError, match=f"could not hook .*{target.rsplit('.', 1)[1]}"):
         sglang.ServerArgs(model_path=model_dir, device="cpu", attention_backend="oscar")
 
@@ -209,6 +211,7 @@ def test_deterministic_inference_is_accepted_and_aligns_prefill_chunks(sglang, m
     assert off.truncation_align_size is None
 
     args = sglang.prepare_server_args(["--model-path", model_dir, "--device", "cpu", "--kv-quant", "oscar",
+                                       "--oscar-rotations", "data-free",
                                        "--enable-deterministic-inference"])
     assert args.attention_backend == "oscar" and args.enable_deterministic_inference
     assert hasattr(Scheduler.init_deterministic_inference_config, "__wrapped__")

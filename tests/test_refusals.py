@@ -2,6 +2,7 @@
 naming the problem; CPU only (the refusals come before SGLang looks for a GPU)."""
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -119,6 +120,63 @@ def test_bad_environment_value_names_variable_and_allowed_values(sglang, tmp_pat
     with pytest.raises(ValueError) as refused:
         sglang.ServerArgs(model_path=write_model(tmp_path), device="cpu")
     assert env in str(refused.value) and allowed in str(refused.value)
+
+
+def test_no_rotations_is_refused_naming_the_fix(sglang, tmp_path):
+    """Data-free rotations serve garbage on some models, so they are never a silent default."""
+    model = write_model(tmp_path)
+    with pytest.raises(ValueError) as refused:
+        serve(sglang, model)
+    message = str(refused.value)
+    assert "--kv-quant oscar needs rotations (--oscar-rotations / SGLANG_OSCAR_ROTATIONS)" in message
+    assert (f"`oscar-sglang calibrate --model {model} --data <text files> --tokens 32768 --out "
+            "NAME.oscar.safetensors`") in message
+    assert "`--oscar-rotations NAME.oscar.safetensors`" in message
+    assert "`--oscar-rotations data-free`" in message
+
+
+@pytest.mark.parametrize("env, backend", [
+    ({}, "oscar"),  # the Engine API: attention_backend="oscar"
+    ({"SGLANG_OSCAR_KV_QUANT": "oscar"}, None),
+])
+def test_engine_without_rotations_is_refused(sglang, tmp_path, monkeypatch, env, backend):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match="needs rotations .*`oscar-sglang calibrate .*`--oscar-"
+                                         "rotations data-free`"):
+        sglang.ServerArgs(model_path=write_model(tmp_path), device="cpu",
+                          attention_backend=backend)
+
+
+def test_data_free_rotations_are_served_when_asked_for(sglang, tmp_path, caplog):
+    logger = logging.getLogger("oscar_sglang.rotations")
+    logger.addHandler(caplog.handler)  # SGLang's logging setup replaces the root's handlers
+    try:
+        args = serve(sglang, write_model(tmp_path), "--oscar-rotations", "data-free")
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert args._oscar_settings == OscarConfig(rotations="data-free") == OscarConfig.from_env()
+    assert args.attention_backend == "oscar"
+    assert "using data-free Hadamard rotations" in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["data-free", "file"])
+def test_engine_with_rotations_in_the_environment_is_accepted(sglang, tmp_path, monkeypatch,
+                                                              kind):
+    rotations = write_rotations(tmp_path) if kind == "file" else kind
+    monkeypatch.setenv("SGLANG_OSCAR_ROTATIONS", rotations)
+    args = sglang.ServerArgs(model_path=write_model(tmp_path), device="cpu",
+                             attention_backend="oscar")
+    assert args._oscar_settings == OscarConfig(rotations=rotations)
+    assert args.attention_backend == "oscar"
+
+
+def test_scheduler_refuses_missing_rotations_too():
+    """The pool hook loads the rotations again (oscar_sglang.sizing): no fallback there either."""
+    from oscar_sglang.rotations import rotations_for_model
+
+    with pytest.raises(ValueError, match="needs rotations .*`oscar-sglang calibrate --model m "):
+        rotations_for_model(None, 2, 2, 128, "m")
 
 
 def test_missing_rotation_file(sglang, tmp_path):

@@ -9,11 +9,14 @@ import re
 
 import pytest
 import server_helpers
+from oscar_sglang.config import DATA_FREE_ROTATIONS
 from server_helpers import common, post
 
 pytestmark = pytest.mark.gpu
 
-SERVER_FLAGS = ["--load-format", "dummy", "--kv-quant", "oscar", "--context-length", "16384",
+# Data-free rotations: dummy weights, so no calibrated file exists and quality is not measured.
+SERVER_FLAGS = ["--load-format", "dummy", "--kv-quant", "oscar", "--oscar-rotations",
+                DATA_FREE_ROTATIONS, "--context-length", "16384",
                 "--mem-fraction-static", "0.40", "--cuda-graph-backend-prefill", "disabled",
                 "--cuda-graph-bs-decode", "1", "4", "--max-running-requests", "8"]
 

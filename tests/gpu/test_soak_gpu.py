@@ -41,6 +41,7 @@ import uuid
 
 import pytest
 import server_helpers
+from oscar_sglang.config import DATA_FREE_ROTATIONS
 from server_helpers import LOG_DIR, get_json, greedy_body, post, request_status, running_server
 
 pytestmark = pytest.mark.gpu
@@ -61,7 +62,9 @@ BASE_FLAGS = ["--load-format", "dummy", "--cuda-graph-backend-prefill", "disable
               "--cuda-graph-bs-decode", "1", "8", "32"]
 # No --max-running-requests: the OSCAR window rows cap it (~45 at 0.40 on an 80 GB H100).
 # PyTorch sampling: FlashInfer's sampling kernels would be JIT-compiled (a minute) mid-soak.
-SOAK_FLAGS = [*BASE_FLAGS, "--kv-quant", "oscar", "--context-length", "16384",
+# Data-free rotations: dummy weights, so no calibrated file exists and quality is not measured.
+OSCAR_FLAGS = ["--kv-quant", "oscar", "--oscar-rotations", DATA_FREE_ROTATIONS]
+SOAK_FLAGS = [*BASE_FLAGS, *OSCAR_FLAGS, "--context-length", "16384",
               "--mem-fraction-static", "0.40", "--sampling-backend", "pytorch"]
 # 0.70: everything the concurrent run admits fits, so no request is retracted (a retracted
 # request is recomputed, which changes its numerics in any backend).
@@ -72,7 +75,7 @@ DETERMINISM_FLAGS = [*BASE_FLAGS, "--context-length", "4096", "--mem-fraction-st
 DETERMINISM_ENV = ("SGLANG_BATCH_INVARIANT_OPS_ENABLE_MM_DEEPGEMM=0",)
 DETERMINISM_CONFIGS = {
     "bf16-triton": ["--attention-backend", "triton"],  # control: stock SGLang, BF16 KV
-    "oscar": ["--kv-quant", "oscar"],
+    "oscar": OSCAR_FLAGS,
 }
 SGLANG_REFUSES_BACKEND = "attention backends are supported for deterministic inference"
 
