@@ -12,7 +12,7 @@ kernels.rotations.make_rotation_set / save_rotations.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from tqdm import tqdm
@@ -32,12 +32,30 @@ TARGET_CHOICES = ("auto", *TARGETS)
 
 @dataclass
 class CalibrationResult:
-    rotations: RotationSet
+    rotations: RotationSet | None
     search: ClipSearch
+    candidates: list[RotationSet]  # one per target
     targets: tuple[str, ...]  # candidate targets, in ClipSearch candidate order
     choice: list[list[tuple[int, float]]]  # per layer, K and V: (candidate, clip)
     covariance_tokens: int
     heldout_tokens: int
+    model_name: str
+    num_kv_heads: int
+    source: str
+
+    def choose(self, key_objective: str) -> "CalibrationResult":
+        """The result whose keys are chosen by `key_objective` (clip_search.KEY_OBJECTIVES):
+        the search measured every objective, so this needs no model run."""
+        self.search.key_objective = key_objective
+        choice = self.search.best()
+        rotations = make_rotation_set(
+            [self.candidates[k[0]].k_rot[layer] for layer, (k, _) in enumerate(choice)],
+            [self.candidates[v[0]].v_rot[layer] for layer, (_, v) in enumerate(choice)],
+            [k[1] for k, _ in choice], [v[1] for _, v in choice],
+            model_name=self.model_name, num_kv_heads=self.num_kv_heads,
+            calibration_tokens=self.covariance_tokens,
+            calibration_source=f"{self.source} (key clips by {key_objective})")
+        return replace(self, rotations=rotations, choice=choice)
 
 
 def run_model(model, sequences: torch.Tensor, handler, name: str, desc: str) -> None:
@@ -80,14 +98,9 @@ def calibrate(model, tokenizer, model_name: str, files: list[str], *, tokens: in
 
     search = ClipSearch(candidates, baseline, fmt.group_size, sink, recent, grid, key_objective)
     run_model(model, sequences[-heldout:], search, "oscar_calibration_clip", "clip search")
-    choice = search.best()
-    rotations = make_rotation_set(
-        [candidates[k[0]].k_rot[layer] for layer, (k, _) in enumerate(choice)],
-        [candidates[v[0]].v_rot[layer] for layer, (_, v) in enumerate(choice)],
-        [k[1] for k, _ in choice], [v[1] for _, v in choice],
-        model_name=model_name, num_kv_heads=geo.num_kv_heads, calibration_tokens=acc.tokens,
-        calibration_source=source or ", ".join(files))
-    return CalibrationResult(rotations, search, targets, choice, acc.tokens, heldout * seq_len)
+    result = CalibrationResult(None, search, candidates, targets, [], acc.tokens, heldout * seq_len,
+                               model_name, geo.num_kv_heads, source or ", ".join(files))
+    return result.choose(key_objective)
 
 
 def summary_table(result: CalibrationResult) -> str:
@@ -146,8 +159,7 @@ def run(args) -> int:
         shared=args.shared_across_heads, target=args.target, sink=args.sink_tokens,
         recent=args.recent_tokens, offset=args.offset_tokens, grid=args.clip_grid,
         key_objective=args.key_objective,
-        source=(f"{' '.join(args.data)} (target {args.target}, key clips by {args.key_objective}, "
-                f"tokens from offset {args.offset_tokens})"))
+        source=f"{' '.join(args.data)} (target {args.target}, tokens from offset {args.offset_tokens})")
     save_rotations(args.out, result.rotations)
     print(summary_table(result))
     print(f"wrote {args.out}: {result.rotations.num_layers} layers, "

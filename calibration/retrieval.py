@@ -20,6 +20,7 @@ Tasks (RULER's needle-in-a-haystack family, built from real text):
 """
 
 import math
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -146,7 +147,7 @@ class PromptBuilder:
             raise DataError(f"prompt style must be one of {PROMPT_STYLES}, got {style!r}")
         self.tokenizer, self.haystack, self.needles = tokenizer, haystack, needles
         self.frame = ChatFrame.from_tokenizer(tokenizer) if style == "chat" else PLAIN_FRAME
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed, self.generator = seed, torch.Generator().manual_seed(seed)
 
     def ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
@@ -245,12 +246,18 @@ class PromptBuilder:
         return Conversation(depth, [first, *later], question, self.ids(values[0]))
 
     def build(self, task: str, lengths: list[int], trials: int) -> list[RetrievalPrompt]:
-        """`trials` prompts of `task` per length, depths spread over DEPTH_RANGE."""
+        """`trials` prompts of `task` per length, depths spread over DEPTH_RANGE. The numbers of
+        a (task, length) come from a generator seeded by (seed, task, length), so its prompts are
+        the same whatever else is built."""
         make = {"passkey": self.passkey, "multi-needle-one": self.multi_needle_one,
                 "multi-needle-all": self.multi_needle_all}.get(task)
         if make is None:
             raise DataError(f"unknown retrieval task {task!r}; choose from {', '.join(TASKS)}")
-        return [make(t, n, d) for n in lengths for t, d in enumerate(depths(trials))]
+        prompts = []
+        for n in lengths:
+            self.generator.manual_seed(zlib.crc32(f"{self.seed}/{task}/{n}".encode()))
+            prompts += [make(t, n, d) for t, d in enumerate(depths(trials))]
+        return prompts
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,12 @@ def test_rows_pair_formats_with_configs_prompt_by_prompt():
     assert rows[1]["server"]["successes"] == 2 and rows[1]["harness"]["successes"] == 3
 
 
+def test_only_shared_task_lengths_are_compared():
+    h = harness_doc({"bf16": {1024: [True] * 4, 2048: [True] * 4}})
+    s = server_doc({"bf16": {2048: [True] * 4, 4096: [False] * 4}}, lengths=[2048, 4096])
+    assert [r["length"] for r in compare(h, s, [("bf16", "bf16")])] == [2048]
+
+
 def test_different_prompts_or_counts_are_refused():
     h = harness_doc({"bf16": {1024: [True] * 4, 2048: [True] * 4}})
     with pytest.raises(AgreementError, match="seed 0 .harness. vs 1 .server."):

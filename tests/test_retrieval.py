@@ -74,6 +74,9 @@ def test_same_settings_same_prompts(tokenizer_and_text):
     b = PromptBuilder(tok, stream, style="plain", seed=3).build("multi-needle-one", [600], 4)
     c = PromptBuilder(tok, stream, style="plain", seed=4).build("multi-needle-one", [600], 4)
     assert a == b and a != c
+    # a (task, length) gives the same prompts whatever else is built
+    both = PromptBuilder(tok, stream, style="plain", seed=3).build("multi-needle-one", [700, 600], 4)
+    assert both[4:] == a
 
 
 def test_conversation_turns(tokenizer_and_text):
