@@ -5,8 +5,8 @@ benchmarks/quality_server.py (quality-server-NAME.json) on the same prompts.
 Both tools build their prompts with calibration.retrieval from the settings recorded in their
 JSON; equal settings give equal token ids, and outcomes are listed in the same order (task, then
 length, then trial), so the i-th outcomes of a task and length answer the same prompt. Formats
-are paired with server configurations by --pairs FORMAT=CONFIG (default: bf16, fp8, oscar and
-oscar-output-error by name, int2-hadamard with oscar-data-free).
+are paired with server configurations by --pairs FORMAT=CONFIG (default: bf16, fp8, oscar,
+oscar-output-error and oscar-peak-kl by name, int2-hadamard with oscar-data-free).
 
 Per pair, task and length: both rates with Wilson 95 % intervals, whether the intervals overlap,
 and the share of prompts on which both tools gave the same verdict. Writes NAME.md and NAME.json.
@@ -23,7 +23,7 @@ from oscar_sglang.calibration.harness import RetrievalSettings
 from oscar_sglang.calibration.retrieval import Proportion
 
 DEFAULT_PAIRS = ("bf16=bf16", "fp8=fp8", "oscar=oscar", "int2-hadamard=oscar-data-free",
-                 "oscar-output-error=oscar-output-error")
+                 "oscar-output-error=oscar-output-error", "oscar-peak-kl=oscar-peak-kl")
 SETTING_FIELDS = tuple(RetrievalSettings.__dataclass_fields__)
 
 

@@ -744,6 +744,8 @@ def plot(doc, path):
         ax.set_ylim(-5, 105)
         ax.set_title(f"{task} ({phase})")
         ax.grid(alpha=0.3)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
     axes.flat[0].legend(fontsize="small")
     fig.suptitle(f"{Path(s['model']).name}: retrieval through the server, Wilson 95 % intervals")
     fig.tight_layout()

@@ -3,8 +3,8 @@
 Pass 1 runs the model over calibration sequences and accumulates the rotation targets
 (covariance.CovarianceAccumulator); R = U · H · P_br per layer and target (rotation.py). Pass 2
 runs held-out sequences (never used for the targets) and picks, per layer and for K and V
-separately, the target and clip ratio of least held-out error (clip_search.ClipSearch: attention
-KL divergence for keys, attention-output error for values).
+separately, the target and clip ratio of least held-out error (clip_search.ClipSearch: for values
+the attention-output error, for keys the chosen key objective).
 Why choose the target: on SmolLM2-135M the plain KᵀK target gave lower held-out key error and
 perplexity than the query-weighted one in most layers, while the attention-mass weighted target
 won for values (benchmarks/results/accuracy-*-ablations.md). The artifact is written with

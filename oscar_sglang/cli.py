@@ -90,9 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                           f"{','.join(map(str, DEFAULT_CLIP_GRID))})")
 
     cal.add_argument("--key-objective", choices=KEY_OBJECTIVES, default=KEY_OBJECTIVES[0],
-                     help="what the key clip search minimizes on held-out tokens: the attention "
-                          "distribution's KL divergence (default; keeps the large scores that "
-                          "retrieval needs) or the attention-output error")
+                     help="what the key clip search minimizes on held-out tokens: the attention-output "
+                          "error (default), the attention distribution's KL divergence, or its peak "
+                          "KL (the divergence on each query's top key: milder clips)")
     ev = sub.add_parser("evaluate", help="accuracy of KV-cache formats (perplexity, KL, retrieval)")
     _common(ev)
     ev.add_argument("--rotations", help="artifact from `calibrate` (needed by format oscar)")

@@ -229,10 +229,10 @@ def _search(*key_objective):
 
 
 def test_clip_search_picks_least_objective_per_layer_and_kind():
-    # keys by the key objective, values by output error
-    assert _search().best() == [[(1, 0.8), (0, 0.8)], [(0, 1.0), (0, 0.9)]]
+    # keys by the key objective (default: output error), values by output error
+    assert _search().best() == _search("output-error").best() == [[(1, 1.0), (0, 0.8)], [(0, 0.9), (0, 0.9)]]
+    assert _search("peak-kl").best() == [[(1, 0.8), (0, 0.8)], [(0, 1.0), (0, 0.9)]]
     assert _search("attention-kl").best() == [[(0, 1.0), (0, 0.8)], [(1, 0.8), (0, 0.9)]]
-    assert _search("output-error").best() == [[(1, 1.0), (0, 0.8)], [(0, 0.9), (0, 0.9)]]
     with pytest.raises(ValueError, match="key objective"):
         _search("perplexity")
 
