@@ -243,8 +243,8 @@ def build_workload(args, tokenizer, stream):
     def builder():
         return PromptBuilder(tokenizer, haystack, args.prompt_style, args.needles, args.seed)
 
-    # One builder for all tasks, in order, as calibration.harness.RetrievalSettings.prompts does:
-    # equal settings give the ids `oscar-sglang evaluate` scores, prompt by prompt.
+    # a (task, length)'s prompts depend only on the settings (PromptBuilder.build): the same ids
+    # `oscar-sglang evaluate` scores with equal settings, prompt by prompt
     tasks = builder()
     retrieval = {task: tasks.build(task, args.lengths, args.trials) for task in args.tasks}
     # a builder of their own: the conversations do not depend on which tasks are run

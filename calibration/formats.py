@@ -119,11 +119,13 @@ class Kivi2Format(KVFormat):
 
 class Int2Format(KVFormat):
     """OSCAR-2 as the server stores it (kernels.reference.encode_kv / decode_kv): rotate, clip,
-    2-bit groups; sinks and recent positions read from the BF16 rotated copy."""
+    2-bit groups; sinks and recent positions read from the BF16 rotated copy. `sides` "k" or "v"
+    reads only keys or only values from INT2 and the other side exact (a diagnosis: which side
+    loses what)."""
 
     def __init__(self, name: str, rotations: RotationSet, head_dim: int, group_size: int | None = None,
-                 sink: int = DEFAULT_SINK_TOKENS, recent: int = DEFAULT_RECENT_TOKENS):
-        self.name, self.rotations = name, rotations
+                 sink: int = DEFAULT_SINK_TOKENS, recent: int = DEFAULT_RECENT_TOKENS, sides: str = "kv"):
+        self.name, self.rotations, self.sides = name, rotations, sides
         self.format = OscarFormat(head_dim, group_size)
         self.bits = self.format.bits_per_element
         self.sink, self.recent = sink, recent
@@ -139,7 +141,8 @@ class Int2Format(KVFormat):
         r = self.rotations
         k_exact, k_quant = self._roundtrip(key, r.k_rot[layer], r.k_clip[layer])
         v_exact, v_quant = self._roundtrip(value, r.v_rot[layer], r.v_clip[layer])
-        return k_exact, k_quant, v_exact, v_quant
+        return (k_exact, k_quant if "k" in self.sides else k_exact,
+                v_exact, v_quant if "v" in self.sides else v_exact)
 
     def effective_bits(self, length):
         return self.bits + min(length, self.sink + self.recent) * BF16_BITS / length

@@ -49,10 +49,11 @@ class SimulatedCache:
 def build_formats(names, geo: Geometry, rotations: RotationSet | None, group_size: int | None,
                   sink: int, recent: int, ablations: dict[str, RotationSet] | None = None) -> list[KVFormat]:
     """KVFormats for `names` (see FORMATS; "oscar" needs `rotations`). `ablations` (label ->
-    rotations) adds "oscar-nowindow" (the artifact without BF16 windows) and one "oscar-<label>"
-    per extra artifact."""
-    def int2(name, rots, s=sink, r=recent):
-        return Int2Format(name, rots, geo.head_dim, group_size, s, r)
+    rotations) adds "oscar-nowindow" (the artifact without BF16 windows), "oscar-keys-only" and
+    "oscar-values-only" (only that side read from INT2) and one "oscar-<label>" per extra
+    artifact."""
+    def int2(name, rots, s=sink, r=recent, sides="kv"):
+        return Int2Format(name, rots, geo.head_dim, group_size, s, r, sides)
 
     builders = {
         "bf16": KVFormat,
@@ -71,7 +72,8 @@ def build_formats(names, geo: Geometry, rotations: RotationSet | None, group_siz
         raise DataError("format oscar needs --rotations (an artifact from `oscar-sglang calibrate`)")
     formats = [builders[n]() for n in names]
     if ablations is not None:
-        formats.append(int2("oscar-nowindow", rotations, 0, 0))
+        formats += [int2("oscar-nowindow", rotations, 0, 0), int2("oscar-keys-only", rotations, sides="k"),
+                    int2("oscar-values-only", rotations, sides="v")]
         formats += [int2(f"oscar-{label}", rots) for label, rots in ablations.items()]
     return formats
 

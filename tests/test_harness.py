@@ -173,7 +173,10 @@ def test_evaluate_cli_end_to_end(calibrated, capsys):
     assert "| format |" in (out_dir / "accuracy-tiny.md").read_text()
     rows = {r["format"]: r for r in report["results"]}
     assert list(rows) == ["bf16", "fp8", "int4", "kivi2", "int2-naive", "int2-hadamard", "oscar",
-                          "oscar-nowindow", "oscar-shared"]
+                          "oscar-nowindow", "oscar-keys-only", "oscar-values-only", "oscar-shared"]
+    # one side exact: each half-quantized format is closer to BF16 than OSCAR, neither is exact
+    for half in ("oscar-keys-only", "oscar-values-only"):
+        assert 0 < rows[half]["kl_vs_bf16"] < rows["oscar"]["kl_vs_bf16"]
     assert rows["bf16"]["kl_vs_bf16"] == pytest.approx(0, abs=1e-9) and rows["bf16"]["top1_agreement"] == 1
     assert rows["oscar"]["bits_per_element"] == 3.0 and rows["int4"]["bits_per_element"] == 4.5
     assert all(r["predictions"] == 159 for r in rows.values())
