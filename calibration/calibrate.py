@@ -45,7 +45,8 @@ class CalibrationResult:
 
     def choose(self, key_objective: str) -> "CalibrationResult":
         """The result whose keys are chosen by `key_objective` (clip_search.KEY_OBJECTIVES):
-        the search measured every objective, so this needs no model run."""
+        the search measured every objective, so this needs no model run. The search (shared
+        with this result) is set to that objective, which summary_table reports."""
         self.search.key_objective = key_objective
         choice = self.search.best()
         rotations = make_rotation_set(
