@@ -61,6 +61,7 @@ from benchmarks.common import (
     markdown_table,
     now_iso,
     parse_int_list,
+    positive_int,
     raise_keyboard_interrupt_on_sigterm,
     wait_for_http_ok,
     write_results,
@@ -791,14 +792,6 @@ def count(text):
     return value
 
 
-def positive(text):
-    """argparse type: an integer >= 1."""
-    value = count(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
-
-
 def build_parser():
     """Command-line flags."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.quality_server", description=__doc__.split("\n\n")[0])
@@ -818,27 +811,27 @@ def build_parser():
                    "calibration text (default: %(default)s)")
     g.add_argument("--prompt-style", choices=PROMPT_STYLES, default="chat", help="(default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-    g.add_argument("--needles", type=positive, default=4, help="facts of the multi-needle tasks (default: %(default)s)")
+    g.add_argument("--needles", type=positive_int, default=4, help="facts of the multi-needle tasks (default: %(default)s)")
     g.add_argument("--tasks", type=tasks, default=list(TASKS), help=f"retrieval tasks (default: {','.join(TASKS)})")
     g.add_argument("--lengths", type=parse_int_list, default=[1024, 2048, 4096, 6000],
                    help="retrieval prompt lengths in tokens (default: 1024,2048,4096,6000)")
-    g.add_argument("--trials", type=positive, default=40, help="prompts per task and length (default: %(default)s)")
+    g.add_argument("--trials", type=positive_int, default=40, help="prompts per task and length (default: %(default)s)")
     g.add_argument("--conversations", type=count, default=40, help="multi-turn conversations, 0: none "
                    "(default: %(default)s)")
-    g.add_argument("--turns", type=positive, default=4, help="user turns per conversation (default: %(default)s)")
-    g.add_argument("--turn-length", type=positive, default=1400, help="tokens per user turn (default: %(default)s)")
+    g.add_argument("--turns", type=positive_int, default=4, help="user turns per conversation (default: %(default)s)")
+    g.add_argument("--turn-length", type=positive_int, default=1400, help="tokens per user turn (default: %(default)s)")
     g.add_argument("--agreement-prompts", type=count, default=40, help="held-out windows, 0: none "
                    "(default: %(default)s)")
-    g.add_argument("--agreement-length", type=positive, default=1536, help="tokens per window (default: %(default)s)")
-    g.add_argument("--agreement-tokens", type=positive, default=64,
+    g.add_argument("--agreement-length", type=positive_int, default=1536, help="tokens per window (default: %(default)s)")
+    g.add_argument("--agreement-tokens", type=positive_int, default=64,
                    help="greedy tokens generated (default: %(default)s)")
     g.add_argument("--ppl-sequences", type=count, default=8, help="held-out windows, 0: none (default: %(default)s)")
-    g.add_argument("--ppl-length", type=positive, default=4096, help="tokens per window (default: %(default)s)")
-    g.add_argument("--ppl-from", type=positive, default=1024,
+    g.add_argument("--ppl-length", type=positive_int, default=4096, help="tokens per window (default: %(default)s)")
+    g.add_argument("--ppl-from", type=positive_int, default=1024,
                    help="perplexity over positions >= this (default: %(default)s)")
     g = p.add_argument_group("servers")
-    g.add_argument("--chunked-prefill-size", type=positive, default=512, help="(default: %(default)s)")
-    g.add_argument("--context-length", type=positive, default=8192, help="(default: %(default)s)")
+    g.add_argument("--chunked-prefill-size", type=positive_int, default=512, help="(default: %(default)s)")
+    g.add_argument("--context-length", type=positive_int, default=8192, help="(default: %(default)s)")
     g.add_argument("--mem-fraction-static", type=float, default=0.5, help="(default: %(default)s)")
     g.add_argument("--extra-server-args", type=flag_list, default=[],
                    help="more flags for every server, one quoted string, e.g. --extra-server-args='--tp-size 2'")
