@@ -67,6 +67,7 @@ from benchmarks.common import (
     write_results,
 )
 from oscar_sglang.calibration.datasets import DataError, resolve_data, token_stream
+from oscar_sglang.calibration.harness import RetrievalSettings
 from oscar_sglang.calibration.retrieval import (
     PROMPT_STYLES,
     TASKS,
@@ -803,19 +804,21 @@ def build_parser():
     p.add_argument("--rotations", help="calibrated rotation artifact of configuration oscar")
     p.add_argument("--oscar-variant", type=variant, action="append", default=[], metavar="LABEL=PATH",
                    help="add configuration oscar-LABEL served with --oscar-rotations PATH (repeatable)")
+    retrieval = RetrievalSettings()  # the harness's defaults: equal prompts by default
     g = p.add_argument_group("prompts")
     g.add_argument("--data", nargs="+", default=["paul-graham-essays"],
                    help="haystack and held-out text files, or the alias paul-graham-essays (default)")
-    g.add_argument("--offset-tokens", type=count, default=40000,
+    g.add_argument("--offset-tokens", type=count, default=retrieval.haystack_offset,
                    help="the haystack and held-out windows start at this token of the data, away from "
                    "calibration text (default: %(default)s)")
-    g.add_argument("--prompt-style", choices=PROMPT_STYLES, default="chat", help="(default: %(default)s)")
-    g.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-    g.add_argument("--needles", type=positive_int, default=4, help="facts of the multi-needle tasks (default: %(default)s)")
-    g.add_argument("--tasks", type=tasks, default=list(TASKS), help=f"retrieval tasks (default: {','.join(TASKS)})")
-    g.add_argument("--lengths", type=parse_int_list, default=[1024, 2048, 4096, 6000],
-                   help="retrieval prompt lengths in tokens (default: 1024,2048,4096,6000)")
-    g.add_argument("--trials", type=positive_int, default=40, help="prompts per task and length (default: %(default)s)")
+    g.add_argument("--prompt-style", choices=PROMPT_STYLES, default=retrieval.style, help="(default: %(default)s)")
+    g.add_argument("--seed", type=int, default=retrieval.seed, help="(default: %(default)s)")
+    g.add_argument("--needles", type=positive_int, default=retrieval.needles, help="facts of the multi-needle tasks (default: %(default)s)")
+    g.add_argument("--tasks", type=tasks, default=list(retrieval.tasks),
+                   help=f"retrieval tasks (default: {','.join(retrieval.tasks)})")
+    g.add_argument("--lengths", type=parse_int_list, default=list(retrieval.lengths),
+                   help=f"retrieval prompt lengths in tokens (default: {','.join(map(str, retrieval.lengths))})")
+    g.add_argument("--trials", type=positive_int, default=retrieval.trials, help="prompts per task and length (default: %(default)s)")
     g.add_argument("--conversations", type=count, default=40, help="multi-turn conversations, 0: none "
                    "(default: %(default)s)")
     g.add_argument("--turns", type=positive_int, default=4, help="user turns per conversation (default: %(default)s)")

@@ -65,7 +65,7 @@ def _lengths(text: str) -> tuple[int, ...]:
 def build_parser() -> argparse.ArgumentParser:
     from oscar_sglang.calibration.calibrate import TARGET_CHOICES
     from oscar_sglang.calibration.clip_search import DEFAULT_CLIP_GRID, KEY_OBJECTIVES
-    from oscar_sglang.calibration.harness import FORMATS
+    from oscar_sglang.calibration.harness import FORMATS, RetrievalSettings
     from oscar_sglang.calibration.retrieval import PROMPT_STYLES, TASKS
 
     parser = argparse.ArgumentParser(prog="oscar-sglang", description="OSCAR-2 KV-cache tools")
@@ -100,21 +100,25 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"comma-separated subset of {','.join(FORMATS)} (bf16 always runs)")
     ev.add_argument("--sequences", type=int, default=2,
                     help="held-out sequences of --seq-len for perplexity/KL (default 2)")
-    ev.add_argument("--tasks", type=_names(TASKS), default=TASKS,
-                    help=f"comma-separated retrieval tasks, empty for none (default {','.join(TASKS)})")
-    ev.add_argument("--lengths", type=_lengths, default=(1024, 2048, 4096, 6000),
-                    help="comma-separated retrieval prompt lengths in tokens (default 1024,2048,4096,6000)")
-    ev.add_argument("--trials", type=int, default=40,
-                    help="retrieval prompts per task and length, depths spread over 5-95%% (default 40)")
-    ev.add_argument("--haystack-offset", type=int, default=40000,
-                    help="retrieval haystacks start at this token of the data (default 40000; keep "
-                         "them apart from calibration text)")
-    ev.add_argument("--prompt-style", choices=PROMPT_STYLES, default=PROMPT_STYLES[0],
+    defaults = RetrievalSettings()
+    ev.add_argument("--tasks", type=_names(TASKS), default=defaults.tasks,
+                    help=f"comma-separated retrieval tasks, empty for none (default {','.join(defaults.tasks)})")
+    ev.add_argument("--lengths", type=_lengths, default=defaults.lengths,
+                    help="comma-separated retrieval prompt lengths in tokens (default "
+                         f"{','.join(map(str, defaults.lengths))})")
+    ev.add_argument("--trials", type=int, default=defaults.trials,
+                    help=f"retrieval prompts per task and length, depths spread over 5-95%% (default {defaults.trials})")
+    ev.add_argument("--haystack-offset", type=int, default=defaults.haystack_offset,
+                    help=f"retrieval haystacks start at this token of the data (default "
+                         f"{defaults.haystack_offset}; keep them apart from calibration text)")
+    ev.add_argument("--prompt-style", choices=PROMPT_STYLES, default=defaults.style,
                     help="chat: one user message of the tokenizer's chat template (default); plain: bare text")
-    ev.add_argument("--needles", type=int, default=4, help="facts per multi-needle prompt (default 4)")
-    ev.add_argument("--seed", type=int, default=0, help="retrieval prompt seed (default 0)")
+    ev.add_argument("--needles", type=int, default=defaults.needles,
+                    help=f"facts per multi-needle prompt (default {defaults.needles})")
+    ev.add_argument("--seed", type=int, default=defaults.seed, help=f"retrieval prompt seed (default {defaults.seed})")
     ev.add_argument("--ablations", action="store_true",
-                    help="also OSCAR without BF16 windows and every --ablation-rotations artifact")
+                    help="also OSCAR without BF16 windows, with only keys or only values in INT2, "
+                         "and every --ablation-rotations artifact")
     ev.add_argument("--ablation-rotations", nargs="*", default=[], metavar="LABEL=PATH",
                     help="extra artifacts evaluated as format oscar-LABEL with --ablations, e.g. "
                          "plain=plain.oscar.safetensors shared=shared.oscar.safetensors")
