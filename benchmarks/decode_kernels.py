@@ -158,7 +158,7 @@ def bench_oscar(batch, context, args, q, shared=False):
     if not enough_memory(pool_bytes):
         return {"status": "skipped", "reason": f"needs {pool_bytes / 2**30:.1f} GiB"}
     _, slots, indptr = paged_requests(batch, context, args.page_size, args.shared_prefix)
-    codes = [torch.randint(0, 256, fmt.codes_shape(slots_total, KV_HEADS), dtype=torch.uint8, device="cuda") for _ in "kv"]
+    codes = [torch.randint(0, 256, fmt.codes_shape(slots_total, KV_HEADS, kind), dtype=torch.uint8, device="cuda") for kind in "kv"]
     metas = []
     for _ in "kv":
         meta = torch.empty(fmt.meta_shape(slots_total, KV_HEADS), dtype=torch.float16, device="cuda")

@@ -76,7 +76,7 @@ def make_problem(batch, context, seed=0, shared_prefix=0):
     slots_total = batch * triton.cdiv(context, PAGE) * PAGE
     _, slots, indptr = paged_requests(batch, context, PAGE, shared_prefix)
     slots = slots.to(torch.int32)
-    codes = [torch.randint(0, 256, fmt.codes_shape(slots_total, KV_HEADS), dtype=torch.uint8, device=DEV) for _ in "kv"]
+    codes = [torch.randint(0, 256, fmt.codes_shape(slots_total, KV_HEADS, kind), dtype=torch.uint8, device=DEV) for kind in "kv"]
     metas = []
     for _ in "kv":
         meta = torch.empty(fmt.meta_shape(slots_total, KV_HEADS), dtype=torch.float16, device=DEV)
@@ -202,8 +202,8 @@ def write_setup(tokens):
     slots_total = max(2 * tokens, 1024)
     rows_total = max(tokens, 64 * fmt.window_rows)
     bufs = []
-    for _ in "kv":
-        bufs += [torch.zeros(fmt.codes_shape(slots_total, KV_HEADS), dtype=torch.uint8, device=DEV),
+    for kind in "kv":
+        bufs += [torch.zeros(fmt.codes_shape(slots_total, KV_HEADS, kind), dtype=torch.uint8, device=DEV),
                  torch.zeros(fmt.meta_shape(slots_total, KV_HEADS), dtype=torch.float16, device=DEV)]
     bufs += [torch.zeros(rows_total, KV_HEADS, D, dtype=torch.bfloat16, device=DEV) for _ in "kv"]
     k = torch.randn(tokens, KV_HEADS, D, device=DEV).to(torch.bfloat16)

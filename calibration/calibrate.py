@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import torch
 from tqdm import tqdm
 
-from oscar_sglang.kernels.format import OscarFormat
+from oscar_sglang.kernels.format import DEFAULT_KEY_BITS, OscarFormat
 from oscar_sglang.kernels.rotations import RotationSet, data_free_rotations, make_rotation_set, save_rotations
 
 from .attention import attention_override
@@ -39,6 +39,7 @@ class CalibrationResult:
     choice: list[list[tuple[int, float]]]  # per layer, K and V: (candidate, clip)
     covariance_tokens: int
     heldout_tokens: int
+    key_bits: int
     model_name: str
     num_kv_heads: int
     source: str
@@ -55,7 +56,7 @@ class CalibrationResult:
             [k[1] for k, _ in choice], [v[1] for _, v in choice],
             model_name=self.model_name, num_kv_heads=self.num_kv_heads,
             calibration_tokens=self.covariance_tokens,
-            calibration_source=f"{self.source} (key clips by {key_objective})")
+            calibration_source=f"{self.source} (key clips by {key_objective})", key_bits=self.key_bits)
         return replace(self, rotations=rotations, choice=choice)
 
 
@@ -71,13 +72,15 @@ def run_model(model, sequences: torch.Tensor, handler, name: str, desc: str) -> 
 def calibrate(model, tokenizer, model_name: str, files: list[str], *, tokens: int, seq_len: int,
               heldout_fraction: float, group_size: int | None, shared: bool, target: str,
               sink: int, recent: int, offset: int = 0, grid=DEFAULT_CLIP_GRID,
-              key_objective: str = KEY_OBJECTIVES[0], source: str = "") -> CalibrationResult:
+              key_objective: str = KEY_OBJECTIVES[0], key_bits: int = DEFAULT_KEY_BITS,
+              source: str = "") -> CalibrationResult:
     """Calibrate rotations from `tokens` tokens of `files` in sequences of `seq_len`; a
     `heldout_fraction` of the sequences (at least one) is kept out of the targets for the clip
     search. target "auto" makes rotations from both targets (covariance.TARGETS) and lets the
-    held-out attention-output error choose per layer, for K and for V separately."""
+    held-out attention-output error choose per layer, for K and for V separately. Key clips are
+    chosen for `key_bits`-bit keys, which the artifact records."""
     geo = geometry(model.config)
-    fmt = OscarFormat(geo.head_dim, group_size, sink, recent)  # validates group size / windows
+    fmt = OscarFormat(geo.head_dim, group_size, sink, recent, key_bits)  # validates the format settings
     count = math.ceil(tokens / seq_len)
     heldout = max(1, round(count * heldout_fraction))
     if count - heldout < 1:
@@ -97,10 +100,10 @@ def calibrate(model, tokenizer, model_name: str, files: list[str], *, tokens: in
                                       [rotation_from_covariance(c) for c in c_v],
                                       baseline.k_clip, baseline.v_clip))
 
-    search = ClipSearch(candidates, baseline, fmt.group_size, sink, recent, grid, key_objective)
+    search = ClipSearch(candidates, baseline, fmt.group_size, sink, recent, grid, key_objective, key_bits)
     run_model(model, sequences[-heldout:], search, "oscar_calibration_clip", "clip search")
     result = CalibrationResult(None, search, candidates, targets, [], acc.tokens, heldout * seq_len,
-                               model_name, geo.num_kv_heads, source or ", ".join(files))
+                               key_bits, model_name, geo.num_kv_heads, source or ", ".join(files))
     return result.choose(key_objective)
 
 
@@ -159,11 +162,11 @@ def run(args) -> int:
         heldout_fraction=args.heldout_fraction, group_size=args.group_size,
         shared=args.shared_across_heads, target=args.target, sink=args.sink_tokens,
         recent=args.recent_tokens, offset=args.offset_tokens, grid=args.clip_grid,
-        key_objective=args.key_objective,
+        key_objective=args.key_objective, key_bits=args.key_bits,
         source=f"{' '.join(args.data)} (target {args.target}, tokens from offset {args.offset_tokens})")
     save_rotations(args.out, result.rotations)
     print(summary_table(result))
-    print(f"wrote {args.out}: {result.rotations.num_layers} layers, "
+    print(f"wrote {args.out}: {result.rotations.num_layers} layers, {args.key_bits}-bit keys, "
           f"{'shared' if args.shared_across_heads else 'per-head'} rotations, "
           f"{result.covariance_tokens} target tokens, {result.heldout_tokens} held-out tokens")
     return 0

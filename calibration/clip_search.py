@@ -13,7 +13,8 @@ agreement with BF16: output error stays the default.
 
 import torch
 
-from oscar_sglang.kernels.reference import dequantize_int2, quantize_int2, rotate, unrotate
+from oscar_sglang.kernels.format import CODE_BITS
+from oscar_sglang.kernels.reference import dequantize, quantize, rotate, unrotate
 from oscar_sglang.kernels.rotations import RotationSet
 
 from .attention import check_unpadded, exact_region, key_divergences, merge_regions, quantized_region
@@ -25,23 +26,23 @@ DIVERGENCES = ("attention-kl", "peak-kl")  # the order of attention.key_divergen
 KEY_OBJECTIVES = ("output-error", "peak-kl", "attention-kl")  # the first is the default
 
 
-def int2_roundtrips(x: torch.Tensor, rot: torch.Tensor, clips, group_size: int):
+def roundtrips(x: torch.Tensor, rot: torch.Tensor, clips, group_size: int, bits: int):
     """x [B, H, L, D] -> for each clip ratio, x rotated, clipped (as reference.clip_rows),
-    2-bit quantized, dequantized and rotated back: a list of [B, H, L, D] float32."""
+    `bits`-bit quantized, dequantized and rotated back: a list of [B, H, L, D] float32."""
     rotated = rotate(to_tokens(x), rot)
     # one sort for the whole grid: the same quantiles clip_rows computes one ratio at a time
     taus = torch.quantile(rotated.abs(), torch.tensor(clips, device=x.device), dim=-1, keepdim=True)
     out = []
     for tau in taus:
-        codes, scale, minimum = quantize_int2(torch.maximum(torch.minimum(rotated, tau), -tau), group_size)
-        out.append(from_tokens(unrotate(dequantize_int2(codes, scale, minimum, group_size), rot), x.shape[0]))
+        codes, scale, minimum = quantize(torch.maximum(torch.minimum(rotated, tau), -tau), group_size, bits)
+        out.append(from_tokens(unrotate(dequantize(codes, scale, minimum, group_size), rot), x.shape[0]))
     return out
 
 
 class ClipSearch:
     """Attention handler that runs the model with exact float32 attention and, per layer,
     measures the squared error of the attention output when only K (V exact) or only V (K exact)
-    goes through the INT2 cache, as served (sinks and recent positions exact), and the
+    goes through the quantized cache (keys at `key_bits`, values at 2 bits), as served (sinks and recent positions exact), and the
     divergences of the attention distribution (attention.key_divergences) when K goes through it:
 
     - for each candidate rotation set and each clip ratio of `grid`;
@@ -53,12 +54,14 @@ class ClipSearch:
     KEY_OBJECTIVES) is what `best` minimizes for keys."""
 
     def __init__(self, candidates: list[RotationSet], baseline: RotationSet, group_size: int,
-                 sink: int, recent: int, grid=DEFAULT_CLIP_GRID, key_objective: str = KEY_OBJECTIVES[0]):
+                 sink: int, recent: int, grid=DEFAULT_CLIP_GRID, key_objective: str = KEY_OBJECTIVES[0],
+                 key_bits: int = CODE_BITS):
         if key_objective not in KEY_OBJECTIVES:
             raise ValueError(f"key objective must be one of {KEY_OBJECTIVES}, got {key_objective!r}")
         layers = baseline.num_layers
         self.candidates, self.baseline, self.grid = candidates, baseline, tuple(grid)
         self.group_size, self.sink, self.recent = group_size, sink, recent
+        self.bits = {"k": key_bits, "v": CODE_BITS}
         self.key_objective = key_objective
         self.errors = torch.zeros(layers, len(KINDS), len(candidates), len(self.grid), dtype=torch.float64)
         self.baseline_errors = torch.zeros(layers, len(KINDS), dtype=torch.float64)
@@ -95,7 +98,7 @@ class ClipSearch:
         for i, kind in enumerate(KINDS):
             for c, rotations in enumerate(self.candidates):
                 rot = getattr(rotations, f"{kind}_rot")[layer].to(q.device)
-                for j, quantized in enumerate(int2_roundtrips(kv[kind], rot, self.grid, self.group_size)):
+                for j, quantized in enumerate(roundtrips(kv[kind], rot, self.grid, self.group_size, self.bits[kind])):
                     err = error(kind, quantized)
                     self.errors[layer, i, c, j] += err
                     if kind == "k":
@@ -105,7 +108,7 @@ class ClipSearch:
                     this_sequence[layer, i, c, j] += err
             rot = getattr(self.baseline, f"{kind}_rot")[layer].to(q.device)
             clip = getattr(self.baseline, f"{kind}_clip")[layer]
-            quantized = int2_roundtrips(kv[kind], rot, [clip], self.group_size)[0]
+            quantized = roundtrips(kv[kind], rot, [clip], self.group_size, self.bits[kind])[0]
             self.baseline_errors[layer, i] += error(kind, quantized)
             if kind == "k":
                 self.baseline_key_divergences[layer] += divergences(quantized)

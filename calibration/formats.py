@@ -8,7 +8,7 @@ without windows have sink = recent = 0 and only the quantized pair is read.
 
 import torch
 
-from oscar_sglang.kernels.format import DEFAULT_RECENT_TOKENS, DEFAULT_SINK_TOKENS, OscarFormat
+from oscar_sglang.kernels.format import DEFAULT_KEY_BITS, DEFAULT_RECENT_TOKENS, DEFAULT_SINK_TOKENS, OscarFormat
 from oscar_sglang.kernels.reference import decode_kv, encode_kv, unrotate
 from oscar_sglang.kernels.rotations import RotationSet
 
@@ -119,28 +119,29 @@ class Kivi2Format(KVFormat):
 
 class Int2Format(KVFormat):
     """OSCAR-2 as the server stores it (kernels.reference.encode_kv / decode_kv): rotate, clip,
-    2-bit groups; sinks and recent positions read from the BF16 rotated copy. `sides` "k" or "v"
+    2-bit value groups and key groups of the width the rotations were calibrated for (data-free
+    ones: 2 bits); sinks and recent positions read from the BF16 rotated copy. `sides` "k" or "v"
     reads only keys or only values from INT2 and the other side exact (a diagnosis: which side
     loses what)."""
 
     def __init__(self, name: str, rotations: RotationSet, head_dim: int, group_size: int | None = None,
                  sink: int = DEFAULT_SINK_TOKENS, recent: int = DEFAULT_RECENT_TOKENS, sides: str = "kv"):
         self.name, self.rotations, self.sides = name, rotations, sides
-        self.format = OscarFormat(head_dim, group_size)
+        self.format = OscarFormat(head_dim, group_size, key_bits=rotations.key_bits or DEFAULT_KEY_BITS)
         self.bits = self.format.bits_per_element
         self.sink, self.recent = sink, recent
 
-    def _roundtrip(self, x, rot, clip):
+    def _roundtrip(self, x, rot, clip, bits):
         rot = rot.to(x.device)
-        codes, meta, window = encode_kv(to_tokens(x), rot, clip, self.format)
+        codes, meta, window = encode_kv(to_tokens(x), rot, clip, self.format, bits)
         exact = unrotate(window.float(), rot)
         quant = unrotate(decode_kv(codes, meta, self.format), rot)
         return from_tokens(exact, x.shape[0]), from_tokens(quant, x.shape[0])
 
     def kv(self, layer, key, value):
         r = self.rotations
-        k_exact, k_quant = self._roundtrip(key, r.k_rot[layer], r.k_clip[layer])
-        v_exact, v_quant = self._roundtrip(value, r.v_rot[layer], r.v_clip[layer])
+        k_exact, k_quant = self._roundtrip(key, r.k_rot[layer], r.k_clip[layer], self.format.code_bits("k"))
+        v_exact, v_quant = self._roundtrip(value, r.v_rot[layer], r.v_clip[layer], self.format.code_bits("v"))
         return (k_exact, k_quant if "k" in self.sides else k_exact,
                 v_exact, v_quant if "v" in self.sides else v_exact)
 

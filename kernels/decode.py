@@ -29,7 +29,8 @@ of the group g(s) holding slice s,
 and likewise for V:  o'_s += (p · s_g) @ c_s + (p @ m_g)  (the minimum adds to every dim of g).
 The codes enter the tensor-core dots as the fp16 subnormals c·4^s·2^-24 (two instructions per
 two codes, see `tiles.unpack_ptx`); the powers of two are folded into q'_s (K) and into the final
-scaling of o'_s (V), both exact.
+scaling of o'_s (V), both exact. 4-bit keys are read as two 2-bit planes, c = c_0 + 4·c_1
+(`tiles.key_slice`), through the same unpacking.
 
 The @triton.jit tile helpers are in tiles.py (shared with the extend kernel, extend.py).
 """
@@ -106,11 +107,11 @@ def _rotate_q_kernel(
 def _decode_split_kernel(
     qr_ptr,
     kv_indptr_ptr, kv_indices_ptr, window_starts_ptr, own_start_ptr,
-    k_codes_ptr, v_codes_ptr, stride_cs, stride_ch,
+    k_codes_ptr, v_codes_ptr, stride_kcs, stride_kch, stride_vcs, stride_vch,
     k_meta_ptr, v_meta_ptr, stride_ms, stride_mh,
     k_win_ptr, v_win_ptr, stride_ws, stride_wh,
     part_o_ptr, part_lse_ptr, num_q_heads, num_splits, num_parts,
-    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, NG: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, NG: tl.constexpr, K_PLANES: tl.constexpr,
     S: tl.constexpr, W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     WIN_PROGRAMS: tl.constexpr, WIN_ROWS: tl.constexpr, SHARED: tl.constexpr,
     CODE_BITS: tl.constexpr, CODE_MAX: tl.constexpr, PTX_UNPACK: tl.constexpr,
@@ -153,9 +154,9 @@ def _decode_split_kernel(
             m_i, l_i, a0, a1, a2, a3 = int2_segment(
                 m_i, l_i, a0, a1, a2, a3, q0, q1, q2, q3,
                 kv_indices_ptr + kv_lo, seg_lo, seg_hi,
-                k_codes_ptr + hk * stride_ch, v_codes_ptr + hk * stride_ch, stride_cs,
+                k_codes_ptr + hk * stride_kch, v_codes_ptr + hk * stride_vch, stride_kcs, stride_vcs,
                 k_meta_ptr + hk * stride_mh, v_meta_ptr + hk * stride_mh, stride_ms,
-                P, NG, BLOCK_N, CODE_BITS, CODE_MAX, PTX_UNPACK, NUM_STAGES)
+                P, NG, K_PLANES, BLOCK_N, CODE_BITS, CODE_MAX, PTX_UNPACK, NUM_STAGES)
     _store_partial(part_o_ptr, part_lse_ptr, row * num_parts + split, head_ok, m_i, l_i, a0, a1, a2, a3, D)
 
 
@@ -200,11 +201,11 @@ def _store_partial(part_o_ptr, part_lse_ptr, part, ok, m_i, l_i, a0, a1, a2, a3,
 def _decode_shared_kernel(
     qr_ptr,
     kv_indptr_ptr, kv_indices_ptr, members_ptr, block_end_ptr,
-    k_codes_ptr, v_codes_ptr, stride_cs, stride_ch,
+    k_codes_ptr, v_codes_ptr, stride_kcs, stride_kch, stride_vcs, stride_vch,
     k_meta_ptr, v_meta_ptr, stride_ms, stride_mh,
     part_o_ptr, part_lse_ptr, num_q_heads, num_shared_splits, num_parts, first_part,
     GROUP: tl.constexpr, MEMBERS: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr,
-    NG: tl.constexpr, S: tl.constexpr, BLOCK_N: tl.constexpr,
+    NG: tl.constexpr, K_PLANES: tl.constexpr, S: tl.constexpr, BLOCK_N: tl.constexpr,
     CODE_BITS: tl.constexpr, CODE_MAX: tl.constexpr, PTX_UNPACK: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
@@ -233,9 +234,9 @@ def _decode_shared_kernel(
             m_i, l_i, a0, a1, a2, a3 = int2_segment(
                 m_i, l_i, a0, a1, a2, a3, q0, q1, q2, q3,
                 kv_indices_ptr + tl.load(kv_indptr_ptr + lead), seg_lo, seg_hi,
-                k_codes_ptr + hk * stride_ch, v_codes_ptr + hk * stride_ch, stride_cs,
+                k_codes_ptr + hk * stride_kch, v_codes_ptr + hk * stride_vch, stride_kcs, stride_vcs,
                 k_meta_ptr + hk * stride_mh, v_meta_ptr + hk * stride_mh, stride_ms,
-                P, NG, BLOCK_N, CODE_BITS, CODE_MAX, PTX_UNPACK, NUM_STAGES)
+                P, NG, K_PLANES, BLOCK_N, CODE_BITS, CODE_MAX, PTX_UNPACK, NUM_STAGES)
         _store_partial(part_o_ptr, part_lse_ptr, row * num_parts + first_part + split, row_ok,
                        m_i, l_i, a0, a1, a2, a3, D)
 
@@ -309,17 +310,20 @@ def check_pool(k_codes, k_meta, v_codes, v_meta, k_window, v_window, k_rot, v_ro
     """Validate one layer's pool buffers and rotations against the format; returns H_kv."""
     heads = k_codes.shape[1]
     d = fmt.head_dim
-    if tuple(k_codes.shape[1:]) != fmt.codes_shape(1, heads)[1:] or k_codes.dtype != torch.uint8:
-        raise ValueError(f"codes must be uint8 [slots, H_kv, {fmt.packed_dim}], got {tuple(k_codes.shape)}")
+    for kind, codes in (("k", k_codes), ("v", v_codes)):
+        want = fmt.codes_shape(1, heads, kind)[1:]
+        if tuple(codes.shape[1:]) != want or codes.dtype != torch.uint8:
+            raise ValueError(f"{kind} codes must be uint8 [slots, {want[0]}, {want[1]}] for {fmt.code_bits(kind)}-bit "
+                             f"codes, got {codes.dtype} {tuple(codes.shape)}")
     if tuple(k_meta.shape[1:]) != fmt.meta_shape(1, heads)[1:] or k_meta.dtype != torch.float16:
         raise ValueError(f"meta must be fp16 [slots, H_kv, {fmt.num_groups}, 2], got {tuple(k_meta.shape)}")
     if tuple(k_window.shape[1:]) != (heads, d) or k_window.dtype != torch.bfloat16:
         raise ValueError(f"windows must be bf16 [rows, H_kv, {d}], got {tuple(k_window.shape)}")
-    if k_codes.stride() != v_codes.stride() or k_meta.stride() != v_meta.stride():
-        raise ValueError("K and V codes/meta buffers must share strides")
+    if k_meta.stride() != v_meta.stride():
+        raise ValueError("K and V meta buffers must share strides")
     if k_window.stride() != v_window.stride():
         raise ValueError("K and V window buffers must share strides")
-    for buf in (k_codes, k_meta, k_window):
+    for buf in (k_codes, v_codes, k_meta, k_window):
         if buf.stride(-1) != 1:
             raise ValueError("pool buffers must be contiguous in their last dim")
     if k_meta.stride(-2) != META_FIELDS:
@@ -333,6 +337,12 @@ def check_pool(k_codes, k_meta, v_codes, v_meta, k_window, v_window, k_rot, v_ro
 def meta_words(meta: torch.Tensor) -> torch.Tensor:
     """meta [slots, H_kv, D/G, 2] fp16 -> int32 view [slots, H_kv, D/G, 1]: one word per group."""
     return meta.view(torch.int32)
+
+
+def code_args(k_codes: torch.Tensor, v_codes: torch.Tensor) -> tuple:
+    """The codes arguments of the split and shared kernels: both buffers, then the slot and
+    head strides of K and of V (a 4-bit key's row is twice a value's)."""
+    return k_codes, v_codes, k_codes.stride(0), k_codes.stride(1), v_codes.stride(0), v_codes.stride(1)
 
 
 def rot_arg(rot: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -352,7 +362,8 @@ def decode_attention_int2(
 
     q: [B, H_q, D] bf16/fp16 (not rotated); kv_indptr: [B + 1], kv_indices: [total] int32/int64
     (request b sees slots kv_indices[kv_indptr[b]:kv_indptr[b+1]], positions 0..L-1);
-    window_starts: [B] first window row of each request; codes [slots, H_kv, D/4] uint8,
+    window_starts: [B] first window row of each request; codes fmt.codes_shape (K [slots, H_kv,
+    key_planes · D/4], V [slots, H_kv, D/4]) uint8,
     meta [slots, H_kv, D/G, 2] fp16, windows [rows, H_kv, D] bf16; rotations [H_kv or 1, D, D].
     num_kv_splits: INT2 splits per (request, KV head), 1..MAX_KV_SPLITS, default from the SM
     count (a runtime kernel argument: changing it recompiles only the reduce kernel, and only
@@ -404,11 +415,11 @@ def decode_attention_int2(
     _decode_split_kernel[(kv_heads, batch, win + splits)](
         q_rot,
         kv_indptr, kv_indices, window_starts, own_start,
-        k_codes, v_codes, k_codes.stride(0), k_codes.stride(1),
+        *code_args(k_codes, v_codes),
         k_meta, v_meta, k_meta.stride(0), k_meta.stride(1),
         k_window, v_window, k_window.stride(0), k_window.stride(1),
         part_o, part_lse, q_heads, splits, parts,
-        GROUP=group, BLOCK_H=block_h, D=d, NG=fmt.num_groups,
+        GROUP=group, BLOCK_H=block_h, D=d, NG=fmt.num_groups, K_PLANES=fmt.key_planes,
         S=fmt.sink_tokens, W=fmt.recent_tokens, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_ROWS,
         WIN_PROGRAMS=win, WIN_ROWS=WINDOW_ROWS_PER_PROGRAM, SHARED=shared is not None,
         CODE_BITS=CODE_BITS, CODE_MAX=CODE_MAX, PTX_UNPACK=ptx_unpack,
@@ -418,10 +429,10 @@ def decode_attention_int2(
         _decode_shared_kernel[(kv_heads, batch, shared_splits)](
             q_rot,
             kv_indptr, kv_indices, shared.members, shared.block_end,
-            k_codes, v_codes, k_codes.stride(0), k_codes.stride(1),
+            *code_args(k_codes, v_codes),
             k_meta, v_meta, k_meta.stride(0), k_meta.stride(1),
             part_o, part_lse, q_heads, shared_splits, parts, win + splits,
-            GROUP=group, MEMBERS=members, BLOCK_M=shared_rows, D=d, NG=fmt.num_groups,
+            GROUP=group, MEMBERS=members, BLOCK_M=shared_rows, D=d, NG=fmt.num_groups, K_PLANES=fmt.key_planes,
             S=fmt.sink_tokens, BLOCK_N=BLOCK_N,
             CODE_BITS=CODE_BITS, CODE_MAX=CODE_MAX, PTX_UNPACK=ptx_unpack, NUM_STAGES=NUM_STAGES,
             num_warps=SHARED_WARPS,

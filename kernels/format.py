@@ -4,13 +4,18 @@ Per token slot, per layer, per KV head, for K and for V separately:
 
 1. rotate  x' = x · R                      (R orthogonal [D, D]; keys post-RoPE)
 2. clip    |x'| at the c-quantile of |x'| over the row's D values
-3. quantize groups of G consecutive dims to 2 bits, asymmetric:
-           m = min, s = (max - min) / 3 (both stored fp16), code = floor((x - m) / s + 1/2) in 0..3
-4. pack    "quartered": byte j holds dims j, j + D/4, j + 2D/4, j + 3D/4 in bits
-           [1:0], [3:2], [5:4], [7:6], so unpacking gives four contiguous D/4 slices
+3. quantize groups of G consecutive dims to b bits, asymmetric (b = 2 for values, key_bits for
+           keys): m = min, s = (max - min) / (2^b - 1) (both stored fp16),
+           code = floor((x - m) / s + 1/2) in 0..2^b - 1
+4. pack    in 2-bit planes, plane p holding bits [2p+1:2p] of every code (b / 2 planes), each
+           plane "quartered": byte j holds dims j, j + D/4, j + 2D/4, j + 3D/4 in bits
+           [1:0], [3:2], [5:4], [7:6], so unpacking gives four contiguous D/4 slices; a 4-bit
+           key reads as c = c_0 + 4·c_1 through the same 2-bit unpacking
 
-Buffers per layer: codes [slots, H_kv, D/4] uint8 and meta [slots, H_kv, D/G, 2] fp16
-(meta[..., 0] = scale, meta[..., 1] = minimum), for K and for V.
+Buffers per layer: codes [slots, H_kv, planes·D/4] uint8 (plane p at bytes [p·D/4, (p+1)·D/4))
+and meta [slots, H_kv, D/G, 2] fp16 (meta[..., 0] = scale, meta[..., 1] = minimum), for K and
+for V. Keys at 4 bits keep the needle a long prompt hides where 2-bit keys lose it (values at 2
+bits do not: benchmarks/results/accuracy-smollm2-135m-instruct-passkey-diagnosis.md).
 The first `sink_tokens` and the last `recent_tokens` positions of every running sequence are
 additionally kept in BF16 (rotated space) in per-request window rows.
 """
@@ -22,6 +27,8 @@ FORMAT_VERSION = 1
 CODE_BITS = 2
 CODES_PER_BYTE = 8 // CODE_BITS
 CODE_MAX = (1 << CODE_BITS) - 1
+SUPPORTED_KEY_BITS = (2, 4)  # whole 2-bit planes
+DEFAULT_KEY_BITS = 2
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 SUPPORTED_HEAD_DIMS = (64, 128)
 META_FIELDS = 2  # scale, minimum
@@ -45,6 +52,7 @@ class OscarFormat:
     group_size: int | None = None
     sink_tokens: int = DEFAULT_SINK_TOKENS
     recent_tokens: int = DEFAULT_RECENT_TOKENS
+    key_bits: int = DEFAULT_KEY_BITS
 
     def __post_init__(self):
         d = self.head_dim
@@ -62,6 +70,9 @@ class OscarFormat:
                 f"OSCAR-2 group size must be one of {allowed} for head_dim {d}, got {g}; "
                 "pass --oscar-group-size with an allowed value"
             )
+        if self.key_bits not in SUPPORTED_KEY_BITS:
+            raise ValueError(f"OSCAR-2 key bits must be one of {SUPPORTED_KEY_BITS}, got {self.key_bits}; "
+                             "pass --oscar-key-bits with an allowed value")
         if self.sink_tokens < 0 or self.recent_tokens < 1:
             raise ValueError(
                 f"sink_tokens must be >= 0 and recent_tokens >= 1, got "
@@ -70,8 +81,18 @@ class OscarFormat:
 
     @property
     def packed_dim(self) -> int:
-        """Bytes of codes per (token, head): D / 4."""
+        """Bytes of one 2-bit code plane per (token, head): D / 4 (a value's codes)."""
         return self.head_dim // CODES_PER_BYTE
+
+    @property
+    def key_planes(self) -> int:
+        """2-bit planes of a key's codes: key_bits / 2."""
+        return self.key_bits // CODE_BITS
+
+    @property
+    def key_packed_dim(self) -> int:
+        """Bytes of a key's codes per (token, head): planes · D / 4."""
+        return self.key_planes * self.packed_dim
 
     @property
     def num_groups(self) -> int:
@@ -79,9 +100,15 @@ class OscarFormat:
         return self.head_dim // self.group_size
 
     @property
+    def meta_bits_per_element(self) -> float:
+        """Bits per element of the (scale, minimum) pairs: 32 / G."""
+        return META_FIELDS * META_BYTES * 8 / self.group_size
+
+    @property
     def bits_per_element(self) -> float:
-        """Physical bits per K or V element in the INT2 pool: 2 + 32 / G."""
-        return CODE_BITS + META_FIELDS * META_BYTES * 8 / self.group_size
+        """Physical bits per element in the pool, K and V averaged: (key_bits + 2) / 2 + 32 / G
+        (2.25 at 2-bit keys and G = 128, 3.5 at 4-bit keys and G = 64)."""
+        return (self.key_bits + CODE_BITS) / 2 + self.meta_bits_per_element
 
     @property
     def window_rows(self) -> int:
@@ -89,8 +116,8 @@ class OscarFormat:
         return self.sink_tokens + self.recent_tokens
 
     def bytes_per_token_head(self) -> int:
-        """INT2 bytes for one token of one KV head, K and V together."""
-        return 2 * (self.packed_dim + self.num_groups * META_FIELDS * META_BYTES)
+        """Pool bytes (codes and meta) for one token of one KV head, K and V together."""
+        return self.key_packed_dim + self.packed_dim + 2 * self.num_groups * META_FIELDS * META_BYTES
 
     def bytes_per_token(self, num_layers: int, num_kv_heads: int) -> int:
         """INT2 pool bytes of one token slot across all layers (Qwen3-8B: 20,736)."""
@@ -107,8 +134,13 @@ class OscarFormat:
         exact = min(context_len, self.window_rows)
         return self.bits_per_element + exact * WINDOW_BYTES * 8 / context_len
 
-    def codes_shape(self, slots: int, num_kv_heads: int) -> tuple[int, int, int]:
-        return (slots, num_kv_heads, self.packed_dim)
+    def codes_shape(self, slots: int, num_kv_heads: int, kind: str) -> tuple[int, int, int]:
+        """Codes buffer of kind "k" (key_planes planes) or "v" (one plane)."""
+        return (slots, num_kv_heads, self.key_packed_dim if kind == "k" else self.packed_dim)
+
+    def code_bits(self, kind: str) -> int:
+        """Bits of one code of kind "k" or "v"."""
+        return self.key_bits if kind == "k" else CODE_BITS
 
     def meta_shape(self, slots: int, num_kv_heads: int) -> tuple[int, int, int, int]:
         return (slots, num_kv_heads, self.num_groups, META_FIELDS)

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .format import CODE_BITS, CODES_PER_BYTE, OscarFormat
+from .format import CODE_BITS, CODE_MAX, CODES_PER_BYTE, OscarFormat
 
 # tokens per program: 16 for prefill chunks; at decode (T = batch size) at most 4, so that the
 # programs spread over more SMs (H100, T = 64: 14.5 us against 17.0 us with 16 per program)
@@ -40,8 +40,9 @@ def _encode_tile(
     slots, rows, tok, tok_ok, head,
     clip_lo, clip_frac,
     HAS_WINDOW: tl.constexpr, HAS_FLAG: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BLOCK_T: tl.constexpr,
-    BITS: tl.constexpr, PER_BYTE: tl.constexpr,
+    BITS: tl.constexpr, PLANE_BITS: tl.constexpr, PER_BYTE: tl.constexpr, PLANE_MAX: tl.constexpr,
 ):
+    """BITS-bit codes stored as BITS / PLANE_BITS planes of PLANE_BITS bits (kernels.format)."""
     NG: tl.constexpr = D // G
     Q: tl.constexpr = D // PER_BYTE
     LEVELS: tl.constexpr = (1 << BITS) - 1
@@ -88,11 +89,12 @@ def _encode_tile(
     q = tl.where(s > 0, tl.floor((grouped - m) / tl.where(s > 0, s, 1.0) + 0.5), 0.0)
     codes = tl.minimum(tl.maximum(q, 0.0), LEVELS).to(tl.int32)
 
-    quarters = tl.reshape(codes, (BLOCK_T, PER_BYTE, Q))
-    shifts = (BITS * tl.arange(0, PER_BYTE))[None, :, None]
-    packed = tl.sum(quarters << shifts, axis=1).to(tl.uint8)
-    tl.store(codes_ptr + slots[:, None] * stride_ct + head * stride_ch + tl.arange(0, Q)[None, :],
-             packed, mask=tok_ok[:, None])
+    shifts = (PLANE_BITS * tl.arange(0, PER_BYTE))[None, :, None]
+    for plane in tl.static_range(BITS // PLANE_BITS):
+        quarters = tl.reshape((codes >> (PLANE_BITS * plane)) & PLANE_MAX, (BLOCK_T, PER_BYTE, Q))
+        packed = tl.sum(quarters << shifts, axis=1).to(tl.uint8)
+        tl.store(codes_ptr + slots[:, None] * stride_ct + head * stride_ch + plane * Q + tl.arange(0, Q)[None, :],
+                 packed, mask=tok_ok[:, None])
 
     groups = tl.arange(0, NG)
     meta_off = slots[:, None] * stride_mt + head * stride_mh + groups[None, :] * 2
@@ -108,12 +110,12 @@ def _write_kv_kernel(
     k_ptr, v_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
     slot_ptr, row_ptr, num_tokens,
     k_rot_ptr, v_rot_ptr, stride_krh, stride_vrh,
-    k_codes_ptr, v_codes_ptr, stride_ct, stride_ch,
+    k_codes_ptr, v_codes_ptr, stride_kct, stride_kch, stride_vct, stride_vch,
     k_meta_ptr, v_meta_ptr, stride_mt, stride_mh,
     k_win_ptr, v_win_ptr, stride_wt, stride_wh, flag_ptr,
     k_clip_lo, k_clip_frac, v_clip_lo, v_clip_frac,
     HAS_WINDOW: tl.constexpr, HAS_FLAG: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BLOCK_T: tl.constexpr,
-    BITS: tl.constexpr, PER_BYTE: tl.constexpr,
+    KEY_BITS: tl.constexpr, PLANE_BITS: tl.constexpr, PER_BYTE: tl.constexpr, PLANE_MAX: tl.constexpr,
 ):
     head = tl.program_id(1)
     tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -124,14 +126,16 @@ def _write_kv_kernel(
         rows = tl.load(row_ptr + tok, mask=tok_ok, other=-1).to(tl.int64)
     if tl.program_id(2) == 0:
         _encode_tile(k_ptr, stride_kt, stride_kh, k_rot_ptr, stride_krh,
-                     k_codes_ptr, stride_ct, stride_ch, k_meta_ptr, stride_mt, stride_mh,
+                     k_codes_ptr, stride_kct, stride_kch, k_meta_ptr, stride_mt, stride_mh,
                      k_win_ptr, stride_wt, stride_wh, flag_ptr, slots, rows, tok, tok_ok, head,
-                     k_clip_lo, k_clip_frac, HAS_WINDOW, HAS_FLAG, D, G, BLOCK_T, BITS, PER_BYTE)
+                     k_clip_lo, k_clip_frac, HAS_WINDOW, HAS_FLAG, D, G, BLOCK_T,
+                     KEY_BITS, PLANE_BITS, PER_BYTE, PLANE_MAX)
     else:
         _encode_tile(v_ptr, stride_vt, stride_vh, v_rot_ptr, stride_vrh,
-                     v_codes_ptr, stride_ct, stride_ch, v_meta_ptr, stride_mt, stride_mh,
+                     v_codes_ptr, stride_vct, stride_vch, v_meta_ptr, stride_mt, stride_mh,
                      v_win_ptr, stride_wt, stride_wh, flag_ptr, slots, rows, tok, tok_ok, head,
-                     v_clip_lo, v_clip_frac, HAS_WINDOW, HAS_FLAG, D, G, BLOCK_T, BITS, PER_BYTE)
+                     v_clip_lo, v_clip_frac, HAS_WINDOW, HAS_FLAG, D, G, BLOCK_T,
+                     PLANE_BITS, PLANE_BITS, PER_BYTE, PLANE_MAX)
 
 
 def quantile_position(ratio: float, n: int) -> tuple[int, float]:
@@ -156,7 +160,8 @@ def write_kv_int2(
 
     k, v: [T, H_kv, D] bf16/fp16 (keys post-RoPE); slots: [T] int32/int64, any order, no repeats;
     k_rot, v_rot: [H_kv or 1, D, D] float32 orthogonal; k_clip, v_clip: clip quantiles in (0, 1];
-    k_codes, v_codes: [slots, H_kv, D/4] uint8; k_meta, v_meta: [slots, H_kv, D/G, 2] fp16.
+    k_codes: [slots, H_kv, key_planes · D/4] uint8, v_codes: [slots, H_kv, D/4] uint8
+    (fmt.codes_shape); k_meta, v_meta: [slots, H_kv, D/G, 2] fp16.
     window_rows: optional [T] int (-1 = none, no repeats otherwise) selecting rows of
     k_window, v_window: [rows, H_kv, D] bf16 that receive the rotated, unclipped BF16 copy.
     nonfinite_flag: optional [1] int32 (one layer's element of a flags tensor), set to 1 when
@@ -171,7 +176,8 @@ def write_kv_int2(
     for buf in (k_codes, v_codes, k_meta, v_meta):
         assert buf.stride(-1) == 1 and buf.shape[1] == heads, "pool buffers must be [slots, H_kv, ...] contiguous"
     assert k.stride(-1) == 1 and v.stride(-1) == 1 and k_meta.stride() == v_meta.stride()
-    assert k_codes.stride() == v_codes.stride()
+    for kind, codes in (("k", k_codes), ("v", v_codes)):
+        assert codes.shape[2] == fmt.codes_shape(1, heads, kind)[2], f"{kind} codes do not match {fmt}"
     k_rot, v_rot = k_rot.float().contiguous(), v_rot.float().contiguous()
     has_window = window_rows is not None
     if has_window:
@@ -195,10 +201,10 @@ def write_kv_int2(
         slots, window_rows, num_tokens,
         k_rot, v_rot, k_rot.stride(0) if k_rot.shape[0] > 1 else 0,
         v_rot.stride(0) if v_rot.shape[0] > 1 else 0,
-        k_codes, v_codes, k_codes.stride(0), k_codes.stride(1),
+        k_codes, v_codes, k_codes.stride(0), k_codes.stride(1), v_codes.stride(0), v_codes.stride(1),
         k_meta, v_meta, k_meta.stride(0), k_meta.stride(1),
         k_window, v_window, k_window.stride(0), k_window.stride(1), nonfinite_flag,
         k_lo, k_frac, v_lo, v_frac,
         HAS_WINDOW=has_window, HAS_FLAG=has_flag, D=d, G=fmt.group_size, BLOCK_T=block_t,
-        BITS=CODE_BITS, PER_BYTE=CODES_PER_BYTE,
+        KEY_BITS=fmt.key_bits, PLANE_BITS=CODE_BITS, PER_BYTE=CODES_PER_BYTE, PLANE_MAX=CODE_MAX,
     )

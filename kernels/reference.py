@@ -12,7 +12,7 @@ vector: its key scores 0 and its value adds nothing. No other row is affected.
 
 import torch
 
-from .format import CODE_MAX, CODES_PER_BYTE, OscarFormat
+from .format import CODE_BITS, CODE_MAX, CODES_PER_BYTE, OscarFormat
 
 
 def rotate(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
@@ -58,43 +58,65 @@ def unpack_int2_quartered(packed: torch.Tensor) -> torch.Tensor:
     return torch.cat([(packed >> (2 * i)) & CODE_MAX for i in range(CODES_PER_BYTE)], dim=-1)
 
 
-def quantize_int2(x: torch.Tensor, group_size: int):
-    """Asymmetric 2-bit quantization of groups of `group_size` consecutive dims.
+def pack_planes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """codes: [..., D] integers in 0..2^bits - 1 -> [..., planes · D/4] uint8: plane p (bits
+    [2p+1:2p] of every code) packed quartered at bytes [p · D/4, (p+1) · D/4)."""
+    codes = codes.to(torch.uint8)
+    return torch.cat([pack_int2_quartered((codes >> (CODE_BITS * p)) & CODE_MAX)
+                      for p in range(bits // CODE_BITS)], dim=-1)
 
-    x: [..., D] float -> codes [..., D/4] uint8 (quartered), scale [..., D/G] fp16,
+
+def unpack_planes(packed: torch.Tensor, planes: int) -> torch.Tensor:
+    """Inverse of pack_planes: [..., planes · D/4] uint8 -> codes [..., D] uint8."""
+    parts = packed.chunk(planes, dim=-1)
+    codes = torch.zeros_like(unpack_int2_quartered(parts[0]))
+    for p, part in enumerate(parts):
+        codes |= unpack_int2_quartered(part) << (CODE_BITS * p)
+    return codes
+
+
+def quantize(x: torch.Tensor, group_size: int, bits: int = CODE_BITS):
+    """Asymmetric `bits`-bit quantization of groups of `group_size` consecutive dims.
+
+    x: [..., D] float -> codes [..., planes · D/4] uint8 (pack_planes), scale [..., D/G] fp16,
     minimum [..., D/G] fp16. Constant groups get scale 0 and reconstruct exactly.
     """
+    levels = (1 << bits) - 1
     groups = zero_nonfinite_rows(x.float()).unflatten(-1, (-1, group_size))
     lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
     minimum = lo.half()
-    scale = ((hi - lo) / CODE_MAX).half()
+    scale = ((hi - lo) / levels).half()
     s, m = scale.float().unsqueeze(-1), minimum.float().unsqueeze(-1)
     inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
-    codes = torch.floor((groups - m) * inv + 0.5).clamp(0, CODE_MAX).flatten(-2)
-    return pack_int2_quartered(codes), scale, minimum
+    codes = torch.floor((groups - m) * inv + 0.5).clamp(0, levels).flatten(-2)
+    return pack_planes(codes, bits), scale, minimum
 
 
-def dequantize_int2(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, group_size: int):
-    """Inverse of quantize_int2: -> float32 [..., D]."""
-    c = unpack_int2_quartered(codes).float().unflatten(-1, (-1, group_size))
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, group_size: int):
+    """Inverse of quantize (the plane count from codes' width against the D/G groups of scale):
+    -> float32 [..., D]."""
+    head_dim = scale.shape[-1] * group_size
+    planes = codes.shape[-1] * CODES_PER_BYTE // head_dim
+    c = unpack_planes(codes, planes).float().unflatten(-1, (-1, group_size))
     return (c * scale.float().unsqueeze(-1) + minimum.float().unsqueeze(-1)).flatten(-2)
 
 
-def encode_kv(x: torch.Tensor, rot: torch.Tensor, clip_ratio: float, fmt: OscarFormat):
-    """The whole write path for new tokens x: [T, H, D] (bf16/fp16).
+def encode_kv(x: torch.Tensor, rot: torch.Tensor, clip_ratio: float, fmt: OscarFormat, bits: int = CODE_BITS):
+    """The whole write path for new tokens x: [T, H, D] (bf16/fp16), codes of `bits` bits
+    (fmt.code_bits("k") for keys).
 
-    Returns codes [T, H, D/4] uint8, meta [T, H, D/G, 2] fp16 and the BF16 window copy
+    Returns codes [T, H, planes · D/4] uint8, meta [T, H, D/G, 2] fp16 and the BF16 window copy
     [T, H, D] (rotated, unclipped; zeros for non-finite rows).
     """
     rotated = rotate(x, rot)
-    codes, scale, minimum = quantize_int2(clip_rows(rotated, clip_ratio), fmt.group_size)
+    codes, scale, minimum = quantize(clip_rows(rotated, clip_ratio), fmt.group_size, bits)
     window = zero_nonfinite_rows(rotated).to(torch.bfloat16)
     return codes, torch.stack([scale, minimum], dim=-1), window
 
 
 def decode_kv(codes: torch.Tensor, meta: torch.Tensor, fmt: OscarFormat) -> torch.Tensor:
-    """codes [..., D/4], meta [..., D/G, 2] -> rotated-space float32 [..., D]."""
-    return dequantize_int2(codes, meta[..., 0], meta[..., 1], fmt.group_size)
+    """codes [..., planes · D/4], meta [..., D/G, 2] -> rotated-space float32 [..., D]."""
+    return dequantize(codes, meta[..., 0], meta[..., 1], fmt.group_size)
 
 
 def gather_rotated_kv(

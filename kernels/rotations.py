@@ -2,7 +2,8 @@
 
 Tensors: `layers.{l}.k_rot` / `layers.{l}.v_rot` [H_kv or 1, D, D] float32 (orthogonal),
 `layers.{l}.k_clip` / `layers.{l}.v_clip` float32 scalars. String metadata: see
-`REQUIRED_METADATA`. Loading validates structure, version and orthogonality; matching against a
+`REQUIRED_METADATA`, and `key_bits`, the key code width the clips were chosen for (files
+without it: 2). Loading validates structure, version and orthogonality; matching against a
 served model is `RotationSet.check_matches`. Without an artifact (`--oscar-rotations data-free`),
 `data_free_rotations` gives the normalized Hadamard · bit-reversal rotation.
 """
@@ -17,7 +18,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from scipy.linalg import hadamard
 
-from .format import DATA_FREE_ROTATIONS, DEFAULT_K_CLIP, DEFAULT_V_CLIP, FORMAT_NAME, FORMAT_VERSION
+from .format import (
+    DATA_FREE_ROTATIONS,
+    DEFAULT_K_CLIP,
+    DEFAULT_KEY_BITS,
+    DEFAULT_V_CLIP,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    SUPPORTED_KEY_BITS,
+)
 
 REQUIRED_METADATA = (
     "format", "format_version", "model_name", "num_layers", "num_kv_heads", "head_dim",
@@ -77,6 +86,24 @@ class RotationSet:
                     f"{DATA_FREE_ROTATIONS} for data-free rotations"
                 )
 
+    @property
+    def key_bits(self) -> int | None:
+        """The key code width the key clips were calibrated for; None for data-free rotations,
+        which suit any."""
+        if self.metadata.get("calibration_source") == DATA_FREE_ROTATIONS:
+            return None
+        return int(self.metadata.get("key_bits", DEFAULT_KEY_BITS))
+
+    def check_key_bits(self, key_bits: int) -> None:
+        """Raise RotationFileError when the key clips were calibrated for another key width
+        (clips chosen for 2-bit keys cut what 4-bit keys would keep, and the reverse)."""
+        if self.key_bits is not None and self.key_bits != key_bits:
+            source = self.metadata.get("source_path", "the rotation file")
+            raise RotationFileError(
+                f"{source} was calibrated for {self.key_bits}-bit keys, but {key_bits}-bit keys "
+                f"were asked for; pass --oscar-key-bits {self.key_bits}, or calibrate with "
+                f"`oscar-sglang calibrate --key-bits {key_bits}`")
+
     def slice_kv_heads(self, start: int, end: int) -> "RotationSet":
         """Rotations of KV heads [start, end) (a tensor-parallel rank's share); shared
         rotations ([1, D, D]) are kept as they are."""
@@ -89,7 +116,7 @@ def data_free_rotations(num_layers: int, num_kv_heads: int, head_dim: int, model
     """Hadamard · bit-reversal for every layer, shared across heads, default clip ratios."""
     rot = hadamard_bitrev(head_dim)[None]
     meta = _metadata(model_name, num_layers, num_kv_heads, head_dim, per_head=False,
-                     calibration_tokens=0, calibration_source="data-free")
+                     calibration_tokens=0, calibration_source=DATA_FREE_ROTATIONS)
     return RotationSet([rot] * num_layers, [rot] * num_layers,
                        [DEFAULT_K_CLIP] * num_layers, [DEFAULT_V_CLIP] * num_layers, meta)
 
@@ -106,11 +133,13 @@ def _metadata(model_name, num_layers, num_kv_heads, head_dim, per_head, calibrat
 
 
 def make_rotation_set(k_rot, v_rot, k_clip, v_clip, *, model_name: str, num_kv_heads: int,
-                      calibration_tokens: int, calibration_source: str) -> RotationSet:
+                      calibration_tokens: int, calibration_source: str,
+                      key_bits: int = DEFAULT_KEY_BITS) -> RotationSet:
     """Assemble a RotationSet with complete metadata (what the calibrator writes)."""
     meta = _metadata(model_name, len(k_rot), num_kv_heads, k_rot[0].shape[-1],
                      per_head=k_rot[0].shape[0] > 1, calibration_tokens=calibration_tokens,
                      calibration_source=calibration_source)
+    meta["key_bits"] = str(key_bits)
     return RotationSet([r.float() for r in k_rot], [r.float() for r in v_rot],
                        [float(c) for c in k_clip], [float(c) for c in v_clip], meta)
 
@@ -152,6 +181,9 @@ def load_rotations(path: str) -> RotationSet:
             f"{metadata['format_version']}, this oscar-sglang reads {FORMAT_NAME} version "
             f"{FORMAT_VERSION}: calibrate it again with this version")
     num_layers, heads, dim = (_positive_int(metadata, k, path) for k in ("num_layers", "num_kv_heads", "head_dim"))
+    if metadata.get("key_bits", str(DEFAULT_KEY_BITS)) not in [str(b) for b in SUPPORTED_KEY_BITS]:
+        raise RotationFileError(f"rotation file {path!r} has key_bits={metadata['key_bits']!r} in its "
+                                f"metadata, expected one of {list(SUPPORTED_KEY_BITS)}: calibrate it again")
     # counted first: a corrupted num_layers must not make us build a huge set of names
     if len(tensors) != 4 * num_layers:
         raise RotationFileError(

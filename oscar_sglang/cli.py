@@ -1,7 +1,7 @@
 """`oscar-sglang` command line: a thin argparse dispatcher into oscar_sglang.calibration.
 
     oscar-sglang calibrate --model PATH [--gguf-file F] --data FILE... --tokens N --seq-len L \\
-        --out NAME.oscar.safetensors [--group-size G] [--shared-across-heads] [--target plain]
+        --out NAME.oscar.safetensors [--group-size G] [--key-bits 4] [--shared-across-heads] [--target plain]
     oscar-sglang evaluate --model PATH [--gguf-file F] --rotations NAME.oscar.safetensors \\
         --data FILE... --formats bf16,fp8,int4,kivi2,int2-naive,int2-hadamard,oscar
 
@@ -11,7 +11,7 @@ Also `python -m oscar_sglang ...`. Importing this module does not import SGLang.
 import argparse
 import sys
 
-from oscar_sglang.kernels.format import DEFAULT_RECENT_TOKENS, DEFAULT_SINK_TOKENS
+from oscar_sglang.kernels.format import DEFAULT_KEY_BITS, DEFAULT_RECENT_TOKENS, DEFAULT_SINK_TOKENS, SUPPORTED_KEY_BITS
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="what the key clip search minimizes on held-out tokens: the attention-output "
                           "error (default), the attention distribution's KL divergence, or its peak "
                           "KL (the divergence on each query's top key: milder clips)")
+    cal.add_argument("--key-bits", type=int, choices=SUPPORTED_KEY_BITS, default=DEFAULT_KEY_BITS,
+                     help=f"bits per key code the key clips are chosen for (default {DEFAULT_KEY_BITS}); "
+                          "serve the artifact with the same --oscar-key-bits")
     ev = sub.add_parser("evaluate", help="accuracy of KV-cache formats (perplexity, KL, retrieval)")
     _common(ev)
     ev.add_argument("--rotations", help="artifact from `calibrate` (needed by format oscar)")

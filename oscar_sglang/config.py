@@ -7,6 +7,9 @@ environment variables, which the spawned scheduler processes inherit:
     SGLANG_OSCAR_ROTATIONS       --oscar-rotations        rotation file (.oscar.safetensors), or
                                                           data-free (Hadamard rotations, lower
                                                           quality); required with oscar
+    SGLANG_OSCAR_KEY_BITS        --oscar-key-bits         2 | 4 bits per key code (default 2; values
+                                                          are always 2); must match the rotation
+                                                          file's calibration
     SGLANG_OSCAR_GROUP_SIZE      --oscar-group-size       32 | 64 | 128 (default: head_dim)
     SGLANG_OSCAR_SINK_TOKENS     --oscar-sink-tokens      BF16 sink tokens per sequence, >= 0
     SGLANG_OSCAR_RECENT_TOKENS   --oscar-recent-tokens    BF16 recent tokens per sequence, >= 1
@@ -24,9 +27,11 @@ from typing import Any
 
 from oscar_sglang.kernels.format import (
     DATA_FREE_ROTATIONS,
+    DEFAULT_KEY_BITS,
     DEFAULT_RECENT_TOKENS,
     DEFAULT_SINK_TOKENS,
     SUPPORTED_GROUP_SIZES,
+    SUPPORTED_KEY_BITS,
     OscarFormat,
 )
 
@@ -65,6 +70,8 @@ ROTATIONS = Setting("rotations", "SGLANG_OSCAR_ROTATIONS", "--oscar-rotations",
                     f"the path of a rotation file or {DATA_FREE_ROTATIONS!r}", str, bool)
 SETTINGS = (
     ROTATIONS,
+    Setting("key_bits", "SGLANG_OSCAR_KEY_BITS", "--oscar-key-bits",
+            f"one of {list(SUPPORTED_KEY_BITS)}", int, lambda v: v in SUPPORTED_KEY_BITS),
     Setting("group_size", "SGLANG_OSCAR_GROUP_SIZE", "--oscar-group-size",
             f"one of {list(SUPPORTED_GROUP_SIZES)}", int, lambda v: v in SUPPORTED_GROUP_SIZES),
     Setting("sink_tokens", "SGLANG_OSCAR_SINK_TOKENS", "--oscar-sink-tokens",
@@ -100,6 +107,7 @@ class OscarConfig:
     the data-free ones)."""
 
     rotations: str | None = None
+    key_bits: int = DEFAULT_KEY_BITS
     group_size: int | None = None
     sink_tokens: int = DEFAULT_SINK_TOKENS
     recent_tokens: int = DEFAULT_RECENT_TOKENS
@@ -114,4 +122,4 @@ class OscarConfig:
     def format(self, head_dim: int) -> OscarFormat:
         """The format for a model with `head_dim`; ValueError when the model or group size is
         not supported."""
-        return OscarFormat(head_dim, self.group_size, self.sink_tokens, self.recent_tokens)
+        return OscarFormat(head_dim, self.group_size, self.sink_tokens, self.recent_tokens, self.key_bits)

@@ -42,9 +42,11 @@ from oscar_sglang.config import (
     Setting,
 )
 from oscar_sglang.kernels.format import (
+    DEFAULT_KEY_BITS,
     DEFAULT_RECENT_TOKENS,
     DEFAULT_SINK_TOKENS,
     SUPPORTED_GROUP_SIZES,
+    SUPPORTED_KEY_BITS,
 )
 
 SERVER_ARGS = "sglang.srt.server_args.ServerArgs"
@@ -83,6 +85,9 @@ FLAG_HELP = {
                   "NAME.oscar.safetensors`, checked against the model at startup, or "
                   f"'{DATA_FREE_ROTATIONS}': data-free Hadamard rotations (lower quality, "
                   "unusable on some models); required with --kv-quant oscar"),
+    "key_bits": (f"bits per key code: {DEFAULT_KEY_BITS} (default; 2.25-2.5 bits per element with "
+                 "values) or 4 (3.25-3.5 bits per element, keeps what long prompts hide better); "
+                 "the rotation file must be calibrated for it (`oscar-sglang calibrate --key-bits`)"),
     "group_size": "quantization group size along head_dim; default: head_dim",
     "sink_tokens": f"first tokens of every sequence kept in BF16 (default {DEFAULT_SINK_TOKENS})",
     "recent_tokens": (f"most recent tokens of every sequence kept in BF16 "
@@ -91,7 +96,8 @@ FLAG_HELP = {
                                f"rows; running requests are capped to what it holds "
                                f"(default {DEFAULT_WINDOW_FRACTION})"),
 }
-FLAG_CHOICES = {"kv_quant": KV_QUANT_CHOICES, "group_size": SUPPORTED_GROUP_SIZES}
+FLAG_CHOICES = {"kv_quant": KV_QUANT_CHOICES, "group_size": SUPPORTED_GROUP_SIZES,
+                "key_bits": SUPPORTED_KEY_BITS}
 FLAG_METAVARS = {"rotations": "PATH", "sink_tokens": "N", "recent_tokens": "N",
                  "window_memory_fraction": "F"}
 

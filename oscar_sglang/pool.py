@@ -1,6 +1,7 @@
 """OscarTokenToKVPool: SGLang's token-to-KV pool holding OSCAR-2 packed K/V.
 
-Per layer: codes [slots, H_kv, D/4] uint8 as `k_buffer` / `v_buffer` and fp16 metadata
+Per layer: codes (kernels.format: K [slots, H_kv, key_planes · D/4], V [slots, H_kv, D/4]) uint8
+as `k_buffer` / `v_buffer` and fp16 metadata
 [slots, H_kv, D/G, 2] as `k_scale_buffer` / `v_scale_buffer` (the names SGLang's slot moves,
 size accounting and pointer tables already cover), plus per-request BF16 window rows
 [(requests + 1) * (S + W), H_kv, D] (row block 0 is SGLang's padding request) allocated once the
@@ -92,8 +93,8 @@ class OscarTokenToKVPool(MHATokenToKVPool):
         with self.memory_saver_adapter.region(GPU_MEMORY_TYPE_KV_CACHE):
             def buffers(shape, dtype):
                 return [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(self.layer_num)]
-            self.k_buffer = buffers(fmt.codes_shape(rows, heads), torch.uint8)
-            self.v_buffer = buffers(fmt.codes_shape(rows, heads), torch.uint8)
+            self.k_buffer = buffers(fmt.codes_shape(rows, heads, "k"), torch.uint8)
+            self.v_buffer = buffers(fmt.codes_shape(rows, heads, "v"), torch.uint8)
             self.k_scale_buffer = buffers(fmt.meta_shape(rows, heads), torch.float16)
             self.v_scale_buffer = buffers(fmt.meta_shape(rows, heads), torch.float16)
         self.dq_k_buffer = self.dq_v_buffer = None

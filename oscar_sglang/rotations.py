@@ -24,9 +24,9 @@ def kv_head_range(total_kv_heads: int, tp_size: int, tp_rank: int) -> tuple[int,
 
 
 def rotations_for_model(path: str | None, num_layers: int, num_kv_heads: int, head_dim: int,
-                        model_name: str) -> RotationSet:
-    """The validated RotationSet for a model with these dimensions (all KV heads): `path` is a
-    rotation file or DATA_FREE_ROTATIONS; None is refused."""
+                        model_name: str, key_bits: int) -> RotationSet:
+    """The validated RotationSet for a model with these dimensions (all KV heads), served with
+    `key_bits`-bit keys: `path` is a rotation file or DATA_FREE_ROTATIONS; None is refused."""
     if path is None:
         raise missing_rotations(model_name)
     if path == DATA_FREE_ROTATIONS:
@@ -37,4 +37,5 @@ def rotations_for_model(path: str | None, num_layers: int, num_kv_heads: int, he
         return data_free_rotations(num_layers, num_kv_heads, head_dim, model_name)
     rotations = load_rotations(path)
     rotations.check_matches(num_layers, num_kv_heads, head_dim, model=model_name or "the served model")
+    rotations.check_key_bits(key_bits)
     return rotations

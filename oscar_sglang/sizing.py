@@ -68,7 +68,7 @@ def compute_cell_size(original, configurator, kvc, num_layers: int) -> int:
         sink_bytes=sink_bytes_per_request(fmt, num_layers, heads),
         sink_rows=sink_rows_per_request(fmt),
         int2_bytes=int2, bf16_bytes=2 * num_layers * heads * kvc.model_config.head_dim * BF16_BYTES,
-        bits=fmt.bits_per_element, group=fmt.group_size)
+        bits=fmt.bits_per_element, key_bits=fmt.key_bits, group=fmt.group_size)
     return int2 if explicit_requests else budgeted_cell_bytes(int2, config.window_memory_fraction)
 
 
@@ -114,10 +114,11 @@ def finalize_with_max_running_requests(original, configurator, config):
     tokens = config.max_total_num_tokens
     bf16_tokens = budget // info["bf16_bytes"]
     logger.info(
-        "OSCAR-2 KV cache: %.2f bits/element (group %d), %d bytes/token, %d tokens; BF16 KV would "
+        "OSCAR-2 KV cache: %.2f bits/element (%d-bit keys, 2-bit values, group %d), %d bytes/token, "
+        "%d tokens; BF16 KV would "
         "hold %d tokens in the same budget (%.2fx); window rows for %d running requests; "
         "sink pool of %d BF16 rows (%.2f GB)",
-        info["bits"], info["group"], info["int2_bytes"], tokens, bf16_tokens,
+        info["bits"], info["key_bits"], info["group"], info["int2_bytes"], tokens, bf16_tokens,
         tokens / max(bf16_tokens, 1), config.max_running_requests,
         config.max_running_requests * info["sink_rows"],
         config.max_running_requests * info["sink_bytes"] / 2**30)
@@ -136,7 +137,7 @@ def build_mha_kv_pool(original, configurator, *, max_total_num_tokens: int, mha_
     parallel = get_parallel()
     total_heads = model.get_total_num_kv_heads()
     rotations = rotations_for_model(config.rotations, model.num_hidden_layers, total_heads,
-                                    model.head_dim, model.model_path)
+                                    model.head_dim, model.model_path, config.key_bits)
     rotations = rotations.slice_kv_heads(*kv_head_range(total_heads, parallel.attn_tp_size, parallel.attn_tp_rank))
     layers = configurator.layer_info
     return OscarTokenToKVPool(

@@ -103,7 +103,7 @@ def validate_server_args(server_args) -> OscarConfig | None:
     from oscar_sglang.rotations import rotations_for_model
 
     rotations_for_model(settings.rotations, shape.num_layers, shape.num_kv_heads, shape.head_dim,
-                        server_args.model_path)
+                        server_args.model_path, settings.key_bits)
     for name in BACKEND_FIELDS:
         setattr(server_args, name, BACKEND)
     if server_args.cuda_graph_backend_prefill is None and not server_args.disable_prefill_cuda_graph:
@@ -111,7 +111,8 @@ def validate_server_args(server_args) -> OscarConfig | None:
         # keeps its CUDA graphs.
         server_args.disable_prefill_cuda_graph = True
         logger.info("OSCAR: prefill CUDA graph disabled (decode CUDA graphs stay on)")
-    logger.info("OSCAR 2-bit KV cache on: %s", settings)
+    logger.info("OSCAR KV cache on (%.2f bits per element, keys %d bits, values 2): %s",
+                settings.format(shape.head_dim).bits_per_element, settings.key_bits, settings)
     return settings
 
 

@@ -14,13 +14,13 @@ from oscar_sglang.calibration.attention import (
     exact_region,
     key_divergences,
 )
-from oscar_sglang.calibration.clip_search import DEFAULT_CLIP_GRID, ClipSearch, int2_roundtrips
+from oscar_sglang.calibration.clip_search import DEFAULT_CLIP_GRID, ClipSearch, roundtrips
 from oscar_sglang.calibration.covariance import CovarianceAccumulator
 from oscar_sglang.calibration.formats import from_tokens, to_tokens
 from oscar_sglang.calibration.models import Geometry
 from oscar_sglang.calibration.rotation import rotation_from_covariance
 from oscar_sglang.cli import main
-from oscar_sglang.kernels.reference import clip_rows, dequantize_int2, quantize_int2, rotate, unrotate
+from oscar_sglang.kernels.reference import clip_rows, dequantize, quantize, rotate, unrotate
 from oscar_sglang.kernels.rotations import (
     RotationFileError,
     bit_reversal_permutation,
@@ -123,9 +123,9 @@ def test_top_eigen_directions_absorbed_by_group_minimum(group):
     top = 64 // group  # directions that land on group-constant Hadamard rows
     k = torch.randn(5, top, generator=gen, dtype=torch.float64) @ basis[:, :top].T
     rotated = (k @ rot.double()).float()
-    codes, scale, minimum = quantize_int2(rotated, group)
+    codes, scale, minimum = quantize(rotated, group)
     assert scale.abs().max() < 1e-3 * rotated.abs().max()  # constant groups
-    torch.testing.assert_close(dequantize_int2(codes, scale, minimum, group), rotated, atol=1e-2, rtol=1e-3)
+    torch.testing.assert_close(dequantize(codes, scale, minimum, group), rotated, atol=1e-2, rtol=1e-3)
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -237,13 +237,14 @@ def test_clip_search_picks_least_objective_per_layer_and_kind():
         _search("perplexity")
 
 
-def test_clip_grid_equals_reference_clip_rows():
+@pytest.mark.parametrize("bits", [2, 4])
+def test_clip_grid_equals_reference_clip_rows(bits):
     x = torch.randn(2, 3, 20, 64)
     rot = hadamard_bitrev(64)[None]
     clips = (0.8, 0.9, 0.96, 1.0)
-    for clip, got in zip(clips, int2_roundtrips(x, rot, clips, 32), strict=True):
-        codes, scale, minimum = quantize_int2(clip_rows(rotate(to_tokens(x), rot), clip), 32)
-        want = from_tokens(unrotate(dequantize_int2(codes, scale, minimum, 32), rot), 2)
+    for clip, got in zip(clips, roundtrips(x, rot, clips, 32, bits), strict=True):
+        codes, scale, minimum = quantize(clip_rows(rotate(to_tokens(x), rot), clip), 32, bits)
+        want = from_tokens(unrotate(dequantize(codes, scale, minimum, 32), rot), 2)
         assert torch.equal(got, want)
 
 
@@ -264,16 +265,21 @@ def test_attention_override_restores_implementation(tmp_path):
         torch.testing.assert_close(patched, model(ids, use_cache=False).logits, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("shared,target", [(False, "auto"), (True, "attention"), (False, "plain")])
-def test_calibrate_cli_end_to_end(tmp_path, capsys, shared, target):
+@pytest.mark.parametrize("shared,target,key_bits", [(False, "auto", 2), (True, "attention", 4), (False, "plain", 2)])
+def test_calibrate_cli_end_to_end(tmp_path, capsys, shared, target, key_bits):
     model = tiny_checkpoint(tmp_path / "model")
     data = text_file(tmp_path / "text.txt")
     out = str(tmp_path / "tiny.oscar.safetensors")
     argv = ["calibrate", "--model", model, "--data", data, "--tokens", "384", "--seq-len", "128",
             "--out", out, "--group-size", "32", "--sink-tokens", "4", "--recent-tokens", "16",
-            "--heldout-fraction", "0.34", "--target", target] + (["--shared-across-heads"] if shared else [])
+            "--heldout-fraction", "0.34", "--target", target, "--key-bits", str(key_bits)]
+    argv += ["--shared-across-heads"] if shared else []
     assert main(argv) == 0
     rs = load_rotations(out)
+    assert rs.key_bits == key_bits
+    rs.check_key_bits(key_bits)
+    with pytest.raises(RotationFileError, match=f"calibrated for {key_bits}-bit keys.*--oscar-key-bits {key_bits}"):
+        rs.check_key_bits(6 - key_bits)
     assert rs.num_layers == 2 and rs.metadata["per_head"] == str(not shared).lower()
     assert rs.metadata["calibration_tokens"] == "256"  # 2 target sequences, 1 held out
     for rot in rs.k_rot + rs.v_rot:

@@ -53,14 +53,14 @@ def make_cache(fmt: OscarFormat, kv_heads: int, slots: int, requests: int, per_h
     """Empty pool with random codes and NaN meta / window rows (poison for stray reads)."""
     rot_heads = kv_heads if per_head else 1
 
-    def codes():
-        return torch.randint(0, 256, fmt.codes_shape(slots, kv_heads), generator=gen, dtype=torch.uint8)
+    def codes(kind):
+        return torch.randint(0, 256, fmt.codes_shape(slots, kv_heads, kind), generator=gen, dtype=torch.uint8)
 
     def nan(shape, dtype):
         return torch.full(shape, float("nan"), dtype=dtype)
 
-    cache = Cache(fmt, codes(), nan(fmt.meta_shape(slots, kv_heads), torch.float16),
-                  codes(), nan(fmt.meta_shape(slots, kv_heads), torch.float16),
+    cache = Cache(fmt, codes("k"), nan(fmt.meta_shape(slots, kv_heads), torch.float16),
+                  codes("v"), nan(fmt.meta_shape(slots, kv_heads), torch.float16),
                   nan(fmt.window_shape(requests, kv_heads), torch.bfloat16),
                   nan(fmt.window_shape(requests, kv_heads), torch.bfloat16),
                   random_rotation(rot_heads, fmt.head_dim, gen), random_rotation(rot_heads, fmt.head_dim, gen))
@@ -78,11 +78,11 @@ def store_tokens(cache: Cache, k: torch.Tensor, v: torch.Tensor, slots: torch.Te
     """Encode k, v: [T, H_kv, D] (positions `positions`) with `reference.encode_kv` into `slots`,
     and copy the positions listed in `window` into the request's window rows."""
     fmt = cache.fmt
-    for x, rot, clip, codes, meta, rows in (
-        (k, cache.k_rot, DEFAULT_K_CLIP, cache.k_codes, cache.k_meta, cache.k_window),
-        (v, cache.v_rot, DEFAULT_V_CLIP, cache.v_codes, cache.v_meta, cache.v_window),
+    for x, rot, clip, codes, meta, rows, kind in (
+        (k, cache.k_rot, DEFAULT_K_CLIP, cache.k_codes, cache.k_meta, cache.k_window, "k"),
+        (v, cache.v_rot, DEFAULT_V_CLIP, cache.v_codes, cache.v_meta, cache.v_window, "v"),
     ):
-        c, m, w = ref.encode_kv(x.cpu(), rot.cpu(), clip, fmt)
+        c, m, w = ref.encode_kv(x.cpu(), rot.cpu(), clip, fmt, fmt.code_bits(kind))
         codes[slots] = c.to(codes.device)
         meta[slots] = m.to(meta.device)
         for i, p in enumerate(positions):
@@ -147,18 +147,20 @@ SMALL_WINDOW_LENS = [3, 0, 9, 13, 1, 12, 4, 60, 300]
 
 
 @pytest.mark.parametrize(
-    "head_dim, group_size, gqa, dtype, index_dtype, per_head, lens",
+    "head_dim, group_size, gqa, dtype, index_dtype, per_head, lens, key_bits",
     [
-        (64, 32, 1, torch.bfloat16, torch.int32, True, SMALL_WINDOW_LENS),
-        (64, 64, 3, torch.float16, torch.int64, False, SMALL_WINDOW_LENS),
-        (128, 32, 4, torch.bfloat16, torch.int64, True, [13, 1000, 5]),
-        (128, 64, 8, torch.float16, torch.int32, True, SMALL_WINDOW_LENS),
-        (128, 128, 4, torch.bfloat16, torch.int32, False, [9, 700]),
+        (64, 32, 1, torch.bfloat16, torch.int32, True, SMALL_WINDOW_LENS, 2),
+        (64, 64, 3, torch.float16, torch.int64, False, SMALL_WINDOW_LENS, 2),
+        (128, 32, 4, torch.bfloat16, torch.int64, True, [13, 1000, 5], 2),
+        (128, 64, 8, torch.float16, torch.int32, True, SMALL_WINDOW_LENS, 2),
+        (128, 128, 4, torch.bfloat16, torch.int32, False, [9, 700], 2),
+        (64, 64, 7, torch.bfloat16, torch.int32, True, SMALL_WINDOW_LENS, 4),
+        (128, 32, 2, torch.float16, torch.int64, False, [13, 301, 5], 4),
     ],
 )
-def test_decode_matches_reference(head_dim, group_size, gqa, dtype, index_dtype, per_head, lens):
+def test_decode_matches_reference(head_dim, group_size, gqa, dtype, index_dtype, per_head, lens, key_bits):
     gen = torch.Generator().manual_seed(head_dim + group_size + gqa)
-    fmt = OscarFormat(head_dim, group_size, sink_tokens=4, recent_tokens=8)
+    fmt = OscarFormat(head_dim, group_size, sink_tokens=4, recent_tokens=8, key_bits=key_bits)
     kv_heads = 2
     cache = make_cache(fmt, kv_heads, sum(lens) + 64, len(lens) + 2, per_head, gen)
     batch = fill_requests(cache, lens, dtype, index_dtype, gen)
@@ -223,3 +225,6 @@ def test_decode_rejects_mismatched_pool():
     with pytest.raises(ValueError, match="codes"):
         decode_attention_int2(q[:, :2], torch.tensor([0, 1]), torch.tensor([0]), torch.tensor([0]),
                               *cache.buffers, 0.1, OscarFormat(128))
+    with pytest.raises(ValueError, match=r"k codes must be uint8 \[slots, 2, 32\] for 4-bit codes"):
+        decode_attention_int2(q[:, :2], torch.tensor([0, 1]), torch.tensor([0]), torch.tensor([0]),
+                              *cache.buffers, 0.1, OscarFormat(64, key_bits=4))

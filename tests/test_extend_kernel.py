@@ -44,17 +44,17 @@ PAIRS = [(0, 5), (2, 1), (3, 6), (6, 4), (12, 1), (30, 0), (200, 70), (90, 1), (
 
 
 @pytest.mark.parametrize(
-    "head_dim, group_size, gqa, dtype, index_dtype, per_head",
+    "head_dim, group_size, gqa, dtype, index_dtype, per_head, key_bits",
     [
-        (64, 32, 1, torch.bfloat16, torch.int32, True),
-        (64, 64, 3, torch.float16, torch.int64, False),
-        (128, 32, 4, torch.bfloat16, torch.int64, True),
-        (128, 128, 8, torch.float16, torch.int32, True),
+        (64, 32, 1, torch.bfloat16, torch.int32, True, 2),
+        (64, 64, 3, torch.float16, torch.int64, False, 4),
+        (128, 32, 4, torch.bfloat16, torch.int64, True, 2),
+        (128, 128, 8, torch.float16, torch.int32, True, 4),
     ],
 )
-def test_extend_matches_reference(head_dim, group_size, gqa, dtype, index_dtype, per_head):
+def test_extend_matches_reference(head_dim, group_size, gqa, dtype, index_dtype, per_head, key_bits):
     gen = torch.Generator().manual_seed(head_dim + group_size + gqa)
-    fmt = OscarFormat(head_dim, group_size, sink_tokens=4, recent_tokens=8)
+    fmt = OscarFormat(head_dim, group_size, sink_tokens=4, recent_tokens=8, key_bits=key_bits)
     kv_heads = 2
     prefixes, chunks = zip(*PAIRS)
     cache = make_cache(fmt, kv_heads, sum(prefixes) + 16, len(PAIRS) + 1, per_head, gen)
@@ -65,13 +65,14 @@ def test_extend_matches_reference(head_dim, group_size, gqa, dtype, index_dtype,
     assert_matches(got, expected, dtype)
 
 
-@pytest.mark.parametrize("head_dim, group_size, dtype", [(64, 32, torch.bfloat16), (128, 64, torch.float16)])
-def test_gather_kv_matches_reference(head_dim, group_size, dtype, nan_scratch):
+@pytest.mark.parametrize("head_dim, group_size, dtype, key_bits",
+                         [(64, 32, torch.bfloat16, 2), (128, 64, torch.float16, 2), (64, 64, torch.float16, 4)])
+def test_gather_kv_matches_reference(head_dim, group_size, dtype, key_bits, nan_scratch):
     """Every row of the scratch: a request's prefix in the model's space, from INT2 or the window
     rows as the chunk length decides (`reference.gather_rotated_kv` · Rᵀ), then its chunk, whose
     rows holding a NaN or Inf are zeros."""
     gen = torch.Generator().manual_seed(head_dim + 7)
-    fmt = OscarFormat(head_dim, group_size, sink_tokens=4, recent_tokens=8)
+    fmt = OscarFormat(head_dim, group_size, sink_tokens=4, recent_tokens=8, key_bits=key_bits)
     prefixes, chunks = zip(*PAIRS)
     kv_heads = 3
     cache = make_cache(fmt, kv_heads, sum(prefixes) + 16, len(PAIRS) + 1, True, gen)

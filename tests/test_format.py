@@ -30,7 +30,7 @@ def test_effective_bits_counts_windows():
 
 def test_shapes():
     fmt = OscarFormat(128, 64)
-    assert fmt.codes_shape(10, 8) == (10, 8, 32)
+    assert fmt.codes_shape(10, 8, "k") == fmt.codes_shape(10, 8, "v") == (10, 8, 32)
     assert fmt.meta_shape(10, 8) == (10, 8, 2, 2)
     assert fmt.window_shape(3, 8) == (3 * 192, 8, 128)
 
@@ -48,3 +48,13 @@ def test_window_rows_and_int2_span():
 def test_unsupported_shapes_are_refused(head_dim, group):
     with pytest.raises(ValueError, match="head_dim|group size"):
         OscarFormat(head_dim, group)
+
+
+def test_four_bit_keys():
+    fmt = OscarFormat(64, key_bits=4)
+    assert fmt.key_planes == 2 and fmt.code_bits("k") == 4 and fmt.code_bits("v") == 2
+    assert fmt.codes_shape(10, 3, "k") == (10, 3, 32) and fmt.codes_shape(10, 3, "v") == (10, 3, 16)
+    assert fmt.bits_per_element == 3.5  # (4 + 2) / 2 + 32 / 64
+    assert fmt.bytes_per_token(30, 3) * 8 == 30 * 3 * 64 * 2 * fmt.bits_per_element
+    with pytest.raises(ValueError, match="--oscar-key-bits"):
+        OscarFormat(64, key_bits=3)

@@ -97,7 +97,7 @@ class ReferenceDecodeCache:
         self.rot, self.fmt, self.position = rotations, fmt, 0
         rows = fmt.window_rows
         self.buffers = [{
-            kind: (torch.zeros(fmt.codes_shape(length, heads_kv), dtype=torch.uint8),
+            kind: (torch.zeros(fmt.codes_shape(length, heads_kv, kind), dtype=torch.uint8),
                    torch.zeros(fmt.meta_shape(length, heads_kv), dtype=torch.float16),
                    torch.zeros(rows, heads_kv, fmt.head_dim, dtype=torch.bfloat16))
             for kind in "kv"} for _ in range(num_layers)]
@@ -106,7 +106,7 @@ class ReferenceDecodeCache:
         layer, pos, r = module.layer_idx, self.position, self.rot
         for kind, x in (("k", key), ("v", value)):
             codes, meta, window = encode_kv(x[0].transpose(0, 1), getattr(r, f"{kind}_rot")[layer],
-                                            getattr(r, f"{kind}_clip")[layer], self.fmt)
+                                            getattr(r, f"{kind}_clip")[layer], self.fmt, self.fmt.code_bits(kind))
             buf_codes, buf_meta, buf_window = self.buffers[layer][kind]
             buf_codes[pos], buf_meta[pos] = codes[0], meta[0]
             buf_window[self.fmt.window_row(0, pos)] = window[0]
@@ -204,8 +204,8 @@ def test_evaluate_refuses_mismatching_model(calibrated, tmp_path):
 
 def test_asymmetric_roundtrip_at_two_bits_matches_reference():
     from oscar_sglang.calibration.formats import asymmetric_roundtrip
-    from oscar_sglang.kernels.reference import dequantize_int2, quantize_int2
+    from oscar_sglang.kernels.reference import dequantize, quantize
 
     x = torch.randn(5, 3, 64) * 4
-    codes, scale, minimum = quantize_int2(x, 32)
-    assert torch.equal(asymmetric_roundtrip(x, 2, 32), dequantize_int2(codes, scale, minimum, 32))
+    codes, scale, minimum = quantize(x, 32)
+    assert torch.equal(asymmetric_roundtrip(x, 2, 32), dequantize(codes, scale, minimum, 32))

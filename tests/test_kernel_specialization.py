@@ -54,7 +54,7 @@ def probe() -> dict:
     JITFunction.__getitem__ = record
     fmt = OscarFormat(HEAD_DIM)
     slots, requests = 4096, 9
-    codes = [torch.zeros(fmt.codes_shape(slots, KV_HEADS), dtype=torch.uint8) for _ in "kv"]
+    codes = [torch.zeros(fmt.codes_shape(slots, KV_HEADS, kind), dtype=torch.uint8) for kind in "kv"]
     metas = [torch.zeros(fmt.meta_shape(slots, KV_HEADS), dtype=torch.float16) for _ in "kv"]
     windows = [torch.zeros(fmt.window_shape(requests, KV_HEADS), dtype=torch.bfloat16) for _ in "kv"]
     rots = [torch.eye(HEAD_DIM).expand(KV_HEADS, HEAD_DIM, HEAD_DIM).contiguous() for _ in "kv"]

@@ -204,13 +204,13 @@ def test_write_kernel_flag_is_sticky():
 
 def pool_buffers(fmt: OscarFormat, slots: int):
     """Zeroed k_codes, k_meta, v_codes, v_meta of KV_HEADS heads, in write_kv_int2's order."""
-    def codes():
-        return torch.zeros(fmt.codes_shape(slots, KV_HEADS), dtype=torch.uint8)
+    def codes(kind):
+        return torch.zeros(fmt.codes_shape(slots, KV_HEADS, kind), dtype=torch.uint8)
 
     def meta():
         return torch.zeros(fmt.meta_shape(slots, KV_HEADS), dtype=torch.float16)
 
-    return codes(), meta(), codes(), meta()
+    return codes("k"), meta(), codes("v"), meta()
 
 
 def warnings_of(caplog) -> list[str]:

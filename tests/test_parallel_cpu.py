@@ -238,7 +238,7 @@ def test_each_rank_sizes_and_builds_its_own_heads(published, caplog, tp):
         # the pool: this rank's heads, with their own rotations
         start, end = kv_head_range(total, tp, rank)
         assert pool.head_num == heads == end - start
-        assert pool.k_buffer[0].shape == fmt.codes_shape(64 + 1, heads)
+        assert pool.k_buffer[0].shape == fmt.codes_shape(64 + 1, heads, "k")
         assert pool.k_scale_buffer[0].shape == fmt.meta_shape(64 + 1, heads)
         for layer in range(LAYERS):
             assert torch.equal(pool.k_rot[layer], published.rotations.k_rot[layer][start:end])
@@ -316,10 +316,12 @@ def test_agreement_and_margin():
 
 def test_capacity_lines_name_their_ranks():
     text = (
-        "[2026-11-23 15:17:28] OSCAR-2 KV cache: 2.25 bits/element (group 128), 20736 bytes/token, "
+        "[2026-11-23 15:17:28] OSCAR-2 KV cache: 2.25 bits/element (2-bit keys, 2-bit values, group 128), "
+        "20736 bytes/token, "
         "747517 tokens; BF16 KV would hold 116799 tokens in the same budget (6.40x); window rows for "
         "8 running requests; sink pool of 512 BF16 rows (0.07 GB)\n"
-        "[2026-11-23 15:17:28.123 DP1 TP1] OSCAR-2 KV cache: 2.25 bits/element (group 128), 10368 "
+        "[2026-11-23 15:17:28.123 DP1 TP1] OSCAR-2 KV cache: 3.25 bits/element (4-bit keys, 2-bit values, "
+        "group 128), 10368 "
         "bytes/token, 1500000 tokens; BF16 KV would hold 233598 tokens in the same budget (6.42x); "
         "window rows for 8 running requests; sink pool of 512 BF16 rows (0.04 GB)\n"
         "[2026-11-23 15:17:29 TP0] OSCAR window rows: 8 requests x 192 BF16 rows, 0.12 GB\n"

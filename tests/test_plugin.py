@@ -10,7 +10,7 @@ import sys
 import types
 
 import pytest
-from oscar_sglang.kernels.rotations import data_free_rotations, save_rotations
+from oscar_sglang.kernels.rotations import data_free_rotations, hadamard_bitrev, make_rotation_set, save_rotations
 
 from oscar_sglang import plugin, validation
 from oscar_sglang.config import ALL_SETTINGS, OscarConfig
@@ -45,14 +45,25 @@ def test_flags_parse_export_and_turn_oscar_on(sglang, model_dir, rotation_file):
         "--model-path", model_dir, "--device", "cpu", "--kv-quant", "oscar",
         "--oscar-rotations", rotation_file, "--oscar-group-size", "64",
         "--oscar-sink-tokens", "32", "--oscar-recent-tokens", "256",
-        "--oscar-window-fraction", "0.2"])
-    expected = OscarConfig(rotation_file, 64, 32, 256, 0.2)
+        "--oscar-window-fraction", "0.2", "--oscar-key-bits", "4"])
+    expected = OscarConfig(rotation_file, key_bits=4, group_size=64, sink_tokens=32, recent_tokens=256,
+                           window_memory_fraction=0.2)
     assert OscarConfig.from_env() == expected
     assert os.environ["SGLANG_OSCAR_KV_QUANT"] == "oscar"
     assert args._oscar_settings == expected
     assert args.get_attention_backends() == ("oscar", "oscar")
     assert args.attention_backend == "oscar"
     assert args.disable_prefill_cuda_graph  # decode graphs stay; prefill runs eagerly
+
+
+def test_key_bits_other_than_the_calibrated_ones_are_refused(sglang, model_dir, tmp_path):
+    path = str(tmp_path / "k2.oscar.safetensors")
+    rot = hadamard_bitrev(128)[None]
+    save_rotations(path, make_rotation_set([rot] * 2, [rot] * 2, [0.9] * 2, [0.9] * 2, model_name="tiny-qwen3",
+                                           num_kv_heads=2, calibration_tokens=1, calibration_source="test"))
+    with pytest.raises(ValueError, match="calibrated for 2-bit keys.*pass --oscar-key-bits 2"):
+        sglang.prepare_server_args(["--model-path", model_dir, "--device", "cpu", "--kv-quant", "oscar",
+                                    "--oscar-rotations", path, "--oscar-key-bits", "4"])
 
 
 def test_without_kv_quant_sglang_is_untouched(sglang, model_dir):

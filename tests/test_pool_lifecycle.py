@@ -637,7 +637,7 @@ def _configurator(explicit_requests: bool, fraction: float = 0.10):
     fmt = OscarFormat(128)
     info = dict(explicit_requests=explicit_requests, page_size=16, fraction=fraction,
                 window_bytes=fmt.window_bytes_per_request(36, 8), sink_bytes=9_437_184,
-                sink_rows=64, int2_bytes=20_736, bf16_bytes=147_456, bits=2.25, group=128)
+                sink_rows=64, int2_bytes=20_736, bf16_bytes=147_456, bits=2.25, key_bits=2, group=128)
     cell = 20_736 if explicit_requests else budgeted_cell_bytes(20_736, fraction)
     return types.SimpleNamespace(_oscar=info, _cell_size=cell)
 

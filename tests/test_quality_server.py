@@ -23,6 +23,7 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import quality_server as qs  # noqa: E402
 from oscar_sglang.calibration.retrieval import Proportion  # noqa: E402
+from oscar_sglang.kernels.rotations import make_rotation_set, save_rotations  # noqa: E402
 
 EOS = 3
 WORDS = ("the quick brown fox jumps over a lazy dog while seven tired wizards quietly judge "
@@ -88,21 +89,28 @@ def test_defaults():
 
 def test_config_flags(tmp_path, monkeypatch):
     rotations, other = tmp_path / "a.oscar.safetensors", tmp_path / "b.oscar.safetensors"
-    rotations.write_bytes(b"")
-    other.write_bytes(b"")
-    flags = qs.config_flags(["bf16", "fp8", "oscar", "oscar-data-free"], str(rotations), [("clip", str(other))])
-    assert list(flags) == ["bf16", "fp8", "oscar", "oscar-data-free", "oscar-clip"]
+    save_rotations(str(rotations), _tiny_rotations(2))
+    save_rotations(str(other), _tiny_rotations(4))
+    flags = qs.config_flags(["bf16", "fp8", "oscar", "oscar-data-free"], str(rotations), [("k4", str(other))])
+    assert list(flags) == ["bf16", "fp8", "oscar", "oscar-data-free", "oscar-k4"]
     assert flags["bf16"] == ["--attention-backend", "flashinfer"]
     assert sorted(flags["fp8"]) == sorted(["--attention-backend", "flashinfer", "--kv-cache-dtype", "fp8_e4m3"])
-    assert flags["oscar"] == ["--kv-quant", "oscar", "--oscar-rotations", str(rotations)]
+    # each file is served with the key bits it was calibrated for
+    assert flags["oscar"] == ["--kv-quant", "oscar", "--oscar-rotations", str(rotations), "--oscar-key-bits", "2"]
     assert flags["oscar-data-free"] == ["--kv-quant", "oscar", "--oscar-rotations", "data-free"]
-    assert flags["oscar-clip"] == ["--kv-quant", "oscar", "--oscar-rotations", str(other)]
+    assert flags["oscar-k4"] == ["--kv-quant", "oscar", "--oscar-rotations", str(other), "--oscar-key-bits", "4"]
     # relative paths are made absolute: the server runs in the repository root
     monkeypatch.chdir(tmp_path)
-    assert qs.config_flags(["bf16", "oscar"], rotations.name)["oscar"][-1] == str(rotations)
+    assert qs.config_flags(["bf16", "oscar"], rotations.name)["oscar"][3] == str(rotations)
     # a variant named in --configs keeps its place there
-    assert list(qs.config_flags(["bf16", "oscar-clip", "fp8"], None, [("clip", str(other))])) == [
-        "bf16", "oscar-clip", "fp8"]
+    assert list(qs.config_flags(["bf16", "oscar-k4", "fp8"], None, [("k4", str(other))])) == [
+        "bf16", "oscar-k4", "fp8"]
+
+
+def _tiny_rotations(key_bits):
+    rot = [torch.eye(64)[None]] * 2
+    return make_rotation_set(rot, rot, [0.9, 0.9], [0.9, 0.9], model_name="tiny", num_kv_heads=1,
+                             calibration_tokens=1, calibration_source="test", key_bits=key_bits)
 
 
 @pytest.mark.parametrize("configs, rotations, variants, message", [

@@ -46,7 +46,7 @@ def assert_meta_and_codes_match(got_codes, got_meta, want_meta, clipped, group: 
     slack = 1e-5 * clipped.abs().amax(dim=-1, keepdim=True).expand_as(lo)
     assert_fp16_match(got_meta[..., 1], want_meta[..., 1], lo, slack, f"{kind} minimum")
     assert_fp16_match(got_meta[..., 0], want_meta[..., 0], (hi - lo) / 3, slack, f"{kind} scale")
-    # the reference's rounding rule (quantize_int2) applied with the kernel's meta
+    # the reference's rounding rule (quantize) applied with the kernel's meta
     s, m = got_meta[..., 0].float().unsqueeze(-1), got_meta[..., 1].float().unsqueeze(-1)
     inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
     want_codes = torch.floor((groups - m) * inv + 0.5).clamp(0, CODE_MAX).flatten(-2)

@@ -10,17 +10,18 @@ from oscar_sglang.kernels.quantize import write_kv_int2
 CODE_POISON, META_POISON, WINDOW_POISON = 0xA5, -7.0, 1234.0
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-# (tokens, kv_heads, head_dim, group, dtype, per_head): a covering subset of
-# T in {1, 7, 129} x H in {1, 2, 8} x D in {64, 128} x G in {32, 64, 128} x dtypes x sharing
+# (tokens, kv_heads, head_dim, group, dtype, per_head, key_bits): a covering subset of
+# T in {1, 7, 129} x H in {1, 2, 8} x D in {64, 128} x G in {32, 64, 128} x dtypes x sharing x key bits
 CASES = [
-    (1, 1, 64, 32, torch.bfloat16, False),
-    (7, 2, 64, 64, torch.float16, True),
-    (129, 1, 64, 32, torch.bfloat16, True),
-    (1, 8, 128, 128, torch.float16, True),
-    (7, 8, 128, 32, torch.bfloat16, False),
-    (129, 2, 128, 64, torch.float16, False),
-    (129, 8, 128, 128, torch.bfloat16, True),
-    (7, 1, 128, 128, torch.bfloat16, True),
+    (1, 1, 64, 32, torch.bfloat16, False, 2),
+    (7, 2, 64, 64, torch.float16, True, 2),
+    (129, 1, 64, 32, torch.bfloat16, True, 4),
+    (1, 8, 128, 128, torch.float16, True, 4),
+    (7, 8, 128, 32, torch.bfloat16, False, 2),
+    (129, 2, 128, 64, torch.float16, False, 2),
+    (129, 8, 128, 128, torch.bfloat16, True, 2),
+    (7, 1, 128, 128, torch.bfloat16, True, 4),
+    (7, 2, 64, 64, torch.float16, False, 4),
 ]
 
 
@@ -28,9 +29,9 @@ def random_rotation(heads, d, gen):
     return torch.linalg.qr(torch.randn(heads, d, d, generator=gen, dtype=torch.float64))[0].float()
 
 
-def assert_codes_match(got, want, x_rot_clipped, meta, group):
+def assert_codes_match(got, want, x_rot_clipped, meta, group, bits=2):
     """Codes must be equal except where the reference value sits on a rounding tie."""
-    got_c, want_c = ref.unpack_int2_quartered(got), ref.unpack_int2_quartered(want)
+    got_c, want_c = ref.unpack_planes(got, bits // 2), ref.unpack_planes(want, bits // 2)
     diff = got_c != want_c
     if not diff.any():
         return
@@ -50,7 +51,7 @@ def write_poisoned(k, v, slots, k_rot, v_rot, clips, rows, fmt: OscarFormat, num
         f"{kind}_{name}": torch.full(shape, poison, dtype=dtype, device=DEVICE)
         for kind in "kv"
         for name, shape, poison, dtype in (
-            ("codes", fmt.codes_shape(num_slots, heads), CODE_POISON, torch.uint8),
+            ("codes", fmt.codes_shape(num_slots, heads, kind), CODE_POISON, torch.uint8),
             ("meta", fmt.meta_shape(num_slots, heads), META_POISON, torch.float16),
             ("window", (tokens, heads, d), WINDOW_POISON, torch.bfloat16),
         )
@@ -60,10 +61,10 @@ def write_poisoned(k, v, slots, k_rot, v_rot, clips, rows, fmt: OscarFormat, num
     return {name: t.cpu() for name, t in bufs.items()}
 
 
-@pytest.mark.parametrize("tokens,heads,d,group,dtype,per_head", CASES)
-def test_write_kernel_matches_reference(tokens, heads, d, group, dtype, per_head):
+@pytest.mark.parametrize("tokens,heads,d,group,dtype,per_head,key_bits", CASES)
+def test_write_kernel_matches_reference(tokens, heads, d, group, dtype, per_head, key_bits):
     gen = torch.Generator().manual_seed(tokens * 1000 + heads * 10 + d + group)
-    fmt = OscarFormat(d, group)
+    fmt = OscarFormat(d, group, key_bits=key_bits)
     k = (torch.randn(tokens, heads, d, generator=gen) * 3).to(dtype)
     v = torch.randn(tokens, heads, d, generator=gen).to(dtype)
     k_rot = random_rotation(heads if per_head else 1, d, gen)
@@ -80,11 +81,12 @@ def test_write_kernel_matches_reference(tokens, heads, d, group, dtype, per_head
     unused_rows = torch.ones(tokens, dtype=torch.bool)
     unused_rows[rows[has_row]] = False
     for kind, x, rot, clip in (("k", k, k_rot, 0.96), ("v", v, v_rot, 0.92)):
-        codes, meta, window = ref.encode_kv(x, rot, clip, fmt)
+        bits = fmt.code_bits(kind)
+        codes, meta, window = ref.encode_kv(x, rot, clip, fmt, bits)
         got_meta = out[f"{kind}_meta"][slots]
         assert torch.equal(got_meta, meta), f"{kind} meta differs"
         clipped = ref.clip_rows(ref.rotate(x, rot), clip)
-        assert_codes_match(out[f"{kind}_codes"][slots], codes, clipped, meta, group)
+        assert_codes_match(out[f"{kind}_codes"][slots], codes, clipped, meta, group, bits)
         torch.testing.assert_close(out[f"{kind}_window"][rows[has_row]], window[has_row], atol=2e-2, rtol=1e-2)
         assert (out[f"{kind}_codes"][unwritten] == CODE_POISON).all()
         assert (out[f"{kind}_meta"][unwritten] == META_POISON).all()
@@ -99,7 +101,7 @@ def test_non_finite_token_is_isolated():
     k[4, 1, 10] = float("nan")
     v[6, 0, 3] = float("inf")
     rot = random_rotation(1, 64, gen)
-    k_codes, v_codes = (torch.zeros(fmt.codes_shape(9, 2), dtype=torch.uint8, device=DEVICE) for _ in "kv")
+    k_codes, v_codes = (torch.zeros(fmt.codes_shape(9, 2, kind), dtype=torch.uint8, device=DEVICE) for kind in "kv")
     k_meta, v_meta = (torch.zeros(fmt.meta_shape(9, 2), dtype=torch.float16, device=DEVICE) for _ in "kv")
     write_kv_int2(k.to(DEVICE), v.to(DEVICE), torch.arange(9, device=DEVICE), rot.to(DEVICE), rot.to(DEVICE),
                   0.96, 0.92, k_codes, k_meta, v_codes, v_meta, fmt)

@@ -33,25 +33,37 @@ def test_quartered_layout():
     assert packed.sum() == packed[5]
 
 
+@given(seeds, dims)
+def test_four_bit_codes_pack_as_two_planes(seed, d):
+    codes = torch.randint(0, 16, (5, d), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    packed = ref.pack_planes(codes, 4)
+    assert packed.shape == (5, d // 2)
+    # plane 0 holds the low bit pairs, plane 1 the high ones, each quartered
+    assert torch.equal(packed[:, :d // 4], ref.pack_int2_quartered(codes & 3))
+    assert torch.equal(packed[:, d // 4:], ref.pack_int2_quartered(codes >> 2))
+    assert torch.equal(ref.unpack_planes(packed, 2), codes)
+
+
 @settings(max_examples=60)
-@given(seeds, dims, groups, st.sampled_from([1e-3, 1.0, 1e3]))
-def test_error_bounded_by_half_step(seed, d, g, magnitude):
+@given(seeds, dims, groups, st.sampled_from([1e-3, 1.0, 1e3]), st.sampled_from([2, 4]))
+def test_error_bounded_by_half_step(seed, d, g, magnitude, bits):
     if g > d:
         g = d
     x = rows(seed, 7, d, magnitude)
-    codes, scale, minimum = ref.quantize_int2(x, g)
-    assert int(ref.unpack_int2_quartered(codes).max()) <= 3
-    xhat = ref.dequantize_int2(codes, scale, minimum, g)
+    codes, scale, minimum = ref.quantize(x, g, bits)
+    assert codes.shape == (7, bits // 2 * d // 4)
+    assert int(ref.unpack_planes(codes, bits // 2).max()) <= (1 << bits) - 1
+    xhat = ref.dequantize(codes, scale, minimum, g)
     step = scale.float().repeat_interleave(g, dim=-1)
-    # fp16 rounding of the minimum and of the scale (times at most 3 steps)
-    slack = 4e-3 * x.abs().amax(dim=-1, keepdim=True)
+    # fp16 rounding of the minimum and of the scale (times at most 2^bits - 1 steps)
+    slack = (1 << bits) * 1.5e-3 * x.abs().amax(dim=-1, keepdim=True)
     assert ((xhat - x).abs() <= step / 2 + slack).all()
 
 
 def test_mixed_magnitudes_across_groups():
     x = torch.cat([torch.randn(1, 32) * 1e-3, torch.randn(1, 32) * 1e3], dim=-1)
-    codes, scale, minimum = ref.quantize_int2(x, 32)
-    xhat = ref.dequantize_int2(codes, scale, minimum, 32)
+    codes, scale, minimum = ref.quantize(x, 32)
+    xhat = ref.dequantize(codes, scale, minimum, 32)
     small = (xhat[:, :32] - x[:, :32]).abs().max()
     assert small <= scale[0, 0].float() / 2 + 1e-5  # the large group does not swamp the small one
 
@@ -59,17 +71,17 @@ def test_mixed_magnitudes_across_groups():
 def test_constant_rows_reconstruct_exactly():
     x = torch.full((3, 64), 0.75)
     x[1] = -2.5
-    codes, scale, minimum = ref.quantize_int2(x, 32)
+    codes, scale, minimum = ref.quantize(x, 32)
     assert (scale == 0).all()
-    assert torch.equal(ref.dequantize_int2(codes, scale, minimum, 32), x)
+    assert torch.equal(ref.dequantize(codes, scale, minimum, 32), x)
 
 
 @given(seeds, st.sampled_from([float("nan"), float("inf"), float("-inf")]))
 def test_non_finite_row_is_isolated(seed, bad):
     x = rows(seed, 6, 64)
-    clean = ref.quantize_int2(x, 32)
+    clean = ref.quantize(x, 32)
     x[2, 17] = bad
-    dirty = ref.quantize_int2(x, 32)
+    dirty = ref.quantize(x, 32)
     keep = torch.tensor([0, 1, 3, 4, 5])
     for a, b in zip(clean, dirty):
         assert torch.equal(a[keep], b[keep])
@@ -96,3 +108,16 @@ def test_encode_kv_round_trip_rotation():
     approx = ref.unrotate(ref.decode_kv(codes, meta, fmt), rot)
     rel = (approx - x.float()).norm() / x.float().norm()
     assert rel < 0.5  # 2-bit rotated quantization of gaussian rows
+
+
+def test_four_bit_keys_round_trip_closer():
+    fmt = OscarFormat(64, 64, key_bits=4)
+    x = torch.randn(9, 2, 64).bfloat16()
+    rot = torch.linalg.qr(torch.randn(2, 64, 64))[0]
+    errors = {}
+    for bits in (2, 4):
+        codes, meta, _ = ref.encode_kv(x, rot, 1.0, fmt, bits)
+        assert codes.shape == (9, 2, bits * 8)
+        approx = ref.unrotate(ref.decode_kv(codes, meta, fmt), rot)
+        errors[bits] = ((approx - x.float()).norm() / x.float().norm()).item()
+    assert errors[4] < errors[2] / 3  # 15 levels against 3: a quarter of the step

@@ -176,7 +176,7 @@ def test_scheduler_refuses_missing_rotations_too():
     from oscar_sglang.rotations import rotations_for_model
 
     with pytest.raises(ValueError, match="needs rotations .*`oscar-sglang calibrate --model m "):
-        rotations_for_model(None, 2, 2, 128, "m")
+        rotations_for_model(None, 2, 2, 128, "m", 2)
 
 
 def test_missing_rotation_file(sglang, tmp_path):

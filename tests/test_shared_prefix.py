@@ -96,17 +96,18 @@ TIGHT = {torch.bfloat16: 1e-2, torch.float16: 2e-3}  # same math, another summat
 
 
 @pytest.mark.parametrize(
-    "head_dim, group_size, gqa, dtype, index_dtype",
+    "head_dim, group_size, gqa, dtype, index_dtype, key_bits",
     [
-        (64, 32, 1, torch.bfloat16, torch.int32),
-        (64, 64, 3, torch.float16, torch.int64),
-        (128, 32, 4, torch.bfloat16, torch.int64),
-        (128, 128, 8, torch.float16, torch.int32),
+        (64, 32, 1, torch.bfloat16, torch.int32, 2),
+        (64, 64, 3, torch.float16, torch.int64, 4),
+        (128, 32, 4, torch.bfloat16, torch.int64, 2),
+        (128, 128, 8, torch.float16, torch.int32, 4),
     ],
 )
-def test_decode_with_shared_prefixes_matches_reference(head_dim, group_size, gqa, dtype, index_dtype, nan_scratch):
+def test_decode_with_shared_prefixes_matches_reference(head_dim, group_size, gqa, dtype, index_dtype, key_bits,
+                                                       nan_scratch):
     gen = torch.Generator().manual_seed(head_dim + gqa)
-    fmt = OscarFormat(head_dim, group_size, sink_tokens=4, recent_tokens=8)
+    fmt = OscarFormat(head_dim, group_size, sink_tokens=4, recent_tokens=8, key_bits=key_bits)
     kv_heads = 2
     prefix_lens = [301, 77]
     # odd lengths; a request that is all prefix but for one token, one that ends inside the

@@ -59,10 +59,10 @@ def decode_args(cache, batch, q):
             cache.fmt.head_dim ** -0.5, cache.fmt)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_decode_qwen3_layer(dtype):
+@pytest.mark.parametrize("dtype, key_bits", [(torch.bfloat16, 2), (torch.float16, 2), (torch.bfloat16, 4)])
+def test_decode_qwen3_layer(dtype, key_bits):
     gen = torch.Generator(DEVICE).manual_seed(0)
-    fmt = OscarFormat(128)
+    fmt = OscarFormat(128, key_bits=key_bits)
     cache, batch = build(fmt, [32768, 5000, 193, 1], 8, dtype, gen)
     q = torch.randn(4, 32, 128, generator=gen, device=DEVICE).to(dtype)
     args = decode_args(cache, batch, q)
@@ -72,17 +72,19 @@ def test_decode_qwen3_layer(dtype):
 
 
 @pytest.mark.parametrize(
-    "head_dim, group_size, kv_heads, gqa, sinks, recent, index_dtype",
+    "head_dim, group_size, kv_heads, gqa, sinks, recent, index_dtype, key_bits",
     [
-        (64, 32, 4, 1, 4, 8, torch.int64),
-        (64, 64, 2, 3, 64, 128, torch.int32),
-        (128, 32, 2, 8, 16, 32, torch.int64),
-        (128, 64, 8, 4, 64, 128, torch.int32),
+        (64, 32, 4, 1, 4, 8, torch.int64, 2),
+        (64, 64, 2, 3, 64, 128, torch.int32, 2),
+        (128, 32, 2, 8, 16, 32, torch.int64, 2),
+        (128, 64, 8, 4, 64, 128, torch.int32, 2),
+        (64, 64, 3, 3, 64, 128, torch.int32, 4),
+        (128, 32, 2, 8, 16, 32, torch.int64, 4),
     ],
 )
-def test_decode_shapes(head_dim, group_size, kv_heads, gqa, sinks, recent, index_dtype):
+def test_decode_shapes(head_dim, group_size, kv_heads, gqa, sinks, recent, index_dtype, key_bits):
     gen = torch.Generator(DEVICE).manual_seed(head_dim + gqa)
-    fmt = OscarFormat(head_dim, group_size, sink_tokens=sinks, recent_tokens=recent)
+    fmt = OscarFormat(head_dim, group_size, sink_tokens=sinks, recent_tokens=recent, key_bits=key_bits)
     lens = [1, sinks + recent, sinks + recent + 1, 3000, 17]
     cache, batch = build(fmt, lens, kv_heads, torch.bfloat16, gen, index_dtype)
     q = torch.randn(len(lens), kv_heads * gqa, head_dim, generator=gen, device=DEVICE).to(torch.bfloat16)
@@ -100,21 +102,22 @@ def planned_flashinfer(chunks, prefixes, q_heads, kv_heads, head_dim, dtype):
 
 @pytest.mark.parametrize("attention", ["flashinfer", "triton"])
 @pytest.mark.parametrize(
-    "dtype, head_dim, kv_heads, gqa, prefixes, chunks",
+    "dtype, head_dim, kv_heads, gqa, prefixes, chunks, key_bits",
     [
         # Qwen3-8B: prefixes from INT2 and windows, long chunks without a prefix (a prompt's
         # first chunk) beside one-token chunks (decode requests in a mixed batch)
-        (torch.bfloat16, 128, 8, 4, [32768, 0, 300, 0, 77], [512, 700, 1, 2500, 1]),
-        (torch.float16, 128, 8, 4, [32768, 0, 300, 0, 77], [512, 700, 1, 2500, 1]),
-        (torch.bfloat16, 64, 3, 3, [5000, 1, 0, 129], [333, 65, 17, 1]),
+        (torch.bfloat16, 128, 8, 4, [32768, 0, 300, 0, 77], [512, 700, 1, 2500, 1], 2),
+        (torch.float16, 128, 8, 4, [32768, 0, 300, 0, 77], [512, 700, 1, 2500, 1], 2),
+        (torch.bfloat16, 64, 3, 3, [5000, 1, 0, 129], [333, 65, 17, 1], 2),
+        (torch.bfloat16, 64, 3, 3, [5000, 1, 0, 129], [333, 65, 17, 1], 4),
     ],
 )
-def test_extend_matches_reference(attention, dtype, head_dim, kv_heads, gqa, prefixes, chunks):
+def test_extend_matches_reference(attention, dtype, head_dim, kv_heads, gqa, prefixes, chunks, key_bits):
     """Both attention paths of extend_attention_int2 (FlashInfer over the gathered K/V, as the
     backend runs it on CUDA, and the Triton kernel) against the reference, into a NaN-poisoned
     output, with non-finite rows among the new K/V (the pool stores them as zeros)."""
     gen = torch.Generator(DEVICE).manual_seed(head_dim + gqa)
-    fmt = OscarFormat(head_dim)
+    fmt = OscarFormat(head_dim, key_bits=key_bits)
     cache, batch = build(fmt, prefixes, kv_heads, dtype, gen)
     n, q_heads = sum(chunks), kv_heads * gqa
     q = torch.randn(n, q_heads, head_dim, generator=gen, device=DEVICE).to(dtype)
@@ -239,12 +242,13 @@ def test_shared_prefix_decode_in_a_cuda_graph():
         assert_matches(out, ref.decode_attention(*current), dtype)
 
 
-def test_wide_shared_blocks_match_reference():
+@pytest.mark.parametrize("key_bits", [2, 4])
+def test_wide_shared_blocks_match_reference(key_bits):
     """A batch large enough for wide shared-prefix blocks (`shared_prefix.WIDE_BLOCKS_MIN_BATCH`):
     requests on one 6K-token prefix, with own tails of 1 to 300 tokens, read it in blocks of 16
     (64 query rows, uncapped registers) at the library's default launch parameters."""
     gen = torch.Generator(DEVICE).manual_seed(5)
-    fmt = OscarFormat(128)
+    fmt = OscarFormat(128, key_bits=key_bits)
     heads, gqa, dtype = 8, 4, torch.bfloat16
     batch_size = shared_prefix.WIDE_BLOCKS_MIN_BATCH + 4
     prefix, own = 6000, [1 + (37 * b) % 300 for b in range(batch_size)]

@@ -108,10 +108,10 @@ SERVER_FLAGS = ["--context-length", "4096", "--mem-fraction-static", "0.50",
 KV = {"bf16": ["--attention-backend", "triton"], "oscar": ["--kv-quant", "oscar"]}
 SUMMARY = LOG_DIR / "parallel-summary.json"
 
-# "[2026-11-23 15:17:28 DP1 TP0] OSCAR-2 KV cache: 2.25 bits/element (group 128), 10368
-# bytes/token, ..." (oscar_sglang.sizing; SGLang's scheduler log prefix names the ranks)
+# "[2026-11-23 15:17:28 DP1 TP0] OSCAR-2 KV cache: 2.25 bits/element (2-bit keys, 2-bit values,
+# group 128), 10368 bytes/token, ..." (oscar_sglang.sizing; SGLang's scheduler log prefix names the ranks)
 CAPACITY_RE = re.compile(
-    r"^\[(?P<prefix>[^\]]*)\] OSCAR-2 KV cache: [\d.]+ bits/element \(group \d+\), "
+    r"^\[(?P<prefix>[^\]]*)\] OSCAR-2 KV cache: [\d.]+ bits/element \([^)]*\), "
     r"(?P<bytes>\d+) bytes/token, (?P<tokens>\d+) tokens; BF16 KV would hold (?P<bf16>\d+) tokens "
     r"in the same budget \((?P<ratio>[\d.]+)x\); window rows for (?P<requests>\d+) running requests",
     re.MULTILINE)
