@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.testing
 from oscar_sglang.kernels.decode import decode_attention_int2, default_num_kv_splits
-from oscar_sglang.kernels.format import WINDOW_BYTES, OscarFormat
+from oscar_sglang.kernels.format import DEFAULT_KEY_BITS, SUPPORTED_KEY_BITS, WINDOW_BYTES, OscarFormat
 from oscar_sglang.kernels.shared_prefix import find_shared_prefixes
 
 from benchmarks.common import (
@@ -67,6 +67,8 @@ def build_parser():
     parser.add_argument("--quick", action="store_true", help=f"only contexts {QUICK_CONTEXTS} at batches {QUICK_BATCHES}")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of %(default)s")
     parser.add_argument("--group-size", type=int, default=HEAD_DIM, help="OSCAR quantization group size (default: %(default)s)")
+    parser.add_argument("--key-bits", type=int, choices=SUPPORTED_KEY_BITS, default=DEFAULT_KEY_BITS,
+                        help="OSCAR bits per key code (default: %(default)s)")
     parser.add_argument("--shared-prefix", type=int, default=0, help="tokens whose slots all requests share (default: %(default)s)")
     parser.add_argument("--page-size", type=int, default=16, help="FlashInfer page size and slot-shuffle granularity (default: %(default)s)")
     parser.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition time per point (default: %(default)s)")
@@ -152,7 +154,7 @@ def bench_oscar(batch, context, args, q, shared=False):
     """OSCAR decode; shared: with `find_shared_prefixes` blocks, computed once outside the timed
     step as a backend computes them once per batch for all layers (their own time is recorded
     as find_shared_us)."""
-    fmt = OscarFormat(HEAD_DIM, args.group_size)
+    fmt = OscarFormat(HEAD_DIM, args.group_size, key_bits=args.key_bits)
     slots_total = batch * triton.cdiv(context, args.page_size) * args.page_size
     pool_bytes = fmt.bytes_per_token(1, KV_HEADS) * slots_total + fmt.window_bytes_per_request(1, KV_HEADS) * batch
     if not enough_memory(pool_bytes):
@@ -352,6 +354,7 @@ def main(argv=None):
         "versions": {"torch": torch.__version__, "triton": triton.__version__},
         "machine": machine_info(),
         "settings": {"q_heads": Q_HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "group_size": args.group_size,
+                     "key_bits": args.key_bits,
                      "page_size": args.page_size, "shared_prefix": args.shared_prefix, "q_dtype": "bfloat16", "rep_ms": args.rep_ms},
         "hbm_copy_gbps": hbm,
         "seconds": time.time() - started,

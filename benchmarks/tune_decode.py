@@ -117,11 +117,12 @@ def decode_variant(args, splits, block_n, warps, maxnreg, stages):
         GROUP=GROUP, BLOCK_H=bh, D=D, num_warps=dk.NUM_WARPS)
     dk._decode_split_kernel[(KV_HEADS, batch, parts)](
         q_rot, indptr, slots, starts, indptr,
-        k_codes, v_codes, k_codes.stride(0), k_codes.stride(1),
+        *dk.code_args(k_codes, v_codes),
         k_meta, v_meta, k_meta.stride(0), k_meta.stride(1),
         k_win, v_win, k_win.stride(0), k_win.stride(1),
         part_o, part_lse, Q_HEADS, splits, parts,
-        GROUP=GROUP, BLOCK_H=bh, D=D, NG=fmt.num_groups, S=fmt.sink_tokens, W=fmt.recent_tokens,
+        GROUP=GROUP, BLOCK_H=bh, D=D, NG=fmt.num_groups, K_PLANES=fmt.key_planes, S=fmt.sink_tokens,
+        W=fmt.recent_tokens,
         BLOCK_N=block_n, BLOCK_R=dk.BLOCK_ROWS, WIN_PROGRAMS=win, WIN_ROWS=dk.WINDOW_ROWS_PER_PROGRAM, SHARED=False,
         CODE_BITS=CODE_BITS, CODE_MAX=CODE_MAX, PTX_UNPACK=not triton.knobs.runtime.interpret,
         NUM_STAGES=stages,
@@ -150,11 +151,12 @@ def split_only(args, splits):
     win = dk.window_programs(fmt)
     dk._decode_split_kernel[(KV_HEADS, q.shape[0], win + splits)](
         q_rot, indptr, slots, starts, indptr,
-        k_codes, v_codes, k_codes.stride(0), k_codes.stride(1),
+        *dk.code_args(k_codes, v_codes),
         k_words, v_words, k_words.stride(0), k_words.stride(1),
         k_win, v_win, k_win.stride(0), k_win.stride(1),
         part_o, part_lse, Q_HEADS, splits, win + splits,
-        GROUP=GROUP, BLOCK_H=dk.head_block(GROUP), D=D, NG=fmt.num_groups, S=fmt.sink_tokens,
+        GROUP=GROUP, BLOCK_H=dk.head_block(GROUP), D=D, NG=fmt.num_groups, K_PLANES=fmt.key_planes,
+        S=fmt.sink_tokens,
         W=fmt.recent_tokens, BLOCK_N=dk.BLOCK_N, BLOCK_R=dk.BLOCK_ROWS, WIN_PROGRAMS=win,
         WIN_ROWS=dk.WINDOW_ROWS_PER_PROGRAM, SHARED=False, CODE_BITS=CODE_BITS, CODE_MAX=CODE_MAX,
         PTX_UNPACK=not triton.knobs.runtime.interpret, NUM_STAGES=dk.NUM_STAGES,
@@ -172,11 +174,12 @@ def write_variant(k, v, slots, rows, rots, bufs, fmt, block_t, warps):
     qk._write_kv_kernel[(triton.cdiv(k.shape[0], block_t), KV_HEADS, 2)](
         k, v, k.stride(0), k.stride(1), v.stride(0), v.stride(1), slots, rows, k.shape[0],
         rots[0], rots[1], rots[0].stride(0), rots[1].stride(0),
-        k_codes, v_codes, k_codes.stride(0), k_codes.stride(1),
+        k_codes, v_codes, k_codes.stride(0), k_codes.stride(1), v_codes.stride(0), v_codes.stride(1),
         k_meta, v_meta, k_meta.stride(0), k_meta.stride(1),
-        k_win, v_win, k_win.stride(0), k_win.stride(1),
+        k_win, v_win, k_win.stride(0), k_win.stride(1), slots,
         k_lo, k_frac, v_lo, v_frac,
-        HAS_WINDOW=True, D=D, G=fmt.group_size, BLOCK_T=block_t, BITS=CODE_BITS, PER_BYTE=CODES_PER_BYTE,
+        HAS_WINDOW=True, HAS_FLAG=False, D=D, G=fmt.group_size, BLOCK_T=block_t,
+        KEY_BITS=fmt.key_bits, PLANE_BITS=CODE_BITS, PER_BYTE=CODES_PER_BYTE, PLANE_MAX=CODE_MAX,
         num_warps=warps)
 
 

@@ -147,7 +147,7 @@ def key_slice(kc, kc_hi, s: tl.constexpr, K_PLANES: tl.constexpr, CODE_BITS: tl.
     fp16 subnormal)."""
     c = code_slice(kc, s, CODE_BITS, CODE_MAX, PTX_UNPACK)
     if K_PLANES == 2:
-        c += code_slice(kc_hi, s, CODE_BITS, CODE_MAX, PTX_UNPACK) * 4.0
+        c = (c + code_slice(kc_hi, s, CODE_BITS, CODE_MAX, PTX_UNPACK) * 4.0).to(tl.float16)
     return c
 
 
