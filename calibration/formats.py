@@ -10,7 +10,7 @@ import torch
 
 from oscar_sglang.kernels.format import DEFAULT_KEY_BITS, DEFAULT_RECENT_TOKENS, DEFAULT_SINK_TOKENS, OscarFormat
 from oscar_sglang.kernels.reference import decode_kv, encode_kv, unrotate
-from oscar_sglang.kernels.rotations import RotationSet
+from oscar_sglang.kernels.rotations import RotationSet, data_free_rotations
 
 BF16_BITS = 16
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
@@ -119,15 +119,15 @@ class Kivi2Format(KVFormat):
 
 class Int2Format(KVFormat):
     """OSCAR-2 as the server stores it (kernels.reference.encode_kv / decode_kv): rotate, clip,
-    2-bit value groups and key groups of the width the rotations were calibrated for (data-free
-    ones: 2 bits); sinks and recent positions read from the BF16 rotated copy. `sides` "k" or "v"
-    reads only keys or only values from INT2 and the other side exact (a diagnosis: which side
-    loses what)."""
+    2-bit value groups and `key_bits`-bit key groups; sinks and recent positions read from the
+    BF16 rotated copy. `sides` "k" or "v" reads only keys or only values from INT2 and the other
+    side exact (a diagnosis: which side loses what)."""
 
     def __init__(self, name: str, rotations: RotationSet, head_dim: int, group_size: int | None = None,
-                 sink: int = DEFAULT_SINK_TOKENS, recent: int = DEFAULT_RECENT_TOKENS, sides: str = "kv"):
+                 sink: int = DEFAULT_SINK_TOKENS, recent: int = DEFAULT_RECENT_TOKENS, sides: str = "kv",
+                 key_bits: int = DEFAULT_KEY_BITS):
         self.name, self.rotations, self.sides = name, rotations, sides
-        self.format = OscarFormat(head_dim, group_size, key_bits=rotations.key_bits or DEFAULT_KEY_BITS)
+        self.format = OscarFormat(head_dim, group_size, key_bits=key_bits)
         self.bits = self.format.bits_per_element
         self.sink, self.recent = sink, recent
 
@@ -149,7 +149,9 @@ class Int2Format(KVFormat):
         return self.bits + min(length, self.sink + self.recent) * BF16_BITS / length
 
 
-def identity_rotations(num_layers: int, head_dim: int) -> RotationSet:
-    """No rotation and no clipping (clip quantile 1.0 = the row maximum): naive INT2."""
+def identity_rotations(num_layers: int, head_dim: int, num_kv_heads: int) -> RotationSet:
+    """No rotation and no clipping (clip quantile 1.0 = the row maximum): naive INT2. Like the
+    data-free rotations, calibrated for no key width."""
     eye = [torch.eye(head_dim)[None]] * num_layers
-    return RotationSet(eye, eye, [1.0] * num_layers, [1.0] * num_layers)
+    meta = data_free_rotations(num_layers, num_kv_heads, head_dim).metadata
+    return RotationSet(eye, eye, [1.0] * num_layers, [1.0] * num_layers, meta)

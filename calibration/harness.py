@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from oscar_sglang.kernels.format import DEFAULT_K_CLIP, DEFAULT_V_CLIP
+from oscar_sglang.kernels.format import DEFAULT_K_CLIP, DEFAULT_KEY_BITS, DEFAULT_V_CLIP
 from oscar_sglang.kernels.rotations import RotationSet, data_free_rotations, load_rotations
 
 from .attention import attention_override, check_unpadded, windowed_attention
@@ -47,20 +47,22 @@ class SimulatedCache:
 
 
 def build_formats(names, geo: Geometry, rotations: RotationSet | None, group_size: int | None,
-                  sink: int, recent: int, ablations: dict[str, RotationSet] | None = None) -> list[KVFormat]:
+                  sink: int, recent: int, ablations: dict[str, RotationSet] | None = None,
+                  key_bits: int = DEFAULT_KEY_BITS) -> list[KVFormat]:
     """KVFormats for `names` (see FORMATS; "oscar" needs `rotations`). `ablations` (label ->
     rotations) adds "oscar-nowindow" (the artifact without BF16 windows), "oscar-keys-only" and
     "oscar-values-only" (only that side read from INT2) and one "oscar-<label>" per extra
-    artifact."""
+    artifact. Artifacts are read with the key bits they were calibrated for; int2-naive and
+    int2-hadamard, which have none, with `key_bits`."""
     def int2(name, rots, s=sink, r=recent, sides="kv"):
-        return Int2Format(name, rots, geo.head_dim, group_size, s, r, sides)
+        return Int2Format(name, rots, geo.head_dim, group_size, s, r, sides, rots.key_bits or key_bits)
 
     builders = {
         "bf16": KVFormat,
         "fp8": Fp8Format,
         "int4": lambda: Int4Format(min(128, geo.head_dim)),
         "kivi2": lambda: Kivi2Format(recent),
-        "int2-naive": lambda: int2("int2-naive", identity_rotations(geo.num_layers, geo.head_dim)),
+        "int2-naive": lambda: int2("int2-naive", identity_rotations(geo.num_layers, geo.head_dim, geo.num_kv_heads)),
         "int2-hadamard": lambda: int2("int2-hadamard", data_free_rotations(
             geo.num_layers, geo.num_kv_heads, geo.head_dim)),
         "oscar": lambda: int2("oscar", rotations),
@@ -296,7 +298,7 @@ def run(args) -> int:
         if rots is not None:
             rots.check_matches(geo.num_layers, geo.num_kv_heads, geo.head_dim, model=name)
     formats = build_formats(names, geo, rotations, args.group_size, args.sink_tokens,
-                            args.recent_tokens, ablations)
+                            args.recent_tokens, ablations, args.key_bits)
     retrieval = RetrievalSettings(tuple(args.tasks), tuple(args.lengths), args.trials,
                                   args.haystack_offset, args.prompt_style, args.needles, args.seed)
     results = evaluate(model, tokenizer, formats, resolve_data(args.data), seq_len=args.seq_len,
@@ -308,6 +310,7 @@ def run(args) -> int:
         "config": {"seq_len": args.seq_len, "sequences": args.sequences, "offset_tokens": args.offset_tokens,
                    "data": args.data, "sink_tokens": args.sink_tokens, "recent_tokens": args.recent_tokens,
                    "group_size": args.group_size or geo.head_dim, "retrieval": asdict(retrieval),
+                   "uncalibrated_key_bits": args.key_bits,
                    "default_clips": {"k": DEFAULT_K_CLIP, "v": DEFAULT_V_CLIP}},
         "rotations": dict(rotations.metadata) if rotations else None,
         "results": rows, "checks": checks(rows),

@@ -125,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--ablation-rotations", nargs="*", default=[], metavar="LABEL=PATH",
                     help="extra artifacts evaluated as format oscar-LABEL with --ablations, e.g. "
                          "plain=plain.oscar.safetensors shared=shared.oscar.safetensors")
+    ev.add_argument("--key-bits", type=int, choices=SUPPORTED_KEY_BITS, default=DEFAULT_KEY_BITS,
+                    help="bits per key code of the formats without a calibrated artifact (int2-naive, "
+                         f"int2-hadamard; default {DEFAULT_KEY_BITS}); artifacts use the bits they were "
+                         "calibrated for")
     ev.add_argument("--out-dir", default="benchmarks/results", help="default benchmarks/results")
     ev.add_argument("--name", help="output file stem accuracy-NAME.* (default: the model name)")
     return parser

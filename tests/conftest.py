@@ -17,10 +17,11 @@ def oscar_allocator_hooks():
     from sglang.srt.plugins import load_plugins
     from sglang.srt.plugins.hook_registry import HookRegistry
 
-    from oscar_sglang import plugin
+    from oscar_sglang.patches import allocator_paged, allocator_token
 
     load_plugins()
-    missing = [t for t in plugin.ALLOCATOR_TARGETS if t not in HookRegistry._patched]
+    missing = [p.target for p in (*allocator_token.PATCHES, *allocator_paged.PATCHES)
+               if p.target not in HookRegistry._patched]
     assert not missing, f"allocator hooks not applied: {missing}"
 
 

@@ -81,7 +81,7 @@ def test_format_bits_and_roundtrips():
     assert torch.equal(Fp8Format().kv(0, big, big)[1], torch.full_like(big, 448.0))
     # int4 / kivi / int2 errors ordered as their bits
     err = {f.name: (f.kv(0, k, v)[1] - k).square().mean() for f in
-           (Int4Format(64), Kivi2Format(), Int2Format("naive", identity_rotations(1, 64), 64))}
+           (Int4Format(64), Kivi2Format(), Int2Format("naive", identity_rotations(1, 64, 1), 64))}
     assert err["int4"] < err["kivi2"] and err["int4"] < err["naive"]
     # KIVI: a partial last key block stays exact (it is inside every query's residual)
     k_exact, k_quant, _, _ = Kivi2Format().kv(0, k, v)
@@ -161,12 +161,12 @@ def test_evaluate_cli_end_to_end(calibrated, capsys):
     d, model, art, common = calibrated
     shared = str(d / "shared.oscar.safetensors")
     assert main(["calibrate", "--model", model, "--tokens", "512", "--seq-len", "256", "--out", shared,
-                 "--shared-across-heads", "--heldout-fraction", "0.5", *common]) == 0
+                 "--shared-across-heads", "--heldout-fraction", "0.5", "--key-bits", "4", *common]) == 0
     out_dir = d / "results"
     assert main(["evaluate", "--model", model, "--rotations", art, "--seq-len", "160", "--sequences", "1",
                  "--offset-tokens", "2000", "--lengths", "640,900", "--trials", "2", "--prompt-style",
                  "plain", "--haystack-offset", "2200", "--needles", "2",
-                 "--out-dir", str(out_dir), "--name", "tiny", "--ablations",
+                 "--out-dir", str(out_dir), "--name", "tiny", "--ablations", "--key-bits", "4",
                  "--ablation-rotations", f"shared={shared}", *common]) == 0
     report = json.loads((out_dir / "accuracy-tiny.json").read_text())
     assert (out_dir / "accuracy-tiny.png").stat().st_size > 0
@@ -179,6 +179,9 @@ def test_evaluate_cli_end_to_end(calibrated, capsys):
         assert 0 < rows[half]["kl_vs_bf16"] < rows["oscar"]["kl_vs_bf16"]
     assert rows["bf16"]["kl_vs_bf16"] == pytest.approx(0, abs=1e-9) and rows["bf16"]["top1_agreement"] == 1
     assert rows["oscar"]["bits_per_element"] == 3.0 and rows["int4"]["bits_per_element"] == 4.5
+    # artifacts keep the key bits they were calibrated for; --key-bits sets the uncalibrated ones'
+    assert rows["oscar-shared"]["bits_per_element"] == 4.0  # (4 + 2) / 2 + 32 / 32
+    assert rows["int2-hadamard"]["bits_per_element"] == rows["int2-naive"]["bits_per_element"] == 4.0
     assert all(r["predictions"] == 159 for r in rows.values())
     for r in rows.values():
         assert list(r["retrieval"]) == ["passkey", "multi-needle-one", "multi-needle-all"]

@@ -672,7 +672,7 @@ def test_greedy_batched_equals_sequential(config):
         if SGLANG_REFUSES_BACKEND in str(e):
             pytest.fail(f"SGLang refuses --enable-deterministic-inference for attention backend "
                         f"{config!r}: it is not in server_args.DETERMINISTIC_ATTENTION_BACKEND_CHOICES "
-                        f"(oscar_sglang.plugin.register must call "
+                        f"(oscar_sglang.patches.attention_registry.register must call "
                         f"add_deterministic_attention_backend_choices). {str(e)[-600:]}")
         raise
     mismatches, max_delta = compare_runs(prompts, batched, sequential)
