@@ -21,7 +21,7 @@ from oscar_sglang.calibration.clip_search import KEY_OBJECTIVES
 from oscar_sglang.calibration.datasets import resolve_data
 from oscar_sglang.calibration.models import load_model
 from oscar_sglang.kernels.format import DEFAULT_RECENT_TOKENS, DEFAULT_SINK_TOKENS
-from oscar_sglang.kernels.rotations import save_rotations
+from oscar_sglang.kernels.rotation_file import save_rotations
 
 UNCLIPPED = "keys-unclipped"
 

@@ -80,7 +80,7 @@ from oscar_sglang.calibration.retrieval import (
 )
 from oscar_sglang.config import DATA_FREE_ROTATIONS  # the --oscar-rotations value asking for them
 from oscar_sglang.kernels.format import OscarFormat
-from oscar_sglang.kernels.rotations import load_rotations
+from oscar_sglang.kernels.rotation_file import load_rotations
 
 BENCHMARK = "quality_server"
 HOST = "127.0.0.1"

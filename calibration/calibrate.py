@@ -1,14 +1,14 @@
 """Offline attention-aware rotation calibration (`oscar-sglang calibrate`).
 
 Pass 1 runs the model over calibration sequences and accumulates the rotation targets
-(covariance.CovarianceAccumulator); R = U · H · P_br per layer and target (rotation.py). Pass 2
+(covariance.CovarianceAccumulator); R = U · H · P_br per layer and target (covariance.rotation_from_covariance). Pass 2
 runs held-out sequences (never used for the targets) and picks, per layer and for K and V
 separately, the target and clip ratio of least held-out error (clip_search.ClipSearch: for values
 the attention-output error, for keys the chosen key objective).
 Why choose the target: on SmolLM2-135M the plain KᵀK target gave lower held-out key error and
 perplexity than the query-weighted one in most layers, while the attention-mass weighted target
 won for values (benchmarks/results/accuracy-*-ablations.md). The artifact is written with
-kernels.rotations.make_rotation_set / save_rotations.
+kernels.rotation_file.make_rotation_set / save_rotations.
 """
 
 import math
@@ -18,14 +18,13 @@ import torch
 from tqdm import tqdm
 
 from oscar_sglang.kernels.format import DEFAULT_KEY_BITS, OscarFormat
-from oscar_sglang.kernels.rotations import RotationSet, data_free_rotations, make_rotation_set, save_rotations
+from oscar_sglang.kernels.rotation_file import RotationSet, data_free_rotations, make_rotation_set, save_rotations
 
 from .attention import attention_override
 from .clip_search import DEFAULT_CLIP_GRID, KEY_OBJECTIVES, ClipSearch
-from .covariance import TARGETS, CovarianceAccumulator
+from .covariance import TARGETS, CovarianceAccumulator, rotation_from_covariance
 from .datasets import DataError, resolve_data, split_sequences, token_stream
 from .models import geometry, load_model
-from .rotation import rotation_from_covariance
 
 TARGET_CHOICES = ("auto", *TARGETS)
 

@@ -15,10 +15,10 @@ import torch
 
 from oscar_sglang.kernels.format import CODE_BITS
 from oscar_sglang.kernels.reference import dequantize, quantize, rotate, unrotate
-from oscar_sglang.kernels.rotations import RotationSet
+from oscar_sglang.kernels.rotation_file import RotationSet
 
 from .attention import check_unpadded, exact_region, key_divergences, merge_regions, quantized_region
-from .formats import from_tokens, to_tokens
+from .kv_formats import from_tokens, to_tokens
 
 DEFAULT_CLIP_GRID = (0.72, 0.76, 0.80, 0.84, 0.88, 0.92, 0.96, 1.0)
 KINDS = ("k", "v")

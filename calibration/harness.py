@@ -1,5 +1,5 @@
 """Accuracy harness (`oscar-sglang evaluate`): the model with each KV-cache format simulated as a
-decoding server reads it (formats.py, attention.windowed_attention), on held-out text.
+decoding server reads it (kv_formats.py, attention.windowed_attention), on held-out text.
 
 Metrics per format: perplexity; KL divergence and top-1 agreement of the next-token
 distribution vs the BF16 cache; retrieval (calibration.retrieval: passkey and multi-needle
@@ -21,12 +21,12 @@ import torch
 from tqdm import tqdm
 
 from oscar_sglang.kernels.format import DEFAULT_K_CLIP, DEFAULT_KEY_BITS, DEFAULT_V_CLIP
-from oscar_sglang.kernels.rotations import RotationSet, data_free_rotations, load_rotations
+from oscar_sglang.kernels.rotation_file import RotationSet, data_free_rotations, load_rotations
 
 from .attention import attention_override, check_unpadded, windowed_attention
 from .datasets import DataError, resolve_data, split_sequences, token_stream
 from .retrieval import PROMPT_STYLES, TASKS, PromptBuilder, Proportion, RetrievalPrompt, correct
-from .formats import Fp8Format, Int2Format, Int4Format, Kivi2Format, KVFormat, identity_rotations
+from .kv_formats import Fp8Format, Int2Format, Int4Format, Kivi2Format, KVFormat, identity_rotations
 from .models import Geometry, geometry, load_model
 
 FORMATS = ("bf16", "fp8", "int4", "kivi2", "int2-naive", "int2-hadamard", "oscar")

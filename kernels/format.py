@@ -39,7 +39,7 @@ DEFAULT_RECENT_TOKENS = 128
 DEFAULT_K_CLIP = 0.96
 DEFAULT_V_CLIP = 0.92
 # What `--oscar-rotations` takes instead of a rotation file to serve the data-free Hadamard
-# rotations (kernels.rotations.data_free_rotations) knowingly: lower quality than calibrated
+# rotations (kernels.rotation_file.data_free_rotations) knowingly: lower quality than calibrated
 # rotations, unusable on some models. Without either, OSCAR refuses to serve.
 DATA_FREE_ROTATIONS = "data-free"
 

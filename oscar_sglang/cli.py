@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from oscar_sglang.calibration import calibrate, harness
     from oscar_sglang.calibration.datasets import DataError
-    from oscar_sglang.kernels.rotations import RotationFileError
+    from oscar_sglang.kernels.rotation_file import RotationFileError
 
     try:
         return {"calibrate": calibrate.run, "evaluate": harness.run}[args.command](args)

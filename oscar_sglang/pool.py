@@ -33,7 +33,7 @@ from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, move_kv_cache_nat
 
 from oscar_sglang.kernels.format import OscarFormat
 from oscar_sglang.kernels.reference import decode_kv
-from oscar_sglang.kernels.rotations import RotationSet
+from oscar_sglang.kernels.rotation_file import RotationSet
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from sglang.srt.runtime_context import get_exec, get_parallel, get_schedule
 
 from oscar_sglang.config import OscarConfig
 from oscar_sglang.pool import OscarTokenToKVPool
-from oscar_sglang.rotations import kv_head_range, rotations_for_model
+from oscar_sglang.served_rotations import kv_head_range, rotations_for_model
 
 logger = logging.getLogger(__name__)
 BF16_BYTES = 2

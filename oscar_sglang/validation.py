@@ -100,7 +100,7 @@ def validate_server_args(server_args) -> OscarConfig | None:
         raise missing_rotations(server_args.model_path)
     # The schedulers load the file again the same way; a RotationFileError (a ValueError) names
     # the unreadable part or the field that differs from the model.
-    from oscar_sglang.rotations import rotations_for_model
+    from oscar_sglang.served_rotations import rotations_for_model
 
     rotations_for_model(settings.rotations, shape.num_layers, shape.num_kv_heads, shape.head_dim,
                         server_args.model_path, settings.key_bits)

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import torch
 from oscar_sglang.kernels import reference as ref
 from oscar_sglang.kernels.format import OscarFormat
-from oscar_sglang.kernels.rotations import data_free_rotations
+from oscar_sglang.kernels.rotation_file import data_free_rotations
 
 from oscar_sglang.backend import OscarAttnBackend
 from oscar_sglang.nonfinite import NonFiniteReporter

@@ -16,12 +16,12 @@ from oscar_sglang.calibration.attention import (
 )
 from oscar_sglang.calibration.clip_search import DEFAULT_CLIP_GRID, ClipSearch, roundtrips
 from oscar_sglang.calibration.covariance import CovarianceAccumulator
-from oscar_sglang.calibration.formats import from_tokens, to_tokens
+from oscar_sglang.calibration.kv_formats import from_tokens, to_tokens
 from oscar_sglang.calibration.models import Geometry
-from oscar_sglang.calibration.rotation import rotation_from_covariance
+from oscar_sglang.calibration.covariance import rotation_from_covariance
 from oscar_sglang.cli import main
 from oscar_sglang.kernels.reference import clip_rows, dequantize, quantize, rotate, unrotate
-from oscar_sglang.kernels.rotations import (
+from oscar_sglang.kernels.rotation_file import (
     RotationFileError,
     bit_reversal_permutation,
     hadamard_bitrev,

@@ -10,7 +10,7 @@ from transformers import LlamaForCausalLM
 
 from oscar_sglang.calibration import attention
 from oscar_sglang.calibration.attention import attention_override, windowed_attention
-from oscar_sglang.calibration.formats import (
+from oscar_sglang.calibration.kv_formats import (
     Fp8Format,
     Int2Format,
     Int4Format,
@@ -22,7 +22,7 @@ from oscar_sglang.calibration.harness import SimulatedCache
 from oscar_sglang.cli import main
 from oscar_sglang.kernels.format import OscarFormat
 from oscar_sglang.kernels.reference import decode_attention, encode_kv
-from oscar_sglang.kernels.rotations import data_free_rotations, make_rotation_set
+from oscar_sglang.kernels.rotation_file import data_free_rotations, make_rotation_set
 from test_calibration import text_file, tiny_checkpoint
 
 
@@ -206,7 +206,7 @@ def test_evaluate_refuses_mismatching_model(calibrated, tmp_path):
 
 
 def test_asymmetric_roundtrip_at_two_bits_matches_reference():
-    from oscar_sglang.calibration.formats import asymmetric_roundtrip
+    from oscar_sglang.calibration.kv_formats import asymmetric_roundtrip
     from oscar_sglang.kernels.reference import dequantize, quantize
 
     x = torch.randn(5, 3, 64) * 4

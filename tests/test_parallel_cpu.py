@@ -26,10 +26,10 @@ from pathlib import Path
 import pytest
 import torch
 from oscar_sglang.kernels.format import OscarFormat
-from oscar_sglang.kernels.rotations import RotationSet, load_rotations, save_rotations
+from oscar_sglang.kernels.rotation_file import RotationSet, load_rotations, save_rotations
 
 from oscar_sglang import sizing
-from oscar_sglang.rotations import kv_head_range
+from oscar_sglang.served_rotations import kv_head_range
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "gpu"))
 import test_parallel_gpu as gpu_helpers  # plain functions; starts nothing

@@ -10,7 +10,7 @@ import sys
 import types
 
 import pytest
-from oscar_sglang.kernels.rotations import data_free_rotations, hadamard_bitrev, make_rotation_set, save_rotations
+from oscar_sglang.kernels.rotation_file import data_free_rotations, hadamard_bitrev, make_rotation_set, save_rotations
 
 from oscar_sglang import patches, validation
 from oscar_sglang.patches import (

@@ -39,7 +39,7 @@ from sglang.srt.sampling.sampling_params import SamplingParams
 from oscar_sglang.kernels.format import OscarFormat
 from oscar_sglang.kernels.quantize import write_kv_int2
 from oscar_sglang.kernels.reference import decode_kv
-from oscar_sglang.kernels.rotations import data_free_rotations
+from oscar_sglang.kernels.rotation_file import data_free_rotations
 from oscar_sglang.pool import OscarTokenToKVPool
 from oscar_sglang.sizing import sink_rows_per_request
 

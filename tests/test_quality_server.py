@@ -23,7 +23,7 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import quality_server as qs  # noqa: E402
 from oscar_sglang.calibration.retrieval import Proportion  # noqa: E402
-from oscar_sglang.kernels.rotations import make_rotation_set, save_rotations  # noqa: E402
+from oscar_sglang.kernels.rotation_file import make_rotation_set, save_rotations  # noqa: E402
 
 EOS = 3
 WORDS = ("the quick brown fox jumps over a lazy dog while seven tired wizards quietly judge "

@@ -10,7 +10,7 @@ import sys
 import types
 
 import pytest
-from oscar_sglang.kernels.rotations import RotationSet, data_free_rotations, save_rotations
+from oscar_sglang.kernels.rotation_file import RotationSet, data_free_rotations, save_rotations
 
 from oscar_sglang import validation
 from oscar_sglang.config import OscarConfig
@@ -149,7 +149,7 @@ def test_engine_without_rotations_is_refused(sglang, tmp_path, monkeypatch, env,
 
 
 def test_data_free_rotations_are_served_when_asked_for(sglang, tmp_path, caplog):
-    logger = logging.getLogger("oscar_sglang.rotations")
+    logger = logging.getLogger("oscar_sglang.served_rotations")
     logger.addHandler(caplog.handler)  # SGLang's logging setup replaces the root's handlers
     try:
         args = serve(sglang, write_model(tmp_path), "--oscar-rotations", "data-free")
@@ -173,7 +173,7 @@ def test_engine_with_rotations_in_the_environment_is_accepted(sglang, tmp_path, 
 
 def test_scheduler_refuses_missing_rotations_too():
     """The pool hook loads the rotations again (oscar_sglang.sizing): no fallback there either."""
-    from oscar_sglang.rotations import rotations_for_model
+    from oscar_sglang.served_rotations import rotations_for_model
 
     with pytest.raises(ValueError, match="needs rotations .*`oscar-sglang calibrate --model m "):
         rotations_for_model(None, 2, 2, 128, "m", 2)

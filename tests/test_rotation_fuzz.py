@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from oscar_sglang.kernels.format import FORMAT_NAME, FORMAT_VERSION
-from oscar_sglang.kernels.rotations import (
+from oscar_sglang.kernels.rotation_file import (
     ORTHOGONALITY_TOLERANCE,
     REQUIRED_METADATA,
     RotationFileError,

@@ -27,7 +27,7 @@ from test_pool_lifecycle import (
 from oscar_sglang.backend import OscarAttnBackend
 from oscar_sglang.kernels.format import OscarFormat
 from oscar_sglang.kernels.reference import decode_kv
-from oscar_sglang.kernels.rotations import data_free_rotations
+from oscar_sglang.kernels.rotation_file import data_free_rotations
 from oscar_sglang.pool import OscarTokenToKVPool
 from oscar_sglang.sizing import (
     budgeted_cell_bytes,

@@ -43,7 +43,7 @@ from sglang.srt.mem_cache.radix_cache import RadixCache
 from sglang.srt.sampling.sampling_params import SamplingParams
 
 from oscar_sglang.kernels.reference import decode_kv
-from oscar_sglang.kernels.rotations import data_free_rotations
+from oscar_sglang.kernels.rotation_file import data_free_rotations
 from oscar_sglang.pool import OscarTokenToKVPool
 from oscar_sglang.sizing import sink_rows_per_request
 from test_pool_lifecycle import (

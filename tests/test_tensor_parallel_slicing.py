@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from oscar_sglang.kernels.rotations import make_rotation_set
-from oscar_sglang.rotations import kv_head_range
+from oscar_sglang.kernels.rotation_file import make_rotation_set
+from oscar_sglang.served_rotations import kv_head_range
 
 
 @pytest.mark.parametrize("total,tp,expected", [

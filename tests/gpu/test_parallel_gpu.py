@@ -185,7 +185,7 @@ def random_model_config(base_config, layers):
 
 def per_head_rotations(num_layers, num_kv_heads, head_dim, seed=SEED, model_name="random"):
     """A RotationSet with its own random orthogonal K and V rotation per layer and KV head."""
-    from oscar_sglang.kernels.rotations import make_rotation_set
+    from oscar_sglang.kernels.rotation_file import make_rotation_set
 
     generator = torch.Generator().manual_seed(seed)
 
@@ -374,7 +374,7 @@ def random_model():
             ["env", "CUDA_VISIBLE_DEVICES=0", sys.executable, __file__, "write-checkpoint",
              str(folder)], LOG_DIR / "parallel-checkpoint.log", timeout=900)
         assert code == 0, common.log_tail(LOG_DIR / "parallel-checkpoint.log", 40)
-        from oscar_sglang.kernels.rotations import save_rotations
+        from oscar_sglang.kernels.rotation_file import save_rotations
 
         save_rotations(str(folder / "rotations.oscar.safetensors"),
                        per_head_rotations(LAYERS, config["num_key_value_heads"],

@@ -4,7 +4,7 @@ model, slice to this tensor-parallel rank's KV heads."""
 import logging
 
 from oscar_sglang.config import DATA_FREE_ROTATIONS
-from oscar_sglang.kernels.rotations import RotationSet, data_free_rotations, load_rotations
+from oscar_sglang.kernels.rotation_file import RotationSet, data_free_rotations, load_rotations
 from oscar_sglang.validation import missing_rotations
 
 logger = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ import torch
 
 from oscar_sglang.kernels.format import DEFAULT_KEY_BITS, DEFAULT_RECENT_TOKENS, DEFAULT_SINK_TOKENS, OscarFormat
 from oscar_sglang.kernels.reference import decode_kv, encode_kv, unrotate
-from oscar_sglang.kernels.rotations import RotationSet, data_free_rotations
+from oscar_sglang.kernels.rotation_file import RotationSet, data_free_rotations
 
 BF16_BITS = 16
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
