@@ -83,7 +83,11 @@ class Proportion:
         p, z2 = self.rate, WILSON_Z ** 2
         centre = (p + z2 / (2 * n)) / (1 + z2 / n)
         half = WILSON_Z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-        return max(0.0, centre - half), min(1.0, centre + half)
+        # exact at the ends: rounding can leave centre - half a hair above 0 (3 trials, none right),
+        # which would put the rate outside its own interval
+        low = 0.0 if self.successes == 0 else max(0.0, centre - half)
+        high = 1.0 if self.successes == n else min(1.0, centre + half)
+        return low, high
 
     def text(self) -> str:
         """'85 % [71, 93]'"""

@@ -127,3 +127,13 @@ def test_wilson_interval_separates_what_the_issue_needs():
     assert Proportion(38, 40).interval()[0] > Proportion(24, 40).interval()[1]
     assert Proportion(38, 40).interval()[0] < Proportion(30, 40).interval()[1]
     assert torch.isnan(torch.tensor(Proportion(0, 0).rate))
+
+
+@pytest.mark.parametrize("n", range(1, 60))
+def test_rate_lies_inside_its_interval(n):
+    """At 0 or n successes the interval ends exactly at the rate (3 trials once gave 5.6e-17 as
+    the low end of 0 %, and the report's error bars failed on the negative length)."""
+    for k in (0, 1, n - 1, n):
+        lo, hi = Proportion(k, n).interval()
+        assert lo <= Proportion(k, n).rate <= hi
+    assert Proportion(0, n).interval()[0] == 0.0 and Proportion(n, n).interval()[1] == 1.0
