@@ -8,9 +8,9 @@
    NaN or Inf become zeros, as the pool stores them.
 2. Causal attention of the chunk's queries over the scratch, the mask aligned to each
    request's last key (query t of a chunk sees keys [0, prefix + t]): on CUDA, FlashInfer's
-   ragged prefill (backend "auto": 10.3 ms, 475 TFLOP/s, against 12.9 ms, 377 TFLOP/s, for
-   this module's kernel, gather included, at 8 requests × 35,840 cached × 1,024 new tokens on
-   the H200, benchmarks/results/h200/extend_kernels_nvidia-h200.json); otherwise, and where a
+   ragged prefill (backend "auto": 20 % less time than this module's kernel, gather included, at 8
+   requests × 35,840 cached × 1,024 new tokens on an H200; RESULTS.md, "Prefill with a cached
+   prefix"); otherwise, and where a
    request's result must not depend on its batch, `_extend_attention_kernel`: program
    (i, h, b) handles BLOCK_M query rows of request b, (token, query head) pairs of KV head h's
    GQA group, so every K/V tile is loaded once for the whole group, with one online softmax
@@ -32,7 +32,7 @@ from .quantize import nonfinite_rows
 from .tiles import nonzero, online_softmax, unrotate
 
 BLOCK_M = 128  # query rows ((token, head) pairs) per attention program
-BLOCK_N = 64  # keys per attention tile (128, variant n128 of benchmarks/extend_kernels: 2 % faster on the H200)
+BLOCK_N = 64  # keys per attention tile (128-key tiles were 2 % faster on an H200, at 255 registers)
 NUM_WARPS = 8
 NUM_STAGES = 3  # software-pipelined K/V tiles of the attention loop (Triton's default on CUDA)
 GATHER_BLOCK_T = 64  # prefix + chunk positions per gather program

@@ -30,8 +30,7 @@ from .format import OscarFormat
 # query rows a shared block aims at (the tensor-core dot's M). From WIDE_BLOCKS_MIN_BATCH requests
 # on, blocks are 4x wider: each unpacked INT2 tile serves 64 rows (16 requests at GQA 4) through
 # warpgroup MMAs, 19 % faster for 192 requests sharing 32K tokens on an H200, while smaller batches,
-# whose blocks would stay part empty, were up to 24 % slower
-# (benchmarks/results/h200/tune_decode_shared_session8.txt)
+# whose blocks would stay part empty, were up to 24 % slower (RESULTS.md, "Wide blocks")
 SHARED_DOT_ROWS = 16
 WIDE_SHARED_DOT_ROWS = 64
 WIDE_BLOCKS_MIN_BATCH = 48

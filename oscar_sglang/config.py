@@ -36,8 +36,8 @@ from oscar_sglang.kernels.format import (
 )
 
 KV_QUANT_CHOICES = ("none", "oscar")
-# Serving policy, not part of the format (DESIGN.md: "about 10 %"): Qwen3-8B's rows take 28 MB
-# per request, so a 60 GB budget holds ~210 running requests and keeps 54 GB for INT2 slots.
+# Serving policy, not part of the format: Qwen3-8B's window rows and sink-pool share take 37.7 MB
+# per request, so a 60 GB budget holds ~160 running requests and keeps 54 GB for INT2 slots.
 DEFAULT_WINDOW_FRACTION = 0.10
 
 

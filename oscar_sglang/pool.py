@@ -11,7 +11,7 @@ so a layer's whole state is one `layer(layer_id)` call away.
 The radix tree shares slots; every slot always holds INT2 codes, so sharing needs nothing
 from this pool. Window rows belong to the request (indexed by req_pool_idx).
 
-Sink pool (DESIGN.md, "Full-precision windows"): so that a prefix cached in the radix tree keeps
+Sink pool: so that a prefix cached in the radix tree keeps
 exact BF16 sinks, a small store of BF16 rows per layer ([C, H_kv, D], K and V) is keyed by
 slot: `sink_row_of_slot[slot]` is the store row holding the exact rotated K/V of that slot
 (-1: none). Rows are assigned to the slots of positions < S when an extend batch writes them

@@ -1,4 +1,4 @@
-"""The slot-keyed sink pool (DESIGN.md, "Full-precision windows") under SGLang's real allocators
+"""The slot-keyed sink pool (oscar_sglang/pool.py) under SGLang's real allocators
 and RadixCache (CPU, seconds): a radix hit restores the exact BF16 sinks its prefix was written
 with, the rows go back when the allocator frees their slots (free, free groups, segments, pages,
 clear), and a full pool falls back to dequantized sinks.
