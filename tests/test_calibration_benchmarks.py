@@ -1,0 +1,53 @@
+"""benchmarks/calibration_spread.py and benchmarks/partial_key_bits.py end to end on a tiny random model (CPU)."""
+
+import json
+
+import pytest
+
+from benchmarks import calibration_spread
+from test_calibration import text_file, tiny_checkpoint
+
+
+def test_spread_over_slices(tmp_path, capsys):
+    model, data = tiny_checkpoint(tmp_path / "model"), text_file(tmp_path / "text.txt", words=8000)
+    argv = ["--model", model, "--data", data, "--slices", "2", "--tokens", "512", "--seq-len", "256",
+            "--heldout-fraction", "0.5", "--key-bits", "4", "--eval-offset", "2000", "--eval-sequences", "1",
+            "--lengths", "640", "--trials", "2", "--prompt-style", "plain", "--out-dir", str(tmp_path / "out"),
+            "--artifact-dir", str(tmp_path / "art"), "--name", "tiny"]
+    assert calibration_spread.main(argv) == 0
+    report = json.loads((tmp_path / "out" / "calibration-spread-tiny.json").read_text())
+    slices = report["slices"]
+    assert [s["tokens"] for s in slices] == [[0, 512], [512, 1024]]
+    assert all(len(s["k_clip"]) == 2 and s["passkey"]["640"]["trials"] == 2 for s in slices)
+    assert report["spread"]["delta_ppl_min"] <= report["spread"]["delta_ppl_max"]
+    assert sorted(p.name for p in (tmp_path / "art").iterdir()) == ["slice0.oscar.safetensors",
+                                                                    "slice1.oscar.safetensors"]
+    assert "| slice |" in capsys.readouterr().out
+
+
+def test_slices_must_end_before_the_evaluation_text(tmp_path):
+    with pytest.raises(SystemExit):
+        calibration_spread.main(["--model", "m", "--data", "d", "--slices", "3", "--tokens", "1000",
+                                 "--eval-offset", "2500"])
+
+
+def test_partial_key_bits(tmp_path, capsys):
+    """benchmarks/partial_key_bits.py on the tiny model: rankings and mixed-width formats."""
+    from benchmarks import partial_key_bits
+    from oscar_sglang.cli import main as cli
+
+    model, data = tiny_checkpoint(tmp_path / "model"), text_file(tmp_path / "text.txt", words=8000)
+    common = ["--model", model, "--data", data, "--tokens", "512", "--seq-len", "256", "--heldout-fraction", "0.5"]
+    for bits in (2, 4):
+        assert cli(["calibrate", *common, "--key-bits", str(bits), "--out", str(tmp_path / f"k{bits}.oscar.safetensors")]) == 0
+    assert partial_key_bits.main(["--model", model, "--data", data, "--k2", str(tmp_path / "k2.oscar.safetensors"),
+                                  "--k4", str(tmp_path / "k4.oscar.safetensors"), "--layers", "1,2",
+                                  "--rank-offset", "1500", "--seq-len", "300", "--lengths", "400", "--trials", "2",
+                                  "--haystack-offset", "2000", "--prompt-style", "plain",
+                                  "--out-dir", str(tmp_path / "out"), "--name", "tiny"]) == 0
+    report = json.loads((tmp_path / "out" / "partial-key-bits-tiny.json").read_text())
+    assert sorted(report["layer_order"]) == [0, 1]
+    bits = [r["bits_per_element"] for r in report["results"]]
+    assert bits == [3.0, 3.5] and [len(r["layers_4bit"]) for r in report["results"]] == [1, 2]
+    assert report["results"][0]["layers_4bit"] == report["layer_order"][:1]
+    assert "| k4-in-1 |" in capsys.readouterr().out
