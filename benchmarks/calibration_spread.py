@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluation text and haystacks start here (default %(default)s)")
     p.add_argument("--eval-sequences", type=int, default=4, help="perplexity windows of --seq-len (default %(default)s)")
     p.add_argument("--lengths", type=parse_int_list, default=[2048], help="passkey lengths (default 2048)")
-    p.add_argument("--trials", type=int, default=40, help="passkey prompts per length (default %(default)s)")
+    p.add_argument("--trials", type=int, default=40,
+                   help="passkey prompts per length, 0 for perplexity only (default %(default)s)")
     p.add_argument("--prompt-style", choices=PROMPT_STYLES, default="chat",
                    help="as `oscar-sglang evaluate --prompt-style` (default %(default)s)")
     p.add_argument("--device", default="cpu")
@@ -77,8 +78,10 @@ def main(argv=None) -> int:
     results = {f.name: FormatResult(f.name, f.bits, f.effective_bits(args.seq_len)) for f in formats}
     language_metrics(model, formats, split_sequences(stream, args.seq_len, args.eval_sequences, args.eval_offset),
                      results)
-    retrieval = RetrievalSettings(("passkey",), tuple(args.lengths), args.trials, args.eval_offset, args.prompt_style)
-    retrieval_metrics(model, formats[1:], retrieval.prompts(tokenizer, stream), results)
+    if args.trials > 0:
+        retrieval = RetrievalSettings(("passkey",), tuple(args.lengths), args.trials, args.eval_offset,
+                                      args.prompt_style)
+        retrieval_metrics(model, formats[1:], retrieval.prompts(tokenizer, stream), results)
 
     base = results["bf16"].perplexity
     rows = []
@@ -91,7 +94,7 @@ def main(argv=None) -> int:
             "perplexity": res.perplexity, "delta_ppl": res.perplexity - base,
             "kl_vs_bf16": res.kl_sum / res.predictions, "top1_agreement": res.top1_sum / res.predictions,
             "passkey": {str(n): Proportion(sum(o), len(o)).as_dict() | {"outcomes": o}
-                        for n, o in res.retrieval["passkey"].items()},
+                        for n, o in res.retrieval.get("passkey", {}).items()},
         })
     layers = len(slices[0].rotations.k_clip)
     same = {kind: sum(len({s[f"{kind}_clip"][layer] for s in rows}) == 1 for layer in range(layers)) / layers
