@@ -13,14 +13,6 @@ import pytest
 from oscar_sglang.kernels.rotation_file import data_free_rotations, hadamard_bitrev, make_rotation_set, save_rotations
 
 from oscar_sglang import patches, validation
-from oscar_sglang.patches import (
-    allocator_paged,
-    allocator_token,
-    attention_registry,
-    kv_cache_configurator,
-    pool_configurator,
-    scheduler,
-)
 from oscar_sglang.config import ALL_SETTINGS, OscarConfig
 
 # A tiny Qwen3: enough for SGLang's ServerArgs and for OSCAR's checks (head_dim 128, GQA).
@@ -118,7 +110,7 @@ def test_hooks_backend_and_choice_are_installed(sglang):
 
     for patch in patches.PATCHES:
         assert patch.target in HookRegistry._patched
-    assert ATTENTION_BACKENDS["oscar"] is attention_registry.create_backend
+    assert ATTENTION_BACKENDS["oscar"] is patches.attention_registry.create_backend
     assert "oscar" in sglang.ATTENTION_BACKEND_CHOICES
     assert hasattr(DefaultPoolConfigurator._compute_cell_size, "__wrapped__")
     assert hasattr(KVCacheConfigurator._build_mha_kv_pool, "__wrapped__")
@@ -129,8 +121,8 @@ def test_hooks_backend_and_choice_are_installed(sglang):
     assert isinstance(sglang.ServerArgs.__dict__["add_cli_args"], staticmethod)
 
 
-@pytest.mark.parametrize("target", [kv_cache_configurator.BUILD_MHA_KV_POOL, allocator_token.TOKEN_FREE,
-                                    allocator_paged.PAGED_RELEASE, allocator_token.TOKEN_CLEAR])
+@pytest.mark.parametrize("target", [patches.kv_cache_configurator.BUILD_MHA_KV_POOL, patches.allocator_token.TOKEN_FREE,
+                                    patches.allocator_paged.PAGED_RELEASE, patches.allocator_token.TOKEN_CLEAR])
 def test_unapplied_pool_hook_refuses_instead_of_serving_bf16(sglang, model_dir, monkeypatch, target):
     from sglang.srt.plugins.hook_registry import HookRegistry
 
@@ -161,8 +153,8 @@ def test_pool_hooks_call_sglang_when_oscar_is_off():
         return "sglang"
 
     off = _kvc(_server_args("triton"))
-    assert pool_configurator.compute_cell_size(original, "configurator", off, 3) == "sglang"
-    assert kv_cache_configurator.build_mha_kv_pool(original, off, max_total_num_tokens=8,
+    assert patches.pool_configurator.compute_cell_size(original, "configurator", off, 3) == "sglang"
+    assert patches.kv_cache_configurator.build_mha_kv_pool(original, off, max_total_num_tokens=8,
                                                    mha_pool_class=object, quant_method=None) == "sglang"
     assert calls == [(("configurator", off, 3), {}),
                      ((off,), dict(max_total_num_tokens=8, mha_pool_class=object,
@@ -175,8 +167,8 @@ def test_pool_hooks_call_oscar_pool_when_on(monkeypatch):
     sizing.build_mha_kv_pool = lambda *args, **kwargs: ("pool", args, kwargs)
     monkeypatch.setitem(sys.modules, "oscar_sglang.sizing", sizing)
     on = _kvc(_server_args("oscar", "oscar", "oscar"))
-    assert pool_configurator.compute_cell_size(len, "cfg", on, 3) == ("cell", (len, "cfg", on, 3))
-    assert kv_cache_configurator.build_mha_kv_pool(len, on, max_total_num_tokens=8, mha_pool_class=object) == (
+    assert patches.pool_configurator.compute_cell_size(len, "cfg", on, 3) == ("cell", (len, "cfg", on, 3))
+    assert patches.kv_cache_configurator.build_mha_kv_pool(len, on, max_total_num_tokens=8, mha_pool_class=object) == (
         "pool", (len, on), dict(max_total_num_tokens=8, mha_pool_class=object))
 
 
@@ -189,9 +181,9 @@ def test_backend_factory_refuses_a_bf16_pool(sglang, monkeypatch):
     runner = types.SimpleNamespace(server_args=_server_args("oscar", "oscar", "oscar"),
                                    token_to_kv_pool=object())
     with pytest.raises(RuntimeError, match="not an OscarTokenToKVPool"):
-        attention_registry.create_backend(runner)
+        patches.attention_registry.create_backend(runner)
     runner.token_to_kv_pool = pool.OscarTokenToKVPool()
-    assert attention_registry.create_backend(runner) == ("backend", runner)
+    assert patches.attention_registry.create_backend(runner) == ("backend", runner)
 
 
 @pytest.mark.parametrize("env, args, expected", [
@@ -215,7 +207,7 @@ def test_scheduler_sees_a_consistent_configuration(monkeypatch, env, args, expec
 def test_backend_factory_refuses_without_oscar():
     runner = types.SimpleNamespace(server_args=_server_args("triton"), token_to_kv_pool=None)
     with pytest.raises(RuntimeError, match="needs the OSCAR KV cache: pass --kv-quant oscar"):
-        attention_registry.create_backend(runner)
+        patches.attention_registry.create_backend(runner)
 
 
 def test_deterministic_inference_is_accepted_and_aligns_prefill_chunks(sglang, model_dir):
@@ -226,7 +218,7 @@ def test_deterministic_inference_is_accepted_and_aligns_prefill_chunks(sglang, m
 
     off = types.SimpleNamespace(server_args=_server_args("triton", "triton", "triton"))
     off.server_args.enable_deterministic_inference = True
-    scheduler.init_deterministic_inference_config(original, off)
+    patches.scheduler.init_deterministic_inference_config(original, off)
     assert off.truncation_align_size is None
 
     args = sglang.prepare_server_args(["--model-path", model_dir, "--device", "cpu", "--kv-quant", "oscar",
@@ -236,5 +228,5 @@ def test_deterministic_inference_is_accepted_and_aligns_prefill_chunks(sglang, m
     assert hasattr(Scheduler.init_deterministic_inference_config, "__wrapped__")
     on = types.SimpleNamespace(server_args=_server_args("oscar", "oscar", "oscar"))
     on.server_args.enable_deterministic_inference = True
-    scheduler.init_deterministic_inference_config(original, on)
-    assert on.truncation_align_size == scheduler.TRITON_ALIGN_DEFAULT
+    patches.scheduler.init_deterministic_inference_config(original, on)
+    assert on.truncation_align_size == patches.scheduler.TRITON_ALIGN_DEFAULT
