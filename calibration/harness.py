@@ -62,7 +62,7 @@ def build_formats(names, geo: Geometry, rotations: RotationSet | None, group_siz
         "fp8": Fp8Format,
         "int4": lambda: Int4Format(min(128, geo.head_dim)),
         "kivi2": lambda: Kivi2Format(recent),
-        "int2-naive": lambda: int2("int2-naive", identity_rotations(geo.num_layers, geo.head_dim, geo.num_kv_heads)),
+        "int2-naive": lambda: int2("int2-naive", identity_rotations(geo.num_layers, geo.head_dim)),
         "int2-hadamard": lambda: int2("int2-hadamard", data_free_rotations(
             geo.num_layers, geo.num_kv_heads, geo.head_dim)),
         "oscar": lambda: int2("oscar", rotations),

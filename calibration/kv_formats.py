@@ -10,7 +10,7 @@ import torch
 
 from oscar_sglang.kernels.format import DEFAULT_KEY_BITS, DEFAULT_RECENT_TOKENS, DEFAULT_SINK_TOKENS, OscarFormat
 from oscar_sglang.kernels.reference import decode_kv, encode_kv, unrotate
-from oscar_sglang.kernels.rotation_file import RotationSet, data_free_rotations
+from oscar_sglang.kernels.rotation_file import RotationSet
 
 BF16_BITS = 16
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
@@ -149,9 +149,7 @@ class Int2Format(KVFormat):
         return self.bits + min(length, self.sink + self.recent) * BF16_BITS / length
 
 
-def identity_rotations(num_layers: int, head_dim: int, num_kv_heads: int) -> RotationSet:
-    """No rotation and no clipping (clip quantile 1.0 = the row maximum): naive INT2. Like the
-    data-free rotations, calibrated for no key width."""
+def identity_rotations(num_layers: int, head_dim: int) -> RotationSet:
+    """No rotation and no clipping (clip quantile 1.0 = the row maximum): naive INT2."""
     eye = [torch.eye(head_dim)[None]] * num_layers
-    meta = data_free_rotations(num_layers, num_kv_heads, head_dim).metadata
-    return RotationSet(eye, eye, [1.0] * num_layers, [1.0] * num_layers, meta)
+    return RotationSet(eye, eye, [1.0] * num_layers, [1.0] * num_layers)

@@ -88,9 +88,9 @@ class RotationSet:
 
     @property
     def key_bits(self) -> int | None:
-        """The key code width the key clips were calibrated for; None for data-free rotations,
-        which suit any."""
-        if self.metadata.get("calibration_source") == DATA_FREE_ROTATIONS:
+        """The key code width the key clips were calibrated for; None for rotations that no
+        calibration chose (data-free ones, or sets built without metadata), which suit any."""
+        if self.metadata.get("calibration_source", DATA_FREE_ROTATIONS) == DATA_FREE_ROTATIONS:
             return None
         return int(self.metadata.get("key_bits", DEFAULT_KEY_BITS))
 

@@ -81,7 +81,7 @@ def test_format_bits_and_roundtrips():
     assert torch.equal(Fp8Format().kv(0, big, big)[1], torch.full_like(big, 448.0))
     # int4 / kivi / int2 errors ordered as their bits
     err = {f.name: (f.kv(0, k, v)[1] - k).square().mean() for f in
-           (Int4Format(64), Kivi2Format(), Int2Format("naive", identity_rotations(1, 64, 1), 64))}
+           (Int4Format(64), Kivi2Format(), Int2Format("naive", identity_rotations(1, 64), 64))}
     assert err["int4"] < err["kivi2"] and err["int4"] < err["naive"]
     # KIVI: a partial last key block stays exact (it is inside every query's residual)
     k_exact, k_quant, _, _ = Kivi2Format().kv(0, k, v)
