@@ -58,7 +58,7 @@ SPLIT_VARIANTS = {
 # shared-prefix variants: constants of kernels/shared_prefix.py (sp) and kernels/decode.py (dk);
 # the first is the library default (wide blocks from WIDE_BLOCKS_MIN_BATCH requests on), then
 # 16-row and 64-row blocks at every batch size. 8 warps, 32-row blocks and 1-warp programs were
-# slower (benchmarks/results/h200/tune_decode_shared_*.txt, sessions 7 and 8)
+# slower (benchmarks/results/h200/tune_decode_shared_wide_blocks.txt)
 SHARED_VARIANTS = {
     "default": ({}, {}),
     "rows16": ({"WIDE_BLOCKS_MIN_BATCH": 1 << 30}, {}),
