@@ -80,7 +80,6 @@ from oscar_sglang.calibration.retrieval import (
 )
 from oscar_sglang.config import DATA_FREE_ROTATIONS  # the --oscar-rotations value asking for them
 from oscar_sglang.kernels.format import OscarFormat
-from oscar_sglang.kernels.rotation_file import load_rotations
 
 BENCHMARK = "quality_server"
 HOST = "127.0.0.1"
@@ -110,15 +109,13 @@ POOL_RE = re.compile(r"max_total_num_tokens=(\d+)")
 
 def oscar_flags(rotations):
     """Flags of an OSCAR configuration reading `rotations` (a file, made absolute since the
-    server runs in the repository root, served with the key bits it was calibrated for; or
+    server runs in the repository root and serves the key width it was calibrated for; or
     DATA_FREE_ROTATIONS)."""
     if str(rotations) == DATA_FREE_ROTATIONS:
         return ["--kv-quant", "oscar", "--oscar-rotations", DATA_FREE_ROTATIONS]
     if not Path(rotations).is_file():
         raise ValueError(f"rotation file {rotations} does not exist")
-    key_bits = load_rotations(str(rotations)).key_bits
-    return ["--kv-quant", "oscar", "--oscar-rotations", str(Path(rotations).resolve()),
-            "--oscar-key-bits", str(key_bits)]
+    return ["--kv-quant", "oscar", "--oscar-rotations", str(Path(rotations).resolve())]
 
 
 def config_flags(configs, rotations=None, variants=()):

@@ -28,7 +28,10 @@ CODE_BITS = 2
 CODES_PER_BYTE = 8 // CODE_BITS
 CODE_MAX = (1 << CODE_BITS) - 1
 SUPPORTED_KEY_BITS = (2, 4)  # whole 2-bit planes
-DEFAULT_KEY_BITS = 2
+# The key width served, calibrated for and evaluated when nothing else says: 2-bit keys lose facts
+# hidden in long prompts that 4-bit keys keep (benchmarks/results/quality-server-*). A rotation
+# file records the width it was calibrated for and the server follows it.
+DEFAULT_KEY_BITS = 4
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 SUPPORTED_HEAD_DIMS = (64, 128)
 META_FIELDS = 2  # scale, minimum
@@ -52,7 +55,7 @@ class OscarFormat:
     group_size: int | None = None
     sink_tokens: int = DEFAULT_SINK_TOKENS
     recent_tokens: int = DEFAULT_RECENT_TOKENS
-    key_bits: int = DEFAULT_KEY_BITS
+    key_bits: int = CODE_BITS
 
     def __post_init__(self):
         d = self.head_dim

@@ -20,6 +20,7 @@ from scipy.linalg import hadamard
 
 from .format import (
     DATA_FREE_ROTATIONS,
+    CODE_BITS,
     DEFAULT_K_CLIP,
     DEFAULT_KEY_BITS,
     DEFAULT_V_CLIP,
@@ -33,6 +34,8 @@ REQUIRED_METADATA = (
     "rope_applied", "per_head", "calibration_tokens", "calibration_source", "created_by",
 )
 ORTHOGONALITY_TOLERANCE = 1e-3
+# Files calibrated before the key width was recorded chose their key clips for 2-bit keys.
+UNRECORDED_KEY_BITS = CODE_BITS
 
 
 class RotationFileError(ValueError):
@@ -92,17 +95,22 @@ class RotationSet:
         calibration chose (data-free ones, or sets built without metadata), which suit any."""
         if self.metadata.get("calibration_source", DATA_FREE_ROTATIONS) == DATA_FREE_ROTATIONS:
             return None
-        return int(self.metadata.get("key_bits", DEFAULT_KEY_BITS))
+        return int(self.metadata.get("key_bits", UNRECORDED_KEY_BITS))
 
-    def check_key_bits(self, key_bits: int) -> None:
-        """Raise RotationFileError when the key clips were calibrated for another key width
-        (clips chosen for 2-bit keys cut what 4-bit keys would keep, and the reverse)."""
-        if self.key_bits is not None and self.key_bits != key_bits:
+    def served_key_bits(self, asked: int | None) -> int:
+        """The key width to serve these rotations with: `asked` (None: not asked) when the key
+        clips suit it, else RotationFileError (clips chosen for 2-bit keys cut what 4-bit keys
+        would keep, and the reverse); unasked, the calibrated width, or DEFAULT_KEY_BITS for
+        rotations no calibration chose."""
+        if asked is None:
+            return self.key_bits or DEFAULT_KEY_BITS
+        if self.key_bits is not None and self.key_bits != asked:
             source = self.metadata.get("source_path", "the rotation file")
             raise RotationFileError(
-                f"{source} was calibrated for {self.key_bits}-bit keys, but {key_bits}-bit keys "
-                f"were asked for; pass --oscar-key-bits {self.key_bits}, or calibrate with "
-                f"`oscar-sglang calibrate --key-bits {key_bits}`")
+                f"{source} was calibrated for {self.key_bits}-bit keys, but {asked}-bit keys "
+                f"were asked for; drop --oscar-key-bits (the file's width is served), or "
+                f"calibrate with `oscar-sglang calibrate --key-bits {asked}`")
+        return asked
 
     def slice_kv_heads(self, start: int, end: int) -> "RotationSet":
         """Rotations of KV heads [start, end) (a tensor-parallel rank's share); shared
@@ -181,7 +189,7 @@ def load_rotations(path: str) -> RotationSet:
             f"{metadata['format_version']}, this oscar-sglang reads {FORMAT_NAME} version "
             f"{FORMAT_VERSION}: calibrate it again with this version")
     num_layers, heads, dim = (_positive_int(metadata, k, path) for k in ("num_layers", "num_kv_heads", "head_dim"))
-    if metadata.get("key_bits", str(DEFAULT_KEY_BITS)) not in [str(b) for b in SUPPORTED_KEY_BITS]:
+    if metadata.get("key_bits", str(UNRECORDED_KEY_BITS)) not in [str(b) for b in SUPPORTED_KEY_BITS]:
         raise RotationFileError(f"rotation file {path!r} has key_bits={metadata['key_bits']!r} in its "
                                 f"metadata, expected one of {list(SUPPORTED_KEY_BITS)}: calibrate it again")
     # counted first: a corrupted num_layers must not make us build a huge set of names

@@ -7,9 +7,10 @@ environment variables, which the spawned scheduler processes inherit:
     SGLANG_OSCAR_ROTATIONS       --oscar-rotations        rotation file (.oscar.safetensors), or
                                                           data-free (Hadamard rotations, lower
                                                           quality); required with oscar
-    SGLANG_OSCAR_KEY_BITS        --oscar-key-bits         2 | 4 bits per key code (default 2; values
-                                                          are always 2); must match the rotation
-                                                          file's calibration
+    SGLANG_OSCAR_KEY_BITS        --oscar-key-bits         2 | 4 bits per key code (default: the
+                                                          width the rotation file was calibrated
+                                                          for, 4 for data-free rotations; values
+                                                          are always 2); must match the file
     SGLANG_OSCAR_GROUP_SIZE      --oscar-group-size       32 | 64 | 128 (default: head_dim)
     SGLANG_OSCAR_SINK_TOKENS     --oscar-sink-tokens      BF16 sink tokens per sequence, >= 0
     SGLANG_OSCAR_RECENT_TOKENS   --oscar-recent-tokens    BF16 recent tokens per sequence, >= 1
@@ -27,7 +28,6 @@ from typing import Any
 
 from oscar_sglang.kernels.format import (
     DATA_FREE_ROTATIONS,
-    DEFAULT_KEY_BITS,
     DEFAULT_RECENT_TOKENS,
     DEFAULT_SINK_TOKENS,
     SUPPORTED_GROUP_SIZES,
@@ -104,10 +104,11 @@ def given_settings(environ: Mapping[str, str] = os.environ) -> list[Setting]:
 class OscarConfig:
     """What the OSCAR KV cache is asked to do; `group_size` None means one group per head,
     `rotations` None that none was given (refused at startup; DATA_FREE_ROTATIONS opts in to
-    the data-free ones)."""
+    the data-free ones), `key_bits` None that the rotation file decides (served_rotations.
+    served_config resolves it wherever the file is read)."""
 
     rotations: str | None = None
-    key_bits: int = DEFAULT_KEY_BITS
+    key_bits: int | None = None
     group_size: int | None = None
     sink_tokens: int = DEFAULT_SINK_TOKENS
     recent_tokens: int = DEFAULT_RECENT_TOKENS
@@ -121,5 +122,8 @@ class OscarConfig:
 
     def format(self, head_dim: int) -> OscarFormat:
         """The format for a model with `head_dim`; ValueError when the model or group size is
-        not supported."""
+        not supported, or the key width is not resolved yet."""
+        if self.key_bits is None:
+            raise ValueError("OSCAR: the key width is not resolved; resolve it with "
+                             "served_rotations.served_config first")
         return OscarFormat(head_dim, self.group_size, self.sink_tokens, self.recent_tokens, self.key_bits)

@@ -2,8 +2,9 @@
 model, slice to this tensor-parallel rank's KV heads."""
 
 import logging
+from dataclasses import replace
 
-from oscar_sglang.config import DATA_FREE_ROTATIONS
+from oscar_sglang.config import DATA_FREE_ROTATIONS, OscarConfig
 from oscar_sglang.kernels.rotation_file import RotationSet, data_free_rotations, load_rotations
 from oscar_sglang.validation import missing_rotations
 
@@ -24,9 +25,10 @@ def kv_head_range(total_kv_heads: int, tp_size: int, tp_rank: int) -> tuple[int,
 
 
 def rotations_for_model(path: str | None, num_layers: int, num_kv_heads: int, head_dim: int,
-                        model_name: str, key_bits: int) -> RotationSet:
-    """The validated RotationSet for a model with these dimensions (all KV heads), served with
-    `key_bits`-bit keys: `path` is a rotation file or DATA_FREE_ROTATIONS; None is refused."""
+                        model_name: str) -> RotationSet:
+    """The validated RotationSet for a model with these dimensions (all KV heads): `path` is a
+    rotation file or DATA_FREE_ROTATIONS; None is refused. Its `served_key_bits` says which key
+    width it serves."""
     if path is None:
         raise missing_rotations(model_name)
     if path == DATA_FREE_ROTATIONS:
@@ -37,5 +39,12 @@ def rotations_for_model(path: str | None, num_layers: int, num_kv_heads: int, he
         return data_free_rotations(num_layers, num_kv_heads, head_dim, model_name)
     rotations = load_rotations(path)
     rotations.check_matches(num_layers, num_kv_heads, head_dim, model=model_name or "the served model")
-    rotations.check_key_bits(key_bits)
     return rotations
+
+
+def served_config(config: OscarConfig, num_layers: int, num_kv_heads: int, head_dim: int,
+                  model_name: str) -> tuple[OscarConfig, RotationSet]:
+    """`config` with its key width resolved (RotationSet.served_key_bits: the one asked for, or
+    the file's) and the validated rotations for all KV heads."""
+    rotations = rotations_for_model(config.rotations, num_layers, num_kv_heads, head_dim, model_name)
+    return replace(config, key_bits=rotations.served_key_bits(config.key_bits)), rotations

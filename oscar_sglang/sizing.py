@@ -18,7 +18,7 @@ from sglang.srt.runtime_context import get_exec, get_parallel, get_schedule
 
 from oscar_sglang.config import OscarConfig
 from oscar_sglang.pool import OscarTokenToKVPool
-from oscar_sglang.served_rotations import kv_head_range, rotations_for_model
+from oscar_sglang.served_rotations import kv_head_range, served_config
 
 logger = logging.getLogger(__name__)
 BF16_BYTES = 2
@@ -55,9 +55,12 @@ def window_request_capacity(max_tokens: int, cell_bytes: int, window_fraction: f
 
 def compute_cell_size(original, configurator, kvc, num_layers: int) -> int:
     """AROUND hook body of DefaultPoolConfigurator._compute_cell_size."""
-    config = OscarConfig.from_env()
-    fmt = config.format(kvc.model_config.head_dim)
-    heads = kvc.model_config.get_num_kv_heads(get_parallel().attn_tp_size)
+    model = kvc.model_config
+    # The key width, which sets the bytes per token, may come from the rotation file.
+    config, _ = served_config(OscarConfig.from_env(), model.num_hidden_layers,
+                              model.get_total_num_kv_heads(), model.head_dim, model.model_path)
+    fmt = config.format(model.head_dim)
+    heads = model.get_num_kv_heads(get_parallel().attn_tp_size)
     int2 = fmt.bytes_per_token(num_layers, heads)
     schedule = get_schedule()
     explicit_requests = schedule.max_running_requests is not None
@@ -131,13 +134,12 @@ def build_mha_kv_pool(original, configurator, *, max_total_num_tokens: int, mha_
     if mha_pool_class is not MHATokenToKVPool or quant_method is not None or configurator.post_capture_kv_active:
         raise ValueError("--kv-quant oscar supports only the default per-layer KV layout "
                          "(no page-major layout, FP4 KV or post-capture KV backing)")
-    config = OscarConfig.from_env()
     model = configurator.model_config
-    fmt = config.format(model.head_dim)
     parallel = get_parallel()
     total_heads = model.get_total_num_kv_heads()
-    rotations = rotations_for_model(config.rotations, model.num_hidden_layers, total_heads,
-                                    model.head_dim, model.model_path, config.key_bits)
+    config, rotations = served_config(OscarConfig.from_env(), model.num_hidden_layers, total_heads,
+                                      model.head_dim, model.model_path)
+    fmt = config.format(model.head_dim)
     rotations = rotations.slice_kv_heads(*kv_head_range(total_heads, parallel.attn_tp_size, parallel.attn_tp_rank))
     layers = configurator.layer_info
     return OscarTokenToKVPool(

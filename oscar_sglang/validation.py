@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from oscar_sglang import config as oscar_config
 from oscar_sglang.config import OscarConfig
+from oscar_sglang.kernels.format import OscarFormat
 
 logger = logging.getLogger(__name__)
 
@@ -95,15 +96,16 @@ def validate_server_args(server_args) -> OscarConfig | None:
     check_server_features(server_args)
     hf_config = read_model_config(server_args)
     shape = check_model_config(hf_config, server_args.model_path)
-    settings.format(shape.head_dim)  # ValueError for unsupported head_dim / group size
+    # ValueError for an unsupported head_dim, group size or window, before the file is read
+    OscarFormat(shape.head_dim, settings.group_size, settings.sink_tokens, settings.recent_tokens)
     if settings.rotations is None:
         raise missing_rotations(server_args.model_path)
     # The schedulers load the file again the same way; a RotationFileError (a ValueError) names
     # the unreadable part or the field that differs from the model.
-    from oscar_sglang.served_rotations import rotations_for_model
+    from oscar_sglang.served_rotations import served_config
 
-    rotations_for_model(settings.rotations, shape.num_layers, shape.num_kv_heads, shape.head_dim,
-                        server_args.model_path, settings.key_bits)
+    settings, _ = served_config(settings, shape.num_layers, shape.num_kv_heads, shape.head_dim,
+                                server_args.model_path)
     for name in BACKEND_FIELDS:
         setattr(server_args, name, BACKEND)
     if server_args.cuda_graph_backend_prefill is None and not server_args.disable_prefill_cuda_graph:

@@ -277,9 +277,9 @@ def test_calibrate_cli_end_to_end(tmp_path, capsys, shared, target, key_bits):
     assert main(argv) == 0
     rs = load_rotations(out)
     assert rs.key_bits == key_bits
-    rs.check_key_bits(key_bits)
-    with pytest.raises(RotationFileError, match=f"calibrated for {key_bits}-bit keys.*--oscar-key-bits {key_bits}"):
-        rs.check_key_bits(6 - key_bits)
+    assert rs.served_key_bits(None) == rs.served_key_bits(key_bits) == key_bits
+    with pytest.raises(RotationFileError, match=f"calibrated for {key_bits}-bit keys.*drop --oscar-key-bits"):
+        rs.served_key_bits(6 - key_bits)
     assert rs.num_layers == 2 and rs.metadata["per_head"] == str(not shared).lower()
     assert rs.metadata["calibration_tokens"] == "256"  # 2 target sequences, 1 held out
     for rot in rs.k_rot + rs.v_rot:

@@ -1,4 +1,4 @@
-"""benchmarks/calibration_spread.py and benchmarks/partial_key_bits.py end to end on a tiny random model (CPU)."""
+"""benchmarks/calibration_spread.py, partial_key_bits.py and code_widths.py end to end on a tiny random model (CPU)."""
 
 import json
 
@@ -54,3 +54,35 @@ def test_partial_key_bits(tmp_path, capsys):
     assert bits == [3.0, 3.5] and [len(r["layers_4bit"]) for r in report["results"]] == [1, 2]
     assert report["results"][0]["layers_4bit"] == report["layer_order"][:1]
     assert "| k4-in-1 |" in capsys.readouterr().out
+
+
+def test_code_widths(tmp_path, capsys):
+    """benchmarks/code_widths.py on the tiny model: each width pair's bits, error order and table."""
+    from benchmarks import code_widths
+    from oscar_sglang.cli import main as cli
+
+    model, data = tiny_checkpoint(tmp_path / "model"), text_file(tmp_path / "text.txt", words=8000)
+    art = str(tmp_path / "k4.oscar.safetensors")
+    assert cli(["calibrate", "--model", model, "--data", data, "--tokens", "512", "--seq-len", "256",
+                "--heldout-fraction", "0.5", "--out", art]) == 0
+    assert code_widths.main(["--model", model, "--data", data, "--rotations", art, "--widths", "8x8,3x2,1x1",
+                             "--seq-len", "300", "--sequences", "1", "--offset-tokens", "1500", "--lengths", "400",
+                             "--trials", "2", "--haystack-offset", "2000", "--prompt-style", "plain",
+                             "--out-dir", str(tmp_path / "out"), "--name", "tiny"]) == 0
+    report = json.loads((tmp_path / "out" / "code-widths-tiny.json").read_text())
+    rows = {r["format"]: r for r in report["results"]}
+    assert list(rows) == ["bf16", "k8v8", "k3v2", "k1v1"]
+    assert [rows[n]["bits_per_element"] for n in ("k8v8", "k3v2", "k1v1")] == [8.5, 3.0, 1.5]
+    # fewer bits, further from BF16 (the windows keep every format close at 300 tokens, not equal)
+    assert 0 < rows["k8v8"]["kl_vs_bf16"] < rows["k3v2"]["kl_vs_bf16"] < rows["k1v1"]["kl_vs_bf16"]
+    assert all(rows[n]["retrieval"]["passkey"]["400"]["trials"] == 2 for n in ("k8v8", "k3v2", "k1v1"))
+    assert rows["bf16"]["retrieval"] == {}
+    assert "| k3v2 | 3.00 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text", ["3", "3x", "0x2", "9x2", "axb", ""])
+def test_code_widths_refuses_bad_pairs(text):
+    from benchmarks import code_widths
+
+    with pytest.raises(SystemExit):
+        code_widths.main(["--model", "m", "--data", "d", "--rotations", "r", "--widths", text])

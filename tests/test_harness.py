@@ -73,15 +73,16 @@ def test_format_bits_and_roundtrips():
     assert KVFormat().bits == 16 and Fp8Format().bits == 8
     assert Int4Format(64).bits == 4.5 and Kivi2Format().bits == 3.0
     geo_rot = data_free_rotations(1, 2, 64)
-    int2 = Int2Format("int2-hadamard", geo_rot, 64, 32, 4, 8)
-    assert int2.bits == 3.0 and Int2Format("oscar", geo_rot, 64).bits == 2.5
+    int2 = Int2Format("int2-hadamard", geo_rot, 64, 32, 4, 8, key_bits=2)
+    assert int2.bits == 3.0 and Int2Format("oscar", geo_rot, 64, key_bits=2).bits == 2.5
+    assert Int2Format("oscar", geo_rot, 64).bits == 3.5  # 4-bit keys unless told
     assert int2.effective_bits(96) == pytest.approx(3.0 + 12 * 16 / 96)
     # fp8 saturates instead of producing NaN
     big = torch.full((1, 1, 1, 64), 1e4)
     assert torch.equal(Fp8Format().kv(0, big, big)[1], torch.full_like(big, 448.0))
     # int4 / kivi / int2 errors ordered as their bits
     err = {f.name: (f.kv(0, k, v)[1] - k).square().mean() for f in
-           (Int4Format(64), Kivi2Format(), Int2Format("naive", identity_rotations(1, 64), 64))}
+           (Int4Format(64), Kivi2Format(), Int2Format("naive", identity_rotations(1, 64), 64, key_bits=2))}
     assert err["int4"] < err["kivi2"] and err["int4"] < err["naive"]
     # KIVI: a partial last key block stays exact (it is inside every query's residual)
     k_exact, k_quant, _, _ = Kivi2Format().kv(0, k, v)
@@ -134,7 +135,7 @@ def test_simulated_decode_equals_token_by_token(tmp_path):
     with torch.no_grad(), attention_override(model, SimulatedCache(fmt), "oscar_test_simulated"):
         simulated = model(ids[None], use_cache=False).logits[0]
 
-    cache = ReferenceDecodeCache(rotations, OscarFormat(64, group, sink, recent), 1, 2, length)
+    cache = ReferenceDecodeCache(rotations, OscarFormat(64, group, sink, recent, fmt.format.key_bits), 1, 2, length)
     stepped = []
     with torch.no_grad(), attention_override(model, cache, "oscar_test_decode"):
         for pos in range(length):
@@ -153,7 +154,7 @@ def calibrated(tmp_path_factory):
     art = str(d / "tiny.oscar.safetensors")
     common = ["--data", data, "--group-size", "32", "--sink-tokens", "4", "--recent-tokens", "32"]
     assert main(["calibrate", "--model", model, "--tokens", "512", "--seq-len", "256", "--out", art,
-                 "--heldout-fraction", "0.5", *common]) == 0
+                 "--heldout-fraction", "0.5", "--key-bits", "2", *common]) == 0
     return d, model, art, common
 
 

@@ -222,7 +222,7 @@ def rank_pool(published, tp, rank):
 
 @pytest.mark.parametrize("tp", [1, 2, 4, 8, 16])
 def test_each_rank_sizes_and_builds_its_own_heads(published, caplog, tp):
-    fmt = OscarFormat(HEAD_DIM)
+    fmt = OscarFormat(HEAD_DIM, key_bits=published.rotations.served_key_bits(None))  # the file's width
     total = QWEN3_8B_LIKE["num_key_value_heads"]
     full_int2 = fmt.bytes_per_token(LAYERS, total)
     caplog.set_level(logging.INFO, logger="oscar_sglang.sizing")

@@ -10,6 +10,7 @@ import sys
 import types
 
 import pytest
+from oscar_sglang.kernels.format import DEFAULT_KEY_BITS
 from oscar_sglang.kernels.rotation_file import data_free_rotations, hadamard_bitrev, make_rotation_set, save_rotations
 
 from oscar_sglang import patches, validation
@@ -56,14 +57,27 @@ def test_flags_parse_export_and_turn_oscar_on(sglang, model_dir, rotation_file):
     assert args.disable_prefill_cuda_graph  # decode graphs stay; prefill runs eagerly
 
 
-def test_key_bits_other_than_the_calibrated_ones_are_refused(sglang, model_dir, tmp_path):
-    path = str(tmp_path / "k2.oscar.safetensors")
+def calibrated_file(tmp_path, key_bits: int) -> str:
+    path = str(tmp_path / f"k{key_bits}.oscar.safetensors")
     rot = hadamard_bitrev(128)[None]
     save_rotations(path, make_rotation_set([rot] * 2, [rot] * 2, [0.9] * 2, [0.9] * 2, model_name="tiny-qwen3",
-                                           num_kv_heads=2, calibration_tokens=1, calibration_source="test"))
-    with pytest.raises(ValueError, match="calibrated for 2-bit keys.*pass --oscar-key-bits 2"):
+                                           num_kv_heads=2, calibration_tokens=1, calibration_source="test",
+                                           key_bits=key_bits))
+    return path
+
+
+def test_key_bits_other_than_the_calibrated_ones_are_refused(sglang, model_dir, tmp_path):
+    with pytest.raises(ValueError, match="calibrated for 2-bit keys.*drop --oscar-key-bits"):
         sglang.prepare_server_args(["--model-path", model_dir, "--device", "cpu", "--kv-quant", "oscar",
-                                    "--oscar-rotations", path, "--oscar-key-bits", "4"])
+                                    "--oscar-rotations", calibrated_file(tmp_path, 2), "--oscar-key-bits", "4"])
+
+
+@pytest.mark.parametrize("key_bits", [2, 4])
+def test_the_key_width_follows_the_rotation_file(sglang, model_dir, tmp_path, key_bits):
+    args = sglang.prepare_server_args(["--model-path", model_dir, "--device", "cpu", "--kv-quant", "oscar",
+                                       "--oscar-rotations", calibrated_file(tmp_path, key_bits)])
+    assert args._oscar_settings.key_bits == key_bits
+    assert "SGLANG_OSCAR_KEY_BITS" not in os.environ  # the schedulers read the file themselves
 
 
 def test_without_kv_quant_sglang_is_untouched(sglang, model_dir):
@@ -86,7 +100,7 @@ def test_engine_style_attention_backend_turns_oscar_on(sglang, model_dir, monkey
     monkeypatch.setenv("SGLANG_OSCAR_GROUP_SIZE", "32")
     args = sglang.ServerArgs(model_path=model_dir, device="cpu", attention_backend="oscar")
     assert [getattr(args, f) for f in validation.BACKEND_FIELDS] == ["oscar"] * 3
-    assert args._oscar_settings == OscarConfig(rotations="data-free", group_size=32)
+    assert args._oscar_settings == OscarConfig(rotations="data-free", group_size=32, key_bits=DEFAULT_KEY_BITS)
     # The launcher's os.environ is left alone, so a later Engine in this process is not OSCAR.
     assert "SGLANG_OSCAR_KV_QUANT" not in os.environ
 

@@ -95,10 +95,10 @@ def test_config_flags(tmp_path, monkeypatch):
     assert list(flags) == ["bf16", "fp8", "oscar", "oscar-data-free", "oscar-k4"]
     assert flags["bf16"] == ["--attention-backend", "flashinfer"]
     assert sorted(flags["fp8"]) == sorted(["--attention-backend", "flashinfer", "--kv-cache-dtype", "fp8_e4m3"])
-    # each file is served with the key bits it was calibrated for
-    assert flags["oscar"] == ["--kv-quant", "oscar", "--oscar-rotations", str(rotations), "--oscar-key-bits", "2"]
+    # the server reads each file's key width itself
+    assert flags["oscar"] == ["--kv-quant", "oscar", "--oscar-rotations", str(rotations)]
     assert flags["oscar-data-free"] == ["--kv-quant", "oscar", "--oscar-rotations", "data-free"]
-    assert flags["oscar-k4"] == ["--kv-quant", "oscar", "--oscar-rotations", str(other), "--oscar-key-bits", "4"]
+    assert flags["oscar-k4"] == ["--kv-quant", "oscar", "--oscar-rotations", str(other)]
     # relative paths are made absolute: the server runs in the repository root
     monkeypatch.chdir(tmp_path)
     assert qs.config_flags(["bf16", "oscar"], rotations.name)["oscar"][3] == str(rotations)

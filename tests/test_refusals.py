@@ -8,8 +8,10 @@ import shutil
 import subprocess
 import sys
 import types
+from dataclasses import replace
 
 import pytest
+from oscar_sglang.kernels.format import DEFAULT_KEY_BITS
 from oscar_sglang.kernels.rotation_file import RotationSet, data_free_rotations, save_rotations
 
 from oscar_sglang import validation
@@ -155,7 +157,9 @@ def test_data_free_rotations_are_served_when_asked_for(sglang, tmp_path, caplog)
         args = serve(sglang, write_model(tmp_path), "--oscar-rotations", "data-free")
     finally:
         logger.removeHandler(caplog.handler)
-    assert args._oscar_settings == OscarConfig(rotations="data-free") == OscarConfig.from_env()
+    # data-free rotations suit any key width: the default one is served
+    assert args._oscar_settings == OscarConfig(rotations="data-free", key_bits=DEFAULT_KEY_BITS)
+    assert OscarConfig.from_env() == OscarConfig(rotations="data-free")
     assert args.attention_backend == "oscar"
     assert "using data-free Hadamard rotations" in caplog.text
 
@@ -167,7 +171,7 @@ def test_engine_with_rotations_in_the_environment_is_accepted(sglang, tmp_path, 
     monkeypatch.setenv("SGLANG_OSCAR_ROTATIONS", rotations)
     args = sglang.ServerArgs(model_path=write_model(tmp_path), device="cpu",
                              attention_backend="oscar")
-    assert args._oscar_settings == OscarConfig(rotations=rotations)
+    assert args._oscar_settings == OscarConfig(rotations=rotations, key_bits=DEFAULT_KEY_BITS)
     assert args.attention_backend == "oscar"
 
 
@@ -176,7 +180,7 @@ def test_scheduler_refuses_missing_rotations_too():
     from oscar_sglang.served_rotations import rotations_for_model
 
     with pytest.raises(ValueError, match="needs rotations .*`oscar-sglang calibrate --model m "):
-        rotations_for_model(None, 2, 2, 128, "m", 2)
+        rotations_for_model(None, 2, 2, 128, "m")
 
 
 def test_missing_rotation_file(sglang, tmp_path):
@@ -254,7 +258,7 @@ def test_scheduler_refuses_what_sglang_resolved(attribute, value, message):
 
 def test_matching_rotation_file_is_accepted(sglang, tmp_path):
     args = serve(sglang, write_model(tmp_path), "--oscar-rotations", write_rotations(tmp_path))
-    assert args._oscar_settings == OscarConfig.from_env()
+    assert args._oscar_settings == replace(OscarConfig.from_env(), key_bits=DEFAULT_KEY_BITS)
     assert args.attention_backend == "oscar"
 
 
