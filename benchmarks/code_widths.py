@@ -16,11 +16,11 @@ import argparse
 import json
 import shlex
 import sys
-from pathlib import Path
 
 import torch
 
-from benchmarks.common import DEFAULT_RESULTS_DIR, markdown_table, parse_int_list
+from benchmarks.common import markdown_table
+from benchmarks.harness_args import add_harness_args
 from oscar_sglang.calibration.datasets import resolve_data, split_sequences, token_stream
 from oscar_sglang.calibration.harness import (
     FormatResult,
@@ -38,7 +38,7 @@ from oscar_sglang.calibration.kv_formats import (
     to_tokens,
 )
 from oscar_sglang.calibration.models import geometry, load_model
-from oscar_sglang.calibration.retrieval import PROMPT_STYLES, Proportion
+from oscar_sglang.calibration.retrieval import Proportion
 from oscar_sglang.kernels.format import DEFAULT_RECENT_TOKENS, DEFAULT_SINK_TOKENS
 from oscar_sglang.kernels.reference import clip_rows, rotate, unrotate
 from oscar_sglang.kernels.rotation_file import RotationSet, load_rotations
@@ -88,21 +88,12 @@ class CodeWidths(KVFormat):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--gguf-file")
-    p.add_argument("--data", nargs="+", required=True)
+    add_harness_args(p)
     p.add_argument("--rotations", required=True, help="rotation file whose rotations and clips are used")
     p.add_argument("--widths", type=parse_widths, required=True, help="KEYxVALUE bit pairs, e.g. 3x2,3x1")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--sequences", type=int, default=2, help="held-out sequences for perplexity (default %(default)s)")
     p.add_argument("--offset-tokens", type=int, default=40000)
-    p.add_argument("--lengths", type=parse_int_list, default=[2048])
-    p.add_argument("--trials", type=int, default=40)
-    p.add_argument("--haystack-offset", type=int, default=40000)
-    p.add_argument("--prompt-style", choices=PROMPT_STYLES, default="chat")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out-dir", type=Path, default=DEFAULT_RESULTS_DIR)
-    p.add_argument("--name")
     args = p.parse_args(argv)
     model, tokenizer, name = load_model(args.model, args.gguf_file, args.device)
     geo = geometry(model.config)

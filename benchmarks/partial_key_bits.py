@@ -13,11 +13,11 @@ import argparse
 import json
 import shlex
 import sys
-from pathlib import Path
 
 import torch
 
-from benchmarks.common import DEFAULT_RESULTS_DIR, markdown_table, parse_int_list
+from benchmarks.common import markdown_table, parse_int_list
+from benchmarks.harness_args import add_harness_args
 from oscar_sglang.calibration.attention import (
     attention_override,
     check_unpadded,
@@ -29,7 +29,7 @@ from oscar_sglang.calibration.datasets import resolve_data, token_stream
 from oscar_sglang.calibration.harness import FormatResult, RetrievalSettings, machine, retrieval_metrics
 from oscar_sglang.calibration.kv_formats import Int2Format, KVFormat
 from oscar_sglang.calibration.models import geometry, load_model
-from oscar_sglang.calibration.retrieval import PROMPT_STYLES, Proportion
+from oscar_sglang.calibration.retrieval import Proportion
 from oscar_sglang.kernels.rotation_file import load_rotations
 
 
@@ -68,21 +68,12 @@ class PeakKlRanking:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--gguf-file")
-    p.add_argument("--data", nargs="+", required=True)
+    add_harness_args(p)
     p.add_argument("--k2", required=True, help="artifact calibrated for 2-bit keys")
     p.add_argument("--k4", required=True, help="artifact calibrated for 4-bit keys")
     p.add_argument("--layers", type=parse_int_list, default=[6], help="counts N of 4-bit layers (default 6)")
     p.add_argument("--rank-offset", type=int, default=36000, help="the ranking sequence starts here (default %(default)s)")
     p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--lengths", type=parse_int_list, default=[2048])
-    p.add_argument("--trials", type=int, default=40)
-    p.add_argument("--haystack-offset", type=int, default=40000)
-    p.add_argument("--prompt-style", choices=PROMPT_STYLES, default="chat")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out-dir", type=Path, default=DEFAULT_RESULTS_DIR)
-    p.add_argument("--name")
     args = p.parse_args(argv)
     model, tokenizer, name = load_model(args.model, args.gguf_file, args.device)
     geo = geometry(model.config)
