@@ -1,12 +1,9 @@
 """Calibrator: targets, rotations, artifact, and an end-to-end run of `oscar-sglang calibrate` on a
-tiny random-weight Llama built here (CPU, seconds)."""
-
-import random
+tiny random-weight Llama (tests/tiny_models.py; CPU, seconds)."""
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM
 
 from oscar_sglang.calibration.attention import (
     attention_override,
@@ -29,6 +26,7 @@ from oscar_sglang.kernels.rotation_file import (
     make_rotation_set,
     save_rotations,
 )
+from tiny_models import text_file, tiny_checkpoint
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -39,41 +37,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-WORDS = ("the of and to in is that it for was on are as with his they at be this from have or by "
-         "one had not but what all were when we there can an your which their said if do will each "
-         "about how up out them then she many some so these would other into has more her two like "
-         "him see time could no make than first been its who now people my made over did down only "
-         "way find use may water long little very after words called just where most know").split()
-
-
-def tiny_checkpoint(directory, num_layers: int = 2, seed: int = 0):
-    """Save a random-weight Llama (hidden 64, 4 heads, 2 KV heads, head_dim 64) and a byte-level
-    tokenizer (one token per byte, EOS) to `directory`; returns the directory as str."""
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {ch: i for i, ch in enumerate(alphabet)} | {"<eos>": len(alphabet)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(directory)
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-                         head_dim=64, max_position_embeddings=4096, initializer_range=0.2,
-                         tie_word_embeddings=False, eos_token_id=len(alphabet))
-    LlamaForCausalLM(config).save_pretrained(directory)
-    return str(directory)
-
-
-def text_file(path, words: int = 6000, seed: int = 0):
-    """Pseudo-English sentences (byte-level: about 5 tokens per word)."""
-    rng = random.Random(seed)
-    sentences = []
-    while sum(len(s.split()) for s in sentences) < words:
-        sentences.append(" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 14))).capitalize() + ".")
-    path.write_text(" ".join(sentences))
-    return str(path)
 
 
 def planted(dim: int, seed: int):

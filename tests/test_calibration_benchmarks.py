@@ -5,7 +5,7 @@ import json
 import pytest
 
 from benchmarks import calibration_spread
-from test_calibration import text_file, tiny_checkpoint
+from tiny_models import text_file, tiny_checkpoint
 
 
 @pytest.mark.parametrize("trials", [2, 0])

@@ -23,7 +23,7 @@ from oscar_sglang.cli import main
 from oscar_sglang.kernels.format import OscarFormat
 from oscar_sglang.kernels.reference import decode_attention, encode_kv
 from oscar_sglang.kernels.rotation_file import data_free_rotations, make_rotation_set
-from test_calibration import text_file, tiny_checkpoint
+from tiny_models import text_file, tiny_checkpoint
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -15,7 +15,7 @@ from oscar_sglang.calibration.retrieval import (
     correct,
     depths,
 )
-from test_calibration import text_file, tiny_checkpoint
+from tiny_models import text_file, tiny_checkpoint
 
 CHATML = ("{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}"
           "{% endfor %}{% if add_generation_prompt %}{{'<|im_start|>assistant\n'}}{% endif %}")
