@@ -15,8 +15,7 @@ from oscar_sglang.kernels.rotation_file import data_free_rotations
 from oscar_sglang.backend import OscarAttnBackend
 from oscar_sglang.nonfinite import NonFiniteReporter
 from oscar_sglang.pool import OscarTokenToKVPool
-from test_decode_kernel import assert_matches
-from test_quantize_kernel import assert_codes_match
+from kernel_cases import assert_codes_match, assert_matches
 
 FMT = OscarFormat(64, 32, sink_tokens=4, recent_tokens=8)
 LAYERS, KV_HEADS, GQA = 2, 2, 2

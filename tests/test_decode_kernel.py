@@ -1,13 +1,7 @@
 """The Triton decode kernel against `reference.decode_attention` (CPU: Triton interpreter).
 
-Pools are filled through the real write path (`reference.encode_kv`) from random data, at
-shuffled, non-contiguous slots and window rows. Everything a correct kernel must not read
-(unused slots' meta, window rows holding no visible position) and the output are poisoned
-with NaN, so a stray read or an unwritten output shows up as NaN. The pool helpers here are
-shared with test_extend_kernel.py and tests/gpu/.
+Pools and poisoning: tests/kernel_cases.py.
 """
-
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -17,129 +11,8 @@ from oscar_sglang.kernels.decode import (
     decode_attention_int2,
     default_num_kv_splits,
 )
-from oscar_sglang.kernels.format import DEFAULT_K_CLIP, DEFAULT_V_CLIP, OscarFormat
-
-TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 3e-3}
-
-
-def random_rotation(heads: int, dim: int, gen: torch.Generator) -> torch.Tensor:
-    """[heads, dim, dim] fp32 random orthogonal matrices."""
-    return torch.linalg.qr(torch.randn(heads, dim, dim, generator=gen, dtype=torch.float64))[0].float()
-
-
-@dataclass
-class Cache:
-    """One layer's OSCAR-2 pool buffers and rotations."""
-
-    fmt: OscarFormat
-    k_codes: torch.Tensor
-    k_meta: torch.Tensor
-    v_codes: torch.Tensor
-    v_meta: torch.Tensor
-    k_window: torch.Tensor
-    v_window: torch.Tensor
-    k_rot: torch.Tensor
-    v_rot: torch.Tensor
-
-    @property
-    def buffers(self):
-        """The pool arguments of the attention functions, in their order."""
-        return (self.k_codes, self.k_meta, self.v_codes, self.v_meta,
-                self.k_window, self.v_window, self.k_rot, self.v_rot)
-
-
-def make_cache(fmt: OscarFormat, kv_heads: int, slots: int, requests: int, per_head: bool,
-               gen: torch.Generator, device="cpu") -> Cache:
-    """Empty pool with random codes and NaN meta / window rows (poison for stray reads)."""
-    rot_heads = kv_heads if per_head else 1
-
-    def codes(kind):
-        return torch.randint(0, 256, fmt.codes_shape(slots, kv_heads, kind), generator=gen, dtype=torch.uint8)
-
-    def nan(shape, dtype):
-        return torch.full(shape, float("nan"), dtype=dtype)
-
-    cache = Cache(fmt, codes("k"), nan(fmt.meta_shape(slots, kv_heads), torch.float16),
-                  codes("v"), nan(fmt.meta_shape(slots, kv_heads), torch.float16),
-                  nan(fmt.window_shape(requests, kv_heads), torch.bfloat16),
-                  nan(fmt.window_shape(requests, kv_heads), torch.bfloat16),
-                  random_rotation(rot_heads, fmt.head_dim, gen), random_rotation(rot_heads, fmt.head_dim, gen))
-    return Cache(fmt, *(t.to(device) for t in cache.buffers))
-
-
-def window_positions(fmt: OscarFormat, length: int) -> list[int]:
-    """Positions of a `length`-token sequence that live in its window rows."""
-    start, end = fmt.int2_span(length)
-    return [*range(start), *range(end, length)]
-
-
-def store_tokens(cache: Cache, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
-                 window_start: int, positions: list[int], window: list[int]):
-    """Encode k, v: [T, H_kv, D] (positions `positions`) with `reference.encode_kv` into `slots`,
-    and copy the positions listed in `window` into the request's window rows."""
-    fmt = cache.fmt
-    for x, rot, clip, codes, meta, rows, kind in (
-        (k, cache.k_rot, DEFAULT_K_CLIP, cache.k_codes, cache.k_meta, cache.k_window, "k"),
-        (v, cache.v_rot, DEFAULT_V_CLIP, cache.v_codes, cache.v_meta, cache.v_window, "v"),
-    ):
-        c, m, w = ref.encode_kv(x.cpu(), rot.cpu(), clip, fmt, fmt.code_bits(kind))
-        codes[slots] = c.to(codes.device)
-        meta[slots] = m.to(meta.device)
-        for i, p in enumerate(positions):
-            if p in set(window):
-                rows[fmt.window_row(window_start, p)] = w[i].to(rows.device)
-
-
-@dataclass
-class Batch:
-    """Decode metadata of a batch of requests whose whole sequences are in the cache."""
-
-    kv_indptr: torch.Tensor
-    kv_indices: torch.Tensor
-    window_starts: torch.Tensor
-
-
-def fill_requests(cache: Cache, lens: list[int], dtype: torch.dtype, index_dtype: torch.dtype,
-                  gen: torch.Generator) -> Batch:
-    """Write random K/V for requests of the given lengths at shuffled slots and window rows."""
-    fmt, kv_heads, d = cache.fmt, cache.k_codes.shape[1], cache.fmt.head_dim
-    device = cache.k_codes.device
-    slot_perm = torch.randperm(cache.k_codes.shape[0], generator=gen)
-    row_perm = torch.randperm(cache.k_window.shape[0] // fmt.window_rows, generator=gen)
-    indptr, indices, starts = [0], [], []
-    for b, length in enumerate(lens):
-        slots = slot_perm[indptr[-1]:indptr[-1] + length]
-        start = int(row_perm[b]) * fmt.window_rows
-        k = torch.randn(length, kv_heads, d, generator=gen).to(dtype)
-        v = torch.randn(length, kv_heads, d, generator=gen).to(dtype)
-        if length:
-            store_tokens(cache, k, v, slots.to(device), start, list(range(length)), window_positions(fmt, length))
-        indptr.append(indptr[-1] + length)
-        indices.append(slots)
-        starts.append(start)
-    return Batch(torch.tensor(indptr, dtype=index_dtype, device=device),
-                 torch.cat(indices).to(index_dtype).to(device),
-                 torch.tensor(starts, dtype=index_dtype, device=device))
-
-
-def assert_matches(out: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype):
-    """out (kernel, q's dtype) against the float32 reference, tolerance from the dtype."""
-    assert out.dtype == dtype
-    assert not out.isnan().any(), "NaN in the kernel output"
-    tol = TOLERANCE[dtype]
-    scale = expected.abs().max().clamp_min(1.0)
-    torch.testing.assert_close(out.float(), expected, rtol=tol, atol=tol * scale)
-
-
-def run_decode(cache: Cache, batch: Batch, q: torch.Tensor, num_kv_splits=None):
-    """Kernel (into a NaN-poisoned output) and reference results."""
-    sm_scale = cache.fmt.head_dim ** -0.5
-    args = (q, batch.kv_indptr, batch.kv_indices, batch.window_starts, *cache.buffers, sm_scale, cache.fmt)
-    out = torch.full_like(q, float("nan"))
-    got = decode_attention_int2(*args, num_kv_splits=num_kv_splits, out=out)
-    assert got.data_ptr() == out.data_ptr()
-    return got, ref.decode_attention(*args)
-
+from oscar_sglang.kernels.format import OscarFormat
+from kernel_cases import assert_matches, fill_requests, make_cache, run_decode
 
 # lengths around the window edges of OscarFormat(·, ·, sink_tokens=4, recent_tokens=8):
 # 0 (empty), L < S, L = S, S < L < S + W, L = S + W, L = S + W + 1, longer

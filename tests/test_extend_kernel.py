@@ -2,7 +2,7 @@
 
 Cached prefixes are written through the real write paths (`reference.encode_kv` for whole
 prefixes, `quantize.write_kv_int2` for chunked prefill); NaN poisons unused slots, window rows
-and the output as in test_decode_kernel.py.
+and the output as tests/kernel_cases.py does.
 """
 
 import pytest
@@ -11,29 +11,7 @@ from oscar_sglang.kernels import reference as ref
 from oscar_sglang.kernels.extend import extend_attention_int2, gather_kv
 from oscar_sglang.kernels.format import DEFAULT_K_CLIP, DEFAULT_V_CLIP, OscarFormat
 from oscar_sglang.kernels.quantize import write_kv_int2
-from test_decode_kernel import Cache, assert_matches, fill_requests, make_cache
-
-
-def run_extend(cache: Cache, q, k_new, v_new, qo_indptr, kv_indptr, kv_indices, window_starts):
-    """Kernel (into a NaN-poisoned output) and reference results."""
-    sm_scale = cache.fmt.head_dim ** -0.5
-    args = (q, k_new, v_new, qo_indptr, kv_indptr, kv_indices, window_starts, *cache.buffers, sm_scale, cache.fmt)
-    chunks = (qo_indptr[1:] - qo_indptr[:-1]).tolist()
-    prefixes = (kv_indptr[1:] - kv_indptr[:-1]).tolist()
-    out = torch.full_like(q, float("nan"))
-    got = extend_attention_int2(*args, max_extend_len=max(chunks), max_prefix_len=max(prefixes), out=out)
-    assert got.data_ptr() == out.data_ptr()
-    return got, ref.extend_attention(*args)
-
-
-def new_tokens(chunks, kv_heads, gqa, dim, dtype, gen):
-    """Random q: [N, H_q, D], k_new, v_new: [N, H_kv, D] and qo_indptr for chunk lengths."""
-    n = sum(chunks)
-    q = torch.randn(n, kv_heads * gqa, dim, generator=gen).to(dtype)
-    k = torch.randn(n, kv_heads, dim, generator=gen).to(dtype)
-    v = torch.randn(n, kv_heads, dim, generator=gen).to(dtype)
-    qo_indptr = torch.tensor([0, *torch.tensor(chunks).cumsum(0).tolist()], dtype=torch.int32)
-    return q, k, v, qo_indptr
+from kernel_cases import assert_matches, fill_requests, make_cache, new_tokens, run_extend
 
 
 # (prefix, chunk) pairs for OscarFormat(·, ·, sink_tokens=4, recent_tokens=8): no prefix,

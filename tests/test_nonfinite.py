@@ -15,8 +15,7 @@ from oscar_sglang.kernels import reference as ref
 from oscar_sglang.kernels.format import DEFAULT_K_CLIP, DEFAULT_V_CLIP, OscarFormat
 from oscar_sglang.kernels.quantize import write_kv_int2
 from oscar_sglang.nonfinite import NonFiniteReporter
-from test_decode_kernel import Batch, Cache, assert_matches, make_cache, run_decode, window_positions
-from test_extend_kernel import new_tokens, run_extend
+from kernel_cases import Batch, Cache, assert_matches, make_cache, new_tokens, run_decode, run_extend, window_positions
 
 FMT = OscarFormat(64, 32, sink_tokens=4, recent_tokens=8)
 KV_HEADS, GQA = 2, 2

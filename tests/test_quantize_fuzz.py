@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from oscar_sglang.kernels import reference as ref
 from oscar_sglang.kernels.format import CODE_MAX, OscarFormat
-from test_quantize_kernel import CODE_POISON, META_POISON, WINDOW_POISON, assert_codes_match, random_rotation, write_poisoned
+from kernel_cases import CODE_POISON, META_POISON, WINDOW_POISON, assert_codes_match, random_rotation, write_poisoned
 
 MAGNITUDES = [1e-3, 1e-1, 1.0, 1e2, 1e4]
 

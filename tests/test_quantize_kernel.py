@@ -6,9 +6,8 @@ import torch
 from oscar_sglang.kernels import reference as ref
 from oscar_sglang.kernels.format import OscarFormat
 from oscar_sglang.kernels.quantize import write_kv_int2
+from kernel_cases import CODE_POISON, DEVICE, META_POISON, WINDOW_POISON, assert_codes_match, random_rotation, write_poisoned
 
-CODE_POISON, META_POISON, WINDOW_POISON = 0xA5, -7.0, 1234.0
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # (tokens, kv_heads, head_dim, group, dtype, per_head, key_bits): a covering subset of
 # T in {1, 7, 129} x H in {1, 2, 8} x D in {64, 128} x G in {32, 64, 128} x dtypes x sharing x key bits
@@ -23,42 +22,6 @@ CASES = [
     (7, 1, 128, 128, torch.bfloat16, True, 4),
     (7, 2, 64, 64, torch.float16, False, 4),
 ]
-
-
-def random_rotation(heads, d, gen):
-    return torch.linalg.qr(torch.randn(heads, d, d, generator=gen, dtype=torch.float64))[0].float()
-
-
-def assert_codes_match(got, want, x_rot_clipped, meta, group, bits=2):
-    """Codes must be equal except where the reference value sits on a rounding tie."""
-    got_c, want_c = ref.unpack_planes(got, bits // 2), ref.unpack_planes(want, bits // 2)
-    diff = got_c != want_c
-    if not diff.any():
-        return
-    s = meta[..., 0].float().repeat_interleave(group, dim=-1)
-    m = meta[..., 1].float().repeat_interleave(group, dim=-1)
-    y = (x_rot_clipped - m) / torch.where(s > 0, s, 1.0)
-    near_tie = ((y - y.floor()) - 0.5).abs() < 1e-4
-    assert (near_tie | ~diff).all(), f"{int(diff.sum())} codes differ away from rounding ties"
-    assert ((got_c.int() - want_c.int()).abs() <= 1).all()
-
-
-def write_poisoned(k, v, slots, k_rot, v_rot, clips, rows, fmt: OscarFormat, num_slots: int) -> dict:
-    """write_kv_int2 into poisoned pool buffers ({k,v}_{codes,meta,window}, window rows = tokens)
-    on DEVICE; returns the buffers on the CPU."""
-    tokens, heads, d = k.shape
-    bufs = {
-        f"{kind}_{name}": torch.full(shape, poison, dtype=dtype, device=DEVICE)
-        for kind in "kv"
-        for name, shape, poison, dtype in (
-            ("codes", fmt.codes_shape(num_slots, heads, kind), CODE_POISON, torch.uint8),
-            ("meta", fmt.meta_shape(num_slots, heads), META_POISON, torch.float16),
-            ("window", (tokens, heads, d), WINDOW_POISON, torch.bfloat16),
-        )
-    }
-    write_kv_int2(k.to(DEVICE), v.to(DEVICE), slots.to(DEVICE), k_rot.to(DEVICE), v_rot.to(DEVICE),
-                  *clips, fmt=fmt, window_rows=rows.to(DEVICE), **bufs)
-    return {name: t.cpu() for name, t in bufs.items()}
 
 
 @pytest.mark.parametrize("tokens,heads,d,group,dtype,per_head,key_bits", CASES)

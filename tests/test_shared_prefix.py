@@ -3,7 +3,7 @@ blocks themselves (CPU: Triton interpreter).
 
 Requests are built as a radix-cache hit leaves them: the requests of a group hold one prefix's
 slots for its first positions, then slots of their own. The pool is poisoned as in
-test_decode_kernel.py (NaN meta in unused slots, NaN window rows, NaN output), and so is the
+tests/kernel_cases.py (NaN meta in unused slots, NaN window rows, NaN output), and so is the
 kernels' float scratch (partials no program wrote must never be read).
 """
 
@@ -14,8 +14,8 @@ from oscar_sglang.kernels.decode import decode_attention_int2
 from oscar_sglang.kernels.format import OscarFormat
 from oscar_sglang.kernels import shared_prefix
 from oscar_sglang.kernels.shared_prefix import block_members, find_shared_prefixes
+from kernel_cases import Batch, assert_matches, make_cache, store_tokens, window_positions
 
-from test_decode_kernel import Batch, assert_matches, make_cache, store_tokens, window_positions
 
 
 def shared_batch(prefix_lens, requests, slots_total):

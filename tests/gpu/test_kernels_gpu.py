@@ -13,7 +13,7 @@ from oscar_sglang.kernels.extend import extend_attention_int2, flashinfer_extend
 from oscar_sglang.kernels.format import DEFAULT_K_CLIP, DEFAULT_V_CLIP, OscarFormat
 from oscar_sglang.kernels.quantize import write_kv_int2
 from oscar_sglang.kernels.shared_prefix import find_shared_prefixes
-from test_decode_kernel import Batch, Cache, assert_matches, make_cache
+from kernel_cases import Batch, Cache, assert_matches, make_cache
 
 pytestmark = pytest.mark.gpu
 
