@@ -13,16 +13,6 @@ import pytest
 import torch
 from sglang.srt.mem_cache.allocator import PagedTokenToKVPoolAllocator, TokenToKVPoolAllocator
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
-from test_pool_lifecycle import (
-    FMT,
-    HEAD_DIM,
-    HEADS,
-    LAYERS,
-    Stack,
-    assert_windows_restored,
-    check_sink_books,
-    new_req,
-)
 
 from oscar_sglang.backend import OscarAttnBackend
 from oscar_sglang.kernels.format import OscarFormat
@@ -35,6 +25,7 @@ from oscar_sglang.sizing import (
     sink_rows_per_request,
     window_request_capacity,
 )
+from pool_cases import FMT, HEADS, HEAD_DIM, LAYERS, Stack, assert_windows_restored, check_sink_books, new_req
 
 S = FMT.sink_tokens
 pytestmark = pytest.mark.usefixtures("oscar_allocator_hooks")

@@ -46,16 +46,7 @@ from oscar_sglang.kernels.reference import decode_kv
 from oscar_sglang.kernels.rotation_file import data_free_rotations
 from oscar_sglang.pool import OscarTokenToKVPool
 from oscar_sglang.sizing import sink_rows_per_request
-from test_pool_lifecycle import (
-    FMT,
-    HEAD_DIM,
-    HEADS,
-    LAYERS,
-    backend_assign_sink_rows,
-    check_sink_books,
-    map_request_slots,
-    write_random_kv,
-)
+from pool_cases import FMT, HEADS, HEAD_DIM, LAYERS, backend_assign_sink_rows, check_sink_books, map_request_slots, write_random_kv
 
 SEED = 1234
 NUM_REQUESTS = 10_000
