@@ -12,6 +12,7 @@ kernels.rotation_file.make_rotation_set / save_rotations.
 """
 
 import math
+import sys
 from dataclasses import dataclass, replace
 
 import torch
@@ -27,6 +28,10 @@ from .datasets import DataError, resolve_data, split_sequences, token_stream
 from .models import geometry, load_model
 
 TARGET_CHOICES = ("auto", *TARGETS)
+DEFAULT_TOKENS = 16384
+# The smallest calibration whose spread over disjoint slices was measured (3 slices, Δppl
+# +0.019 to +0.038: benchmarks/results/calibration-spread-*-k4.md); below it nobody knows.
+MEASURED_MIN_TOKENS = 12288
 
 
 @dataclass
@@ -155,6 +160,10 @@ def _reduction(err: float, ref: float) -> str:
 
 def run(args) -> int:
     """`oscar-sglang calibrate` (arguments: see oscar_sglang/cli.py)."""
+    if args.tokens < MEASURED_MIN_TOKENS:
+        print(f"warning: --tokens {args.tokens} is below {MEASURED_MIN_TOKENS}, the smallest calibration "
+              "whose spread over text slices was measured; the rotations and clips may move with the "
+              f"text (default {DEFAULT_TOKENS})", file=sys.stderr)
     model, tokenizer, name = load_model(args.model, args.gguf_file, args.device)
     result = calibrate(
         model, tokenizer, name, resolve_data(args.data), tokens=args.tokens, seq_len=args.seq_len,

@@ -1,7 +1,7 @@
 """`oscar-sglang` command line: a thin argparse dispatcher into oscar_sglang.calibration.
 
-    oscar-sglang calibrate --model PATH [--gguf-file F] --data FILE... --tokens N --seq-len L \\
-        --out NAME.oscar.safetensors [--group-size G] [--key-bits 4] [--shared-across-heads] [--target plain]
+    oscar-sglang calibrate --model PATH [--gguf-file F] --data FILE... [--tokens N] [--seq-len L] \\
+        --out NAME.oscar.safetensors [--group-size G] [--key-bits 2] [--shared-across-heads] [--target plain]
     oscar-sglang evaluate --model PATH [--gguf-file F] --rotations NAME.oscar.safetensors \\
         --data FILE... --formats bf16,fp8,int4,kivi2,int2-naive,int2-hadamard,oscar
 
@@ -63,7 +63,7 @@ def _lengths(text: str) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from oscar_sglang.calibration.calibrate import TARGET_CHOICES
+    from oscar_sglang.calibration.calibrate import DEFAULT_TOKENS, MEASURED_MIN_TOKENS, TARGET_CHOICES
     from oscar_sglang.calibration.clip_search import DEFAULT_CLIP_GRID, KEY_OBJECTIVES
     from oscar_sglang.calibration.harness import FORMATS, RetrievalSettings
     from oscar_sglang.calibration.retrieval import PROMPT_STYLES, TASKS
@@ -73,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     cal = sub.add_parser("calibrate", help="calibrate rotations offline (writes NAME.oscar.safetensors)")
     _common(cal)
-    cal.add_argument("--tokens", type=int, required=True,
-                     help="calibration tokens to read, held-out ones included")
+    cal.add_argument("--tokens", type=int, default=DEFAULT_TOKENS,
+                     help=f"calibration tokens to read, held-out ones included (default {DEFAULT_TOKENS}; "
+                          f"below {MEASURED_MIN_TOKENS} a warning: smaller calibrations' spread is not measured)")
     cal.add_argument("--out", required=True, help="output artifact, NAME.oscar.safetensors")
     cal.add_argument("--heldout-fraction", type=float, default=0.25,
                      help="fraction of the sequences (at least one) kept for the clip search "

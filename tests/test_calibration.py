@@ -250,7 +250,9 @@ def test_calibrate_cli_end_to_end(tmp_path, capsys, shared, target, key_bits):
         err = (rot.double().transpose(1, 2) @ rot.double() - torch.eye(64, dtype=torch.float64)).abs().max()
         assert err < 1e-5
     assert all(min(abs(c - g) for g in DEFAULT_CLIP_GRID) < 1e-6 for c in rs.k_clip + rs.v_clip)
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "warning: --tokens 384 is below 12288" in captured.err
+    printed = captured.out
     assert "| layer | K target | K clip |" in printed and "| mean |" in printed
     chosen = {line.split("|")[2].strip() for line in printed.splitlines() if line.startswith("| 0 |")}
     assert chosen <= ({"attention", "plain"} if target == "auto" else {target})
