@@ -86,6 +86,15 @@ def check_sink_books(pool: OscarTokenToKVPool, free_units, page_size: int = 1):
     return owners
 
 
+def radix_nodes(cache):
+    """Every node of a RadixCache below its root, depth first."""
+    stack = list(cache.root_node.children.values())
+    while stack:
+        node = stack.pop()
+        yield node
+        stack.extend(node.children.values())
+
+
 class Stack:
     """The OSCAR pool with SGLang's allocator, request pool and radix cache on top."""
 
@@ -215,11 +224,7 @@ class Stack:
     # ---- the books -------------------------------------------------------------------------
 
     def nodes(self):
-        stack = list(self.cache.root_node.children.values())
-        while stack:
-            node = stack.pop()
-            yield node
-            stack.extend(node.children.values())
+        return radix_nodes(self.cache)
 
     def tree_slots(self) -> torch.Tensor:
         values = [n.value for n in self.nodes()]

@@ -46,7 +46,7 @@ from oscar_sglang.kernels.reference import decode_kv
 from oscar_sglang.kernels.rotation_file import data_free_rotations
 from oscar_sglang.pool import OscarTokenToKVPool
 from oscar_sglang.sizing import sink_rows_per_request
-from pool_cases import FMT, HEADS, HEAD_DIM, LAYERS, backend_assign_sink_rows, check_sink_books, map_request_slots, write_random_kv
+from pool_cases import FMT, HEADS, HEAD_DIM, LAYERS, backend_assign_sink_rows, check_sink_books, map_request_slots, radix_nodes, write_random_kv
 
 SEED = 1234
 NUM_REQUESTS = 10_000
@@ -357,11 +357,7 @@ class Soak:
     # ---- audit ---------------------------------------------------------------------------------
 
     def nodes(self):
-        stack = list(self.cache.root_node.children.values())
-        while stack:
-            node = stack.pop()
-            yield node
-            stack.extend(node.children.values())
+        return radix_nodes(self.cache)
 
     def audit(self):
         live = self.running + ([self.chunked] if self.chunked is not None else [])
