@@ -30,8 +30,8 @@ from oscar_sglang.calibration.harness import (
     retrieval_metrics,
 )
 from oscar_sglang.calibration.kv_formats import (
-    BF16_BITS,
     META_BITS,
+    Int2Format,
     KVFormat,
     asymmetric_roundtrip,
     from_tokens,
@@ -39,7 +39,6 @@ from oscar_sglang.calibration.kv_formats import (
 )
 from oscar_sglang.calibration.models import geometry, load_model
 from oscar_sglang.calibration.retrieval import Proportion
-from oscar_sglang.kernels.format import DEFAULT_RECENT_TOKENS, DEFAULT_SINK_TOKENS
 from oscar_sglang.kernels.reference import clip_rows, rotate, unrotate
 from oscar_sglang.kernels.rotation_file import RotationSet, load_rotations
 
@@ -59,14 +58,14 @@ def parse_widths(text: str) -> list[tuple[int, int]]:
     return pairs
 
 
-class CodeWidths(KVFormat):
+class CodeWidths(Int2Format):
     """Keys at `key_bits` and values at `value_bits` in the rotated space of `rotations`, one
-    quantization group per head; sinks and recent positions exact (BF16), as served."""
+    quantization group per head; sinks and recent positions exact (BF16), as served (Int2Format's
+    windows and bit accounting, other code widths)."""
 
     def __init__(self, rotations: RotationSet, head_dim: int, key_bits: int, value_bits: int):
-        self.name = f"k{key_bits}v{value_bits}"
-        self.rotations, self.widths = rotations, {"k": key_bits, "v": value_bits}
-        self.sink, self.recent, self.head_dim = DEFAULT_SINK_TOKENS, DEFAULT_RECENT_TOKENS, head_dim
+        super().__init__(f"k{key_bits}v{value_bits}", rotations, head_dim)
+        self.widths, self.head_dim = {"k": key_bits, "v": value_bits}, head_dim
         self.bits = (key_bits + value_bits) / 2 + META_BITS / head_dim
 
     def _roundtrip(self, x, rot, clip, bits):
@@ -81,9 +80,6 @@ class CodeWidths(KVFormat):
         k_exact, k_quant = self._roundtrip(key, r.k_rot[layer], r.k_clip[layer], self.widths["k"])
         v_exact, v_quant = self._roundtrip(value, r.v_rot[layer], r.v_clip[layer], self.widths["v"])
         return k_exact, k_quant, v_exact, v_quant
-
-    def effective_bits(self, length):
-        return self.bits + min(length, self.sink + self.recent) * BF16_BITS / length
 
 
 def main(argv=None) -> int:
