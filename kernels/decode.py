@@ -29,8 +29,8 @@ of the group g(s) holding slice s,
 and likewise for V:  o'_s += (p · s_g) @ c_s + (p @ m_g)  (the minimum adds to every dim of g).
 The codes enter the tensor-core dots as the fp16 subnormals c·4^s·2^-24 (two instructions per
 two codes, see `tiles.unpack_ptx`); the powers of two are folded into q'_s (K) and into the final
-scaling of o'_s (V), both exact. 4-bit keys are read as two 2-bit planes, c = c_0 + 4·c_1
-(`tiles.key_slice`), through the same unpacking.
+scaling of o'_s (V), both exact. 3- and 4-bit keys are read as two 2-bit planes, c = c_0 + 4·c_1
+(`tiles.load_key_codes`, `tiles.key_slice`), through the same unpacking.
 
 The @triton.jit tile helpers are in tiles.py (shared with the extend kernel, extend.py).
 """
@@ -111,7 +111,7 @@ def _decode_split_kernel(
     k_meta_ptr, v_meta_ptr, stride_ms, stride_mh,
     k_win_ptr, v_win_ptr, stride_ws, stride_wh,
     part_o_ptr, part_lse_ptr, num_q_heads, num_splits, num_parts,
-    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, NG: tl.constexpr, K_PLANES: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, NG: tl.constexpr, KEY_BITS: tl.constexpr,
     S: tl.constexpr, W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     WIN_PROGRAMS: tl.constexpr, WIN_ROWS: tl.constexpr, SHARED: tl.constexpr,
     CODE_BITS: tl.constexpr, CODE_MAX: tl.constexpr, PTX_UNPACK: tl.constexpr,
@@ -156,7 +156,7 @@ def _decode_split_kernel(
                 kv_indices_ptr + kv_lo, seg_lo, seg_hi,
                 k_codes_ptr + hk * stride_kch, v_codes_ptr + hk * stride_vch, stride_kcs, stride_vcs,
                 k_meta_ptr + hk * stride_mh, v_meta_ptr + hk * stride_mh, stride_ms,
-                P, NG, K_PLANES, BLOCK_N, CODE_BITS, CODE_MAX, PTX_UNPACK, NUM_STAGES)
+                P, NG, KEY_BITS, BLOCK_N, CODE_BITS, CODE_MAX, PTX_UNPACK, NUM_STAGES)
     _store_partial(part_o_ptr, part_lse_ptr, row * num_parts + split, head_ok, m_i, l_i, a0, a1, a2, a3, D)
 
 
@@ -205,7 +205,7 @@ def _decode_shared_kernel(
     k_meta_ptr, v_meta_ptr, stride_ms, stride_mh,
     part_o_ptr, part_lse_ptr, num_q_heads, num_shared_splits, num_parts, first_part,
     GROUP: tl.constexpr, MEMBERS: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr,
-    NG: tl.constexpr, K_PLANES: tl.constexpr, S: tl.constexpr, BLOCK_N: tl.constexpr,
+    NG: tl.constexpr, KEY_BITS: tl.constexpr, S: tl.constexpr, BLOCK_N: tl.constexpr,
     CODE_BITS: tl.constexpr, CODE_MAX: tl.constexpr, PTX_UNPACK: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
@@ -236,7 +236,7 @@ def _decode_shared_kernel(
                 kv_indices_ptr + tl.load(kv_indptr_ptr + lead), seg_lo, seg_hi,
                 k_codes_ptr + hk * stride_kch, v_codes_ptr + hk * stride_vch, stride_kcs, stride_vcs,
                 k_meta_ptr + hk * stride_mh, v_meta_ptr + hk * stride_mh, stride_ms,
-                P, NG, K_PLANES, BLOCK_N, CODE_BITS, CODE_MAX, PTX_UNPACK, NUM_STAGES)
+                P, NG, KEY_BITS, BLOCK_N, CODE_BITS, CODE_MAX, PTX_UNPACK, NUM_STAGES)
         _store_partial(part_o_ptr, part_lse_ptr, row * num_parts + first_part + split, row_ok,
                        m_i, l_i, a0, a1, a2, a3, D)
 
@@ -363,7 +363,7 @@ def decode_attention_int2(
     q: [B, H_q, D] bf16/fp16 (not rotated); kv_indptr: [B + 1], kv_indices: [total] int32/int64
     (request b sees slots kv_indices[kv_indptr[b]:kv_indptr[b+1]], positions 0..L-1);
     window_starts: [B] first window row of each request; codes fmt.codes_shape (K [slots, H_kv,
-    key_planes · D/4], V [slots, H_kv, D/4]) uint8,
+    key_bits · D/8], V [slots, H_kv, D/4]) uint8,
     meta [slots, H_kv, D/G, 2] fp16, windows [rows, H_kv, D] bf16; rotations [H_kv or 1, D, D].
     num_kv_splits: INT2 splits per (request, KV head), 1..MAX_KV_SPLITS, default from the SM
     count (a runtime kernel argument: changing it recompiles only the reduce kernel, and only
@@ -419,7 +419,7 @@ def decode_attention_int2(
         k_meta, v_meta, k_meta.stride(0), k_meta.stride(1),
         k_window, v_window, k_window.stride(0), k_window.stride(1),
         part_o, part_lse, q_heads, splits, parts,
-        GROUP=group, BLOCK_H=block_h, D=d, NG=fmt.num_groups, K_PLANES=fmt.key_planes,
+        GROUP=group, BLOCK_H=block_h, D=d, NG=fmt.num_groups, KEY_BITS=fmt.key_bits,
         S=fmt.sink_tokens, W=fmt.recent_tokens, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_ROWS,
         WIN_PROGRAMS=win, WIN_ROWS=WINDOW_ROWS_PER_PROGRAM, SHARED=shared is not None,
         CODE_BITS=CODE_BITS, CODE_MAX=CODE_MAX, PTX_UNPACK=ptx_unpack,
@@ -432,7 +432,7 @@ def decode_attention_int2(
             *code_args(k_codes, v_codes),
             k_meta, v_meta, k_meta.stride(0), k_meta.stride(1),
             part_o, part_lse, q_heads, shared_splits, parts, win + splits,
-            GROUP=group, MEMBERS=members, BLOCK_M=shared_rows, D=d, NG=fmt.num_groups, K_PLANES=fmt.key_planes,
+            GROUP=group, MEMBERS=members, BLOCK_M=shared_rows, D=d, NG=fmt.num_groups, KEY_BITS=fmt.key_bits,
             S=fmt.sink_tokens, BLOCK_N=BLOCK_N,
             CODE_BITS=CODE_BITS, CODE_MAX=CODE_MAX, PTX_UNPACK=ptx_unpack, NUM_STAGES=NUM_STAGES,
             num_warps=SHARED_WARPS,

@@ -29,7 +29,7 @@ import triton.language as tl
 from .decode import LOG2E, check_pool, rot_arg
 from .format import CODE_BITS, CODE_MAX, OscarFormat
 from .quantize import nonfinite_rows
-from .tiles import nonzero, online_softmax, unrotate
+from .tiles import load_key_codes, nonzero, online_softmax, unrotate
 
 BLOCK_M = 128  # query rows ((token, head) pairs) per attention program
 BLOCK_N = 64  # keys per attention tile (128-key tiles were 2 % faster on an H200, at 255 registers)
@@ -45,13 +45,13 @@ GATHER_WARPS = 4
 @triton.jit
 def _prefix_quarter(
     s: tl.constexpr, byte, byte_hi, from_window, slot, valid, meta_ptr, stride_ms, win_ptr, row, stride_ws,
-    P: tl.constexpr, G: tl.constexpr, PLANES: tl.constexpr, CODE_BITS: tl.constexpr, CODE_MAX: tl.constexpr,
+    P: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, CODE_BITS: tl.constexpr, CODE_MAX: tl.constexpr,
 ):
-    """Rotated-space dims [sP, (s+1)P) of prefix positions: [T, P] fp32. byte (byte_hi, the
-    second plane when PLANES == 2): [T, P] uint8, the packed codes (quarter s sits at bit 2s);
-    meta_ptr/win_ptr offset to one KV head."""
+    """Rotated-space dims [sP, (s+1)P) of prefix positions: [T, P] fp32. byte, byte_hi: [T, P]
+    uint8, the packed codes as `tiles.load_key_codes` reads them (quarter s sits at bit 2s; byte_hi
+    only for BITS > 2); meta_ptr/win_ptr offset to one KV head."""
     code = ((byte >> (CODE_BITS * s)) & CODE_MAX).to(tl.float32)
-    if PLANES == 2:
+    if BITS > 2:
         code += 4.0 * ((byte_hi >> (CODE_BITS * s)) & CODE_MAX).to(tl.float32)
     group = (s * P) // G  # G >= P, so a quarter lies inside one group
     int2_ok = valid & ~from_window
@@ -72,7 +72,7 @@ def _gather_kv_kernel(
     win_ptr, stride_ws, stride_wh, rot_ptr, stride_rh,
     out_ptr, stride_ot, stride_oh,
     D: tl.constexpr, G: tl.constexpr, S: tl.constexpr, W: tl.constexpr, BLOCK_T: tl.constexpr,
-    PLANES: tl.constexpr, CODE_BITS: tl.constexpr, CODE_MAX: tl.constexpr,
+    BITS: tl.constexpr, CODE_BITS: tl.constexpr, CODE_MAX: tl.constexpr,
 ):
     """Program (b, i, h): positions [i·BLOCK_T, (i+1)·BLOCK_T) of request b's prefix + chunk,
     KV head h, of one of K / V -> out[kv_indptr[b] + qo_indptr[b] + position, h] in the model's
@@ -96,22 +96,18 @@ def _gather_kv_kernel(
         from_window = valid & ((pos < start) | (pos >= end))
         row = tl.load(window_starts_ptr + b).to(tl.int64) + tl.where(pos < S, pos, S + (pos - S) % W)
         slot = tl.load(kv_indices_ptr + kv_lo + pos, mask=valid, other=0).to(tl.int64)
-        byte_ptrs = codes_ptr + slot[:, None] * stride_cs + hk * stride_ch + tl.arange(0, P)[None, :]
-        int2_ok = (valid & ~from_window)[:, None]
-        byte = tl.load(byte_ptrs, mask=int2_ok, other=0)
-        byte_hi = byte
-        if PLANES == 2:
-            byte_hi = tl.load(byte_ptrs + P, mask=int2_ok, other=0)
+        byte, byte_hi = load_key_codes(codes_ptr + slot[:, None] * stride_cs + hk * stride_ch,
+                                       valid & ~from_window, P, BITS)
         meta = meta_ptr + hk * stride_mh
         win = win_ptr + hk * stride_wh
         x0 = _prefix_quarter(0, byte, byte_hi, from_window, slot, valid, meta, stride_ms, win, row, stride_ws,
-                             P, G, PLANES, CODE_BITS, CODE_MAX)
+                             P, G, BITS, CODE_BITS, CODE_MAX)
         x1 = _prefix_quarter(1, byte, byte_hi, from_window, slot, valid, meta, stride_ms, win, row, stride_ws,
-                             P, G, PLANES, CODE_BITS, CODE_MAX)
+                             P, G, BITS, CODE_BITS, CODE_MAX)
         x2 = _prefix_quarter(2, byte, byte_hi, from_window, slot, valid, meta, stride_ms, win, row, stride_ws,
-                             P, G, PLANES, CODE_BITS, CODE_MAX)
+                             P, G, BITS, CODE_BITS, CODE_MAX)
         x3 = _prefix_quarter(3, byte, byte_hi, from_window, slot, valid, meta, stride_ms, win, row, stride_ws,
-                             P, G, PLANES, CODE_BITS, CODE_MAX)
+                             P, G, BITS, CODE_BITS, CODE_MAX)
         x = unrotate(x0, x1, x2, x3, rot_ptr + hk * stride_rh, D, P)
         tl.store(out_rows, x.to(out_ptr.dtype.element_ty), mask=valid[:, None])
     if pos0 + BLOCK_T > prefix and pos0 < prefix + chunk:
@@ -246,9 +242,9 @@ def gather_kv(
     if batch == 0 or max_prefix_len + max_extend_len == 0:
         return kv
     grid = (batch, triton.cdiv(max_prefix_len + max_extend_len, GATHER_BLOCK_T), kv_heads)
-    for new, codes, meta, window, rot, dest, planes in (
-            (k_new, k_codes, k_meta, k_window, k_rot, kv[0], fmt.key_planes),
-            (v_new, v_codes, v_meta, v_window, v_rot, kv[1], 1)):
+    for new, codes, meta, window, rot, dest, bits in (
+            (k_new, k_codes, k_meta, k_window, k_rot, kv[0], fmt.key_bits),
+            (v_new, v_codes, v_meta, v_window, v_rot, kv[1], CODE_BITS)):
         rot, rot_stride = rot_arg(rot)
         _gather_kv_kernel[grid](
             qo_indptr, kv_indptr, kv_indices, window_starts,
@@ -257,7 +253,7 @@ def gather_kv(
             window, window.stride(0), window.stride(1), rot, rot_stride,
             dest, dest.stride(0), dest.stride(1),
             D=d, G=fmt.group_size, S=fmt.sink_tokens, W=fmt.recent_tokens, BLOCK_T=GATHER_BLOCK_T,
-            PLANES=planes, CODE_BITS=CODE_BITS, CODE_MAX=CODE_MAX, num_warps=GATHER_WARPS,
+            BITS=bits, CODE_BITS=CODE_BITS, CODE_MAX=CODE_MAX, num_warps=GATHER_WARPS,
         )
     return kv
 

@@ -7,15 +7,19 @@ Per token slot, per layer, per KV head, for K and for V separately:
 3. quantize groups of G consecutive dims to b bits, asymmetric (b = 2 for values, key_bits for
            keys): m = min, s = (max - min) / (2^b - 1) (both stored fp16),
            code = floor((x - m) / s + 1/2) in 0..2^b - 1
-4. pack    in 2-bit planes, plane p holding bits [2p+1:2p] of every code (b / 2 planes), each
-           plane "quartered": byte j holds dims j, j + D/4, j + 2D/4, j + 3D/4 in bits
-           [1:0], [3:2], [5:4], [7:6], so unpacking gives four contiguous D/4 slices; a 4-bit
-           key reads as c = c_0 + 4·c_1 through the same 2-bit unpacking
+4. pack    bits [1:0] of every code in a 2-bit plane, "quartered": byte j holds dims j, j + D/4,
+           j + 2D/4, j + 3D/4 in bits [1:0], [3:2], [5:4], [7:6], so unpacking gives four
+           contiguous D/4 slices. Keys wider than 2 bits add a high plane after it with the code
+           bits above bit 1: 4-bit keys a second quartered 2-bit plane (bits [3:2]), 3-bit keys
+           a 1-bit plane "octered": byte j holds bit 2 of dims j + i·D/8 in bit i (i = 0..7).
+           Either high plane reads as a quartered 2-bit plane c_1 (for 3-bit keys, byte j of
+           it is (byte j mod D/8 >> (j div D/8)) & 0x55), so a key is c = c_0 + 4·c_1 through
+           the same 2-bit unpacking
 
-Buffers per layer: codes [slots, H_kv, planes·D/4] uint8 (plane p at bytes [p·D/4, (p+1)·D/4))
-and meta [slots, H_kv, D/G, 2] fp16 (meta[..., 0] = scale, meta[..., 1] = minimum), for K and
-for V. Keys at 4 bits keep the needle a long prompt hides where 2-bit keys lose it (values at 2
-bits do not: benchmarks/results/accuracy-smollm2-135m-instruct-passkey-diagnosis.md).
+Buffers per layer: codes [slots, H_kv, b·D/8] uint8 (the high plane from byte D/4 on) and meta
+[slots, H_kv, D/G, 2] fp16 (meta[..., 0] = scale, meta[..., 1] = minimum), for K and for V. Keys
+at 3 and 4 bits keep the needle a long prompt hides where 2-bit keys lose it (values at 2 bits
+do not: benchmarks/results/accuracy-smollm2-135m-instruct-passkey-diagnosis.md).
 The first `sink_tokens` and the last `recent_tokens` positions of every running sequence are
 additionally kept in BF16 (rotated space) in per-request window rows.
 """
@@ -27,7 +31,7 @@ FORMAT_VERSION = 1
 CODE_BITS = 2
 CODES_PER_BYTE = 8 // CODE_BITS
 CODE_MAX = (1 << CODE_BITS) - 1
-SUPPORTED_KEY_BITS = (2, 4)  # whole 2-bit planes
+SUPPORTED_KEY_BITS = (2, 3, 4)
 # The key width served, calibrated for and evaluated when nothing else says: 2-bit keys lose facts
 # hidden in long prompts that 4-bit keys keep (benchmarks/results/quality-server-*). A rotation
 # file records the width it was calibrated for and the server follows it.
@@ -88,14 +92,9 @@ class OscarFormat:
         return self.head_dim // CODES_PER_BYTE
 
     @property
-    def key_planes(self) -> int:
-        """2-bit planes of a key's codes: key_bits / 2."""
-        return self.key_bits // CODE_BITS
-
-    @property
     def key_packed_dim(self) -> int:
-        """Bytes of a key's codes per (token, head): planes · D / 4."""
-        return self.key_planes * self.packed_dim
+        """Bytes of a key's codes per (token, head): key_bits · D / 8."""
+        return self.key_bits * self.head_dim // 8
 
     @property
     def num_groups(self) -> int:
@@ -110,7 +109,8 @@ class OscarFormat:
     @property
     def bits_per_element(self) -> float:
         """Physical bits per element in the pool, K and V averaged: (key_bits + 2) / 2 + 32 / G
-        (2.25 at 2-bit keys and G = 128, 3.5 at 4-bit keys and G = 64)."""
+        (2.25 at 2-bit keys and G = 128, 3.0 at 3-bit keys and G = 64, 3.5 at 4-bit keys and
+        G = 64)."""
         return (self.key_bits + CODE_BITS) / 2 + self.meta_bits_per_element
 
     @property
@@ -138,7 +138,7 @@ class OscarFormat:
         return self.bits_per_element + exact * WINDOW_BYTES * 8 / context_len
 
     def codes_shape(self, slots: int, num_kv_heads: int, kind: str) -> tuple[int, int, int]:
-        """Codes buffer of kind "k" (key_planes planes) or "v" (one plane)."""
+        """Codes buffer of kind "k" (key_packed_dim bytes per row) or "v" (one 2-bit plane)."""
         return (slots, num_kv_heads, self.key_packed_dim if kind == "k" else self.packed_dim)
 
     def code_bits(self, kind: str) -> int:

@@ -42,7 +42,8 @@ def _encode_tile(
     HAS_WINDOW: tl.constexpr, HAS_FLAG: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BLOCK_T: tl.constexpr,
     BITS: tl.constexpr, PLANE_BITS: tl.constexpr, PER_BYTE: tl.constexpr, PLANE_MAX: tl.constexpr,
 ):
-    """BITS-bit codes stored as BITS / PLANE_BITS planes of PLANE_BITS bits (kernels.format)."""
+    """BITS-bit codes stored as kernels.format packs them: bits [1:0] in a quartered PLANE_BITS
+    plane, then bits [3:2] in another (BITS = 4) or bit 2 octered (BITS = 3)."""
     NG: tl.constexpr = D // G
     Q: tl.constexpr = D // PER_BYTE
     LEVELS: tl.constexpr = (1 << BITS) - 1
@@ -89,12 +90,16 @@ def _encode_tile(
     q = tl.where(s > 0, tl.floor((grouped - m) / tl.where(s > 0, s, 1.0) + 0.5), 0.0)
     codes = tl.minimum(tl.maximum(q, 0.0), LEVELS).to(tl.int32)
 
+    row_ptrs = codes_ptr + slots[:, None] * stride_ct + head * stride_ch
     shifts = (PLANE_BITS * tl.arange(0, PER_BYTE))[None, :, None]
     for plane in tl.static_range(BITS // PLANE_BITS):
         quarters = tl.reshape((codes >> (PLANE_BITS * plane)) & PLANE_MAX, (BLOCK_T, PER_BYTE, Q))
         packed = tl.sum(quarters << shifts, axis=1).to(tl.uint8)
-        tl.store(codes_ptr + slots[:, None] * stride_ct + head * stride_ch + plane * Q + tl.arange(0, Q)[None, :],
-                 packed, mask=tok_ok[:, None])
+        tl.store(row_ptrs + plane * Q + tl.arange(0, Q)[None, :], packed, mask=tok_ok[:, None])
+    if BITS % PLANE_BITS:
+        eighths = tl.reshape((codes >> (BITS - 1)) & 1, (BLOCK_T, 8, D // 8))
+        packed = tl.sum(eighths << tl.arange(0, 8)[None, :, None], axis=1).to(tl.uint8)
+        tl.store(row_ptrs + (BITS // PLANE_BITS) * Q + tl.arange(0, D // 8)[None, :], packed, mask=tok_ok[:, None])
 
     groups = tl.arange(0, NG)
     meta_off = slots[:, None] * stride_mt + head * stride_mh + groups[None, :] * 2
@@ -160,7 +165,7 @@ def write_kv_int2(
 
     k, v: [T, H_kv, D] bf16/fp16 (keys post-RoPE); slots: [T] int32/int64, any order, no repeats;
     k_rot, v_rot: [H_kv or 1, D, D] float32 orthogonal; k_clip, v_clip: clip quantiles in (0, 1];
-    k_codes: [slots, H_kv, key_planes · D/4] uint8, v_codes: [slots, H_kv, D/4] uint8
+    k_codes: [slots, H_kv, key_bits · D/8] uint8, v_codes: [slots, H_kv, D/4] uint8
     (fmt.codes_shape); k_meta, v_meta: [slots, H_kv, D/G, 2] fp16.
     window_rows: optional [T] int (-1 = none, no repeats otherwise) selecting rows of
     k_window, v_window: [rows, H_kv, D] bf16 that receive the rotated, unclipped BF16 copy.

@@ -58,27 +58,48 @@ def unpack_int2_quartered(packed: torch.Tensor) -> torch.Tensor:
     return torch.cat([(packed >> (2 * i)) & CODE_MAX for i in range(CODES_PER_BYTE)], dim=-1)
 
 
-def pack_planes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """codes: [..., D] integers in 0..2^bits - 1 -> [..., planes · D/4] uint8: plane p (bits
-    [2p+1:2p] of every code) packed quartered at bytes [p · D/4, (p+1) · D/4)."""
+def pack_bit_octered(bits: torch.Tensor) -> torch.Tensor:
+    """bits: [..., D] integers in 0..1 -> [..., D/8] uint8; byte j holds dims j + i·D/8 in bit i."""
+    eighths = bits.to(torch.uint8).chunk(8, dim=-1)
+    packed = torch.zeros_like(eighths[0])
+    for i, part in enumerate(eighths):
+        packed |= part << i
+    return packed
+
+
+def unpack_bit_octered(packed: torch.Tensor) -> torch.Tensor:
+    """packed: [..., D/8] uint8 -> bits [..., D] uint8 (inverse of pack_bit_octered)."""
+    return torch.cat([(packed >> i) & 1 for i in range(8)], dim=-1)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """codes: [..., D] integers in 0..2^bits - 1 -> [..., bits · D/8] uint8 (kernels.format): bits
+    [1:0] quartered, then bits [3:2] quartered (4-bit codes) or bit 2 octered (3-bit codes)."""
     codes = codes.to(torch.uint8)
-    return torch.cat([pack_int2_quartered((codes >> (CODE_BITS * p)) & CODE_MAX)
-                      for p in range(bits // CODE_BITS)], dim=-1)
+    packed = [pack_int2_quartered(codes & CODE_MAX)]
+    if bits == 4:
+        packed.append(pack_int2_quartered(codes >> CODE_BITS))
+    elif bits == 3:
+        packed.append(pack_bit_octered(codes >> CODE_BITS))
+    return torch.cat(packed, dim=-1)
 
 
-def unpack_planes(packed: torch.Tensor, planes: int) -> torch.Tensor:
-    """Inverse of pack_planes: [..., planes · D/4] uint8 -> codes [..., D] uint8."""
-    parts = packed.chunk(planes, dim=-1)
-    codes = torch.zeros_like(unpack_int2_quartered(parts[0]))
-    for p, part in enumerate(parts):
-        codes |= unpack_int2_quartered(part) << (CODE_BITS * p)
+def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of pack_codes: [..., bits · D/8] uint8 -> codes [..., D] uint8."""
+    low_bytes = packed.shape[-1] * CODE_BITS // bits
+    codes = unpack_int2_quartered(packed[..., :low_bytes])
+    high = packed[..., low_bytes:]
+    if bits == 4:
+        codes |= unpack_int2_quartered(high) << CODE_BITS
+    elif bits == 3:
+        codes |= unpack_bit_octered(high) << CODE_BITS
     return codes
 
 
 def quantize(x: torch.Tensor, group_size: int, bits: int = CODE_BITS):
     """Asymmetric `bits`-bit quantization of groups of `group_size` consecutive dims.
 
-    x: [..., D] float -> codes [..., planes · D/4] uint8 (pack_planes), scale [..., D/G] fp16,
+    x: [..., D] float -> codes [..., bits · D/8] uint8 (pack_codes), scale [..., D/G] fp16,
     minimum [..., D/G] fp16. Constant groups get scale 0 and reconstruct exactly.
     """
     levels = (1 << bits) - 1
@@ -89,15 +110,14 @@ def quantize(x: torch.Tensor, group_size: int, bits: int = CODE_BITS):
     s, m = scale.float().unsqueeze(-1), minimum.float().unsqueeze(-1)
     inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
     codes = torch.floor((groups - m) * inv + 0.5).clamp(0, levels).flatten(-2)
-    return pack_planes(codes, bits), scale, minimum
+    return pack_codes(codes, bits), scale, minimum
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, group_size: int):
-    """Inverse of quantize (the plane count from codes' width against the D/G groups of scale):
+    """Inverse of quantize (the code width from codes' bytes against the D/G groups of scale):
     -> float32 [..., D]."""
     head_dim = scale.shape[-1] * group_size
-    planes = codes.shape[-1] * CODES_PER_BYTE // head_dim
-    c = unpack_planes(codes, planes).float().unflatten(-1, (-1, group_size))
+    c = unpack_codes(codes, codes.shape[-1] * 8 // head_dim).float().unflatten(-1, (-1, group_size))
     return (c * scale.float().unsqueeze(-1) + minimum.float().unsqueeze(-1)).flatten(-2)
 
 
@@ -105,7 +125,7 @@ def encode_kv(x: torch.Tensor, rot: torch.Tensor, clip_ratio: float, fmt: OscarF
     """The whole write path for new tokens x: [T, H, D] (bf16/fp16), codes of `bits` bits
     (fmt.code_bits("k") for keys).
 
-    Returns codes [T, H, planes · D/4] uint8, meta [T, H, D/G, 2] fp16 and the BF16 window copy
+    Returns codes [T, H, bits · D/8] uint8, meta [T, H, D/G, 2] fp16 and the BF16 window copy
     [T, H, D] (rotated, unclipped; zeros for non-finite rows).
     """
     rotated = rotate(x, rot)
@@ -115,7 +135,7 @@ def encode_kv(x: torch.Tensor, rot: torch.Tensor, clip_ratio: float, fmt: OscarF
 
 
 def decode_kv(codes: torch.Tensor, meta: torch.Tensor, fmt: OscarFormat) -> torch.Tensor:
-    """codes [..., planes · D/4], meta [..., D/G, 2] -> rotated-space float32 [..., D]."""
+    """codes [..., bits · D/8], meta [..., D/G, 2] -> rotated-space float32 [..., D]."""
     return dequantize(codes, meta[..., 0], meta[..., 1], fmt.group_size)
 
 

@@ -1,5 +1,5 @@
 """@triton.jit tile helpers of the decode and extend kernels (decode.py, extend.py): reading 2-bit
-code planes (2-bit values, 2- or 4-bit keys) without dequantizing them (see decode.py's docstring for the arithmetic), the BF16 window
+code planes (2-bit values, 2-, 3- or 4-bit keys) without dequantizing them (see decode.py's docstring for the arithmetic), the BF16 window
 rows, online softmax, and the rotations in and out of the rotated space."""
 
 import triton
@@ -140,13 +140,32 @@ def nonzero(x):
 
 
 @triton.jit
-def key_slice(kc, kc_hi, s: tl.constexpr, K_PLANES: tl.constexpr, CODE_BITS: tl.constexpr,
+def load_key_codes(row_ptrs, valid, P: tl.constexpr, KEY_BITS: tl.constexpr):
+    """row_ptrs: [N, 1] pointers to key code rows (kernels.format) -> (kc, kc_hi): [N, P] uint8,
+    the low 2-bit plane and the high plane read as a quartered 2-bit plane (kc itself for 2-bit
+    keys). A 3-bit key's octered plane of P/2 bytes is read twice over: column j takes byte
+    j mod P/2 and keeps bit (j div P/2) of each 2-bit field, which holds bit 2 of the dim that
+    column j covers in that field's quarter."""
+    cols = tl.arange(0, P)[None, :]
+    kc = tl.load(row_ptrs + cols, mask=valid[:, None], other=0)
+    kc_hi = kc
+    if KEY_BITS == 4:
+        kc_hi = tl.load(row_ptrs + P + cols, mask=valid[:, None], other=0)
+    elif KEY_BITS == 3:
+        HALF: tl.constexpr = P // 2
+        octered = tl.load(row_ptrs + P + cols % HALF, mask=valid[:, None], other=0)
+        kc_hi = (octered >> (cols // HALF).to(tl.uint8)) & 0x55
+    return kc, kc_hi
+
+
+@triton.jit
+def key_slice(kc, kc_hi, s: tl.constexpr, KEY_BITS: tl.constexpr, CODE_BITS: tl.constexpr,
               CODE_MAX: tl.constexpr, PTX_UNPACK: tl.constexpr):
-    """Quarter slice s of a key's codes as fp16 c·4^s·2^-24 [N, P]: plane 0 alone (2-bit keys),
-    or c_0 + 4·c_1 from planes kc and kc_hi (4-bit keys; c·4^s < 1024 keeps every value an exact
-    fp16 subnormal)."""
+    """Quarter slice s of a key's codes as fp16 c·4^s·2^-24 [N, P]: kc alone (2-bit keys), or
+    c_0 + 4·c_1 from kc and kc_hi (`load_key_codes`; c·4^s < 1024 keeps every value an exact fp16
+    subnormal)."""
     c = code_slice(kc, s, CODE_BITS, CODE_MAX, PTX_UNPACK)
-    if K_PLANES == 2:
+    if KEY_BITS > 2:
         c = (c + code_slice(kc_hi, s, CODE_BITS, CODE_MAX, PTX_UNPACK) * 4.0).to(tl.float16)
     return c
 
@@ -156,11 +175,11 @@ def int2_tile(
     m_i, l_i, a0, a1, a2, a3, am0, am1, am2, am3,
     q0, q1, q2, q3, qs0, qs1, qs2, qs3,
     kc, kc_hi, vc, kw, vw, valid,
-    NG: tl.constexpr, K_PLANES: tl.constexpr, CODE_BITS: tl.constexpr, CODE_MAX: tl.constexpr,
+    NG: tl.constexpr, KEY_BITS: tl.constexpr, CODE_BITS: tl.constexpr, CODE_MAX: tl.constexpr,
     PTX_UNPACK: tl.constexpr,
 ):
-    """One tile of quantized positions: key code planes kc (and kc_hi when K_PLANES == 2),
-    value codes vc [N, P] uint8, meta words kw, vw (`load_meta_words`), valid [N].
+    """One tile of quantized positions: key codes kc, kc_hi (`load_key_codes`), value codes
+    vc [N, P] uint8, meta words kw, vw (`load_meta_words`), valid [N].
     q_s: fp16 [M, P] holding q'_s·4^-s; qs_s: [M] Σ q'_s; a_s: accumulators of o'_s·4^s·2^-24;
     am_g: [M] Σ p·minimum of value group g (added to the dims of g at the end)."""
     SPG: tl.constexpr = 4 // NG  # quarter slices per quantization group (G >= D/4 always)
@@ -168,12 +187,12 @@ def int2_tile(
     for g in tl.static_range(NG):
         s = g * SPG
         dots = tl.dot(pick(s, q0, q1, q2, q3),
-                      tl.trans(key_slice(kc, kc_hi, s, K_PLANES, CODE_BITS, CODE_MAX, PTX_UNPACK)))
+                      tl.trans(key_slice(kc, kc_hi, s, KEY_BITS, CODE_BITS, CODE_MAX, PTX_UNPACK)))
         qsum = pick(s, qs0, qs1, qs2, qs3)
         for t in tl.static_range(1, SPG):
             s = g * SPG + t
             dots = tl.dot(pick(s, q0, q1, q2, q3),
-                          tl.trans(key_slice(kc, kc_hi, s, K_PLANES, CODE_BITS, CODE_MAX, PTX_UNPACK)), dots)
+                          tl.trans(key_slice(kc, kc_hi, s, KEY_BITS, CODE_BITS, CODE_MAX, PTX_UNPACK)), dots)
             qsum += pick(s, qs0, qs1, qs2, qs3)
         k_scale, k_min = group_meta(kw, g, NG)
         part = dots * (k_scale * CODE_UNIT)[None, :] + qsum[:, None] * k_min[None, :]
@@ -225,7 +244,7 @@ def int2_segment(
     q0, q1, q2, q3,
     idx_ptr, lo, hi,
     k_codes_ptr, v_codes_ptr, stride_kcs, stride_vcs, k_meta_ptr, v_meta_ptr, stride_ms,
-    P: tl.constexpr, NG: tl.constexpr, K_PLANES: tl.constexpr, BLOCK_N: tl.constexpr,
+    P: tl.constexpr, NG: tl.constexpr, KEY_BITS: tl.constexpr, BLOCK_N: tl.constexpr,
     CODE_BITS: tl.constexpr, CODE_MAX: tl.constexpr, PTX_UNPACK: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
@@ -233,7 +252,7 @@ def int2_segment(
 
     State: m_i, l_i: [M] fp32 (log2 domain), a_s: [M, P] fp32 accumulators of o' slices.
     q_s: [M, P] fp32 rotated, pre-scaled query slices. Code/meta pointers are offset to one KV
-    head; a key's K_PLANES code planes lie P bytes apart. Returns the updated (m_i, l_i, a0..a3).
+    head; key code rows as in kernels.format for KEY_BITS-bit keys. Returns the updated (m_i, l_i, a0..a3).
     """
     SPG: tl.constexpr = 4 // NG
     M: tl.constexpr = a0.shape[0]
@@ -259,17 +278,13 @@ def int2_segment(
         pos = n0 + tl.arange(0, BLOCK_N)
         valid = pos < hi
         slot = tl.load(idx_ptr + pos, mask=valid, other=0).to(tl.int64)
-        k_ptrs = k_codes_ptr + slot[:, None] * stride_kcs + cols[None, :]
-        kc = tl.load(k_ptrs, mask=valid[:, None], other=0)
-        kc_hi = kc
-        if K_PLANES == 2:
-            kc_hi = tl.load(k_ptrs + P, mask=valid[:, None], other=0)
+        kc, kc_hi = load_key_codes(k_codes_ptr + slot[:, None] * stride_kcs, valid, P, KEY_BITS)
         vc = tl.load(v_codes_ptr + slot[:, None] * stride_vcs + cols[None, :], mask=valid[:, None], other=0)
         kw = load_meta_words(k_meta_ptr, slot, valid, stride_ms, NG)
         vw = load_meta_words(v_meta_ptr, slot, valid, stride_ms, NG)
         m_i, l_i, a0, a1, a2, a3, am0, am1, am2, am3 = int2_tile(
             m_i, l_i, a0, a1, a2, a3, am0, am1, am2, am3, q0, q1, q2, q3, qs0, qs1, qs2, qs3,
-            kc, kc_hi, vc, kw, vw, valid, NG, K_PLANES, CODE_BITS, CODE_MAX, PTX_UNPACK)
+            kc, kc_hi, vc, kw, vw, valid, NG, KEY_BITS, CODE_BITS, CODE_MAX, PTX_UNPACK)
     a0 = a0 * CODE_UNIT + pick(0 // SPG, am0, am1, am2, am3)[:, None]
     a1 = a1 * (CODE_UNIT / 4) + pick(1 // SPG, am0, am1, am2, am3)[:, None]
     a2 = a2 * (CODE_UNIT / 16) + pick(2 // SPG, am0, am1, am2, am3)[:, None]

@@ -1,6 +1,6 @@
 """OscarTokenToKVPool: SGLang's token-to-KV pool holding OSCAR-2 packed K/V.
 
-Per layer: codes (kernels.format: K [slots, H_kv, key_planes · D/4], V [slots, H_kv, D/4]) uint8
+Per layer: codes (kernels.format: K [slots, H_kv, key_bits · D/8], V [slots, H_kv, D/4]) uint8
 as `k_buffer` / `v_buffer` and fp16 metadata
 [slots, H_kv, D/G, 2] as `k_scale_buffer` / `v_scale_buffer` (the names SGLang's slot moves,
 size accounting and pointer tables already cover), plus per-request BF16 window rows

@@ -27,15 +27,15 @@ POST_INIT = f"{SERVER_ARGS}.__post_init__"
 
 FLAG_HELP = {
     "kv_quant": ("'oscar': store K/V as rotated low-bit codes (OSCAR-2, oscar-sglang: 2-bit "
-                 "values, 4- or 2-bit keys) with BF16 sink/recent windows; 'none' (default): "
+                 "values, 4-, 3- or 2-bit keys) with BF16 sink/recent windows; 'none' (default): "
                  "SGLang's own KV cache"),
     "rotations": ("rotation file written by `oscar-sglang calibrate --out "
                   "NAME.oscar.safetensors`, checked against the model at startup, or "
                   f"'{DATA_FREE_ROTATIONS}': data-free Hadamard rotations (lower quality, "
                   "unusable on some models); required with --kv-quant oscar"),
     "key_bits": ("bits per key code: 4 (3.25-3.5 bits per element with the 2-bit values; keeps "
-                 "what long prompts hide) or 2 (2.25-2.5 bits per element, 1.4x the tokens, loses "
-                 "facts hidden in long prompts); default: the width the rotation file was "
+                 "what long prompts hide), 3 (2.75-3.0, 1.18x the tokens of 4) or 2 (2.25-2.5, "
+                 "1.44x the tokens of 4, loses facts hidden in long prompts); default: the width the rotation file was "
                  f"calibrated for (`oscar-sglang calibrate --key-bits`), {DEFAULT_KEY_BITS} for "
                  f"{DATA_FREE_ROTATIONS} rotations; a file calibrated for another width is refused"),
     "group_size": "quantization group size along head_dim; default: head_dim",

@@ -164,7 +164,7 @@ def new_tokens(chunks, kv_heads, gqa, dim, dtype, gen):
 
 def assert_codes_match(got, want, x_rot_clipped, meta, group, bits=2):
     """Codes must be equal except where the reference value sits on a rounding tie."""
-    got_c, want_c = ref.unpack_planes(got, bits // 2), ref.unpack_planes(want, bits // 2)
+    got_c, want_c = ref.unpack_codes(got, bits), ref.unpack_codes(want, bits)
     diff = got_c != want_c
     if not diff.any():
         return

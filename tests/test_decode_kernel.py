@@ -29,6 +29,8 @@ SMALL_WINDOW_LENS = [3, 0, 9, 13, 1, 12, 4, 60, 300]
         (128, 128, 4, torch.bfloat16, torch.int32, False, [9, 700], 2),
         (64, 64, 7, torch.bfloat16, torch.int32, True, SMALL_WINDOW_LENS, 4),
         (128, 32, 2, torch.float16, torch.int64, False, [13, 301, 5], 4),
+        (64, 32, 5, torch.float16, torch.int64, True, SMALL_WINDOW_LENS, 3),
+        (128, 128, 4, torch.bfloat16, torch.int32, False, [13, 301, 5], 3),
     ],
 )
 def test_decode_matches_reference(head_dim, group_size, gqa, dtype, index_dtype, per_head, lens, key_bits):

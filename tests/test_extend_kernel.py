@@ -28,6 +28,8 @@ PAIRS = [(0, 5), (2, 1), (3, 6), (6, 4), (12, 1), (30, 0), (200, 70), (90, 1), (
         (64, 64, 3, torch.float16, torch.int64, False, 4),
         (128, 32, 4, torch.bfloat16, torch.int64, True, 2),
         (128, 128, 8, torch.float16, torch.int32, True, 4),
+        (64, 64, 7, torch.bfloat16, torch.int64, True, 3),
+        (128, 32, 2, torch.float16, torch.int32, False, 3),
     ],
 )
 def test_extend_matches_reference(head_dim, group_size, gqa, dtype, index_dtype, per_head, key_bits):
@@ -44,7 +46,8 @@ def test_extend_matches_reference(head_dim, group_size, gqa, dtype, index_dtype,
 
 
 @pytest.mark.parametrize("head_dim, group_size, dtype, key_bits",
-                         [(64, 32, torch.bfloat16, 2), (128, 64, torch.float16, 2), (64, 64, torch.float16, 4)])
+                         [(64, 32, torch.bfloat16, 2), (128, 64, torch.float16, 2), (64, 64, torch.float16, 4),
+                          (128, 32, torch.bfloat16, 3), (64, 64, torch.float16, 3)])
 def test_gather_kv_matches_reference(head_dim, group_size, dtype, key_bits, nan_scratch):
     """Every row of the scratch: a request's prefix in the model's space, from INT2 or the window
     rows as the chunk length decides (`reference.gather_rotated_kv` · Rᵀ), then its chunk, whose

@@ -52,9 +52,17 @@ def test_unsupported_shapes_are_refused(head_dim, group):
 
 def test_four_bit_keys():
     fmt = OscarFormat(64, key_bits=4)
-    assert fmt.key_planes == 2 and fmt.code_bits("k") == 4 and fmt.code_bits("v") == 2
+    assert fmt.code_bits("k") == 4 and fmt.code_bits("v") == 2
     assert fmt.codes_shape(10, 3, "k") == (10, 3, 32) and fmt.codes_shape(10, 3, "v") == (10, 3, 16)
     assert fmt.bits_per_element == 3.5  # (4 + 2) / 2 + 32 / 64
     assert fmt.bytes_per_token(30, 3) * 8 == 30 * 3 * 64 * 2 * fmt.bits_per_element
     with pytest.raises(ValueError, match="--oscar-key-bits"):
-        OscarFormat(64, key_bits=3)
+        OscarFormat(64, key_bits=1)
+
+
+def test_three_bit_keys():
+    fmt = OscarFormat(128, key_bits=3)
+    assert fmt.codes_shape(10, 3, "k") == (10, 3, 48) and fmt.codes_shape(10, 3, "v") == (10, 3, 32)
+    assert fmt.bits_per_element == 2.75  # (3 + 2) / 2 + 32 / 128
+    assert OscarFormat(64, key_bits=3).bits_per_element == 3.0
+    assert fmt.bytes_per_token(30, 3) * 8 == 30 * 3 * 128 * 2 * fmt.bits_per_element

@@ -21,6 +21,9 @@ CASES = [
     (129, 8, 128, 128, torch.bfloat16, True, 2),
     (7, 1, 128, 128, torch.bfloat16, True, 4),
     (7, 2, 64, 64, torch.float16, False, 4),
+    (129, 2, 64, 32, torch.bfloat16, True, 3),
+    (7, 8, 128, 64, torch.float16, False, 3),
+    (1, 1, 128, 128, torch.bfloat16, True, 3),
 ]
 
 

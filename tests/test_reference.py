@@ -36,23 +36,45 @@ def test_quartered_layout():
 @given(seeds, dims)
 def test_four_bit_codes_pack_as_two_planes(seed, d):
     codes = torch.randint(0, 16, (5, d), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
-    packed = ref.pack_planes(codes, 4)
+    packed = ref.pack_codes(codes, 4)
     assert packed.shape == (5, d // 2)
     # plane 0 holds the low bit pairs, plane 1 the high ones, each quartered
     assert torch.equal(packed[:, :d // 4], ref.pack_int2_quartered(codes & 3))
     assert torch.equal(packed[:, d // 4:], ref.pack_int2_quartered(codes >> 2))
-    assert torch.equal(ref.unpack_planes(packed, 2), codes)
+    assert torch.equal(ref.unpack_codes(packed, 4), codes)
+
+
+def test_three_bit_codes_pack_bit_two_octered():
+    codes = torch.zeros(64, dtype=torch.uint8)
+    codes[[3, 3 + 8, 3 + 56]] = torch.tensor([4, 7, 5], dtype=torch.uint8)
+    packed = ref.pack_codes(codes, 3)
+    assert packed.shape == (24,)
+    assert packed[16 + 3] == 1 | 1 << 1 | 1 << 7  # bit 2 of dims 3, 3 + D/8, 3 + 7D/8
+    assert packed[16:].sum() == packed[16 + 3]
+    assert torch.equal(packed[:16], ref.pack_int2_quartered(codes & 3))
+
+
+@given(seeds, dims)
+def test_three_bit_high_plane_reads_as_a_quartered_plane(seed, d):
+    """The kernels' reading of the octered plane (kernels.format) gives c >> 2 quartered."""
+    codes = torch.randint(0, 8, (5, d), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    packed = ref.pack_codes(codes, 3)
+    assert torch.equal(ref.unpack_codes(packed, 3), codes)
+    high, p = packed[:, d // 4:], d // 4
+    cols = torch.arange(p)
+    as_quartered = (high[:, cols % (p // 2)] >> (cols // (p // 2)).to(torch.uint8)) & 0x55
+    assert torch.equal(as_quartered, ref.pack_int2_quartered(codes >> 2))
 
 
 @settings(max_examples=60)
-@given(seeds, dims, groups, st.sampled_from([1e-3, 1.0, 1e3]), st.sampled_from([2, 4]))
+@given(seeds, dims, groups, st.sampled_from([1e-3, 1.0, 1e3]), st.sampled_from([2, 3, 4]))
 def test_error_bounded_by_half_step(seed, d, g, magnitude, bits):
     if g > d:
         g = d
     x = rows(seed, 7, d, magnitude)
     codes, scale, minimum = ref.quantize(x, g, bits)
-    assert codes.shape == (7, bits // 2 * d // 4)
-    assert int(ref.unpack_planes(codes, bits // 2).max()) <= (1 << bits) - 1
+    assert codes.shape == (7, bits * d // 8)
+    assert int(ref.unpack_codes(codes, bits).max()) <= (1 << bits) - 1
     xhat = ref.dequantize(codes, scale, minimum, g)
     step = scale.float().repeat_interleave(g, dim=-1)
     # fp16 rounding of the minimum and of the scale (times at most 2^bits - 1 steps)

@@ -102,6 +102,8 @@ TIGHT = {torch.bfloat16: 1e-2, torch.float16: 2e-3}  # same math, another summat
         (64, 64, 3, torch.float16, torch.int64, 4),
         (128, 32, 4, torch.bfloat16, torch.int64, 2),
         (128, 128, 8, torch.float16, torch.int32, 4),
+        (64, 32, 7, torch.bfloat16, torch.int64, 3),
+        (128, 64, 2, torch.float16, torch.int32, 3),
     ],
 )
 def test_decode_with_shared_prefixes_matches_reference(head_dim, group_size, gqa, dtype, index_dtype, key_bits,

@@ -59,7 +59,8 @@ def decode_args(cache, batch, q):
             cache.fmt.head_dim ** -0.5, cache.fmt)
 
 
-@pytest.mark.parametrize("dtype, key_bits", [(torch.bfloat16, 2), (torch.float16, 2), (torch.bfloat16, 4)])
+@pytest.mark.parametrize("dtype, key_bits",
+                         [(torch.bfloat16, 2), (torch.float16, 2), (torch.bfloat16, 3), (torch.bfloat16, 4)])
 def test_decode_qwen3_layer(dtype, key_bits):
     gen = torch.Generator(DEVICE).manual_seed(0)
     fmt = OscarFormat(128, key_bits=key_bits)
@@ -80,6 +81,8 @@ def test_decode_qwen3_layer(dtype, key_bits):
         (128, 64, 8, 4, 64, 128, torch.int32, 2),
         (64, 64, 3, 3, 64, 128, torch.int32, 4),
         (128, 32, 2, 8, 16, 32, torch.int64, 4),
+        (64, 32, 3, 7, 64, 128, torch.int64, 3),
+        (128, 64, 8, 4, 64, 128, torch.int32, 3),
     ],
 )
 def test_decode_shapes(head_dim, group_size, kv_heads, gqa, sinks, recent, index_dtype, key_bits):
@@ -110,6 +113,7 @@ def planned_flashinfer(chunks, prefixes, q_heads, kv_heads, head_dim, dtype):
         (torch.float16, 128, 8, 4, [32768, 0, 300, 0, 77], [512, 700, 1, 2500, 1], 2),
         (torch.bfloat16, 64, 3, 3, [5000, 1, 0, 129], [333, 65, 17, 1], 2),
         (torch.bfloat16, 64, 3, 3, [5000, 1, 0, 129], [333, 65, 17, 1], 4),
+        (torch.bfloat16, 128, 8, 4, [32768, 0, 300, 0, 77], [512, 700, 1, 2500, 1], 3),
     ],
 )
 def test_extend_matches_reference(attention, dtype, head_dim, kv_heads, gqa, prefixes, chunks, key_bits):
@@ -242,7 +246,7 @@ def test_shared_prefix_decode_in_a_cuda_graph():
         assert_matches(out, ref.decode_attention(*current), dtype)
 
 
-@pytest.mark.parametrize("key_bits", [2, 4])
+@pytest.mark.parametrize("key_bits", [2, 3, 4])
 def test_wide_shared_blocks_match_reference(key_bits):
     """A batch large enough for wide shared-prefix blocks (`shared_prefix.WIDE_BLOCKS_MIN_BATCH`):
     requests on one 6K-token prefix, with own tails of 1 to 300 tokens, read it in blocks of 16
