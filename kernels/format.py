@@ -11,10 +11,11 @@ Per token slot, per layer, per KV head, for K and for V separately:
            j + 2D/4, j + 3D/4 in bits [1:0], [3:2], [5:4], [7:6], so unpacking gives four
            contiguous D/4 slices. Keys wider than 2 bits add a high plane after it with the code
            bits above bit 1: 4-bit keys a second quartered 2-bit plane (bits [3:2]), 3-bit keys
-           a 1-bit plane "octered": byte j holds bit 2 of dims j + i·D/8 in bit i (i = 0..7).
-           Either high plane reads as a quartered 2-bit plane c_1 (for 3-bit keys, byte j of
-           it is (byte j mod D/8 >> (j div D/8)) & 0x55), so a key is c = c_0 + 4·c_1 through
-           the same 2-bit unpacking
+           a 1-bit plane of D/8 bytes, "paired": bit 2 of every code in a quartered plane h,
+           whose bytes j = 2i, 2i + 1 share byte i as h_2i | h_2i+1 << 1 (h uses only the even
+           bits). Either high plane reads as a quartered 2-bit plane c_1 (for 3-bit keys
+           h_2i = byte i & 0x55, h_2i+1 = byte i >> 1 & 0x55), so a key is c = c_0 + 4·c_1
+           through the same 2-bit unpacking
 
 Buffers per layer: codes [slots, H_kv, b·D/8] uint8 (the high plane from byte D/4 on) and meta
 [slots, H_kv, D/G, 2] fp16 (meta[..., 0] = scale, meta[..., 1] = minimum), for K and for V. Keys

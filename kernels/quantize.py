@@ -43,7 +43,7 @@ def _encode_tile(
     BITS: tl.constexpr, PLANE_BITS: tl.constexpr, PER_BYTE: tl.constexpr, PLANE_MAX: tl.constexpr,
 ):
     """BITS-bit codes stored as kernels.format packs them: bits [1:0] in a quartered PLANE_BITS
-    plane, then bits [3:2] in another (BITS = 4) or bit 2 octered (BITS = 3)."""
+    plane, then bits [3:2] in another (BITS = 4) or bit 2 paired (BITS = 3)."""
     NG: tl.constexpr = D // G
     Q: tl.constexpr = D // PER_BYTE
     LEVELS: tl.constexpr = (1 << BITS) - 1
@@ -97,9 +97,11 @@ def _encode_tile(
         packed = tl.sum(quarters << shifts, axis=1).to(tl.uint8)
         tl.store(row_ptrs + plane * Q + tl.arange(0, Q)[None, :], packed, mask=tok_ok[:, None])
     if BITS % PLANE_BITS:
-        eighths = tl.reshape((codes >> (BITS - 1)) & 1, (BLOCK_T, 8, D // 8))
-        packed = tl.sum(eighths << tl.arange(0, 8)[None, :, None], axis=1).to(tl.uint8)
-        tl.store(row_ptrs + (BITS // PLANE_BITS) * Q + tl.arange(0, D // 8)[None, :], packed, mask=tok_ok[:, None])
+        # the top bit quartered, then bytes 2i and 2i + 1 merged into byte i (kernels.format)
+        quarters = tl.reshape((codes >> (BITS - 1)) & 1, (BLOCK_T, PER_BYTE, Q))
+        pairs = tl.reshape(tl.sum(quarters << shifts, axis=1), (BLOCK_T, Q // 2, 2))
+        packed = tl.sum(pairs << tl.arange(0, 2)[None, None, :], axis=2).to(tl.uint8)
+        tl.store(row_ptrs + (BITS // PLANE_BITS) * Q + tl.arange(0, Q // 2)[None, :], packed, mask=tok_ok[:, None])
 
     groups = tl.arange(0, NG)
     meta_off = slots[:, None] * stride_mt + head * stride_mh + groups[None, :] * 2

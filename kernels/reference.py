@@ -58,29 +58,28 @@ def unpack_int2_quartered(packed: torch.Tensor) -> torch.Tensor:
     return torch.cat([(packed >> (2 * i)) & CODE_MAX for i in range(CODES_PER_BYTE)], dim=-1)
 
 
-def pack_bit_octered(bits: torch.Tensor) -> torch.Tensor:
-    """bits: [..., D] integers in 0..1 -> [..., D/8] uint8; byte j holds dims j + i·D/8 in bit i."""
-    eighths = bits.to(torch.uint8).chunk(8, dim=-1)
-    packed = torch.zeros_like(eighths[0])
-    for i, part in enumerate(eighths):
-        packed |= part << i
-    return packed
+def pack_bit_paired(bits: torch.Tensor) -> torch.Tensor:
+    """bits: [..., D] integers in 0..1 -> [..., D/8] uint8: the quartered plane h of the bits
+    with bytes 2i and 2i + 1 merged into byte i as h_2i | h_2i+1 << 1."""
+    h = pack_int2_quartered(bits)
+    return h[..., 0::2] | h[..., 1::2] << 1
 
 
-def unpack_bit_octered(packed: torch.Tensor) -> torch.Tensor:
-    """packed: [..., D/8] uint8 -> bits [..., D] uint8 (inverse of pack_bit_octered)."""
-    return torch.cat([(packed >> i) & 1 for i in range(8)], dim=-1)
+def unpack_bit_paired(packed: torch.Tensor) -> torch.Tensor:
+    """packed: [..., D/8] uint8 -> bits [..., D] uint8 (inverse of pack_bit_paired)."""
+    h = torch.stack([packed & 0x55, (packed >> 1) & 0x55], dim=-1).flatten(-2)
+    return unpack_int2_quartered(h)
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """codes: [..., D] integers in 0..2^bits - 1 -> [..., bits · D/8] uint8 (kernels.format): bits
-    [1:0] quartered, then bits [3:2] quartered (4-bit codes) or bit 2 octered (3-bit codes)."""
+    [1:0] quartered, then bits [3:2] quartered (4-bit codes) or bit 2 paired (3-bit codes)."""
     codes = codes.to(torch.uint8)
     packed = [pack_int2_quartered(codes & CODE_MAX)]
     if bits == 4:
         packed.append(pack_int2_quartered(codes >> CODE_BITS))
     elif bits == 3:
-        packed.append(pack_bit_octered(codes >> CODE_BITS))
+        packed.append(pack_bit_paired(codes >> CODE_BITS))
     return torch.cat(packed, dim=-1)
 
 
@@ -92,7 +91,7 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 4:
         codes |= unpack_int2_quartered(high) << CODE_BITS
     elif bits == 3:
-        codes |= unpack_bit_octered(high) << CODE_BITS
+        codes |= unpack_bit_paired(high) << CODE_BITS
     return codes
 
 

@@ -143,18 +143,16 @@ def nonzero(x):
 def load_key_codes(row_ptrs, valid, P: tl.constexpr, KEY_BITS: tl.constexpr):
     """row_ptrs: [N, 1] pointers to key code rows (kernels.format) -> (kc, kc_hi): [N, P] uint8,
     the low 2-bit plane and the high plane read as a quartered 2-bit plane (kc itself for 2-bit
-    keys). A 3-bit key's octered plane of P/2 bytes is read twice over: column j takes byte
-    j mod P/2 and keeps bit (j div P/2) of each 2-bit field, which holds bit 2 of the dim that
-    column j covers in that field's quarter."""
+    keys). A 3-bit key's paired plane of P/2 bytes is split into its even and odd bits, which
+    interleave into the quartered plane's bytes 2i and 2i + 1."""
     cols = tl.arange(0, P)[None, :]
     kc = tl.load(row_ptrs + cols, mask=valid[:, None], other=0)
     kc_hi = kc
     if KEY_BITS == 4:
         kc_hi = tl.load(row_ptrs + P + cols, mask=valid[:, None], other=0)
     elif KEY_BITS == 3:
-        HALF: tl.constexpr = P // 2
-        octered = tl.load(row_ptrs + P + cols % HALF, mask=valid[:, None], other=0)
-        kc_hi = (octered >> (cols // HALF).to(tl.uint8)) & 0x55
+        paired = tl.load(row_ptrs + P + tl.arange(0, P // 2)[None, :], mask=valid[:, None], other=0)
+        kc_hi = tl.reshape(tl.join(paired & 0x55, (paired >> 1) & 0x55), (paired.shape[0], P))
     return kc, kc_hi
 
 

@@ -44,25 +44,26 @@ def test_four_bit_codes_pack_as_two_planes(seed, d):
     assert torch.equal(ref.unpack_codes(packed, 4), codes)
 
 
-def test_three_bit_codes_pack_bit_two_octered():
+def test_three_bit_codes_pack_bit_two_paired():
     codes = torch.zeros(64, dtype=torch.uint8)
-    codes[[3, 3 + 8, 3 + 56]] = torch.tensor([4, 7, 5], dtype=torch.uint8)
+    codes[[3, 2, 3 + 16, 6 + 48]] = torch.tensor([4, 7, 5, 6], dtype=torch.uint8)
     packed = ref.pack_codes(codes, 3)
     assert packed.shape == (24,)
-    assert packed[16 + 3] == 1 | 1 << 1 | 1 << 7  # bit 2 of dims 3, 3 + D/8, 3 + 7D/8
-    assert packed[16:].sum() == packed[16 + 3]
+    # bit 2 of dim s·16 + 2i + t sits in bit 2s + t of high-plane byte i
+    assert packed[16 + 1] == 1 << 1 | 1 << 0 | 1 << 3  # dims 3 (i 1, t 1), 2 (i 1, t 0), 19 (s 1, i 1, t 1)
+    assert packed[16 + 3] == 1 << 6  # dim 54 (s 3, i 3, t 0)
+    assert packed[16:].sum() == packed[17] + packed[19]
     assert torch.equal(packed[:16], ref.pack_int2_quartered(codes & 3))
 
 
 @given(seeds, dims)
 def test_three_bit_high_plane_reads_as_a_quartered_plane(seed, d):
-    """The kernels' reading of the octered plane (kernels.format) gives c >> 2 quartered."""
+    """The kernels' reading of the paired plane (kernels.format) gives c >> 2 quartered."""
     codes = torch.randint(0, 8, (5, d), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
     packed = ref.pack_codes(codes, 3)
     assert torch.equal(ref.unpack_codes(packed, 3), codes)
-    high, p = packed[:, d // 4:], d // 4
-    cols = torch.arange(p)
-    as_quartered = (high[:, cols % (p // 2)] >> (cols // (p // 2)).to(torch.uint8)) & 0x55
+    high = packed[:, d // 4:]
+    as_quartered = torch.stack([high & 0x55, (high >> 1) & 0x55], dim=-1).flatten(-2)
     assert torch.equal(as_quartered, ref.pack_int2_quartered(codes >> 2))
 
 
