@@ -36,6 +36,7 @@ import triton
 import triton.testing
 from oscar_sglang.kernels.decode import decode_attention_int2, default_num_kv_splits
 from oscar_sglang.kernels.format import DEFAULT_KEY_BITS, SUPPORTED_KEY_BITS, WINDOW_BYTES, OscarFormat
+from oscar_sglang.kernels.layer_cache import LayerCache
 from oscar_sglang.kernels.shared_prefix import find_shared_prefixes
 
 from benchmarks.common import (
@@ -170,6 +171,7 @@ def bench_oscar(batch, context, args, q, shared=False):
     windows = [torch.empty(fmt.window_shape(batch, KV_HEADS), dtype=torch.bfloat16, device="cuda").normal_() for _ in "kv"]
     rots = [torch.linalg.qr(torch.randn(KV_HEADS, HEAD_DIM, HEAD_DIM, device="cuda"))[0] for _ in "kv"]
     window_starts = torch.randperm(batch, device="cuda", dtype=torch.int32) * fmt.window_rows
+    cache = LayerCache(fmt, codes[0], metas[0], codes[1], metas[1], windows[0], windows[1], rots[0], rots[1])
     out = torch.empty_like(q)
     kv_indices = slots.to(torch.int32)
 
@@ -179,9 +181,7 @@ def bench_oscar(batch, context, args, q, shared=False):
     prefixes = blocks() if shared else None
 
     def step():
-        decode_attention_int2(q, indptr, kv_indices, window_starts, codes[0], metas[0], codes[1], metas[1],
-                              windows[0], windows[1], rots[0], rots[1], HEAD_DIM ** -0.5, fmt, out=out,
-                              shared=prefixes)
+        decode_attention_int2(q, indptr, kv_indices, window_starts, cache, HEAD_DIM ** -0.5, out=out, shared=prefixes)
 
     us, mode = median_us(step, args.rep_ms)
     record = {"us": us, "timing": mode, "bytes": oscar_bytes(fmt, batch, context),

@@ -72,17 +72,15 @@ def build_parser():
 
 
 def make_extend_problem(batch, prefix, chunk):
-    """extend_attention_int2's positional arguments and the host max_extend_len."""
-    (_, _, slots, starts, k_codes, k_meta, v_codes, v_meta, k_win, v_win, k_rot, v_rot, sm_scale,
-     fmt) = make_problem(batch, max(prefix, PAGE))
+    """extend_attention_int2's positional arguments."""
+    decode = make_problem(batch, max(prefix, PAGE))
     stride = max(prefix, PAGE)
-    slots = slots.view(batch, stride)[:, :prefix].reshape(-1).contiguous()
+    slots = decode.kv_indices.view(batch, stride)[:, :prefix].reshape(-1).contiguous()
     kv_indptr = torch.arange(batch + 1, device="cuda", dtype=torch.int32) * prefix
     qo_indptr = torch.arange(batch + 1, device="cuda", dtype=torch.int32) * chunk
     q = torch.randn(batch * chunk, Q_HEADS, D, device="cuda").to(torch.bfloat16)
     k, v = (torch.randn(batch * chunk, KV_HEADS, D, device="cuda").to(torch.bfloat16) for _ in "kv")
-    return (q, k, v, qo_indptr, kv_indptr, slots, starts, k_codes, k_meta, v_codes, v_meta, k_win, v_win,
-            k_rot, v_rot, sm_scale, fmt)
+    return q, k, v, qo_indptr, kv_indptr, slots, decode.window_starts, decode.cache, decode.sm_scale
 
 
 def causal_tflop(batch, prefix, chunk):
@@ -103,7 +101,7 @@ def bench_oscar_flashinfer(problem, batch, prefix, chunk, rep_ms):
     """(µs, output) of extend_attention_int2 through FlashInfer, planned as the backend plans it."""
     workspace = torch.empty(FLASHINFER_WORKSPACE_BYTES, dtype=torch.uint8, device="cuda")
     wrapper = ek.plan_flashinfer_extend(ek.flashinfer_extend_wrapper(workspace), [chunk] * batch, [prefix] * batch,
-                                        Q_HEADS, KV_HEADS, D, problem[15], problem[0].dtype)
+                                        Q_HEADS, KV_HEADS, D, problem[8], problem[0].dtype)
     return bench_oscar(problem, prefix, chunk, rep_ms, {}, wrapper)
 
 

@@ -130,6 +130,7 @@ def launches(head_dim: int):
     from oscar_sglang.kernels.decode import decode_attention_int2
     from oscar_sglang.kernels.extend import extend_attention_int2
     from oscar_sglang.kernels.format import OscarFormat
+    from oscar_sglang.kernels.layer_cache import LayerCache
     from oscar_sglang.kernels.quantize import write_kv_int2
     from oscar_sglang.kernels.shared_prefix import find_shared_prefixes
 
@@ -142,24 +143,23 @@ def launches(head_dim: int):
     metas = [torch.zeros(fmt.meta_shape(slots, KV_HEADS), dtype=torch.float16) for _ in "kv"]
     windows = [torch.zeros(fmt.window_shape(BATCH, KV_HEADS), dtype=torch.bfloat16) for _ in "kv"]
     rots = [torch.eye(head_dim).expand(KV_HEADS, head_dim, head_dim).contiguous() for _ in "kv"]
-    pool = (codes[0], metas[0], codes[1], metas[1], windows[0], windows[1], rots[0], rots[1])
+    cache = LayerCache(fmt, codes[0], metas[0], codes[1], metas[1], windows[0], windows[1], rots[0], rots[1])
     q = torch.zeros(BATCH, Q_HEADS, head_dim, dtype=torch.bfloat16)
-    decode_args = (q, kv_indptr, kv_indices, starts, *pool, head_dim ** -0.5, fmt)
+    decode_args = (q, kv_indptr, kv_indices, starts, cache, head_dim ** -0.5)
     chunk = 256
     qo_indptr = torch.arange(BATCH + 1, dtype=torch.int32) * chunk
     new = [torch.zeros(BATCH * chunk, heads, head_dim, dtype=torch.bfloat16) for heads in (Q_HEADS, KV_HEADS, KV_HEADS)]
 
     def write(tokens):
         k = torch.zeros(tokens, KV_HEADS, head_dim, dtype=torch.bfloat16)
-        write_kv_int2(k, k.clone(), kv_indices[:tokens], rots[0], rots[1], 0.96, 0.92, *pool[:4], fmt,
-                      kv_indices[:tokens], windows[0], windows[1], torch.zeros(1, dtype=torch.int32))
+        write_kv_int2(k, k.clone(), kv_indices[:tokens], cache, kv_indices[:tokens], torch.zeros(1, dtype=torch.int32))
 
     return [
         ("decode", lambda: decode_attention_int2(*decode_args)),
         ("decode, shared-prefix blocks", lambda: decode_attention_int2(
             *decode_args, shared=find_shared_prefixes(kv_indptr, kv_indices, fmt, Q_HEADS // KV_HEADS))),
-        ("extend", lambda: extend_attention_int2(*new, qo_indptr, kv_indptr, kv_indices, starts, *pool,
-                                                 head_dim ** -0.5, fmt, max_extend_len=chunk, max_prefix_len=CONTEXT)),
+        ("extend", lambda: extend_attention_int2(*new, qo_indptr, kv_indptr, kv_indices, starts, cache,
+                                                 head_dim ** -0.5, max_extend_len=chunk, max_prefix_len=CONTEXT)),
         ("write, decode", lambda: write(BATCH)),
         ("write, prefill", lambda: write(chunk * BATCH)),
     ]

@@ -29,6 +29,7 @@ import shlex
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,6 +39,7 @@ from oscar_sglang.kernels import decode as dk
 from oscar_sglang.kernels import quantize as qk
 from oscar_sglang.kernels import shared_prefix as sp
 from oscar_sglang.kernels.format import CODE_BITS, CODE_MAX, CODES_PER_BYTE, WINDOW_BYTES, OscarFormat
+from oscar_sglang.kernels.layer_cache import LayerCache
 
 from benchmarks.common import module_constants
 from benchmarks.decode_kernels import paged_requests
@@ -69,7 +71,23 @@ WRITE_TOKENS = [1, 2, 8, 32, 64, 256, 8192]
 WRITE_VARIANTS = {8: [(8, 4)], 64: [(16, 4)], 256: [(4, 4)]}
 
 
-def make_problem(batch, context, seed=0, shared_prefix=0):
+@dataclass(frozen=True)
+class DecodeProblem:
+    """decode_attention_int2's inputs (`args`, in its order)."""
+
+    q: torch.Tensor
+    kv_indptr: torch.Tensor
+    kv_indices: torch.Tensor
+    window_starts: torch.Tensor
+    cache: LayerCache
+    sm_scale: float
+
+    @property
+    def args(self) -> tuple:
+        return self.q, self.kv_indptr, self.kv_indices, self.window_starts, self.cache, self.sm_scale
+
+
+def make_problem(batch, context, seed=0, shared_prefix=0) -> DecodeProblem:
     """Decode inputs as benchmarks/decode_kernels.py builds them (shuffled pages, random codes)."""
     torch.manual_seed(seed)
     fmt = OscarFormat(D)
@@ -87,8 +105,8 @@ def make_problem(batch, context, seed=0, shared_prefix=0):
     rots = [torch.linalg.qr(torch.randn(KV_HEADS, D, D, device=DEV))[0] for _ in "kv"]
     starts = torch.randperm(batch, device=DEV, dtype=torch.int32) * fmt.window_rows
     q = torch.randn(batch, Q_HEADS, D, device=DEV).to(torch.bfloat16)
-    return (q, indptr, slots, starts, codes[0], metas[0], codes[1], metas[1], windows[0], windows[1],
-            rots[0], rots[1], D ** -0.5, fmt)
+    cache = LayerCache(fmt, codes[0], metas[0], codes[1], metas[1], windows[0], windows[1], rots[0], rots[1])
+    return DecodeProblem(q, indptr, slots, starts, cache, D ** -0.5)
 
 
 def decode_bytes(batch, context):
@@ -98,13 +116,14 @@ def decode_bytes(batch, context):
     return batch * KV_HEADS * (n2 * fmt.bytes_per_token_head() + nw * 2 * D * WINDOW_BYTES) + 2 * batch * Q_HEADS * D * 2
 
 
-def decode_variant(args, splits, block_n, warps, maxnreg, stages):
+def decode_variant(problem: DecodeProblem, splits, block_n, warps, maxnreg, stages):
     """decode_attention_int2's three launches with other split-kernel launch parameters."""
-    (q, indptr, slots, starts, k_codes, k_meta, v_codes, v_meta, k_win, v_win, k_rot, v_rot, sm_scale, fmt) = args
-    batch = q.shape[0]
-    k_rot, k_rs = dk.rot_arg(k_rot)
-    v_rot, v_rs = dk.rot_arg(v_rot)
-    k_meta, v_meta = dk.meta_words(k_meta), dk.meta_words(v_meta)
+    q, indptr, slots, starts, cache, sm_scale = problem.args
+    fmt, batch = cache.fmt, q.shape[0]
+    k_rot, k_rs = cache.rotation("k")
+    v_rot, v_rs = cache.rotation("v")
+    k_meta, v_meta = dk.meta_words(cache.k_meta), dk.meta_words(cache.v_meta)
+    k_win, v_win = cache.k_window, cache.v_window
     win = dk.window_programs(fmt)
     parts = win + splits
     q_rot = torch.empty(batch, Q_HEADS, D, dtype=torch.float32, device=DEV)
@@ -117,7 +136,7 @@ def decode_variant(args, splits, block_n, warps, maxnreg, stages):
         GROUP=GROUP, BLOCK_H=bh, D=D, num_warps=dk.NUM_WARPS)
     dk._decode_split_kernel[(KV_HEADS, batch, parts)](
         q_rot, indptr, slots, starts, indptr,
-        *dk.code_args(k_codes, v_codes),
+        *dk.code_args(cache),
         k_meta, v_meta, k_meta.stride(0), k_meta.stride(1),
         k_win, v_win, k_win.stride(0), k_win.stride(1),
         part_o, part_lse, Q_HEADS, splits, parts,
@@ -134,26 +153,26 @@ def decode_variant(args, splits, block_n, warps, maxnreg, stages):
     return out
 
 
-def split_only(args, splits):
+def split_only(problem: DecodeProblem, splits):
     """The split kernel alone (default parameters), inputs prepared outside the timing."""
-    key = (id(args), splits)
+    cache, batch = problem.cache, problem.q.shape[0]
+    fmt = cache.fmt
+    win = dk.window_programs(fmt)
+    key = (id(problem), splits)
     if key not in _SPLIT_INPUTS:
-        (q, indptr, slots, starts, k_codes, k_meta, v_codes, v_meta, k_win, v_win, k_rot, v_rot, sm_scale, fmt) = args
-        batch = q.shape[0]
-        parts = dk.window_programs(fmt) + splits
+        parts = win + splits
         _SPLIT_INPUTS.clear()
         _SPLIT_INPUTS[key] = (torch.randn(batch, Q_HEADS, D, device=DEV),
                               torch.empty(batch, Q_HEADS, parts, D, device=DEV),
                               torch.empty(batch, Q_HEADS, parts, device=DEV),
-                              dk.meta_words(k_meta), dk.meta_words(v_meta))
+                              dk.meta_words(cache.k_meta), dk.meta_words(cache.v_meta))
     q_rot, part_o, part_lse, k_words, v_words = _SPLIT_INPUTS[key]
-    (q, indptr, slots, starts, k_codes, k_meta, v_codes, v_meta, k_win, v_win, k_rot, v_rot, sm_scale, fmt) = args
-    win = dk.window_programs(fmt)
-    dk._decode_split_kernel[(KV_HEADS, q.shape[0], win + splits)](
-        q_rot, indptr, slots, starts, indptr,
-        *dk.code_args(k_codes, v_codes),
+    indptr = problem.kv_indptr
+    dk._decode_split_kernel[(KV_HEADS, batch, win + splits)](
+        q_rot, indptr, problem.kv_indices, problem.window_starts, indptr,
+        *dk.code_args(cache),
         k_words, v_words, k_words.stride(0), k_words.stride(1),
-        k_win, v_win, k_win.stride(0), k_win.stride(1),
+        cache.k_window, cache.v_window, cache.k_window.stride(0), cache.k_window.stride(1),
         part_o, part_lse, Q_HEADS, splits, win + splits,
         GROUP=GROUP, BLOCK_H=dk.head_block(GROUP), D=D, NG=fmt.num_groups, KEY_BITS=fmt.key_bits,
         S=fmt.sink_tokens,
@@ -166,16 +185,17 @@ def split_only(args, splits):
 _SPLIT_INPUTS = {}
 
 
-def write_variant(k, v, slots, rows, rots, bufs, fmt, block_t, warps):
+def write_variant(k, v, slots, rows, cache: LayerCache, block_t, warps):
     """write_kv_int2's launch with other tokens per program / warps."""
-    k_codes, k_meta, v_codes, v_meta, k_win, v_win = bufs
-    k_lo, k_frac = qk.quantile_position(0.96, D)
-    v_lo, v_frac = qk.quantile_position(0.92, D)
+    fmt = cache.fmt
+    k_lo, k_frac = qk.quantile_position(cache.k_clip, D)
+    v_lo, v_frac = qk.quantile_position(cache.v_clip, D)
+    k_win, v_win = cache.k_window, cache.v_window
     qk._write_kv_kernel[(triton.cdiv(k.shape[0], block_t), KV_HEADS, 2)](
         k, v, k.stride(0), k.stride(1), v.stride(0), v.stride(1), slots, rows, k.shape[0],
-        rots[0], rots[1], rots[0].stride(0), rots[1].stride(0),
-        k_codes, v_codes, k_codes.stride(0), k_codes.stride(1), v_codes.stride(0), v_codes.stride(1),
-        k_meta, v_meta, k_meta.stride(0), k_meta.stride(1),
+        cache.k_rot, cache.v_rot, cache.k_rot.stride(0), cache.v_rot.stride(0),
+        *dk.code_args(cache),
+        cache.k_meta, cache.v_meta, cache.k_meta.stride(0), cache.k_meta.stride(1),
         k_win, v_win, k_win.stride(0), k_win.stride(1), slots,
         k_lo, k_frac, v_lo, v_frac,
         HAS_WINDOW=True, HAS_FLAG=False, D=D, G=fmt.group_size, BLOCK_T=block_t,
@@ -201,6 +221,7 @@ def hbm_gbs():
 
 
 def write_setup(tokens):
+    """(k, v, slots, window rows, LayerCache) of a write of `tokens` tokens."""
     fmt = OscarFormat(D)
     slots_total = max(2 * tokens, 1024)
     rows_total = max(tokens, 64 * fmt.window_rows)
@@ -214,7 +235,7 @@ def write_setup(tokens):
     slots = torch.randperm(slots_total, device=DEV)[:tokens]
     rows = torch.randperm(rows_total, device=DEV)[:tokens]
     rots = [torch.linalg.qr(torch.randn(KV_HEADS, D, D, device=DEV))[0].contiguous() for _ in "kv"]
-    return fmt, k, v, slots, rows, rots, bufs
+    return k, v, slots, rows, LayerCache(fmt, *bufs, *rots, 0.96, 0.92)
 
 
 def warm(kind):
@@ -274,16 +295,15 @@ def main():
 
     lines.append("write_kv_int2 (K and V, H_kv 8, D 128, every token also to a window row), us:")
     for tokens in WRITE_TOKENS if "write" in sections else []:
-        fmt, k, v, slots, rows, rots, bufs = write_setup(tokens)
+        k, v, slots, rows, cache = write_setup(tokens)
         cells = []
-        us = time_us(lambda: qk.write_kv_int2(k, v, slots, rots[0], rots[1], 0.96, 0.92, bufs[0], bufs[1], bufs[2],
-                                              bufs[3], fmt, rows, bufs[4], bufs[5]))
+        us = time_us(lambda: qk.write_kv_int2(k, v, slots, cache, rows))
         results["write"][f"T{tokens}"] = {"default": us}
         cells.append(f"default {us:.1f}")
         for block_t, warps in WRITE_VARIANTS.get(tokens, []):
             if f"write:{tokens},{block_t},{warps}" in failed:
                 continue
-            us = time_us(lambda: write_variant(k, v, slots, rows, rots, bufs, fmt, block_t, warps))
+            us = time_us(lambda: write_variant(k, v, slots, rows, cache, block_t, warps))
             results["write"][f"T{tokens}"][f"{block_t}tok_{warps}w"] = us
             cells.append(f"{block_t} tok/{warps} warps {us:.1f}")
         lines.append(f"  T = {tokens:>5}: " + ", ".join(cells))
@@ -293,24 +313,24 @@ def main():
     lines.append("decode pieces, us:")
     for batch in (1, 8) if "pieces" in sections else []:
         problem = make_problem(batch, 32768)
-        q, k_rot = problem[0], problem[10].contiguous()
+        q, k_rot = problem.q, problem.cache.k_rot
         q_rot = torch.empty(batch, Q_HEADS, D, dtype=torch.float32, device=DEV)
         rotate = time_us(lambda: dk._rotate_q_kernel[(batch, KV_HEADS, CODES_PER_BYTE)](
             q, q.stride(0), q.stride(1), k_rot, k_rot.stride(0), q_rot, 0.1,
             GROUP=GROUP, BLOCK_H=dk.head_block(GROUP), D=D, num_warps=dk.NUM_WARPS))
         splits = dk.default_num_kv_splits(batch, KV_HEADS, torch.device("cuda"))
-        parts = dk.window_programs(problem[-1]) + splits
+        parts = dk.window_programs(problem.cache.fmt) + splits
         part_o = torch.randn(batch, Q_HEADS, parts, D, device=DEV)
         part_lse = torch.randn(batch, Q_HEADS, parts, device=DEV)
         out = torch.empty_like(q)
         reduce = time_us(lambda: dk._decode_reduce_kernel[(batch, Q_HEADS, dk.REDUCE_DIM_PROGRAMS)](
-            part_o, part_lse, parts, problem[1], parts, out, out.stride(0), out.stride(1), k_rot, k_rot.stride(0),
+            part_o, part_lse, parts, problem.kv_indptr, parts, out, out.stride(0), out.stride(1), k_rot, k_rot.stride(0),
             GROUP=GROUP, D=D, BLOCK_P=triton.next_power_of_2(parts), BLOCK_J=D // dk.REDUCE_DIM_PROGRAMS,
-            S=problem[-1].sink_tokens, SHARED=False, num_warps=dk.REDUCE_WARPS))
+            S=problem.cache.fmt.sink_tokens, SHARED=False, num_warps=dk.REDUCE_WARPS))
         small = {}
         for context in (192, 1024):
             p2 = make_problem(batch, context)
-            small[context] = time_us(lambda: dk.decode_attention_int2(*p2))
+            small[context] = time_us(lambda: dk.decode_attention_int2(*p2.args))
         tiny = torch.empty(1, device=DEV)
         floor = time_us(lambda: tiny.zero_())
         split_alone = {}
@@ -373,9 +393,10 @@ def shared_section(shapes, shared_prefix, lines, results, hbm):
         for name, (sp_constants, dk_constants) in SHARED_VARIANTS.items():
             with module_constants(sp, sp_constants), module_constants(dk, dk_constants):
                 try:
-                    blocks = sp.find_shared_prefixes(problem[1], problem[2], problem[-1], GROUP)
-                    us = time_us(lambda: dk.decode_attention_int2(*problem, shared=blocks))
-                    find = time_us(lambda: sp.find_shared_prefixes(problem[1], problem[2], problem[-1], GROUP))
+                    blocks = sp.find_shared_prefixes(problem.kv_indptr, problem.kv_indices, problem.cache.fmt, GROUP)
+                    us = time_us(lambda: dk.decode_attention_int2(*problem.args, shared=blocks))
+                    find = time_us(lambda: sp.find_shared_prefixes(problem.kv_indptr, problem.kv_indices,
+                                                                   problem.cache.fmt, GROUP))
                 except Exception as exc:  # noqa: BLE001  (a variant that fails to compile must not stop the sweep)
                     cells.append(f"{name} failed: {type(exc).__name__}")
                     continue

@@ -39,13 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .format import (
-    CODE_BITS,
-    CODE_MAX,
-    CODES_PER_BYTE,
-    META_FIELDS,
-    OscarFormat,
-)
+from .format import CODE_BITS, CODE_MAX, CODES_PER_BYTE, OscarFormat
+from .layer_cache import LayerCache
 from .shared_prefix import SHARED_DOT_ROWS, SharedPrefixes, block_members
 from .tiles import int2_segment, nonzero, rotate_slice, window_segment
 
@@ -306,65 +301,28 @@ def default_num_kv_splits(batch: int, num_kv_heads: int, device: torch.device) -
     return min(range(1, MAX_KV_SPLITS + 1), key=modeled_time)
 
 
-def check_pool(k_codes, k_meta, v_codes, v_meta, k_window, v_window, k_rot, v_rot, fmt: OscarFormat):
-    """Validate one layer's pool buffers and rotations against the format; returns H_kv."""
-    heads = k_codes.shape[1]
-    d = fmt.head_dim
-    for kind, codes in (("k", k_codes), ("v", v_codes)):
-        want = fmt.codes_shape(1, heads, kind)[1:]
-        if tuple(codes.shape[1:]) != want or codes.dtype != torch.uint8:
-            raise ValueError(f"{kind} codes must be uint8 [slots, {want[0]}, {want[1]}] for {fmt.code_bits(kind)}-bit "
-                             f"codes, got {codes.dtype} {tuple(codes.shape)}")
-    if tuple(k_meta.shape[1:]) != fmt.meta_shape(1, heads)[1:] or k_meta.dtype != torch.float16:
-        raise ValueError(f"meta must be fp16 [slots, H_kv, {fmt.num_groups}, 2], got {tuple(k_meta.shape)}")
-    if tuple(k_window.shape[1:]) != (heads, d) or k_window.dtype != torch.bfloat16:
-        raise ValueError(f"windows must be bf16 [rows, H_kv, {d}], got {tuple(k_window.shape)}")
-    if k_meta.stride() != v_meta.stride():
-        raise ValueError("K and V meta buffers must share strides")
-    if k_window.stride() != v_window.stride():
-        raise ValueError("K and V window buffers must share strides")
-    for buf in (k_codes, v_codes, k_meta, k_window):
-        if buf.stride(-1) != 1:
-            raise ValueError("pool buffers must be contiguous in their last dim")
-    if k_meta.stride(-2) != META_FIELDS:
-        raise ValueError("meta groups must be contiguous")
-    for rot in (k_rot, v_rot):
-        if rot.dim() != 3 or rot.shape[0] not in (1, heads) or tuple(rot.shape[1:]) != (d, d):
-            raise ValueError(f"rotations must be [H_kv or 1, {d}, {d}], got {tuple(rot.shape)}")
-    return heads
-
-
 def meta_words(meta: torch.Tensor) -> torch.Tensor:
     """meta [slots, H_kv, D/G, 2] fp16 -> int32 view [slots, H_kv, D/G, 1]: one word per group."""
     return meta.view(torch.int32)
 
 
-def code_args(k_codes: torch.Tensor, v_codes: torch.Tensor) -> tuple:
+def code_args(cache: LayerCache) -> tuple:
     """The codes arguments of the split and shared kernels: both buffers, then the slot and
-    head strides of K and of V (a 4-bit key's row is twice a value's)."""
-    return k_codes, v_codes, k_codes.stride(0), k_codes.stride(1), v_codes.stride(0), v_codes.stride(1)
-
-
-def rot_arg(rot: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """fp32 contiguous rotation and its per-head stride (0 when shared by all heads)."""
-    rot = rot.float().contiguous()
-    return rot, rot.stride(0) if rot.shape[0] > 1 else 0
+    head strides of K and of V (a key's row is key_bits / 2 times a value's)."""
+    k, v = cache.k_codes, cache.v_codes
+    return k, v, k.stride(0), k.stride(1), v.stride(0), v.stride(1)
 
 
 def decode_attention_int2(
     q: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, window_starts: torch.Tensor,
-    k_codes: torch.Tensor, k_meta: torch.Tensor, v_codes: torch.Tensor, v_meta: torch.Tensor,
-    k_window: torch.Tensor, v_window: torch.Tensor, k_rot: torch.Tensor, v_rot: torch.Tensor,
-    sm_scale: float, fmt: OscarFormat, num_kv_splits: int | None = None, out: torch.Tensor | None = None,
+    cache: LayerCache, sm_scale: float, num_kv_splits: int | None = None, out: torch.Tensor | None = None,
     shared: SharedPrefixes | None = None,
 ) -> torch.Tensor:
     """One decode step over the OSCAR-2 cache; same semantics as `reference.decode_attention`.
 
     q: [B, H_q, D] bf16/fp16 (not rotated); kv_indptr: [B + 1], kv_indices: [total] int32/int64
     (request b sees slots kv_indices[kv_indptr[b]:kv_indptr[b+1]], positions 0..L-1);
-    window_starts: [B] first window row of each request; codes fmt.codes_shape (K [slots, H_kv,
-    key_bits · D/8], V [slots, H_kv, D/4]) uint8,
-    meta [slots, H_kv, D/G, 2] fp16, windows [rows, H_kv, D] bf16; rotations [H_kv or 1, D, D].
+    window_starts: [B] first window row of each request; cache: the layer's pool buffers.
     num_kv_splits: INT2 splits per (request, KV head), 1..MAX_KV_SPLITS, default from the SM
     count (a runtime kernel argument: changing it recompiles only the reduce kernel, and only
     when the number of partials crosses a power of two).
@@ -374,7 +332,7 @@ def decode_attention_int2(
     Returns out: [B, H_q, D] in q's dtype.
     """
     batch, q_heads, d = q.shape
-    kv_heads = check_pool(k_codes, k_meta, v_codes, v_meta, k_window, v_window, k_rot, v_rot, fmt)
+    fmt, kv_heads = cache.fmt, cache.kv_heads
     if d != fmt.head_dim or q_heads % kv_heads or q.stride(-1) != 1:
         raise ValueError(f"q must be [B, H_q, {fmt.head_dim}] with H_q a multiple of {kv_heads}, got {tuple(q.shape)}")
     group = q_heads // kv_heads
@@ -385,9 +343,9 @@ def decode_attention_int2(
         out = torch.empty_like(q)
     if batch == 0:
         return out
-    k_rot, k_rot_stride = rot_arg(k_rot)
-    v_rot, v_rot_stride = rot_arg(v_rot)
-    k_meta, v_meta = meta_words(k_meta), meta_words(v_meta)
+    k_rot, k_rot_stride = cache.rotation("k")
+    v_rot, v_rot_stride = cache.rotation("v")
+    k_meta, v_meta = meta_words(cache.k_meta), meta_words(cache.v_meta)
     win = window_programs(fmt)
     shared_splits = 0
     if shared is not None:
@@ -415,9 +373,9 @@ def decode_attention_int2(
     _decode_split_kernel[(kv_heads, batch, win + splits)](
         q_rot,
         kv_indptr, kv_indices, window_starts, own_start,
-        *code_args(k_codes, v_codes),
+        *code_args(cache),
         k_meta, v_meta, k_meta.stride(0), k_meta.stride(1),
-        k_window, v_window, k_window.stride(0), k_window.stride(1),
+        cache.k_window, cache.v_window, cache.k_window.stride(0), cache.k_window.stride(1),
         part_o, part_lse, q_heads, splits, parts,
         GROUP=group, BLOCK_H=block_h, D=d, NG=fmt.num_groups, KEY_BITS=fmt.key_bits,
         S=fmt.sink_tokens, W=fmt.recent_tokens, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_ROWS,
@@ -429,7 +387,7 @@ def decode_attention_int2(
         _decode_shared_kernel[(kv_heads, batch, shared_splits)](
             q_rot,
             kv_indptr, kv_indices, shared.members, shared.block_end,
-            *code_args(k_codes, v_codes),
+            *code_args(cache),
             k_meta, v_meta, k_meta.stride(0), k_meta.stride(1),
             part_o, part_lse, q_heads, shared_splits, parts, win + splits,
             GROUP=group, MEMBERS=members, BLOCK_M=shared_rows, D=d, NG=fmt.num_groups, KEY_BITS=fmt.key_bits,

@@ -26,8 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .decode import LOG2E, check_pool, rot_arg
-from .format import CODE_BITS, CODE_MAX, OscarFormat
+from .decode import LOG2E
+from .format import CODE_BITS, CODE_MAX
+from .layer_cache import LayerCache
 from .quantize import nonfinite_rows
 from .tiles import load_key_codes, nonzero, online_softmax, unrotate
 
@@ -226,26 +227,23 @@ def _extend_attention_kernel(
 
 def gather_kv(
     qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, window_starts: torch.Tensor,
-    k_new: torch.Tensor, v_new: torch.Tensor,
-    k_codes: torch.Tensor, k_meta: torch.Tensor, v_codes: torch.Tensor, v_meta: torch.Tensor,
-    k_window: torch.Tensor, v_window: torch.Tensor, k_rot: torch.Tensor, v_rot: torch.Tensor,
-    fmt: OscarFormat, max_extend_len: int, max_prefix_len: int, dtype: torch.dtype,
+    k_new: torch.Tensor, v_new: torch.Tensor, cache: LayerCache, max_extend_len: int, max_prefix_len: int,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
     """The chunk's requests' keys and values in the model's space (launch 1 of the module
     docstring). Arguments as for `extend_attention_int2`. Returns kv: [2 (K, V), Σ (prefix +
     chunk), H_kv, D] of `dtype`, request b's prefix and then its chunk from row
     kv_indptr[b] + qo_indptr[b]."""
-    kv_heads = check_pool(k_codes, k_meta, v_codes, v_meta, k_window, v_window, k_rot, v_rot, fmt)
-    d = fmt.head_dim
+    fmt, kv_heads, d = cache.fmt, cache.kv_heads, cache.fmt.head_dim
     batch = qo_indptr.shape[0] - 1
     kv = torch.empty(2, kv_indices.shape[0] + k_new.shape[0], kv_heads, d, dtype=dtype, device=k_new.device)
     if batch == 0 or max_prefix_len + max_extend_len == 0:
         return kv
     grid = (batch, triton.cdiv(max_prefix_len + max_extend_len, GATHER_BLOCK_T), kv_heads)
-    for new, codes, meta, window, rot, dest, bits in (
-            (k_new, k_codes, k_meta, k_window, k_rot, kv[0], fmt.key_bits),
-            (v_new, v_codes, v_meta, v_window, v_rot, kv[1], CODE_BITS)):
-        rot, rot_stride = rot_arg(rot)
+    for kind, new, codes, meta, window, dest in (
+            ("k", k_new, cache.k_codes, cache.k_meta, cache.k_window, kv[0]),
+            ("v", v_new, cache.v_codes, cache.v_meta, cache.v_window, kv[1])):
+        rot, rot_stride = cache.rotation(kind)
         _gather_kv_kernel[grid](
             qo_indptr, kv_indptr, kv_indices, window_starts,
             new, new.stride(0), new.stride(1),
@@ -253,7 +251,7 @@ def gather_kv(
             window, window.stride(0), window.stride(1), rot, rot_stride,
             dest, dest.stride(0), dest.stride(1),
             D=d, G=fmt.group_size, S=fmt.sink_tokens, W=fmt.recent_tokens, BLOCK_T=GATHER_BLOCK_T,
-            BITS=bits, CODE_BITS=CODE_BITS, CODE_MAX=CODE_MAX, num_warps=GATHER_WARPS,
+            BITS=fmt.code_bits(kind), CODE_BITS=CODE_BITS, CODE_MAX=CODE_MAX, num_warps=GATHER_WARPS,
         )
     return kv
 
@@ -282,10 +280,7 @@ def plan_flashinfer_extend(wrapper, extend_lens: list[int], prefix_lens: list[in
 def extend_attention_int2(
     q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
-    window_starts: torch.Tensor,
-    k_codes: torch.Tensor, k_meta: torch.Tensor, v_codes: torch.Tensor, v_meta: torch.Tensor,
-    k_window: torch.Tensor, v_window: torch.Tensor, k_rot: torch.Tensor, v_rot: torch.Tensor,
-    sm_scale: float, fmt: OscarFormat, max_extend_len: int, max_prefix_len: int,
+    window_starts: torch.Tensor, cache: LayerCache, sm_scale: float, max_extend_len: int, max_prefix_len: int,
     out: torch.Tensor | None = None, flashinfer=None,
 ) -> torch.Tensor:
     """One chunk of prefill over the OSCAR-2 cache; same semantics as `reference.extend_attention`.
@@ -293,7 +288,7 @@ def extend_attention_int2(
     q: [N, H_q, D], k_new, v_new: [N, H_kv, D] bf16/fp16 (not rotated; request b's chunk is rows
     qo_indptr[b]:qo_indptr[b+1]); its cached prefix is the slots
     kv_indices[kv_indptr[b]:kv_indptr[b+1]] (int32/int64) and its window rows start at
-    window_starts[b]. Pool buffers as in `decode_attention_int2`. max_extend_len,
+    window_starts[b]; cache: the layer's pool buffers. max_extend_len,
     max_prefix_len: host ints >= every chunk / prefix length (they size the grids). flashinfer:
     a wrapper planned for these lengths by `plan_flashinfer_extend` (then it attends), or None
     (`_extend_attention_kernel`). Allocates a scratch of 2 · (len(kv_indices) + N) · H_kv · D
@@ -301,7 +296,7 @@ def extend_attention_int2(
     Returns out: [N, H_q, D] in q's dtype.
     """
     tokens, q_heads, d = q.shape
-    kv_heads = check_pool(k_codes, k_meta, v_codes, v_meta, k_window, v_window, k_rot, v_rot, fmt)
+    fmt, kv_heads = cache.fmt, cache.kv_heads
     if d != fmt.head_dim or q_heads % kv_heads or q.stride(-1) != 1:
         raise ValueError(f"q must be [N, H_q, {fmt.head_dim}] with H_q a multiple of {kv_heads}, got {tuple(q.shape)}")
     if (k_new.shape != (tokens, kv_heads, d) or v_new.shape != k_new.shape or k_new.stride(-1) != 1
@@ -316,8 +311,8 @@ def extend_attention_int2(
     batch = qo_indptr.shape[0] - 1
     if tokens == 0 or batch == 0 or max_extend_len == 0:
         return out
-    kv = gather_kv(qo_indptr, kv_indptr, kv_indices, window_starts, k_new, v_new, k_codes, k_meta, v_codes,
-                   v_meta, k_window, v_window, k_rot, v_rot, fmt, max_extend_len, max_prefix_len, q.dtype)
+    kv = gather_kv(qo_indptr, kv_indptr, kv_indices, window_starts, k_new, v_new, cache, max_extend_len,
+                   max_prefix_len, q.dtype)
     if flashinfer is not None:
         return flashinfer.run(q, kv[0], kv[1], out=out)
     _extend_attention_kernel[(triton.cdiv(max_extend_len, BLOCK_M // group), kv_heads, batch)](

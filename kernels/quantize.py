@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .format import CODE_BITS, CODE_MAX, CODES_PER_BYTE, OscarFormat
+from .format import CODE_BITS, CODE_MAX, CODES_PER_BYTE
+from .layer_cache import LayerCache
 
 # tokens per program: 16 for prefill chunks; at decode (T = batch size) at most 4, so that the
 # programs spread over more SMs (H100, T = 64: 14.5 us against 17.0 us with 16 per program)
@@ -155,49 +156,40 @@ def quantile_position(ratio: float, n: int) -> tuple[int, float]:
 
 
 def write_kv_int2(
-    k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
-    k_rot: torch.Tensor, v_rot: torch.Tensor, k_clip: float, v_clip: float,
-    k_codes: torch.Tensor, k_meta: torch.Tensor, v_codes: torch.Tensor, v_meta: torch.Tensor,
-    fmt: OscarFormat,
-    window_rows: torch.Tensor | None = None,
-    k_window: torch.Tensor | None = None, v_window: torch.Tensor | None = None,
-    nonfinite_flag: torch.Tensor | None = None,
+    k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, cache: LayerCache,
+    window_rows: torch.Tensor | None = None, nonfinite_flag: torch.Tensor | None = None,
 ) -> None:
-    """Encode new tokens of one layer into its pool buffers, in place.
+    """Encode new tokens of one layer into its pool buffers (codes and meta of `cache`), in place.
 
     k, v: [T, H_kv, D] bf16/fp16 (keys post-RoPE); slots: [T] int32/int64, any order, no repeats;
-    k_rot, v_rot: [H_kv or 1, D, D] float32 orthogonal; k_clip, v_clip: clip quantiles in (0, 1];
-    k_codes: [slots, H_kv, key_bits · D/8] uint8, v_codes: [slots, H_kv, D/4] uint8
-    (fmt.codes_shape); k_meta, v_meta: [slots, H_kv, D/G, 2] fp16.
-    window_rows: optional [T] int (-1 = none, no repeats otherwise) selecting rows of
-    k_window, v_window: [rows, H_kv, D] bf16 that receive the rotated, unclipped BF16 copy.
+    cache: the layer's buffers, rotations and clip ratios.
+    window_rows: optional [T] int (-1 = none, no repeats otherwise) selecting rows of the cache's
+    window rows that receive the rotated, unclipped BF16 copy.
     nonfinite_flag: optional [1] int32 (one layer's element of a flags tensor), set to 1 when
     any K or V row of the launch is non-finite after rotation (stored as zeros); never cleared
     here, so the caller can read it later without a host sync in this launch's path.
     """
     num_tokens, heads, d = k.shape
-    if d != fmt.head_dim or v.shape != k.shape:
-        raise ValueError(f"k, v must both be [T, H_kv, {fmt.head_dim}], got {tuple(k.shape)}, {tuple(v.shape)}")
+    fmt = cache.fmt
+    if d != fmt.head_dim or v.shape != k.shape or heads != cache.kv_heads:
+        raise ValueError(f"k, v must both be [T, {cache.kv_heads}, {fmt.head_dim}], got {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
     if num_tokens == 0:
         return
-    for buf in (k_codes, v_codes, k_meta, v_meta):
-        assert buf.stride(-1) == 1 and buf.shape[1] == heads, "pool buffers must be [slots, H_kv, ...] contiguous"
-    assert k.stride(-1) == 1 and v.stride(-1) == 1 and k_meta.stride() == v_meta.stride()
-    for kind, codes in (("k", k_codes), ("v", v_codes)):
-        assert codes.shape[2] == fmt.codes_shape(1, heads, kind)[2], f"{kind} codes do not match {fmt}"
-    k_rot, v_rot = k_rot.float().contiguous(), v_rot.float().contiguous()
+    assert k.stride(-1) == 1 and v.stride(-1) == 1
+    k_rot, k_rot_stride = cache.rotation("k")
+    v_rot, v_rot_stride = cache.rotation("v")
+    k_window, v_window = cache.k_window, cache.v_window
     has_window = window_rows is not None
-    if has_window:
-        assert k_window.stride() == v_window.stride() and k_window.stride(-1) == 1
-    else:
-        window_rows, k_window, v_window = slots, k_codes, v_codes  # unused placeholders
+    if not has_window:
+        window_rows = slots  # unused placeholder
     has_flag = nonfinite_flag is not None
     if has_flag:
         assert nonfinite_flag.dtype == torch.int32 and nonfinite_flag.numel() == 1
     else:
         nonfinite_flag = slots  # unused placeholder
-    k_lo, k_frac = quantile_position(k_clip, d)
-    v_lo, v_frac = quantile_position(v_clip, d)
+    k_lo, k_frac = quantile_position(cache.k_clip, d)
+    v_lo, v_frac = quantile_position(cache.v_clip, d)
     if num_tokens > DECODE_MAX_TOKENS:
         block_t = BLOCK_TOKENS
     else:
@@ -206,10 +198,10 @@ def write_kv_int2(
     _write_kv_kernel[grid](
         k, v, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         slots, window_rows, num_tokens,
-        k_rot, v_rot, k_rot.stride(0) if k_rot.shape[0] > 1 else 0,
-        v_rot.stride(0) if v_rot.shape[0] > 1 else 0,
-        k_codes, v_codes, k_codes.stride(0), k_codes.stride(1), v_codes.stride(0), v_codes.stride(1),
-        k_meta, v_meta, k_meta.stride(0), k_meta.stride(1),
+        k_rot, v_rot, k_rot_stride, v_rot_stride,
+        cache.k_codes, cache.v_codes, cache.k_codes.stride(0), cache.k_codes.stride(1),
+        cache.v_codes.stride(0), cache.v_codes.stride(1),
+        cache.k_meta, cache.v_meta, cache.k_meta.stride(0), cache.k_meta.stride(1),
         k_window, v_window, k_window.stride(0), k_window.stride(1), nonfinite_flag,
         k_lo, k_frac, v_lo, v_frac,
         HAS_WINDOW=has_window, HAS_FLAG=has_flag, D=d, G=fmt.group_size, BLOCK_T=block_t,

@@ -13,6 +13,7 @@ vector: its key scores 0 and its value adds nothing. No other row is affected.
 import torch
 
 from .format import CODE_BITS, CODE_MAX, CODES_PER_BYTE, OscarFormat
+from .layer_cache import LayerCache
 
 
 def rotate(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
@@ -167,35 +168,35 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float, 
     return torch.einsum("hnl,lhd->nhd", scores.softmax(dim=-1), v)
 
 
-def decode_attention(
-    q, kv_indptr, kv_indices, window_starts,
-    k_codes, k_meta, v_codes, v_meta, k_window, v_window,
-    k_rot, v_rot, sm_scale: float, fmt: OscarFormat,
-) -> torch.Tensor:
+def sequence_kv(cache: LayerCache, slots: torch.Tensor, window_start: int, visible_len: int):
+    """K and V of `slots` (positions 0..n-1) in the model's space, float32 [n, H_kv, D] each, as
+    `gather_rotated_kv` reads them."""
+    fmt = cache.fmt
+    k = gather_rotated_kv(slots, window_start, visible_len, cache.k_codes, cache.k_meta, cache.k_window, fmt)
+    v = gather_rotated_kv(slots, window_start, visible_len, cache.v_codes, cache.v_meta, cache.v_window, fmt)
+    return unrotate(k, cache.k_rot), unrotate(v, cache.v_rot)
+
+
+def decode_attention(q, kv_indptr, kv_indices, window_starts, cache: LayerCache, sm_scale: float) -> torch.Tensor:
     """One decode step. q: [B, H_q, D] (not rotated); request b sees the slots
     kv_indices[kv_indptr[b]:kv_indptr[b+1]] (positions 0..L-1, its new token last) and owns the
-    window rows starting at window_starts[b]. Pool buffers are one layer's:
-    codes [slots, H_kv, D/4], meta [slots, H_kv, D/G, 2], windows [rows, H_kv, D] bf16.
+    window rows starting at window_starts[b] of one layer's `cache`.
     Returns float32 [B, H_q, D] in the model's (unrotated) space."""
     out = []
     for b in range(q.shape[0]):
         slots = kv_indices[kv_indptr[b]:kv_indptr[b + 1]]
-        length, row = slots.shape[0], int(window_starts[b])
-        k = unrotate(gather_rotated_kv(slots, row, length, k_codes, k_meta, k_window, fmt), k_rot)
-        v = unrotate(gather_rotated_kv(slots, row, length, v_codes, v_meta, v_window, fmt), v_rot)
+        k, v = sequence_kv(cache, slots, int(window_starts[b]), slots.shape[0])
         out.append(_attend(q[b:b + 1], k, v, sm_scale)[0])
     return torch.stack(out)
 
 
 def extend_attention(
-    q, k_new, v_new, qo_indptr, kv_indptr, kv_indices, window_starts,
-    k_codes, k_meta, v_codes, v_meta, k_window, v_window,
-    k_rot, v_rot, sm_scale: float, fmt: OscarFormat,
+    q, k_new, v_new, qo_indptr, kv_indptr, kv_indices, window_starts, cache: LayerCache, sm_scale: float,
 ) -> torch.Tensor:
     """One chunk of prefill. Request b's new tokens are rows qo_indptr[b]:qo_indptr[b+1] of
     q: [N, H_q, D] and k_new, v_new: [N, H_kv, D] (not rotated, attended exactly and causally);
     its cached prefix is the slots kv_indices[kv_indptr[b]:kv_indptr[b+1]]. With L = prefix +
-    chunk, prefix positions in `fmt.int2_span(L)` come from INT2 and the others from the
+    chunk, prefix positions in `cache.fmt.int2_span(L)` come from INT2 and the others from the
     request's window rows (which hold the prefix's sinks and its last W positions). A chunk's
     non-finite K or V rows count as zeros, as the pool stores them. Returns float32 [N, H_q, D]."""
     out = []
@@ -203,9 +204,7 @@ def extend_attention(
         lo, hi = int(qo_indptr[b]), int(qo_indptr[b + 1])
         slots = kv_indices[kv_indptr[b]:kv_indptr[b + 1]]
         prefix, n = slots.shape[0], hi - lo
-        row = int(window_starts[b])
-        k_pre = unrotate(gather_rotated_kv(slots, row, prefix + n, k_codes, k_meta, k_window, fmt), k_rot)
-        v_pre = unrotate(gather_rotated_kv(slots, row, prefix + n, v_codes, v_meta, v_window, fmt), v_rot)
+        k_pre, v_pre = sequence_kv(cache, slots, int(window_starts[b]), prefix + n)
         k = torch.cat([k_pre, zero_nonfinite_rows(k_new[lo:hi].float())])
         v = torch.cat([v_pre, zero_nonfinite_rows(v_new[lo:hi].float())])
         pos = torch.arange(prefix + n, device=q.device)

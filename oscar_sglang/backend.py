@@ -88,8 +88,7 @@ class OscarAttnBackend(TritonAttnBackend):
         k = torch.zeros(1, self.num_kv_head, fmt.head_dim, dtype=dtype, device=device)
         wrapper = self._planned_wrappers([(0, 1)], [1], [0], 1.0, dtype)[0]
         extend_attention_int2(q, k, k, qo_indptr, kv_indptr, kv_indices, self.pool.window_starts(request),
-                              *lay.attention_buffers, 1.0, fmt, max_extend_len=1, max_prefix_len=1,
-                              flashinfer=wrapper)
+                              lay, 1.0, max_extend_len=1, max_prefix_len=1, flashinfer=wrapper)
 
     def _planned_wrappers(self, groups, extend_lens, prefix_lens, sm_scale: float, dtype: torch.dtype):
         """For each request group [r0, r1), a FlashInfer wrapper planned for it, or None (the
@@ -191,9 +190,7 @@ class OscarAttnBackend(TritonAttnBackend):
 
     def _write(self, layer, forward_batch, k, v, window_rows):
         lay = self.pool.layer(layer.layer_id)
-        write_kv_int2(k, v, forward_batch.out_cache_loc, lay.k_rot, lay.v_rot, lay.k_clip, lay.v_clip,
-                      lay.k_codes, lay.k_meta, lay.v_codes, lay.v_meta, self.fmt,
-                      window_rows, lay.k_window, lay.v_window, self.nonfinite.flag(layer.layer_id))
+        write_kv_int2(k, v, forward_batch.out_cache_loc, lay, window_rows, self.nonfinite.flag(layer.layer_id))
         return lay
 
     @staticmethod
@@ -205,22 +202,21 @@ class OscarAttnBackend(TritonAttnBackend):
 
     def _prepare(self, q, k, v, layer, forward_batch, save_kv_cache: bool, decode: bool):
         """Per-head views q: [T, H_q, D], k, v: [T, H_kv, D]; the new tokens written to the pool
-        (unless the caller already saved them). Returns (q, k, v, window starts [B], the layer's
-        OscarLayer, the kernels' arguments after the window starts: pool buffers, rotations,
-        softmax scale, format)."""
+        (unless the caller already saved them). Returns (q, k, v, window starts [B], the kernels'
+        arguments after the window starts: the layer's LayerCache and the softmax scale)."""
         d = layer.head_dim
         q = q.reshape(-1, layer.tp_q_head_num, d)
         k = k.reshape(-1, layer.tp_k_head_num, d)
         v = v.reshape(-1, layer.tp_v_head_num, d)
         rows, starts = self._token_windows(layer, forward_batch, q.shape[0], decode=decode)
         lay = self._write(layer, forward_batch, k, v, rows) if save_kv_cache else self.pool.layer(layer.layer_id)
-        return q, k, v, starts, lay, (*lay.attention_buffers, layer.scaling, self.fmt)
+        return q, k, v, starts, (lay, layer.scaling)
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None, **kwargs):
         self._check_layer(layer, sinks)
-        q, k, v, starts, _, buffers = self._prepare(q, k, v, layer, forward_batch, save_kv_cache, decode=True)
+        q, k, v, starts, cache_args = self._prepare(q, k, v, layer, forward_batch, save_kv_cache, decode=True)
         meta = self.forward_metadata
-        args = (meta.kv_indptr, meta.kv_indices, starts, *buffers)
+        args = (meta.kv_indptr, meta.kv_indices, starts, *cache_args)
         if self.use_reference:
             o = reference.decode_attention(q, *args).to(q.dtype)
         else:
@@ -235,11 +231,11 @@ class OscarAttnBackend(TritonAttnBackend):
         self._check_layer(layer, sinks)
         if k is None or v is None:
             raise NotImplementedError("--kv-quant oscar needs the new tokens' K and V in extend")
-        q, k, v, starts, lay, buffers = self._prepare(q, k, v, layer, forward_batch, save_kv_cache, decode=False)
+        q, k, v, starts, cache_args = self._prepare(q, k, v, layer, forward_batch, save_kv_cache, decode=False)
         if save_kv_cache and self._sink_copy is not None:  # the sinks just written, kept by slot
             self.pool.save_sinks(layer.layer_id, *self._sink_copy)
         meta = self.forward_metadata
-        args = (meta.qo_indptr, meta.kv_indptr, meta.kv_indices, starts, *buffers)
+        args = (meta.qo_indptr, meta.kv_indptr, meta.kv_indices, starts, *cache_args)
         if self.use_reference:
             o = reference.extend_attention(q, k, v, *args).to(q.dtype)
         else:

@@ -6,7 +6,8 @@ as `k_buffer` / `v_buffer` and fp16 metadata
 size accounting and pointer tables already cover), plus per-request BF16 window rows
 [(requests + 1) * (S + W), H_kv, D] (row block 0 is SGLang's padding request) allocated once the
 request pool size is known. Rotations and clip ratios of this rank's KV heads live here too,
-so a layer's whole state is one `layer(layer_id)` call away.
+so a layer's whole state is one `layer(layer_id)` call away (a kernels.layer_cache.LayerCache,
+built and validated once per layer after the window rows exist).
 
 The radix tree shares slots; every slot always holds INT2 codes, so sharing needs nothing
 from this pool. Window rows belong to the request (indexed by req_pool_idx).
@@ -25,39 +26,16 @@ time `assign_sink_rows` runs short.
 """
 
 import logging
-from dataclasses import dataclass
-
 import torch
 from sglang.srt.constants import GPU_MEMORY_TYPE_KV_CACHE
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, move_kv_cache_native
 
 from oscar_sglang.kernels.format import OscarFormat
+from oscar_sglang.kernels.layer_cache import LayerCache
 from oscar_sglang.kernels.reference import decode_kv
 from oscar_sglang.kernels.rotation_file import RotationSet
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class OscarLayer:
-    """Everything the kernels need for one layer (tensors on the pool's device)."""
-
-    k_codes: torch.Tensor
-    k_meta: torch.Tensor
-    v_codes: torch.Tensor
-    v_meta: torch.Tensor
-    k_window: torch.Tensor
-    v_window: torch.Tensor
-    k_rot: torch.Tensor
-    v_rot: torch.Tensor
-    k_clip: float
-    v_clip: float
-
-    @property
-    def attention_buffers(self) -> tuple:
-        """The pool arguments of the decode and extend kernels, in their order."""
-        return (self.k_codes, self.k_meta, self.v_codes, self.v_meta, self.k_window, self.v_window,
-                self.k_rot, self.v_rot)
 
 
 class OscarTokenToKVPool(MHATokenToKVPool):
@@ -71,6 +49,7 @@ class OscarTokenToKVPool(MHATokenToKVPool):
         self.fmt = fmt
         self.k_window: list[torch.Tensor] = []
         self.v_window: list[torch.Tensor] = []
+        self._layers: list[LayerCache] = []
         self.window_requests = 0
         self.sink_rows_per_request = sink_rows_per_request
         self.sink_capacity = 0
@@ -98,6 +77,7 @@ class OscarTokenToKVPool(MHATokenToKVPool):
             self.k_scale_buffer = buffers(fmt.meta_shape(rows, heads), torch.float16)
             self.v_scale_buffer = buffers(fmt.meta_shape(rows, heads), torch.float16)
         self.dq_k_buffer = self.dq_v_buffer = None
+        self._layers = []
         # sink-pool row of each slot (-1: none); sized like the slot buffers
         self.sink_row_of_slot = torch.full((rows,), -1, dtype=torch.int32, device=self.device)
         self._sink_released = torch.zeros(1, dtype=torch.bool, device=self.device)
@@ -114,6 +94,7 @@ class OscarTokenToKVPool(MHATokenToKVPool):
             self.k_window = [torch.zeros(shape, dtype=torch.bfloat16, device=self.device) for _ in range(self.layer_num)]
             self.v_window = [torch.zeros(shape, dtype=torch.bfloat16, device=self.device) for _ in range(self.layer_num)]
         self.window_requests = num_requests
+        self._layers = []
         logger.info("OSCAR window rows: %d requests x %d BF16 rows, %.2f GB", num_requests,
                     self.fmt.window_rows, 2 * len(self.k_window) * self.k_window[0].nbytes / 2**30)
         if self.sink_rows_per_request > 0:
@@ -198,11 +179,14 @@ class OscarTokenToKVPool(MHATokenToKVPool):
         self.k_sink[i].index_copy_(0, sink_rows, self.k_window[i].index_select(0, window_rows))
         self.v_sink[i].index_copy_(0, sink_rows, self.v_window[i].index_select(0, window_rows))
 
-    def layer(self, layer_id: int) -> OscarLayer:
-        i = layer_id - self.start_layer
-        return OscarLayer(self.k_buffer[i], self.k_scale_buffer[i], self.v_buffer[i], self.v_scale_buffer[i],
-                          self.k_window[i], self.v_window[i], self.k_rot[i], self.v_rot[i],
-                          self.k_clip[i], self.v_clip[i])
+    def layer(self, layer_id: int) -> LayerCache:
+        """The kernels' view of one layer (needs `allocate_windows` first)."""
+        if not self._layers:
+            self._layers = [LayerCache(self.fmt, self.k_buffer[i], self.k_scale_buffer[i], self.v_buffer[i],
+                                       self.v_scale_buffer[i], self.k_window[i], self.v_window[i],
+                                       self.k_rot[i], self.v_rot[i], self.k_clip[i], self.v_clip[i])
+                            for i in range(self.layer_num)]
+        return self._layers[layer_id - self.start_layer]
 
     def window_starts(self, req_pool_indices: torch.Tensor) -> torch.Tensor:
         """[B] first window row of each request."""

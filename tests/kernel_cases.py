@@ -12,7 +12,8 @@ import torch
 from oscar_sglang.kernels import reference as ref
 from oscar_sglang.kernels.decode import decode_attention_int2
 from oscar_sglang.kernels.extend import extend_attention_int2
-from oscar_sglang.kernels.format import DEFAULT_K_CLIP, DEFAULT_V_CLIP, OscarFormat
+from oscar_sglang.kernels.format import OscarFormat
+from oscar_sglang.kernels.layer_cache import LayerCache
 from oscar_sglang.kernels.quantize import write_kv_int2
 
 CODE_POISON, META_POISON, WINDOW_POISON = 0xA5, -7.0, 1234.0
@@ -26,29 +27,8 @@ def random_rotation(heads: int, dim: int, gen: torch.Generator) -> torch.Tensor:
     return torch.linalg.qr(torch.randn(heads, dim, dim, generator=gen, dtype=torch.float64))[0].float()
 
 
-@dataclass
-class Cache:
-    """One layer's OSCAR-2 pool buffers and rotations."""
-
-    fmt: OscarFormat
-    k_codes: torch.Tensor
-    k_meta: torch.Tensor
-    v_codes: torch.Tensor
-    v_meta: torch.Tensor
-    k_window: torch.Tensor
-    v_window: torch.Tensor
-    k_rot: torch.Tensor
-    v_rot: torch.Tensor
-
-    @property
-    def buffers(self):
-        """The pool arguments of the attention functions, in their order."""
-        return (self.k_codes, self.k_meta, self.v_codes, self.v_meta,
-                self.k_window, self.v_window, self.k_rot, self.v_rot)
-
-
 def make_cache(fmt: OscarFormat, kv_heads: int, slots: int, requests: int, per_head: bool,
-               gen: torch.Generator, device="cpu") -> Cache:
+               gen: torch.Generator, device="cpu") -> LayerCache:
     """Empty pool with random codes and NaN meta / window rows (poison for stray reads)."""
     rot_heads = kv_heads if per_head else 1
 
@@ -58,12 +38,12 @@ def make_cache(fmt: OscarFormat, kv_heads: int, slots: int, requests: int, per_h
     def nan(shape, dtype):
         return torch.full(shape, float("nan"), dtype=dtype)
 
-    cache = Cache(fmt, codes("k"), nan(fmt.meta_shape(slots, kv_heads), torch.float16),
-                  codes("v"), nan(fmt.meta_shape(slots, kv_heads), torch.float16),
-                  nan(fmt.window_shape(requests, kv_heads), torch.bfloat16),
-                  nan(fmt.window_shape(requests, kv_heads), torch.bfloat16),
-                  random_rotation(rot_heads, fmt.head_dim, gen), random_rotation(rot_heads, fmt.head_dim, gen))
-    return Cache(fmt, *(t.to(device) for t in cache.buffers))
+    tensors = (codes("k"), nan(fmt.meta_shape(slots, kv_heads), torch.float16),
+               codes("v"), nan(fmt.meta_shape(slots, kv_heads), torch.float16),
+               nan(fmt.window_shape(requests, kv_heads), torch.bfloat16),
+               nan(fmt.window_shape(requests, kv_heads), torch.bfloat16),
+               random_rotation(rot_heads, fmt.head_dim, gen), random_rotation(rot_heads, fmt.head_dim, gen))
+    return LayerCache(fmt, *(t.to(device) for t in tensors))
 
 
 def window_positions(fmt: OscarFormat, length: int) -> list[int]:
@@ -72,14 +52,14 @@ def window_positions(fmt: OscarFormat, length: int) -> list[int]:
     return [*range(start), *range(end, length)]
 
 
-def store_tokens(cache: Cache, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
+def store_tokens(cache: LayerCache, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
                  window_start: int, positions: list[int], window: list[int]):
     """Encode k, v: [T, H_kv, D] (positions `positions`) with `reference.encode_kv` into `slots`,
     and copy the positions listed in `window` into the request's window rows."""
     fmt = cache.fmt
     for x, rot, clip, codes, meta, rows, kind in (
-        (k, cache.k_rot, DEFAULT_K_CLIP, cache.k_codes, cache.k_meta, cache.k_window, "k"),
-        (v, cache.v_rot, DEFAULT_V_CLIP, cache.v_codes, cache.v_meta, cache.v_window, "v"),
+        (k, cache.k_rot, cache.k_clip, cache.k_codes, cache.k_meta, cache.k_window, "k"),
+        (v, cache.v_rot, cache.v_clip, cache.v_codes, cache.v_meta, cache.v_window, "v"),
     ):
         c, m, w = ref.encode_kv(x.cpu(), rot.cpu(), clip, fmt, fmt.code_bits(kind))
         codes[slots] = c.to(codes.device)
@@ -98,7 +78,7 @@ class Batch:
     window_starts: torch.Tensor
 
 
-def fill_requests(cache: Cache, lens: list[int], dtype: torch.dtype, index_dtype: torch.dtype,
+def fill_requests(cache: LayerCache, lens: list[int], dtype: torch.dtype, index_dtype: torch.dtype,
                   gen: torch.Generator) -> Batch:
     """Write random K/V for requests of the given lengths at shuffled slots and window rows."""
     fmt, kv_heads, d = cache.fmt, cache.k_codes.shape[1], cache.fmt.head_dim
@@ -130,20 +110,20 @@ def assert_matches(out: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype
     torch.testing.assert_close(out.float(), expected, rtol=tol, atol=tol * scale)
 
 
-def run_decode(cache: Cache, batch: Batch, q: torch.Tensor, num_kv_splits=None):
+def run_decode(cache: LayerCache, batch: Batch, q: torch.Tensor, num_kv_splits=None):
     """Kernel (into a NaN-poisoned output) and reference results."""
     sm_scale = cache.fmt.head_dim ** -0.5
-    args = (q, batch.kv_indptr, batch.kv_indices, batch.window_starts, *cache.buffers, sm_scale, cache.fmt)
+    args = (q, batch.kv_indptr, batch.kv_indices, batch.window_starts, cache, sm_scale)
     out = torch.full_like(q, float("nan"))
     got = decode_attention_int2(*args, num_kv_splits=num_kv_splits, out=out)
     assert got.data_ptr() == out.data_ptr()
     return got, ref.decode_attention(*args)
 
 
-def run_extend(cache: Cache, q, k_new, v_new, qo_indptr, kv_indptr, kv_indices, window_starts):
+def run_extend(cache: LayerCache, q, k_new, v_new, qo_indptr, kv_indptr, kv_indices, window_starts):
     """Kernel (into a NaN-poisoned output) and reference results."""
     sm_scale = cache.fmt.head_dim ** -0.5
-    args = (q, k_new, v_new, qo_indptr, kv_indptr, kv_indices, window_starts, *cache.buffers, sm_scale, cache.fmt)
+    args = (q, k_new, v_new, qo_indptr, kv_indptr, kv_indices, window_starts, cache, sm_scale)
     chunks = (qo_indptr[1:] - qo_indptr[:-1]).tolist()
     prefixes = (kv_indptr[1:] - kv_indptr[:-1]).tolist()
     out = torch.full_like(q, float("nan"))
@@ -189,6 +169,7 @@ def write_poisoned(k, v, slots, k_rot, v_rot, clips, rows, fmt: OscarFormat, num
             ("window", (tokens, heads, d), WINDOW_POISON, torch.bfloat16),
         )
     }
-    write_kv_int2(k.to(DEVICE), v.to(DEVICE), slots.to(DEVICE), k_rot.to(DEVICE), v_rot.to(DEVICE),
-                  *clips, fmt=fmt, window_rows=rows.to(DEVICE), **bufs)
+    cache = LayerCache(fmt, bufs["k_codes"], bufs["k_meta"], bufs["v_codes"], bufs["v_meta"], bufs["k_window"],
+                       bufs["v_window"], k_rot.to(DEVICE), v_rot.to(DEVICE), *clips)
+    write_kv_int2(k.to(DEVICE), v.to(DEVICE), slots.to(DEVICE), cache, window_rows=rows.to(DEVICE))
     return {name: t.cpu() for name, t in bufs.items()}

@@ -52,8 +52,7 @@ def write_random_kv(pool, slots: torch.Tensor, rows: torch.Tensor, sink_copy, ge
         lay = pool.layer(layer)
         k = (torch.randn(n, HEADS, HEAD_DIM, generator=gen) * 2).bfloat16()
         v = torch.randn(n, HEADS, HEAD_DIM, generator=gen).bfloat16()
-        write_kv_int2(k, v, slots, lay.k_rot, lay.v_rot, lay.k_clip, lay.v_clip, lay.k_codes,
-                      lay.k_meta, lay.v_codes, lay.v_meta, FMT, rows, lay.k_window, lay.v_window)
+        write_kv_int2(k, v, slots, lay, rows)
         if sink_copy is not None:
             pool.save_sinks(layer, *sink_copy)
 

@@ -3,6 +3,8 @@
 Pools and poisoning: tests/kernel_cases.py.
 """
 
+import dataclasses
+
 import pytest
 import torch
 from oscar_sglang.kernels import reference as ref
@@ -12,6 +14,7 @@ from oscar_sglang.kernels.decode import (
     default_num_kv_splits,
 )
 from oscar_sglang.kernels.format import OscarFormat
+from oscar_sglang.kernels.layer_cache import LayerCache
 from kernel_cases import assert_matches, fill_requests, make_cache, run_decode
 
 # lengths around the window edges of OscarFormat(·, ·, sink_tokens=4, recent_tokens=8):
@@ -73,7 +76,7 @@ def test_decode_strided_output_and_default_out():
     cache = make_cache(fmt, 2, sum(lens), len(lens), True, gen)
     batch = fill_requests(cache, lens, torch.float16, torch.int32, gen)
     q = torch.randn(len(lens), 4, 64, generator=gen).to(torch.float16)
-    args = (q, batch.kv_indptr, batch.kv_indices, batch.window_starts, *cache.buffers, 0.125, fmt)
+    args = (q, batch.kv_indptr, batch.kv_indices, batch.window_starts, cache, 0.125)
     expected = ref.decode_attention(*args)
     wide = torch.full((len(lens), 4, 2 * 64), float("nan"), dtype=torch.float16)
     decode_attention_int2(*args, out=wide[:, :, :64])
@@ -90,16 +93,23 @@ def test_default_split_count_depends_on_shapes_only():
     assert default_num_kv_splits(1, 8, cpu) >= default_num_kv_splits(64, 8, cpu)
 
 
-def test_decode_rejects_mismatched_pool():
+def test_decode_rejects_mismatched_query():
     gen = torch.Generator().manual_seed(0)
-    fmt = OscarFormat(64)
-    cache = make_cache(fmt, 2, 8, 1, True, gen)
+    cache = make_cache(OscarFormat(64), 2, 8, 1, True, gen)
     q = torch.randn(1, 3, 64).to(torch.bfloat16)
     with pytest.raises(ValueError, match="multiple"):
-        decode_attention_int2(q, torch.tensor([0, 1]), torch.tensor([0]), torch.tensor([0]), *cache.buffers, 0.1, fmt)
+        decode_attention_int2(q, torch.tensor([0, 1]), torch.tensor([0]), torch.tensor([0]), cache, 0.1)
+
+
+def test_layer_cache_rejects_buffers_of_another_format():
+    gen = torch.Generator().manual_seed(0)
+    cache = make_cache(OscarFormat(64), 2, 8, 1, True, gen)
+    tensors = [getattr(cache, f.name) for f in dataclasses.fields(cache)][1:9]
     with pytest.raises(ValueError, match="codes"):
-        decode_attention_int2(q[:, :2], torch.tensor([0, 1]), torch.tensor([0]), torch.tensor([0]),
-                              *cache.buffers, 0.1, OscarFormat(128))
+        LayerCache(OscarFormat(128), *tensors)
     with pytest.raises(ValueError, match=r"k codes must be uint8 \[slots, 2, 32\] for 4-bit codes"):
-        decode_attention_int2(q[:, :2], torch.tensor([0, 1]), torch.tensor([0]), torch.tensor([0]),
-                              *cache.buffers, 0.1, OscarFormat(64, key_bits=4))
+        LayerCache(OscarFormat(64, key_bits=4), *tensors)
+    with pytest.raises(ValueError, match="rotations"):
+        LayerCache(OscarFormat(64), *tensors[:6], tensors[6][:, :32], tensors[7])
+    with pytest.raises(ValueError, match="share strides"):
+        LayerCache(OscarFormat(64), *tensors[:3], torch.cat([tensors[3], tensors[3]], 1)[:, :2], *tensors[4:])

@@ -9,7 +9,7 @@ import pytest
 import torch
 from oscar_sglang.kernels import reference as ref
 from oscar_sglang.kernels.extend import extend_attention_int2, gather_kv
-from oscar_sglang.kernels.format import DEFAULT_K_CLIP, DEFAULT_V_CLIP, OscarFormat
+from oscar_sglang.kernels.format import OscarFormat
 from oscar_sglang.kernels.quantize import write_kv_int2
 from kernel_cases import assert_matches, fill_requests, make_cache, new_tokens, run_extend
 
@@ -60,8 +60,8 @@ def test_gather_kv_matches_reference(head_dim, group_size, dtype, key_bits, nan_
     batch = fill_requests(cache, list(prefixes), dtype, torch.int32, gen)
     _, k_new, v_new, qo_indptr = new_tokens(chunks, kv_heads, 1, head_dim, dtype, gen)
     k_new[3, 1, 5], v_new[7, 2, 0], v_new[-1, 0, -1] = float("nan"), float("inf"), float("-inf")
-    got = gather_kv(qo_indptr, batch.kv_indptr, batch.kv_indices, batch.window_starts, k_new, v_new, *cache.buffers,
-                    fmt, max(chunks), max(prefixes), dtype)
+    got = gather_kv(qo_indptr, batch.kv_indptr, batch.kv_indices, batch.window_starts, k_new, v_new, cache,
+                    max(chunks), max(prefixes), dtype)
     assert got.shape == (2, sum(prefixes) + sum(chunks), kv_heads, head_dim) and got.dtype == dtype
     pools = ((cache.k_codes, cache.k_meta, cache.k_window, cache.k_rot, k_new),
              (cache.v_codes, cache.v_meta, cache.v_window, cache.v_rot, v_new))
@@ -113,9 +113,7 @@ def test_chunked_prefill(fmt, schedule, dtype):
         # like SGLang, the chunk's K/V are written before its attention runs
         rows = [fmt.window_row(window_start, p) if p < fmt.sink_tokens or p >= hi - fmt.recent_tokens else -1
                 for p in range(lo, hi)]
-        write_kv_int2(k[lo:hi], v[lo:hi], slots[lo:hi], cache.k_rot, cache.v_rot, DEFAULT_K_CLIP, DEFAULT_V_CLIP,
-                      cache.k_codes, cache.k_meta, cache.v_codes, cache.v_meta, fmt,
-                      torch.tensor(rows), cache.k_window, cache.v_window)
+        write_kv_int2(k[lo:hi], v[lo:hi], slots[lo:hi], cache, torch.tensor(rows))
         got, expected = run_extend(cache, q[lo:hi], k[lo:hi], v[lo:hi], torch.tensor([0, chunk]),
                                    torch.tensor([0, lo]), slots[:lo], torch.tensor([window_start]))
         assert_matches(got, expected, dtype)
@@ -130,7 +128,7 @@ def test_extend_rejects_bad_shapes():
     k = torch.randn(3, 1, 64).to(torch.bfloat16)
     with pytest.raises(ValueError, match="k_new"):
         extend_attention_int2(q, k, k, torch.tensor([0, 3]), torch.tensor([0, 0]), torch.tensor([], dtype=torch.int64),
-                              torch.tensor([0]), *cache.buffers, 0.1, fmt, 3, 0)
+                              torch.tensor([0]), cache, 0.1, 3, 0)
 
 
 def test_backend_splits_large_batches_into_scratch_sized_groups():
@@ -144,7 +142,7 @@ def test_backend_splits_large_batches_into_scratch_sized_groups():
     cache = make_cache(fmt, 2, sum(prefixes) + 8, len(prefixes) + 1, True, gen)
     batch = fill_requests(cache, prefixes, torch.bfloat16, torch.int32, gen)
     q, k, v, qo_indptr = new_tokens(chunks, 2, 2, 64, torch.bfloat16, gen)
-    args = (qo_indptr, batch.kv_indptr, batch.kv_indices, batch.window_starts, *cache.buffers, 64 ** -0.5, fmt)
+    args = (qo_indptr, batch.kv_indptr, batch.kv_indices, batch.window_starts, cache, 64 ** -0.5)
     whole = extend_in_groups(q, k, v, args, [RequestGroup.of(0, 5, chunks, prefixes)])
     ranges = request_groups([p + c for p, c in zip(prefixes, chunks)], 50)
     assert ranges == [(0, 2), (2, 3), (3, 5)]

@@ -21,6 +21,7 @@ from oscar_sglang.calibration.kv_formats import (
 from oscar_sglang.calibration.harness import SimulatedCache
 from oscar_sglang.cli import main
 from oscar_sglang.kernels.format import OscarFormat
+from oscar_sglang.kernels.layer_cache import LayerCache
 from oscar_sglang.kernels.reference import decode_attention, encode_kv
 from oscar_sglang.kernels.rotation_file import data_free_rotations, make_rotation_set
 from tiny_models import text_file, tiny_checkpoint
@@ -112,9 +113,9 @@ class ReferenceDecodeCache:
             buf_codes[pos], buf_meta[pos] = codes[0], meta[0]
             buf_window[self.fmt.window_row(0, pos)] = window[0]
         (kc, km, kw), (vc, vm, vw) = self.buffers[layer]["k"], self.buffers[layer]["v"]
+        cache = LayerCache(self.fmt, kc, km, vc, vm, kw, vw, r.k_rot[layer], r.v_rot[layer])
         out = decode_attention(query[0].transpose(0, 1), torch.tensor([0, pos + 1]), torch.arange(pos + 1),
-                               torch.tensor([0]), kc, km, vc, vm, kw, vw, r.k_rot[layer], r.v_rot[layer],
-                               scaling, self.fmt)
+                               torch.tensor([0]), cache, scaling)
         return out[None].to(query.dtype), None
 
 

@@ -40,6 +40,7 @@ def probe() -> dict:
     from benchmarks.kernel_resources import TARGET, bind_launch
     from oscar_sglang.kernels.extend import extend_attention_int2
     from oscar_sglang.kernels.format import OscarFormat
+    from oscar_sglang.kernels.layer_cache import LayerCache
     from oscar_sglang.kernels.quantize import write_kv_int2
 
     backend = make_backend(TARGET)
@@ -58,7 +59,7 @@ def probe() -> dict:
     metas = [torch.zeros(fmt.meta_shape(slots, KV_HEADS), dtype=torch.float16) for _ in "kv"]
     windows = [torch.zeros(fmt.window_shape(requests, KV_HEADS), dtype=torch.bfloat16) for _ in "kv"]
     rots = [torch.eye(HEAD_DIM).expand(KV_HEADS, HEAD_DIM, HEAD_DIM).contiguous() for _ in "kv"]
-    pool = (codes[0], metas[0], codes[1], metas[1], windows[0], windows[1], rots[0], rots[1])
+    pool = LayerCache(fmt, codes[0], metas[0], codes[1], metas[1], windows[0], windows[1], rots[0], rots[1])
 
     # one batch's index arrays, then groups of its requests starting at every offset parity
     prefix, chunk = [300, 257, 1, 1000, 33, 64, 5, 700], [16, 1, 40, 8, 3, 64, 9, 2]
@@ -73,16 +74,15 @@ def probe() -> dict:
         qo, kv = int(qo_indptr[r0]), int(kv_indptr[r0])
         qo_end, kv_end = int(qo_indptr[r1]), int(kv_indptr[r1])
         extend_attention_int2(q[qo:qo_end], k[qo:qo_end], k[qo:qo_end], qo_indptr[r0:r1 + 1] - qo,
-                              kv_indptr[r0:r1 + 1] - kv, kv_indices[kv:kv_end], starts[r0:r1], *pool,
-                              HEAD_DIM ** -0.5, fmt, max_extend_len=max(chunk[r0:r1]),
+                              kv_indptr[r0:r1 + 1] - kv, kv_indices[kv:kv_end], starts[r0:r1], pool,
+                              HEAD_DIM ** -0.5, max_extend_len=max(chunk[r0:r1]),
                               max_prefix_len=max(prefix[r0:r1]))
 
     flags = torch.zeros(36, dtype=torch.int32)  # one entry per layer, as NonFiniteReporter holds them
     for layer in range(5):
         new = torch.zeros(512, KV_HEADS, HEAD_DIM, dtype=torch.bfloat16)
         loc = torch.arange(512, dtype=torch.int64)
-        write_kv_int2(new, new, loc, rots[0], rots[1], 0.96, 0.92, *pool[:4], fmt, loc, windows[0], windows[1],
-                      flags[layer])
+        write_kv_int2(new, new, loc, pool, loc, flags[layer])
     return {name: len(found) for name, found in sorted(keys.items())}
 
 

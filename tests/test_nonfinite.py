@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from oscar_sglang.kernels import reference as ref
-from oscar_sglang.kernels.format import DEFAULT_K_CLIP, DEFAULT_V_CLIP, OscarFormat
+from oscar_sglang.kernels.format import OscarFormat
+from oscar_sglang.kernels.layer_cache import LayerCache
 from oscar_sglang.kernels.quantize import write_kv_int2
 from oscar_sglang.nonfinite import NonFiniteReporter
-from kernel_cases import Batch, Cache, assert_matches, make_cache, new_tokens, run_decode, run_extend, window_positions
+from kernel_cases import Batch, assert_matches, make_cache, new_tokens, run_decode, run_extend, window_positions
 
 FMT = OscarFormat(64, 32, sink_tokens=4, recent_tokens=8)
 KV_HEADS, GQA = 2, 2
@@ -26,15 +27,13 @@ NAN, INF = float("nan"), float("inf")
 pytestmark = pytest.mark.filterwarnings("ignore:(overflow|invalid value) encountered in matmul:RuntimeWarning")
 
 
-def write_sequence(cache: Cache, k, v, slots, window_start: int, flag=None):
+def write_sequence(cache: LayerCache, k, v, slots, window_start: int, flag=None):
     """Positions 0..L-1 of one request through write_kv_int2, window rows as a request of
     length L holds them (sinks and the last W positions)."""
     fmt, length = cache.fmt, k.shape[0]
     window = set(window_positions(fmt, length))
     rows = torch.tensor([fmt.window_row(window_start, p) if p in window else -1 for p in range(length)])
-    write_kv_int2(k, v, slots, cache.k_rot, cache.v_rot, DEFAULT_K_CLIP, DEFAULT_V_CLIP,
-                  cache.k_codes, cache.k_meta, cache.v_codes, cache.v_meta, fmt,
-                  rows, cache.k_window, cache.v_window, flag)
+    write_kv_int2(k, v, slots, cache, rows, flag)
 
 
 def filled_pool(position=None, tensors="", value=0.0):
@@ -61,7 +60,7 @@ def filled_pool(position=None, tensors="", value=0.0):
     return cache, batch, flag, None if position is None else int(slot_perm[position])
 
 
-def assert_row_zeroed(bad: Cache, clean: Cache, slot: int, position: int, tensors: str):
+def assert_row_zeroed(bad: LayerCache, clean: LayerCache, slot: int, position: int, tensors: str):
     """The bad (slot, BAD_HEAD) row is zeros wherever it is stored; everything else is as in
     the clean pool (the other KV head of the same token included)."""
     start = FMT.window_rows  # request 0's first window row (filled_pool: request b at (b + 1) * (S + W))
@@ -182,8 +181,7 @@ def test_write_kernel_flag(case):
     rot = torch.linalg.qr(torch.randn(1, 64, 64, generator=gen, dtype=torch.float64))[0].float()
     fmt = OscarFormat(64, 32)
     flags = torch.zeros(3, dtype=torch.int32)
-    write_kv_int2(k, v, torch.arange(tokens), rot, rot, 0.96, 0.92, *pool_buffers(fmt, tokens), fmt,
-                  nonfinite_flag=flags[1:2])
+    write_kv_int2(k, v, torch.arange(tokens), zero_cache(fmt, tokens, rot, 0.96, 0.92), nonfinite_flag=flags[1:2])
     any_bad = not all(ref.finite_rows(ref.rotate(x, rot)).all() for x in (k, v))
     assert any_bad == (case in ("nan_k", "inf_v", "overflow"))
     assert flags.tolist() == [0, int(any_bad), 0]
@@ -197,19 +195,22 @@ def test_write_kernel_flag_is_sticky():
     for value in (NAN, 1.0):
         x = torch.ones(2, KV_HEADS, 64).bfloat16()
         x[0, 0, 0] = value
-        write_kv_int2(x, x, torch.arange(2), rot, rot, 1.0, 1.0, *pool_buffers(fmt, 2), fmt, nonfinite_flag=flag)
+        write_kv_int2(x, x, torch.arange(2), zero_cache(fmt, 2, rot, 1.0, 1.0), nonfinite_flag=flag)
         assert flag.item() == 1
 
 
-def pool_buffers(fmt: OscarFormat, slots: int):
-    """Zeroed k_codes, k_meta, v_codes, v_meta of KV_HEADS heads, in write_kv_int2's order."""
+def zero_cache(fmt: OscarFormat, slots: int, rot: torch.Tensor, k_clip: float, v_clip: float) -> LayerCache:
+    """A zeroed layer of KV_HEADS heads and `slots` slots (and window rows), one rotation for K and V."""
     def codes(kind):
         return torch.zeros(fmt.codes_shape(slots, KV_HEADS, kind), dtype=torch.uint8)
 
     def meta():
         return torch.zeros(fmt.meta_shape(slots, KV_HEADS), dtype=torch.float16)
 
-    return codes("k"), meta(), codes("v"), meta()
+    def window():
+        return torch.zeros(slots, KV_HEADS, fmt.head_dim, dtype=torch.bfloat16)
+
+    return LayerCache(fmt, codes("k"), meta(), codes("v"), meta(), window(), window(), rot, rot, k_clip, v_clip)
 
 
 def warnings_of(caplog) -> list[str]:
@@ -254,8 +255,7 @@ def test_reporter_with_write_kernel(caplog):
             x = torch.randn(3, KV_HEADS, 64).bfloat16()
             if layer == 1:
                 x[1, 0, 7] = INF
-            write_kv_int2(x, x, torch.arange(3), rot, rot, 0.96, 0.92, *pool_buffers(fmt, 3), fmt,
-                          nonfinite_flag=reporter.flag(layer))
+            write_kv_int2(x, x, torch.arange(3), zero_cache(fmt, 3, rot, 0.96, 0.92), nonfinite_flag=reporter.flag(layer))
         reporter.check()
     assert len(warnings_of(caplog)) == 1 and warnings_of(caplog)[0].startswith("OSCAR: layer 1 produced")
 
@@ -279,14 +279,12 @@ def test_backend_passes_flags_and_checks_on_graph_replay(caplog, monkeypatch):
     from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 
     from oscar_sglang.backend import OscarAttnBackend
-    from oscar_sglang.pool import OscarLayer
 
     caplog.set_level(logging.WARNING, logger="oscar_sglang.nonfinite")
     monkeypatch.setattr(TritonAttnBackend, "init_forward_metadata_out_graph", lambda self, fb, in_capture=False: None)
     cache = make_cache(FMT, KV_HEADS, 4, 1, True, torch.Generator().manual_seed(4))
-    lay = OscarLayer(*cache.buffers, DEFAULT_K_CLIP, DEFAULT_V_CLIP)
     backend = OscarAttnBackend.__new__(OscarAttnBackend)
-    backend.pool = SimpleNamespace(layer=lambda layer_id: lay)
+    backend.pool = SimpleNamespace(layer=lambda layer_id: cache)
     backend.fmt = FMT
     backend.nonfinite = NonFiniteReporter(num_layers=2, start_layer=6, device="cpu")
     k = torch.randn(2, KV_HEADS, FMT.head_dim).bfloat16()

@@ -5,8 +5,7 @@ import torch
 
 from oscar_sglang.kernels import reference as ref
 from oscar_sglang.kernels.format import OscarFormat
-from oscar_sglang.kernels.quantize import write_kv_int2
-from kernel_cases import CODE_POISON, DEVICE, META_POISON, WINDOW_POISON, assert_codes_match, random_rotation, write_poisoned
+from kernel_cases import CODE_POISON, META_POISON, WINDOW_POISON, assert_codes_match, random_rotation, write_poisoned
 
 
 # (tokens, kv_heads, head_dim, group, dtype, per_head, key_bits): a covering subset of
@@ -67,11 +66,8 @@ def test_non_finite_token_is_isolated():
     k[4, 1, 10] = float("nan")
     v[6, 0, 3] = float("inf")
     rot = random_rotation(1, 64, gen)
-    k_codes, v_codes = (torch.zeros(fmt.codes_shape(9, 2, kind), dtype=torch.uint8, device=DEVICE) for kind in "kv")
-    k_meta, v_meta = (torch.zeros(fmt.meta_shape(9, 2), dtype=torch.float16, device=DEVICE) for _ in "kv")
-    write_kv_int2(k.to(DEVICE), v.to(DEVICE), torch.arange(9, device=DEVICE), rot.to(DEVICE), rot.to(DEVICE),
-                  0.96, 0.92, k_codes, k_meta, v_codes, v_meta, fmt)
-    k_codes, k_meta, v_codes, v_meta = (t.cpu() for t in (k_codes, k_meta, v_codes, v_meta))
+    out = write_poisoned(k, v, torch.arange(9), rot, rot, (0.96, 0.92), torch.full((9,), -1), fmt, 9)
+    k_codes, k_meta, v_codes, v_meta = (out[name] for name in ("k_codes", "k_meta", "v_codes", "v_meta"))
     assert (k_meta[4, 1] == 0).all() and (k_codes[4, 1] == 0).all()
     assert (v_meta[6, 0] == 0).all() and (v_codes[6, 0] == 0).all()
     clean_codes, clean_meta, _ = ref.encode_kv(k, rot, 0.96, fmt)

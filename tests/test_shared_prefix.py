@@ -120,7 +120,7 @@ def test_decode_with_shared_prefixes_matches_reference(head_dim, group_size, gqa
                        len(requests) + 2, True, gen)
     batch = fill_shared_requests(cache, prefix_lens, requests, dtype, index_dtype, gen)
     q = torch.randn(len(requests), kv_heads * gqa, head_dim, generator=gen).to(dtype)
-    args = (q, batch.kv_indptr, batch.kv_indices, batch.window_starts, *cache.buffers, head_dim ** -0.5, fmt)
+    args = (q, batch.kv_indptr, batch.kv_indices, batch.window_starts, cache, head_dim ** -0.5)
     shared = find_shared_prefixes(batch.kv_indptr, batch.kv_indices, fmt, gqa)
     assert (shared.block_end > fmt.sink_tokens).any(), "the batch must share positions"
     out = torch.full_like(q, float("nan"))
@@ -146,7 +146,7 @@ def test_larger_blocks_match_reference(dot_rows, monkeypatch, nan_scratch):
     cache = make_cache(fmt, kv_heads, 120 + sum(own for *_, own in requests) + 16, len(requests) + 2, True, gen)
     batch = fill_shared_requests(cache, [120], requests, torch.bfloat16, torch.int32, gen)
     q = torch.randn(len(requests), kv_heads * gqa, 64, generator=gen).to(torch.bfloat16)
-    args = (q, batch.kv_indptr, batch.kv_indices, batch.window_starts, *cache.buffers, 0.125, fmt)
+    args = (q, batch.kv_indptr, batch.kv_indices, batch.window_starts, cache, 0.125)
     shared = find_shared_prefixes(batch.kv_indptr, batch.kv_indices, fmt, gqa)
     assert shared.members.shape == (len(requests), dot_rows // gqa)
     assert (shared.members >= 0).sum(dim=1).max() == dot_rows // gqa, "a block must be full"
@@ -162,7 +162,7 @@ def test_shared_prefixes_must_match_the_batch():
     cache = make_cache(fmt, 1, 64, 2, True, gen)
     batch = fill_shared_requests(cache, [40], requests, torch.bfloat16, torch.int32, gen)
     q = torch.randn(2, 2, 64, generator=gen).to(torch.bfloat16)
-    args = (q, batch.kv_indptr, batch.kv_indices, batch.window_starts, *cache.buffers, 0.125, fmt)
+    args = (q, batch.kv_indptr, batch.kv_indices, batch.window_starts, cache, 0.125)
     wrong_group = find_shared_prefixes(batch.kv_indptr, batch.kv_indices, fmt, group=4)
     with pytest.raises(ValueError, match="another batch or GQA group"):
         decode_attention_int2(*args, shared=wrong_group)

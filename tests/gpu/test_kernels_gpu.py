@@ -10,17 +10,18 @@ from oscar_sglang.kernels import reference as ref
 from oscar_sglang.kernels import shared_prefix
 from oscar_sglang.kernels.decode import decode_attention_int2
 from oscar_sglang.kernels.extend import extend_attention_int2, flashinfer_extend_wrapper, plan_flashinfer_extend
-from oscar_sglang.kernels.format import DEFAULT_K_CLIP, DEFAULT_V_CLIP, OscarFormat
+from oscar_sglang.kernels.format import OscarFormat
+from oscar_sglang.kernels.layer_cache import LayerCache
 from oscar_sglang.kernels.quantize import write_kv_int2
 from oscar_sglang.kernels.shared_prefix import find_shared_prefixes
-from kernel_cases import Batch, Cache, assert_matches, make_cache
+from kernel_cases import Batch, assert_matches, make_cache
 
 pytestmark = pytest.mark.gpu
 
 DEVICE = "cuda"
 
 
-def write_sequence(cache: Cache, slots: torch.Tensor, window_start: int, dtype, gen, scale=1.0):
+def write_sequence(cache: LayerCache, slots: torch.Tensor, window_start: int, dtype, gen, scale=1.0):
     """Random K/V for a whole sequence at `slots`, written with `write_kv`."""
     fmt, length = cache.fmt, slots.shape[0]
     heads = cache.k_codes.shape[1]
@@ -29,7 +30,7 @@ def write_sequence(cache: Cache, slots: torch.Tensor, window_start: int, dtype, 
     write_kv(cache, k, v, slots, window_start)
 
 
-def write_kv(cache: Cache, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, window_start: int):
+def write_kv(cache: LayerCache, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, window_start: int):
     """k, v: [L, H_kv, D], a whole sequence, written at `slots` with write_kv_int2; window rows
     get the sinks and the last W positions."""
     fmt, length = cache.fmt, slots.shape[0]
@@ -37,9 +38,7 @@ def write_kv(cache: Cache, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor
     start, end = fmt.int2_span(length)
     ring = window_start + fmt.sink_tokens + (pos - fmt.sink_tokens) % fmt.recent_tokens
     rows = torch.where(pos < start, window_start + pos, torch.where(pos >= end, ring, -1))
-    write_kv_int2(k, v, slots, cache.k_rot, cache.v_rot, DEFAULT_K_CLIP, DEFAULT_V_CLIP,
-                  cache.k_codes, cache.k_meta, cache.v_codes, cache.v_meta, fmt,
-                  rows, cache.k_window, cache.v_window)
+    write_kv_int2(k, v, slots, cache, rows)
 
 
 def build(fmt: OscarFormat, lens, kv_heads: int, dtype, gen, index_dtype=torch.int32, spare_slots=1024):
@@ -55,8 +54,7 @@ def build(fmt: OscarFormat, lens, kv_heads: int, dtype, gen, index_dtype=torch.i
 
 
 def decode_args(cache, batch, q):
-    return (q, batch.kv_indptr, batch.kv_indices, batch.window_starts, *cache.buffers,
-            cache.fmt.head_dim ** -0.5, cache.fmt)
+    return (q, batch.kv_indptr, batch.kv_indices, batch.window_starts, cache, cache.fmt.head_dim ** -0.5)
 
 
 @pytest.mark.parametrize("dtype, key_bits",
@@ -129,8 +127,7 @@ def test_extend_matches_reference(attention, dtype, head_dim, kv_heads, gqa, pre
     v = torch.randn(n, kv_heads, head_dim, generator=gen, device=DEVICE).to(dtype)
     k[n // 2, 1, 3], v[n - 1, 0, 0] = float("nan"), float("inf")
     qo_indptr = torch.tensor([0, *torch.tensor(chunks).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
-    args = (q, k, v, qo_indptr, batch.kv_indptr, batch.kv_indices, batch.window_starts, *cache.buffers,
-            head_dim ** -0.5, fmt)
+    args = (q, k, v, qo_indptr, batch.kv_indptr, batch.kv_indices, batch.window_starts, cache, head_dim ** -0.5)
     wrapper = None
     if attention == "flashinfer":
         wrapper = planned_flashinfer(chunks, prefixes, q_heads, kv_heads, head_dim, dtype)
@@ -175,7 +172,7 @@ def test_decode_cuda_graph_replay_with_new_lengths():
         graph.replay()
         torch.cuda.synchronize()
         n = int(batch.kv_indptr[-1])
-        current = (q, batch.kv_indptr, batch.kv_indices[:n], batch.window_starts, *cache.buffers, 128 ** -0.5, fmt)
+        current = (q, batch.kv_indptr, batch.kv_indices[:n], batch.window_starts, cache, 128 ** -0.5)
         assert_matches(out, ref.decode_attention(*current), torch.bfloat16)
 
 
@@ -242,7 +239,7 @@ def test_shared_prefix_decode_in_a_cuda_graph():
         graph.replay()
         torch.cuda.synchronize()
         n = int(batch.kv_indptr[-1])
-        current = (q, batch.kv_indptr, batch.kv_indices[:n], batch.window_starts, *cache.buffers, 128 ** -0.5, fmt)
+        current = (q, batch.kv_indptr, batch.kv_indices[:n], batch.window_starts, cache, 128 ** -0.5)
         assert_matches(out, ref.decode_attention(*current), dtype)
 
 
