@@ -1,7 +1,9 @@
 """Rotations for the served model: load (or data-free ones when asked for), validate against the
 model, slice to this tensor-parallel rank's KV heads."""
 
+import functools
 import logging
+import os
 from dataclasses import replace
 
 from oscar_sglang.config import DATA_FREE_ROTATIONS, OscarConfig
@@ -45,6 +47,18 @@ def rotations_for_model(path: str | None, num_layers: int, num_kv_heads: int, he
 def served_config(config: OscarConfig, num_layers: int, num_kv_heads: int, head_dim: int,
                   model_name: str) -> tuple[OscarConfig, RotationSet]:
     """`config` with its key width resolved (RotationSet.served_key_bits: the one asked for, or
-    the file's) and the validated rotations for all KV heads."""
+    the file's) and the validated rotations for all KV heads. The scheduler asks twice (cell
+    size, then the pool): the file is read once per process while it stays unchanged on disk.
+    Callers must not modify the returned RotationSet."""
+    path = config.rotations
+    stamp = None
+    if path not in (None, DATA_FREE_ROTATIONS) and os.path.exists(path):
+        stat = os.stat(path)
+        stamp = (stat.st_mtime_ns, stat.st_size)
+    return _served_config(config, num_layers, num_kv_heads, head_dim, model_name, stamp)
+
+
+@functools.lru_cache(maxsize=4)
+def _served_config(config, num_layers, num_kv_heads, head_dim, model_name, stamp):
     rotations = rotations_for_model(config.rotations, num_layers, num_kv_heads, head_dim, model_name)
     return replace(config, key_bits=rotations.served_key_bits(config.key_bits)), rotations

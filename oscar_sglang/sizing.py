@@ -12,11 +12,14 @@ starts of S sink rows), taken from the same budget in one of two ways:
 
 import logging
 import math
+import weakref
+from dataclasses import dataclass
 
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 from sglang.srt.runtime_context import get_exec, get_parallel, get_schedule
 
 from oscar_sglang.config import OscarConfig
+from oscar_sglang.kernels.format import OscarFormat
 from oscar_sglang.pool import OscarTokenToKVPool
 from oscar_sglang.served_rotations import kv_head_range, served_config
 
@@ -53,6 +56,30 @@ def window_request_capacity(max_tokens: int, cell_bytes: int, window_fraction: f
     return int(window_budget // window_bytes_per_request) - 1
 
 
+@dataclass(frozen=True)
+class PoolSizing:
+    """What the cell-size hook decided about one configurator's pool, for its finalize hook.
+    Bytes are across the rank's layers and KV heads."""
+
+    fmt: OscarFormat
+    explicit_requests: bool  # --max-running-requests given: its window rows come off the budget first
+    page_size: int
+    window_fraction: float
+    window_bytes: int  # BF16 window rows of one running request
+    sink_bytes: int  # one running request's share of the sink pool
+    int2_bytes: int  # one token slot
+    bf16_bytes: int  # one token of a BF16 cache, for the capacity log
+
+
+# one entry per DefaultPoolConfigurator between its two hooks, dropped with it
+_SIZINGS: "weakref.WeakKeyDictionary[object, PoolSizing]" = weakref.WeakKeyDictionary()
+
+
+def sizing_of(configurator) -> PoolSizing | None:
+    """The PoolSizing `compute_cell_size` recorded for `configurator`, None if it did not run."""
+    return _SIZINGS.get(configurator)
+
+
 def compute_cell_size(original, configurator, kvc, num_layers: int) -> int:
     """AROUND hook body of DefaultPoolConfigurator._compute_cell_size."""
     model = kvc.model_config
@@ -63,16 +90,13 @@ def compute_cell_size(original, configurator, kvc, num_layers: int) -> int:
     heads = model.get_num_kv_heads(get_parallel().attn_tp_size)
     int2 = fmt.bytes_per_token(num_layers, heads)
     schedule = get_schedule()
-    explicit_requests = schedule.max_running_requests is not None
-    configurator._oscar = dict(
-        explicit_requests=explicit_requests, page_size=schedule.page_size,
-        fraction=config.window_memory_fraction,
+    sizing = _SIZINGS[configurator] = PoolSizing(
+        fmt=fmt, explicit_requests=schedule.max_running_requests is not None, page_size=schedule.page_size,
+        window_fraction=config.window_memory_fraction,
         window_bytes=fmt.window_bytes_per_request(num_layers, heads),
         sink_bytes=sink_bytes_per_request(fmt, num_layers, heads),
-        sink_rows=sink_rows_per_request(fmt),
-        int2_bytes=int2, bf16_bytes=2 * num_layers * heads * kvc.model_config.head_dim * BF16_BYTES,
-        bits=fmt.bits_per_element, key_bits=fmt.key_bits, group=fmt.group_size)
-    return int2 if explicit_requests else budgeted_cell_bytes(int2, config.window_memory_fraction)
+        int2_bytes=int2, bf16_bytes=2 * num_layers * heads * model.head_dim * BF16_BYTES)
+    return int2 if sizing.explicit_requests else budgeted_cell_bytes(int2, sizing.window_fraction)
 
 
 def tokens_after_window_rows(budget_bytes: int, requests: int, per_request_bytes: int,
@@ -88,12 +112,12 @@ def finalize_with_max_running_requests(original, configurator, config):
     max_running_requests to the window rows (and their share of the sink pool) and log the
     capacity next to BF16's."""
     config = original(configurator, config)
-    info = configurator._oscar
+    sizing = _SIZINGS[configurator]
     budget = config.max_total_num_tokens * configurator._cell_size
-    per_request = info["window_bytes"] + info["sink_bytes"]
-    if info["explicit_requests"]:
+    per_request = sizing.window_bytes + sizing.sink_bytes
+    if sizing.explicit_requests:
         tokens = tokens_after_window_rows(budget, config.max_running_requests, per_request,
-                                          info["int2_bytes"], info["page_size"])
+                                          sizing.int2_bytes, sizing.page_size)
         if tokens < config.max_running_requests:
             raise ValueError(
                 f"OSCAR: the BF16 window rows of --max-running-requests {config.max_running_requests} "
@@ -103,7 +127,7 @@ def finalize_with_max_running_requests(original, configurator, config):
         config.max_total_num_tokens = tokens
     else:
         fit = window_request_capacity(config.max_total_num_tokens, configurator._cell_size,
-                                      info["fraction"], per_request)
+                                      sizing.window_fraction, per_request)
         if fit < 1:
             raise ValueError(
                 f"OSCAR: the KV budget leaves no room for BF16 window rows ({per_request / 2**20:.1f} "
@@ -112,19 +136,19 @@ def finalize_with_max_running_requests(original, configurator, config):
         if config.max_running_requests > fit:
             logger.info("OSCAR: max_running_requests capped from %d to %d by the window rows "
                         "(--oscar-window-fraction %.2f; or pass --max-running-requests)",
-                        config.max_running_requests, fit, info["fraction"])
+                        config.max_running_requests, fit, sizing.window_fraction)
             config.max_running_requests = fit
-    tokens = config.max_total_num_tokens
-    bf16_tokens = budget // info["bf16_bytes"]
+    tokens, fmt = config.max_total_num_tokens, sizing.fmt
+    bf16_tokens = budget // sizing.bf16_bytes
     logger.info(
         "OSCAR-2 KV cache: %.2f bits/element (%d-bit keys, 2-bit values, group %d), %d bytes/token, "
         "%d tokens; BF16 KV would "
         "hold %d tokens in the same budget (%.2fx); window rows for %d running requests; "
         "sink pool of %d BF16 rows (%.2f GB)",
-        info["bits"], info["key_bits"], info["group"], info["int2_bytes"], tokens, bf16_tokens,
+        fmt.bits_per_element, fmt.key_bits, fmt.group_size, sizing.int2_bytes, tokens, bf16_tokens,
         tokens / max(bf16_tokens, 1), config.max_running_requests,
-        config.max_running_requests * info["sink_rows"],
-        config.max_running_requests * info["sink_bytes"] / 2**30)
+        config.max_running_requests * sink_rows_per_request(fmt),
+        config.max_running_requests * sizing.sink_bytes / 2**30)
     return config
 
 

@@ -25,10 +25,10 @@ def compute_cell_size(original, configurator, kvc, num_layers: int) -> int:
 def finalize_max_running_requests(original, configurator, config):
     """AROUND DefaultPoolConfigurator.finalize_with_max_running_requests(self, config):
     cap running requests to the BF16 window rows (set up by the cell-size hook)."""
-    if not hasattr(configurator, "_oscar"):
-        return original(configurator, config)
-    from oscar_sglang.sizing import finalize_with_max_running_requests
+    from oscar_sglang.sizing import finalize_with_max_running_requests, sizing_of
 
+    if sizing_of(configurator) is None:
+        return original(configurator, config)
     return finalize_with_max_running_requests(original, configurator, config)
 
 

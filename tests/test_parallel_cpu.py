@@ -190,6 +190,12 @@ def published(tmp_path, monkeypatch, sglang):
                                  model_config=ModelConfig.from_server_args(server_args))
 
 
+class Configurator:
+    """Stands in for SGLang's DefaultPoolConfigurator (the attribute its cell-size code reads)."""
+
+    kv_cache_dtype_str = "auto"
+
+
 def rank_pool(published, tp, rank):
     """Run the hook bodies as rank `rank` of attention-TP `tp`: (cell bytes, the configurator's
     OSCAR info, SGLang's own BF16 cell bytes, the pool, the capacity log record's message)."""
@@ -206,7 +212,7 @@ def rank_pool(published, tp, rank):
         model_config=model_config, server_args=published.server_args, layer_info=layer_info,
         kv_cache_dtype=torch.bfloat16, use_mla_backend=False, is_draft_worker=False)
     with get_parallel().override(attn_tp_size=tp, attn_tp_rank=rank):
-        configurator = types.SimpleNamespace(kv_cache_dtype_str="auto")
+        configurator = Configurator()
         cell = sizing.compute_cell_size(None, configurator, kvc, LAYERS)
         stock = DefaultPoolConfigurator._compute_cell_size.__wrapped__(configurator, kvc, LAYERS)
         pool = sizing.build_mha_kv_pool(
@@ -217,7 +223,7 @@ def rank_pool(published, tp, rank):
         configurator._cell_size = cell
         config = MemoryPoolConfig(max_total_num_tokens=(64 << 20) // cell, max_running_requests=2048)
         config = sizing.finalize_with_max_running_requests(lambda _, c: c, configurator, config)
-    return cell, configurator._oscar, stock, pool, config
+    return cell, sizing.sizing_of(configurator), stock, pool, config
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4, 8, 16])
@@ -232,9 +238,9 @@ def test_each_rank_sizes_and_builds_its_own_heads(published, caplog, tp):
         heads = published.model_config.get_num_kv_heads(tp)  # SGLang's per-rank count
         assert heads == max(1, total // tp)
         # bytes per token: this rank's heads only, in the ratio SGLang's BF16 cell has
-        assert info["int2_bytes"] == fmt.bytes_per_token(LAYERS, heads) == full_int2 * heads // total
-        assert stock == info["bf16_bytes"] == 2 * LAYERS * heads * HEAD_DIM * 2
-        assert cell == sizing.budgeted_cell_bytes(info["int2_bytes"], 0.10)
+        assert info.int2_bytes == fmt.bytes_per_token(LAYERS, heads) == full_int2 * heads // total
+        assert stock == info.bf16_bytes == 2 * LAYERS * heads * HEAD_DIM * 2
+        assert cell == sizing.budgeted_cell_bytes(info.int2_bytes, 0.10)
         # the pool: this rank's heads, with their own rotations
         start, end = kv_head_range(total, tp, rank)
         assert pool.head_num == heads == end - start
@@ -248,12 +254,12 @@ def test_each_rank_sizes_and_builds_its_own_heads(published, caplog, tp):
         window = sum(w.nbytes for w in (*pool.k_window, *pool.v_window))
         sink = sum(w.nbytes for w in (*pool.k_sink, *pool.v_sink))
         assert pool.k_window[0].shape == (4 * fmt.window_rows, heads, HEAD_DIM)
-        assert window == 4 * info["window_bytes"] and sink == 3 * info["sink_bytes"]
+        assert window == 4 * info.window_bytes and sink == 3 * info.sink_bytes
         # each rank logs its own capacity line; with SGLang's "[time TPr]" prefix the GPU
         # test's parser reads it back
         (message,) = [r.getMessage() for r in caplog.records if "OSCAR-2 KV cache" in r.getMessage()]
         (line,) = gpu_helpers.capacity_lines(f"[2026-11-23 10:00:00 TP{rank}] {message}")
-        assert line["tp"] == rank and line["bytes_per_token"] == info["int2_bytes"]
+        assert line["tp"] == rank and line["bytes_per_token"] == info.int2_bytes
         assert line["tokens"] == config.max_total_num_tokens
         assert line["requests"] == config.max_running_requests
 

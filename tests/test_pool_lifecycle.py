@@ -17,7 +17,6 @@ too: every row is either free or owned by exactly one slot, and that slot is not
 """
 
 import math
-import types
 
 import pytest
 import torch
@@ -322,16 +321,25 @@ def test_window_request_capacity_fits_budget():
     assert window_request_capacity(tokens, budgeted_cell_bytes(20_736, 0.0), 0.0, per_request) < 1
 
 
+class Configurator:
+    """Stands in for SGLang's DefaultPoolConfigurator: the cell size it keeps."""
+
+    def __init__(self, cell_size: int):
+        self._cell_size = cell_size
+
+
 def _configurator(explicit_requests: bool, fraction: float = 0.10):
-    """What compute_cell_size leaves on SGLang's DefaultPoolConfigurator, for Qwen3-8B."""
-    from oscar_sglang.sizing import budgeted_cell_bytes
+    """A configurator with what compute_cell_size records for it, for Qwen3-8B."""
+    from oscar_sglang import sizing
 
     fmt = OscarFormat(128)
-    info = dict(explicit_requests=explicit_requests, page_size=16, fraction=fraction,
-                window_bytes=fmt.window_bytes_per_request(36, 8), sink_bytes=9_437_184,
-                sink_rows=64, int2_bytes=20_736, bf16_bytes=147_456, bits=2.25, key_bits=2, group=128)
-    cell = 20_736 if explicit_requests else budgeted_cell_bytes(20_736, fraction)
-    return types.SimpleNamespace(_oscar=info, _cell_size=cell)
+    cell = 20_736 if explicit_requests else sizing.budgeted_cell_bytes(20_736, fraction)
+    configurator = Configurator(cell)
+    sizing._SIZINGS[configurator] = sizing.PoolSizing(
+        fmt=fmt, explicit_requests=explicit_requests, page_size=16, window_fraction=fraction,
+        window_bytes=fmt.window_bytes_per_request(36, 8), sink_bytes=9_437_184, int2_bytes=20_736,
+        bf16_bytes=147_456)
+    return configurator
 
 
 def test_explicit_max_running_requests_gets_its_window_rows():
