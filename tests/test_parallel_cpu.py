@@ -11,7 +11,7 @@
   get_parallel().override(attn_tp_size, attn_tp_rank): bytes per token, pool heads, window
   rows and sink pool per rank, against SGLang's own per-rank BF16 cell size; each rank logs its
   capacity line.
-- The pure helpers of tests/gpu/test_parallel_gpu.py (random checkpoint, per-head rotations,
+- The helpers of tests/parallel_cases.py (random checkpoint, per-head rotations,
   agreement and margin, capacity-line parsing).
 
 tests/test_tensor_parallel_slicing.py has the fixed kv_head_range table and one rank's slice.
@@ -19,20 +19,17 @@ tests/test_tensor_parallel_slicing.py has the fixed kv_head_range table and one 
 
 import json
 import logging
-import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
 from oscar_sglang.kernels.format import OscarFormat
 from oscar_sglang.kernels.rotation_file import RotationSet, load_rotations, save_rotations
 
+import parallel_cases
 from oscar_sglang import sizing
 from oscar_sglang.served_rotations import kv_head_range
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "gpu"))
-import test_parallel_gpu as gpu_helpers  # plain functions; starts nothing
 
 pytestmark = pytest.mark.usefixtures("oscar_env")
 
@@ -57,7 +54,7 @@ def write_model(tmp_path, **changes):
 
 def per_head_file(tmp_path, num_kv_heads=8, seed=3):
     path = tmp_path / f"per-head-{num_kv_heads}.oscar.safetensors"
-    save_rotations(str(path), gpu_helpers.per_head_rotations(LAYERS, num_kv_heads, HEAD_DIM,
+    save_rotations(str(path), parallel_cases.per_head_rotations(LAYERS, num_kv_heads, HEAD_DIM,
                                                              seed=seed, model_name="tiny"))
     return path
 
@@ -258,7 +255,7 @@ def test_each_rank_sizes_and_builds_its_own_heads(published, caplog, tp):
         # each rank logs its own capacity line; with SGLang's "[time TPr]" prefix the GPU
         # test's parser reads it back
         (message,) = [r.getMessage() for r in caplog.records if "OSCAR-2 KV cache" in r.getMessage()]
-        (line,) = gpu_helpers.capacity_lines(f"[2026-11-23 10:00:00 TP{rank}] {message}")
+        (line,) = parallel_cases.capacity_lines(f"[2026-11-23 10:00:00 TP{rank}] {message}")
         assert line["tp"] == rank and line["bytes_per_token"] == info.int2_bytes
         assert line["tokens"] == config.max_total_num_tokens
         assert line["requests"] == config.max_running_requests
@@ -273,17 +270,17 @@ def test_random_checkpoint_loads_into_transformers_qwen3(tmp_path):
 
     config = dict(QWEN3_8B_LIKE, num_attention_heads=4, num_key_value_heads=2,
                   intermediate_size=64, hidden_size=64)
-    gpu_helpers.write_random_checkpoint(tmp_path, config, seed=5)
+    parallel_cases.write_random_checkpoint(tmp_path, config, seed=5)
     assert json.loads((tmp_path / "config.json").read_text()) == config
     state = load_file(str(tmp_path / "model.safetensors"))
     model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**config))
     model.load_state_dict(state, strict=True)  # every name and shape of a Qwen3 checkpoint
     assert all(t.dtype == torch.bfloat16 for t in state.values())
     q = state["model.layers.1.self_attn.q_proj.weight"].float()
-    assert abs(q.std().item() - gpu_helpers.INIT_STD) < 0.003
+    assert abs(q.std().item() - parallel_cases.INIT_STD) < 0.003
     assert torch.equal(state["model.norm.weight"], torch.ones(64, dtype=torch.bfloat16))
     again = tmp_path / "again"
-    gpu_helpers.write_random_checkpoint(again, config, seed=5)
+    parallel_cases.write_random_checkpoint(again, config, seed=5)
     assert torch.equal(load_file(str(again / "model.safetensors"))["lm_head.weight"],
                        state["lm_head.weight"])  # seeded: the same file every time
 
@@ -297,10 +294,10 @@ def test_per_head_rotations_are_orthogonal_and_distinct(tmp_path):
 
 
 def test_prompt_set_is_fixed_and_has_no_shared_prefixes():
-    a, b = gpu_helpers.prompt_set(16), gpu_helpers.prompt_set(16)
+    a, b = parallel_cases.prompt_set(16), parallel_cases.prompt_set(16)
     assert a == b and len({p[0] for p in a}) == 16
     assert all(64 <= len(p) <= 1536 for p in a)
-    assert all(gpu_helpers.TOKEN_LO <= t < gpu_helpers.TOKEN_HI for p in a for t in p)
+    assert all(parallel_cases.TOKEN_LO <= t < parallel_cases.TOKEN_HI for p in a for t in p)
 
 
 def _run(*outputs, gaps=0.5):
@@ -309,14 +306,14 @@ def _run(*outputs, gaps=0.5):
 
 def test_agreement_and_margin():
     ref = _run([1, 2, 3, 4], [5, 6, 7, 8], [9, 9, 9, 9], [1, 1, 1, 1])
-    bf16 = gpu_helpers.agreement(ref, _run([1, 2, 3, 4], [5, 6, 0, 0], [9, 9, 9, 9], [1, 1, 1, 1]))
+    bf16 = parallel_cases.agreement(ref, _run([1, 2, 3, 4], [5, 6, 0, 0], [9, 9, 9, 9], [1, 1, 1, 1]))
     assert bf16["identical"] == 3 and bf16["divergences"] == [
         {"index": 1, "position": 2, "top2_gap": 0.5}]
     assert bf16["mean_agreed_fraction"] == pytest.approx((1 + 0.5 + 1 + 1) / 4)
-    close = gpu_helpers.agreement(ref, _run([1, 2, 3, 4], [5, 6, 7, 0], [9, 9, 9, 0], [1, 1, 1, 1]))
-    assert gpu_helpers.within_margin(close, bf16, margin=0.25) == []
-    broken = gpu_helpers.agreement(ref, _run([0] * 4, [0] * 4, [9, 0, 0, 0], [1, 0, 0, 0]))
-    problems = gpu_helpers.within_margin(broken, bf16, margin=0.25)
+    close = parallel_cases.agreement(ref, _run([1, 2, 3, 4], [5, 6, 7, 0], [9, 9, 9, 0], [1, 1, 1, 1]))
+    assert parallel_cases.within_margin(close, bf16, margin=0.25) == []
+    broken = parallel_cases.agreement(ref, _run([0] * 4, [0] * 4, [9, 0, 0, 0], [1, 0, 0, 0]))
+    problems = parallel_cases.within_margin(broken, bf16, margin=0.25)
     assert len(problems) == 2 and "0/4 generations identical, BF16 3/4" in problems[0]
 
 
@@ -332,11 +329,13 @@ def test_capacity_lines_name_their_ranks():
         "window rows for 8 running requests; sink pool of 512 BF16 rows (0.04 GB)\n"
         "[2026-11-23 15:17:29 TP0] OSCAR window rows: 8 requests x 192 BF16 rows, 0.12 GB\n"
     )
-    single, ranked = gpu_helpers.capacity_lines(text)
+    single, ranked = parallel_cases.capacity_lines(text)
     assert (single["tp"], single["dp"], single["bytes_per_token"]) == (None, None, 20736)
     assert (ranked["tp"], ranked["dp"], ranked["tokens"], ranked["ratio"]) == (1, 1, 1_500_000, 6.42)
-    assert gpu_helpers.window_lines(text) == ["2026-11-23 15:17:29 TP0"]
-    assert gpu_helpers.int2_bytes_per_token({"head_dim": 128, "num_hidden_layers": 36}, 4) == 10368
-    assert gpu_helpers.speedup({"metrics": {"output_tok_s": 1000.0}},
+    assert parallel_cases.window_lines(text) == ["2026-11-23 15:17:29 TP0"]
+    qwen3_8b = {"head_dim": 128, "num_hidden_layers": 36}
+    assert parallel_cases.int2_bytes_per_token(qwen3_8b, 4) == 14976  # 4-bit keys, 4 KV heads
+    assert parallel_cases.int2_bytes_per_token(qwen3_8b, 4, key_bits=2) == 10368
+    assert parallel_cases.speedup({"metrics": {"output_tok_s": 1000.0}},
                                {"metrics": {"output_tok_s": 1700.0}}) == pytest.approx(1.7)
-    assert gpu_helpers.speedup({"metrics": {}}, {"metrics": {"output_tok_s": 1.0}}) is None
+    assert parallel_cases.speedup({"metrics": {}}, {"metrics": {"output_tok_s": 1.0}}) is None
