@@ -26,7 +26,6 @@ from oscar_sglang.kernels import reference
 from oscar_sglang.kernels.decode import decode_attention_int2
 from oscar_sglang.kernels.shared_prefix import find_shared_prefixes
 from oscar_sglang.kernels.extend import extend_attention_int2, flashinfer_extend_wrapper, plan_flashinfer_extend
-from oscar_sglang.kernels.quantize import write_kv_int2
 from oscar_sglang.nonfinite import NonFiniteReporter
 from oscar_sglang.pool import OscarTokenToKVPool
 
@@ -188,10 +187,11 @@ class OscarAttnBackend(TritonAttnBackend):
                                                 layer.tp_q_head_num // layer.tp_k_head_num)
         return self._shared
 
-    def _write(self, layer, forward_batch, k, v, window_rows):
-        lay = self.pool.layer(layer.layer_id)
-        write_kv_int2(k, v, forward_batch.out_cache_loc, lay, window_rows, self.nonfinite.flag(layer.layer_id))
-        return lay
+    def _save_kv(self, layer, forward_batch, k, v, window_rows):
+        """The new tokens into the pool, which writes its own format, with this forward's
+        window rows and the layer's non-finite flag (oscar_sglang.nonfinite)."""
+        self.pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v, window_rows=window_rows,
+                                nonfinite_flag=self.nonfinite.flag(layer.layer_id))
 
     @staticmethod
     def _check_layer(layer, sinks):
@@ -209,8 +209,9 @@ class OscarAttnBackend(TritonAttnBackend):
         k = k.reshape(-1, layer.tp_k_head_num, d)
         v = v.reshape(-1, layer.tp_v_head_num, d)
         rows, starts = self._token_windows(layer, forward_batch, q.shape[0], decode=decode)
-        lay = self._write(layer, forward_batch, k, v, rows) if save_kv_cache else self.pool.layer(layer.layer_id)
-        return q, k, v, starts, (lay, layer.scaling)
+        if save_kv_cache:
+            self._save_kv(layer, forward_batch, k, v, rows)
+        return q, k, v, starts, (self.pool.layer(layer.layer_id), layer.scaling)
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None, **kwargs):
         self._check_layer(layer, sinks)

@@ -32,6 +32,7 @@ from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, move_kv_cache_nat
 
 from oscar_sglang.kernels.format import OscarFormat
 from oscar_sglang.kernels.layer_cache import LayerCache
+from oscar_sglang.kernels.quantize import write_kv_int2
 from oscar_sglang.kernels.reference import decode_kv
 from oscar_sglang.kernels.rotation_file import RotationSet
 
@@ -244,10 +245,22 @@ class OscarTokenToKVPool(MHATokenToKVPool):
         return (k_bytes + sum(w.nbytes for w in (*self.k_window, *self.k_sink)),
                 v_bytes + sum(w.nbytes for w in (*self.v_window, *self.v_sink)))
 
-    def set_kv_buffer(self, *args, **kwargs):
-        raise RuntimeError(
-            "the OSCAR KV pool is written by the 'oscar' attention backend only; a model or "
-            "backend that writes the KV cache directly cannot run with --kv-quant oscar")
+    def set_kv_buffer(self, layer, loc: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                      k_scale=None, v_scale=None, layer_id_override=None, *,
+                      window_rows: torch.Tensor | None = None, nonfinite_flag: torch.Tensor | None = None):
+        """Rotate, clip, quantize and store new tokens of one layer (kernels.quantize.write_kv_int2).
+
+        loc: [T] slots; cache_k, cache_v: [T, H_kv, D] (keys post-RoPE); window_rows: [T] window
+        row of each token (`window_rows_for`, -1: none), which only the 'oscar' attention
+        backend knows; nonfinite_flag: the layer's oscar_sglang.nonfinite flag. A write without
+        window rows (SGLang's signature: a model or backend writing the cache directly) would
+        leave the recent window stale, so it is refused."""
+        if window_rows is None or k_scale is not None or v_scale is not None:
+            raise RuntimeError(
+                "the OSCAR KV pool is written by the 'oscar' attention backend only; a model or "
+                "backend that writes the KV cache directly cannot run with --kv-quant oscar")
+        layer_id = layer.layer_id if layer_id_override is None else layer_id_override
+        write_kv_int2(cache_k, cache_v, loc, self.layer(layer_id), window_rows, nonfinite_flag)
 
     def _move_kv_cache_impl(self, tgt_loc: torch.Tensor, src_loc: torch.Tensor):
         move_kv_cache_native(self.k_buffer, self.v_buffer, tgt_loc, src_loc)

@@ -279,18 +279,23 @@ def test_backend_passes_flags_and_checks_on_graph_replay(caplog, monkeypatch):
     from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 
     from oscar_sglang.backend import OscarAttnBackend
+    from oscar_sglang.kernels.rotation_file import data_free_rotations
+    from oscar_sglang.pool import OscarTokenToKVPool
 
     caplog.set_level(logging.WARNING, logger="oscar_sglang.nonfinite")
     monkeypatch.setattr(TritonAttnBackend, "init_forward_metadata_out_graph", lambda self, fb, in_capture=False: None)
-    cache = make_cache(FMT, KV_HEADS, 4, 1, True, torch.Generator().manual_seed(4))
     backend = OscarAttnBackend.__new__(OscarAttnBackend)
-    backend.pool = SimpleNamespace(layer=lambda layer_id: cache)
+    backend.pool = OscarTokenToKVPool(4, 1, KV_HEADS, FMT.head_dim, 2, "cpu", False, fmt=FMT,
+                                      rotations=data_free_rotations(8, KV_HEADS, FMT.head_dim),
+                                      start_layer=6, end_layer=8)
+    backend.pool.allocate_windows(1)
     backend.fmt = FMT
     backend.nonfinite = NonFiniteReporter(num_layers=2, start_layer=6, device="cpu")
     k = torch.randn(2, KV_HEADS, FMT.head_dim).bfloat16()
     k[1, 0, 3] = NAN
-    backend._write(SimpleNamespace(layer_id=7), SimpleNamespace(out_cache_loc=torch.tensor([3, 0])), k, k.abs(),
-                   torch.tensor([-1, -1]))
+    backend._save_kv(SimpleNamespace(layer_id=7), SimpleNamespace(out_cache_loc=torch.tensor([3, 0])), k, k.abs(),
+                     torch.tensor([-1, -1]))
+    assert (backend.pool.k_scale_buffer[1][0, 0] == 0).all()  # layer 7, slot 0, KV head 0: stored as zeros
     assert backend.nonfinite.flags.tolist() == [0, 1]
     backend.init_forward_metadata_out_graph(None, in_capture=True)
     assert warnings_of(caplog) == []
