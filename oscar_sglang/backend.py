@@ -143,7 +143,7 @@ class OscarAttnBackend(TritonAttnBackend):
         has free; the others fall back to dequantization when restored). Returns the
         (window rows, sink rows) pairs forward_extend copies after the write, or None."""
         fmt = self.fmt
-        if self.pool.sink_capacity == 0:
+        if self.pool.sinks.capacity == 0:
             return None
         tokens, window_rows, offset = [], [], 0
         for idx, prefix, length in zip(indices, forward_batch.extend_prefix_lens_cpu,
@@ -156,7 +156,7 @@ class OscarAttnBackend(TritonAttnBackend):
         if not tokens:
             return None
         loc = forward_batch.out_cache_loc
-        return self.pool.assign_sink_rows(loc[torch.tensor(tokens, device=loc.device)], window_rows)
+        return self.pool.sinks.assign(loc[torch.tensor(tokens, device=loc.device)], window_rows)
 
     def _token_windows(self, layer, forward_batch, num_tokens: int, decode: bool):
         """(window_rows [T], window_starts [B]) for this forward; computed at the first layer

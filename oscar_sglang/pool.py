@@ -12,20 +12,12 @@ built and validated once per layer after the window rows exist).
 The radix tree shares slots; every slot always holds INT2 codes, so sharing needs nothing
 from this pool. Window rows belong to the request (indexed by req_pool_idx).
 
-Sink pool: so that a prefix cached in the radix tree keeps
-exact BF16 sinks, a small store of BF16 rows per layer ([C, H_kv, D], K and V) is keyed by
-slot: `sink_row_of_slot[slot]` is the store row holding the exact rotated K/V of that slot
-(-1: none). Rows are assigned to the slots of positions < S when an extend batch writes them
-(`assign_sink_rows`, host side, outside CUDA graphs) and filled from the request's window rows
-after the write kernel (`save_sinks`); `restore_windows` copies them back for a radix hit
-(falling back to dequantized codes for slots without a row); the allocator's free / clear
-hooks (oscar_sglang.plugin) release them (`release_sink_rows` / `reset_sink_rows`) when their
-slots go back to its free list. Releasing is GPU-only (no host sync inside the scheduler's free
-paths): released rows are flagged in a device mask and moved to the host free list the next
-time `assign_sink_rows` runs short.
+Sink pool: exact BF16 sinks of radix-cached prefixes, kept by slot in `sinks`
+(oscar_sglang.sink_store.SinkStore), which `restore_windows` prefers over dequantized codes.
 """
 
 import logging
+
 import torch
 from sglang.srt.constants import GPU_MEMORY_TYPE_KV_CACHE
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, move_kv_cache_native
@@ -35,6 +27,7 @@ from oscar_sglang.kernels.layer_cache import LayerCache
 from oscar_sglang.kernels.quantize import write_kv_int2
 from oscar_sglang.kernels.reference import decode_kv
 from oscar_sglang.kernels.rotation_file import RotationSet
+from oscar_sglang.sink_store import SinkStore
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +46,7 @@ class OscarTokenToKVPool(MHATokenToKVPool):
         self._layers: list[LayerCache] = []
         self.window_requests = 0
         self.sink_rows_per_request = sink_rows_per_request
-        self.sink_capacity = 0
-        self.k_sink: list[torch.Tensor] = []
-        self.v_sink: list[torch.Tensor] = []
-        self._sink_free: list[int] = []
+        self.clears = 0
         # dtype uint8 also keeps model code that writes BF16 caches directly off this pool
         super().__init__(size, page_size, torch.uint8, head_num, head_dim, layer_num, device,
                          enable_memory_saver, start_layer=start_layer, end_layer=end_layer,
@@ -79,10 +69,7 @@ class OscarTokenToKVPool(MHATokenToKVPool):
             self.v_scale_buffer = buffers(fmt.meta_shape(rows, heads), torch.float16)
         self.dq_k_buffer = self.dq_v_buffer = None
         self._layers = []
-        # sink-pool row of each slot (-1: none); sized like the slot buffers
-        self.sink_row_of_slot = torch.full((rows,), -1, dtype=torch.int32, device=self.device)
-        self._sink_released = torch.zeros(1, dtype=torch.bool, device=self.device)
-        self.clears = 0
+        self.sinks = SinkStore(rows, self.layer_num, heads, fmt.head_dim, self.device, self.memory_saver_adapter)
         self._kv_buffer_descs = self._build_kv_buffer_descs()
         self._init_data_ptrs_and_strides()
 
@@ -99,86 +86,19 @@ class OscarTokenToKVPool(MHATokenToKVPool):
         logger.info("OSCAR window rows: %d requests x %d BF16 rows, %.2f GB", num_requests,
                     self.fmt.window_rows, 2 * len(self.k_window) * self.k_window[0].nbytes / 2**30)
         if self.sink_rows_per_request > 0:
-            self._allocate_sink_store(num_requests * self.sink_rows_per_request)
+            self.sinks.allocate(num_requests * self.sink_rows_per_request, self.fmt.sink_tokens)
 
-    # ---- sink pool ------------------------------------------------------------------------
-
-    def _allocate_sink_store(self, capacity: int) -> None:
-        shape = (capacity, self.head_num, self.fmt.head_dim)
-        with self.memory_saver_adapter.region(GPU_MEMORY_TYPE_KV_CACHE):
-            self.k_sink = [torch.zeros(shape, dtype=torch.bfloat16, device=self.device) for _ in range(self.layer_num)]
-            self.v_sink = [torch.zeros(shape, dtype=torch.bfloat16, device=self.device) for _ in range(self.layer_num)]
-        self.sink_capacity = capacity
-        # one entry more than rows: releases of slots without a row flag that dummy entry
-        self._sink_released = torch.zeros(capacity + 1, dtype=torch.bool, device=self.device)
-        self.reset_sink_rows()
-        row_bytes = 2 * self.layer_num * self.head_num * self.fmt.head_dim * 2
-        logger.info("OSCAR sink pool: %d BF16 rows (%d sequence starts of %d sinks), %.2f GB",
-                    capacity, capacity // max(self.fmt.sink_tokens, 1), self.fmt.sink_tokens,
-                    capacity * row_bytes / 2**30)
-
-    def reset_sink_rows(self) -> None:
-        """Every slot is free (the allocator's clear()): every sink row is free. Counted in
+    def clear_slots(self) -> None:
+        """Every slot is free (the allocator's clear()): so is every sink row. Counted in
         `clears`, since flush_cache also restarts SGLang's request generations, which the
         backend uses to know which requests' window rows it filled."""
         self.clears += 1
-        self.sink_row_of_slot.fill_(-1)
-        self._sink_released.zero_()
-        self._sink_free = list(range(self.sink_capacity - 1, -1, -1))
-
-    def release_sink_rows(self, free_index: torch.Tensor) -> None:
-        """The slots `free_index` went back to the allocator's free list: release their sink
-        rows. Device ops only (no host sync): the rows are flagged in `_sink_released`."""
-        if self.sink_capacity == 0 or free_index.numel() == 0:
-            return
-        slots = free_index.to(self.sink_row_of_slot.device)
-        rows = self.sink_row_of_slot[slots]
-        self.sink_row_of_slot[slots] = -1
-        self._sink_released[torch.where(rows >= 0, rows, self.sink_capacity)] = True
-
-    def _harvest_released_sink_rows(self) -> None:
-        """Move rows released since the last call to the host free list (syncs the device).
-        Only the flags read are cleared: a release still in flight on another stream (the
-        scheduler frees on its stream while the forward stream assigns) is harvested next time."""
-        released = torch.nonzero(self._sink_released[:self.sink_capacity]).flatten()
-        if released.numel():
-            self._sink_released[released] = False
-            self._sink_free.extend(released.tolist())
-
-    def sink_rows_free(self) -> int:
-        """Free sink rows (syncs the device; for logging and tests)."""
-        self._harvest_released_sink_rows()
-        return len(self._sink_free)
-
-    def sink_rows_used(self) -> int:
-        """Sink rows owned by a slot (syncs the device; for logging and tests)."""
-        return int((self.sink_row_of_slot >= 0).sum())
-
-    def assign_sink_rows(self, slots: torch.Tensor, window_rows: list[int]):
-        """Give sink rows to the slots of new positions < S of an extend batch, as far as free
-        rows last. Host side (not inside a CUDA graph). slots: [n] slot ids on the device;
-        window_rows: the n window rows the write kernel fills for them. Returns
-        (window_rows, sink_rows) device tensors of the pairs `save_sinks` copies, or None."""
-        n = len(window_rows)
-        if self.sink_capacity == 0 or n == 0:
-            return None
-        if len(self._sink_free) < n:
-            self._harvest_released_sink_rows()
-        k = min(n, len(self._sink_free))
-        if k == 0:
-            return None
-        rows = [self._sink_free.pop() for _ in range(k)]
-        slots = slots[:k].to(self.sink_row_of_slot.device)
-        self.release_sink_rows(slots)  # a fresh slot has none; never leak one if it had
-        rows = torch.tensor(rows, dtype=torch.int64, device=self.device)
-        self.sink_row_of_slot[slots] = rows.to(torch.int32)
-        return torch.tensor(window_rows[:k], dtype=torch.int64, device=self.device), rows
+        self.sinks.reset()
 
     def save_sinks(self, layer_id: int, window_rows: torch.Tensor, sink_rows: torch.Tensor) -> None:
         """Copy one layer's freshly written window rows into their sink-pool rows."""
         i = layer_id - self.start_layer
-        self.k_sink[i].index_copy_(0, sink_rows, self.k_window[i].index_select(0, window_rows))
-        self.v_sink[i].index_copy_(0, sink_rows, self.v_window[i].index_select(0, window_rows))
+        self.sinks.save(i, self.k_window[i], self.v_window[i], window_rows, sink_rows)
 
     def layer(self, layer_id: int) -> LayerCache:
         """The kernels' view of one layer (needs `allocate_windows` first)."""
@@ -226,15 +146,15 @@ class OscarTokenToKVPool(MHATokenToKVPool):
         req, pos, length, index = torch.tensor(entries, dtype=torch.int64).to(self.device).unbind(1)
         rows = self.window_rows_for(req, pos, length)
         src = torch.cat([slots for _, slots in requests]).to(self.device)[index].long()
-        exact = self.sink_capacity > 0 and any_sink
+        exact = self.sinks.capacity > 0 and any_sink
         if exact:  # no host sync: slots without a sink row select the dequantized values
-            sink_rows = self.sink_row_of_slot[src]
+            sink_rows = self.sinks.row_of_slot[src]
             has_row = ((pos < fmt.sink_tokens) & (sink_rows >= 0))[:, None, None]
             at = sink_rows.clamp(min=0).long()
         for i in range(self.layer_num):
             for codes, meta, window, store in (
-                    (self.k_buffer[i], self.k_scale_buffer[i], self.k_window[i], self.k_sink),
-                    (self.v_buffer[i], self.v_scale_buffer[i], self.v_window[i], self.v_sink)):
+                    (self.k_buffer[i], self.k_scale_buffer[i], self.k_window[i], self.sinks.k),
+                    (self.v_buffer[i], self.v_scale_buffer[i], self.v_window[i], self.sinks.v)):
                 values = decode_kv(codes[src], meta[src], fmt).to(torch.bfloat16)
                 if exact:
                     values = torch.where(has_row, store[i][at], values)
@@ -242,8 +162,8 @@ class OscarTokenToKVPool(MHATokenToKVPool):
 
     def get_kv_size_bytes(self):
         k_bytes, v_bytes = super().get_kv_size_bytes()
-        return (k_bytes + sum(w.nbytes for w in (*self.k_window, *self.k_sink)),
-                v_bytes + sum(w.nbytes for w in (*self.v_window, *self.v_sink)))
+        return (k_bytes + sum(w.nbytes for w in (*self.k_window, *self.sinks.k)),
+                v_bytes + sum(w.nbytes for w in (*self.v_window, *self.sinks.v)))
 
     def set_kv_buffer(self, layer, loc: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
                       k_scale=None, v_scale=None, layer_id_override=None, *,
@@ -268,11 +188,7 @@ class OscarTokenToKVPool(MHATokenToKVPool):
         # [pages, page_size, H, D] layout and would move only head 0: hand it 3-D views
         move_kv_cache_native([m.flatten(2) for m in self.k_scale_buffer],
                              [m.flatten(2) for m in self.v_scale_buffer], tgt_loc, src_loc)
-        # sink rows follow their slot
-        self.release_sink_rows(tgt_loc)
-        moved = self.sink_row_of_slot[src_loc]
-        self.sink_row_of_slot[src_loc] = -1
-        self.sink_row_of_slot[tgt_loc] = moved
+        self.sinks.move(tgt_loc, src_loc)
 
     def get_cpu_copy(self, indices, mamba_indices=None):
         raise NotImplementedError("KV offload to CPU (hierarchical cache) is not supported with --kv-quant oscar")

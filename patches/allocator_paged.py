@@ -23,7 +23,7 @@ def paged_allocator_release_page_ids(original, allocator, *page_ids):
         for pages in page_ids:
             if pages.numel():
                 offsets = torch.arange(allocator.page_size, device=pages.device)
-                pool.release_sink_rows((pages.to(torch.int64)[:, None] * allocator.page_size
+                pool.sinks.release((pages.to(torch.int64)[:, None] * allocator.page_size
                                         + offsets).flatten())
     return result
 

@@ -1,5 +1,5 @@
 """Hooks on sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator: slots going back to the
-free list release their sink-pool rows (OscarTokenToKVPool.release_sink_rows / reset_sink_rows),
+free list release their sink-pool rows (SinkStore.release / OscarTokenToKVPool.clear_slots),
 so a reused slot never inherits another sequence's exact sink.
 
 In SGLang 0.5.17 free() is where this allocator puts slots back (free_segment(s) and
@@ -34,7 +34,7 @@ def token_allocator_free(original, allocator, free_index):
     result = original(allocator, free_index)
     pool = oscar_pool(allocator)
     if releasing and pool is not None:
-        pool.release_sink_rows(free_index)
+        pool.sinks.release(free_index)
     return result
 
 
@@ -43,7 +43,7 @@ def allocator_clear(original, allocator):
     result = original(allocator)
     pool = oscar_pool(allocator)
     if pool is not None:
-        pool.reset_sink_rows()
+        pool.clear_slots()
     return result
 
 

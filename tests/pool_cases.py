@@ -71,15 +71,15 @@ def backend_assign_sink_rows(pool: OscarTokenToKVPool, req_pool_idx: int, prefix
 
 def check_sink_books(pool: OscarTokenToKVPool, free_units, page_size: int = 1):
     """Every sink row is free or owned by exactly one slot, and no free slot owns one."""
-    slot_rows = pool.sink_row_of_slot
+    slot_rows = pool.sinks.row_of_slot
     owners = torch.nonzero(slot_rows >= 0).flatten()
     rows = slot_rows[owners].tolist()
     assert len(rows) == len(set(rows)), "two slots share a sink row"
-    free_rows = pool._sink_free + torch.nonzero(pool._sink_released[:pool.sink_capacity]).flatten().tolist()
+    free_rows = pool.sinks.unharvested_free_rows()
     assert len(free_rows) == len(set(free_rows)), "a sink row is free twice"
     assert not set(free_rows) & set(rows), "a sink row is both free and owned"
-    assert sorted(free_rows + rows) == list(range(pool.sink_capacity)), "sink rows leaked"
-    assert pool.sink_rows_free() + pool.sink_rows_used() == pool.sink_capacity
+    assert sorted(free_rows + rows) == list(range(pool.sinks.capacity)), "sink rows leaked"
+    assert pool.sinks.free_rows() + pool.sinks.used_rows() == pool.sinks.capacity
     stale = set((owners // page_size).tolist()) & set(free_units)
     assert not stale, f"free slots/pages {sorted(stale)[:8]} still own sink rows"
     return owners
@@ -288,8 +288,8 @@ class Stack:
         assert self.tree_slots().numel() == 0 and self.cache.evictable_size() == 0
         assert self.allocator.available_size() == self.capacity
         self.check_books([])
-        assert self.pool.sink_rows_used() == 0
-        assert self.pool.sink_rows_free() == self.pool.sink_capacity
+        assert self.pool.sinks.used_rows() == 0
+        assert self.pool.sinks.free_rows() == self.pool.sinks.capacity
 
 
 def new_req(rid: str, ids, max_new_tokens: int = 8) -> Req:
@@ -309,12 +309,12 @@ def assert_windows_restored(pool: OscarTokenToKVPool, req_idx: int, slots: torch
     bufs = expect_bufs or [pool.k_buffer, pool.k_scale_buffer, pool.v_buffer, pool.v_scale_buffer]
     for layer in range(LAYERS):
         for codes, meta, window, store in (
-                (bufs[0][layer], bufs[1][layer], pool.k_window[layer], pool.k_sink),
-                (bufs[2][layer], bufs[3][layer], pool.v_window[layer], pool.v_sink)):
+                (bufs[0][layer], bufs[1][layer], pool.k_window[layer], pool.sinks.k),
+                (bufs[2][layer], bufs[3][layer], pool.v_window[layer], pool.sinks.v)):
             for row in range(start, start + FMT.window_rows):
                 if row in rows:
                     slot = slots[rows[row]].long()
-                    sink_row = int(pool.sink_row_of_slot[slot])
+                    sink_row = int(pool.sinks.row_of_slot[slot])
                     if rows[row] < FMT.sink_tokens and sink_row >= 0:
                         want = store[layer][sink_row]
                     else:

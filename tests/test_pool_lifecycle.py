@@ -41,7 +41,7 @@ def test_shared_prefix_lifecycle_page1():
     assert len(a.prefix_indices) == 0 and a_slots.numel() == 40
     s.write_kv(a, 0, a_slots)
     a_sinks = s.window_sinks(a)  # A's exact rotated BF16 sinks
-    assert s.pool.sink_rows_used() == FMT.sink_tokens
+    assert s.pool.sinks.used_rows() == FMT.sink_tokens
     a.output_ids.append(900)
     s.cache.cache_unfinished_req(a)  # prefill done, not finished: the prompt enters the tree
     assert a.cache_protected_len == 40 and s.cache.protected_size() == 40
@@ -76,7 +76,7 @@ def test_shared_prefix_lifecycle_page1():
     s.check_books([b])
     assert not set(b_new.tolist()) & set(a_all.tolist())
     s.write_kv(b, 30, b_new)
-    assert s.pool.sink_rows_used() == FMT.sink_tokens  # B wrote no sink position
+    assert s.pool.sinks.used_rows() == FMT.sink_tokens  # B wrote no sink position
     # B's own chunk leaves the sink rows (positions 0..3 of the shared prefix) alone
     sink_rows = slice(b.req_pool_idx * FMT.window_rows, b.req_pool_idx * FMT.window_rows + FMT.sink_tokens)
     for layer in range(LAYERS):

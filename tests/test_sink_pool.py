@@ -76,20 +76,20 @@ def free_units(s: Stack):
 @pytest.mark.parametrize("page_size", [1, 4])
 def test_radix_hit_restores_exact_sinks_and_eviction_frees_them(page_size):
     s = Stack(capacity=64, page_size=page_size, max_reqs=3)
-    capacity = s.pool.sink_capacity
-    assert capacity == 3 * S and s.pool.sink_rows_free() == capacity
+    capacity = s.pool.sinks.capacity
+    assert capacity == 3 * S and s.pool.sinks.free_rows() == capacity
 
     a = new_req("a", list(range(100, 120)), max_new_tokens=1)
     s.write_kv(a, 0, s.admit(a))
     exact = s.window_sinks(a)  # A's rotated BF16 sinks as the write kernel stored them
     a_slots = s.row(a)[:20].to(torch.int64).clone()
-    assert s.pool.sink_rows_used() == S
-    assert (s.pool.sink_row_of_slot[a_slots[:S]] >= 0).all()
-    assert (s.pool.sink_row_of_slot[a_slots[S:]] == -1).all()
+    assert s.pool.sinks.used_rows() == S
+    assert (s.pool.sinks.row_of_slot[a_slots[:S]] >= 0).all()
+    assert (s.pool.sinks.row_of_slot[a_slots[S:]] == -1).all()
     a.output_ids.append(900)
     s.finish(a)  # prompt inserted into the tree; A's request row is free again
     s.check_books([])
-    assert s.pool.sink_rows_used() == S
+    assert s.pool.sinks.used_rows() == S
 
     # B shares 12 tokens: a radix hit on A's slots, sinks restored bit-exactly
     b = new_req("b", list(range(100, 112)) + list(range(300, 306)), max_new_tokens=1)
@@ -104,7 +104,7 @@ def test_radix_hit_restores_exact_sinks_and_eviction_frees_them(page_size):
     assert not torch.equal(decode_kv(codes, meta, FMT).bfloat16(), exact[0][0])
     assert_windows_restored(s.pool, b.req_pool_idx, a_slots[:12], untouched_poison=False)
     s.write_kv(b, 12, b_new)
-    assert s.pool.sink_rows_used() == S  # B's new positions are no sinks
+    assert s.pool.sinks.used_rows() == S  # B's new positions are no sinks
     s.check_books([b])
     b.output_ids.append(901)
     s.finish(b, insert=False)
@@ -113,9 +113,9 @@ def test_radix_hit_restores_exact_sinks_and_eviction_frees_them(page_size):
     # the tree evicts A's prefix, the allocator frees its slots: the rows go back
     s.cache.evict(EvictParams(num_tokens=64))
     assert s.allocator.available_size() == 64
-    assert s.pool.sink_rows_used() == 0
-    assert s.pool.sink_rows_free() == capacity  # free + used == capacity
-    assert (s.pool.sink_row_of_slot == -1).all()
+    assert s.pool.sinks.used_rows() == 0
+    assert s.pool.sinks.free_rows() == capacity  # free + used == capacity
+    assert (s.pool.sinks.row_of_slot == -1).all()
     check_sink_books(s.pool, free_units(s), page_size)
 
     # a request whose prefix was evicted gets fresh rows (the released ones are reused)
@@ -123,7 +123,7 @@ def test_radix_hit_restores_exact_sinks_and_eviction_frees_them(page_size):
     c_slots = s.admit(c)
     assert len(c.prefix_indices) == 0
     s.write_kv(c, 0, c_slots)
-    assert s.pool.sink_rows_used() == S
+    assert s.pool.sinks.used_rows() == S
     s.check_books([c])
     c.output_ids.append(1)
     s.finish(c)
@@ -138,13 +138,13 @@ def test_duplicate_prefill_releases_the_duplicates_rows():
     x_slots, y_slots = s.admit(x), s.admit(y)
     s.write_kv(x, 0, x_slots)
     s.write_kv(y, 0, y_slots)
-    assert s.pool.sink_rows_used() == 2 * S
+    assert s.pool.sinks.used_rows() == 2 * S
     for r in (x, y):
         r.output_ids.append(1)
         s.cache.cache_unfinished_req(r)
-    assert s.pool.sink_rows_used() == S
-    assert (s.pool.sink_row_of_slot[y_slots] == -1).all()
-    assert (s.pool.sink_row_of_slot[x_slots[:S]] >= 0).all()
+    assert s.pool.sinks.used_rows() == S
+    assert (s.pool.sinks.row_of_slot[y_slots] == -1).all()
+    assert (s.pool.sinks.row_of_slot[x_slots[:S]] >= 0).all()
     s.check_books([x, y])
     for r in (x, y):
         s.finish(r)
@@ -153,7 +153,7 @@ def test_duplicate_prefill_releases_the_duplicates_rows():
 
 def test_full_sink_pool_falls_back_to_dequantized_sinks():
     s = Stack(capacity=64, max_reqs=1)  # one request: S rows in all
-    assert s.pool.sink_capacity == S
+    assert s.pool.sinks.capacity == S
     a = new_req("a", list(range(100, 110)), max_new_tokens=1)
     s.write_kv(a, 0, s.admit(a))
     a.output_ids.append(1)
@@ -161,7 +161,7 @@ def test_full_sink_pool_falls_back_to_dequantized_sinks():
     b = new_req("b", list(range(200, 210)), max_new_tokens=1)  # no room left: no rows
     b_slots = s.admit(b)
     s.write_kv(b, 0, b_slots)
-    assert s.pool.sink_rows_used() == S and (s.pool.sink_row_of_slot[b_slots] == -1).all()
+    assert s.pool.sinks.used_rows() == S and (s.pool.sinks.row_of_slot[b_slots] == -1).all()
     b.output_ids.append(1)
     s.finish(b)
     s.check_books([])
@@ -182,10 +182,10 @@ def test_partial_assignment_and_mixed_restore():
     pool = small_pool(sink_rows=1, requests=2)  # 2 rows
     fill_random(pool)
     slots = torch.tensor([5, 9, 11, 20])
-    copy = pool.assign_sink_rows(slots, [12 + p for p in range(4)])
+    copy = pool.sinks.assign(slots, [12 + p for p in range(4)])
     window_rows, rows = copy
     assert window_rows.tolist() == [12, 13] and sorted(rows.tolist()) == [0, 1]
-    assert pool.sink_row_of_slot[slots].tolist()[2:] == [-1, -1]
+    assert pool.sinks.row_of_slot[slots].tolist()[2:] == [-1, -1]
     for layer in range(LAYERS):
         pool.save_sinks(layer, window_rows, rows)
     exact = sinks_of(pool, 1)
@@ -198,9 +198,9 @@ def test_partial_assignment_and_mixed_restore():
             assert torch.equal(restored[kv][layer][:2], exact[kv][layer][:2])
             deq = decode_kv(codes[layer][slots[2:]], meta[layer][slots[2:]], FMT).bfloat16()
             assert torch.equal(restored[kv][layer][2:], deq)
-    assert pool.assign_sink_rows(torch.tensor([30]), [12]) is None  # pool full
-    pool.release_sink_rows(torch.tensor([9, 20, 9]))  # a slot without a row, a repeat
-    assert pool.sink_rows_used() == 1 and pool.sink_rows_free() == 1
+    assert pool.sinks.assign(torch.tensor([30]), [12]) is None  # pool full
+    pool.sinks.release(torch.tensor([9, 20, 9]))  # a slot without a row, a repeat
+    assert pool.sinks.used_rows() == 1 and pool.sinks.free_rows() == 1
     check_sink_books(pool, [9, 20])
 
 
@@ -212,7 +212,7 @@ def test_restoring_several_requests_at_once_equals_one_by_one():
     for pool in (batched, single):
         fill_random(pool)
         written = torch.tensor([5, 9, 11, 20])
-        window_rows, rows = pool.assign_sink_rows(written, [12 + p for p in range(4)])
+        window_rows, rows = pool.sinks.assign(written, [12 + p for p in range(4)])
         for layer in range(LAYERS):
             pool.save_sinks(layer, window_rows, rows)
     gen = torch.Generator().manual_seed(3)
@@ -238,9 +238,9 @@ def test_backend_assigns_rows_for_new_sink_positions_only():
     window_rows, rows = OscarAttnBackend._assign_sink_rows(backend, batch, [1, 3, 2])
     wr = FMT.window_rows
     assert window_rows.tolist() == [wr + 0, wr + 1, wr + 2, wr + 3, 3 * wr + 2]
-    owners = torch.nonzero(pool.sink_row_of_slot >= 0).flatten().tolist()
+    owners = torch.nonzero(pool.sinks.row_of_slot >= 0).flatten().tolist()
     assert owners == [40, 41, 42, 43, 46]
-    assert pool.sink_row_of_slot[torch.tensor(owners)].tolist() == rows.tolist()
+    assert pool.sinks.row_of_slot[torch.tensor(owners)].tolist() == rows.tolist()
     decode = types.SimpleNamespace(extend_prefix_lens_cpu=[7], extend_seq_lens_cpu=[1],
                                    out_cache_loc=torch.tensor([50]))
     assert OscarAttnBackend._assign_sink_rows(backend, decode, [1]) is None
@@ -249,25 +249,25 @@ def test_backend_assigns_rows_for_new_sink_positions_only():
 # ---- allocator free paths ---------------------------------------------------------------------
 
 def owned(pool, slots):
-    return (pool.sink_row_of_slot[slots] >= 0).tolist()
+    return (pool.sinks.row_of_slot[slots] >= 0).tolist()
 
 
 def test_token_allocator_free_group_releases_at_group_end():
     pool = small_pool(size=32, requests=2)
     allocator = TokenToKVPoolAllocator(32, torch.uint8, "cpu", pool, need_sort=False)
     slots = allocator.alloc(8)
-    pool.assign_sink_rows(slots[:6], list(range(6)))
+    pool.sinks.assign(slots[:6], list(range(6)))
     allocator.free_group_begin()
     allocator.free(slots[:2])
     allocator.free_segments([(slots[2:4], 2)])  # free_segment -> free, queued too
     assert owned(pool, slots[:4]) == [True] * 4  # nothing is on the free list yet
     allocator.free_group_end()
     assert owned(pool, slots[:6]) == [False] * 4 + [True] * 2
-    assert pool.sink_rows_free() == 2 * S - 2
+    assert pool.sinks.free_rows() == 2 * S - 2
     check_sink_books(pool, allocator.free_pages.tolist())
     clears = pool.clears
     allocator.clear()  # flush_cache: the backend learns from `clears` to refill every window
-    assert pool.sink_rows_used() == 0 and pool.sink_rows_free() == 2 * S
+    assert pool.sinks.used_rows() == 0 and pool.sinks.free_rows() == 2 * S
     assert pool.clears == clears + 1
 
 
@@ -277,19 +277,19 @@ def test_paged_allocator_frees_whole_pages_in_and_out_of_groups():
     allocator = PagedTokenToKVPoolAllocator(32, ps, torch.uint8, "cpu", pool, need_sort=False)
     slots = allocator.alloc(16)  # pages p0..p3
     sinks = torch.cat([slots[1:3], slots[5:7], slots[9:11], slots[13:15]])
-    pool.assign_sink_rows(sinks, list(range(8)))
-    assert pool.sink_rows_used() == 8
+    pool.sinks.assign(sinks, list(range(8)))
+    assert pool.sinks.used_rows() == 8
     allocator.free(slots[3:4])  # one slot of p0: the page goes back, with slots 1 and 2
     assert owned(pool, sinks) == [False] * 2 + [True] * 6
     allocator.free_group_begin()
     allocator.free(slots[4:8])
     allocator.free_segment(slots[8:12], start_pos=0)  # page representatives, group path
-    assert pool.sink_rows_used() == 6
+    assert pool.sinks.used_rows() == 6
     allocator.free_group_end()
     assert owned(pool, sinks) == [False] * 6 + [True] * 2
     check_sink_books(pool, allocator.free_pages.tolist(), ps)
     allocator.free_segment(slots[12:16], start_pos=0)
-    assert pool.sink_rows_used() == 0 and pool.sink_rows_free() == 3 * S
+    assert pool.sinks.used_rows() == 0 and pool.sinks.free_rows() == 3 * S
     check_sink_books(pool, allocator.free_pages.tolist(), ps)
 
 
@@ -306,11 +306,11 @@ def test_allocator_hooks_leave_other_pools_alone():
 
 def test_move_kv_cache_moves_sink_rows_with_their_slots():
     pool = small_pool(size=32, requests=2)
-    pool.assign_sink_rows(torch.tensor([3, 4, 7]), [0, 1, 2])
-    before = pool.sink_row_of_slot.clone()
+    pool.sinks.assign(torch.tensor([3, 4, 7]), [0, 1, 2])
+    before = pool.sinks.row_of_slot.clone()
     pool.move_kv_cache(torch.tensor([20, 21]), torch.tensor([3, 5]))
-    assert pool.sink_row_of_slot[20] == before[3] and pool.sink_row_of_slot[21] == -1
-    assert pool.sink_row_of_slot[3] == -1 and pool.sink_row_of_slot[4] == before[4]
+    assert pool.sinks.row_of_slot[20] == before[3] and pool.sinks.row_of_slot[21] == -1
+    assert pool.sinks.row_of_slot[3] == -1 and pool.sinks.row_of_slot[4] == before[4]
     check_sink_books(pool, [3, 5])
 
 
@@ -318,7 +318,7 @@ def test_kv_size_counts_the_sink_store():
     pool = small_pool(size=40, sink_rows=S, requests=5)
     plain = small_pool(size=40, sink_rows=0, requests=5)
     sink_store = 5 * S * HEADS * HEAD_DIM * 2 * LAYERS
-    assert pool.sink_capacity == 5 * S and plain.sink_capacity == 0
+    assert pool.sinks.capacity == 5 * S and plain.sinks.capacity == 0
     assert tuple(pool.get_kv_size_bytes()) == tuple(b + sink_store for b in plain.get_kv_size_bytes())
 
 

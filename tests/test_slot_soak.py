@@ -213,7 +213,7 @@ class Soak:
         positions = [*range(sink_end), *range(recent_start, n)]
         rows = torch.tensor([FMT.window_row(start, p) for p in positions])
         src = slots[positions].long()
-        sink_rows = self.pool.sink_row_of_slot[src].long()
+        sink_rows = self.pool.sinks.row_of_slot[src].long()
         exact = (torch.tensor(positions) < FMT.sink_tokens) & (sink_rows >= 0)
         self.events["exact_sink_restores"] += bool(exact.any())
         real = exact & (self.exact_tag[src] == self.tag[src])
@@ -221,8 +221,8 @@ class Soak:
         for layer in range(LAYERS):
             lay = self.pool.layer(layer)
             for kv, (codes, meta, window, store) in enumerate((
-                    (lay.k_codes, lay.k_meta, lay.k_window, self.pool.k_sink[layer]),
-                    (lay.v_codes, lay.v_meta, lay.v_window, self.pool.v_sink[layer]))):
+                    (lay.k_codes, lay.k_meta, lay.k_window, self.pool.sinks.k[layer]),
+                    (lay.v_codes, lay.v_meta, lay.v_window, self.pool.sinks.v[layer]))):
                 want = decode_kv(codes[src], meta[src], FMT).to(torch.bfloat16)
                 want[exact] = store[sink_rows[exact]]
                 assert torch.equal(window[rows], want), "restored window rows != sink rows / codes"
@@ -432,8 +432,8 @@ def test_slot_soak():
     assert soak.cache.total_size() == 0 and not list(soak.nodes())
     assert soak.allocator.available_size() == CAPACITY
     soak.audit()
-    assert soak.pool.sink_rows_used() == 0
-    assert soak.pool.sink_rows_free() == soak.pool.sink_capacity
+    assert soak.pool.sinks.used_rows() == 0
+    assert soak.pool.sinks.free_rows() == soak.pool.sinks.capacity
 
     ev = soak.events
     print(f"\nslot soak: {NUM_REQUESTS} requests, {steps} steps, "
@@ -448,4 +448,4 @@ def test_slot_soak():
                             ("exact_sink_restores", 50), ("exact_sink_restores_on_real_kv", 3)):
         assert ev[event] >= at_least, f"soak exercised {event} only {ev[event]} times"
     assert soak.real_writes >= 3 and ev["hits_on_real_kv"] >= 1
-    assert ev["sink_rows_in_use_max"] == soak.pool.sink_capacity  # ran full
+    assert ev["sink_rows_in_use_max"] == soak.pool.sinks.capacity  # ran full
