@@ -16,7 +16,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from benchmarks.common import DEFAULT_RESULTS_DIR, markdown_table, parse_int_list
+from benchmarks.cli_args import parse_int_list
+from benchmarks.paths import DEFAULT_RESULTS_DIR
+from benchmarks.records import markdown_table
 from oscar_sglang.calibration.calibrate import calibrate
 from oscar_sglang.calibration.datasets import resolve_data, split_sequences, token_stream
 from oscar_sglang.calibration.harness import FormatResult, RetrievalSettings, language_metrics, machine, retrieval_metrics

@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from benchmarks.common import markdown_table
+from benchmarks.records import markdown_table
 from benchmarks.harness_args import add_harness_args
 from oscar_sglang.calibration.datasets import resolve_data, split_sequences, token_stream
 from oscar_sglang.calibration.harness import (

@@ -39,16 +39,9 @@ from oscar_sglang.kernels.format import DEFAULT_KEY_BITS, SUPPORTED_KEY_BITS, WI
 from oscar_sglang.kernels.layer_cache import LayerCache
 from oscar_sglang.kernels.shared_prefix import find_shared_prefixes
 
-from benchmarks.common import (
-    DEFAULT_RESULTS_DIR,
-    machine_info,
-    markdown_table,
-    now_iso,
-    parse_int_list,
-    plot_panels,
-    ratio,
-    write_json,
-)
+from benchmarks.cli_args import parse_int_list
+from benchmarks.paths import DEFAULT_RESULTS_DIR
+from benchmarks.records import machine_info, markdown_table, now_iso, plot_panels, ratio, write_json
 
 Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128  # Qwen3-8B attention layer
 CONTEXTS = [4096, 16384, 32768, 65536, 131072]

@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 from oscar_sglang.kernels import extend as ek
 
-from benchmarks.common import DEFAULT_RESULTS_DIR, machine_info, markdown_table, module_constants, now_iso, write_json
+from benchmarks.paths import DEFAULT_RESULTS_DIR
+from benchmarks.records import machine_info, markdown_table, module_constants, now_iso, write_json
 from benchmarks.decode_kernels import FLASHINFER_WORKSPACE_BYTES, median_us, release
 from benchmarks.tune_decode import D, KV_HEADS, PAGE, Q_HEADS, make_problem
 

@@ -3,7 +3,8 @@ through transformers (benchmarks/code_widths.py, benchmarks/partial_key_bits.py)
 
 from pathlib import Path
 
-from benchmarks.common import DEFAULT_RESULTS_DIR, parse_int_list
+from benchmarks.cli_args import parse_int_list
+from benchmarks.paths import DEFAULT_RESULTS_DIR
 from oscar_sglang.calibration.retrieval import PROMPT_STYLES
 
 

@@ -34,7 +34,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
-from benchmarks.common import DEFAULT_RESULTS_DIR, machine_info, markdown_table, module_constants, now_iso, write_json
+from benchmarks.paths import DEFAULT_RESULTS_DIR
+from benchmarks.records import machine_info, markdown_table, module_constants, now_iso, write_json
 
 TARGET = GPUTarget("cuda", 90, 32)  # H100
 Q_HEADS, KV_HEADS = 32, 8

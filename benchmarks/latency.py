@@ -78,28 +78,20 @@ import time
 import types
 from pathlib import Path
 
-from benchmarks.common import (
-    BASELINE,
-    OSCAR,
-    Budget,
-    add_common_args,
+from benchmarks.budget import Budget, run_configurations
+from benchmarks.cli_args import BASELINE, OSCAR, add_common_args, kv_flags, parse_int_list
+from benchmarks.model_dirs import resolve_model_path
+from benchmarks.processes import log_tail, managed_process, raise_keyboard_interrupt_on_sigterm, read_jsonl
+from benchmarks.records import (
     kv_flag_lines,
-    kv_flags,
     load_compatible,
-    log_tail,
     machine_info,
-    managed_process,
     markdown_table,
     merge_results,
     now_iso,
     ordered_configs,
-    parse_int_list,
     plot_panels,
-    raise_keyboard_interrupt_on_sigterm,
     ratio,
-    read_jsonl,
-    resolve_model_path,
-    run_configurations,
     write_results,
 )
 

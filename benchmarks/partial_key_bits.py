@@ -16,7 +16,8 @@ import sys
 
 import torch
 
-from benchmarks.common import markdown_table, parse_int_list
+from benchmarks.cli_args import parse_int_list
+from benchmarks.records import markdown_table
 from benchmarks.harness_args import add_harness_args
 from oscar_sglang.calibration.attention import (
     attention_override,

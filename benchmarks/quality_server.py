@@ -50,22 +50,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.common import (
-    DEFAULT_RESULTS_DIR,
-    flag_list,
+from benchmarks.cli_args import flag_list, kv_flags, parse_int_list, positive_int
+from benchmarks.paths import DEFAULT_RESULTS_DIR
+from benchmarks.processes import (
     free_port,
-    kv_flags,
     log_tail,
-    machine_info,
     managed_process,
-    markdown_table,
-    now_iso,
-    parse_int_list,
-    positive_int,
     raise_keyboard_interrupt_on_sigterm,
     wait_for_http_ok,
-    write_results,
 )
+from benchmarks.records import machine_info, markdown_table, now_iso, write_results
 from oscar_sglang.calibration.datasets import DataError, resolve_data, token_stream
 from oscar_sglang.calibration.harness import RetrievalSettings
 from oscar_sglang.calibration.retrieval import (

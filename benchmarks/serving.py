@@ -65,33 +65,36 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import (
+from benchmarks.budget import Budget, run_configurations
+from benchmarks.cli_args import (
     BASELINE,
     OSCAR,
-    Budget,
     add_common_args,
     add_parallel_args,
-    free_port,
-    kv_flag_lines,
     kv_flags,
-    load_compatible,
+    parallel_settings,
+    positive_int,
+)
+from benchmarks.model_dirs import resolve_model_path
+from benchmarks.processes import (
+    free_port,
     log_tail,
-    machine_info,
     managed_process,
+    raise_keyboard_interrupt_on_sigterm,
+    read_jsonl,
+    run_logged,
+    wait_for_http_ok,
+)
+from benchmarks.records import (
+    kv_flag_lines,
+    load_compatible,
+    machine_info,
     markdown_table,
     merge_results,
     now_iso,
     ordered_configs,
-    parallel_settings,
     plot_panels,
-    positive_int,
-    raise_keyboard_interrupt_on_sigterm,
     ratio,
-    read_jsonl,
-    resolve_model_path,
-    run_configurations,
-    run_logged,
-    wait_for_http_ok,
     write_results,
 )
 

@@ -41,7 +41,7 @@ from oscar_sglang.kernels import shared_prefix as sp
 from oscar_sglang.kernels.format import CODE_BITS, CODE_MAX, CODES_PER_BYTE, WINDOW_BYTES, OscarFormat
 from oscar_sglang.kernels.layer_cache import LayerCache
 
-from benchmarks.common import module_constants
+from benchmarks.records import module_constants
 from benchmarks.decode_kernels import paged_requests
 
 Q_HEADS, KV_HEADS, D = 32, 8, 128

@@ -1,6 +1,6 @@
 """Shared by the GPU tests that start a real SGLang server (test_server_gpu.py,
 test_soak_gpu.py): the dummy-weight Qwen3-8B folder with a chat template, the launch command
-(every child in its own process group, NVLink multicast off: benchmarks.common), waiting for the
+(every child in its own process group, NVLink multicast off: benchmarks.processes), waiting for the
 server, and small JSON-over-HTTP calls. Importable without CUDA; starts nothing on import.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
-from benchmarks import common
+from benchmarks import model_dirs, processes
 
 LOG_DIR = Path("/tmp/oscar-gpu-tests")
 STARTUP_TIMEOUT = 600.0
@@ -54,7 +54,7 @@ def request_status(port, path, method="GET", timeout=60):
 def model_dir():
     """The dummy-weight Qwen3-8B folder (config + tokenizer) with a ChatML template written in
     (the shared tokenizer has none)."""
-    model = common.prepare_model_dir(common.find_shared_models(), LOG_DIR / "models")
+    model = model_dirs.prepare_model_dir(model_dirs.find_shared_models(), LOG_DIR / "models")
     (model / "chat_template.jinja").write_text(CHATML)
     return model
 
@@ -69,9 +69,9 @@ def start_server(name, flags, env=()):
     with `flags` (everything but model, port and chat template) and `env` ("NAME=value"
     strings). Leaving the context manager stops the server's whole process group."""
     model = model_dir()
-    port = common.free_port()
+    port = processes.free_port()
     log = LOG_DIR / f"{name}.log"
-    return port, log, common.managed_process(server_command(model, port, flags, env), log)
+    return port, log, processes.managed_process(server_command(model, port, flags, env), log)
 
 
 @dataclass
@@ -95,10 +95,10 @@ def running_server(name, flags, env=(), timeout=STARTUP_TIMEOUT):
     port, log, process = start_server(name, flags, env)
     with process as proc:
         try:
-            common.wait_for_http_ok(url(port, "/health_generate"), proc, timeout=timeout)
+            processes.wait_for_http_ok(url(port, "/health_generate"), proc, timeout=timeout)
         except Exception as e:
             raise RuntimeError(f"server {name!r} did not start ({e}); log {log}:\n"
-                               f"{common.log_tail(log, 60)}") from e
+                               f"{processes.log_tail(log, 60)}") from e
         yield Server(name, port, log, proc)
 
 

@@ -2,7 +2,7 @@
 
 Needs at least two CUDA GPUs (skipped otherwise); run it on `nvidia-h200-x2`. Every process it
 starts gets NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1 and NVSHMEM_DISABLE_NVLS=1
-(benchmarks.common.GPU_ENV, through common.managed_process), the benchmark's servers and client
+(benchmarks.processes.GPU_ENV, through processes.managed_process), the benchmark's servers and client
 included.
 
 test_tp2_greedy_matches_tp1_as_bf16_does — the same greedy requests (OSCAR_PARALLEL_PROMPTS,
@@ -81,7 +81,7 @@ from parallel_cases import (
     window_lines,
     within_margin,
 )
-from server_helpers import LOG_DIR, common, greedy_body, post
+from server_helpers import LOG_DIR, greedy_body, post, processes
 
 pytestmark = [
     pytest.mark.gpu,
@@ -150,18 +150,18 @@ def servers_up(specs, model):
     with contextlib.ExitStack() as stack:
         started = {}
         for name, flags in specs:
-            port = common.free_port()
+            port = processes.free_port()
             log = LOG_DIR / f"{name}.log"
             cmd = server_helpers.server_command(model, port, flags)
-            proc = stack.enter_context(common.managed_process(cmd, log))
+            proc = stack.enter_context(processes.managed_process(cmd, log))
             started[name] = server_helpers.Server(name, port, log, proc)
         for name, server in started.items():
             try:
-                common.wait_for_http_ok(server_helpers.url(server.port, "/health_generate"),
-                                        server.proc, timeout=server_helpers.STARTUP_TIMEOUT)
+                processes.wait_for_http_ok(server_helpers.url(server.port, "/health_generate"),
+                                           server.proc, timeout=server_helpers.STARTUP_TIMEOUT)
             except Exception as e:
                 raise RuntimeError(f"server {name!r} did not start ({e}); log {server.log}:\n"
-                                   f"{common.log_tail(server.log, 60)}") from e
+                                   f"{processes.log_tail(server.log, 60)}") from e
         yield started
 
 
@@ -198,10 +198,10 @@ def random_model():
         folder.mkdir(parents=True)
         started = time.monotonic()
         (folder / "spec.json").write_text(json.dumps(config))
-        code = common.run_logged(
+        code = processes.run_logged(
             ["env", "CUDA_VISIBLE_DEVICES=0", sys.executable, parallel_cases.__file__, "write-checkpoint",
              str(folder)], LOG_DIR / "parallel-checkpoint.log", timeout=900)
-        assert code == 0, common.log_tail(LOG_DIR / "parallel-checkpoint.log", 40)
+        assert code == 0, processes.log_tail(LOG_DIR / "parallel-checkpoint.log", 40)
         from oscar_sglang.kernels.rotation_file import save_rotations
 
         save_rotations(str(folder / "rotations.oscar.safetensors"),
@@ -297,7 +297,7 @@ def run_serving_benchmark(dp):
            "--output-len", str(DP_OUTPUT_LEN), "--results-dir", str(results), "--name", name,
            "--work-dir", str(LOG_DIR / "models"), "--timeout", str(BENCH_TIMEOUT - 30)]
     log = LOG_DIR / f"{name}.log"
-    code = common.run_logged(cmd, log, BENCH_TIMEOUT)
+    code = processes.run_logged(cmd, log, BENCH_TIMEOUT)
     doc = json.loads(json_path.read_text()) if json_path.is_file() else {}
     record = (doc.get("configs") or {}).get("oscar", {})
     record["exit_code"], record["command"] = code, " ".join(cmd)
@@ -310,7 +310,7 @@ def test_dp2_throughput_vs_dp1():
         records[dp], log = run_serving_benchmark(dp)
         assert records[dp].get("status") == "ok", (
             f"DP={dp}: {records[dp].get('status')} {records[dp].get('error', '')}\n"
-            f"{common.log_tail(log, 30)}\n{records[dp].get('server_log_tail', '')}")
+            f"{processes.log_tail(log, 30)}\n{records[dp].get('server_log_tail', '')}")
     ratio = speedup(records[1], records[2])
     brief = {dp: {k: records[dp]["metrics"].get(k) for k in
                   ("output_tok_s", "requests_s", "ttft_p50_ms", "itl_p50_ms",

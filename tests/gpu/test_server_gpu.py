@@ -11,7 +11,7 @@ import pytest
 import server_helpers
 from oscar_sglang.config import DATA_FREE_ROTATIONS
 from oscar_sglang.kernels.format import DEFAULT_KEY_BITS, OscarFormat
-from server_helpers import common, post
+from server_helpers import post, processes
 
 pytestmark = pytest.mark.gpu
 
@@ -43,7 +43,7 @@ def test_capacity_is_logged(server):
     _, log = server
     text = log.read_text()
     line = re.search(r"OSCAR-2 KV cache: .*\(([\d.]+)x\)", text)
-    assert line, common.log_tail(log, 80)
+    assert line, processes.log_tail(log, 80)
     print(line.group(0))
     # BF16 over the codes' bits (4.9x at the default 4-bit keys), less the window share
     assert float(line.group(1)) >= 0.75 * 16 / OscarFormat(128, key_bits=DEFAULT_KEY_BITS).bits_per_element

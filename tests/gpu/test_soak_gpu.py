@@ -604,7 +604,7 @@ def soak():
             result["problems"].append(f"{type(e).__name__}: {e}")
         result["alive"] = server.alive()
         result["log_counts"] = scan_log(server.log_text())
-        result["log_tail"] = server_helpers.common.log_tail(server.log, 40)
+        result["log_tail"] = server_helpers.processes.log_tail(server.log, 40)
     summary = {k: v for k, v in result.items() if k != "log_tail"}
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     (LOG_DIR / "soak-summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
