@@ -152,7 +152,8 @@ def load_key_codes(row_ptrs, valid, P: tl.constexpr, KEY_BITS: tl.constexpr):
         kc_hi = tl.load(row_ptrs + P + cols, mask=valid[:, None], other=0)
     elif KEY_BITS == 3:
         paired = tl.load(row_ptrs + P + tl.arange(0, P // 2)[None, :], mask=valid[:, None], other=0)
-        kc_hi = tl.reshape(tl.join(paired & 0x55, (paired >> 1) & 0x55), (paired.shape[0], P))
+        # uint8 again: the PTX unpacking reads four packed bytes per 32-bit register
+        kc_hi = tl.reshape(tl.join(paired & 0x55, (paired >> 1) & 0x55), (paired.shape[0], P)).to(tl.uint8)
     return kc, kc_hi
 
 
