@@ -9,17 +9,21 @@ blocks, extend over a cached prefix, the write kernel at decode and prefill toke
 Reported per kernel: registers and stack bytes per thread, shared memory, and per loop (backward
 branch) the SASS instructions of one iteration, the local-memory accesses among them (register
 spills: STL / LDL) and the tensor-core instructions (HMMA, or HGMMA for warpgroup MMAs); the
-table shows the main loop, the one with the most tensor-core instructions. --set MODULE.NAME=VALUE changes a
-launch constant of kernels/MODULE.py first.
+table shows the main loop, the one with the most tensor-core instructions. --key-bits sets the key
+code width; --set decode.FIELD=VALUE changes a field of the decode launch (kernels.decode.DecodeLaunch),
+--set MODULE.NAME=VALUE a constant of another kernels/MODULE.py.
 
     python -m benchmarks.kernel_resources
+    python -m benchmarks.kernel_resources --key-bits 3 --set decode.shared_warps=8
     python -m benchmarks.kernel_resources --set shared_prefix.WIDE_BLOCKS_MIN_BATCH=1
 
-Writes <out-dir>/kernel_resources_sm90_d<D>[_<NAME><VALUE>...].json and prints a markdown table.
+Writes <out-dir>/kernel_resources_sm90_d<D>[_k<BITS>][_<NAME><VALUE>...].json and prints a markdown
+table.
 """
 
 import argparse
 import contextlib
+import dataclasses
 import importlib
 import re
 import shlex
@@ -36,6 +40,8 @@ from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from benchmarks.paths import DEFAULT_RESULTS_DIR
 from benchmarks.records import machine_info, markdown_table, module_constants, now_iso, write_json
+from oscar_sglang.kernels import decode as dk
+from oscar_sglang.kernels.format import CODE_BITS, SUPPORTED_KEY_BITS
 
 TARGET = GPUTarget("cuda", 90, 32)  # H100
 Q_HEADS, KV_HEADS = 32, 8
@@ -126,7 +132,7 @@ def describe(tag: str, name: str, kernel) -> dict:
             "shared_bytes": kernel.metadata.shared, "loop": main_loop(found), "loops": found}
 
 
-def launches(head_dim: int):
+def launches(head_dim: int, key_bits: int, decode_launch):
     """(tag, host call) pairs covering every kernel, on CPU tensors of one layer."""
     from oscar_sglang.kernels.decode import decode_attention_int2
     from oscar_sglang.kernels.extend import extend_attention_int2
@@ -135,7 +141,7 @@ def launches(head_dim: int):
     from oscar_sglang.kernels.quantize import write_kv_int2
     from oscar_sglang.kernels.shared_prefix import find_shared_prefixes
 
-    fmt = OscarFormat(head_dim)
+    fmt = OscarFormat(head_dim, key_bits=key_bits)
     slots = BATCH * CONTEXT
     kv_indptr = torch.arange(BATCH + 1, dtype=torch.int32) * CONTEXT
     kv_indices = torch.arange(slots, dtype=torch.int32)
@@ -156,9 +162,10 @@ def launches(head_dim: int):
         write_kv_int2(k, k.clone(), kv_indices[:tokens], cache, kv_indices[:tokens], torch.zeros(1, dtype=torch.int32))
 
     return [
-        ("decode", lambda: decode_attention_int2(*decode_args)),
+        ("decode", lambda: decode_attention_int2(*decode_args, launch=decode_launch)),
         ("decode, shared-prefix blocks", lambda: decode_attention_int2(
-            *decode_args, shared=find_shared_prefixes(kv_indptr, kv_indices, fmt, Q_HEADS // KV_HEADS))),
+            *decode_args, shared=find_shared_prefixes(kv_indptr, kv_indices, fmt, Q_HEADS // KV_HEADS),
+            launch=decode_launch)),
         ("extend", lambda: extend_attention_int2(*new, qo_indptr, kv_indptr, kv_indices, starts, cache,
                                                  head_dim ** -0.5, max_extend_len=chunk, max_prefix_len=CONTEXT)),
         ("write, decode", lambda: write(BATCH)),
@@ -167,15 +174,21 @@ def launches(head_dim: int):
 
 
 def parse_setting(text: str):
-    """'decode.SHARED_WARPS=8' -> (the kernels.decode module, 'SHARED_WARPS', 8)."""
+    """'decode.shared_warps=8' -> (the kernels.decode module, 'shared_warps', 8): a DecodeLaunch
+    field for decode, a module constant for the other kernels/ modules."""
     match = re.fullmatch(r"(\w+)\.(\w+)=(.+)", text)
     if not match:
         raise argparse.ArgumentTypeError(f"expected MODULE.NAME=VALUE, got {text!r}")
     module = importlib.import_module(f"oscar_sglang.kernels.{match.group(1)}")
-    if not hasattr(module, match.group(2)):
-        raise argparse.ArgumentTypeError(f"kernels/{match.group(1)}.py has no constant {match.group(2)}")
+    name = match.group(2)
+    if module.__name__.endswith(".decode"):
+        fields = [f.name for f in dataclasses.fields(module.DecodeLaunch)]
+        if name not in fields:
+            raise argparse.ArgumentTypeError(f"decode settings are DecodeLaunch fields {fields}, got {name!r}")
+    elif not hasattr(module, name):
+        raise argparse.ArgumentTypeError(f"kernels/{match.group(1)}.py has no constant {name}")
     value = match.group(3)
-    return module, match.group(2), None if value == "None" else int(value)
+    return module, name, None if value == "None" else int(value)
 
 
 def table(rows: list) -> str:
@@ -189,17 +202,23 @@ def table(rows: list) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--head-dim", type=int, choices=(64, 128), default=128)
+    parser.add_argument("--key-bits", type=int, choices=SUPPORTED_KEY_BITS, default=CODE_BITS,
+                        help="key code width (default %(default)s)")
     parser.add_argument("--set", type=parse_setting, action="append", default=[], metavar="MODULE.NAME=VALUE",
-                        help="a launch constant of kernels/MODULE.py (repeatable)")
+                        help="a DecodeLaunch field (decode.FIELD) or a constant of kernels/MODULE.py (repeatable)")
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_RESULTS_DIR)
     args = parser.parse_args(argv)
     if knobs.runtime.interpret:
         sys.exit("kernel_resources compiles the GPU code paths: run it with TRITON_INTERPRET unset")
     records = []
+    decode_launch = dk.DECODE_LAUNCH
     with contextlib.ExitStack() as stack:
         for module, name, value in args.set:
-            stack.enter_context(module_constants(module, {name: value}))
-        for tag, call in launches(args.head_dim):
+            if module is dk:
+                decode_launch = dataclasses.replace(decode_launch, **{name: value})
+            else:
+                stack.enter_context(module_constants(module, {name: value}))
+        for tag, call in launches(args.head_dim, args.key_bits, decode_launch):
             with compiled_instead_of_launched(records, tag):
                 call()
     # a kernel launched twice alike in one call (extend dequantizes K, then V) is one row
@@ -207,8 +226,9 @@ def main(argv=None):
             if (record[0], record[2].hash) not in {(r[0], r[2].hash) for r in records[:i]}]
     print(table(rows))
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    width = "" if args.key_bits == CODE_BITS else f"_k{args.key_bits}"
     settings = "".join(f"_{name}{value}" for _, name, value in args.set)
-    write_json(args.out_dir / f"kernel_resources_sm90_d{args.head_dim}{settings}.json", {
+    write_json(args.out_dir / f"kernel_resources_sm90_d{args.head_dim}{width}{settings}.json", {
         "benchmark": "kernel_resources", "created": now_iso(), "machine": machine_info(),
         "command": "python -m benchmarks.kernel_resources " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "target": f"{TARGET.backend} sm_{TARGET.arch}", "rows": rows})

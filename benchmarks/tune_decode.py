@@ -1,13 +1,13 @@
 """Tuning sweep of the OSCAR-2 kernels on one GPU, for a Qwen3-8B layer (H_q 32, H_kv 8, D 128):
 
-- decode: the library's kernels launched directly with other launch parameters (BLOCK_N,
-  warps, register cap, pipeline stages) and split counts around the default, at several
+- decode: `decode_attention_int2` with other launch parameters (a DecodeLaunch: positions per
+  tile, warps, register cap, pipeline stages) and split counts around the default, at several
   context × batch shapes (--shapes), optionally with a prefix all requests share (--shared-prefix,
   as in benchmarks/decode_kernels.py);
 - shared: `decode_attention_int2` with shared-prefix blocks (`kernels/shared_prefix.py`, found
   outside the timing) at the --shapes with --shared-prefix, for block sizes (query rows per
-  block, from the batch size) and launch parameters of the shared-prefix kernel (SHARED_WARPS,
-  SHARED_MAX_REGISTERS);
+  block, from the batch size) and launch parameters of the shared-prefix kernel
+  (DecodeLaunch.shared_warps, .shared_max_registers);
 - the decode step's pieces: q rotation, reduce, a step whose context fits the BF16 windows;
 - the write kernel (write_kv_int2) at decode and prefill token counts, and other tokens per
   program / warps.
@@ -29,7 +29,7 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -50,21 +50,21 @@ PAGE = 16
 DEV = "cuda"
 SHAPES = [(4096, 1), (32768, 1), (100000, 1), (131072, 1), (4096, 8), (32768, 8), (131072, 8)]
 SECTIONS = ("write", "pieces", "decode", "shared")
-# decode split-kernel variants: (BLOCK_N, num_warps, maxnreg, num_stages); the first is the
-# library default
+# decode launch variants; the first is the library default. 8 warps and 64 or 256 positions per
+# tile were slower everywhere (results/h100/tune_decode_large_batch*.txt in git history)
 SPLIT_VARIANTS = {
-    "default": (dk.BLOCK_N, dk.NUM_WARPS, dk.MAX_REGISTERS, dk.NUM_STAGES),
-    "bn128_w2": (128, 2, None, dk.NUM_STAGES),
-    "bn128_s3": (128, 4, dk.MAX_REGISTERS, 3),
-}  # 8 warps, BLOCK_N 64 and 256 were slower everywhere (results/h100/tune_decode_large_batch*.txt)
-# shared-prefix variants: constants of kernels/shared_prefix.py (sp) and kernels/decode.py (dk);
+    "default": dk.DECODE_LAUNCH,
+    "bn128_w2": replace(dk.DECODE_LAUNCH, block_n=128, num_warps=2, max_registers=None),
+    "bn128_s3": replace(dk.DECODE_LAUNCH, block_n=128, num_stages=3),
+}
+# shared-prefix variants: block-size constants of kernels/shared_prefix.py (sp) and the launch;
 # the first is the library default (wide blocks from WIDE_BLOCKS_MIN_BATCH requests on), then
 # 16-row and 64-row blocks at every batch size. 8 warps, 32-row blocks and 1-warp programs were
-# slower (benchmarks/results/h200/tune_decode_shared_wide_blocks.txt)
+# slower (benchmarks/results/h200/tune_decode_shared_wide_blocks.txt in git history)
 SHARED_VARIANTS = {
-    "default": ({}, {}),
-    "rows16": ({"WIDE_BLOCKS_MIN_BATCH": 1 << 30}, {}),
-    "rows64": ({"WIDE_BLOCKS_MIN_BATCH": 1}, {}),
+    "default": ({}, dk.DECODE_LAUNCH),
+    "rows16": ({"WIDE_BLOCKS_MIN_BATCH": 1 << 30}, dk.DECODE_LAUNCH),
+    "rows64": ({"WIDE_BLOCKS_MIN_BATCH": 1}, dk.DECODE_LAUNCH),
 }
 # write kernel: tokens -> [(tokens per program, warps)]; the library default is timed too
 WRITE_TOKENS = [1, 2, 8, 32, 64, 256, 8192]
@@ -116,46 +116,14 @@ def decode_bytes(batch, context):
     return batch * KV_HEADS * (n2 * fmt.bytes_per_token_head() + nw * 2 * D * WINDOW_BYTES) + 2 * batch * Q_HEADS * D * 2
 
 
-def decode_variant(problem: DecodeProblem, splits, block_n, warps, maxnreg, stages):
-    """decode_attention_int2's three launches with other split-kernel launch parameters."""
-    q, indptr, slots, starts, cache, sm_scale = problem.args
-    fmt, batch = cache.fmt, q.shape[0]
-    k_rot, k_rs = cache.rotation("k")
-    v_rot, v_rs = cache.rotation("v")
-    k_meta, v_meta = dk.meta_words(cache.k_meta), dk.meta_words(cache.v_meta)
-    k_win, v_win = cache.k_window, cache.v_window
-    win = dk.window_programs(fmt)
-    parts = win + splits
-    q_rot = torch.empty(batch, Q_HEADS, D, dtype=torch.float32, device=DEV)
-    part_o = torch.empty(batch, Q_HEADS, parts, D, dtype=torch.float32, device=DEV)
-    part_lse = torch.empty(batch, Q_HEADS, parts, dtype=torch.float32, device=DEV)
-    out = torch.empty_like(q)
-    bh = dk.head_block(GROUP)
-    dk._rotate_q_kernel[(batch, KV_HEADS, CODES_PER_BYTE)](
-        q, q.stride(0), q.stride(1), k_rot, k_rs, q_rot, sm_scale * dk.LOG2E,
-        GROUP=GROUP, BLOCK_H=bh, D=D, num_warps=dk.NUM_WARPS)
-    dk._decode_split_kernel[(KV_HEADS, batch, parts)](
-        q_rot, indptr, slots, starts, indptr,
-        *dk.code_args(cache),
-        k_meta, v_meta, k_meta.stride(0), k_meta.stride(1),
-        k_win, v_win, k_win.stride(0), k_win.stride(1),
-        part_o, part_lse, Q_HEADS, splits, parts,
-        GROUP=GROUP, BLOCK_H=bh, D=D, NG=fmt.num_groups, KEY_BITS=fmt.key_bits, S=fmt.sink_tokens,
-        W=fmt.recent_tokens,
-        BLOCK_N=block_n, BLOCK_R=dk.BLOCK_ROWS, WIN_PROGRAMS=win, WIN_ROWS=dk.WINDOW_ROWS_PER_PROGRAM, SHARED=False,
-        CODE_BITS=CODE_BITS, CODE_MAX=CODE_MAX, PTX_UNPACK=not triton.knobs.runtime.interpret,
-        NUM_STAGES=stages,
-        num_warps=warps, maxnreg=maxnreg)
-    dk._decode_reduce_kernel[(batch, Q_HEADS, dk.REDUCE_DIM_PROGRAMS)](
-        part_o, part_lse, parts, indptr, parts, out, out.stride(0), out.stride(1), v_rot, v_rs,
-        GROUP=GROUP, D=D, BLOCK_P=triton.next_power_of_2(parts), BLOCK_J=D // dk.REDUCE_DIM_PROGRAMS,
-        S=fmt.sink_tokens, SHARED=False, num_warps=dk.REDUCE_WARPS)
-    return out
+def decode_variant(problem: DecodeProblem, splits: int, launch: dk.DecodeLaunch):
+    """One decode step with `splits` INT2 splits per (request, KV head) and `launch`."""
+    return dk.decode_attention_int2(*problem.args, num_kv_splits=splits, launch=launch)
 
 
 def split_only(problem: DecodeProblem, splits):
     """The split kernel alone (default parameters), inputs prepared outside the timing."""
-    cache, batch = problem.cache, problem.q.shape[0]
+    cache, batch, launch = problem.cache, problem.q.shape[0], dk.DECODE_LAUNCH
     fmt = cache.fmt
     win = dk.window_programs(fmt)
     key = (id(problem), splits)
@@ -176,10 +144,10 @@ def split_only(problem: DecodeProblem, splits):
         part_o, part_lse, Q_HEADS, splits, win + splits,
         GROUP=GROUP, BLOCK_H=dk.head_block(GROUP), D=D, NG=fmt.num_groups, KEY_BITS=fmt.key_bits,
         S=fmt.sink_tokens,
-        W=fmt.recent_tokens, BLOCK_N=dk.BLOCK_N, BLOCK_R=dk.BLOCK_ROWS, WIN_PROGRAMS=win,
-        WIN_ROWS=dk.WINDOW_ROWS_PER_PROGRAM, SHARED=False, CODE_BITS=CODE_BITS, CODE_MAX=CODE_MAX,
-        PTX_UNPACK=not triton.knobs.runtime.interpret, NUM_STAGES=dk.NUM_STAGES,
-        num_warps=dk.NUM_WARPS, maxnreg=dk.MAX_REGISTERS)
+        W=fmt.recent_tokens, BLOCK_N=launch.block_n, BLOCK_R=launch.block_rows, WIN_PROGRAMS=win,
+        WIN_ROWS=launch.window_rows_per_program, SHARED=False, CODE_BITS=CODE_BITS, CODE_MAX=CODE_MAX,
+        PTX_UNPACK=not triton.knobs.runtime.interpret, NUM_STAGES=launch.num_stages,
+        num_warps=launch.num_warps, maxnreg=launch.max_registers)
 
 
 _SPLIT_INPUTS = {}
@@ -243,12 +211,12 @@ def warm(kind):
     if kind.startswith("split:"):
         variant = SPLIT_VARIANTS[kind[6:]]
         for batch in (1, 8):
-            decode_variant(make_problem(batch, 4096), 8, *variant)
-            decode_variant(make_problem(batch, 4096), 64, *variant)
+            decode_variant(make_problem(batch, 4096), 8, variant)
+            decode_variant(make_problem(batch, 4096), 64, variant)
     else:
         tokens, block_t, warps = map(int, kind[6:].split(","))
-        fmt, k, v, slots, rows, rots, bufs = write_setup(tokens)
-        write_variant(k, v, slots, rows, rots, bufs, fmt, block_t, warps)
+        k, v, slots, rows, cache = write_setup(tokens)
+        write_variant(k, v, slots, rows, cache, block_t, warps)
     torch.cuda.synchronize()
 
 
@@ -311,22 +279,23 @@ def main():
     save(args.out_dir, device, lines, results, hbm)
 
     lines.append("decode pieces, us:")
+    launch = dk.DECODE_LAUNCH
     for batch in (1, 8) if "pieces" in sections else []:
         problem = make_problem(batch, 32768)
         q, k_rot = problem.q, problem.cache.k_rot
         q_rot = torch.empty(batch, Q_HEADS, D, dtype=torch.float32, device=DEV)
         rotate = time_us(lambda: dk._rotate_q_kernel[(batch, KV_HEADS, CODES_PER_BYTE)](
             q, q.stride(0), q.stride(1), k_rot, k_rot.stride(0), q_rot, 0.1,
-            GROUP=GROUP, BLOCK_H=dk.head_block(GROUP), D=D, num_warps=dk.NUM_WARPS))
+            GROUP=GROUP, BLOCK_H=dk.head_block(GROUP), D=D, num_warps=launch.num_warps))
         splits = dk.default_num_kv_splits(batch, KV_HEADS, torch.device("cuda"))
         parts = dk.window_programs(problem.cache.fmt) + splits
         part_o = torch.randn(batch, Q_HEADS, parts, D, device=DEV)
         part_lse = torch.randn(batch, Q_HEADS, parts, device=DEV)
         out = torch.empty_like(q)
-        reduce = time_us(lambda: dk._decode_reduce_kernel[(batch, Q_HEADS, dk.REDUCE_DIM_PROGRAMS)](
+        reduce = time_us(lambda: dk._decode_reduce_kernel[(batch, Q_HEADS, launch.reduce_dim_programs)](
             part_o, part_lse, parts, problem.kv_indptr, parts, out, out.stride(0), out.stride(1), k_rot, k_rot.stride(0),
-            GROUP=GROUP, D=D, BLOCK_P=triton.next_power_of_2(parts), BLOCK_J=D // dk.REDUCE_DIM_PROGRAMS,
-            S=problem.cache.fmt.sink_tokens, SHARED=False, num_warps=dk.REDUCE_WARPS))
+            GROUP=GROUP, D=D, BLOCK_P=triton.next_power_of_2(parts), BLOCK_J=D // launch.reduce_dim_programs,
+            S=problem.cache.fmt.sink_tokens, SHARED=False, num_warps=launch.reduce_warps))
         small = {}
         for context in (192, 1024):
             p2 = make_problem(batch, context)
@@ -361,7 +330,7 @@ def main():
             trial = [default_splits] if name != "default" else sorted(
                 {max(1, default_splits // 2), default_splits, min(dk.MAX_KV_SPLITS, 2 * default_splits)})
             for splits in trial:
-                us = time_us(lambda: decode_variant(problem, splits, *variant))
+                us = time_us(lambda: decode_variant(problem, splits, variant))
                 results["decode"].setdefault(f"{context}x{batch}", {})[f"{name}@{splits}"] = us
                 pct = 100 * nbytes / (us * 1e-6) / 1e9 / hbm
                 cells.append(f"{name}@{splits} {us:.1f} ({pct:.0f}%)")
@@ -390,11 +359,11 @@ def shared_section(shapes, shared_prefix, lines, results, hbm):
         problem = make_problem(batch, context, shared_prefix=shared_prefix)
         nbytes = decode_bytes(batch, context)
         cells = []
-        for name, (sp_constants, dk_constants) in SHARED_VARIANTS.items():
-            with module_constants(sp, sp_constants), module_constants(dk, dk_constants):
+        for name, (sp_constants, launch) in SHARED_VARIANTS.items():
+            with module_constants(sp, sp_constants):
                 try:
                     blocks = sp.find_shared_prefixes(problem.kv_indptr, problem.kv_indices, problem.cache.fmt, GROUP)
-                    us = time_us(lambda: dk.decode_attention_int2(*problem.args, shared=blocks))
+                    us = time_us(lambda: dk.decode_attention_int2(*problem.args, shared=blocks, launch=launch))
                     find = time_us(lambda: sp.find_shared_prefixes(problem.kv_indptr, problem.kv_indices,
                                                                    problem.cache.fmt, GROUP))
                 except Exception as exc:  # noqa: BLE001  (a variant that fails to compile must not stop the sweep)

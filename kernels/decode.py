@@ -35,6 +35,8 @@ scaling of o'_s (V), both exact. 3- and 4-bit keys are read as two 2-bit planes,
 The @triton.jit tile helpers are in tiles.py (shared with the extend kernel, extend.py).
 """
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -44,36 +46,46 @@ from .layer_cache import LayerCache
 from .shared_prefix import SHARED_DOT_ROWS, SharedPrefixes, block_members
 from .tiles import int2_segment, nonzero, rotate_slice, window_segment
 
-BLOCK_N = 128  # INT2 positions per tile
-BLOCK_ROWS = 32  # BF16 window rows per tile
-WINDOW_ROWS_PER_PROGRAM = 64  # window rows per split-kernel program (3 programs at S + W = 192)
 # query-head blocks are padded to a power of two >= this (tl.dot pads small M internally; rows
 # beyond the GQA group would only add softmax work)
 MIN_DOT_ROWS = 4
-# software-pipelining depth of the INT2 loop. The pipeliner shares num_stages - 1 stages among
-# the chain of dependent loads (slot index -> codes/meta): 5 gives each load two stages, i.e.
-# double-buffered shared memory, so a tile's loads overlap the previous tile's compute (with 3
-# the codes get one buffer that is refilled only after the tile is consumed: no overlap)
-NUM_STAGES = 5
-NUM_WARPS = 4
-MAX_REGISTERS = 128  # lets 4 programs share an SM (no spills, per ptxas for sm_90)
-# launch parameters of `_decode_shared_kernel`: dots of up to shared_prefix.SHARED_DOT_ROWS rows
-# (narrow blocks) share an SM four ways under the register cap; wider ones (64 rows:
-# `shared_prefix.shared_dot_rows`) spill hundreds of registers per tile under it, so they get
-# WIDE_SHARED_MAX_REGISTERS (two programs per SM)
-SHARED_WARPS = 4
-SHARED_MAX_REGISTERS = MAX_REGISTERS
-WIDE_SHARED_MAX_REGISTERS = 255
 # INT2 programs per SM the split heuristic aims at: two waves of the 4 that fit at once (the
 # second wave evens out programs that end at different times; on an H100 at 128K x 8, 16 splits
 # took 385 us against 444 us for 8)
 PROGRAMS_PER_SM = 8
 WAVE_OVERHEAD = 0.01  # fixed cost of a wave of split programs, relative to reading a whole span
 MAX_KV_SPLITS = 64  # bounds the reduce kernel's one-shot tile of partials
-REDUCE_WARPS = 8
-REDUCE_DIM_PROGRAMS = 4  # reduce programs per query head, each producing D / 4 output dims
 CPU_SM_COUNT = 8  # stand-in SM count when there is no GPU (interpreter runs)
 LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class DecodeLaunch:
+    """Launch parameters of `decode_attention_int2`'s kernels; the defaults are the fastest
+    measured (benchmarks/tune_decode.py sweeps others through this class)."""
+
+    block_n: int = 128  # INT2 positions per tile
+    block_rows: int = 32  # BF16 window rows per tile
+    window_rows_per_program: int = 64  # window rows per split-kernel program (3 at S + W = 192)
+    # software-pipelining depth of the INT2 loop. The pipeliner shares num_stages - 1 stages
+    # among the chain of dependent loads (slot index -> codes/meta): 5 gives each load two
+    # stages, i.e. double-buffered shared memory, so a tile's loads overlap the previous tile's
+    # compute (with 3 the codes get one buffer that is refilled only after the tile is consumed)
+    num_stages: int = 5
+    num_warps: int = 4
+    max_registers: int | None = 128  # lets 4 programs share an SM (no spills, per ptxas for sm_90)
+    # `_decode_shared_kernel`: dots of up to shared_prefix.SHARED_DOT_ROWS rows (narrow blocks)
+    # share an SM four ways under the register cap; wider ones (64 rows:
+    # `shared_prefix.shared_dot_rows`) spill hundreds of registers per tile under it, so they
+    # get wide_shared_max_registers (two programs per SM)
+    shared_warps: int = 4
+    shared_max_registers: int | None = 128
+    wide_shared_max_registers: int | None = 255
+    reduce_warps: int = 8
+    reduce_dim_programs: int = 4  # reduce programs per query head, each producing D / 4 output dims
+
+
+DECODE_LAUNCH = DecodeLaunch()
 
 
 # ----------------------------------------------------------------------------- decode kernels
@@ -276,9 +288,9 @@ def head_block(group: int) -> int:
     return max(MIN_DOT_ROWS, triton.next_power_of_2(group))
 
 
-def window_programs(fmt: OscarFormat) -> int:
+def window_programs(fmt: OscarFormat, launch: DecodeLaunch = DECODE_LAUNCH) -> int:
     """Split-kernel programs per (request, KV head) that read the BF16 window rows."""
-    return triton.cdiv(fmt.window_rows, WINDOW_ROWS_PER_PROGRAM)
+    return triton.cdiv(fmt.window_rows, launch.window_rows_per_program)
 
 
 def default_num_kv_splits(batch: int, num_kv_heads: int, device: torch.device) -> int:
@@ -316,7 +328,7 @@ def code_args(cache: LayerCache) -> tuple:
 def decode_attention_int2(
     q: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, window_starts: torch.Tensor,
     cache: LayerCache, sm_scale: float, num_kv_splits: int | None = None, out: torch.Tensor | None = None,
-    shared: SharedPrefixes | None = None,
+    shared: SharedPrefixes | None = None, launch: DecodeLaunch = DECODE_LAUNCH,
 ) -> torch.Tensor:
     """One decode step over the OSCAR-2 cache; same semantics as `reference.decode_attention`.
 
@@ -329,6 +341,7 @@ def decode_attention_int2(
     shared: `shared_prefix.find_shared_prefixes(kv_indptr, kv_indices, fmt, H_q // H_kv)`, computed
     once per batch for all layers: INT2 positions that requests hold in the same slots are read
     once per block of requests (`_decode_shared_kernel`), the rest per request.
+    launch: the kernels' launch parameters (DecodeLaunch; the defaults unless tuning).
     Returns out: [B, H_q, D] in q's dtype.
     """
     batch, q_heads, d = q.shape
@@ -346,7 +359,7 @@ def decode_attention_int2(
     k_rot, k_rot_stride = cache.rotation("k")
     v_rot, v_rot_stride = cache.rotation("v")
     k_meta, v_meta = meta_words(cache.k_meta), meta_words(cache.v_meta)
-    win = window_programs(fmt)
+    win = window_programs(fmt, launch)
     shared_splits = 0
     if shared is not None:
         members = block_members(group, batch)
@@ -367,7 +380,7 @@ def decode_attention_int2(
 
     _rotate_q_kernel[(batch, kv_heads, CODES_PER_BYTE)](
         q, q.stride(0), q.stride(1), k_rot, k_rot_stride, q_rot, sm_scale * LOG2E,
-        GROUP=group, BLOCK_H=block_h, D=d, num_warps=NUM_WARPS,
+        GROUP=group, BLOCK_H=block_h, D=d, num_warps=launch.num_warps,
     )
     ptx_unpack = not triton.knobs.runtime.interpret
     _decode_split_kernel[(kv_heads, batch, win + splits)](
@@ -378,10 +391,10 @@ def decode_attention_int2(
         cache.k_window, cache.v_window, cache.k_window.stride(0), cache.k_window.stride(1),
         part_o, part_lse, q_heads, splits, parts,
         GROUP=group, BLOCK_H=block_h, D=d, NG=fmt.num_groups, KEY_BITS=fmt.key_bits,
-        S=fmt.sink_tokens, W=fmt.recent_tokens, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_ROWS,
-        WIN_PROGRAMS=win, WIN_ROWS=WINDOW_ROWS_PER_PROGRAM, SHARED=shared is not None,
+        S=fmt.sink_tokens, W=fmt.recent_tokens, BLOCK_N=launch.block_n, BLOCK_R=launch.block_rows,
+        WIN_PROGRAMS=win, WIN_ROWS=launch.window_rows_per_program, SHARED=shared is not None,
         CODE_BITS=CODE_BITS, CODE_MAX=CODE_MAX, PTX_UNPACK=ptx_unpack,
-        NUM_STAGES=NUM_STAGES, num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS,
+        NUM_STAGES=launch.num_stages, num_warps=launch.num_warps, maxnreg=launch.max_registers,
     )
     if shared is not None:
         _decode_shared_kernel[(kv_heads, batch, shared_splits)](
@@ -391,16 +404,17 @@ def decode_attention_int2(
             k_meta, v_meta, k_meta.stride(0), k_meta.stride(1),
             part_o, part_lse, q_heads, shared_splits, parts, win + splits,
             GROUP=group, MEMBERS=members, BLOCK_M=shared_rows, D=d, NG=fmt.num_groups, KEY_BITS=fmt.key_bits,
-            S=fmt.sink_tokens, BLOCK_N=BLOCK_N,
-            CODE_BITS=CODE_BITS, CODE_MAX=CODE_MAX, PTX_UNPACK=ptx_unpack, NUM_STAGES=NUM_STAGES,
-            num_warps=SHARED_WARPS,
-            maxnreg=SHARED_MAX_REGISTERS if shared_rows <= SHARED_DOT_ROWS else WIDE_SHARED_MAX_REGISTERS,
+            S=fmt.sink_tokens, BLOCK_N=launch.block_n,
+            CODE_BITS=CODE_BITS, CODE_MAX=CODE_MAX, PTX_UNPACK=ptx_unpack, NUM_STAGES=launch.num_stages,
+            num_warps=launch.shared_warps,
+            maxnreg=(launch.shared_max_registers if shared_rows <= SHARED_DOT_ROWS
+                     else launch.wide_shared_max_registers),
         )
-    _decode_reduce_kernel[(batch, q_heads, REDUCE_DIM_PROGRAMS)](
+    _decode_reduce_kernel[(batch, q_heads, launch.reduce_dim_programs)](
         part_o, part_lse, parts, own_start, win + splits,
         out, out.stride(0), out.stride(1),
         v_rot, v_rot_stride,
-        GROUP=group, D=d, BLOCK_P=triton.next_power_of_2(parts), BLOCK_J=d // REDUCE_DIM_PROGRAMS,
-        S=fmt.sink_tokens, SHARED=shared is not None, num_warps=REDUCE_WARPS,
+        GROUP=group, D=d, BLOCK_P=triton.next_power_of_2(parts), BLOCK_J=d // launch.reduce_dim_programs,
+        S=fmt.sink_tokens, SHARED=shared is not None, num_warps=launch.reduce_warps,
     )
     return out

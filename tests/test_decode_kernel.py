@@ -10,6 +10,7 @@ import torch
 from oscar_sglang.kernels import reference as ref
 from oscar_sglang.kernels.decode import (
     MAX_KV_SPLITS,
+    DecodeLaunch,
     decode_attention_int2,
     default_num_kv_splits,
 )
@@ -83,6 +84,22 @@ def test_decode_strided_output_and_default_out():
     assert_matches(wide[:, :, :64], expected, torch.float16)
     assert wide[:, :, 64:].isnan().all(), "wrote outside the output view"
     assert_matches(decode_attention_int2(*args), expected, torch.float16)
+
+
+def test_decode_with_other_launch_parameters():
+    """A DecodeLaunch other than the default (smaller tiles, more window programs) changes how
+    the work is cut, not the result."""
+    gen = torch.Generator().manual_seed(8)
+    fmt = OscarFormat(64, 32, sink_tokens=4, recent_tokens=8, key_bits=3)
+    lens = [300, 9, 77]
+    cache = make_cache(fmt, 2, sum(lens), len(lens), True, gen)
+    batch = fill_requests(cache, lens, torch.bfloat16, torch.int32, gen)
+    q = torch.randn(len(lens), 6, 64, generator=gen).to(torch.bfloat16)
+    args = (q, batch.kv_indptr, batch.kv_indices, batch.window_starts, cache, 0.125)
+    launch = DecodeLaunch(block_n=32, block_rows=16, window_rows_per_program=4, num_stages=2)
+    out = torch.full_like(q, float("nan"))
+    decode_attention_int2(*args, num_kv_splits=3, out=out, launch=launch)
+    assert_matches(out, ref.decode_attention(*args), torch.bfloat16)
 
 
 def test_default_split_count_depends_on_shapes_only():

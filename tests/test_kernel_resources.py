@@ -19,17 +19,19 @@ KERNELS = {"_rotate_q_kernel", "_decode_split_kernel", "_decode_reduce_kernel", 
 ATTENTION = {"_decode_split_kernel", "_decode_shared_kernel", "_extend_attention_kernel"}
 
 
-def kernel_resources(head_dim: int, out_dir: Path) -> list[dict]:
+def kernel_resources(head_dim: int, key_bits: int, out_dir: Path) -> list[dict]:
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     run = subprocess.run([sys.executable, "-m", "benchmarks.kernel_resources", "--head-dim", str(head_dim),
-                          "--out-dir", str(out_dir)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+                          "--key-bits", str(key_bits), "--out-dir", str(out_dir)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads((out_dir / f"kernel_resources_sm90_d{head_dim}.json").read_text())["rows"]
+    width = "" if key_bits == 2 else f"_k{key_bits}"
+    return json.loads((out_dir / f"kernel_resources_sm90_d{head_dim}{width}.json").read_text())["rows"]
 
 
-@pytest.mark.parametrize("head_dim", [64, 128])
-def test_every_kernel_compiles_for_sm90(head_dim, tmp_path):
-    rows = kernel_resources(head_dim, tmp_path)
+@pytest.mark.parametrize("head_dim, key_bits", [(64, 2), (128, 2), (64, 3), (128, 3), (128, 4)])
+def test_every_kernel_compiles_for_sm90(head_dim, key_bits, tmp_path):
+    rows = kernel_resources(head_dim, key_bits, tmp_path)
     assert {r["kernel"] for r in rows} == KERNELS
     for r in rows:
         assert r["registers"] > 0
