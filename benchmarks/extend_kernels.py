@@ -26,32 +26,33 @@ import argparse
 import re
 import shlex
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from oscar_sglang.kernels import extend as ek
 
 from benchmarks.paths import DEFAULT_RESULTS_DIR
-from benchmarks.records import machine_info, markdown_table, module_constants, now_iso, write_json
+from benchmarks.records import machine_info, markdown_table, now_iso, write_json
 from benchmarks.decode_kernels import FLASHINFER_WORKSPACE_BYTES, median_us, release
 from benchmarks.tune_decode import D, KV_HEADS, PAGE, Q_HEADS, make_problem
 
 POINTS = [(1, 0, 8192), (1, 32768, 8192), (1, 98304, 8192), (8, 32768, 1024)]
 FLASHINFER_CACHES = {"flashinfer-fp8": torch.float8_e4m3fn, "flashinfer-bf16": torch.bfloat16}
-# tile variants: name -> module constants of kernels/extend.py; "default" is the library's own
+# tile variants: name -> ExtendLaunch; "default" is the library's own
 VARIANTS = {
-    "default": {},
-    "m64": {"BLOCK_M": 64},
-    "n32": {"BLOCK_N": 32},
-    "w4": {"NUM_WARPS": 4},
+    "default": ek.EXTEND_LAUNCH,
+    "m64": replace(ek.EXTEND_LAUNCH, block_m=64),
+    "n32": replace(ek.EXTEND_LAUNCH, block_n=32),
+    "w4": replace(ek.EXTEND_LAUNCH, num_warps=4),
     # the gather kernel spills at 4 warps (255 registers) and not at 8 (kernel_resources.py), yet
     # 8 warps were slower on the H200
-    "gather_w8": {"GATHER_WARPS": 8},
+    "gather_w8": replace(ek.EXTEND_LAUNCH, gather_warps=8),
     # 128-key tiles: 20 % fewer loop instructions per key and wider warpgroup MMAs at 255
     # registers, 224 KiB of shared memory at 3 stages, 160 KiB at 2 (kernel_resources.py)
-    "s2": {"NUM_STAGES": 2},
-    "n128": {"BLOCK_N": 128},
-    "n128_s2": {"BLOCK_N": 128, "NUM_STAGES": 2},
+    "s2": replace(ek.EXTEND_LAUNCH, num_stages=2),
+    "n128": replace(ek.EXTEND_LAUNCH, block_n=128),
+    "n128_s2": replace(ek.EXTEND_LAUNCH, block_n=128, num_stages=2),
 }
 
 
@@ -88,13 +89,12 @@ def causal_tflop(batch, prefix, chunk):
     return 4 * D * Q_HEADS * batch * (chunk * prefix + chunk * (chunk + 1) / 2) / 1e12
 
 
-def bench_oscar(problem, prefix, chunk, rep_ms, overrides, flashinfer=None):
-    """(µs, output) of extend_attention_int2 with the given tile constants and FlashInfer
+def bench_oscar(problem, prefix, chunk, rep_ms, launch: ek.ExtendLaunch, flashinfer=None):
+    """(µs, output) of extend_attention_int2 with the given launch parameters and FlashInfer
     wrapper (None: the Triton attention kernel)."""
     out = torch.empty_like(problem[0])
-    with module_constants(ek, overrides):
-        us, _ = median_us(lambda: ek.extend_attention_int2(*problem, max_extend_len=chunk, max_prefix_len=prefix,
-                                                           out=out, flashinfer=flashinfer), rep_ms)
+    us, _ = median_us(lambda: ek.extend_attention_int2(*problem, max_extend_len=chunk, max_prefix_len=prefix,
+                                                       out=out, flashinfer=flashinfer, launch=launch), rep_ms)
     return us, out
 
 
@@ -103,7 +103,7 @@ def bench_oscar_flashinfer(problem, batch, prefix, chunk, rep_ms):
     workspace = torch.empty(FLASHINFER_WORKSPACE_BYTES, dtype=torch.uint8, device="cuda")
     wrapper = ek.plan_flashinfer_extend(ek.flashinfer_extend_wrapper(workspace), [chunk] * batch, [prefix] * batch,
                                         Q_HEADS, KV_HEADS, D, problem[8], problem[0].dtype)
-    return bench_oscar(problem, prefix, chunk, rep_ms, {}, wrapper)
+    return bench_oscar(problem, prefix, chunk, rep_ms, ek.EXTEND_LAUNCH, wrapper)
 
 
 def bench_sglang_bf16(problem, chunk, rep_ms):

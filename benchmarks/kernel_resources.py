@@ -10,8 +10,9 @@ Reported per kernel: registers and stack bytes per thread, shared memory, and pe
 branch) the SASS instructions of one iteration, the local-memory accesses among them (register
 spills: STL / LDL) and the tensor-core instructions (HMMA, or HGMMA for warpgroup MMAs); the
 table shows the main loop, the one with the most tensor-core instructions. --key-bits sets the key
-code width; --set decode.FIELD=VALUE changes a field of the decode launch (kernels.decode.DecodeLaunch),
---set MODULE.NAME=VALUE a constant of another kernels/MODULE.py.
+code width; --set decode.FIELD=VALUE and extend.FIELD=VALUE change a field of the decode or extend
+launch (kernels.decode.DecodeLaunch, kernels.extend.ExtendLaunch), --set MODULE.NAME=VALUE a
+constant of another kernels/MODULE.py.
 
     python -m benchmarks.kernel_resources
     python -m benchmarks.kernel_resources --key-bits 3 --set decode.shared_warps=8
@@ -41,9 +42,11 @@ from triton.runtime.jit import JITFunction, create_function_from_signature
 from benchmarks.paths import DEFAULT_RESULTS_DIR
 from benchmarks.records import machine_info, markdown_table, module_constants, now_iso, write_json
 from oscar_sglang.kernels import decode as dk
+from oscar_sglang.kernels import extend as ek
 from oscar_sglang.kernels.format import CODE_BITS, SUPPORTED_KEY_BITS
 
 TARGET = GPUTarget("cuda", 90, 32)  # H100
+LAUNCHES = {dk: dk.DECODE_LAUNCH, ek: ek.EXTEND_LAUNCH}  # the modules whose launch is a dataclass
 Q_HEADS, KV_HEADS = 32, 8
 BATCH, CONTEXT = 4, 1000  # shapes only select specializations; nothing runs
 INSTRUCTION_RE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
@@ -132,7 +135,7 @@ def describe(tag: str, name: str, kernel) -> dict:
             "shared_bytes": kernel.metadata.shared, "loop": main_loop(found), "loops": found}
 
 
-def launches(head_dim: int, key_bits: int, decode_launch):
+def launches(head_dim: int, key_bits: int, decode_launch, extend_launch):
     """(tag, host call) pairs covering every kernel, on CPU tensors of one layer."""
     from oscar_sglang.kernels.decode import decode_attention_int2
     from oscar_sglang.kernels.extend import extend_attention_int2
@@ -167,24 +170,26 @@ def launches(head_dim: int, key_bits: int, decode_launch):
             *decode_args, shared=find_shared_prefixes(kv_indptr, kv_indices, fmt, Q_HEADS // KV_HEADS),
             launch=decode_launch)),
         ("extend", lambda: extend_attention_int2(*new, qo_indptr, kv_indptr, kv_indices, starts, cache,
-                                                 head_dim ** -0.5, max_extend_len=chunk, max_prefix_len=CONTEXT)),
+                                                 head_dim ** -0.5, max_extend_len=chunk, max_prefix_len=CONTEXT,
+                                                 launch=extend_launch)),
         ("write, decode", lambda: write(BATCH)),
         ("write, prefill", lambda: write(chunk * BATCH)),
     ]
 
 
 def parse_setting(text: str):
-    """'decode.shared_warps=8' -> (the kernels.decode module, 'shared_warps', 8): a DecodeLaunch
-    field for decode, a module constant for the other kernels/ modules."""
+    """'decode.shared_warps=8' -> (the kernels.decode module, 'shared_warps', 8): a field of the
+    launch dataclass of kernels/decode.py or extend.py (LAUNCHES), else a module constant."""
     match = re.fullmatch(r"(\w+)\.(\w+)=(.+)", text)
     if not match:
         raise argparse.ArgumentTypeError(f"expected MODULE.NAME=VALUE, got {text!r}")
     module = importlib.import_module(f"oscar_sglang.kernels.{match.group(1)}")
     name = match.group(2)
-    if module.__name__.endswith(".decode"):
-        fields = [f.name for f in dataclasses.fields(module.DecodeLaunch)]
+    if module in LAUNCHES:
+        fields = [f.name for f in dataclasses.fields(LAUNCHES[module])]
         if name not in fields:
-            raise argparse.ArgumentTypeError(f"decode settings are DecodeLaunch fields {fields}, got {name!r}")
+            raise argparse.ArgumentTypeError(f"{match.group(1)} settings are fields of {type(LAUNCHES[module]).__name__}: "
+                                             f"{fields}, got {name!r}")
     elif not hasattr(module, name):
         raise argparse.ArgumentTypeError(f"kernels/{match.group(1)}.py has no constant {name}")
     value = match.group(3)
@@ -211,14 +216,14 @@ def main(argv=None):
     if knobs.runtime.interpret:
         sys.exit("kernel_resources compiles the GPU code paths: run it with TRITON_INTERPRET unset")
     records = []
-    decode_launch = dk.DECODE_LAUNCH
+    launch = dict(LAUNCHES)
     with contextlib.ExitStack() as stack:
         for module, name, value in args.set:
-            if module is dk:
-                decode_launch = dataclasses.replace(decode_launch, **{name: value})
+            if module in launch:
+                launch[module] = dataclasses.replace(launch[module], **{name: value})
             else:
                 stack.enter_context(module_constants(module, {name: value}))
-        for tag, call in launches(args.head_dim, args.key_bits, decode_launch):
+        for tag, call in launches(args.head_dim, args.key_bits, launch[dk], launch[ek]):
             with compiled_instead_of_launched(records, tag):
                 call()
     # a kernel launched twice alike in one call (extend dequantizes K, then V) is one row

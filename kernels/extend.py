@@ -22,6 +22,8 @@ query tile. The scratch needs 2 · H_kv · D · 2 bytes per token (Qwen3-8B: 4 K
 it by splitting large batches. Grids depend on shapes and host ints only.
 """
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -32,12 +34,21 @@ from .layer_cache import LayerCache
 from .quantize import nonfinite_rows
 from .tiles import load_key_codes, nonzero, online_softmax, unrotate
 
-BLOCK_M = 128  # query rows ((token, head) pairs) per attention program
-BLOCK_N = 64  # keys per attention tile (128-key tiles were 2 % faster on an H200, at 255 registers)
-NUM_WARPS = 8
-NUM_STAGES = 3  # software-pipelined K/V tiles of the attention loop (Triton's default on CUDA)
-GATHER_BLOCK_T = 64  # prefix + chunk positions per gather program
-GATHER_WARPS = 4
+
+@dataclass(frozen=True)
+class ExtendLaunch:
+    """Launch parameters of `extend_attention_int2`'s kernels; the defaults are the fastest
+    measured (benchmarks/extend_kernels.py sweeps others through this class)."""
+
+    block_m: int = 128  # query rows ((token, head) pairs) per attention program
+    block_n: int = 64  # keys per attention tile (128-key tiles were 2 % faster on an H200, at 255 registers)
+    num_warps: int = 8
+    num_stages: int = 3  # software-pipelined K/V tiles of the attention loop (Triton's default on CUDA)
+    gather_block_t: int = 64  # prefix + chunk positions per gather program
+    gather_warps: int = 4
+
+
+EXTEND_LAUNCH = ExtendLaunch()
 
 
 # ----------------------------------------------------------------------------- 1. gather
@@ -228,7 +239,7 @@ def _extend_attention_kernel(
 def gather_kv(
     qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, window_starts: torch.Tensor,
     k_new: torch.Tensor, v_new: torch.Tensor, cache: LayerCache, max_extend_len: int, max_prefix_len: int,
-    dtype: torch.dtype,
+    dtype: torch.dtype, launch: ExtendLaunch = EXTEND_LAUNCH,
 ) -> torch.Tensor:
     """The chunk's requests' keys and values in the model's space (launch 1 of the module
     docstring). Arguments as for `extend_attention_int2`. Returns kv: [2 (K, V), Σ (prefix +
@@ -239,7 +250,7 @@ def gather_kv(
     kv = torch.empty(2, kv_indices.shape[0] + k_new.shape[0], kv_heads, d, dtype=dtype, device=k_new.device)
     if batch == 0 or max_prefix_len + max_extend_len == 0:
         return kv
-    grid = (batch, triton.cdiv(max_prefix_len + max_extend_len, GATHER_BLOCK_T), kv_heads)
+    grid = (batch, triton.cdiv(max_prefix_len + max_extend_len, launch.gather_block_t), kv_heads)
     for kind, new, codes, meta, window, dest in (
             ("k", k_new, cache.k_codes, cache.k_meta, cache.k_window, kv[0]),
             ("v", v_new, cache.v_codes, cache.v_meta, cache.v_window, kv[1])):
@@ -250,8 +261,8 @@ def gather_kv(
             codes, codes.stride(0), codes.stride(1), meta, meta.stride(0), meta.stride(1),
             window, window.stride(0), window.stride(1), rot, rot_stride,
             dest, dest.stride(0), dest.stride(1),
-            D=d, G=fmt.group_size, S=fmt.sink_tokens, W=fmt.recent_tokens, BLOCK_T=GATHER_BLOCK_T,
-            BITS=fmt.code_bits(kind), CODE_BITS=CODE_BITS, CODE_MAX=CODE_MAX, num_warps=GATHER_WARPS,
+            D=d, G=fmt.group_size, S=fmt.sink_tokens, W=fmt.recent_tokens, BLOCK_T=launch.gather_block_t,
+            BITS=fmt.code_bits(kind), CODE_BITS=CODE_BITS, CODE_MAX=CODE_MAX, num_warps=launch.gather_warps,
         )
     return kv
 
@@ -281,7 +292,7 @@ def extend_attention_int2(
     q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
     window_starts: torch.Tensor, cache: LayerCache, sm_scale: float, max_extend_len: int, max_prefix_len: int,
-    out: torch.Tensor | None = None, flashinfer=None,
+    out: torch.Tensor | None = None, flashinfer=None, launch: ExtendLaunch = EXTEND_LAUNCH,
 ) -> torch.Tensor:
     """One chunk of prefill over the OSCAR-2 cache; same semantics as `reference.extend_attention`.
 
@@ -304,23 +315,23 @@ def extend_attention_int2(
         raise ValueError(f"k_new, v_new must be [{tokens}, {kv_heads}, {d}], "
                          f"got {tuple(k_new.shape)}, {tuple(v_new.shape)}")
     group = q_heads // kv_heads
-    if group > BLOCK_M:
-        raise ValueError(f"GQA group {group} exceeds BLOCK_M = {BLOCK_M}")
+    if group > launch.block_m:
+        raise ValueError(f"GQA group {group} exceeds ExtendLaunch.block_m = {launch.block_m}")
     if out is None:
         out = torch.empty_like(q)
     batch = qo_indptr.shape[0] - 1
     if tokens == 0 or batch == 0 or max_extend_len == 0:
         return out
     kv = gather_kv(qo_indptr, kv_indptr, kv_indices, window_starts, k_new, v_new, cache, max_extend_len,
-                   max_prefix_len, q.dtype)
+                   max_prefix_len, q.dtype, launch)
     if flashinfer is not None:
         return flashinfer.run(q, kv[0], kv[1], out=out)
-    _extend_attention_kernel[(triton.cdiv(max_extend_len, BLOCK_M // group), kv_heads, batch)](
+    _extend_attention_kernel[(triton.cdiv(max_extend_len, launch.block_m // group), kv_heads, batch)](
         q, q.stride(0), q.stride(1),
         kv[0], kv[1], kv.stride(1), kv.stride(2),
         qo_indptr, kv_indptr,
         out, out.stride(0), out.stride(1), sm_scale * LOG2E,
-        GROUP=group, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, D=d,
-        NATIVE_DOT=not triton.knobs.runtime.interpret, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        GROUP=group, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, D=d,
+        NATIVE_DOT=not triton.knobs.runtime.interpret, num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     return out

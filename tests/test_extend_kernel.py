@@ -8,7 +8,7 @@ and the output as tests/kernel_cases.py does.
 import pytest
 import torch
 from oscar_sglang.kernels import reference as ref
-from oscar_sglang.kernels.extend import extend_attention_int2, gather_kv
+from oscar_sglang.kernels.extend import ExtendLaunch, extend_attention_int2, gather_kv
 from oscar_sglang.kernels.format import OscarFormat
 from oscar_sglang.kernels.quantize import write_kv_int2
 from kernel_cases import assert_matches, fill_requests, make_cache, new_tokens, run_extend
@@ -75,6 +75,22 @@ def test_gather_kv_matches_reference(head_dim, group_size, dtype, key_bits, nan_
             rows = new[int(qo_indptr[b]):int(qo_indptr[b + 1])]
             expected = torch.where(torch.isfinite(rows).all(dim=-1, keepdim=True), rows, 0)
             assert torch.equal(got[which, first + prefix:first + prefix + chunk], expected)
+
+
+def test_extend_with_other_launch_parameters():
+    """An ExtendLaunch other than the default (smaller tiles, smaller gather programs) changes how
+    the work is cut, not the result."""
+    gen = torch.Generator().manual_seed(9)
+    fmt = OscarFormat(64, 32, sink_tokens=4, recent_tokens=8, key_bits=3)
+    prefixes, chunks = zip(*PAIRS)
+    cache = make_cache(fmt, 2, sum(prefixes) + 16, len(PAIRS) + 1, True, gen)
+    batch = fill_requests(cache, list(prefixes), torch.bfloat16, torch.int32, gen)
+    q, k, v, qo_indptr = new_tokens(chunks, 2, 3, 64, torch.bfloat16, gen)
+    args = (q, k, v, qo_indptr, batch.kv_indptr, batch.kv_indices, batch.window_starts, cache, 0.125)
+    launch = ExtendLaunch(block_m=32, block_n=16, num_warps=4, num_stages=2, gather_block_t=16)
+    out = torch.full_like(q, float("nan"))
+    extend_attention_int2(*args, max_extend_len=max(chunks), max_prefix_len=max(prefixes), out=out, launch=launch)
+    assert_matches(out, ref.extend_attention(*args), torch.bfloat16)
 
 
 def test_extend_default_windows():
