@@ -10,9 +10,9 @@ Reported per kernel: registers and stack bytes per thread, shared memory, and pe
 branch) the SASS instructions of one iteration, the local-memory accesses among them (register
 spills: STL / LDL) and the tensor-core instructions (HMMA, or HGMMA for warpgroup MMAs); the
 table shows the main loop, the one with the most tensor-core instructions. --key-bits sets the key
-code width; --set decode.FIELD=VALUE and extend.FIELD=VALUE change a field of the decode or extend
-launch (kernels.decode.DecodeLaunch, kernels.extend.ExtendLaunch), --set MODULE.NAME=VALUE a
-constant of another kernels/MODULE.py.
+code width; --set decode.FIELD=VALUE, extend.FIELD=VALUE and quantize.FIELD=VALUE change a field of
+the decode, extend or write launch (kernels.decode.DecodeLaunch, kernels.extend.ExtendLaunch,
+kernels.quantize.WriteLaunch), --set MODULE.NAME=VALUE a constant of another kernels/MODULE.py.
 
     python -m benchmarks.kernel_resources
     python -m benchmarks.kernel_resources --key-bits 3 --set decode.shared_warps=8
@@ -43,10 +43,11 @@ from benchmarks.paths import DEFAULT_RESULTS_DIR
 from benchmarks.records import machine_info, markdown_table, module_constants, now_iso, write_json
 from oscar_sglang.kernels import decode as dk
 from oscar_sglang.kernels import extend as ek
+from oscar_sglang.kernels import quantize as qk
 from oscar_sglang.kernels.format import CODE_BITS, SUPPORTED_KEY_BITS
 
 TARGET = GPUTarget("cuda", 90, 32)  # H100
-LAUNCHES = {dk: dk.DECODE_LAUNCH, ek: ek.EXTEND_LAUNCH}  # the modules whose launch is a dataclass
+LAUNCHES = {dk: dk.DECODE_LAUNCH, ek: ek.EXTEND_LAUNCH, qk: qk.WRITE_LAUNCH}  # launches that are dataclasses
 Q_HEADS, KV_HEADS = 32, 8
 BATCH, CONTEXT = 4, 1000  # shapes only select specializations; nothing runs
 INSTRUCTION_RE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
@@ -135,7 +136,7 @@ def describe(tag: str, name: str, kernel) -> dict:
             "shared_bytes": kernel.metadata.shared, "loop": main_loop(found), "loops": found}
 
 
-def launches(head_dim: int, key_bits: int, decode_launch, extend_launch):
+def launches(head_dim: int, key_bits: int, decode_launch, extend_launch, write_launch):
     """(tag, host call) pairs covering every kernel, on CPU tensors of one layer."""
     from oscar_sglang.kernels.decode import decode_attention_int2
     from oscar_sglang.kernels.extend import extend_attention_int2
@@ -162,7 +163,8 @@ def launches(head_dim: int, key_bits: int, decode_launch, extend_launch):
 
     def write(tokens):
         k = torch.zeros(tokens, KV_HEADS, head_dim, dtype=torch.bfloat16)
-        write_kv_int2(k, k.clone(), kv_indices[:tokens], cache, kv_indices[:tokens], torch.zeros(1, dtype=torch.int32))
+        write_kv_int2(k, k.clone(), kv_indices[:tokens], cache, kv_indices[:tokens], torch.zeros(1, dtype=torch.int32),
+                      launch=write_launch)
 
     return [
         ("decode", lambda: decode_attention_int2(*decode_args, launch=decode_launch)),
@@ -223,7 +225,7 @@ def main(argv=None):
                 launch[module] = dataclasses.replace(launch[module], **{name: value})
             else:
                 stack.enter_context(module_constants(module, {name: value}))
-        for tag, call in launches(args.head_dim, args.key_bits, launch[dk], launch[ek]):
+        for tag, call in launches(args.head_dim, args.key_bits, launch[dk], launch[ek], launch[qk]):
             with compiled_instead_of_launched(records, tag):
                 call()
     # a kernel launched twice alike in one call (extend dequantizes K, then V) is one row

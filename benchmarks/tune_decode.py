@@ -154,21 +154,9 @@ _SPLIT_INPUTS = {}
 
 
 def write_variant(k, v, slots, rows, cache: LayerCache, block_t, warps):
-    """write_kv_int2's launch with other tokens per program / warps."""
-    fmt = cache.fmt
-    k_lo, k_frac = qk.quantile_position(cache.k_clip, D)
-    v_lo, v_frac = qk.quantile_position(cache.v_clip, D)
-    k_win, v_win = cache.k_window, cache.v_window
-    qk._write_kv_kernel[(triton.cdiv(k.shape[0], block_t), KV_HEADS, 2)](
-        k, v, k.stride(0), k.stride(1), v.stride(0), v.stride(1), slots, rows, k.shape[0],
-        cache.k_rot, cache.v_rot, cache.k_rot.stride(0), cache.v_rot.stride(0),
-        *dk.code_args(cache),
-        cache.k_meta, cache.v_meta, cache.k_meta.stride(0), cache.k_meta.stride(1),
-        k_win, v_win, k_win.stride(0), k_win.stride(1), slots,
-        k_lo, k_frac, v_lo, v_frac,
-        HAS_WINDOW=True, HAS_FLAG=False, D=D, G=fmt.group_size, BLOCK_T=block_t,
-        KEY_BITS=fmt.key_bits, PLANE_BITS=CODE_BITS, PER_BYTE=CODES_PER_BYTE, PLANE_MAX=CODE_MAX,
-        num_warps=warps)
+    """write_kv_int2 with `block_t` tokens per program (prefill and decode alike) and `warps`."""
+    launch = qk.WriteLaunch(block_tokens=block_t, decode_block_tokens=block_t, num_warps=warps)
+    qk.write_kv_int2(k, v, slots, cache, rows, launch=launch)
 
 
 def time_us(fn, rep=25):

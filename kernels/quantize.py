@@ -8,6 +8,7 @@ so that the caller can report it later without synchronizing here.
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -16,11 +17,23 @@ import triton.language as tl
 from .format import CODE_BITS, CODE_MAX, CODES_PER_BYTE
 from .layer_cache import LayerCache
 
-# tokens per program: 16 for prefill chunks; at decode (T = batch size) at most 4, so that the
-# programs spread over more SMs (H100, T = 64: 14.5 us against 17.0 us with 16 per program)
-BLOCK_TOKENS = 16
-DECODE_BLOCK_TOKENS = 4
-DECODE_MAX_TOKENS = 128
+
+
+@dataclass(frozen=True)
+class WriteLaunch:
+    """Launch parameters of `write_kv_int2`; the defaults are the fastest measured
+    (benchmarks/tune_decode.py sweeps others through this class)."""
+
+    # tokens per program: 16 for prefill chunks; at decode (T = batch size, at most
+    # decode_max_tokens) at most 4, so that the programs spread over more SMs (H100, T = 64:
+    # 14.5 us against 17.0 us with 16 per program)
+    block_tokens: int = 16
+    decode_block_tokens: int = 4
+    decode_max_tokens: int = 128
+    num_warps: int = 4
+
+
+WRITE_LAUNCH = WriteLaunch()
 
 
 @triton.jit
@@ -158,6 +171,7 @@ def quantile_position(ratio: float, n: int) -> tuple[int, float]:
 def write_kv_int2(
     k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, cache: LayerCache,
     window_rows: torch.Tensor | None = None, nonfinite_flag: torch.Tensor | None = None,
+    launch: WriteLaunch = WRITE_LAUNCH,
 ) -> None:
     """Encode new tokens of one layer into its pool buffers (codes and meta of `cache`), in place.
 
@@ -168,6 +182,7 @@ def write_kv_int2(
     nonfinite_flag: optional [1] int32 (one layer's element of a flags tensor), set to 1 when
     any K or V row of the launch is non-finite after rotation (stored as zeros); never cleared
     here, so the caller can read it later without a host sync in this launch's path.
+    launch: the launch parameters (WriteLaunch; the defaults unless tuning).
     """
     num_tokens, heads, d = k.shape
     fmt = cache.fmt
@@ -190,10 +205,10 @@ def write_kv_int2(
         nonfinite_flag = slots  # unused placeholder
     k_lo, k_frac = quantile_position(cache.k_clip, d)
     v_lo, v_frac = quantile_position(cache.v_clip, d)
-    if num_tokens > DECODE_MAX_TOKENS:
-        block_t = BLOCK_TOKENS
+    if num_tokens > launch.decode_max_tokens:
+        block_t = launch.block_tokens
     else:
-        block_t = min(DECODE_BLOCK_TOKENS, triton.next_power_of_2(num_tokens))
+        block_t = min(launch.decode_block_tokens, triton.next_power_of_2(num_tokens))
     grid = (triton.cdiv(num_tokens, block_t), heads, 2)
     _write_kv_kernel[grid](
         k, v, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -206,4 +221,5 @@ def write_kv_int2(
         k_lo, k_frac, v_lo, v_frac,
         HAS_WINDOW=has_window, HAS_FLAG=has_flag, D=d, G=fmt.group_size, BLOCK_T=block_t,
         KEY_BITS=fmt.key_bits, PLANE_BITS=CODE_BITS, PER_BYTE=CODES_PER_BYTE, PLANE_MAX=CODE_MAX,
+        num_warps=launch.num_warps,
     )
