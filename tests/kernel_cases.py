@@ -10,11 +10,11 @@ from dataclasses import dataclass
 
 import torch
 from oscar_sglang.kernels import reference as ref
-from oscar_sglang.kernels.decode import decode_attention_int2
-from oscar_sglang.kernels.extend import extend_attention_int2
+from oscar_sglang.kernels.decode import DECODE_LAUNCH, decode_attention_int2
+from oscar_sglang.kernels.extend import EXTEND_LAUNCH, extend_attention_int2
 from oscar_sglang.kernels.format import OscarFormat
 from oscar_sglang.kernels.layer_cache import LayerCache
-from oscar_sglang.kernels.quantize import write_kv_int2
+from oscar_sglang.kernels.quantize import WRITE_LAUNCH, write_kv_int2
 
 CODE_POISON, META_POISON, WINDOW_POISON = 0xA5, -7.0, 1234.0
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -110,24 +110,26 @@ def assert_matches(out: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype
     torch.testing.assert_close(out.float(), expected, rtol=tol, atol=tol * scale)
 
 
-def run_decode(cache: LayerCache, batch: Batch, q: torch.Tensor, num_kv_splits=None):
-    """Kernel (into a NaN-poisoned output) and reference results."""
+def run_decode(cache: LayerCache, batch: Batch, q: torch.Tensor, num_kv_splits=None, launch=DECODE_LAUNCH):
+    """Kernel (into a NaN-poisoned output, with `launch`) and reference results."""
     sm_scale = cache.fmt.head_dim ** -0.5
     args = (q, batch.kv_indptr, batch.kv_indices, batch.window_starts, cache, sm_scale)
     out = torch.full_like(q, float("nan"))
-    got = decode_attention_int2(*args, num_kv_splits=num_kv_splits, out=out)
+    got = decode_attention_int2(*args, num_kv_splits=num_kv_splits, out=out, launch=launch)
     assert got.data_ptr() == out.data_ptr()
     return got, ref.decode_attention(*args)
 
 
-def run_extend(cache: LayerCache, q, k_new, v_new, qo_indptr, kv_indptr, kv_indices, window_starts):
-    """Kernel (into a NaN-poisoned output) and reference results."""
+def run_extend(cache: LayerCache, q, k_new, v_new, qo_indptr, kv_indptr, kv_indices, window_starts,
+               launch=EXTEND_LAUNCH):
+    """Kernel (into a NaN-poisoned output, with `launch`) and reference results."""
     sm_scale = cache.fmt.head_dim ** -0.5
     args = (q, k_new, v_new, qo_indptr, kv_indptr, kv_indices, window_starts, cache, sm_scale)
     chunks = (qo_indptr[1:] - qo_indptr[:-1]).tolist()
     prefixes = (kv_indptr[1:] - kv_indptr[:-1]).tolist()
     out = torch.full_like(q, float("nan"))
-    got = extend_attention_int2(*args, max_extend_len=max(chunks), max_prefix_len=max(prefixes), out=out)
+    got = extend_attention_int2(*args, max_extend_len=max(chunks), max_prefix_len=max(prefixes), out=out,
+                                launch=launch)
     assert got.data_ptr() == out.data_ptr()
     return got, ref.extend_attention(*args)
 
@@ -156,9 +158,10 @@ def assert_codes_match(got, want, x_rot_clipped, meta, group, bits=2):
     assert ((got_c.int() - want_c.int()).abs() <= 1).all()
 
 
-def write_poisoned(k, v, slots, k_rot, v_rot, clips, rows, fmt: OscarFormat, num_slots: int) -> dict:
-    """write_kv_int2 into poisoned pool buffers ({k,v}_{codes,meta,window}, window rows = tokens)
-    on DEVICE; returns the buffers on the CPU."""
+def write_poisoned(k, v, slots, k_rot, v_rot, clips, rows, fmt: OscarFormat, num_slots: int,
+                   launch=WRITE_LAUNCH) -> dict:
+    """write_kv_int2 (with `launch`) into poisoned pool buffers ({k,v}_{codes,meta,window}, window
+    rows = tokens) on DEVICE; returns the buffers on the CPU."""
     tokens, heads, d = k.shape
     bufs = {
         f"{kind}_{name}": torch.full(shape, poison, dtype=dtype, device=DEVICE)
@@ -171,5 +174,5 @@ def write_poisoned(k, v, slots, k_rot, v_rot, clips, rows, fmt: OscarFormat, num
     }
     cache = LayerCache(fmt, bufs["k_codes"], bufs["k_meta"], bufs["v_codes"], bufs["v_meta"], bufs["k_window"],
                        bufs["v_window"], k_rot.to(DEVICE), v_rot.to(DEVICE), *clips)
-    write_kv_int2(k.to(DEVICE), v.to(DEVICE), slots.to(DEVICE), cache, window_rows=rows.to(DEVICE))
+    write_kv_int2(k.to(DEVICE), v.to(DEVICE), slots.to(DEVICE), cache, window_rows=rows.to(DEVICE), launch=launch)
     return {name: t.cpu() for name, t in bufs.items()}

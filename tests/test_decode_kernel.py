@@ -95,11 +95,8 @@ def test_decode_with_other_launch_parameters():
     cache = make_cache(fmt, 2, sum(lens), len(lens), True, gen)
     batch = fill_requests(cache, lens, torch.bfloat16, torch.int32, gen)
     q = torch.randn(len(lens), 6, 64, generator=gen).to(torch.bfloat16)
-    args = (q, batch.kv_indptr, batch.kv_indices, batch.window_starts, cache, 0.125)
     launch = DecodeLaunch(block_n=32, block_rows=16, window_rows_per_program=4, num_stages=2)
-    out = torch.full_like(q, float("nan"))
-    decode_attention_int2(*args, num_kv_splits=3, out=out, launch=launch)
-    assert_matches(out, ref.decode_attention(*args), torch.bfloat16)
+    assert_matches(*run_decode(cache, batch, q, num_kv_splits=3, launch=launch), torch.bfloat16)
 
 
 def test_default_split_count_depends_on_shapes_only():

@@ -86,11 +86,9 @@ def test_extend_with_other_launch_parameters():
     cache = make_cache(fmt, 2, sum(prefixes) + 16, len(PAIRS) + 1, True, gen)
     batch = fill_requests(cache, list(prefixes), torch.bfloat16, torch.int32, gen)
     q, k, v, qo_indptr = new_tokens(chunks, 2, 3, 64, torch.bfloat16, gen)
-    args = (q, k, v, qo_indptr, batch.kv_indptr, batch.kv_indices, batch.window_starts, cache, 0.125)
     launch = ExtendLaunch(block_m=32, block_n=16, num_warps=4, num_stages=2, gather_block_t=16)
-    out = torch.full_like(q, float("nan"))
-    extend_attention_int2(*args, max_extend_len=max(chunks), max_prefix_len=max(prefixes), out=out, launch=launch)
-    assert_matches(out, ref.extend_attention(*args), torch.bfloat16)
+    assert_matches(*run_extend(cache, q, k, v, qo_indptr, batch.kv_indptr, batch.kv_indices, batch.window_starts,
+                               launch), torch.bfloat16)
 
 
 def test_extend_default_windows():

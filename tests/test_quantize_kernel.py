@@ -5,6 +5,7 @@ import torch
 
 from oscar_sglang.kernels import reference as ref
 from oscar_sglang.kernels.format import OscarFormat
+from oscar_sglang.kernels.quantize import WriteLaunch
 from kernel_cases import CODE_POISON, META_POISON, WINDOW_POISON, assert_codes_match, random_rotation, write_poisoned
 
 
@@ -80,22 +81,15 @@ def test_non_finite_token_is_isolated():
 def test_other_launch_parameters_write_the_same_bytes():
     """A WriteLaunch other than the default (fewer tokens per program, the prefill regime from
     5 tokens on) cuts the work differently and writes the same codes, meta and window rows."""
-    from oscar_sglang.kernels.layer_cache import LayerCache
-    from oscar_sglang.kernels.quantize import WriteLaunch, write_kv_int2
-
     gen = torch.Generator().manual_seed(12)
     fmt = OscarFormat(64, 32, key_bits=3)
     k, v = (torch.randn(9, 2, 64, generator=gen).bfloat16() for _ in "kv")
     rot = random_rotation(2, 64, gen)
 
     def written(launch):
-        caches = [torch.full(fmt.codes_shape(11, 2, kind), CODE_POISON, dtype=torch.uint8) for kind in "kv"]
-        metas = [torch.full(fmt.meta_shape(11, 2), META_POISON, dtype=torch.float16) for _ in "kv"]
-        windows = [torch.full((9, 2, 64), WINDOW_POISON, dtype=torch.bfloat16) for _ in "kv"]
-        cache = LayerCache(fmt, caches[0], metas[0], caches[1], metas[1], *windows, rot, rot, 0.96, 0.92)
-        write_kv_int2(k, v, torch.arange(2, 11), cache, torch.arange(9), launch=launch)
-        return [*caches, *metas, *windows]
+        return write_poisoned(k, v, torch.arange(2, 11), rot, rot, (0.96, 0.92), torch.arange(9), fmt, 11, launch)
 
     other = WriteLaunch(block_tokens=2, decode_block_tokens=2, decode_max_tokens=4, num_warps=2)
-    for a, b in zip(written(WriteLaunch()), written(other)):
-        assert torch.equal(a, b)
+    default, changed = written(WriteLaunch()), written(other)
+    for name in default:
+        assert torch.equal(default[name], changed[name]), name
