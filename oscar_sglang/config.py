@@ -7,7 +7,7 @@ environment variables, which the spawned scheduler processes inherit:
     SGLANG_OSCAR_ROTATIONS       --oscar-rotations        rotation file (.oscar.safetensors), or
                                                           data-free (Hadamard rotations, lower
                                                           quality); required with oscar
-    SGLANG_OSCAR_KEY_BITS        --oscar-key-bits         2 | 4 bits per key code (default: the
+    SGLANG_OSCAR_KEY_BITS        --oscar-key-bits         2 | 3 | 4 bits per key code (default: the
                                                           width the rotation file was calibrated
                                                           for, 4 for data-free rotations; values
                                                           are always 2); must match the file

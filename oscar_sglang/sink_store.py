@@ -5,8 +5,9 @@ layer ([C, H_kv, D], K and V) is keyed by slot: `row_of_slot[slot]` is the store
 exact rotated K/V of that slot (-1: none). Rows are assigned to the slots of positions < S when
 an extend batch writes them (`assign`, host side, outside CUDA graphs) and filled from the
 request's window rows after the write kernel (`save`); a radix hit's window rows are restored
-from them (OscarTokenToKVPool.restore_windows). The allocator's free / clear hooks (patches/
-allocator_*.py) release them (`release` / `reset`) when their slots go back to its free list.
+from them (OscarTokenToKVPool.restore_windows). The allocator's free / clear hooks
+(patches/allocator_*.py) release them (`release` / `reset`) when their slots go back to its free
+list.
 Releasing is GPU-only (no host sync inside the scheduler's free paths): released rows are
 flagged in a device mask and moved to the host free list the next time `assign` runs short.
 """
