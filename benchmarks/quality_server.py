@@ -50,7 +50,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.cli_args import flag_list, kv_flags, parse_int_list, positive_int
+from benchmarks.cli_args import flag_list, int_at_least, kv_flags, parse_int_list, positive_int
 from benchmarks.paths import DEFAULT_RESULTS_DIR
 from benchmarks.processes import (
     free_port,
@@ -777,15 +777,7 @@ def tasks(text):
     return found
 
 
-def count(text):
-    """argparse type: an integer >= 0 (0 skips the phase)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+count = int_at_least(0)  # argparse type of the phase sizes: 0 skips the phase
 
 
 def build_parser():
