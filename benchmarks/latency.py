@@ -118,7 +118,7 @@ def _stock(owner, name):
 
 def prefill_groups(lengths, limit):
     """Split request indices into consecutive groups of at most `limit` tokens (>= 1 request each)."""
-    from oscar_sglang.backend import request_groups  # imported late: after the plugin hooks are in
+    from oscar_sglang.extend_groups import request_groups  # imported late: after the plugin hooks are in
 
     return [list(range(r0, r1)) for r0, r1 in request_groups(lengths, limit)]
 

@@ -57,16 +57,15 @@ def write_random_kv(pool, slots: torch.Tensor, rows: torch.Tensor, sink_copy, ge
             pool.save_sinks(layer, *sink_copy)
 
 
-def backend_assign_sink_rows(pool: OscarTokenToKVPool, req_pool_idx: int, prefix: int,
+def assign_sink_rows_of(pool: OscarTokenToKVPool, req_pool_idx: int, prefix: int,
                              slots: torch.Tensor):
-    """OscarAttnBackend._assign_sink_rows (the real method) for an extend batch holding one
+    """forward_plan.assign_sink_rows (what the backend plans) for an extend batch holding one
     request whose new tokens at positions prefix.. go to `slots`."""
-    from oscar_sglang.backend import OscarAttnBackend
+    from oscar_sglang.forward_plan import assign_sink_rows
 
     batch = types.SimpleNamespace(extend_prefix_lens_cpu=[prefix], extend_seq_lens_cpu=[slots.numel()],
                                   out_cache_loc=slots)
-    backend = types.SimpleNamespace(pool=pool, fmt=pool.fmt)
-    return OscarAttnBackend._assign_sink_rows(backend, batch, [req_pool_idx])
+    return assign_sink_rows(pool, batch, [req_pool_idx])
 
 
 def check_sink_books(pool: OscarTokenToKVPool, free_units, page_size: int = 1):
@@ -199,7 +198,7 @@ class Stack:
         an extend first gets sink-pool rows for its positions < S (decode never does), then
         every layer is written and its new sinks are copied into those rows."""
         n = slots.numel()
-        sink_copy = None if decode else backend_assign_sink_rows(self.pool, req.req_pool_idx, start, slots)
+        sink_copy = None if decode else assign_sink_rows_of(self.pool, req.req_pool_idx, start, slots)
         positions = torch.arange(start, start + n)
         rows = self.pool.window_rows_for(torch.full((n,), req.req_pool_idx), positions,
                                          torch.full((n,), start + n))

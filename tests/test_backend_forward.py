@@ -13,6 +13,8 @@ from oscar_sglang.kernels.format import OscarFormat
 from oscar_sglang.kernels.rotation_file import data_free_rotations
 
 from oscar_sglang.backend import OscarAttnBackend
+from oscar_sglang.extend_groups import FlashInferPlans
+from oscar_sglang.forward_plan import plan_extend
 from oscar_sglang.nonfinite import NonFiniteReporter
 from oscar_sglang.pool import OscarTokenToKVPool
 from kernel_cases import assert_codes_match, assert_matches
@@ -27,8 +29,8 @@ def make_backend(pool: OscarTokenToKVPool, use_reference: bool) -> OscarAttnBack
     backend.pool, backend.fmt = pool, pool.fmt
     backend.use_reference, backend.enable_deterministic = use_reference, False
     backend.nonfinite = NonFiniteReporter(LAYERS, 0, "cpu")
-    backend._token_rows, backend._shared, backend._sink_copy = None, None, None
-    backend.use_flashinfer, backend._extend_groups = False, None  # FlashInfer needs CUDA
+    backend.forward_plan = None
+    backend.flashinfer_plans = FlashInferPlans(False, "cpu")  # FlashInfer needs CUDA
     return backend
 
 
@@ -92,6 +94,7 @@ def prefill_two_requests(reference: bool, requests: int, decode_slots: int, seed
         req_pool_indices=torch.tensor([1, 2]), positions=torch.cat([torch.arange(n) for n in LENS]),
         seq_lens=torch.tensor(LENS), out_cache_loc=prompt_slots, extend_seq_lens=torch.tensor(LENS),
         extend_prefix_lens_cpu=[0, 0], extend_seq_lens_cpu=LENS)
+    backend.forward_plan = plan_extend(pool, prefill, [1, 2])  # as init_forward_metadata plans it
     prefilled = run_layers(backend, "forward_extend", prefill, sum(LENS), gen)
     return pool, backend, prompt_slots, slots[sum(LENS):], gen, prefilled
 
@@ -137,7 +140,7 @@ def test_decode_of_requests_sharing_a_prefix_matches_reference_path():
                                  seq_lens=torch.tensor(lengths), out_cache_loc=decode_slots)
         results[reference] = run_layers(backend, "forward_decode", decode, 3, gen)[0]
         if not reference:
-            shared = backend._shared_prefixes(layer(0), decode)
+            shared = backend.forward_plan.shared
             assert shared.block_end.max() > FMT.sink_tokens, "requests 2 and 3 must share positions"
     for got, expected in zip(results[False], results[True]):
         assert torch.isfinite(got).all()
@@ -182,6 +185,7 @@ def test_mixed_batch_gives_a_decoding_request_its_decode_output():
                                                                          torch.arange(LENS[1], LENS[1] + chunk)]),
             seq_lens=torch.tensor([LENS[0] + 1, LENS[1] + chunk]), out_cache_loc=new_slots,
             extend_seq_lens=torch.tensor([1, chunk]), extend_prefix_lens_cpu=LENS, extend_seq_lens_cpu=[1, chunk])
+        backend.forward_plan = plan_extend(pool, batch, [1, 2])
         mixed[reference] = [backend.forward_extend(q, k, v, layer(i), batch) for i, (q, k, v) in enumerate(qkv)]
         for b, (slots, idx) in enumerate(((torch.cat([first, new_slots[:1]]), 1),
                                           (torch.cat([second, new_slots[1:]]), 2))):

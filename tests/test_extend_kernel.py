@@ -146,9 +146,9 @@ def test_extend_rejects_bad_shapes():
 
 
 def test_backend_splits_large_batches_into_scratch_sized_groups():
-    """OscarAttnBackend runs the kernel over request groups whose gathered K/V fits its bound;
+    """The extend path runs the kernel over request groups whose gathered K/V fits its bound;
     the groups' outputs equal one launch over the whole batch."""
-    from oscar_sglang.backend import RequestGroup, extend_in_groups, request_groups
+    from oscar_sglang.extend_groups import RequestGroup, extend_in_groups, request_groups
 
     gen = torch.Generator().manual_seed(11)
     fmt = OscarFormat(64, 32, sink_tokens=4, recent_tokens=8)
@@ -166,33 +166,32 @@ def test_backend_splits_large_batches_into_scratch_sized_groups():
 
 
 def test_request_groups_bound():
-    from oscar_sglang.backend import request_groups
+    from oscar_sglang.extend_groups import request_groups
 
     assert request_groups([5, 5, 5], 10) == [(0, 2), (2, 3)]
     assert request_groups([50, 1, 1], 10) == [(0, 1), (1, 3)]
     assert request_groups([0, 0], 1) == [(0, 2)]
 
 
-def test_backend_bounds_flashinfer_plans(monkeypatch):
+def test_flashinfer_plans_are_bounded(monkeypatch):
     """A forward plans one FlashInfer wrapper per request group, at most MAX_FLASHINFER_PLANS
     (each holds 16 MiB of plan buffers): later groups get None (the Triton kernel), and the
     wrappers are made once and planned again by later forwards. Stand-ins replace FlashInfer,
     which needs CUDA."""
-    from oscar_sglang import backend
+    from oscar_sglang import extend_groups
 
     made, plans = [], []
-    monkeypatch.setattr(backend, "flashinfer_extend_wrapper", lambda workspace: made.append(object()) or made[-1])
-    monkeypatch.setattr(backend, "plan_flashinfer_extend",
+    monkeypatch.setattr(extend_groups, "flashinfer_extend_wrapper", lambda workspace: made.append(object()) or made[-1])
+    monkeypatch.setattr(extend_groups, "plan_flashinfer_extend",
                         lambda wrapper, extend, prefix, *rest: plans.append((wrapper, extend, prefix)) or wrapper)
-    owner = backend.OscarAttnBackend.__new__(backend.OscarAttnBackend)
-    owner.use_flashinfer, owner._flashinfer, owner._flashinfer_workspace = True, [], None
-    owner.num_head, owner.num_kv_head, owner.fmt = 32, 8, OscarFormat(128)
-    limit = backend.MAX_FLASHINFER_PLANS
+    planner = extend_groups.FlashInferPlans(False, "cpu")
+    planner.enabled = True  # its workspace stays None: the stand-ins never read it
+    limit = extend_groups.MAX_FLASHINFER_PLANS
     groups = [(r, r + 1) for r in range(limit + 3)]
     lens = list(range(1, limit + 4))
-    wrappers = owner._planned_wrappers(groups, lens, lens, 0.1, torch.bfloat16)
+    wrappers = planner.plan(groups, lens, lens, 32, 8, 128, 0.1, torch.bfloat16)
     assert wrappers[:limit] == made and len(made) == limit and wrappers[limit:] == [None] * 3
     assert [(extend, prefix) for _, extend, prefix in plans] == [([n], [n]) for n in lens[:limit]]
-    assert owner._planned_wrappers(groups[:2], lens, lens, 0.1, torch.bfloat16) == made[:2] and len(made) == limit
-    owner.use_flashinfer = False
-    assert owner._planned_wrappers(groups, lens, lens, 0.1, torch.bfloat16) == [None] * len(groups)
+    assert planner.plan(groups[:2], lens, lens, 32, 8, 128, 0.1, torch.bfloat16) == made[:2] and len(made) == limit
+    assert extend_groups.FlashInferPlans(False, "cpu").plan(groups, lens, lens, 32, 8, 128, 0.1,
+                                                            torch.bfloat16) == [None] * len(groups)

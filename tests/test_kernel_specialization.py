@@ -1,7 +1,7 @@
 """A serving process must not compile kernels mid-run: Triton compiles a new variant whenever a
 launch's specialization (pointer alignment, integer divisibility, constexprs) is new, and on the
 H200 host each compile stalled the scheduler for ~3 s. The extend path receives its index arrays
-as slices (a batch split into scratch-bounded groups, `backend.extend_in_groups`) and
+as slices (a batch split into scratch-bounded groups, `extend_groups.extend_in_groups`) and
 the write kernel a per-layer entry of one flags tensor, so their alignment varies from launch to
 launch; these launches must all bind to one specialization. Checked with Triton's own binder for
 sm_90 (`benchmarks.kernel_resources.bind_launch`) in a process without the interpreter; nothing

@@ -5,7 +5,7 @@ over the OSCAR pool, ReqToTokenPool, RadixCache (built from CacheInitParams as t
 does in 0.5.17) and Req. The scheduler itself needs a server, so its steps are replayed in the
 order it runs them: Req.init_next_round_input (match_prefix) -> inc_lock_ref (PrefillAdder) ->
 ReqToTokenPool.alloc + slot allocation + req_to_token writes (alloc_for_extend) -> KV write
-(as OscarAttnBackend does: sink-pool rows for new positions < S from its _assign_sink_rows,
+(as OscarAttnBackend does: sink-pool rows for new positions < S from forward_plan.assign_sink_rows,
 write_kv_int2 with rows from pool.window_rows_for, then pool.save_sinks) ->
 cache_unfinished_req / cache_finished_req / ReqToTokenPool.free (release_kv_cache).
 The plugin's allocator hooks are applied (SGLang's load_plugins), so frees release sink rows.

@@ -14,7 +14,7 @@ import torch
 from sglang.srt.mem_cache.allocator import PagedTokenToKVPoolAllocator, TokenToKVPoolAllocator
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
-from oscar_sglang.backend import OscarAttnBackend
+from oscar_sglang.forward_plan import assign_sink_rows
 from oscar_sglang.kernels.format import OscarFormat
 from oscar_sglang.kernels.reference import decode_kv
 from oscar_sglang.kernels.rotation_file import data_free_rotations
@@ -228,14 +228,13 @@ def test_restoring_several_requests_at_once_equals_one_by_one():
 
 
 def test_backend_assigns_rows_for_new_sink_positions_only():
-    """OscarAttnBackend._assign_sink_rows over a batch of three requests: one prefilling from 0,
+    """forward_plan.assign_sink_rows over a batch of three requests: one prefilling from 0,
     one continuing inside the sinks, one past them."""
     pool = small_pool(size=64, requests=4)
     loc = torch.arange(40, 50)  # out_cache_loc of 6 + 1 + 3 new tokens
     batch = types.SimpleNamespace(extend_prefix_lens_cpu=[0, 2, 5], extend_seq_lens_cpu=[6, 1, 3],
                                   out_cache_loc=loc)
-    backend = types.SimpleNamespace(pool=pool, fmt=FMT)
-    window_rows, rows = OscarAttnBackend._assign_sink_rows(backend, batch, [1, 3, 2])
+    window_rows, rows = assign_sink_rows(pool, batch, [1, 3, 2])
     wr = FMT.window_rows
     assert window_rows.tolist() == [wr + 0, wr + 1, wr + 2, wr + 3, 3 * wr + 2]
     owners = torch.nonzero(pool.sinks.row_of_slot >= 0).flatten().tolist()
@@ -243,7 +242,7 @@ def test_backend_assigns_rows_for_new_sink_positions_only():
     assert pool.sinks.row_of_slot[torch.tensor(owners)].tolist() == rows.tolist()
     decode = types.SimpleNamespace(extend_prefix_lens_cpu=[7], extend_seq_lens_cpu=[1],
                                    out_cache_loc=torch.tensor([50]))
-    assert OscarAttnBackend._assign_sink_rows(backend, decode, [1]) is None
+    assert assign_sink_rows(pool, decode, [1]) is None
 
 
 # ---- allocator free paths ---------------------------------------------------------------------

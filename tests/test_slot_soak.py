@@ -17,7 +17,7 @@ every radix hit) must equal the dequantized codes, except sinks whose slot has a
 which must equal that row (for real K/V: bit-exactly the BF16 sink that was written).
 
 Sink pool: every extend gets sink-pool rows for its new positions < S through the backend's own
-_assign_sink_rows (the pool is small, so it often runs full and falls back); the plugin's
+forward_plan.assign_sink_rows (the pool is small, so it often runs full and falls back); the plugin's
 allocator hooks (applied by SGLang's load_plugins) release them when slots are freed. Every
 audit checks that no sink row leaks (free + owned = all, each owned by one slot) and that no
 sink row outlives its slot (its slot is held by the tree or a running request and holds a
@@ -46,7 +46,7 @@ from oscar_sglang.kernels.reference import decode_kv
 from oscar_sglang.kernels.rotation_file import data_free_rotations
 from oscar_sglang.pool import OscarTokenToKVPool
 from oscar_sglang.sizing import sink_rows_per_request
-from pool_cases import FMT, HEADS, HEAD_DIM, LAYERS, backend_assign_sink_rows, check_sink_books, map_request_slots, radix_nodes, write_random_kv
+from pool_cases import FMT, HEADS, HEAD_DIM, LAYERS, assign_sink_rows_of, check_sink_books, map_request_slots, radix_nodes, write_random_kv
 
 SEED = 1234
 NUM_REQUESTS = 10_000
@@ -145,7 +145,7 @@ class Soak:
         map_request_slots(self.rtp, req, prefix, end, new)
         fill = req.full_untruncated_fill_ids
         # the backend's extend metadata: sink-pool rows for new positions < S, while rows last
-        sink_copy = backend_assign_sink_rows(self.pool, req.req_pool_idx, prefix, new)
+        sink_copy = assign_sink_rows_of(self.pool, req.req_pool_idx, prefix, new)
         wanted = max(0, min(FMT.sink_tokens, end) - prefix)
         got = 0 if sink_copy is None else sink_copy[1].numel()
         if got and self.sample_rng.random() < 0.02:  # some of them with real K/V too
