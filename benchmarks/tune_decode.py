@@ -41,7 +41,6 @@ from oscar_sglang.kernels import shared_prefix as sp
 from oscar_sglang.kernels.format import CODE_BITS, CODE_MAX, CODES_PER_BYTE, WINDOW_BYTES, OscarFormat
 from oscar_sglang.kernels.layer_cache import LayerCache
 
-from benchmarks.records import module_constants
 from benchmarks.decode_kernels import paged_requests
 
 Q_HEADS, KV_HEADS, D = 32, 8, 128
@@ -61,10 +60,10 @@ SPLIT_VARIANTS = {
 # the first is the library default (wide blocks from WIDE_BLOCKS_MIN_BATCH requests on), then
 # 16-row and 64-row blocks at every batch size. 8 warps, 32-row blocks and 1-warp programs were
 # slower (benchmarks/results/h200/tune_decode_shared_wide_blocks.txt in git history)
-SHARED_VARIANTS = {
-    "default": ({}, dk.DECODE_LAUNCH),
-    "rows16": ({"WIDE_BLOCKS_MIN_BATCH": 1 << 30}, dk.DECODE_LAUNCH),
-    "rows64": ({"WIDE_BLOCKS_MIN_BATCH": 1}, dk.DECODE_LAUNCH),
+SHARED_VARIANTS = {  # name: (query rows a block aims at, None: the library's choice; launch)
+    "default": (None, dk.DECODE_LAUNCH),
+    "rows16": (sp.SHARED_DOT_ROWS, dk.DECODE_LAUNCH),
+    "rows64": (sp.WIDE_SHARED_DOT_ROWS, dk.DECODE_LAUNCH),
 }
 # write kernel: tokens -> [(tokens per program, warps)]; the library default is timed too
 WRITE_TOKENS = [1, 2, 8, 32, 64, 256, 8192]
@@ -347,18 +346,18 @@ def shared_section(shapes, shared_prefix, lines, results, hbm):
         problem = make_problem(batch, context, shared_prefix=shared_prefix)
         nbytes = decode_bytes(batch, context)
         cells = []
-        for name, (sp_constants, launch) in SHARED_VARIANTS.items():
-            with module_constants(sp, sp_constants):
-                try:
-                    blocks = sp.find_shared_prefixes(problem.kv_indptr, problem.kv_indices, problem.cache.fmt, GROUP)
-                    us = time_us(lambda: dk.decode_attention_int2(*problem.args, shared=blocks, launch=launch))
-                    find = time_us(lambda: sp.find_shared_prefixes(problem.kv_indptr, problem.kv_indices,
-                                                                   problem.cache.fmt, GROUP))
-                except Exception as exc:  # noqa: BLE001  (a variant that fails to compile must not stop the sweep)
-                    cells.append(f"{name} failed: {type(exc).__name__}")
-                    continue
-            results["shared"].setdefault(f"{context}x{batch}", {})[name] = {"step": us, "find": find}
-            cells.append(f"{name} {us:.1f} ({100 * nbytes / (us * 1e-6) / 1e9 / hbm:.0f}%; search {find:.1f})")
+        for name, (dot_rows, launch) in SHARED_VARIANTS.items():
+            def find():
+                return sp.find_shared_prefixes(problem.kv_indptr, problem.kv_indices, problem.cache.fmt, GROUP, dot_rows)
+            try:
+                blocks = find()
+                us = time_us(lambda: dk.decode_attention_int2(*problem.args, shared=blocks, launch=launch))
+                search = time_us(find)
+            except Exception as exc:  # noqa: BLE001  (a variant that fails to compile must not stop the sweep)
+                cells.append(f"{name} failed: {type(exc).__name__}")
+                continue
+            results["shared"].setdefault(f"{context}x{batch}", {})[name] = {"step": us, "find": search}
+            cells.append(f"{name} {us:.1f} ({100 * nbytes / (us * 1e-6) / 1e9 / hbm:.0f}%; search {search:.1f})")
         lines.append(f"  {context:>6} x {batch}: " + "; ".join(cells))
         print(lines[-1], flush=True)
         problem = None  # frees the buffers before the next shape

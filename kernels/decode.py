@@ -43,7 +43,7 @@ import triton.language as tl
 
 from .format import CODE_BITS, CODE_MAX, CODES_PER_BYTE, OscarFormat
 from .layer_cache import LayerCache
-from .shared_prefix import SHARED_DOT_ROWS, SharedPrefixes, block_members
+from .shared_prefix import SHARED_DOT_ROWS, SharedPrefixes
 from .tiles import int2_segment, nonzero, rotate_slice, window_segment
 
 # query-head blocks are padded to a power of two >= this (tl.dot pads small M internally; rows
@@ -362,10 +362,10 @@ def decode_attention_int2(
     win = window_programs(fmt, launch)
     shared_splits = 0
     if shared is not None:
-        members = block_members(group, batch)
-        if tuple(shared.members.shape) != (batch, members) or tuple(shared.own_start.shape) != (batch,):
-            raise ValueError(f"shared prefixes are for another batch or GQA group: members "
-                             f"{tuple(shared.members.shape)}, expected ({batch}, {members})")
+        members = shared.members.shape[1]
+        if shared.members.shape[0] != batch or tuple(shared.own_start.shape) != (batch,):
+            raise ValueError(f"shared prefixes are for a batch of {shared.members.shape[0]} requests, "
+                             f"not of {batch}: find them for this batch's kv_indptr and kv_indices")
         # the reduce kernel merges at most MAX_KV_SPLITS INT2 partials per head in one tile
         shared_splits = max(1, min(default_num_kv_splits(triton.cdiv(batch, members), kv_heads, q.device),
                                    MAX_KV_SPLITS - splits))

@@ -57,10 +57,10 @@ def shared_dot_rows(batch: int) -> int:
     return WIDE_SHARED_DOT_ROWS if batch >= WIDE_BLOCKS_MIN_BATCH else SHARED_DOT_ROWS
 
 
-def block_members(group: int, batch: int) -> int:
+def block_members(group: int, batch: int, dot_rows: int | None = None) -> int:
     """Requests per block for a GQA group in a batch of `batch` requests: as many as fill
-    `shared_dot_rows(batch)` query rows."""
-    return max(1, shared_dot_rows(batch) // group)
+    `dot_rows` query rows (None: `shared_dot_rows(batch)`)."""
+    return max(1, (dot_rows or shared_dot_rows(batch)) // group)
 
 
 @triton.jit
@@ -89,13 +89,15 @@ def _common_span_kernel(kv_indptr_ptr, kv_indices_ptr, leader_ptr, end_ptr, out_
 
 
 def find_shared_prefixes(kv_indptr: torch.Tensor, kv_indices: torch.Tensor, fmt: OscarFormat,
-                         group: int) -> SharedPrefixes:
+                         group: int, dot_rows: int | None = None) -> SharedPrefixes:
     """Blocks of a decode batch (see the module docstring). kv_indptr: [B + 1], kv_indices:
     [total] int32/int64 as for `decode_attention_int2` (request b's positions 0..L_b-1 at slots
-    kv_indices[kv_indptr[b]:kv_indptr[b+1]]); group: query heads per KV head."""
+    kv_indices[kv_indptr[b]:kv_indptr[b+1]]); group: query heads per KV head; dot_rows: the
+    query rows a block aims at (None: the fastest measured, `shared_dot_rows`). Any block width
+    gives the same attention output; it only changes how the work is shared."""
     batch = kv_indptr.shape[0] - 1
     device = kv_indptr.device
-    members = block_members(group, batch)
+    members = block_members(group, batch, dot_rows)
     sinks = fmt.sink_tokens
     index = torch.arange(batch, device=device)
     lengths = (kv_indptr[1:] - kv_indptr[:-1]).long()
