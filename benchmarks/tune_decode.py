@@ -38,7 +38,7 @@ import triton.testing
 from oscar_sglang.kernels import decode as dk
 from oscar_sglang.kernels import quantize as qk
 from oscar_sglang.kernels import shared_prefix as sp
-from oscar_sglang.kernels.format import CODE_BITS, CODE_MAX, CODES_PER_BYTE, WINDOW_BYTES, OscarFormat
+from oscar_sglang.kernels.format import WINDOW_BYTES, OscarFormat
 from oscar_sglang.kernels.layer_cache import LayerCache
 
 from benchmarks.decode_kernels import paged_requests
@@ -121,35 +121,11 @@ def decode_variant(problem: DecodeProblem, splits: int, launch: dk.DecodeLaunch)
 
 
 def split_only(problem: DecodeProblem, splits):
-    """The split kernel alone (default parameters), inputs prepared outside the timing."""
-    cache, batch, launch = problem.cache, problem.q.shape[0], dk.DECODE_LAUNCH
-    fmt = cache.fmt
-    win = dk.window_programs(fmt)
-    key = (id(problem), splits)
-    if key not in _SPLIT_INPUTS:
-        parts = win + splits
-        _SPLIT_INPUTS.clear()
-        _SPLIT_INPUTS[key] = (torch.randn(batch, Q_HEADS, D, device=DEV),
-                              torch.empty(batch, Q_HEADS, parts, D, device=DEV),
-                              torch.empty(batch, Q_HEADS, parts, device=DEV),
-                              dk.meta_words(cache.k_meta), dk.meta_words(cache.v_meta))
-    q_rot, part_o, part_lse, k_words, v_words = _SPLIT_INPUTS[key]
-    indptr = problem.kv_indptr
-    dk._decode_split_kernel[(KV_HEADS, batch, win + splits)](
-        q_rot, indptr, problem.kv_indices, problem.window_starts, indptr,
-        *dk.code_args(cache),
-        k_words, v_words, k_words.stride(0), k_words.stride(1),
-        cache.k_window, cache.v_window, cache.k_window.stride(0), cache.k_window.stride(1),
-        part_o, part_lse, Q_HEADS, splits, win + splits,
-        GROUP=GROUP, BLOCK_H=dk.head_block(GROUP), D=D, NG=fmt.num_groups, KEY_BITS=fmt.key_bits,
-        S=fmt.sink_tokens,
-        W=fmt.recent_tokens, BLOCK_N=launch.block_n, BLOCK_R=launch.block_rows, WIN_PROGRAMS=win,
-        WIN_ROWS=launch.window_rows_per_program, SHARED=False, CODE_BITS=CODE_BITS, CODE_MAX=CODE_MAX,
-        PTX_UNPACK=not triton.knobs.runtime.interpret, NUM_STAGES=launch.num_stages,
-        num_warps=launch.num_warps, maxnreg=launch.max_registers)
-
-
-_SPLIT_INPUTS = {}
+    """The split kernel of a default decode step alone (its rotated q prepared outside the
+    timing): a callable for time_us."""
+    step = dk.decode_step(*problem.args, num_kv_splits=splits)
+    step.rotate_q()
+    return step.split
 
 
 def write_variant(k, v, slots, rows, cache: LayerCache, block_t, warps):
@@ -266,23 +242,14 @@ def main():
     save(args.out_dir, device, lines, results, hbm)
 
     lines.append("decode pieces, us:")
-    launch = dk.DECODE_LAUNCH
     for batch in (1, 8) if "pieces" in sections else []:
         problem = make_problem(batch, 32768)
-        q, k_rot = problem.q, problem.cache.k_rot
-        q_rot = torch.empty(batch, Q_HEADS, D, dtype=torch.float32, device=DEV)
-        rotate = time_us(lambda: dk._rotate_q_kernel[(batch, KV_HEADS, CODES_PER_BYTE)](
-            q, q.stride(0), q.stride(1), k_rot, k_rot.stride(0), q_rot, 0.1,
-            GROUP=GROUP, BLOCK_H=dk.head_block(GROUP), D=D, num_warps=launch.num_warps))
         splits = dk.default_num_kv_splits(batch, KV_HEADS, torch.device("cuda"))
-        parts = dk.window_programs(problem.cache.fmt) + splits
-        part_o = torch.randn(batch, Q_HEADS, parts, D, device=DEV)
-        part_lse = torch.randn(batch, Q_HEADS, parts, device=DEV)
-        out = torch.empty_like(q)
-        reduce = time_us(lambda: dk._decode_reduce_kernel[(batch, Q_HEADS, launch.reduce_dim_programs)](
-            part_o, part_lse, parts, problem.kv_indptr, parts, out, out.stride(0), out.stride(1), k_rot, k_rot.stride(0),
-            GROUP=GROUP, D=D, BLOCK_P=triton.next_power_of_2(parts), BLOCK_J=D // launch.reduce_dim_programs,
-            S=problem.cache.fmt.sink_tokens, SHARED=False, num_warps=launch.reduce_warps))
+        step = dk.decode_step(*problem.args, num_kv_splits=splits)
+        step.run()  # the reduce kernel then merges real partials
+        rotate = time_us(step.rotate_q)
+        reduce = time_us(step.reduce)
+        parts = step.parts
         small = {}
         for context in (192, 1024):
             p2 = make_problem(batch, context)
@@ -292,7 +259,7 @@ def main():
         split_alone = {}
         for context in (32768, 131072):
             p3 = make_problem(batch, context)
-            split_alone[context] = time_us(lambda: split_only(p3, splits))
+            split_alone[context] = time_us(split_only(p3, splits))
             p3 = None  # frees the buffers before the next problem
         results["pieces"][f"B{batch}"] = {"rotate_q": rotate, "reduce": reduce, "one_memset": floor,
                                           **{f"step@{c}": t for c, t in small.items()},

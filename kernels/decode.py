@@ -344,6 +344,17 @@ def decode_attention_int2(
     launch: the kernels' launch parameters (DecodeLaunch; the defaults unless tuning).
     Returns out: [B, H_q, D] in q's dtype.
     """
+    return decode_step(q, kv_indptr, kv_indices, window_starts, cache, sm_scale, num_kv_splits, out, shared,
+                       launch).run()
+
+
+def decode_step(
+    q: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, window_starts: torch.Tensor,
+    cache: LayerCache, sm_scale: float, num_kv_splits: int | None = None, out: torch.Tensor | None = None,
+    shared: SharedPrefixes | None = None, launch: DecodeLaunch = DECODE_LAUNCH,
+) -> "DecodeStep":
+    """`decode_attention_int2`'s arguments validated and its scratch allocated, as a DecodeStep
+    whose launches run in order by `run()` (or one at a time, to time them apart)."""
     batch, q_heads, d = q.shape
     fmt, kv_heads = cache.fmt, cache.kv_heads
     if d != fmt.head_dim or q_heads % kv_heads or q.stride(-1) != 1:
@@ -352,15 +363,7 @@ def decode_attention_int2(
     splits = default_num_kv_splits(batch, kv_heads, q.device) if num_kv_splits is None else num_kv_splits
     if not 1 <= splits <= MAX_KV_SPLITS:
         raise ValueError(f"num_kv_splits must be in 1..{MAX_KV_SPLITS}, got {splits}")
-    if out is None:
-        out = torch.empty_like(q)
-    if batch == 0:
-        return out
-    k_rot, k_rot_stride = cache.rotation("k")
-    v_rot, v_rot_stride = cache.rotation("v")
-    k_meta, v_meta = meta_words(cache.k_meta), meta_words(cache.v_meta)
-    win = window_programs(fmt, launch)
-    shared_splits = 0
+    members = shared_splits = 0
     if shared is not None:
         members = shared.members.shape[1]
         if shared.members.shape[0] != batch or tuple(shared.own_start.shape) != (batch,):
@@ -369,52 +372,107 @@ def decode_attention_int2(
         # the reduce kernel merges at most MAX_KV_SPLITS INT2 partials per head in one tile
         shared_splits = max(1, min(default_num_kv_splits(triton.cdiv(batch, members), kv_heads, q.device),
                                    MAX_KV_SPLITS - splits))
-        shared_rows = head_block(members * group)
+    win = window_programs(fmt, launch)
     parts = win + splits + shared_splits
-    # without shared blocks the kernels never read own_start (SHARED is off): any int32 pointer
-    own_start = kv_indptr if shared is None else shared.own_start
-    q_rot = torch.empty(batch, q_heads, d, dtype=torch.float32, device=q.device)
-    part_o = torch.empty(batch, q_heads, parts, d, dtype=torch.float32, device=q.device)
-    part_lse = torch.empty(batch, q_heads, parts, dtype=torch.float32, device=q.device)
-    block_h = head_block(group)
+    return DecodeStep(
+        q, kv_indptr, kv_indices, window_starts, cache, sm_scale, shared, launch, group, splits, shared_splits,
+        members, win, parts,
+        q_rot=torch.empty(batch, q_heads, d, dtype=torch.float32, device=q.device),
+        part_o=torch.empty(batch, q_heads, parts, d, dtype=torch.float32, device=q.device),
+        part_lse=torch.empty(batch, q_heads, parts, dtype=torch.float32, device=q.device),
+        out=torch.empty_like(q) if out is None else out)
 
-    _rotate_q_kernel[(batch, kv_heads, CODES_PER_BYTE)](
-        q, q.stride(0), q.stride(1), k_rot, k_rot_stride, q_rot, sm_scale * LOG2E,
-        GROUP=group, BLOCK_H=block_h, D=d, num_warps=launch.num_warps,
-    )
-    ptx_unpack = not triton.knobs.runtime.interpret
-    _decode_split_kernel[(kv_heads, batch, win + splits)](
-        q_rot,
-        kv_indptr, kv_indices, window_starts, own_start,
-        *code_args(cache),
-        k_meta, v_meta, k_meta.stride(0), k_meta.stride(1),
-        cache.k_window, cache.v_window, cache.k_window.stride(0), cache.k_window.stride(1),
-        part_o, part_lse, q_heads, splits, parts,
-        GROUP=group, BLOCK_H=block_h, D=d, NG=fmt.num_groups, KEY_BITS=fmt.key_bits,
-        S=fmt.sink_tokens, W=fmt.recent_tokens, BLOCK_N=launch.block_n, BLOCK_R=launch.block_rows,
-        WIN_PROGRAMS=win, WIN_ROWS=launch.window_rows_per_program, SHARED=shared is not None,
-        CODE_BITS=CODE_BITS, CODE_MAX=CODE_MAX, PTX_UNPACK=ptx_unpack,
-        NUM_STAGES=launch.num_stages, num_warps=launch.num_warps, maxnreg=launch.max_registers,
-    )
-    if shared is not None:
-        _decode_shared_kernel[(kv_heads, batch, shared_splits)](
-            q_rot,
-            kv_indptr, kv_indices, shared.members, shared.block_end,
+
+@dataclass
+class DecodeStep:
+    """One decode step's launches (module docstring) over its scratch: q_rot [B, H_q, D] fp32,
+    part_o [B, H_q, parts, D] fp32 and part_lse [B, H_q, parts] fp32, parts = win (window
+    programs) + splits + shared_splits; out [B, H_q, D]."""
+
+    q: torch.Tensor
+    kv_indptr: torch.Tensor
+    kv_indices: torch.Tensor
+    window_starts: torch.Tensor
+    cache: LayerCache
+    sm_scale: float
+    shared: SharedPrefixes | None
+    launch: DecodeLaunch
+    group: int
+    splits: int
+    shared_splits: int
+    members: int
+    win: int
+    parts: int
+    q_rot: torch.Tensor
+    part_o: torch.Tensor
+    part_lse: torch.Tensor
+    out: torch.Tensor
+
+    @property
+    def own_start(self) -> torch.Tensor:
+        # without shared blocks the kernels never read own_start (SHARED is off): any int32 pointer
+        return self.kv_indptr if self.shared is None else self.shared.own_start
+
+    def run(self) -> torch.Tensor:
+        if self.q.shape[0] > 0:
+            self.rotate_q()
+            self.split()
+            if self.shared is not None:
+                self.shared_blocks()
+            self.reduce()
+        return self.out
+
+    def rotate_q(self) -> None:
+        q, batch, kv_heads = self.q, self.q.shape[0], self.cache.kv_heads
+        k_rot, k_rot_stride = self.cache.rotation("k")
+        _rotate_q_kernel[(batch, kv_heads, CODES_PER_BYTE)](
+            q, q.stride(0), q.stride(1), k_rot, k_rot_stride, self.q_rot, self.sm_scale * LOG2E,
+            GROUP=self.group, BLOCK_H=head_block(self.group), D=q.shape[2], num_warps=self.launch.num_warps,
+        )
+
+    def split(self) -> None:
+        cache, fmt, launch = self.cache, self.cache.fmt, self.launch
+        k_meta, v_meta = meta_words(cache.k_meta), meta_words(cache.v_meta)
+        _decode_split_kernel[(cache.kv_heads, self.q.shape[0], self.win + self.splits)](
+            self.q_rot,
+            self.kv_indptr, self.kv_indices, self.window_starts, self.own_start,
             *code_args(cache),
             k_meta, v_meta, k_meta.stride(0), k_meta.stride(1),
-            part_o, part_lse, q_heads, shared_splits, parts, win + splits,
-            GROUP=group, MEMBERS=members, BLOCK_M=shared_rows, D=d, NG=fmt.num_groups, KEY_BITS=fmt.key_bits,
-            S=fmt.sink_tokens, BLOCK_N=launch.block_n,
-            CODE_BITS=CODE_BITS, CODE_MAX=CODE_MAX, PTX_UNPACK=ptx_unpack, NUM_STAGES=launch.num_stages,
-            num_warps=launch.shared_warps,
+            cache.k_window, cache.v_window, cache.k_window.stride(0), cache.k_window.stride(1),
+            self.part_o, self.part_lse, self.q.shape[1], self.splits, self.parts,
+            GROUP=self.group, BLOCK_H=head_block(self.group), D=fmt.head_dim, NG=fmt.num_groups,
+            KEY_BITS=fmt.key_bits, S=fmt.sink_tokens, W=fmt.recent_tokens, BLOCK_N=launch.block_n,
+            BLOCK_R=launch.block_rows, WIN_PROGRAMS=self.win, WIN_ROWS=launch.window_rows_per_program,
+            SHARED=self.shared is not None, CODE_BITS=CODE_BITS, CODE_MAX=CODE_MAX,
+            PTX_UNPACK=not triton.knobs.runtime.interpret, NUM_STAGES=launch.num_stages,
+            num_warps=launch.num_warps, maxnreg=launch.max_registers,
+        )
+
+    def shared_blocks(self) -> None:
+        cache, fmt, launch, shared = self.cache, self.cache.fmt, self.launch, self.shared
+        k_meta, v_meta = meta_words(cache.k_meta), meta_words(cache.v_meta)
+        shared_rows = head_block(self.members * self.group)
+        _decode_shared_kernel[(cache.kv_heads, self.q.shape[0], self.shared_splits)](
+            self.q_rot,
+            self.kv_indptr, self.kv_indices, shared.members, shared.block_end,
+            *code_args(cache),
+            k_meta, v_meta, k_meta.stride(0), k_meta.stride(1),
+            self.part_o, self.part_lse, self.q.shape[1], self.shared_splits, self.parts, self.win + self.splits,
+            GROUP=self.group, MEMBERS=self.members, BLOCK_M=shared_rows, D=fmt.head_dim, NG=fmt.num_groups,
+            KEY_BITS=fmt.key_bits, S=fmt.sink_tokens, BLOCK_N=launch.block_n,
+            CODE_BITS=CODE_BITS, CODE_MAX=CODE_MAX, PTX_UNPACK=not triton.knobs.runtime.interpret,
+            NUM_STAGES=launch.num_stages, num_warps=launch.shared_warps,
             maxnreg=(launch.shared_max_registers if shared_rows <= SHARED_DOT_ROWS
                      else launch.wide_shared_max_registers),
         )
-    _decode_reduce_kernel[(batch, q_heads, launch.reduce_dim_programs)](
-        part_o, part_lse, parts, own_start, win + splits,
-        out, out.stride(0), out.stride(1),
-        v_rot, v_rot_stride,
-        GROUP=group, D=d, BLOCK_P=triton.next_power_of_2(parts), BLOCK_J=d // launch.reduce_dim_programs,
-        S=fmt.sink_tokens, SHARED=shared is not None, num_warps=launch.reduce_warps,
-    )
-    return out
+
+    def reduce(self) -> None:
+        v_rot, v_rot_stride = self.cache.rotation("v")
+        d, launch, out = self.q.shape[2], self.launch, self.out
+        _decode_reduce_kernel[(self.q.shape[0], self.q.shape[1], launch.reduce_dim_programs)](
+            self.part_o, self.part_lse, self.parts, self.own_start, self.win + self.splits,
+            out, out.stride(0), out.stride(1),
+            v_rot, v_rot_stride,
+            GROUP=self.group, D=d, BLOCK_P=triton.next_power_of_2(self.parts), BLOCK_J=d // launch.reduce_dim_programs,
+            S=self.cache.fmt.sink_tokens, SHARED=self.shared is not None, num_warps=launch.reduce_warps,
+        )
