@@ -12,11 +12,10 @@ spills: STL / LDL) and the tensor-core instructions (HMMA, or HGMMA for warpgrou
 table shows the main loop, the one with the most tensor-core instructions. --key-bits sets the key
 code width; --set decode.FIELD=VALUE, extend.FIELD=VALUE and quantize.FIELD=VALUE change a field of
 the decode, extend or write launch (kernels.decode.DecodeLaunch, kernels.extend.ExtendLaunch,
-kernels.quantize.WriteLaunch), --set MODULE.NAME=VALUE a constant of another kernels/MODULE.py.
+kernels.quantize.WriteLaunch).
 
     python -m benchmarks.kernel_resources
     python -m benchmarks.kernel_resources --key-bits 3 --set decode.shared_warps=8
-    python -m benchmarks.kernel_resources --set shared_prefix.WIDE_BLOCKS_MIN_BATCH=1
 
 Writes <out-dir>/kernel_resources_sm90_d<D>[_k<BITS>][_<NAME><VALUE>...].json and prints a markdown
 table.
@@ -25,7 +24,6 @@ table.
 import argparse
 import contextlib
 import dataclasses
-import importlib
 import re
 import shlex
 import subprocess
@@ -40,7 +38,7 @@ from triton.compiler import ASTSource, compile, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from benchmarks.paths import DEFAULT_RESULTS_DIR
-from benchmarks.records import machine_info, markdown_table, module_constants, now_iso, write_json
+from benchmarks.records import machine_info, markdown_table, now_iso, write_json
 from oscar_sglang.kernels import decode as dk
 from oscar_sglang.kernels import extend as ek
 from oscar_sglang.kernels import quantize as qk
@@ -143,7 +141,7 @@ def launches(head_dim: int, key_bits: int, decode_launch, extend_launch, write_l
     from oscar_sglang.kernels.format import OscarFormat
     from oscar_sglang.kernels.layer_cache import LayerCache
     from oscar_sglang.kernels.quantize import write_kv_int2
-    from oscar_sglang.kernels.shared_prefix import find_shared_prefixes
+    from oscar_sglang.kernels.shared_prefix import WIDE_SHARED_DOT_ROWS, find_shared_prefixes
 
     fmt = OscarFormat(head_dim, key_bits=key_bits)
     slots = BATCH * CONTEXT
@@ -171,6 +169,9 @@ def launches(head_dim: int, key_bits: int, decode_launch, extend_launch, write_l
         ("decode, shared-prefix blocks", lambda: decode_attention_int2(
             *decode_args, shared=find_shared_prefixes(kv_indptr, kv_indices, fmt, Q_HEADS // KV_HEADS),
             launch=decode_launch)),
+        ("decode, wide shared-prefix blocks", lambda: decode_attention_int2(
+            *decode_args, shared=find_shared_prefixes(kv_indptr, kv_indices, fmt, Q_HEADS // KV_HEADS,
+                                                      WIDE_SHARED_DOT_ROWS), launch=decode_launch)),
         ("extend", lambda: extend_attention_int2(*new, qo_indptr, kv_indptr, kv_indices, starts, cache,
                                                  head_dim ** -0.5, max_extend_len=chunk, max_prefix_len=CONTEXT,
                                                  launch=extend_launch)),
@@ -181,19 +182,18 @@ def launches(head_dim: int, key_bits: int, decode_launch, extend_launch, write_l
 
 def parse_setting(text: str):
     """'decode.shared_warps=8' -> (the kernels.decode module, 'shared_warps', 8): a field of the
-    launch dataclass of kernels/decode.py or extend.py (LAUNCHES), else a module constant."""
+    launch dataclass of kernels/decode.py, extend.py or quantize.py (LAUNCHES)."""
     match = re.fullmatch(r"(\w+)\.(\w+)=(.+)", text)
     if not match:
-        raise argparse.ArgumentTypeError(f"expected MODULE.NAME=VALUE, got {text!r}")
-    module = importlib.import_module(f"oscar_sglang.kernels.{match.group(1)}")
-    name = match.group(2)
-    if module in LAUNCHES:
-        fields = [f.name for f in dataclasses.fields(LAUNCHES[module])]
-        if name not in fields:
-            raise argparse.ArgumentTypeError(f"{match.group(1)} settings are fields of {type(LAUNCHES[module]).__name__}: "
-                                             f"{fields}, got {name!r}")
-    elif not hasattr(module, name):
-        raise argparse.ArgumentTypeError(f"kernels/{match.group(1)}.py has no constant {name}")
+        raise argparse.ArgumentTypeError(f"expected LAUNCH.FIELD=VALUE, got {text!r}")
+    modules = {m.__name__.rsplit(".", 1)[1]: m for m in LAUNCHES}
+    if match.group(1) not in modules:
+        raise argparse.ArgumentTypeError(f"LAUNCH is one of {sorted(modules)}, got {match.group(1)!r}")
+    module, name = modules[match.group(1)], match.group(2)
+    fields = [f.name for f in dataclasses.fields(LAUNCHES[module])]
+    if name not in fields:
+        raise argparse.ArgumentTypeError(f"{match.group(1)} settings are fields of {type(LAUNCHES[module]).__name__}: "
+                                         f"{fields}, got {name!r}")
     value = match.group(3)
     return module, name, None if value == "None" else int(value)
 
@@ -211,23 +211,19 @@ def main(argv=None):
     parser.add_argument("--head-dim", type=int, choices=(64, 128), default=128)
     parser.add_argument("--key-bits", type=int, choices=SUPPORTED_KEY_BITS, default=CODE_BITS,
                         help="key code width (default %(default)s)")
-    parser.add_argument("--set", type=parse_setting, action="append", default=[], metavar="MODULE.NAME=VALUE",
-                        help="a DecodeLaunch field (decode.FIELD) or a constant of kernels/MODULE.py (repeatable)")
+    parser.add_argument("--set", type=parse_setting, action="append", default=[], metavar="LAUNCH.FIELD=VALUE",
+                        help="a field of a launch dataclass: decode.FIELD, extend.FIELD or quantize.FIELD (repeatable)")
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_RESULTS_DIR)
     args = parser.parse_args(argv)
     if knobs.runtime.interpret:
         sys.exit("kernel_resources compiles the GPU code paths: run it with TRITON_INTERPRET unset")
     records = []
     launch = dict(LAUNCHES)
-    with contextlib.ExitStack() as stack:
-        for module, name, value in args.set:
-            if module in launch:
-                launch[module] = dataclasses.replace(launch[module], **{name: value})
-            else:
-                stack.enter_context(module_constants(module, {name: value}))
-        for tag, call in launches(args.head_dim, args.key_bits, launch[dk], launch[ek], launch[qk]):
-            with compiled_instead_of_launched(records, tag):
-                call()
+    for module, name, value in args.set:
+        launch[module] = dataclasses.replace(launch[module], **{name: value})
+    for tag, call in launches(args.head_dim, args.key_bits, launch[dk], launch[ek], launch[qk]):
+        with compiled_instead_of_launched(records, tag):
+            call()
     # a kernel launched twice alike in one call (extend dequantizes K, then V) is one row
     rows = [describe(*record) for i, record in enumerate(records)
             if (record[0], record[2].hash) not in {(r[0], r[2].hash) for r in records[:i]}]

@@ -1,7 +1,6 @@
 """What the benchmarks record and how they report it: the machine (GPUs, host, package versions),
 results documents (JSON merged across invocations with the same settings on the same GPU,
-written atomically), markdown tables and PNG bar charts; and module_constants, with which the
-kernel sweeps try launch constants of the library's kernels.
+written atomically), markdown tables and PNG bar charts.
 """
 
 import contextlib
@@ -232,20 +231,3 @@ def plot_panels(path, title, panels):
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
-
-
-# ---------------------------------------------------------------------------- kernel sweeps
-
-
-@contextlib.contextmanager
-def module_constants(module, overrides):
-    """`module`'s constants (name -> value) set to `overrides` inside the block, restored after:
-    how the kernel sweeps try launch parameters of the library's own kernels."""
-    saved = {name: getattr(module, name) for name in overrides}
-    for name, value in overrides.items():
-        setattr(module, name, value)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(module, name, value)
