@@ -64,6 +64,8 @@ SHARED_VARIANTS = {  # name: (query rows a block aims at, None: the library's ch
     "default": (None, dk.DECODE_LAUNCH),
     "rows16": (sp.SHARED_DOT_ROWS, dk.DECODE_LAUNCH),
     "rows64": (sp.WIDE_SHARED_DOT_ROWS, dk.DECODE_LAUNCH),
+    # 8 warps: no spills in the main loop with 4-bit keys (kernel_resources), 4 warps spill there
+    "rows64_w8": (sp.WIDE_SHARED_DOT_ROWS, replace(dk.DECODE_LAUNCH, shared_warps=8)),
 }
 # write kernel: tokens -> [(tokens per program, warps)]; the library default is timed too
 WRITE_TOKENS = [1, 2, 8, 32, 64, 256, 8192]
