@@ -1,4 +1,4 @@
-"""benchmarks/calibration_spread.py, partial_key_bits.py and code_widths.py end to end on a tiny random model (CPU)."""
+"""benchmarks/calibration_spread.py, partial_key_bits.py, code_widths.py and key_scaling.py end to end on a tiny random model (CPU)."""
 
 import json
 
@@ -86,3 +86,53 @@ def test_code_widths_refuses_bad_pairs(text):
 
     with pytest.raises(SystemExit):
         code_widths.main(["--model", "m", "--data", "d", "--rotations", "r", "--widths", text])
+
+
+def test_key_scaling(tmp_path, capsys):
+    """benchmarks/key_scaling.py on the tiny model: the file's 2-bit keys and the scaled variants
+    at the same bits, power 0 (no scale) close to the file's keys unclipped."""
+    from benchmarks import key_scaling
+    from oscar_sglang.cli import main as cli
+
+    model, data = tiny_checkpoint(tmp_path / "model"), text_file(tmp_path / "text.txt", words=8000)
+    art = str(tmp_path / "k2.oscar.safetensors")
+    assert cli(["calibrate", "--model", model, "--data", data, "--tokens", "512", "--seq-len", "256",
+                "--heldout-fraction", "0.5", "--key-bits", "2", "--out", art]) == 0
+    assert key_scaling.main(["--model", model, "--data", data, "--rotations", art, "--variants", "0.5x1.0,0x0.9",
+                             "--calibration-tokens", "512", "--seq-len", "300", "--sequences", "1",
+                             "--offset-tokens", "1500", "--lengths", "400", "--trials", "2",
+                             "--haystack-offset", "2000", "--prompt-style", "plain",
+                             "--out-dir", str(tmp_path / "out"), "--name", "tiny"]) == 0
+    report = json.loads((tmp_path / "out" / "key-scaling-tiny.json").read_text())
+    rows = {r["format"]: r for r in report["results"]}
+    assert list(rows) == ["bf16", "file", "scaled-p0.5-clip1", "scaled-p0-clip0.9"]
+    assert len({rows[n]["bits_per_element"] for n in list(rows)[1:]}) == 1
+    assert all(0 < rows[n]["kl_vs_bf16"] for n in list(rows)[1:])
+    assert all(rows[n]["retrieval"]["passkey"]["400"]["trials"] == 2 for n in list(rows)[1:])
+    assert "| scaled-p0.5-clip1 |" in capsys.readouterr().out
+
+
+def test_key_transforms_scale_the_query_eigenbasis():
+    """M · M⁻¹ = I, and M = U diag(1/a) H P_br with a_c = (s_c / √λ_c)^(2·power), a_0 = 1: at power
+    0.5 the modeled score error (Σ λ a²)(Σ s² / a²) over directions 1.. reaches its Cauchy-Schwarz
+    bound (Σ √λ s)², below power 0's (no scale)."""
+    import torch
+    from benchmarks.key_scaling import key_transforms
+    from oscar_sglang.kernels.rotation_file import hadamard_bitrev
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = (torch.randn(2, 16, 16, generator=gen, dtype=torch.float64) for _ in range(2))
+    c_q, c_k = x @ x.transpose(-1, -2), y @ y.transpose(-1, -2)
+    forward, backward = key_transforms(c_q, c_k, 0.5)
+    torch.testing.assert_close(forward @ backward, torch.eye(16).expand(2, 16, 16), atol=1e-4, rtol=0)
+    lam, u = torch.linalg.eigh(c_q)
+    lam, u = lam.flip(-1), u.flip(-1)
+    s2 = torch.diagonal(u.transpose(-1, -2) @ c_k @ u, dim1=-2, dim2=-1)
+    inverse_a = torch.diagonal(u.transpose(-1, -2) @ forward.double() @ hadamard_bitrev(16).double().T, dim1=-2, dim2=-1)
+    a = 1 / inverse_a
+    torch.testing.assert_close(a[:, 1:], (s2[:, 1:].sqrt() / lam[:, 1:].sqrt()) ** 0.5, rtol=1e-4, atol=0)
+    torch.testing.assert_close(a[:, 0], torch.ones(2, dtype=torch.float64), rtol=1e-4, atol=0)
+    lam, s2, a2 = lam[:, 1:], s2[:, 1:], a[:, 1:] ** 2
+    optimum = (lam * a2).sum(-1) * (s2 / a2).sum(-1)
+    torch.testing.assert_close(optimum, (lam.sqrt() * s2.sqrt()).sum(-1) ** 2, rtol=1e-4, atol=0)
+    assert (optimum < lam.sum(-1) * s2.sum(-1)).all()
