@@ -12,6 +12,14 @@ from oscar_sglang.validation import missing_rotations
 
 logger = logging.getLogger(__name__)
 
+# key widths the kernels hold and the server must not serve yet: why, and what to serve instead
+UNSERVED_KEY_BITS = {
+    3: ("3-bit keys are not served: their decode kernels gave wrong attention on an H100 at head_dim "
+        "64 with 32-dim groups and in wide shared-prefix blocks (RESULTS.md, \"3-bit keys give wrong "
+        "attention\"); serve 4-bit keys (`oscar-sglang calibrate --key-bits 4`, or --oscar-rotations "
+        "data-free)"),
+}
+
 
 def kv_head_range(total_kv_heads: int, tp_size: int, tp_rank: int) -> tuple[int, int]:
     """KV heads [start, end) held by `tp_rank`, following SGLang's split: contiguous shares
@@ -61,4 +69,8 @@ def served_config(config: OscarConfig, num_layers: int, num_kv_heads: int, head_
 @functools.lru_cache(maxsize=4)
 def _served_config(config, num_layers, num_kv_heads, head_dim, model_name, stamp):
     rotations = rotations_for_model(config.rotations, num_layers, num_kv_heads, head_dim, model_name)
-    return replace(config, key_bits=rotations.served_key_bits(config.key_bits)), rotations
+    key_bits = rotations.served_key_bits(config.key_bits)
+    if key_bits in UNSERVED_KEY_BITS:
+        raise ValueError(f"{UNSERVED_KEY_BITS[key_bits]} (asked for by "
+                         f"{'--oscar-key-bits' if config.key_bits else config.rotations})")
+    return replace(config, key_bits=key_bits), rotations

@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import pytest
 from oscar_sglang.kernels.format import DEFAULT_KEY_BITS
-from oscar_sglang.kernels.rotation_file import RotationSet, data_free_rotations, save_rotations
+from oscar_sglang.kernels.rotation_file import RotationSet, data_free_rotations, make_rotation_set, save_rotations
 
 from oscar_sglang import validation
 from oscar_sglang.config import OscarConfig
@@ -181,6 +181,18 @@ def test_scheduler_refuses_missing_rotations_too():
 
     with pytest.raises(ValueError, match="needs rotations .*`oscar-sglang calibrate --model m "):
         rotations_for_model(None, 2, 2, 128, "m")
+
+
+@pytest.mark.parametrize("flags", [["--oscar-key-bits", "3"], []])
+def test_three_bit_keys_are_refused_until_their_kernels_pass_on_a_gpu(sglang, tmp_path, flags):
+    """Recorded by a rotation file calibrated for them, and asked for as well."""
+    rotations = str(tmp_path / "k3.oscar.safetensors")
+    rot = data_free_rotations(2, 2, 128, "another-model")
+    save_rotations(rotations, make_rotation_set(rot.k_rot, rot.v_rot, rot.k_clip, rot.v_clip, model_name="m",
+                                                num_kv_heads=2, calibration_tokens=1, calibration_source="test",
+                                                key_bits=3))
+    with pytest.raises(ValueError, match=r"3-bit keys are not served: .* serve 4-bit keys"):
+        serve(sglang, write_model(tmp_path), "--oscar-rotations", rotations, *flags)
 
 
 def test_missing_rotation_file(sglang, tmp_path):
