@@ -35,7 +35,7 @@ from oscar_sglang.kernels import extend as ek
 from benchmarks.paths import DEFAULT_RESULTS_DIR
 from benchmarks.records import machine_info, markdown_table, now_iso, write_json
 from benchmarks.decode_kernels import FLASHINFER_WORKSPACE_BYTES, median_us, release
-from benchmarks.tune_decode import D, KV_HEADS, PAGE, Q_HEADS, make_problem
+from benchmarks.tuning.tune_decode import D, KV_HEADS, PAGE, Q_HEADS, make_problem
 
 POINTS = [(1, 0, 8192), (1, 32768, 8192), (1, 98304, 8192), (8, 32768, 1024)]
 FLASHINFER_CACHES = {"flashinfer-fp8": torch.float8_e4m3fn, "flashinfer-bf16": torch.bfloat16}
@@ -45,11 +45,11 @@ VARIANTS = {
     "m64": replace(ek.EXTEND_LAUNCH, block_m=64),
     "n32": replace(ek.EXTEND_LAUNCH, block_n=32),
     "w4": replace(ek.EXTEND_LAUNCH, num_warps=4),
-    # the gather kernel spills at 4 warps (255 registers) and not at 8 (kernel_resources.py), yet
+    # the gather kernel spills at 4 warps (255 registers) and not at 8 (tuning/kernel_resources.py), yet
     # 8 warps were slower on the H200
     "gather_w8": replace(ek.EXTEND_LAUNCH, gather_warps=8),
     # 128-key tiles: 20 % fewer loop instructions per key and wider warpgroup MMAs at 255
-    # registers, 224 KiB of shared memory at 3 stages, 160 KiB at 2 (kernel_resources.py)
+    # registers, 224 KiB of shared memory at 3 stages, 160 KiB at 2 (tuning/kernel_resources.py)
     "s2": replace(ek.EXTEND_LAUNCH, num_stages=2),
     "n128": replace(ek.EXTEND_LAUNCH, block_n=128),
     "n128_s2": replace(ek.EXTEND_LAUNCH, block_n=128, num_stages=2),

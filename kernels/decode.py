@@ -62,7 +62,7 @@ LOG2E = 1.4426950408889634
 @dataclass(frozen=True)
 class DecodeLaunch:
     """Launch parameters of `decode_attention_int2`'s kernels; the defaults are the fastest
-    measured (benchmarks/tune_decode.py sweeps others through this class)."""
+    measured (benchmarks/tuning/tune_decode.py sweeps others through this class)."""
 
     block_n: int = 128  # INT2 positions per tile
     block_rows: int = 32  # BF16 window rows per tile

@@ -22,7 +22,7 @@ from .layer_cache import LayerCache
 @dataclass(frozen=True)
 class WriteLaunch:
     """Launch parameters of `write_kv_int2`; the defaults are the fastest measured
-    (benchmarks/tune_decode.py sweeps others through this class)."""
+    (benchmarks/tuning/tune_decode.py sweeps others through this class)."""
 
     # tokens per program: 16 for prefill chunks; at decode (T = batch size, at most
     # decode_max_tokens) at most 4, so that the programs spread over more SMs (H100, T = 64:

@@ -1,5 +1,5 @@
 """The kernels' GPU code paths (inline-PTX unpacking, native 16-bit dots, warpgroup MMAs) compile
-for an H100 without one: `benchmarks/kernel_resources.py` compiles every kernel as the host
+for an H100 without one: `benchmarks/tuning/kernel_resources.py` compiles every kernel as the host
 functions launch it, for sm_90, with Triton's bundled ptxas, in a process without the
 interpreter. The Qwen3-8B decode kernels must keep their main loops free of register spills
 (the register cap that lets four programs share an SM relies on it) and on the tensor cores.
@@ -21,7 +21,7 @@ ATTENTION = {"_decode_split_kernel", "_decode_shared_kernel", "_extend_attention
 
 def kernel_resources(head_dim: int, key_bits: int, out_dir: Path) -> list[dict]:
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    run = subprocess.run([sys.executable, "-m", "benchmarks.kernel_resources", "--head-dim", str(head_dim),
+    run = subprocess.run([sys.executable, "-m", "benchmarks.tuning.kernel_resources", "--head-dim", str(head_dim),
                           "--key-bits", str(key_bits), "--out-dir", str(out_dir)],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]

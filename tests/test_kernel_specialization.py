@@ -4,7 +4,7 @@ H200 host each compile stalled the scheduler for ~3 s. The extend path receives 
 as slices (a batch split into scratch-bounded groups, `extend_groups.extend_in_groups`) and
 the write kernel a per-layer entry of one flags tensor, so their alignment varies from launch to
 launch; these launches must all bind to one specialization. Checked with Triton's own binder for
-sm_90 (`benchmarks.kernel_resources.bind_launch`) in a process without the interpreter; nothing
+sm_90 (`benchmarks.tuning.kernel_resources.bind_launch`) in a process without the interpreter; nothing
 is compiled or run.
 """
 
@@ -37,7 +37,7 @@ def probe() -> dict:
     from triton.compiler import make_backend
     from triton.runtime.jit import JITFunction
 
-    from benchmarks.kernel_resources import TARGET, bind_launch
+    from benchmarks.tuning.kernel_resources import TARGET, bind_launch
     from oscar_sglang.kernels.extend import extend_attention_int2
     from oscar_sglang.kernels.format import OscarFormat
     from oscar_sglang.kernels.layer_cache import LayerCache

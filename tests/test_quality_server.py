@@ -17,12 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-# `benchmarks` lives at the repository root, which `python -m pytest` puts on sys.path; appended
-# (never prepended: the root also holds kernels/, a name an installed package uses) for plain pytest.
-sys.path.append(str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import quality_server as qs  # noqa: E402
-from oscar_sglang.calibration.retrieval import Proportion  # noqa: E402
+from benchmarks import quality_server as qs
+from oscar_sglang.calibration.retrieval import Proportion
 from oscar_sglang.kernels.rotation_file import make_rotation_set, save_rotations  # noqa: E402
 
 EOS = 3

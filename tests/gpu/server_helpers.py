@@ -12,9 +12,6 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 from benchmarks import model_dirs, processes
 
 LOG_DIR = Path("/tmp/oscar-gpu-tests")

@@ -14,8 +14,8 @@ code width; --set decode.FIELD=VALUE, extend.FIELD=VALUE and quantize.FIELD=VALU
 the decode, extend or write launch (kernels.decode.DecodeLaunch, kernels.extend.ExtendLaunch,
 kernels.quantize.WriteLaunch).
 
-    python -m benchmarks.kernel_resources
-    python -m benchmarks.kernel_resources --key-bits 3 --set decode.shared_warps=8
+    python -m benchmarks.tuning.kernel_resources
+    python -m benchmarks.tuning.kernel_resources --key-bits 3 --set decode.shared_warps=8
 
 Writes <out-dir>/kernel_resources_sm90_d<D>[_k<BITS>][_<NAME><VALUE>...].json and prints a markdown
 table.
@@ -233,7 +233,7 @@ def main(argv=None):
     settings = "".join(f"_{name}{value}" for _, name, value in args.set)
     write_json(args.out_dir / f"kernel_resources_sm90_d{args.head_dim}{width}{settings}.json", {
         "benchmark": "kernel_resources", "created": now_iso(), "machine": machine_info(),
-        "command": "python -m benchmarks.kernel_resources " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m benchmarks.tuning.kernel_resources " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "target": f"{TARGET.backend} sm_{TARGET.arch}", "rows": rows})
     return 0
 

@@ -15,9 +15,9 @@
 Every point is the median of triton.testing.do_bench over a CUDA-graph replay, L2 flushed between
 calls; %HBM is the bytes a decode step must read over the measured device-to-device copy rate.
 
-    python -m benchmarks.tune_decode --out-dir benchmarks/results/h100
-    python -m benchmarks.tune_decode --sections decode --shapes 33792x192 --shared-prefix 32768
-    python -m benchmarks.tune_decode --sections shared --shapes 33792x8,33792x64,33792x192 --shared-prefix 32768
+    python -m benchmarks.tuning.tune_decode --out-dir benchmarks/results/h100
+    python -m benchmarks.tuning.tune_decode --sections decode --shapes 33792x192 --shared-prefix 32768
+    python -m benchmarks.tuning.tune_decode --sections shared --shapes 33792x8,33792x64,33792x192 --shared-prefix 32768
 
 Writes <out-dir>/tune_decode_<gpu>.txt and .json and prints the table.
 """
@@ -210,7 +210,7 @@ def main():
     for kind in kinds:
         while sum(p.poll() is None for _, p in procs) >= args.jobs:
             time.sleep(0.2)
-        procs.append((kind, subprocess.Popen([sys.executable, "-m", "benchmarks.tune_decode", "--warm", kind],
+        procs.append((kind, subprocess.Popen([sys.executable, "-m", "benchmarks.tuning.tune_decode", "--warm", kind],
                                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
     failed = set()
     for kind, p in procs:
@@ -223,7 +223,7 @@ def main():
     hbm = hbm_gbs()
     lines = [f"{device}, {torch.cuda.get_device_properties(0).multi_processor_count} SMs; torch {torch.__version__}, "
              f"triton {triton.__version__}; device-to-device copy {hbm:.0f} GB/s; compiled in {time.time() - started:.0f}s",
-             "command: " + shlex.join([sys.executable, "-m", "benchmarks.tune_decode", *sys.argv[1:]]), ""]
+             "command: " + shlex.join([sys.executable, "-m", "benchmarks.tuning.tune_decode", *sys.argv[1:]]), ""]
     results = {"decode": {}, "pieces": {}, "write": {}, "shared": {}}
 
     lines.append("write_kv_int2 (K and V, H_kv 8, D 128, every token also to a window row), us:")
