@@ -163,7 +163,7 @@ def bench_oscar(batch, context, args, q, shared=False):
         metas.append(meta)
     windows = [torch.empty(fmt.window_shape(batch, KV_HEADS), dtype=torch.bfloat16, device="cuda").normal_() for _ in "kv"]
     rots = [torch.linalg.qr(torch.randn(KV_HEADS, HEAD_DIM, HEAD_DIM, device="cuda"))[0] for _ in "kv"]
-    window_starts = torch.randperm(batch, device="cuda", dtype=torch.int32) * fmt.window_rows
+    window_starts = torch.randperm(batch, device="cuda", dtype=torch.int32) * fmt.window_rows_per_request
     cache = LayerCache(fmt, codes[0], metas[0], codes[1], metas[1], windows[0], windows[1], rots[0], rots[1])
     out = torch.empty_like(q)
     kv_indices = slots.to(torch.int32)

@@ -290,7 +290,7 @@ def head_block(group: int) -> int:
 
 def window_programs(fmt: OscarFormat, launch: DecodeLaunch = DECODE_LAUNCH) -> int:
     """Split-kernel programs per (request, KV head) that read the BF16 window rows."""
-    return triton.cdiv(fmt.window_rows, launch.window_rows_per_program)
+    return triton.cdiv(fmt.window_rows_per_request, launch.window_rows_per_program)
 
 
 def default_num_kv_splits(batch: int, num_kv_heads: int, device: torch.device) -> int:

@@ -116,7 +116,7 @@ class OscarFormat:
         return (self.key_bits + CODE_BITS) / 2 + self.meta_bits_per_element
 
     @property
-    def window_rows(self) -> int:
+    def window_rows_per_request(self) -> int:
         """BF16 rows a running request owns: sinks + recent ring."""
         return self.sink_tokens + self.recent_tokens
 
@@ -130,13 +130,13 @@ class OscarFormat:
 
     def window_bytes_per_request(self, num_layers: int, num_kv_heads: int) -> int:
         """BF16 window bytes one running request owns across all layers, K and V."""
-        return 2 * num_layers * self.window_rows * num_kv_heads * self.head_dim * WINDOW_BYTES
+        return 2 * num_layers * self.window_rows_per_request * num_kv_heads * self.head_dim * WINDOW_BYTES
 
     def effective_bits(self, context_len: int) -> float:
         """Bits per element of one sequence of `context_len` tokens, BF16 windows included."""
         if context_len < 1:
             raise ValueError(f"context_len must be >= 1, got {context_len}")
-        exact = min(context_len, self.window_rows)
+        exact = min(context_len, self.window_rows_per_request)
         return self.bits_per_element + exact * WINDOW_BYTES * 8 / context_len
 
     def codes_shape(self, slots: int, num_kv_heads: int, kind: str) -> tuple[int, int, int]:
@@ -152,7 +152,7 @@ class OscarFormat:
 
     def window_shape(self, requests: int, num_kv_heads: int) -> tuple[int, int, int]:
         """Flat BF16 window rows of one layer: request r owns rows [r*(S+W), (r+1)*(S+W))."""
-        return (requests * self.window_rows, num_kv_heads, self.head_dim)
+        return (requests * self.window_rows_per_request, num_kv_heads, self.head_dim)
 
     def window_row(self, request_row: int, position: int) -> int:
         """Row of `position` inside the window rows of a request starting at `request_row`."""

@@ -75,7 +75,7 @@ def assign_sink_rows(pool: OscarTokenToKVPool, forward_batch, indices: list[int]
         return None
     tokens, window_rows, offset = [], [], 0
     for idx, prefix, length in zip(indices, forward_batch.extend_prefix_lens_cpu, forward_batch.extend_seq_lens_cpu):
-        first_row = idx * fmt.window_rows
+        first_row = idx * fmt.window_rows_per_request
         for pos in range(prefix, min(fmt.sink_tokens, prefix + length)):
             tokens.append(offset + pos - prefix)
             window_rows.append(first_row + pos)

@@ -84,7 +84,7 @@ class OscarTokenToKVPool(MHATokenToKVPool):
         self.window_requests = num_requests
         self._layers = []
         logger.info("OSCAR window rows: %d requests x %d BF16 rows, %.2f GB", num_requests,
-                    self.fmt.window_rows, 2 * len(self.k_window) * self.k_window[0].nbytes / 2**30)
+                    self.fmt.window_rows_per_request, 2 * len(self.k_window) * self.k_window[0].nbytes / 2**30)
         if self.sink_rows_per_request > 0:
             self.sinks.allocate(num_requests * self.sink_rows_per_request, self.fmt.sink_tokens)
 
@@ -111,7 +111,7 @@ class OscarTokenToKVPool(MHATokenToKVPool):
 
     def window_starts(self, req_pool_indices: torch.Tensor) -> torch.Tensor:
         """[B] first window row of each request."""
-        return req_pool_indices.to(torch.int64) * self.fmt.window_rows
+        return req_pool_indices.to(torch.int64) * self.fmt.window_rows_per_request
 
     def window_rows_for(self, req_pool_indices: torch.Tensor, positions: torch.Tensor,
                         visible_len: torch.Tensor) -> torch.Tensor:

@@ -84,11 +84,11 @@ def fill_requests(cache: LayerCache, lens: list[int], dtype: torch.dtype, index_
     fmt, kv_heads, d = cache.fmt, cache.k_codes.shape[1], cache.fmt.head_dim
     device = cache.k_codes.device
     slot_perm = torch.randperm(cache.k_codes.shape[0], generator=gen)
-    row_perm = torch.randperm(cache.k_window.shape[0] // fmt.window_rows, generator=gen)
+    row_perm = torch.randperm(cache.k_window.shape[0] // fmt.window_rows_per_request, generator=gen)
     indptr, indices, starts = [0], [], []
     for b, length in enumerate(lens):
         slots = slot_perm[indptr[-1]:indptr[-1] + length]
-        start = int(row_perm[b]) * fmt.window_rows
+        start = int(row_perm[b]) * fmt.window_rows_per_request
         k = torch.randn(length, kv_heads, d, generator=gen).to(dtype)
         v = torch.randn(length, kv_heads, d, generator=gen).to(dtype)
         if length:

@@ -206,7 +206,7 @@ class Stack:
 
     def window_sinks(self, req: Req, n: int = FMT.sink_tokens):
         """Copies of the BF16 window rows of `req`'s first n positions: [k, v][layer]."""
-        start = req.req_pool_idx * FMT.window_rows
+        start = req.req_pool_idx * FMT.window_rows_per_request
         return [[w[start:start + n].clone() for w in ws] for ws in (self.pool.k_window, self.pool.v_window)]
 
     def snapshot(self):
@@ -215,7 +215,7 @@ class Stack:
                 (self.pool.k_buffer, self.pool.k_scale_buffer, self.pool.v_buffer, self.pool.v_scale_buffer)]
 
     def poison_windows(self, req: Req):
-        block = slice(req.req_pool_idx * FMT.window_rows, (req.req_pool_idx + 1) * FMT.window_rows)
+        block = slice(req.req_pool_idx * FMT.window_rows_per_request, (req.req_pool_idx + 1) * FMT.window_rows_per_request)
         for w in (*self.pool.k_window, *self.pool.v_window):
             w[block] = WINDOW_POISON
 
@@ -303,14 +303,14 @@ def assert_windows_restored(pool: OscarTokenToKVPool, req_idx: int, slots: torch
     n = slots.numel()
     sink_end, recent_start = FMT.int2_span(n)
     restored = [*range(sink_end), *range(recent_start, n)]
-    start = req_idx * FMT.window_rows
+    start = req_idx * FMT.window_rows_per_request
     rows = {FMT.window_row(start, p): p for p in restored}
     bufs = expect_bufs or [pool.k_buffer, pool.k_scale_buffer, pool.v_buffer, pool.v_scale_buffer]
     for layer in range(LAYERS):
         for codes, meta, window, store in (
                 (bufs[0][layer], bufs[1][layer], pool.k_window[layer], pool.sinks.k),
                 (bufs[2][layer], bufs[3][layer], pool.v_window[layer], pool.sinks.v)):
-            for row in range(start, start + FMT.window_rows):
+            for row in range(start, start + FMT.window_rows_per_request):
                 if row in rows:
                     slot = slots[rows[row]].long()
                     sink_row = int(pool.sinks.row_of_slot[slot])

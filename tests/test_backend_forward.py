@@ -69,7 +69,7 @@ def assert_pool_holds(pool, keys, slots, req_idx):
         torch.testing.assert_close(lay.k_meta[slots], meta, rtol=2e-3, atol=1e-4)
         clipped = ref.clip_rows(ref.rotate(keys[i], lay.k_rot), lay.k_clip)
         assert_codes_match(lay.k_codes[slots], codes, clipped, lay.k_meta[slots], FMT.group_size)
-        start = req_idx * FMT.window_rows
+        start = req_idx * FMT.window_rows_per_request
         for p in [*range(FMT.sink_tokens), *range(length - FMT.recent_tokens, length)]:
             torch.testing.assert_close(lay.k_window[FMT.window_row(start, p)].float(), window[p].float(),
                                        rtol=1e-2, atol=1e-2, msg=f"layer {i}, position {p}")

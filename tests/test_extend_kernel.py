@@ -119,7 +119,7 @@ def test_chunked_prefill(fmt, schedule, dtype):
     kv_heads, gqa, total = 2, 2, sum(schedule)
     cache = make_cache(fmt, kv_heads, total + 40, 3, True, gen)
     slots = torch.randperm(total + 40, generator=gen)[:total]
-    window_start = fmt.window_rows  # the request owns the second block of rows
+    window_start = fmt.window_rows_per_request  # the request owns the second block of rows
     q, k, v, _ = new_tokens([total], kv_heads, gqa, fmt.head_dim, dtype, gen)
     done = 0
     for chunk in schedule:

@@ -97,7 +97,7 @@ class ReferenceDecodeCache:
 
     def __init__(self, rotations, fmt: OscarFormat, num_layers, heads_kv, length):
         self.rot, self.fmt, self.position = rotations, fmt, 0
-        rows = fmt.window_rows
+        rows = fmt.window_rows_per_request
         self.buffers = [{
             kind: (torch.zeros(fmt.codes_shape(length, heads_kv, kind), dtype=torch.uint8),
                    torch.zeros(fmt.meta_shape(length, heads_kv), dtype=torch.float16),

@@ -66,7 +66,7 @@ def probe() -> dict:
     kv_indptr = torch.tensor([0, *prefix], dtype=torch.int32).cumsum(0, dtype=torch.int32)
     qo_indptr = torch.tensor([0, *chunk], dtype=torch.int32).cumsum(0, dtype=torch.int32)
     kv_indices = torch.arange(int(kv_indptr[-1]), dtype=torch.int64)
-    starts = torch.arange(len(prefix), dtype=torch.int64) * fmt.window_rows
+    starts = torch.arange(len(prefix), dtype=torch.int64) * fmt.window_rows_per_request
     tokens = int(qo_indptr[-1])
     q = torch.zeros(tokens, Q_HEADS, HEAD_DIM, dtype=torch.bfloat16)
     k = torch.zeros(tokens, KV_HEADS, HEAD_DIM, dtype=torch.bfloat16)

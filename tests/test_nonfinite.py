@@ -52,7 +52,7 @@ def filled_pool(position=None, tensors="", value=0.0):
             for name in tensors:
                 {"k": k, "v": v}[name][position, BAD_HEAD, 5] = value
         slots = slot_perm[indptr[-1]:indptr[-1] + length]
-        start = (b + 1) * FMT.window_rows
+        start = (b + 1) * FMT.window_rows_per_request
         write_sequence(cache, k, v, slots, start, flag)
         indptr.append(indptr[-1] + length)
         starts.append(start)
@@ -63,7 +63,7 @@ def filled_pool(position=None, tensors="", value=0.0):
 def assert_row_zeroed(bad: LayerCache, clean: LayerCache, slot: int, position: int, tensors: str):
     """The bad (slot, BAD_HEAD) row is zeros wherever it is stored; everything else is as in
     the clean pool (the other KV head of the same token included)."""
-    start = FMT.window_rows  # request 0's first window row (filled_pool: request b at (b + 1) * (S + W))
+    start = FMT.window_rows_per_request  # request 0's first window row (filled_pool: request b at (b + 1) * (S + W))
     in_window = position in window_positions(FMT, LENS[0])
     for name in "kv":
         parts = ("codes", "meta", "window")

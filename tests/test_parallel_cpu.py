@@ -250,7 +250,7 @@ def test_each_rank_sizes_and_builds_its_own_heads(published, caplog, tp):
         pool.allocate_windows(3)
         window = sum(w.nbytes for w in (*pool.k_window, *pool.v_window))
         sink = sum(w.nbytes for w in (*pool.sinks.k, *pool.sinks.v))
-        assert pool.k_window[0].shape == (4 * fmt.window_rows, heads, HEAD_DIM)
+        assert pool.k_window[0].shape == (4 * fmt.window_rows_per_request, heads, HEAD_DIM)
         assert window == 4 * info.window_bytes and sink == 3 * info.sink_bytes
         # each rank logs its own capacity line; with SGLang's "[time TPr]" prefix the GPU
         # test's parser reads it back

@@ -78,7 +78,7 @@ def test_shared_prefix_lifecycle_page1():
     s.write_kv(b, 30, b_new)
     assert s.pool.sinks.used_rows() == FMT.sink_tokens  # B wrote no sink position
     # B's own chunk leaves the sink rows (positions 0..3 of the shared prefix) alone
-    sink_rows = slice(b.req_pool_idx * FMT.window_rows, b.req_pool_idx * FMT.window_rows + FMT.sink_tokens)
+    sink_rows = slice(b.req_pool_idx * FMT.window_rows_per_request, b.req_pool_idx * FMT.window_rows_per_request + FMT.sink_tokens)
     for layer in range(LAYERS):
         assert torch.equal(s.pool.k_window[layer][sink_rows], a_sinks[0][layer])
         for new, old in zip(s.snapshot(), kept):  # the shared slots' codes were not touched
@@ -221,7 +221,7 @@ def test_restore_windows_lengths(length):
     pool.restore_windows([(2, slots)])
     assert_windows_restored(pool, 2, slots)
     for w in (*pool.k_window, *pool.v_window):  # other requests' rows untouched
-        outside = torch.cat([w[:2 * FMT.window_rows], w[3 * FMT.window_rows:]])
+        outside = torch.cat([w[:2 * FMT.window_rows_per_request], w[3 * FMT.window_rows_per_request:]])
         assert (outside == WINDOW_POISON).all()
 
 
@@ -259,7 +259,7 @@ def test_get_kv_size_bytes_counts_codes_meta_and_windows():
     meta = rows * HEADS * (HEAD_DIM // FMT.group_size) * 2 * 2
     assert tuple(pool.get_kv_size_bytes()) == (LAYERS * (codes + meta),) * 2
     pool.allocate_windows(5)
-    windows = 6 * FMT.window_rows * HEADS * HEAD_DIM * 2
+    windows = 6 * FMT.window_rows_per_request * HEADS * HEAD_DIM * 2
     assert tuple(pool.get_kv_size_bytes()) == (LAYERS * (codes + meta + windows),) * 2
     # per token across layers, K+V: the format's own number
     assert 2 * LAYERS * (codes + meta) // rows == FMT.bytes_per_token(LAYERS, HEADS)

@@ -78,12 +78,12 @@ def fill_shared_requests(cache, prefix_lens, requests, dtype, index_dtype, gen):
     indptr, indices = shared_batch(prefix_lens, requests, cache.k_codes.shape[0])
     prefix_kv = [(torch.randn(n, kv_heads, d, generator=gen).to(dtype),
                   torch.randn(n, kv_heads, d, generator=gen).to(dtype)) for n in prefix_lens]
-    rows = torch.randperm(cache.k_window.shape[0] // fmt.window_rows, generator=gen)
+    rows = torch.randperm(cache.k_window.shape[0] // fmt.window_rows_per_request, generator=gen)
     starts = []
     for b, (group, shared, own) in enumerate(requests):
         k = torch.cat([prefix_kv[group][0][:shared], torch.randn(own, kv_heads, d, generator=gen).to(dtype)])
         v = torch.cat([prefix_kv[group][1][:shared], torch.randn(own, kv_heads, d, generator=gen).to(dtype)])
-        start = int(rows[b]) * fmt.window_rows
+        start = int(rows[b]) * fmt.window_rows_per_request
         length = shared + own
         if length:
             store_tokens(cache, k, v, indices[indptr[b]:indptr[b + 1]], start, list(range(length)),

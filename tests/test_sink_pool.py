@@ -50,7 +50,7 @@ def fill_random(pool: OscarTokenToKVPool, seed: int = 0):
 
 
 def sinks_of(pool, req_idx):
-    start = req_idx * FMT.window_rows
+    start = req_idx * FMT.window_rows_per_request
     return [[w[start:start + S].clone() for w in ws] for ws in (pool.k_window, pool.v_window)]
 
 
@@ -169,7 +169,7 @@ def test_full_sink_pool_falls_back_to_dequantized_sinks():
     c = new_req("c", list(range(200, 208)) + [7, 7, 7], max_new_tokens=1)  # hits B: dequantized
     admit_poisoned(s, c)
     assert_windows_restored(s.pool, c.req_pool_idx, b_slots[:8], untouched_poison=False)
-    start = c.req_pool_idx * FMT.window_rows
+    start = c.req_pool_idx * FMT.window_rows_per_request
     want = decode_kv(s.pool.k_buffer[1][b_slots[:S]], s.pool.k_scale_buffer[1][b_slots[:S]], FMT)
     assert torch.equal(s.pool.k_window[1][start:start + S], want.bfloat16())
     s.finish(c, insert=False)
@@ -235,7 +235,7 @@ def test_backend_assigns_rows_for_new_sink_positions_only():
     batch = types.SimpleNamespace(extend_prefix_lens_cpu=[0, 2, 5], extend_seq_lens_cpu=[6, 1, 3],
                                   out_cache_loc=loc)
     window_rows, rows = assign_sink_rows(pool, batch, [1, 3, 2])
-    wr = FMT.window_rows
+    wr = FMT.window_rows_per_request
     assert window_rows.tolist() == [wr + 0, wr + 1, wr + 2, wr + 3, 3 * wr + 2]
     owners = torch.nonzero(pool.sinks.row_of_slot >= 0).flatten().tolist()
     assert owners == [40, 41, 42, 43, 46]

@@ -208,7 +208,7 @@ class Soak:
         if self.events["hits"] % 25 and req.rid not in self.sampled and not real_sinks:
             return
         self.events["restores_checked"] += 1
-        start = req.req_pool_idx * FMT.window_rows
+        start = req.req_pool_idx * FMT.window_rows_per_request
         sink_end, recent_start = FMT.int2_span(n)
         positions = [*range(sink_end), *range(recent_start, n)]
         rows = torch.tensor([FMT.window_row(start, p) for p in positions])

@@ -147,7 +147,7 @@ def launches(head_dim: int, key_bits: int, decode_launch, extend_launch, write_l
     slots = BATCH * CONTEXT
     kv_indptr = torch.arange(BATCH + 1, dtype=torch.int32) * CONTEXT
     kv_indices = torch.arange(slots, dtype=torch.int32)
-    starts = torch.arange(BATCH, dtype=torch.int32) * fmt.window_rows
+    starts = torch.arange(BATCH, dtype=torch.int32) * fmt.window_rows_per_request
     codes = [torch.zeros(fmt.codes_shape(slots, KV_HEADS, kind), dtype=torch.uint8) for kind in "kv"]
     metas = [torch.zeros(fmt.meta_shape(slots, KV_HEADS), dtype=torch.float16) for _ in "kv"]
     windows = [torch.zeros(fmt.window_shape(BATCH, KV_HEADS), dtype=torch.bfloat16) for _ in "kv"]

@@ -104,7 +104,7 @@ def make_problem(batch, context, seed=0, shared_prefix=0) -> DecodeProblem:
         metas.append(meta)
     windows = [torch.randn(fmt.window_shape(batch, KV_HEADS), device=DEV).to(torch.bfloat16) for _ in "kv"]
     rots = [torch.linalg.qr(torch.randn(KV_HEADS, D, D, device=DEV))[0] for _ in "kv"]
-    starts = torch.randperm(batch, device=DEV, dtype=torch.int32) * fmt.window_rows
+    starts = torch.randperm(batch, device=DEV, dtype=torch.int32) * fmt.window_rows_per_request
     q = torch.randn(batch, Q_HEADS, D, device=DEV).to(torch.bfloat16)
     cache = LayerCache(fmt, codes[0], metas[0], codes[1], metas[1], windows[0], windows[1], rots[0], rots[1])
     return DecodeProblem(q, indptr, slots, starts, cache, D ** -0.5)
@@ -157,7 +157,7 @@ def write_setup(tokens):
     """(k, v, slots, window rows, LayerCache) of a write of `tokens` tokens."""
     fmt = OscarFormat(D)
     slots_total = max(2 * tokens, 1024)
-    rows_total = max(tokens, 64 * fmt.window_rows)
+    rows_total = max(tokens, 64 * fmt.window_rows_per_request)
     bufs = []
     for kind in "kv":
         bufs += [torch.zeros(fmt.codes_shape(slots_total, KV_HEADS, kind), dtype=torch.uint8, device=DEV),

@@ -46,7 +46,7 @@ def build(fmt: OscarFormat, lens, kv_heads: int, dtype, gen, index_dtype=torch.i
     cache = make_cache(fmt, kv_heads, sum(lens) + spare_slots, len(lens) + 2, True, torch.Generator().manual_seed(0),
                        DEVICE)
     slot_perm = torch.randperm(cache.k_codes.shape[0], generator=gen, device=DEVICE)
-    row_perm = torch.randperm(len(lens) + 2, generator=gen, device=DEVICE)[:len(lens)] * fmt.window_rows
+    row_perm = torch.randperm(len(lens) + 2, generator=gen, device=DEVICE)[:len(lens)] * fmt.window_rows_per_request
     indptr = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device=DEVICE)
     for b, length in enumerate(lens):
         write_sequence(cache, slot_perm[indptr[b]:indptr[b + 1]], int(row_perm[b]), dtype, gen)
@@ -196,7 +196,7 @@ def test_shared_prefix_decode_in_a_cuda_graph():
         return [torch.randn(length, heads, 128, generator=gen, device=DEVICE).to(dtype) for _ in "kv"]
 
     prefix_kv = kv(prefix)
-    windows = [b * fmt.window_rows for b in range(len(own))]
+    windows = [b * fmt.window_rows_per_request for b in range(len(own))]
     shared_layout = [(True, own_slots[b]) for b in range(len(own))]
     mixed_layout = [(b % 2 == 0, own_slots[b] if b % 2 == 0 else alone_slots[b]) for b in range(len(own))]
     capacity = len(own) * prefix + sum(own) + sum(alone)  # every request lists its prefix slots
@@ -261,11 +261,11 @@ def test_wide_shared_blocks_match_reference(key_bits):
         tail = [torch.randn(n, heads, 128, generator=gen, device=DEVICE).to(dtype) for _ in "kv"]
         slots = torch.cat([perm[:prefix], slots])
         write_kv(cache, torch.cat([prefix_kv[0], tail[0]]), torch.cat([prefix_kv[1], tail[1]]), slots,
-                 b * fmt.window_rows)
+                 b * fmt.window_rows_per_request)
         sequences.append(slots)
     indptr = torch.tensor([0] + [s.shape[0] for s in sequences], device=DEVICE).cumsum(0)
     batch = Batch(indptr.to(torch.int32), torch.cat(sequences).to(torch.int32),
-                  torch.arange(batch_size, dtype=torch.int32, device=DEVICE) * fmt.window_rows)
+                  torch.arange(batch_size, dtype=torch.int32, device=DEVICE) * fmt.window_rows_per_request)
     q = torch.randn(batch_size, heads * gqa, 128, generator=gen, device=DEVICE).to(dtype)
     args = decode_args(cache, batch, q)
     shared = find_shared_prefixes(batch.kv_indptr, batch.kv_indices, fmt, group=gqa)
