@@ -25,6 +25,20 @@ OSCAR = "oscar"
 BASELINE = "fp8-flashinfer"
 
 
+def pairs_of(convert, accept, described: str):
+    """argparse type: comma-separated AxB pairs, "3x2,3x1" -> [(3, 2), (3, 1)], each number read
+    by `convert`; every pair must pass `accept`, else the error says the flag takes `described`."""
+    def parse(text):
+        try:
+            pairs = [tuple(convert(x) for x in item.split("x")) for item in text.split(",") if item]
+        except ValueError:
+            pairs = []
+        if not pairs or any(len(p) != 2 or not accept(p) for p in pairs):
+            raise argparse.ArgumentTypeError(f"takes {described}, got {text!r}")
+        return pairs
+    return parse
+
+
 def parse_configs(text):
     """argparse type: comma-separated configuration names, validated, order kept."""
     names = [name.strip() for name in text.split(",") if name.strip()]

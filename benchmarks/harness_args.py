@@ -1,11 +1,22 @@
-"""Command-line flags of the harness benchmarks that score passkey retrieval on a model read
-through transformers (benchmarks/code_widths.py, benchmarks/partial_key_bits.py)."""
+"""The harness benchmarks that score KV formats on a model read through transformers
+(benchmarks/code_widths.py, key_scaling.py, partial_key_bits.py): their command-line flags, and
+for those that score perplexity and passkey retrieval against BF16, the scoring and its table."""
 
+import json
+import shlex
+import sys
 from pathlib import Path
+
+import torch
 
 from benchmarks.cli_args import parse_int_list
 from benchmarks.paths import DEFAULT_RESULTS_DIR
-from oscar_sglang.calibration.retrieval import PROMPT_STYLES
+from benchmarks.records import markdown_table
+from oscar_sglang.calibration.datasets import split_sequences
+from oscar_sglang.calibration.harness import FormatResult, RetrievalSettings, language_metrics, machine, retrieval_metrics
+from oscar_sglang.calibration.models import geometry, load_model
+from oscar_sglang.calibration.retrieval import PROMPT_STYLES, Proportion
+from oscar_sglang.kernels.rotation_file import load_rotations
 
 
 def add_harness_args(p) -> None:
@@ -21,3 +32,64 @@ def add_harness_args(p) -> None:
     p.add_argument("--prompt-style", choices=PROMPT_STYLES, default="chat")
     p.add_argument("--out-dir", type=Path, default=DEFAULT_RESULTS_DIR)
     p.add_argument("--name", help="report stem (default: the model name, lower case)")
+
+
+def add_scoring_args(p) -> None:
+    """The held-out text score_formats reads: --seq-len, --sequences, --offset-tokens."""
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--sequences", type=int, default=2, help="held-out sequences for perplexity (default %(default)s)")
+    p.add_argument("--offset-tokens", type=int, default=40000)
+
+
+def model_and_rotations(args):
+    """(model, tokenizer, model name, Geometry, RotationSet) of --model and --rotations, checked to
+    belong together."""
+    model, tokenizer, name = load_model(args.model, args.gguf_file, args.device)
+    geo = geometry(model.config)
+    rotations = load_rotations(args.rotations)
+    rotations.check_matches(geo.num_layers, geo.num_kv_heads, geo.head_dim, model=name)
+    return model, tokenizer, name, geo, rotations
+
+
+def score_formats(model, tokenizer, formats, stream: torch.Tensor, args) -> list[dict]:
+    """FormatResult rows of `formats` (the first one BF16): perplexity, KL and top-1 against it
+    on args.sequences × args.seq_len tokens of `stream` from args.offset_tokens, and passkey
+    retrieval at args.lengths for the others."""
+    results = {f.name: FormatResult(f.name, f.bits, f.effective_bits(args.seq_len)) for f in formats}
+    settings = RetrievalSettings(("passkey",), tuple(args.lengths), args.trials, args.haystack_offset, args.prompt_style)
+    with torch.inference_mode():
+        language_metrics(model, formats, split_sequences(stream, args.seq_len, args.sequences, args.offset_tokens), results)
+        retrieval_metrics(model, formats[1:], settings.prompts(tokenizer, stream), results)
+    return [results[f.name].row() for f in formats]
+
+
+def formats_table(rows: list[dict], lengths, first_header: str) -> str:
+    """Markdown: per row its bits, perplexity (Δ against the first row), KL, top-1 and each
+    length's passkey rate with its Wilson interval."""
+    reference = rows[0]["perplexity"]
+
+    def passkey(row, n):
+        outcome = row["retrieval"].get("passkey", {}).get(str(n))
+        return Proportion(outcome["successes"], outcome["trials"]).text() if outcome else "—"
+
+    return markdown_table(
+        [first_header, "bits/elem", "ppl (Δ)", "KL vs BF16", "top-1 vs BF16"] + [f"passkey@{n}" for n in lengths],
+        [[r["format"], f"{r['bits_per_element']:.2f}", f"{r['perplexity']:.3f} ({r['perplexity'] - reference:+.3f})",
+          f"{r['kl_vs_bf16']:.4f}", f"{100 * r['top1_agreement']:.1f} %"] + [passkey(r, n) for n in lengths]
+         for r in rows])
+
+
+def write_formats_report(args, argv, benchmark: str, model_name: str, rows: list[dict], first_header: str,
+                         notes: list[str], **fields) -> None:
+    """<out-dir>/<benchmark, dashed>-<name>.json (the rows with the command, the machine and
+    `fields`) and .md (formats_table, `notes`, the command and the machine), printed too."""
+    report = {"benchmark": benchmark, "model": model_name, "machine": machine(args.device),
+              "command": shlex.join(["python", "-m", f"benchmarks.{benchmark}", *(sys.argv[1:] if argv is None else argv)]),
+              **fields, "results": rows}
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    path = args.out_dir / f"{benchmark.replace('_', '-')}-{args.name or model_name.lower()}.json"
+    path.write_text(json.dumps(report, indent=1))
+    text = "\n".join([formats_table(rows, args.lengths, first_header), "", *notes, f"command: `{report['command']}`",
+                      f"machine: {report['machine']}"])
+    path.with_suffix(".md").write_text(text + "\n")
+    print(text)

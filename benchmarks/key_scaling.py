@@ -18,37 +18,31 @@ retrieval (Wilson intervals). Writes key-scaling-NAME.{json,md}.
 """
 
 import argparse
-import json
-import shlex
-import sys
 
 import torch
 
-from benchmarks.harness_args import add_harness_args
-from benchmarks.records import markdown_table
+from benchmarks.cli_args import pairs_of
+from benchmarks.harness_args import (
+    add_harness_args,
+    add_scoring_args,
+    model_and_rotations,
+    score_formats,
+    write_formats_report,
+)
 from oscar_sglang.calibration.calibrate import run_model
 from oscar_sglang.calibration.covariance import CovarianceAccumulator
 from oscar_sglang.calibration.datasets import resolve_data, split_sequences, token_stream
-from oscar_sglang.calibration.harness import FormatResult, RetrievalSettings, language_metrics, machine, retrieval_metrics
 from oscar_sglang.calibration.kv_formats import Int2Format, KVFormat, asymmetric_roundtrip, from_tokens, to_tokens
-from oscar_sglang.calibration.models import geometry, load_model
-from oscar_sglang.calibration.retrieval import Proportion
+from oscar_sglang.calibration.models import geometry
 from oscar_sglang.kernels.format import DEFAULT_RECENT_TOKENS, DEFAULT_SINK_TOKENS
 from oscar_sglang.kernels.reference import clip_rows
-from oscar_sglang.kernels.rotation_file import RotationSet, hadamard_bitrev, load_rotations
+from oscar_sglang.kernels.rotation_file import RotationSet, hadamard_bitrev
 
 KEY_BITS = 2
 
 
-def parse_variants(text: str) -> list[tuple[float, float]]:
-    """"0.5x1.0,0.5x0.92" -> [(0.5, 1.0), (0.5, 0.92)]: scale power x key clip ratio (0 < clip <= 1)."""
-    try:
-        pairs = [tuple(float(x) for x in item.split("x")) for item in text.split(",") if item]
-    except ValueError:
-        pairs = []
-    if not pairs or any(len(p) != 2 or not 0 < p[1] <= 1 for p in pairs):
-        raise argparse.ArgumentTypeError(f"--variants takes POWERxCLIP pairs such as 0.5x1.0,0.5x0.92, got {text!r}")
-    return pairs
+# "0.5x1.0,0.5x0.92" -> [(0.5, 1.0), (0.5, 0.92)]: scale power x key clip ratio (0 < clip <= 1)
+parse_variants = pairs_of(float, lambda pair: 0 < pair[1] <= 1, "POWERxCLIP pairs such as 0.5x1.0,0.5x0.92")
 
 
 def key_transforms(c_q: torch.Tensor, c_k: torch.Tensor, power: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,14 +92,9 @@ def main(argv=None) -> int:
     p.add_argument("--rotations", required=True, help="rotation file calibrated for 2-bit keys")
     p.add_argument("--variants", type=parse_variants, required=True, help="POWERxCLIP pairs, e.g. 0.5x1.0,0.5x0.92")
     p.add_argument("--calibration-tokens", type=int, default=12288, help="tokens for λ and s (default %(default)s)")
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--sequences", type=int, default=2, help="held-out sequences for perplexity (default %(default)s)")
-    p.add_argument("--offset-tokens", type=int, default=40000)
+    add_scoring_args(p)
     args = p.parse_args(argv)
-    model, tokenizer, name = load_model(args.model, args.gguf_file, args.device)
-    geo = geometry(model.config)
-    rotations = load_rotations(args.rotations)
-    rotations.check_matches(geo.num_layers, geo.num_kv_heads, geo.head_dim, model=name)
+    model, tokenizer, name, geo, rotations = model_and_rotations(args)
     files = resolve_data(args.data)
     with torch.inference_mode():
         moments = second_moments(model, tokenizer, files, args.calibration_tokens, args.seq_len)
@@ -113,37 +102,11 @@ def main(argv=None) -> int:
     for power, clip in args.variants:
         transforms = [key_transforms(c_q, c_k, power) for c_q, c_k in moments]
         formats.append(ScaledKeys(rotations, geo.head_dim, transforms, power, clip))
-    results = {f.name: FormatResult(f.name, f.bits, f.effective_bits(args.seq_len)) for f in formats}
     stream = token_stream(tokenizer, files)
-    settings = RetrievalSettings(("passkey",), tuple(args.lengths), args.trials, args.haystack_offset, args.prompt_style)
-    with torch.inference_mode():
-        language_metrics(model, formats, split_sequences(stream, args.seq_len, args.sequences, args.offset_tokens), results)
-        retrieval_metrics(model, formats[1:], settings.prompts(tokenizer, stream), results)
-    rows = [results[f.name].row() for f in formats]
-    report = {"benchmark": "key_scaling", "model": name, "machine": machine(args.device),
-              "command": shlex.join(["python", "-m", "benchmarks.key_scaling", *(sys.argv[1:] if argv is None else argv)]),
-              "rotations": dict(rotations.metadata), "results": rows}
-    stem = args.name or name.lower()
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    path = args.out_dir / f"key-scaling-{stem}.json"
-    path.write_text(json.dumps(report, indent=1))
-    lengths = [str(n) for n in args.lengths]
-    reference = rows[0]["perplexity"]
-
-    def passkey(row, n):
-        outcome = row["retrieval"].get("passkey", {}).get(n)
-        return Proportion(outcome["successes"], outcome["trials"]).text() if outcome else "—"
-
-    table = markdown_table(
-        ["keys", "bits/elem", "ppl (Δ)", "KL vs BF16", "top-1 vs BF16"] + [f"passkey@{n}" for n in lengths],
-        [[r["format"], f"{r['bits_per_element']:.2f}", f"{r['perplexity']:.3f} ({r['perplexity'] - reference:+.3f})",
-          f"{r['kl_vs_bf16']:.4f}", f"{100 * r['top1_agreement']:.1f} %"] + [passkey(r, n) for n in lengths]
-         for r in rows])
-    text = "\n".join([table, "", f"rotations: {args.rotations} ({rotations.metadata.get('calibration_source')}); "
-                      f"λ and s from tokens 0-{args.calibration_tokens - 1}", f"command: `{report['command']}`",
-                      f"machine: {report['machine']}"])
-    path.with_suffix(".md").write_text(text + "\n")
-    print(text)
+    rows = score_formats(model, tokenizer, formats, stream, args)
+    write_formats_report(args, argv, "key_scaling", name, rows, "keys",
+                         [f"rotations: {args.rotations} ({rotations.metadata.get('calibration_source')}); "
+                          f"λ and s from tokens 0-{args.calibration_tokens - 1}"], rotations=dict(rotations.metadata))
     return 0
 
 

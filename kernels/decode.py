@@ -375,19 +375,18 @@ def decode_step(
     win = window_programs(fmt, launch)
     parts = win + splits + shared_splits
     return DecodeStep(
-        q, kv_indptr, kv_indices, window_starts, cache, sm_scale, shared, launch, group, splits, shared_splits,
-        members, win, parts,
+        DecodeInputs(q, kv_indptr, kv_indices, window_starts, cache, sm_scale), shared, launch, group, splits,
+        shared_splits, members, win, parts,
         q_rot=torch.empty(batch, q_heads, d, dtype=torch.float32, device=q.device),
         part_o=torch.empty(batch, q_heads, parts, d, dtype=torch.float32, device=q.device),
         part_lse=torch.empty(batch, q_heads, parts, dtype=torch.float32, device=q.device),
         out=torch.empty_like(q) if out is None else out)
 
 
-@dataclass
-class DecodeStep:
-    """One decode step's launches (module docstring) over its scratch: q_rot [B, H_q, D] fp32,
-    part_o [B, H_q, parts, D] fp32 and part_lse [B, H_q, parts] fp32, parts = win (window
-    programs) + splits + shared_splits; out [B, H_q, D]."""
+@dataclass(frozen=True)
+class DecodeInputs:
+    """What `decode_attention_int2` attends with: q [B, H_q, D], kv_indptr [B + 1], kv_indices,
+    window_starts [B], the layer's cache and the softmax scale (`args`: in its argument order)."""
 
     q: torch.Tensor
     kv_indptr: torch.Tensor
@@ -395,6 +394,19 @@ class DecodeStep:
     window_starts: torch.Tensor
     cache: LayerCache
     sm_scale: float
+
+    @property
+    def args(self) -> tuple:
+        return self.q, self.kv_indptr, self.kv_indices, self.window_starts, self.cache, self.sm_scale
+
+
+@dataclass
+class DecodeStep:
+    """One decode step's launches (module docstring) on `inputs`, over its scratch: q_rot [B, H_q, D] fp32,
+    part_o [B, H_q, parts, D] fp32 and part_lse [B, H_q, parts] fp32, parts = win (window
+    programs) + splits + shared_splits; out [B, H_q, D]."""
+
+    inputs: DecodeInputs
     shared: SharedPrefixes | None
     launch: DecodeLaunch
     group: int
@@ -411,10 +423,10 @@ class DecodeStep:
     @property
     def own_start(self) -> torch.Tensor:
         # without shared blocks the kernels never read own_start (SHARED is off): any int32 pointer
-        return self.kv_indptr if self.shared is None else self.shared.own_start
+        return self.inputs.kv_indptr if self.shared is None else self.shared.own_start
 
     def run(self) -> torch.Tensor:
-        if self.q.shape[0] > 0:
+        if self.inputs.q.shape[0] > 0:
             self.rotate_q()
             self.split()
             if self.shared is not None:
@@ -423,23 +435,23 @@ class DecodeStep:
         return self.out
 
     def rotate_q(self) -> None:
-        q, batch, kv_heads = self.q, self.q.shape[0], self.cache.kv_heads
-        k_rot, k_rot_stride = self.cache.rotation("k")
+        q, batch, kv_heads = self.inputs.q, self.inputs.q.shape[0], self.inputs.cache.kv_heads
+        k_rot, k_rot_stride = self.inputs.cache.rotation("k")
         _rotate_q_kernel[(batch, kv_heads, CODES_PER_BYTE)](
-            q, q.stride(0), q.stride(1), k_rot, k_rot_stride, self.q_rot, self.sm_scale * LOG2E,
+            q, q.stride(0), q.stride(1), k_rot, k_rot_stride, self.q_rot, self.inputs.sm_scale * LOG2E,
             GROUP=self.group, BLOCK_H=head_block(self.group), D=q.shape[2], num_warps=self.launch.num_warps,
         )
 
     def split(self) -> None:
-        cache, fmt, launch = self.cache, self.cache.fmt, self.launch
+        cache, fmt, launch = self.inputs.cache, self.inputs.cache.fmt, self.launch
         k_meta, v_meta = meta_words(cache.k_meta), meta_words(cache.v_meta)
-        _decode_split_kernel[(cache.kv_heads, self.q.shape[0], self.win + self.splits)](
+        _decode_split_kernel[(cache.kv_heads, self.inputs.q.shape[0], self.win + self.splits)](
             self.q_rot,
-            self.kv_indptr, self.kv_indices, self.window_starts, self.own_start,
+            self.inputs.kv_indptr, self.inputs.kv_indices, self.inputs.window_starts, self.own_start,
             *code_args(cache),
             k_meta, v_meta, k_meta.stride(0), k_meta.stride(1),
             cache.k_window, cache.v_window, cache.k_window.stride(0), cache.k_window.stride(1),
-            self.part_o, self.part_lse, self.q.shape[1], self.splits, self.parts,
+            self.part_o, self.part_lse, self.inputs.q.shape[1], self.splits, self.parts,
             GROUP=self.group, BLOCK_H=head_block(self.group), D=fmt.head_dim, NG=fmt.num_groups,
             KEY_BITS=fmt.key_bits, S=fmt.sink_tokens, W=fmt.recent_tokens, BLOCK_N=launch.block_n,
             BLOCK_R=launch.block_rows, WIN_PROGRAMS=self.win, WIN_ROWS=launch.window_rows_per_program,
@@ -449,15 +461,15 @@ class DecodeStep:
         )
 
     def shared_blocks(self) -> None:
-        cache, fmt, launch, shared = self.cache, self.cache.fmt, self.launch, self.shared
+        cache, fmt, launch, shared = self.inputs.cache, self.inputs.cache.fmt, self.launch, self.shared
         k_meta, v_meta = meta_words(cache.k_meta), meta_words(cache.v_meta)
         shared_rows = head_block(self.members * self.group)
-        _decode_shared_kernel[(cache.kv_heads, self.q.shape[0], self.shared_splits)](
+        _decode_shared_kernel[(cache.kv_heads, self.inputs.q.shape[0], self.shared_splits)](
             self.q_rot,
-            self.kv_indptr, self.kv_indices, shared.members, shared.block_end,
+            self.inputs.kv_indptr, self.inputs.kv_indices, shared.members, shared.block_end,
             *code_args(cache),
             k_meta, v_meta, k_meta.stride(0), k_meta.stride(1),
-            self.part_o, self.part_lse, self.q.shape[1], self.shared_splits, self.parts, self.win + self.splits,
+            self.part_o, self.part_lse, self.inputs.q.shape[1], self.shared_splits, self.parts, self.win + self.splits,
             GROUP=self.group, MEMBERS=self.members, BLOCK_M=shared_rows, D=fmt.head_dim, NG=fmt.num_groups,
             KEY_BITS=fmt.key_bits, S=fmt.sink_tokens, BLOCK_N=launch.block_n,
             CODE_BITS=CODE_BITS, CODE_MAX=CODE_MAX, PTX_UNPACK=not triton.knobs.runtime.interpret,
@@ -467,12 +479,12 @@ class DecodeStep:
         )
 
     def reduce(self) -> None:
-        v_rot, v_rot_stride = self.cache.rotation("v")
-        d, launch, out = self.q.shape[2], self.launch, self.out
-        _decode_reduce_kernel[(self.q.shape[0], self.q.shape[1], launch.reduce_dim_programs)](
+        v_rot, v_rot_stride = self.inputs.cache.rotation("v")
+        d, launch, out = self.inputs.q.shape[2], self.launch, self.out
+        _decode_reduce_kernel[(self.inputs.q.shape[0], self.inputs.q.shape[1], launch.reduce_dim_programs)](
             self.part_o, self.part_lse, self.parts, self.own_start, self.win + self.splits,
             out, out.stride(0), out.stride(1),
             v_rot, v_rot_stride,
             GROUP=self.group, D=d, BLOCK_P=triton.next_power_of_2(self.parts), BLOCK_J=d // launch.reduce_dim_programs,
-            S=self.cache.fmt.sink_tokens, SHARED=self.shared is not None, num_warps=launch.reduce_warps,
+            S=self.inputs.cache.fmt.sink_tokens, SHARED=self.shared is not None, num_warps=launch.reduce_warps,
         )

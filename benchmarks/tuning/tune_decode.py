@@ -29,7 +29,7 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -72,23 +72,7 @@ WRITE_TOKENS = [1, 2, 8, 32, 64, 256, 8192]
 WRITE_VARIANTS = {8: [(8, 4)], 64: [(16, 4)], 256: [(4, 4)]}
 
 
-@dataclass(frozen=True)
-class DecodeProblem:
-    """decode_attention_int2's inputs (`args`, in its order)."""
-
-    q: torch.Tensor
-    kv_indptr: torch.Tensor
-    kv_indices: torch.Tensor
-    window_starts: torch.Tensor
-    cache: LayerCache
-    sm_scale: float
-
-    @property
-    def args(self) -> tuple:
-        return self.q, self.kv_indptr, self.kv_indices, self.window_starts, self.cache, self.sm_scale
-
-
-def make_problem(batch, context, seed=0, shared_prefix=0) -> DecodeProblem:
+def make_problem(batch, context, seed=0, shared_prefix=0) -> dk.DecodeInputs:
     """Decode inputs as benchmarks/decode_kernels.py builds them (shuffled pages, random codes)."""
     torch.manual_seed(seed)
     fmt = OscarFormat(D)
@@ -107,7 +91,7 @@ def make_problem(batch, context, seed=0, shared_prefix=0) -> DecodeProblem:
     starts = torch.randperm(batch, device=DEV, dtype=torch.int32) * fmt.window_rows_per_request
     q = torch.randn(batch, Q_HEADS, D, device=DEV).to(torch.bfloat16)
     cache = LayerCache(fmt, codes[0], metas[0], codes[1], metas[1], windows[0], windows[1], rots[0], rots[1])
-    return DecodeProblem(q, indptr, slots, starts, cache, D ** -0.5)
+    return dk.DecodeInputs(q, indptr, slots, starts, cache, D ** -0.5)
 
 
 def decode_bytes(batch, context):
@@ -117,12 +101,12 @@ def decode_bytes(batch, context):
     return batch * KV_HEADS * (n2 * fmt.bytes_per_token_head() + nw * 2 * D * WINDOW_BYTES) + 2 * batch * Q_HEADS * D * 2
 
 
-def decode_variant(problem: DecodeProblem, splits: int, launch: dk.DecodeLaunch):
+def decode_variant(problem: dk.DecodeInputs, splits: int, launch: dk.DecodeLaunch):
     """One decode step with `splits` INT2 splits per (request, KV head) and `launch`."""
     return dk.decode_attention_int2(*problem.args, num_kv_splits=splits, launch=launch)
 
 
-def split_only(problem: DecodeProblem, splits):
+def split_only(problem: dk.DecodeInputs, splits):
     """The split kernel of a default decode step alone (its rotated q prepared outside the
     timing): a callable for time_us."""
     step = dk.decode_step(*problem.args, num_kv_splits=splits)
