@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from oscar_sglang.kernels.format import DEFAULT_KEY_BITS
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = {"_rotate_q_kernel", "_decode_split_kernel", "_decode_reduce_kernel", "_common_span_kernel",
@@ -25,7 +26,7 @@ def kernel_resources(head_dim: int, key_bits: int, out_dir: Path) -> list[dict]:
                           "--key-bits", str(key_bits), "--out-dir", str(out_dir)],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
-    width = "" if key_bits == 2 else f"_k{key_bits}"
+    width = "" if key_bits == DEFAULT_KEY_BITS else f"_k{key_bits}"
     return json.loads((out_dir / f"kernel_resources_sm90_d{head_dim}{width}.json").read_text())["rows"]
 
 

@@ -17,7 +17,7 @@ kernels.quantize.WriteLaunch).
     python -m benchmarks.tuning.kernel_resources
     python -m benchmarks.tuning.kernel_resources --key-bits 3 --set decode.shared_warps=8
 
-Writes <out-dir>/kernel_resources_sm90_d<D>[_k<BITS>][_<NAME><VALUE>...].json and prints a markdown
+Writes <out-dir>/kernel_resources_sm90_d<D>[_k<BITS>, other than the default][_<FIELD><VALUE>...].json and prints a markdown
 table.
 """
 
@@ -42,7 +42,7 @@ from benchmarks.records import machine_info, markdown_table, now_iso, write_json
 from oscar_sglang.kernels import decode as dk
 from oscar_sglang.kernels import extend as ek
 from oscar_sglang.kernels import quantize as qk
-from oscar_sglang.kernels.format import CODE_BITS, SUPPORTED_KEY_BITS
+from oscar_sglang.kernels.format import DEFAULT_KEY_BITS, SUPPORTED_KEY_BITS
 
 TARGET = GPUTarget("cuda", 90, 32)  # H100
 LAUNCHES = {dk: dk.DECODE_LAUNCH, ek: ek.EXTEND_LAUNCH, qk: qk.WRITE_LAUNCH}  # launches that are dataclasses
@@ -209,7 +209,7 @@ def table(rows: list) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--head-dim", type=int, choices=(64, 128), default=128)
-    parser.add_argument("--key-bits", type=int, choices=SUPPORTED_KEY_BITS, default=CODE_BITS,
+    parser.add_argument("--key-bits", type=int, choices=SUPPORTED_KEY_BITS, default=DEFAULT_KEY_BITS,
                         help="key code width (default %(default)s)")
     parser.add_argument("--set", type=parse_setting, action="append", default=[], metavar="LAUNCH.FIELD=VALUE",
                         help="a field of a launch dataclass: decode.FIELD, extend.FIELD or quantize.FIELD (repeatable)")
@@ -229,7 +229,7 @@ def main(argv=None):
             if (record[0], record[2].hash) not in {(r[0], r[2].hash) for r in records[:i]}]
     print(table(rows))
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    width = "" if args.key_bits == CODE_BITS else f"_k{args.key_bits}"
+    width = "" if args.key_bits == DEFAULT_KEY_BITS else f"_k{args.key_bits}"
     settings = "".join(f"_{name}{value}" for _, name, value in args.set)
     write_json(args.out_dir / f"kernel_resources_sm90_d{args.head_dim}{width}{settings}.json", {
         "benchmark": "kernel_resources", "created": now_iso(), "machine": machine_info(),
