@@ -130,24 +130,20 @@ def test_decode_with_shared_prefixes_matches_reference(head_dim, group_size, gqa
     torch.testing.assert_close(out.float(), alone.float(), rtol=TIGHT[dtype], atol=TIGHT[dtype])
 
 
-@pytest.mark.parametrize("dot_rows", [32, 64])
-def test_larger_blocks_match_reference(dot_rows, monkeypatch, nan_scratch):
-    """Blocks of 8 requests (SHARED_DOT_ROWS 32) and the wide blocks of 16 that batches of
-    WIDE_BLOCKS_MIN_BATCH requests get (64 rows; lowered here to this batch's size)."""
-    gen = torch.Generator().manual_seed(dot_rows)
-    fmt = OscarFormat(64, 32, sink_tokens=4, recent_tokens=8)
+@pytest.mark.parametrize("head_dim, key_bits", [(64, 4), (64, 3), (128, 3)])
+@pytest.mark.parametrize("dot_rows", [32, shared_prefix.WIDE_SHARED_DOT_ROWS])
+def test_larger_blocks_match_reference(dot_rows, head_dim, key_bits, nan_scratch):
+    """Blocks of 8 requests (32 rows) and the wide blocks of 16 that batches of
+    WIDE_BLOCKS_MIN_BATCH requests get (64 rows), asked for by find_shared_prefixes' dot_rows."""
+    gen = torch.Generator().manual_seed(dot_rows + key_bits)
+    fmt = OscarFormat(head_dim, 32, sink_tokens=4, recent_tokens=8, key_bits=key_bits)
     gqa, kv_heads = 4, 2
     requests = [(0, 120, b % 7) for b in range(dot_rows // gqa + 3)] + [(0, 60, 9), (0, 0, 30)]
-    if dot_rows == shared_prefix.WIDE_SHARED_DOT_ROWS:
-        assert shared_prefix.block_members(gqa, len(requests)) == shared_prefix.SHARED_DOT_ROWS // gqa
-        monkeypatch.setattr(shared_prefix, "WIDE_BLOCKS_MIN_BATCH", len(requests))
-    else:
-        monkeypatch.setattr(shared_prefix, "SHARED_DOT_ROWS", dot_rows)
     cache = make_cache(fmt, kv_heads, 120 + sum(own for *_, own in requests) + 16, len(requests) + 2, True, gen)
     batch = fill_shared_requests(cache, [120], requests, torch.bfloat16, torch.int32, gen)
-    q = torch.randn(len(requests), kv_heads * gqa, 64, generator=gen).to(torch.bfloat16)
-    args = (q, batch.kv_indptr, batch.kv_indices, batch.window_starts, cache, 0.125)
-    shared = find_shared_prefixes(batch.kv_indptr, batch.kv_indices, fmt, gqa)
+    q = torch.randn(len(requests), kv_heads * gqa, head_dim, generator=gen).to(torch.bfloat16)
+    args = (q, batch.kv_indptr, batch.kv_indices, batch.window_starts, cache, head_dim ** -0.5)
+    shared = find_shared_prefixes(batch.kv_indptr, batch.kv_indices, fmt, gqa, dot_rows)
     assert shared.members.shape == (len(requests), dot_rows // gqa)
     assert (shared.members >= 0).sum(dim=1).max() == dot_rows // gqa, "a block must be full"
     out = torch.full_like(q, float("nan"))
