@@ -24,7 +24,6 @@ Writes <out-dir>/decode_kernels_<gpu>.json and .png and prints a markdown table.
 
 import argparse
 import functools
-import gc
 import re
 import shlex
 import sys
@@ -33,13 +32,13 @@ from pathlib import Path
 
 import torch
 import triton
-import triton.testing
 from oscar_sglang.kernels.decode import decode_attention_int2, default_num_kv_splits
 from oscar_sglang.kernels.format import DEFAULT_KEY_BITS, SUPPORTED_KEY_BITS, WINDOW_BYTES, OscarFormat
 from oscar_sglang.kernels.layer_cache import LayerCache
 from oscar_sglang.kernels.shared_prefix import find_shared_prefixes
 
 from benchmarks.cli_args import parse_int_list
+from benchmarks.gpu_timing import FLASHINFER_WORKSPACE_BYTES, hbm_bandwidth_gbs, median_us, paged_requests, release
 from benchmarks.paths import DEFAULT_RESULTS_DIR
 from benchmarks.records import machine_info, markdown_table, now_iso, plot_panels, ratio, write_json
 
@@ -50,7 +49,6 @@ QUICK_CONTEXTS, QUICK_BATCHES = [32768, 131072], [1, 8]
 METHODS = ["oscar-int2", "oscar-int2-shared", "flashinfer-fp8", "flashinfer-bf16", "sglang-triton-fp8", "sglang-triton-bf16"]
 BASELINE = "flashinfer-fp8"
 HEADROOM_BYTES = 2 << 30  # free memory kept aside for workspaces and the L2 flush buffer
-FLASHINFER_WORKSPACE_BYTES = 512 << 20
 SGLANG_MAX_KV_SPLITS = 8  # SGLang's default --triton-attention-num-kv-splits
 
 
@@ -73,52 +71,6 @@ def build_parser():
 # ---------------------------------------------------------------------------- timing
 
 
-def capture(fn):
-    """fn replayed from a CUDA graph (launch overhead out of the measurement), else fn itself."""
-    fn()  # compiles / JITs outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            fn()
-    except Exception as exc:  # noqa: BLE001  (a method that cannot be captured is timed eagerly)
-        torch.cuda.synchronize()
-        print(f"    (no CUDA graph: {type(exc).__name__}: {exc}; timing eagerly)")
-        return fn, "eager"
-    return graph.replay, "cudagraph"
-
-
-def median_us(fn, rep_ms):
-    """Median microseconds of one call (L2 flushed between calls by do_bench) and the mode."""
-    run, mode = capture(fn)
-    return triton.testing.do_bench(run, warmup=25, rep=rep_ms, return_mode="median") * 1e3, mode
-
-
-def hbm_bandwidth_gbs(rep_ms, nbytes=4 << 30):
-    """Device-to-device copy bandwidth (read + write bytes per second), in GB/s."""
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=rep_ms, return_mode="median")
-    return 2 * nbytes / (ms * 1e-3) / 1e9
-
-
-# ---------------------------------------------------------------------------- requests
-
-
-def paged_requests(batch, context, page_size, shared_prefix):
-    """Shuffled pages for `batch` requests of `context` tokens, the first shared_prefix tokens'
-    pages (rounded down to whole pages) common to all: page ids [B, pages] (int64), per-token
-    slots [B * context] (int64), kv_indptr in tokens [B + 1] (int32)."""
-    pages_per_req = triton.cdiv(context, page_size)
-    pages = torch.randperm(batch * pages_per_req, device="cuda").view(batch, pages_per_req)
-    shared = min(shared_prefix, context) // page_size
-    pages[:, :shared] = pages[0, :shared]
-    offsets = torch.arange(context, device="cuda")
-    slots = (pages[:, offsets // page_size] * page_size + offsets % page_size).reshape(-1)
-    indptr = torch.arange(batch + 1, device="cuda", dtype=torch.int32) * context
-    return pages, slots, indptr
-
-
 def qo_bytes(batch, dtype_bytes=2):
     return 2 * batch * Q_HEADS * HEAD_DIM * dtype_bytes
 
@@ -126,11 +78,6 @@ def qo_bytes(batch, dtype_bytes=2):
 def enough_memory(nbytes):
     free, _ = torch.cuda.mem_get_info()
     return nbytes + HEADROOM_BYTES <= free
-
-
-def release():
-    gc.collect()
-    torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------------------- methods

@@ -123,7 +123,8 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("decode_roofline needs a CUDA GPU", file=sys.stderr)
         return 2
-    from benchmarks.decode_kernels import hbm_bandwidth_gbs, run_point
+    from benchmarks.decode_kernels import run_point
+    from benchmarks.gpu_timing import hbm_bandwidth_gbs
 
     gpu = torch.cuda.get_device_name()
     torch.manual_seed(0)

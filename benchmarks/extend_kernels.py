@@ -34,7 +34,7 @@ from oscar_sglang.kernels import extend as ek
 
 from benchmarks.paths import DEFAULT_RESULTS_DIR
 from benchmarks.records import machine_info, markdown_table, now_iso, write_json
-from benchmarks.decode_kernels import FLASHINFER_WORKSPACE_BYTES, median_us, release
+from benchmarks.gpu_timing import FLASHINFER_WORKSPACE_BYTES, median_us, release
 from benchmarks.tuning.tune_decode import D, KV_HEADS, PAGE, Q_HEADS, make_problem
 
 POINTS = [(1, 0, 8192), (1, 32768, 8192), (1, 98304, 8192), (8, 32768, 1024)]

@@ -34,14 +34,13 @@ from pathlib import Path
 
 import torch
 import triton
-import triton.testing
 from oscar_sglang.kernels import decode as dk
 from oscar_sglang.kernels import quantize as qk
 from oscar_sglang.kernels import shared_prefix as sp
 from oscar_sglang.kernels.format import WINDOW_BYTES, OscarFormat
 from oscar_sglang.kernels.layer_cache import LayerCache
 
-from benchmarks.decode_kernels import paged_requests
+from benchmarks.gpu_timing import hbm_bandwidth_gbs, median_us, paged_requests
 
 Q_HEADS, KV_HEADS, D = 32, 8, 128
 GROUP = Q_HEADS // KV_HEADS
@@ -121,20 +120,8 @@ def write_variant(k, v, slots, rows, cache: LayerCache, block_t, warps):
 
 
 def time_us(fn, rep=25):
-    fn()  # compile outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return triton.testing.do_bench(graph.replay, warmup=10, rep=rep, return_mode="median") * 1e3
-
-
-def hbm_gbs():
-    n = 2 << 30
-    src = torch.empty(n // 2, dtype=torch.bfloat16, device=DEV)
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=10, rep=50, return_mode="median")
-    return 2 * n / (ms * 1e-3) / 1e9
+    """Median µs of one call replayed from a CUDA graph, L2 flushed between calls."""
+    return median_us(fn, rep)[0]
 
 
 def write_setup(tokens):
@@ -204,7 +191,7 @@ def main():
             print(f"[{kind}] failed:\n{text[-2000:]}", flush=True)
 
     device = torch.cuda.get_device_name()
-    hbm = hbm_gbs()
+    hbm = hbm_bandwidth_gbs(50)
     lines = [f"{device}, {torch.cuda.get_device_properties(0).multi_processor_count} SMs; torch {torch.__version__}, "
              f"triton {triton.__version__}; device-to-device copy {hbm:.0f} GB/s; compiled in {time.time() - started:.0f}s",
              "command: " + shlex.join([sys.executable, "-m", "benchmarks.tuning.tune_decode", *sys.argv[1:]]), ""]
