@@ -56,8 +56,9 @@ class OscarAttnBackend(TritonAttnBackend):
         self.forward_plan: ForwardPlan | None = None  # this forward's (forward_plan.py)
         # a deterministic request's result must not depend on its batch: the Triton kernel's
         # reduction order does not, and FlashInfer's choice of kernel and schedule might
-        self.flashinfer_plans = FlashInferPlans(torch.device(self.device).type == "cuda" and not self.use_reference
-                                          and not self.enable_deterministic, self.device)
+        self.flashinfer_plans = FlashInferPlans(
+            torch.device(self.device).type == "cuda" and not self.use_reference and not self.enable_deterministic,
+            self.device)
         self.nonfinite = NonFiniteReporter(pool.layer_num, pool.start_layer, pool.device)
         if not self.use_reference:
             self.compile_extend_kernels(model_runner.dtype)
@@ -76,8 +77,8 @@ class OscarAttnBackend(TritonAttnBackend):
         request = torch.zeros(1, dtype=torch.int64, device=device)
         q = torch.zeros(1, self.num_head, fmt.head_dim, dtype=dtype, device=device)
         k = torch.zeros(1, self.num_kv_head, fmt.head_dim, dtype=dtype, device=device)
-        wrapper = self.flashinfer_plans.plan([(0, 1)], [1], [0], self.num_head, self.num_kv_head, fmt.head_dim, 1.0,
-                                       dtype)[0]
+        wrapper = self.flashinfer_plans.plan([(0, 1)], [1], [0], self.num_head, self.num_kv_head, fmt.head_dim,
+                                             1.0, dtype)[0]
         extend_attention_int2(q, k, k, qo_indptr, kv_indptr, kv_indices, self.pool.window_starts(request),
                               lay, 1.0, max_extend_len=1, max_prefix_len=1, flashinfer=wrapper)
 
@@ -121,7 +122,8 @@ class OscarAttnBackend(TritonAttnBackend):
         if layer.layer_id == self.pool.start_layer or self.forward_plan is None:
             meta = self.forward_metadata
             self.forward_plan = plan_decode(self.pool, forward_batch, meta.kv_indptr, meta.kv_indices,
-                                    layer.tp_q_head_num // layer.tp_k_head_num, not self.enable_deterministic)
+                                            layer.tp_q_head_num // layer.tp_k_head_num,
+                                            not self.enable_deterministic)
         return self.forward_plan
 
     def _extend_plan(self) -> ForwardPlan:
