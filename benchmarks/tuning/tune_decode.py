@@ -54,11 +54,14 @@ SPLIT_VARIANTS = {
     "default": dk.DECODE_LAUNCH,
     "bn128_w2": replace(dk.DECODE_LAUNCH, block_n=128, num_warps=2, max_registers=None),
     "bn128_s3": replace(dk.DECODE_LAUNCH, block_n=128, num_stages=3),
+    # the reduce's programs per query head: each loads D / N rows of R_V and all its head's partials
+    "reduce2": replace(dk.DECODE_LAUNCH, reduce_dim_programs=2),
+    "reduce8": replace(dk.DECODE_LAUNCH, reduce_dim_programs=8),
 }
-# shared-prefix variants: block-size constants of kernels/shared_prefix.py (sp) and the launch;
-# the first is the library default (wide blocks from WIDE_BLOCKS_MIN_BATCH requests on), then
-# 16-row and 64-row blocks at every batch size. 8 warps, 32-row blocks and 1-warp programs were
-# slower (benchmarks/results/h200/tune_decode_shared_wide_blocks.txt in git history)
+# shared-prefix variants: the query rows a block aims at (find_shared_prefixes' dot_rows) and the
+# launch; the first is the library default (wide blocks from WIDE_BLOCKS_MIN_BATCH requests on),
+# then 16-row and 64-row blocks at every batch size. 32-row blocks and 1-warp programs were slower
+# (benchmarks/results/h200/tune_decode_shared_wide_blocks.txt in git history)
 SHARED_VARIANTS = {  # name: (query rows a block aims at, None: the library's choice; launch)
     "default": (None, dk.DECODE_LAUNCH),
     "rows16": (sp.SHARED_DOT_ROWS, dk.DECODE_LAUNCH),
