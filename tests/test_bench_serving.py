@@ -186,16 +186,7 @@ def test_parse_server_log_single_kv_size_and_empty():
 
 
 def test_serving_metrics_from_client_result_and_log():
-    bench = {
-        "output_throughput": 2000.0,
-        "request_throughput": 3.5,
-        "median_ttft_ms": 100.0,
-        "p99_ttft_ms": 900.0,
-        "median_itl_ms": 20.0,
-        "p99_itl_ms": 60.0,
-        "completed": 64,
-        "cache_report": {"total_cached_tokens": 1_900_000, "cache_hit_rate_pct": 90.1},
-    }
+    bench = {**CLIENT_RESULT, "cache_report": {"total_cached_tokens": 1_900_000, "cache_hit_rate_pct": 90.1}}
     metrics = serving.serving_metrics(bench, serving.parse_server_log(SERVER_LOG))
     assert metrics["output_tok_s"] == 2000.0 and metrics["requests_s"] == 3.5
     assert (metrics["ttft_p50_ms"], metrics["ttft_p99_ms"]) == (100.0, 900.0)
