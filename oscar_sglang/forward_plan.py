@@ -22,7 +22,9 @@ class ForwardPlan:
     """window_rows: [T] the window row each new token is copied to (-1: none); window_starts: [B]
     each request's first window row; shared: a decode batch's shared-prefix blocks (None: read
     every position per request); sink_copy: an extend batch's (window rows, sink rows) pairs that
-    each layer copies into the sink store after its write (None: no new sink position got a row)."""
+    each layer copies into the sink store after its write (None: no new sink position got a row);
+    extend_lens, prefix_lens: an extend batch's new and cached tokens per request, host ints
+    (empty for decode)."""
 
     window_rows: torch.Tensor
     window_starts: torch.Tensor
