@@ -4,7 +4,7 @@ Requests that hit one radix-cached prefix hold the same slots for its positions.
 decode kernel reads and unpacks a shared INT2 tile once for several requests, their query heads
 stacked in one tensor-core dot (M = members × GQA group), instead of once per request with M =
 GQA group (4 of the dot's 16 rows for Qwen3-8B). Blocks hold 4 Qwen3-8B requests (16 rows), or
-16 (64 rows) in batches of WIDE_BLOCKS_MIN_BATCH requests or more.
+16 (64 rows) in batches of WIDE_BLOCKS_MIN_BATCH requests or more (not with 3-bit keys).
 
 `find_shared_prefixes` runs on the device with static shapes and no host sync, so it can be
 captured in a CUDA graph:
@@ -30,10 +30,13 @@ from .format import OscarFormat
 # query rows a shared block aims at (the tensor-core dot's M). From WIDE_BLOCKS_MIN_BATCH requests
 # on, blocks are 4x wider: each unpacked INT2 tile serves 64 rows (16 requests at GQA 4) through
 # warpgroup MMAs, 19 % faster for 192 requests sharing 32K tokens on an H200, while smaller batches,
-# whose blocks would stay part empty, were up to 24 % slower (RESULTS.md, "Wide blocks")
+# whose blocks would stay part empty, were up to 24 % slower (RESULTS.md, "Wide blocks"). Not with
+# 3-bit keys: their wide kernel made an illegal memory access on an H100 at 4 warps (narrow
+# blocks, and wide ones at 8 warps, ran right; 8 warps cost 4-bit keys 2.1x the time)
 SHARED_DOT_ROWS = 16
 WIDE_SHARED_DOT_ROWS = 64
 WIDE_BLOCKS_MIN_BATCH = 48
+NARROW_ONLY_KEY_BITS = (3,)
 COMMON_SPAN_BLOCK = 1024  # positions compared per step of `_common_span_kernel`
 
 
@@ -52,15 +55,16 @@ class SharedPrefixes:
     own_start: torch.Tensor
 
 
-def shared_dot_rows(batch: int) -> int:
-    """Query rows a block of a decode batch of `batch` requests aims at."""
-    return WIDE_SHARED_DOT_ROWS if batch >= WIDE_BLOCKS_MIN_BATCH else SHARED_DOT_ROWS
+def shared_dot_rows(batch: int, key_bits: int) -> int:
+    """Query rows a block of a decode batch of `batch` requests aims at, for keys of `key_bits`."""
+    wide = batch >= WIDE_BLOCKS_MIN_BATCH and key_bits not in NARROW_ONLY_KEY_BITS
+    return WIDE_SHARED_DOT_ROWS if wide else SHARED_DOT_ROWS
 
 
-def block_members(group: int, batch: int, dot_rows: int | None = None) -> int:
+def block_members(group: int, batch: int, key_bits: int, dot_rows: int | None = None) -> int:
     """Requests per block for a GQA group in a batch of `batch` requests: as many as fill
-    `dot_rows` query rows (None: `shared_dot_rows(batch)`)."""
-    return max(1, (dot_rows or shared_dot_rows(batch)) // group)
+    `dot_rows` query rows (None: `shared_dot_rows(batch, key_bits)`)."""
+    return max(1, (dot_rows or shared_dot_rows(batch, key_bits)) // group)
 
 
 @triton.jit
@@ -97,7 +101,7 @@ def find_shared_prefixes(kv_indptr: torch.Tensor, kv_indices: torch.Tensor, fmt:
     gives the same attention output; it only changes how the work is shared."""
     batch = kv_indptr.shape[0] - 1
     device = kv_indptr.device
-    members = block_members(group, batch, dot_rows)
+    members = block_members(group, batch, fmt.key_bits, dot_rows)
     sinks = fmt.sink_tokens
     index = torch.arange(batch, device=device)
     lengths = (kv_indptr[1:] - kv_indptr[:-1]).long()

@@ -150,10 +150,15 @@ def load_key_codes(row_ptrs, valid, P: tl.constexpr, KEY_BITS: tl.constexpr):
     kc_hi = kc
     if KEY_BITS == 4:
         kc_hi = tl.load(row_ptrs + P + cols, mask=valid[:, None], other=0)
-    elif KEY_BITS == 3:
+    elif KEY_BITS == 3 and P >= 32:
         paired = tl.load(row_ptrs + P + tl.arange(0, P // 2)[None, :], mask=valid[:, None], other=0)
         # uint8 again: the PTX unpacking reads four packed bytes per 32-bit register
         kc_hi = tl.reshape(tl.join(paired & 0x55, (paired >> 1) & 0x55), (paired.shape[0], P)).to(tl.uint8)
+    elif KEY_BITS == 3:
+        # head_dim 64: the join above gave wrong scores on an H100 (the interpreter computes it
+        # right), so each quartered byte loads its paired byte itself (byte loads: slower)
+        paired = tl.load(row_ptrs + P + cols // 2, mask=valid[:, None], other=0)
+        kc_hi = ((paired >> (cols % 2)) & 0x55).to(tl.uint8)
     return kc, kc_hi
 
 

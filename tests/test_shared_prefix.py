@@ -35,6 +35,13 @@ def shared_batch(prefix_lens, requests, slots_total):
     return torch.tensor(indptr), torch.tensor(indices, dtype=torch.int64)
 
 
+def test_wide_blocks_from_the_wide_batch_on_except_for_3_bit_keys():
+    big = shared_prefix.WIDE_BLOCKS_MIN_BATCH
+    assert shared_prefix.shared_dot_rows(big - 1, 4) == shared_prefix.SHARED_DOT_ROWS
+    assert shared_prefix.shared_dot_rows(big, 4) == shared_prefix.shared_dot_rows(big, 2) == shared_prefix.WIDE_SHARED_DOT_ROWS
+    assert shared_prefix.shared_dot_rows(big, 3) == shared_prefix.SHARED_DOT_ROWS
+
+
 def test_blocks_group_requests_by_their_shared_slots():
     fmt = OscarFormat(64, 64, sink_tokens=4, recent_tokens=8)
     # group 0's prefix: 60 tokens; group 1's: 40. Five requests of group 0 (more than a block of
@@ -44,7 +51,7 @@ def test_blocks_group_requests_by_their_shared_slots():
                 (1, 40, 12), (0, 60, 33), (2, 0, 6)]
     indptr, indices = shared_batch([60, 40, 0], requests, 1000)
     shared = find_shared_prefixes(indptr, indices, fmt, group=4)
-    assert block_members(4, len(requests)) == 4 and shared.members.shape == (len(requests), 4)
+    assert block_members(4, len(requests), fmt.key_bits) == 4 and shared.members.shape == (len(requests), 4)
     blocks = {}
     for row, end in zip(shared.members.tolist(), shared.block_end.tolist()):
         members = tuple(b for b in row if b >= 0)

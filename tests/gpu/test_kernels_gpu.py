@@ -243,22 +243,23 @@ def test_shared_prefix_decode_in_a_cuda_graph():
         assert_matches(out, ref.decode_attention(*current), dtype)
 
 
-@pytest.mark.parametrize("key_bits", [2, 3, 4])
-def test_wide_shared_blocks_match_reference(key_bits):
+@pytest.mark.parametrize("head_dim, key_bits", [(128, 2), (128, 3), (128, 4), (64, 3), (64, 4)])
+def test_shared_blocks_of_a_wide_batch_match_reference(head_dim, key_bits):
     """A batch large enough for wide shared-prefix blocks (`shared_prefix.WIDE_BLOCKS_MIN_BATCH`):
-    requests on one 6K-token prefix, with own tails of 1 to 300 tokens, read it in blocks of 16
-    (64 query rows, uncapped registers) at the library's default launch parameters."""
+    requests on one 6K-token prefix, with own tails of 1 to 300 tokens, read it in the blocks the
+    library picks (16 requests: 64 query rows at uncapped registers; 3-bit keys: 4 requests) at
+    its default launch parameters."""
     gen = torch.Generator(DEVICE).manual_seed(5)
-    fmt = OscarFormat(128, key_bits=key_bits)
+    fmt = OscarFormat(head_dim, key_bits=key_bits)
     heads, gqa, dtype = 8, 4, torch.bfloat16
     batch_size = shared_prefix.WIDE_BLOCKS_MIN_BATCH + 4
     prefix, own = 6000, [1 + (37 * b) % 300 for b in range(batch_size)]
     cache = make_cache(fmt, heads, prefix + sum(own), batch_size, True, torch.Generator().manual_seed(0), DEVICE)
     perm = torch.randperm(cache.k_codes.shape[0], generator=gen, device=DEVICE)
-    prefix_kv = [torch.randn(prefix, heads, 128, generator=gen, device=DEVICE).to(dtype) for _ in "kv"]
+    prefix_kv = [torch.randn(prefix, heads, head_dim, generator=gen, device=DEVICE).to(dtype) for _ in "kv"]
     sequences = []
     for b, (slots, n) in enumerate(zip(torch.split(perm[prefix:], own), own)):
-        tail = [torch.randn(n, heads, 128, generator=gen, device=DEVICE).to(dtype) for _ in "kv"]
+        tail = [torch.randn(n, heads, head_dim, generator=gen, device=DEVICE).to(dtype) for _ in "kv"]
         slots = torch.cat([perm[:prefix], slots])
         write_kv(cache, torch.cat([prefix_kv[0], tail[0]]), torch.cat([prefix_kv[1], tail[1]]), slots,
                  b * fmt.window_rows_per_request)
@@ -266,10 +267,10 @@ def test_wide_shared_blocks_match_reference(key_bits):
     indptr = torch.tensor([0] + [s.shape[0] for s in sequences], device=DEVICE).cumsum(0)
     batch = Batch(indptr.to(torch.int32), torch.cat(sequences).to(torch.int32),
                   torch.arange(batch_size, dtype=torch.int32, device=DEVICE) * fmt.window_rows_per_request)
-    q = torch.randn(batch_size, heads * gqa, 128, generator=gen, device=DEVICE).to(dtype)
+    q = torch.randn(batch_size, heads * gqa, head_dim, generator=gen, device=DEVICE).to(dtype)
     args = decode_args(cache, batch, q)
     shared = find_shared_prefixes(batch.kv_indptr, batch.kv_indices, fmt, group=gqa)
-    assert shared.members.shape == (batch_size, shared_prefix.WIDE_SHARED_DOT_ROWS // gqa)
+    assert shared.members.shape == (batch_size, shared_prefix.shared_dot_rows(batch_size, key_bits) // gqa)
     out = torch.full_like(q, float("nan"))
     decode_attention_int2(*args, out=out, shared=shared)
     assert_matches(out, ref.decode_attention(*args), dtype)
