@@ -15,9 +15,9 @@ logger = logging.getLogger(__name__)
 # key widths the kernels hold and the server must not serve yet: why, and what to serve instead
 UNSERVED_KEY_BITS = {
     3: ("3-bit keys are not served: their decode kernels gave wrong attention on an H100 at head_dim "
-        "64 with 32-dim groups and in wide shared-prefix blocks (RESULTS.md, \"3-bit keys give wrong "
-        "attention\"); serve 4-bit keys (`oscar-sglang calibrate --key-bits 4`, or --oscar-rotations "
-        "data-free)"),
+        "64 and in wide shared-prefix blocks, and the fix has not run on a GPU as a whole (RESULTS.md, "
+        "\"3-bit keys gave wrong attention\"); serve 4-bit keys (`oscar-sglang calibrate --key-bits 4`, "
+        "or --oscar-rotations data-free)"),
 }
 
 
