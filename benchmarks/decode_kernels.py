@@ -34,11 +34,11 @@ import torch
 import triton
 from oscar_sglang.kernels.decode import decode_attention_int2, default_num_kv_splits
 from oscar_sglang.kernels.format import DEFAULT_KEY_BITS, SUPPORTED_KEY_BITS, WINDOW_BYTES, OscarFormat
-from oscar_sglang.kernels.layer_cache import LayerCache
 from oscar_sglang.kernels.shared_prefix import find_shared_prefixes
 
 from benchmarks.cli_args import parse_int_list
-from benchmarks.gpu_timing import FLASHINFER_WORKSPACE_BYTES, hbm_bandwidth_gbs, median_us, paged_requests, release
+from benchmarks.gpu_timing import (FLASHINFER_WORKSPACE_BYTES, hbm_bandwidth_gbs, median_us, paged_requests,
+                                   random_decode_inputs, release)
 from benchmarks.paths import DEFAULT_RESULTS_DIR
 from benchmarks.records import machine_info, markdown_table, now_iso, plot_panels, ratio, write_json
 
@@ -100,28 +100,16 @@ def bench_oscar(batch, context, args, q, shared=False):
     pool_bytes = fmt.bytes_per_token(1, KV_HEADS) * slots_total + fmt.window_bytes_per_request(1, KV_HEADS) * batch
     if not enough_memory(pool_bytes):
         return {"status": "skipped", "reason": f"needs {pool_bytes / 2**30:.1f} GiB"}
-    _, slots, indptr = paged_requests(batch, context, args.page_size, args.shared_prefix)
-    codes = [torch.randint(0, 256, fmt.codes_shape(slots_total, KV_HEADS, kind), dtype=torch.uint8, device="cuda") for kind in "kv"]
-    metas = []
-    for _ in "kv":
-        meta = torch.empty(fmt.meta_shape(slots_total, KV_HEADS), dtype=torch.float16, device="cuda")
-        meta[..., 0].uniform_(0.01, 0.1)  # scale
-        meta[..., 1].uniform_(-0.2, -0.05)  # minimum
-        metas.append(meta)
-    windows = [torch.empty(fmt.window_shape(batch, KV_HEADS), dtype=torch.bfloat16, device="cuda").normal_() for _ in "kv"]
-    rots = [torch.linalg.qr(torch.randn(KV_HEADS, HEAD_DIM, HEAD_DIM, device="cuda"))[0] for _ in "kv"]
-    window_starts = torch.randperm(batch, device="cuda", dtype=torch.int32) * fmt.window_rows_per_request
-    cache = LayerCache(fmt, codes[0], metas[0], codes[1], metas[1], windows[0], windows[1], rots[0], rots[1])
+    inputs = random_decode_inputs(fmt, q, KV_HEADS, context, args.page_size, args.shared_prefix)
     out = torch.empty_like(q)
-    kv_indices = slots.to(torch.int32)
 
     def blocks():
-        return find_shared_prefixes(indptr, kv_indices, fmt, Q_HEADS // KV_HEADS)
+        return find_shared_prefixes(inputs.kv_indptr, inputs.kv_indices, fmt, Q_HEADS // KV_HEADS)
 
     prefixes = blocks() if shared else None
 
     def step():
-        decode_attention_int2(q, indptr, kv_indices, window_starts, cache, HEAD_DIM ** -0.5, out=out, shared=prefixes)
+        decode_attention_int2(*inputs.args, out=out, shared=prefixes)
 
     us, mode = median_us(step, args.rep_ms)
     record = {"us": us, "timing": mode, "bytes": oscar_bytes(fmt, batch, context),

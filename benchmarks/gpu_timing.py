@@ -1,13 +1,16 @@
 """GPU timing for the kernel benchmarks (decode_kernels, decode_roofline, extend_kernels,
 tuning/tune_decode): the median of one call replayed from a CUDA graph with L2 flushed between
-calls, the device-to-device copy rate the HBM shares are taken against, shuffled paged requests,
-and freeing memory between configurations."""
+calls, the device-to-device copy rate the HBM shares are taken against, shuffled paged requests
+and random OSCAR decode inputs over them, and freeing memory between configurations."""
 
 import gc
 
 import torch
 import triton
 import triton.testing
+from oscar_sglang.kernels.decode import DecodeInputs
+from oscar_sglang.kernels.format import OscarFormat
+from oscar_sglang.kernels.layer_cache import LayerCache
 
 FLASHINFER_WORKSPACE_BYTES = 512 << 20  # the baselines' FlashInfer workspace
 
@@ -53,6 +56,31 @@ def paged_requests(batch, context, page_size, shared_prefix):
     slots = (pages[:, offsets // page_size] * page_size + offsets % page_size).reshape(-1)
     indptr = torch.arange(batch + 1, device="cuda", dtype=torch.int32) * context
     return pages, slots, indptr
+
+
+def random_decode_inputs(fmt: OscarFormat, q: torch.Tensor, kv_heads: int, context: int, page_size: int,
+                         shared_prefix: int = 0) -> DecodeInputs:
+    """`decode_attention_int2`'s inputs for q [B, H_q, D] over B requests of `context` tokens on
+    shuffled pages (`paged_requests`): random codes, scales and minimums of realistic size, BF16
+    window rows at shuffled request rows, random orthogonal rotations."""
+    batch = q.shape[0]
+    slots_total = batch * triton.cdiv(context, page_size) * page_size
+    _, slots, indptr = paged_requests(batch, context, page_size, shared_prefix)
+    codes = [torch.randint(0, 256, fmt.codes_shape(slots_total, kv_heads, kind), dtype=torch.uint8, device="cuda")
+             for kind in "kv"]
+    metas = []
+    for _ in "kv":
+        meta = torch.empty(fmt.meta_shape(slots_total, kv_heads), dtype=torch.float16, device="cuda")
+        meta[..., 0].uniform_(0.01, 0.1)  # scale
+        meta[..., 1].uniform_(-0.2, -0.05)  # minimum
+        metas.append(meta)
+    windows = [torch.empty(fmt.window_shape(batch, kv_heads), dtype=torch.bfloat16, device="cuda").normal_()
+               for _ in "kv"]
+    d = fmt.head_dim
+    rots = [torch.linalg.qr(torch.randn(kv_heads, d, d, device="cuda"))[0] for _ in "kv"]
+    window_starts = torch.randperm(batch, device="cuda", dtype=torch.int32) * fmt.window_rows_per_request
+    cache = LayerCache(fmt, codes[0], metas[0], codes[1], metas[1], windows[0], windows[1], rots[0], rots[1])
+    return DecodeInputs(q, indptr, slots.to(torch.int32), window_starts, cache, d ** -0.5)
 
 
 def release():

@@ -40,7 +40,7 @@ from oscar_sglang.kernels import shared_prefix as sp
 from oscar_sglang.kernels.format import WINDOW_BYTES, OscarFormat
 from oscar_sglang.kernels.layer_cache import LayerCache
 
-from benchmarks.gpu_timing import hbm_bandwidth_gbs, median_us, paged_requests
+from benchmarks.gpu_timing import hbm_bandwidth_gbs, median_us, random_decode_inputs
 
 Q_HEADS, KV_HEADS, D = 32, 8, 128
 GROUP = Q_HEADS // KV_HEADS
@@ -77,23 +77,8 @@ WRITE_VARIANTS = {8: [(8, 4)], 64: [(16, 4)], 256: [(4, 4)]}
 def make_problem(batch, context, seed=0, shared_prefix=0) -> dk.DecodeInputs:
     """Decode inputs as benchmarks/decode_kernels.py builds them (shuffled pages, random codes)."""
     torch.manual_seed(seed)
-    fmt = OscarFormat(D)
-    slots_total = batch * triton.cdiv(context, PAGE) * PAGE
-    _, slots, indptr = paged_requests(batch, context, PAGE, shared_prefix)
-    slots = slots.to(torch.int32)
-    codes = [torch.randint(0, 256, fmt.codes_shape(slots_total, KV_HEADS, kind), dtype=torch.uint8, device=DEV) for kind in "kv"]
-    metas = []
-    for _ in "kv":
-        meta = torch.empty(fmt.meta_shape(slots_total, KV_HEADS), dtype=torch.float16, device=DEV)
-        meta[..., 0].uniform_(0.01, 0.1)
-        meta[..., 1].uniform_(-0.2, -0.05)
-        metas.append(meta)
-    windows = [torch.randn(fmt.window_shape(batch, KV_HEADS), device=DEV).to(torch.bfloat16) for _ in "kv"]
-    rots = [torch.linalg.qr(torch.randn(KV_HEADS, D, D, device=DEV))[0] for _ in "kv"]
-    starts = torch.randperm(batch, device=DEV, dtype=torch.int32) * fmt.window_rows_per_request
     q = torch.randn(batch, Q_HEADS, D, device=DEV).to(torch.bfloat16)
-    cache = LayerCache(fmt, codes[0], metas[0], codes[1], metas[1], windows[0], windows[1], rots[0], rots[1])
-    return dk.DecodeInputs(q, indptr, slots, starts, cache, D ** -0.5)
+    return random_decode_inputs(OscarFormat(D), q, KV_HEADS, context, PAGE, shared_prefix)
 
 
 def decode_bytes(batch, context):
