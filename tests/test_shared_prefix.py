@@ -38,7 +38,8 @@ def shared_batch(prefix_lens, requests, slots_total):
 def test_wide_blocks_from_the_wide_batch_on_except_for_3_bit_keys():
     big = shared_prefix.WIDE_BLOCKS_MIN_BATCH
     assert shared_prefix.shared_dot_rows(big - 1, 4) == shared_prefix.SHARED_DOT_ROWS
-    assert shared_prefix.shared_dot_rows(big, 4) == shared_prefix.shared_dot_rows(big, 2) == shared_prefix.WIDE_SHARED_DOT_ROWS
+    wide = shared_prefix.WIDE_SHARED_DOT_ROWS
+    assert shared_prefix.shared_dot_rows(big, 4) == shared_prefix.shared_dot_rows(big, 2) == wide
     assert shared_prefix.shared_dot_rows(big, 3) == shared_prefix.SHARED_DOT_ROWS
 
 
