@@ -1,5 +1,6 @@
 """Decode-attention kernel microbenchmark: OSCAR-2 INT2 against FlashInfer and SGLang's Triton
-decode on BF16 and FP8 caches, for one Qwen3-8B attention layer (H_q 32, H_kv 8, D 128).
+decode on BF16 and FP8 caches, for one attention layer: Qwen3-8B's (H_q 32, H_kv 8, D 128) by
+default, Qwen2.5-0.5B's (H_q 14, H_kv 2, D 64) with --layer qwen2.5-0.5b.
 
 For every context length × batch size: the median time of one decode step (triton.testing.do_bench
 over a CUDA-graph replay, eager when a method cannot be captured), the bytes the step must read
@@ -28,6 +29,7 @@ import re
 import shlex
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -42,7 +44,19 @@ from benchmarks.gpu_timing import (FLASHINFER_WORKSPACE_BYTES, hbm_bandwidth_gbs
 from benchmarks.paths import DEFAULT_RESULTS_DIR
 from benchmarks.records import machine_info, markdown_table, now_iso, plot_panels, ratio, write_json
 
-Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128  # Qwen3-8B attention layer
+
+
+@dataclass(frozen=True)
+class AttentionLayer:
+    """The head counts and width of the one attention layer a run times."""
+    title: str
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+
+
+LAYERS = {"qwen3-8b": AttentionLayer("Qwen3-8B", 32, 8, 128),
+          "qwen2.5-0.5b": AttentionLayer("Qwen2.5-0.5B", 14, 2, 64)}
 CONTEXTS = [4096, 16384, 32768, 65536, 131072]
 BATCHES = [1, 8, 32, 64]
 QUICK_CONTEXTS, QUICK_BATCHES = [32768, 131072], [1, 8]
@@ -58,7 +72,8 @@ def build_parser():
     parser.add_argument("--batches", type=parse_int_list, default=BATCHES, help="requests per step (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help=f"only contexts {QUICK_CONTEXTS} at batches {QUICK_BATCHES}")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of %(default)s")
-    parser.add_argument("--group-size", type=int, default=HEAD_DIM, help="OSCAR quantization group size (default: %(default)s)")
+    parser.add_argument("--layer", choices=LAYERS, default="qwen3-8b", help="attention layer shape (default: %(default)s)")
+    parser.add_argument("--group-size", type=int, help="OSCAR quantization group size (default: the layer's head_dim)")
     parser.add_argument("--key-bits", type=int, choices=SUPPORTED_KEY_BITS, default=DEFAULT_KEY_BITS,
                         help="OSCAR bits per key code (default: %(default)s)")
     parser.add_argument("--shared-prefix", type=int, default=0, help="tokens whose slots all requests share (default: %(default)s)")
@@ -71,8 +86,8 @@ def build_parser():
 # ---------------------------------------------------------------------------- timing
 
 
-def qo_bytes(batch, dtype_bytes=2):
-    return 2 * batch * Q_HEADS * HEAD_DIM * dtype_bytes
+def qo_bytes(layer, batch, dtype_bytes=2):
+    return 2 * batch * layer.q_heads * layer.head_dim * dtype_bytes
 
 
 def enough_memory(nbytes):
@@ -83,28 +98,31 @@ def enough_memory(nbytes):
 # ---------------------------------------------------------------------------- methods
 
 
-def oscar_bytes(fmt, batch, context):
+def oscar_bytes(layer, fmt, batch, context):
     """What one OSCAR decode step must read: INT2 span codes + meta, window rows, q and out."""
     start, end = fmt.int2_span(context)
     int2_tokens, window_tokens = end - start, context - (end - start)
-    per_request = KV_HEADS * (int2_tokens * fmt.bytes_per_token_head() + window_tokens * 2 * HEAD_DIM * WINDOW_BYTES)
-    return batch * per_request + qo_bytes(batch)
+    per_request = layer.kv_heads * (int2_tokens * fmt.bytes_per_token_head()
+                                    + window_tokens * 2 * layer.head_dim * WINDOW_BYTES)
+    return batch * per_request + qo_bytes(layer, batch)
 
 
 def bench_oscar(batch, context, args, q, shared=False):
     """OSCAR decode; shared: with `find_shared_prefixes` blocks, computed once outside the timed
     step as a backend computes them once per batch for all layers (their own time is recorded
     as find_shared_us)."""
-    fmt = OscarFormat(HEAD_DIM, args.group_size, key_bits=args.key_bits)
+    layer = LAYERS[args.layer]
+    fmt = OscarFormat(layer.head_dim, args.group_size or layer.head_dim, key_bits=args.key_bits)
     slots_total = batch * triton.cdiv(context, args.page_size) * args.page_size
-    pool_bytes = fmt.bytes_per_token(1, KV_HEADS) * slots_total + fmt.window_bytes_per_request(1, KV_HEADS) * batch
+    pool_bytes = (fmt.bytes_per_token(1, layer.kv_heads) * slots_total
+                  + fmt.window_bytes_per_request(1, layer.kv_heads) * batch)
     if not enough_memory(pool_bytes):
         return {"status": "skipped", "reason": f"needs {pool_bytes / 2**30:.1f} GiB"}
-    inputs = random_decode_inputs(fmt, q, KV_HEADS, context, args.page_size, args.shared_prefix)
+    inputs = random_decode_inputs(fmt, q, layer.kv_heads, context, args.page_size, args.shared_prefix)
     out = torch.empty_like(q)
 
     def blocks():
-        return find_shared_prefixes(inputs.kv_indptr, inputs.kv_indices, fmt, Q_HEADS // KV_HEADS)
+        return find_shared_prefixes(inputs.kv_indptr, inputs.kv_indices, fmt, layer.q_heads // layer.kv_heads)
 
     prefixes = blocks() if shared else None
 
@@ -112,19 +130,19 @@ def bench_oscar(batch, context, args, q, shared=False):
         decode_attention_int2(*inputs.args, out=out, shared=prefixes)
 
     us, mode = median_us(step, args.rep_ms)
-    record = {"us": us, "timing": mode, "bytes": oscar_bytes(fmt, batch, context),
-              "kv_splits": default_num_kv_splits(batch, KV_HEADS, q.device)}
+    record = {"us": us, "timing": mode, "bytes": oscar_bytes(layer, fmt, batch, context),
+              "kv_splits": default_num_kv_splits(batch, layer.kv_heads, q.device)}
     if shared:
         record["find_shared_us"] = median_us(blocks, args.rep_ms)[0]
     return record
 
 
-def paged_pool(batch, context, page_size, dtype):
+def paged_pool(layer, batch, context, page_size, dtype):
     """K and V caches [pages, page_size, H_kv, D] of `dtype` with random contents (None when
     they do not fit) and their size in bytes."""
     pages = batch * triton.cdiv(context, page_size)
-    shape = (pages, page_size, KV_HEADS, HEAD_DIM)
-    nbytes = 2 * pages * page_size * KV_HEADS * HEAD_DIM * dtype.itemsize
+    shape = (pages, page_size, layer.kv_heads, layer.head_dim)
+    nbytes = 2 * pages * page_size * layer.kv_heads * layer.head_dim * dtype.itemsize
     if not enough_memory(nbytes):
         return None, nbytes
     if dtype == torch.bfloat16:
@@ -136,16 +154,17 @@ def paged_pool(batch, context, page_size, dtype):
 def bench_flashinfer(batch, context, args, q, caches, pages):
     import flashinfer
 
+    layer = LAYERS[args.layer]
     kv_dtype = caches[0].dtype
     # what SGLang 0.5.17 picks (flashinfer_backend.should_use_tensor_core): FP8, or GQA >= 4
-    tensor_cores = kv_dtype == torch.float8_e4m3fn or Q_HEADS // KV_HEADS >= 4
+    tensor_cores = kv_dtype == torch.float8_e4m3fn or layer.q_heads // layer.kv_heads >= 4
     workspace = torch.empty(FLASHINFER_WORKSPACE_BYTES, dtype=torch.uint8, device="cuda")
     wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=tensor_cores)
     pages_per_req = pages.shape[1]
     indptr = torch.arange(batch + 1, dtype=torch.int32, device="cuda") * pages_per_req
     last = torch.full((batch,), context - (pages_per_req - 1) * args.page_size, dtype=torch.int32, device="cuda")
-    wrapper.plan(indptr, pages.reshape(-1).to(torch.int32), last, Q_HEADS, KV_HEADS, HEAD_DIM, args.page_size,
-                 q_data_type=q.dtype, kv_data_type=kv_dtype, sm_scale=HEAD_DIM ** -0.5)
+    wrapper.plan(indptr, pages.reshape(-1).to(torch.int32), last, layer.q_heads, layer.kv_heads, layer.head_dim,
+                 args.page_size, q_data_type=q.dtype, kv_data_type=kv_dtype, sm_scale=layer.head_dim ** -0.5)
     out = torch.empty_like(q)
     kwargs = {"k_scale": 1.0, "v_scale": 1.0} if kv_dtype != torch.bfloat16 else {}
     us, mode = median_us(lambda: wrapper.run(q, (caches[0], caches[1]), out=out, **kwargs), args.rep_ms)
@@ -156,27 +175,29 @@ def bench_sglang_triton(batch, context, args, q, caches, slots):
     from sglang.kernels.ops.attention.decode_attention import decode_attention_fwd
     from sglang.kernels.ops.attention.metadata import get_num_kv_splits_triton
 
-    k_buffer = caches[0].view(-1, KV_HEADS, HEAD_DIM)
-    v_buffer = caches[1].view(-1, KV_HEADS, HEAD_DIM)
+    layer = LAYERS[args.layer]
+    k_buffer = caches[0].view(-1, layer.kv_heads, layer.head_dim)
+    v_buffer = caches[1].view(-1, layer.kv_heads, layer.head_dim)
     indptr = torch.arange(batch + 1, dtype=torch.int32, device="cuda") * context
     seq_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
     num_kv_splits = torch.empty(batch, dtype=torch.int32, device="cuda")
     # the split count SGLang's Triton backend computes for these lengths (default settings)
     get_num_kv_splits_triton[(1,)](
-        num_kv_splits, seq_lens, batch, 1, Q_HEADS, KV_HEADS, SGLANG_MAX_KV_SPLITS,
+        num_kv_splits, seq_lens, batch, 1, layer.q_heads, layer.kv_heads, SGLANG_MAX_KV_SPLITS,
         torch.cuda.get_device_properties(0).multi_processor_count, MAX_NUM_SEQ=max(256, triton.next_power_of_2(batch)))
-    logits = torch.empty(batch, Q_HEADS, SGLANG_MAX_KV_SPLITS, HEAD_DIM, dtype=torch.float32, device="cuda")
-    lse = torch.empty(batch, Q_HEADS, SGLANG_MAX_KV_SPLITS, dtype=torch.float32, device="cuda")
+    logits = torch.empty(batch, layer.q_heads, SGLANG_MAX_KV_SPLITS, layer.head_dim, dtype=torch.float32, device="cuda")
+    lse = torch.empty(batch, layer.q_heads, SGLANG_MAX_KV_SPLITS, dtype=torch.float32, device="cuda")
     out = torch.empty_like(q)
     us, mode = median_us(lambda: decode_attention_fwd(
         q, k_buffer, v_buffer, out, indptr, slots, logits, lse, num_kv_splits, SGLANG_MAX_KV_SPLITS,
-        HEAD_DIM ** -0.5, 1.0, 1.0), args.rep_ms)
+        layer.head_dim ** -0.5, 1.0, 1.0), args.rep_ms)
     return {"us": us, "timing": mode}
 
 
 def run_point(batch, context, args, methods, hbm_gbs):
     """All methods at one (batch, context); returns method -> record."""
-    q = torch.randn(batch, Q_HEADS, HEAD_DIM, device="cuda").to(torch.bfloat16)
+    layer = LAYERS[args.layer]
+    q = torch.randn(batch, layer.q_heads, layer.head_dim, device="cuda").to(torch.bfloat16)
     records = {}
 
     def attempt(name, bench, *bench_args, **extra):
@@ -203,13 +224,13 @@ def run_point(batch, context, args, methods, hbm_gbs):
         wanted = [m for m in (f"flashinfer-{tag}", f"sglang-triton-{tag}") if m in methods]
         if not wanted:
             continue
-        caches, nbytes = paged_pool(batch, context, args.page_size, dtype)
+        caches, nbytes = paged_pool(layer, batch, context, args.page_size, dtype)
         if caches is None:
             for name in wanted:
                 records[name] = {"status": "skipped", "reason": f"needs {nbytes / 2**30:.1f} GiB"}
                 print(f"  {name:20s} skipped  {records[name]['reason']}", flush=True)
             continue
-        read = 2 * batch * context * KV_HEADS * HEAD_DIM * dtype.itemsize + qo_bytes(batch)
+        read = 2 * batch * context * layer.kv_heads * layer.head_dim * dtype.itemsize + qo_bytes(layer, batch)
         attempt(f"flashinfer-{tag}", bench_flashinfer, caches, pages, bytes=read)
         attempt(f"sglang-triton-{tag}", bench_sglang_triton, caches, slots, bytes=read)
         caches = None
@@ -234,7 +255,7 @@ def table(points, methods):
     return markdown_table(headers, rows)
 
 
-def plot(path, points, methods, batches, contexts, device):
+def plot(path, points, methods, batches, contexts, device, layer):
     panels = []
     for batch in batches:
         series = {m: [] for m in methods}
@@ -245,7 +266,8 @@ def plot(path, points, methods, batches, contexts, device):
                 series[m].append(r.get("us") if r.get("status") == "ok" else None)
         panels.append({"title": f"batch {batch}", "ylabel": "µs per decode step (one layer)",
                        "groups": [f"{c // 1024}K" for c in contexts], "series": series})
-    return plot_panels(path, f"Decode attention, Qwen3-8B layer (H_q 32, H_kv 8, D 128) — {device}", panels)
+    title = f"{layer.title} layer (H_q {layer.q_heads}, H_kv {layer.kv_heads}, D {layer.head_dim})"
+    return plot_panels(path, f"Decode attention, {title} — {device}", panels)
 
 
 def main(argv=None):
@@ -273,7 +295,8 @@ def main(argv=None):
 
     slug = re.sub(r"[^A-Za-z0-9]+", "-", device).strip("-").lower()
     shared = f"_sp{args.shared_prefix}" if args.shared_prefix else ""
-    stem = args.out_dir / f"decode_kernels_{slug}{'_quick' if args.quick else ''}{shared}"
+    layer_tag = "" if args.layer == "qwen3-8b" else f"_{args.layer}"
+    stem = args.out_dir / f"decode_kernels_{slug}{layer_tag}{'_quick' if args.quick else ''}{shared}"
     doc = {
         "benchmark": "decode_kernels",
         "updated": now_iso(),
@@ -281,7 +304,7 @@ def main(argv=None):
         "command": shlex.join([sys.executable, "-m", "benchmarks.decode_kernels", *(sys.argv[1:] if argv is None else argv)]),
         "versions": {"torch": torch.__version__, "triton": triton.__version__},
         "machine": machine_info(),
-        "settings": {"q_heads": Q_HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "group_size": args.group_size,
+        "settings": {**asdict(LAYERS[args.layer]), "group_size": args.group_size or LAYERS[args.layer].head_dim,
                      "key_bits": args.key_bits,
                      "page_size": args.page_size, "shared_prefix": args.shared_prefix, "q_dtype": "bfloat16", "rep_ms": args.rep_ms},
         "hbm_copy_gbps": hbm,
@@ -289,7 +312,7 @@ def main(argv=None):
         "points": points,
     }
     write_json(stem.with_suffix(".json"), doc)
-    plotted = plot(stem.with_suffix(".png"), points, methods, batches, contexts, device)
+    plotted = plot(stem.with_suffix(".png"), points, methods, batches, contexts, device, LAYERS[args.layer])
     print()
     print(table(points, methods))
     print(f"\nwrote {stem.with_suffix('.json')}" + (f" and {stem.with_suffix('.png')}" if plotted else ""))

@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     started = time.time()
     hbm = hbm_bandwidth_gbs(args.rep_ms)
     print(f"{gpu}: device-to-device copy {hbm:.0f} GB/s", flush=True)
-    point_args = argparse.Namespace(page_size=args.page_size, rep_ms=args.rep_ms, group_size=128,
+    point_args = argparse.Namespace(layer="qwen3-8b", page_size=args.page_size, rep_ms=args.rep_ms, group_size=128,
                                     key_bits=args.key_bits, shared_prefix=0)
     records = []
     for context in CONTEXTS:

@@ -7,11 +7,11 @@ environment variables, which the spawned scheduler processes inherit:
     SGLANG_OSCAR_ROTATIONS       --oscar-rotations        rotation file (.oscar.safetensors), or
                                                           data-free (Hadamard rotations, lower
                                                           quality); required with oscar
-    SGLANG_OSCAR_KEY_BITS        --oscar-key-bits         2 | 4 bits per key code (default: the
-                                                          width the rotation file was calibrated
-                                                          for, 4 for data-free rotations; values
-                                                          are always 2); must match the file; 3
-                                                          is refused when serving for now
+    SGLANG_OSCAR_KEY_BITS        --oscar-key-bits         2 | 3 | 4 bits per key code (default:
+                                                          the width the rotation file was
+                                                          calibrated for, 4 for data-free
+                                                          rotations; values are always 2); must
+                                                          match the file
     SGLANG_OSCAR_GROUP_SIZE      --oscar-group-size       32 | 64 | 128 (default: head_dim)
     SGLANG_OSCAR_SINK_TOKENS     --oscar-sink-tokens      BF16 sink tokens per sequence, >= 0
     SGLANG_OSCAR_RECENT_TOKENS   --oscar-recent-tokens    BF16 recent tokens per sequence, >= 1

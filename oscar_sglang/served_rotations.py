@@ -12,14 +12,6 @@ from oscar_sglang.validation import missing_rotations
 
 logger = logging.getLogger(__name__)
 
-# key widths the kernels hold and the server must not serve yet: why, and what to serve instead
-UNSERVED_KEY_BITS = {
-    3: ("3-bit keys are not served: their decode kernels gave wrong attention on an H100 at head_dim "
-        "64 and in wide shared-prefix blocks, and the fix has not run on a GPU as a whole (RESULTS.md, "
-        "\"3-bit keys gave wrong attention\"); serve 4-bit keys (`oscar-sglang calibrate --key-bits 4`, "
-        "or --oscar-rotations data-free)"),
-}
-
 
 def kv_head_range(total_kv_heads: int, tp_size: int, tp_rank: int) -> tuple[int, int]:
     """KV heads [start, end) held by `tp_rank`, following SGLang's split: contiguous shares
@@ -69,8 +61,4 @@ def served_config(config: OscarConfig, num_layers: int, num_kv_heads: int, head_
 @functools.lru_cache(maxsize=4)
 def _served_config(config, num_layers, num_kv_heads, head_dim, model_name, stamp):
     rotations = rotations_for_model(config.rotations, num_layers, num_kv_heads, head_dim, model_name)
-    key_bits = rotations.served_key_bits(config.key_bits)
-    if key_bits in UNSERVED_KEY_BITS:
-        raise ValueError(f"{UNSERVED_KEY_BITS[key_bits]} (asked for by "
-                         f"{'--oscar-key-bits' if config.key_bits else config.rotations})")
-    return replace(config, key_bits=key_bits), rotations
+    return replace(config, key_bits=rotations.served_key_bits(config.key_bits)), rotations

@@ -34,9 +34,10 @@ FLAG_HELP = {
                   f"'{DATA_FREE_ROTATIONS}': data-free Hadamard rotations (lower quality, "
                   "unusable on some models); required with --kv-quant oscar"),
     "key_bits": ("bits per key code: 4 (3.25-3.5 bits per element with the 2-bit values; keeps "
-                 "what long prompts hide) or 2 (2.25-2.5, 1.44x the tokens of 4, loses facts hidden "
-                 "in long prompts); 3 is refused for now (its kernels gave wrong results on a GPU "
-                 "in some shapes); default: the width the rotation file was calibrated for "
+                 "what long prompts hide), 3 (2.75-3.0, 1.18x the tokens of 4; on SmolLM2 keeps "
+                 "facts up to about 2K tokens back) or 2 (2.25-2.5, 1.44x the tokens of 4, loses "
+                 "facts hidden in long prompts); default: the width the rotation file was "
+                 "calibrated for "
                  f"(`oscar-sglang calibrate --key-bits`), {DEFAULT_KEY_BITS} for {DATA_FREE_ROTATIONS} "
                  "rotations; a file calibrated for another width is refused"),
     "group_size": "quantization group size along head_dim; default: head_dim",

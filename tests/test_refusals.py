@@ -184,15 +184,15 @@ def test_scheduler_refuses_missing_rotations_too():
 
 
 @pytest.mark.parametrize("flags", [["--oscar-key-bits", "3"], []])
-def test_three_bit_keys_are_refused_until_their_kernels_pass_on_a_gpu(sglang, tmp_path, flags):
-    """Recorded by a rotation file calibrated for them, and asked for as well."""
+def test_a_file_calibrated_for_three_bit_keys_serves_them(sglang, tmp_path, flags):
+    """The width the file records is served, whether asked for or left to the file."""
     rotations = str(tmp_path / "k3.oscar.safetensors")
     rot = data_free_rotations(2, 2, 128, "another-model")
     save_rotations(rotations, make_rotation_set(rot.k_rot, rot.v_rot, rot.k_clip, rot.v_clip, model_name="m",
                                                 num_kv_heads=2, calibration_tokens=1, calibration_source="test",
                                                 key_bits=3))
-    with pytest.raises(ValueError, match=r"3-bit keys are not served: .* serve 4-bit keys"):
-        serve(sglang, write_model(tmp_path), "--oscar-rotations", rotations, *flags)
+    args = serve(sglang, write_model(tmp_path), "--oscar-rotations", rotations, *flags)
+    assert args._oscar_settings == OscarConfig(rotations=rotations, key_bits=3)
 
 
 def test_missing_rotation_file(sglang, tmp_path):
