@@ -29,7 +29,7 @@ import re
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -41,22 +41,11 @@ from oscar_sglang.kernels.shared_prefix import find_shared_prefixes
 from benchmarks.cli_args import parse_int_list
 from benchmarks.gpu_timing import (FLASHINFER_WORKSPACE_BYTES, hbm_bandwidth_gbs, median_us, paged_requests,
                                    random_decode_inputs, release)
+from benchmarks.layers import LAYERS
 from benchmarks.paths import DEFAULT_RESULTS_DIR
 from benchmarks.records import machine_info, markdown_table, now_iso, plot_panels, ratio, write_json
 
 
-
-@dataclass(frozen=True)
-class AttentionLayer:
-    """The head counts and width of the one attention layer a run times."""
-    title: str
-    q_heads: int
-    kv_heads: int
-    head_dim: int
-
-
-LAYERS = {"qwen3-8b": AttentionLayer("Qwen3-8B", 32, 8, 128),
-          "qwen2.5-0.5b": AttentionLayer("Qwen2.5-0.5B", 14, 2, 64)}
 CONTEXTS = [4096, 16384, 32768, 65536, 131072]
 BATCHES = [1, 8, 32, 64]
 QUICK_CONTEXTS, QUICK_BATCHES = [32768, 131072], [1, 8]
@@ -122,7 +111,7 @@ def bench_oscar(batch, context, args, q, shared=False):
     out = torch.empty_like(q)
 
     def blocks():
-        return find_shared_prefixes(inputs.kv_indptr, inputs.kv_indices, fmt, layer.q_heads // layer.kv_heads)
+        return find_shared_prefixes(inputs.kv_indptr, inputs.kv_indices, fmt, layer.group)
 
     prefixes = blocks() if shared else None
 
@@ -157,7 +146,7 @@ def bench_flashinfer(batch, context, args, q, caches, pages):
     layer = LAYERS[args.layer]
     kv_dtype = caches[0].dtype
     # what SGLang 0.5.17 picks (flashinfer_backend.should_use_tensor_core): FP8, or GQA >= 4
-    tensor_cores = kv_dtype == torch.float8_e4m3fn or layer.q_heads // layer.kv_heads >= 4
+    tensor_cores = kv_dtype == torch.float8_e4m3fn or layer.group >= 4
     workspace = torch.empty(FLASHINFER_WORKSPACE_BYTES, dtype=torch.uint8, device="cuda")
     wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=tensor_cores)
     pages_per_req = pages.shape[1]

@@ -37,6 +37,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
+from benchmarks.layers import QWEN3_8B
 from benchmarks.paths import DEFAULT_RESULTS_DIR
 from benchmarks.records import machine_info, markdown_table, now_iso, write_json
 from oscar_sglang.kernels import decode as dk
@@ -46,7 +47,7 @@ from oscar_sglang.kernels.format import DEFAULT_KEY_BITS, SUPPORTED_KEY_BITS
 
 TARGET = GPUTarget("cuda", 90, 32)  # H100
 LAUNCHES = {dk: dk.DECODE_LAUNCH, ek: ek.EXTEND_LAUNCH, qk: qk.WRITE_LAUNCH}  # launches that are dataclasses
-Q_HEADS, KV_HEADS = 32, 8
+Q_HEADS, KV_HEADS = QWEN3_8B.q_heads, QWEN3_8B.kv_heads
 BATCH, CONTEXT = 4, 1000  # shapes only select specializations; nothing runs
 INSTRUCTION_RE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 BACKWARD_BRANCH_RE = re.compile(r"\bBRA\s+0x([0-9a-f]+)")

@@ -41,9 +41,9 @@ from oscar_sglang.kernels.format import WINDOW_BYTES, OscarFormat
 from oscar_sglang.kernels.layer_cache import LayerCache
 
 from benchmarks.gpu_timing import hbm_bandwidth_gbs, median_us, random_decode_inputs
+from benchmarks.layers import QWEN3_8B
 
-Q_HEADS, KV_HEADS, D = 32, 8, 128
-GROUP = Q_HEADS // KV_HEADS
+Q_HEADS, KV_HEADS, D, GROUP = QWEN3_8B.q_heads, QWEN3_8B.kv_heads, QWEN3_8B.head_dim, QWEN3_8B.group
 PAGE = 16
 DEV = "cuda"
 SHAPES = [(4096, 1), (32768, 1), (100000, 1), (131072, 1), (4096, 8), (32768, 8), (131072, 8)]
