@@ -2,7 +2,7 @@
 
 Covers: startup and the capacity log line, /generate, /v1/chat/completions, radix prefix
 sharing on compressed slots, and the debug switch that routes attention through the PyTorch
-reference (same greedy tokens and close logprobs as the Triton kernels).
+reference (same greedy tokens and close logprobs as the Triton kernels), with 4- and 3-bit keys.
 """
 
 import re
@@ -71,13 +71,12 @@ def test_shared_prefix_hits_the_radix_cache(server):
     assert cached >= prompt - 16
 
 
-def test_reference_switch_matches_kernels(server):
-    port, _ = server
-    prompt = "Long-context serving keeps the KV cache small. " * 60
-    fast = generate(port, prompt, max_new_tokens=24, logprobs=True)
-    with running_server("oscar-reference", ["--disable-cuda-graph"],
-                        ["SGLANG_OSCAR_REFERENCE_ATTENTION=1"]) as reference:
-        slow = generate(reference.port, prompt, max_new_tokens=24, logprobs=True)
+REFERENCE_PROMPT = "Long-context serving keeps the KV cache small. " * 60
+
+
+def assert_matches_reference(fast, slow):
+    """Greedy tokens of the kernels' and the reference's /generate answers agree over the first
+    8, with log-probabilities within 0.1."""
     fast_lp = [t[0] for t in fast["meta_info"]["output_token_logprobs"]]
     slow_lp = [t[0] for t in slow["meta_info"]["output_token_logprobs"]]
     fast_ids = [t[1] for t in fast["meta_info"]["output_token_logprobs"]]
@@ -87,3 +86,25 @@ def test_reference_switch_matches_kernels(server):
           max(abs(a - b) for a, b in zip(fast_lp, slow_lp)))
     assert fast_ids[:8] == slow_ids[:8]
     assert max(abs(a - b) for a, b in zip(fast_lp[:8], slow_lp[:8])) < 0.1
+
+
+def reference_answer(extra_flags=()):
+    with running_server("oscar-reference", ["--disable-cuda-graph", *extra_flags],
+                        ["SGLANG_OSCAR_REFERENCE_ATTENTION=1"]) as reference:
+        return generate(reference.port, REFERENCE_PROMPT, max_new_tokens=24, logprobs=True)
+
+
+def test_reference_switch_matches_kernels(server):
+    port, _ = server
+    fast = generate(port, REFERENCE_PROMPT, max_new_tokens=24, logprobs=True)
+    assert_matches_reference(fast, reference_answer())
+
+
+def test_three_bit_keys_match_the_reference(server):
+    """3-bit keys end to end: the pool, the write, the decode and extend kernels (one server at a
+    time beside the module's)."""
+    flags = ["--oscar-key-bits", "3"]
+    with running_server("oscar-k3", flags) as fast_server:
+        assert "3-bit keys" in fast_server.log_text()
+        fast = generate(fast_server.port, REFERENCE_PROMPT, max_new_tokens=24, logprobs=True)
+    assert_matches_reference(fast, reference_answer(flags))
