@@ -39,7 +39,7 @@ from oscar_sglang.kernels.format import DEFAULT_KEY_BITS, SUPPORTED_KEY_BITS, WI
 from oscar_sglang.kernels.shared_prefix import find_shared_prefixes
 
 from benchmarks.cli_args import parse_int_list
-from benchmarks.gpu_timing import (FLASHINFER_WORKSPACE_BYTES, hbm_bandwidth_gbs, median_us, paged_requests,
+from benchmarks.gpu_timing import (FLASHINFER_WORKSPACE_BYTES, PAGE_SIZE, hbm_bandwidth_gbs, median_us, paged_requests,
                                    random_decode_inputs, release)
 from benchmarks.layers import LAYERS
 from benchmarks.paths import DEFAULT_RESULTS_DIR
@@ -66,7 +66,7 @@ def build_parser():
     parser.add_argument("--key-bits", type=int, choices=SUPPORTED_KEY_BITS, default=DEFAULT_KEY_BITS,
                         help="OSCAR bits per key code (default: %(default)s)")
     parser.add_argument("--shared-prefix", type=int, default=0, help="tokens whose slots all requests share (default: %(default)s)")
-    parser.add_argument("--page-size", type=int, default=16, help="FlashInfer page size and slot-shuffle granularity (default: %(default)s)")
+    parser.add_argument("--page-size", type=int, default=PAGE_SIZE, help="FlashInfer page size and slot-shuffle granularity (default: %(default)s)")
     parser.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition time per point (default: %(default)s)")
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_RESULTS_DIR, help="where JSON and PNG go (default: %(default)s)")
     return parser

@@ -34,8 +34,10 @@ from oscar_sglang.kernels import extend as ek
 
 from benchmarks.paths import DEFAULT_RESULTS_DIR
 from benchmarks.records import machine_info, markdown_table, now_iso, write_json
-from benchmarks.gpu_timing import FLASHINFER_WORKSPACE_BYTES, median_us, release
-from benchmarks.tuning.tune_decode import D, KV_HEADS, PAGE, Q_HEADS, make_problem
+from benchmarks.gpu_timing import FLASHINFER_WORKSPACE_BYTES, PAGE_SIZE, layer_decode_inputs, median_us, release
+from benchmarks.layers import QWEN3_8B
+
+Q_HEADS, KV_HEADS, D = QWEN3_8B.q_heads, QWEN3_8B.kv_heads, QWEN3_8B.head_dim
 
 POINTS = [(1, 0, 8192), (1, 32768, 8192), (1, 98304, 8192), (8, 32768, 1024)]
 FLASHINFER_CACHES = {"flashinfer-fp8": torch.float8_e4m3fn, "flashinfer-bf16": torch.bfloat16}
@@ -75,8 +77,8 @@ def build_parser():
 
 def make_extend_problem(batch, prefix, chunk):
     """extend_attention_int2's positional arguments."""
-    decode = make_problem(batch, max(prefix, PAGE))
-    stride = max(prefix, PAGE)
+    decode = layer_decode_inputs(QWEN3_8B, batch, max(prefix, PAGE_SIZE))
+    stride = max(prefix, PAGE_SIZE)
     slots = decode.kv_indices.view(batch, stride)[:, :prefix].reshape(-1).contiguous()
     kv_indptr = torch.arange(batch + 1, device="cuda", dtype=torch.int32) * prefix
     qo_indptr = torch.arange(batch + 1, device="cuda", dtype=torch.int32) * chunk

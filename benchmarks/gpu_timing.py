@@ -12,7 +12,10 @@ from oscar_sglang.kernels.decode import DecodeInputs
 from oscar_sglang.kernels.format import OscarFormat
 from oscar_sglang.kernels.layer_cache import LayerCache
 
+from benchmarks.layers import AttentionLayer
+
 FLASHINFER_WORKSPACE_BYTES = 512 << 20  # the baselines' FlashInfer workspace
+PAGE_SIZE = 16  # tokens per page of the shuffled requests unless a benchmark is told otherwise
 
 
 def capture(fn):
@@ -81,6 +84,15 @@ def random_decode_inputs(fmt: OscarFormat, q: torch.Tensor, kv_heads: int, conte
     window_starts = torch.randperm(batch, device="cuda", dtype=torch.int32) * fmt.window_rows_per_request
     cache = LayerCache(fmt, codes[0], metas[0], codes[1], metas[1], windows[0], windows[1], rots[0], rots[1])
     return DecodeInputs(q, indptr, slots.to(torch.int32), window_starts, cache, d ** -0.5)
+
+
+def layer_decode_inputs(layer: AttentionLayer, batch: int, context: int, seed: int = 0,
+                        shared_prefix: int = 0) -> DecodeInputs:
+    """`random_decode_inputs` for `layer` in its default format, pages of PAGE_SIZE, q [B, H_q, D]
+    BF16 drawn after seeding torch with `seed`."""
+    torch.manual_seed(seed)
+    q = torch.randn(batch, layer.q_heads, layer.head_dim, device="cuda").to(torch.bfloat16)
+    return random_decode_inputs(OscarFormat(layer.head_dim), q, layer.kv_heads, context, PAGE_SIZE, shared_prefix)
 
 
 def release():

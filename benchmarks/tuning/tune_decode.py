@@ -40,11 +40,10 @@ from oscar_sglang.kernels import shared_prefix as sp
 from oscar_sglang.kernels.format import WINDOW_BYTES, OscarFormat
 from oscar_sglang.kernels.layer_cache import LayerCache
 
-from benchmarks.gpu_timing import hbm_bandwidth_gbs, median_us, random_decode_inputs
+from benchmarks.gpu_timing import hbm_bandwidth_gbs, layer_decode_inputs, median_us
 from benchmarks.layers import QWEN3_8B
 
 Q_HEADS, KV_HEADS, D, GROUP = QWEN3_8B.q_heads, QWEN3_8B.kv_heads, QWEN3_8B.head_dim, QWEN3_8B.group
-PAGE = 16
 DEV = "cuda"
 SHAPES = [(4096, 1), (32768, 1), (100000, 1), (131072, 1), (4096, 8), (32768, 8), (131072, 8)]
 SECTIONS = ("write", "pieces", "decode", "shared")
@@ -72,13 +71,6 @@ SHARED_VARIANTS = {  # name: (query rows a block aims at, None: the library's ch
 # write kernel: tokens -> [(tokens per program, warps)]; the library default is timed too
 WRITE_TOKENS = [1, 2, 8, 32, 64, 256, 8192]
 WRITE_VARIANTS = {8: [(8, 4)], 64: [(16, 4)], 256: [(4, 4)]}
-
-
-def make_problem(batch, context, seed=0, shared_prefix=0) -> dk.DecodeInputs:
-    """Decode inputs as benchmarks/decode_kernels.py builds them (shuffled pages, random codes)."""
-    torch.manual_seed(seed)
-    q = torch.randn(batch, Q_HEADS, D, device=DEV).to(torch.bfloat16)
-    return random_decode_inputs(OscarFormat(D), q, KV_HEADS, context, PAGE, shared_prefix)
 
 
 def decode_bytes(batch, context):
@@ -135,8 +127,8 @@ def warm(kind):
     if kind.startswith("split:"):
         variant = SPLIT_VARIANTS[kind[6:]]
         for batch in (1, 8):
-            decode_variant(make_problem(batch, 4096), 8, variant)
-            decode_variant(make_problem(batch, 4096), 64, variant)
+            decode_variant(layer_decode_inputs(QWEN3_8B, batch, 4096), 8, variant)
+            decode_variant(layer_decode_inputs(QWEN3_8B, batch, 4096), 64, variant)
     else:
         tokens, block_t, warps = map(int, kind[6:].split(","))
         k, v, slots, rows, cache = write_setup(tokens)
@@ -204,7 +196,7 @@ def main():
 
     lines.append("decode pieces, us:")
     for batch in (1, 8) if "pieces" in sections else []:
-        problem = make_problem(batch, 32768)
+        problem = layer_decode_inputs(QWEN3_8B, batch, 32768)
         splits = dk.default_num_kv_splits(batch, KV_HEADS, torch.device("cuda"))
         step = dk.decode_step(*problem.args, num_kv_splits=splits)
         step.run()  # the reduce kernel then merges real partials
@@ -213,13 +205,13 @@ def main():
         parts = step.parts
         small = {}
         for context in (192, 1024):
-            p2 = make_problem(batch, context)
+            p2 = layer_decode_inputs(QWEN3_8B, batch, context)
             small[context] = time_us(lambda: dk.decode_attention_int2(*p2.args))
         tiny = torch.empty(1, device=DEV)
         floor = time_us(lambda: tiny.zero_())
         split_alone = {}
         for context in (32768, 131072):
-            p3 = make_problem(batch, context)
+            p3 = layer_decode_inputs(QWEN3_8B, batch, context)
             split_alone[context] = time_us(split_only(p3, splits))
             p3 = None  # frees the buffers before the next problem
         results["pieces"][f"B{batch}"] = {"rotate_q": rotate, "reduce": reduce, "one_memset": floor,
@@ -235,7 +227,7 @@ def main():
     lines.append("decode step, us (%HBM of the bytes it must read) per split-kernel variant and splits"
                  + (f", the first {args.shared_prefix} tokens' slots shared by all requests:" if args.shared_prefix else ":"))
     for context, batch in shapes if "decode" in sections else []:
-        problem = make_problem(batch, context, shared_prefix=args.shared_prefix)
+        problem = layer_decode_inputs(QWEN3_8B, batch, context, shared_prefix=args.shared_prefix)
         nbytes = decode_bytes(batch, context)
         default_splits = dk.default_num_kv_splits(batch, KV_HEADS, torch.device("cuda"))
         cells = []
@@ -271,7 +263,7 @@ def shared_section(shapes, shared_prefix, lines, results, hbm):
     lines.append(f"decode step with shared-prefix blocks, us (%HBM of the bytes a step reads without blocks), "
                  f"the first {shared_prefix} tokens' slots shared by all requests:")
     for context, batch in shapes:
-        problem = make_problem(batch, context, shared_prefix=shared_prefix)
+        problem = layer_decode_inputs(QWEN3_8B, batch, context, shared_prefix=shared_prefix)
         nbytes = decode_bytes(batch, context)
         cells = []
         for name, (dot_rows, launch) in SHARED_VARIANTS.items():
