@@ -1,4 +1,5 @@
-"""benchmarks/calibration_spread.py, partial_key_bits.py, code_widths.py and key_scaling.py end to end on a tiny random model (CPU)."""
+"""benchmarks/calibration_spread.py, partial_key_bits.py, code_widths.py, scale_only_codes.py and key_scaling.py end to
+end on a tiny random model (CPU)."""
 
 import json
 
@@ -87,6 +88,45 @@ def test_code_widths_refuses_bad_pairs(text):
     with pytest.raises(SystemExit):
         code_widths.main(["--model", "m", "--data", "d", "--rotations", "r", "--widths", text])
 
+
+def test_scale_only_codes(tmp_path, capsys):
+    """benchmarks/scale_only_codes.py on the tiny model: the control and each width's bits, error
+    order and table."""
+    from benchmarks import scale_only_codes
+    from oscar_sglang.cli import main as cli
+
+    model, data = tiny_checkpoint(tmp_path / "model"), text_file(tmp_path / "text.txt", words=8000)
+    art = str(tmp_path / "k4.oscar.safetensors")
+    assert cli(["calibrate", "--model", model, "--data", data, "--tokens", "512", "--seq-len", "256",
+                "--heldout-fraction", "0.5", "--out", art]) == 0
+    assert scale_only_codes.main(["--model", model, "--data", data, "--rotations", art, "--widths", "4x4,1x1",
+                                  "--seq-len", "300", "--sequences", "1", "--offset-tokens", "1500", "--lengths", "400",
+                                  "--trials", "2", "--haystack-offset", "2000", "--prompt-style", "plain",
+                                  "--out-dir", str(tmp_path / "out"), "--name", "tiny"]) == 0
+    rows = {r["format"]: r for r in json.loads((tmp_path / "out" / "scale-only-codes-tiny.json").read_text())["results"]}
+    assert list(rows) == ["bf16", "served k4v2 (control)", "scale-only k4v4", "scale-only k1v1"]
+    head_dim = 64  # the tiny model's
+    assert rows["scale-only k4v4"]["bits_per_element"] == 4 + 16 / head_dim
+    assert 0 < rows["scale-only k4v4"]["kl_vs_bf16"] < rows["scale-only k1v1"]["kl_vs_bf16"]
+    assert rows["scale-only k1v1"]["retrieval"]["passkey"]["400"]["trials"] == 2
+    assert "| scale-only k1v1 | 1.25 |" in capsys.readouterr().out
+
+
+def test_scale_only_levels_are_lloyd_max():
+    """The 1-bit levels are ±E|x| of a unit Gaussian; on Gaussian rows 2-bit scale-only codes
+    err less than unclipped asymmetric ones, and every width errs less than the one below."""
+    import math
+
+    import torch
+    from benchmarks.scale_only_codes import lloyd_max_levels, scale_only_roundtrip
+    from oscar_sglang.calibration.kv_formats import asymmetric_roundtrip
+
+    assert torch.allclose(lloyd_max_levels(1), torch.tensor([-1.0, 1.0]) * math.sqrt(2 / math.pi))
+    assert torch.allclose(lloyd_max_levels(2), torch.tensor([-1.5104, -0.4528, 0.4528, 1.5104]), atol=1e-4)
+    rows = torch.randn(4000, 3, 64, generator=torch.Generator().manual_seed(0))
+    errors = [(scale_only_roundtrip(rows, b) - rows).pow(2).mean().item() for b in (1, 2, 3, 4)]
+    assert errors == sorted(errors, reverse=True)
+    assert errors[1] < 0.7 * (asymmetric_roundtrip(rows, 2, 64) - rows).pow(2).mean().item()
 
 def test_key_scaling(tmp_path, capsys):
     """benchmarks/key_scaling.py on the tiny model: the file's 2-bit keys and the scaled variants
