@@ -57,19 +57,29 @@ def test_partial_key_bits(tmp_path, capsys):
     assert "| k4-in-1 |" in capsys.readouterr().out
 
 
-def test_code_widths(tmp_path, capsys):
-    """benchmarks/code_widths.py on the tiny model: each width pair's bits, error order and table."""
-    from benchmarks import code_widths
+# The held-out text, passkey prompts and report name the harness-variant scripts read on the tiny model.
+TINY_SCORING = ["--seq-len", "300", "--sequences", "1", "--offset-tokens", "1500", "--lengths", "400", "--trials", "2",
+                "--haystack-offset", "2000", "--prompt-style", "plain", "--name", "tiny"]
+
+
+def calibrated_tiny_model(tmp_path, *calibrate_flags):
+    """(model, data, rotation file) of a tiny random checkpoint calibrated on its own text."""
     from oscar_sglang.cli import main as cli
 
     model, data = tiny_checkpoint(tmp_path / "model"), text_file(tmp_path / "text.txt", words=8000)
-    art = str(tmp_path / "k4.oscar.safetensors")
+    art = str(tmp_path / "tiny.oscar.safetensors")
     assert cli(["calibrate", "--model", model, "--data", data, "--tokens", "512", "--seq-len", "256",
-                "--heldout-fraction", "0.5", "--out", art]) == 0
+                "--heldout-fraction", "0.5", *calibrate_flags, "--out", art]) == 0
+    return model, data, art
+
+
+def test_code_widths(tmp_path, capsys):
+    """benchmarks/code_widths.py on the tiny model: each width pair's bits, error order and table."""
+    from benchmarks import code_widths
+
+    model, data, art = calibrated_tiny_model(tmp_path)
     assert code_widths.main(["--model", model, "--data", data, "--rotations", art, "--widths", "8x8,3x2,1x1",
-                             "--seq-len", "300", "--sequences", "1", "--offset-tokens", "1500", "--lengths", "400",
-                             "--trials", "2", "--haystack-offset", "2000", "--prompt-style", "plain",
-                             "--out-dir", str(tmp_path / "out"), "--name", "tiny"]) == 0
+                             *TINY_SCORING, "--out-dir", str(tmp_path / "out")]) == 0
     report = json.loads((tmp_path / "out" / "code-widths-tiny.json").read_text())
     rows = {r["format"]: r for r in report["results"]}
     assert list(rows) == ["bf16", "k8v8", "k3v2", "k1v1"]
@@ -93,16 +103,10 @@ def test_scale_only_codes(tmp_path, capsys):
     """benchmarks/scale_only_codes.py on the tiny model: the control and each width's bits, error
     order and table."""
     from benchmarks import scale_only_codes
-    from oscar_sglang.cli import main as cli
 
-    model, data = tiny_checkpoint(tmp_path / "model"), text_file(tmp_path / "text.txt", words=8000)
-    art = str(tmp_path / "k4.oscar.safetensors")
-    assert cli(["calibrate", "--model", model, "--data", data, "--tokens", "512", "--seq-len", "256",
-                "--heldout-fraction", "0.5", "--out", art]) == 0
+    model, data, art = calibrated_tiny_model(tmp_path)
     assert scale_only_codes.main(["--model", model, "--data", data, "--rotations", art, "--widths", "4x4,1x1",
-                                  "--seq-len", "300", "--sequences", "1", "--offset-tokens", "1500", "--lengths", "400",
-                                  "--trials", "2", "--haystack-offset", "2000", "--prompt-style", "plain",
-                                  "--out-dir", str(tmp_path / "out"), "--name", "tiny"]) == 0
+                                  *TINY_SCORING, "--out-dir", str(tmp_path / "out")]) == 0
     rows = {r["format"]: r for r in json.loads((tmp_path / "out" / "scale-only-codes-tiny.json").read_text())["results"]}
     assert list(rows) == ["bf16", "served k4v2 (control)", "scale-only k4v4", "scale-only k1v1"]
     head_dim = 64  # the tiny model's
@@ -128,21 +132,15 @@ def test_scale_only_levels_are_lloyd_max():
     assert errors == sorted(errors, reverse=True)
     assert errors[1] < 0.7 * (asymmetric_roundtrip(rows, 2, 64) - rows).pow(2).mean().item()
 
+
 def test_key_scaling(tmp_path, capsys):
     """benchmarks/key_scaling.py on the tiny model: the file's 2-bit keys and the scaled variants
     at the same bits, power 0 (no scale) close to the file's keys unclipped."""
     from benchmarks import key_scaling
-    from oscar_sglang.cli import main as cli
 
-    model, data = tiny_checkpoint(tmp_path / "model"), text_file(tmp_path / "text.txt", words=8000)
-    art = str(tmp_path / "k2.oscar.safetensors")
-    assert cli(["calibrate", "--model", model, "--data", data, "--tokens", "512", "--seq-len", "256",
-                "--heldout-fraction", "0.5", "--key-bits", "2", "--out", art]) == 0
+    model, data, art = calibrated_tiny_model(tmp_path, "--key-bits", "2")
     assert key_scaling.main(["--model", model, "--data", data, "--rotations", art, "--variants", "0.5x1.0,0x0.9",
-                             "--calibration-tokens", "512", "--seq-len", "300", "--sequences", "1",
-                             "--offset-tokens", "1500", "--lengths", "400", "--trials", "2",
-                             "--haystack-offset", "2000", "--prompt-style", "plain",
-                             "--out-dir", str(tmp_path / "out"), "--name", "tiny"]) == 0
+                             "--calibration-tokens", "512", *TINY_SCORING, "--out-dir", str(tmp_path / "out")]) == 0
     report = json.loads((tmp_path / "out" / "key-scaling-tiny.json").read_text())
     rows = {r["format"]: r for r in report["results"]}
     assert list(rows) == ["bf16", "file", "scaled-p0.5-clip1", "scaled-p0-clip0.9"]
