@@ -228,7 +228,8 @@ def load_rotations(path: str) -> RotationSet:
                                         "expected a quantile in (0, 1]: calibrate it again")
             rots[kind].append(rot)
             clips[kind].append(clip)
-    metadata = dict(metadata, source_path=path)
+    # sorted: safetensors hands the header's metadata back in no fixed order, and reports copy it
+    metadata = dict(sorted(metadata.items()), source_path=path)
     return RotationSet(rots["k"], rots["v"], clips["k"], clips["v"], metadata)
 
 

@@ -124,6 +124,8 @@ def test_artifact_round_trip(tmp_path):
     assert back.k_clip == pytest.approx(rs.k_clip) and back.v_clip == pytest.approx(rs.v_clip)
     assert {k: v for k, v in back.metadata.items() if k != "source_path"} == rs.metadata
     assert back.metadata["per_head"] == "true" and back.metadata["calibration_tokens"] == "123"
+    names = list(back.metadata)[:-1]  # in one order whatever the file's, source_path last
+    assert names == sorted(names) and list(back.metadata)[-1] == "source_path"
 
 
 def test_mismatching_model_refused_naming_field(tmp_path):
