@@ -1,5 +1,5 @@
-"""benchmarks/calibration_spread.py, partial_key_bits.py, code_widths.py, scale_only_codes.py and key_scaling.py end to
-end on a tiny random model (CPU)."""
+"""benchmarks/calibration_spread.py, partial_key_bits.py, code_widths.py, scale_only_codes.py, channel_keys.py and
+key_scaling.py end to end on a tiny random model (CPU)."""
 
 import json
 
@@ -132,6 +132,40 @@ def test_scale_only_levels_are_lloyd_max():
     assert errors == sorted(errors, reverse=True)
     assert errors[1] < 0.7 * (asymmetric_roundtrip(rows, 2, 64) - rows).pow(2).mean().item()
 
+
+def test_channel_keys(tmp_path, capsys):
+    """benchmarks/channel_keys.py on the tiny model: the control and each block's bits, error and
+    table; blocks longer than the recent window are refused."""
+    from benchmarks import channel_keys
+
+    model, data, art = calibrated_tiny_model(tmp_path)
+    assert channel_keys.main(["--model", model, "--data", data, "--rotations", art, "--blocks", "32,128",
+                              *TINY_SCORING, "--out-dir", str(tmp_path / "out")]) == 0
+    rows = {r["format"]: r for r in json.loads((tmp_path / "out" / "channel-keys-tiny.json").read_text())["results"]}
+    assert list(rows) == ["bf16", "served k4v2 (control)", "channel keys, blocks of 32", "channel keys, blocks of 128"]
+    head_dim = 64  # the tiny model's
+    assert rows["channel keys, blocks of 128"]["bits_per_element"] == (2 + 32 / 128 + 2 + 32 / head_dim) / 2
+    assert all(rows[n]["kl_vs_bf16"] > 0 and rows[n]["retrieval"]["passkey"]["400"]["trials"] == 2
+               for n in list(rows)[2:])
+    assert "| channel keys, blocks of 128 | 2.38 |" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="blocks of 256 positions exceed the 128-position recent window"):
+        channel_keys.main(["--model", model, "--data", data, "--rotations", art, "--blocks", "256",
+                           *TINY_SCORING, "--out-dir", str(tmp_path / "out")])
+
+
+def test_channel_roundtrip_keeps_each_directions_extremes():
+    """Positions before `start` and after the last whole block come back as given; inside each
+    block every direction's minimum and maximum come back (up to fp16), the rest on 4 levels."""
+    import torch
+    from benchmarks.channel_keys import channel_roundtrip
+
+    x = torch.randn(2, 3, 301, 16, generator=torch.Generator().manual_seed(1))
+    y = channel_roundtrip(x, 64, 50, 2)
+    assert torch.equal(y[:, :, :64], x[:, :, :64]) and torch.equal(y[:, :, 264:], x[:, :, 264:])
+    block, back = x[:, :, 114:164], y[:, :, 114:164]
+    torch.testing.assert_close(back.amax(2), block.amax(2), atol=5e-3, rtol=1e-3)
+    torch.testing.assert_close(back.amin(2), block.amin(2), atol=5e-3, rtol=1e-3)
+    assert all(len(back[0, 0, :, d].unique()) <= 4 for d in range(16))
 
 def test_key_scaling(tmp_path, capsys):
     """benchmarks/key_scaling.py on the tiny model: the file's 2-bit keys and the scaled variants

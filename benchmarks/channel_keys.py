@@ -1,0 +1,99 @@
+"""Keys per channel: does quantizing each rotated key direction over a block of tokens keep what
+per-token codes lose? A harness simulation of a format the server does not have. Keys are read
+through a rotation file's key rotations; then every rotated direction gets 2-bit asymmetric codes
+over each block of `block` consecutive positions after the sinks (fp16 scale and minimum per
+direction and block, KIVI's layout in OSCAR's rotated space, where the calibrated directions
+differ in variance and a per-token scale cannot follow them). Values are the served 2-bit values;
+sinks and recent positions stay exact (BF16), and the recent window covers each sequence's partial
+last block. The served format at the file's key width runs beside it as the control. Scored by
+passkey retrieval (harness prompts, Wilson intervals) and by perplexity, KL and top-1 against BF16
+on held-out text. Writes channel-keys-NAME.{json,md}.
+
+    python -m benchmarks.channel_keys --model smollm2-135m-instruct --data paul-graham-essays \\
+        --rotations benchmarks/results/smollm2-135m-instruct.oscar.safetensors --blocks 64,128
+"""
+
+import argparse
+
+import torch
+
+from benchmarks.cli_args import parse_int_list
+from benchmarks.harness_args import (
+    add_harness_args,
+    add_scoring_args,
+    model_and_rotations,
+    score_formats,
+    write_formats_report,
+)
+from oscar_sglang.calibration.datasets import resolve_data, token_stream
+from oscar_sglang.calibration.kv_formats import (
+    META_BITS,
+    Int2Format,
+    KVFormat,
+    asymmetric_roundtrip,
+    bf16,
+    from_tokens,
+    to_tokens,
+)
+from oscar_sglang.kernels.reference import rotate, unrotate
+from oscar_sglang.kernels.rotation_file import RotationSet
+
+KEY_BITS = 2
+
+
+def channel_roundtrip(rotated: torch.Tensor, start: int, block: int, bits: int) -> torch.Tensor:
+    """Rotated keys [B, H, L, D] with positions [start, start + n·block) quantized per direction
+    over each block of `block` positions (asymmetric, fp16 scale and minimum) and dequantized;
+    the other positions as given. float32, same shape."""
+    out = rotated.float().clone()
+    whole = (rotated.shape[2] - start) // block * block
+    if whole > 0:
+        span = rotated[:, :, start:start + whole].float().unflatten(2, (-1, block)).transpose(-1, -2)  # [B,H,n,D,block]
+        out[:, :, start:start + whole] = asymmetric_roundtrip(span, bits, block).transpose(-1, -2).flatten(2, 3)
+    return out
+
+
+class ChannelKeys(Int2Format):
+    """2-bit keys per rotated direction over blocks of `block` positions after the sinks, the
+    served 2-bit values; Int2Format's windows."""
+
+    def __init__(self, rotations: RotationSet, head_dim: int, block: int):
+        super().__init__(f"channel keys, blocks of {block}", rotations, head_dim, key_bits=KEY_BITS)
+        if block > self.recent:
+            raise ValueError(f"blocks of {block} positions exceed the {self.recent}-position recent "
+                             "window that must hold each sequence's partial last block")
+        self.block = block
+        self.bits = (KEY_BITS + META_BITS / block + self.format.code_bits("v") + META_BITS / head_dim) / 2
+
+    def kv(self, layer, key, value):
+        rot = self.rotations.k_rot[layer].to(key.device)
+        batch = key.shape[0]
+        rotated = from_tokens(rotate(to_tokens(key), rot), batch)  # [B, H, L, D]
+        k_exact = from_tokens(unrotate(to_tokens(bf16(rotated)), rot), batch)
+        quant = channel_roundtrip(rotated, self.sink, self.block, KEY_BITS)
+        k_quant = from_tokens(unrotate(to_tokens(quant), rot), batch)
+        _, _, v_exact, v_quant = super().kv(layer, key, value)
+        return k_exact, k_quant, v_exact, v_quant
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_harness_args(p)
+    p.add_argument("--rotations", required=True, help="rotation file whose rotations (and the control's clips) are used")
+    p.add_argument("--blocks", type=parse_int_list, required=True, help="positions per key block, e.g. 64,128")
+    add_scoring_args(p)
+    args = p.parse_args(argv)
+    model, tokenizer, name, geo, rotations = model_and_rotations(args)
+    control = Int2Format(f"served k{rotations.key_bits}v2 (control)", rotations, geo.head_dim, key_bits=rotations.key_bits)
+    formats = [KVFormat(), control] + [ChannelKeys(rotations, geo.head_dim, b) for b in args.blocks]
+    stream = token_stream(tokenizer, resolve_data(args.data))
+    rows = score_formats(model, tokenizer, formats, stream, args)
+    write_formats_report(args, argv, "channel_keys", name, rows, "keys",
+                         [f"rotations: {args.rotations} ({rotations.metadata.get('calibration_source')}, "
+                          f"{rotations.key_bits}-bit keys); channel-key rows ignore its key clips"],
+                         rotations=dict(rotations.metadata))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
