@@ -18,23 +18,8 @@ import argparse
 import torch
 
 from benchmarks.cli_args import parse_int_list
-from benchmarks.harness_args import (
-    add_harness_args,
-    add_scoring_args,
-    model_and_rotations,
-    score_formats,
-    write_formats_report,
-)
-from oscar_sglang.calibration.datasets import resolve_data, token_stream
-from oscar_sglang.calibration.kv_formats import (
-    META_BITS,
-    Int2Format,
-    KVFormat,
-    asymmetric_roundtrip,
-    bf16,
-    from_tokens,
-    to_tokens,
-)
+from benchmarks.harness_args import add_harness_args, add_scoring_args, score_beside_served
+from oscar_sglang.calibration.kv_formats import META_BITS, Int2Format, asymmetric_roundtrip, bf16, from_tokens, to_tokens
 from oscar_sglang.kernels.reference import rotate, unrotate
 from oscar_sglang.kernels.rotation_file import RotationSet
 
@@ -83,15 +68,9 @@ def main(argv=None) -> int:
     p.add_argument("--blocks", type=parse_int_list, required=True, help="positions per key block, e.g. 64,128")
     add_scoring_args(p)
     args = p.parse_args(argv)
-    model, tokenizer, name, geo, rotations = model_and_rotations(args)
-    control = Int2Format(f"served k{rotations.key_bits}v2 (control)", rotations, geo.head_dim, key_bits=rotations.key_bits)
-    formats = [KVFormat(), control] + [ChannelKeys(rotations, geo.head_dim, b) for b in args.blocks]
-    stream = token_stream(tokenizer, resolve_data(args.data))
-    rows = score_formats(model, tokenizer, formats, stream, args)
-    write_formats_report(args, argv, "channel_keys", name, rows, "keys",
-                         [f"rotations: {args.rotations} ({rotations.metadata.get('calibration_source')}, "
-                          f"{rotations.key_bits}-bit keys); channel-key rows ignore its key clips"],
-                         rotations=dict(rotations.metadata))
+    score_beside_served(args, argv, "channel_keys", "keys",
+                        lambda rotations, head_dim: [ChannelKeys(rotations, head_dim, b) for b in args.blocks],
+                        "channel-key rows ignore its key clips")
     return 0
 
 

@@ -1,6 +1,7 @@
 """The harness benchmarks that score KV formats on a model read through transformers
-(benchmarks/code_widths.py, key_scaling.py, partial_key_bits.py): their command-line flags, and
-for those that score perplexity and passkey retrieval against BF16, the scoring and its table."""
+(benchmarks/code_widths.py, key_scaling.py, partial_key_bits.py, scale_only_codes.py,
+channel_keys.py): their command-line flags, and for those that score perplexity and passkey
+retrieval against BF16, the scoring and its table."""
 
 import json
 import shlex
@@ -12,8 +13,9 @@ import torch
 from benchmarks.cli_args import parse_int_list
 from benchmarks.paths import DEFAULT_RESULTS_DIR
 from benchmarks.records import markdown_table
-from oscar_sglang.calibration.datasets import split_sequences
+from oscar_sglang.calibration.datasets import resolve_data, split_sequences, token_stream
 from oscar_sglang.calibration.harness import FormatResult, RetrievalSettings, language_metrics, machine, retrieval_metrics
+from oscar_sglang.calibration.kv_formats import Int2Format, KVFormat
 from oscar_sglang.calibration.models import geometry, load_model
 from oscar_sglang.calibration.retrieval import PROMPT_STYLES, Proportion
 from oscar_sglang.kernels.rotation_file import load_rotations
@@ -93,3 +95,18 @@ def write_formats_report(args, argv, benchmark: str, model_name: str, rows: list
                       f"machine: {report['machine']}"])
     path.with_suffix(".md").write_text(text + "\n")
     print(text)
+
+
+def score_beside_served(args, argv, benchmark: str, first_header: str, variants, ignored: str, **fields) -> None:
+    """Score BF16, the served format at --rotations' key width (the control) and
+    `variants(rotations, head_dim)` (a list of formats) with score_formats; write the report,
+    noting what of the rotation file the variants ignore."""
+    model, tokenizer, name, geo, rotations = model_and_rotations(args)
+    control = Int2Format(f"served k{rotations.key_bits}v2 (control)", rotations, geo.head_dim,
+                         key_bits=rotations.key_bits)
+    formats = [KVFormat(), control, *variants(rotations, geo.head_dim)]
+    rows = score_formats(model, tokenizer, formats, token_stream(tokenizer, resolve_data(args.data)), args)
+    write_formats_report(args, argv, benchmark, name, rows, first_header,
+                         [f"rotations: {args.rotations} ({rotations.metadata.get('calibration_source')}, "
+                          f"{rotations.key_bits}-bit keys); {ignored}"],
+                         rotations=dict(rotations.metadata), **fields)

@@ -20,15 +20,8 @@ import torch
 from scipy.stats import norm
 
 from benchmarks.cli_args import pairs_of
-from benchmarks.harness_args import (
-    add_harness_args,
-    add_scoring_args,
-    model_and_rotations,
-    score_formats,
-    write_formats_report,
-)
-from oscar_sglang.calibration.datasets import resolve_data, token_stream
-from oscar_sglang.calibration.kv_formats import Int2Format, KVFormat, from_tokens, to_tokens
+from benchmarks.harness_args import add_harness_args, add_scoring_args, score_beside_served
+from oscar_sglang.calibration.kv_formats import Int2Format, from_tokens, to_tokens
 from oscar_sglang.kernels.reference import rotate, unrotate
 from oscar_sglang.kernels.rotation_file import RotationSet
 
@@ -90,16 +83,10 @@ def main(argv=None) -> int:
     p.add_argument("--widths", type=parse_widths, required=True, help="KEYxVALUE bit pairs, e.g. 2x2,3x2")
     add_scoring_args(p)
     args = p.parse_args(argv)
-    model, tokenizer, name, geo, rotations = model_and_rotations(args)
-    control = Int2Format(f"served k{rotations.key_bits}v2 (control)", rotations, geo.head_dim, key_bits=rotations.key_bits)
-    formats = [KVFormat(), control] + [ScaleOnlyCodes(rotations, geo.head_dim, k, v) for k, v in args.widths]
-    stream = token_stream(tokenizer, resolve_data(args.data))
-    rows = score_formats(model, tokenizer, formats, stream, args)
-    write_formats_report(args, argv, "scale_only_codes", name, rows, "keys x values",
-                         [f"rotations: {args.rotations} ({rotations.metadata.get('calibration_source')}, "
-                          f"{rotations.key_bits}-bit keys); scale-only rows ignore its clips"],
-                         rotations=dict(rotations.metadata),
-                         lloyd_max_levels={b: lloyd_max_levels(b).tolist() for b in (1, 2, 3, 4)})
+    score_beside_served(args, argv, "scale_only_codes", "keys x values",
+                        lambda rotations, head_dim: [ScaleOnlyCodes(rotations, head_dim, k, v) for k, v in args.widths],
+                        "scale-only rows ignore its clips",
+                        lloyd_max_levels={b: lloyd_max_levels(b).tolist() for b in (1, 2, 3, 4)})
     return 0
 
 
