@@ -35,16 +35,15 @@ from pathlib import Path
 import torch
 import triton
 from oscar_sglang.kernels.decode import decode_attention_int2, default_num_kv_splits
-from oscar_sglang.kernels.format import DEFAULT_KEY_BITS, SUPPORTED_KEY_BITS, WINDOW_BYTES, OscarFormat
+from oscar_sglang.kernels.format import DEFAULT_KEY_BITS, SUPPORTED_KEY_BITS, OscarFormat
 from oscar_sglang.kernels.shared_prefix import find_shared_prefixes
 
 from benchmarks.cli_args import parse_int_list
-from benchmarks.gpu_timing import (FLASHINFER_WORKSPACE_BYTES, PAGE_SIZE, hbm_bandwidth_gbs, median_us, paged_requests,
-                                   random_decode_inputs, release)
+from benchmarks.gpu_timing import (FLASHINFER_WORKSPACE_BYTES, PAGE_SIZE, hbm_bandwidth_gbs, median_us,
+                                   oscar_decode_bytes, paged_requests, qo_bytes, random_decode_inputs, release)
 from benchmarks.layers import LAYERS
 from benchmarks.paths import DEFAULT_RESULTS_DIR
 from benchmarks.records import machine_info, markdown_table, now_iso, plot_panels, ratio, write_json
-
 
 CONTEXTS = [4096, 16384, 32768, 65536, 131072]
 BATCHES = [1, 8, 32, 64]
@@ -75,25 +74,12 @@ def build_parser():
 # ---------------------------------------------------------------------------- timing
 
 
-def qo_bytes(layer, batch, dtype_bytes=2):
-    return 2 * batch * layer.q_heads * layer.head_dim * dtype_bytes
-
-
 def enough_memory(nbytes):
     free, _ = torch.cuda.mem_get_info()
     return nbytes + HEADROOM_BYTES <= free
 
 
 # ---------------------------------------------------------------------------- methods
-
-
-def oscar_bytes(layer, fmt, batch, context):
-    """What one OSCAR decode step must read: INT2 span codes + meta, window rows, q and out."""
-    start, end = fmt.int2_span(context)
-    int2_tokens, window_tokens = end - start, context - (end - start)
-    per_request = layer.kv_heads * (int2_tokens * fmt.bytes_per_token_head()
-                                    + window_tokens * 2 * layer.head_dim * WINDOW_BYTES)
-    return batch * per_request + qo_bytes(layer, batch)
 
 
 def bench_oscar(batch, context, args, q, shared=False):
@@ -119,7 +105,7 @@ def bench_oscar(batch, context, args, q, shared=False):
         decode_attention_int2(*inputs.args, out=out, shared=prefixes)
 
     us, mode = median_us(step, args.rep_ms)
-    record = {"us": us, "timing": mode, "bytes": oscar_bytes(layer, fmt, batch, context),
+    record = {"us": us, "timing": mode, "bytes": oscar_decode_bytes(layer, fmt, batch, context),
               "kv_splits": default_num_kv_splits(batch, layer.kv_heads, q.device)}
     if shared:
         record["find_shared_us"] = median_us(blocks, args.rep_ms)[0]

@@ -1,7 +1,8 @@
 """GPU timing for the kernel benchmarks (decode_kernels, decode_roofline, extend_kernels,
 tuning/tune_decode): the median of one call replayed from a CUDA graph with L2 flushed between
-calls, the device-to-device copy rate the HBM shares are taken against, shuffled paged requests
-and random OSCAR decode inputs over them, and freeing memory between configurations."""
+calls, the device-to-device copy rate the HBM shares are taken against and the bytes an OSCAR
+decode step must read, shuffled paged requests and random OSCAR decode inputs over them, and
+freeing memory between configurations."""
 
 import gc
 
@@ -9,7 +10,7 @@ import torch
 import triton
 import triton.testing
 from oscar_sglang.kernels.decode import DecodeInputs
-from oscar_sglang.kernels.format import OscarFormat
+from oscar_sglang.kernels.format import WINDOW_BYTES, OscarFormat
 from oscar_sglang.kernels.layer_cache import LayerCache
 
 from benchmarks.layers import AttentionLayer
@@ -45,6 +46,20 @@ def hbm_bandwidth_gbs(rep_ms, nbytes=4 << 30):
     dst = torch.empty_like(src)
     ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=rep_ms, return_mode="median")
     return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def qo_bytes(layer: AttentionLayer, batch: int, dtype_bytes: int = 2) -> int:
+    """Bytes of one decode step's queries and outputs."""
+    return 2 * batch * layer.q_heads * layer.head_dim * dtype_bytes
+
+
+def oscar_decode_bytes(layer: AttentionLayer, fmt: OscarFormat, batch: int, context: int) -> int:
+    """What one OSCAR decode step must read: INT2 span codes + meta, window rows, q and out."""
+    start, end = fmt.int2_span(context)
+    int2_tokens, window_tokens = end - start, context - (end - start)
+    per_request = layer.kv_heads * (int2_tokens * fmt.bytes_per_token_head()
+                                    + window_tokens * 2 * layer.head_dim * WINDOW_BYTES)
+    return batch * per_request + qo_bytes(layer, batch)
 
 
 def paged_requests(batch, context, page_size, shared_prefix):

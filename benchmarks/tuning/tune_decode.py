@@ -37,10 +37,10 @@ import triton
 from oscar_sglang.kernels import decode as dk
 from oscar_sglang.kernels import quantize as qk
 from oscar_sglang.kernels import shared_prefix as sp
-from oscar_sglang.kernels.format import WINDOW_BYTES, OscarFormat
+from oscar_sglang.kernels.format import OscarFormat
 from oscar_sglang.kernels.layer_cache import LayerCache
 
-from benchmarks.gpu_timing import hbm_bandwidth_gbs, layer_decode_inputs, median_us
+from benchmarks.gpu_timing import hbm_bandwidth_gbs, layer_decode_inputs, median_us, oscar_decode_bytes
 from benchmarks.layers import QWEN3_8B
 
 Q_HEADS, KV_HEADS, D, GROUP = QWEN3_8B.q_heads, QWEN3_8B.kv_heads, QWEN3_8B.head_dim, QWEN3_8B.group
@@ -74,10 +74,7 @@ WRITE_VARIANTS = {8: [(8, 4)], 64: [(16, 4)], 256: [(4, 4)]}
 
 
 def decode_bytes(batch, context):
-    fmt = OscarFormat(D)
-    start, end = fmt.int2_span(context)
-    n2, nw = end - start, context - (end - start)
-    return batch * KV_HEADS * (n2 * fmt.bytes_per_token_head() + nw * 2 * D * WINDOW_BYTES) + 2 * batch * Q_HEADS * D * 2
+    return oscar_decode_bytes(QWEN3_8B, OscarFormat(D), batch, context)
 
 
 def decode_variant(problem: dk.DecodeInputs, splits: int, launch: dk.DecodeLaunch):
