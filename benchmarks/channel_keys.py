@@ -19,8 +19,7 @@ import torch
 
 from benchmarks.cli_args import parse_int_list
 from benchmarks.harness_args import add_harness_args, add_scoring_args, score_beside_served
-from oscar_sglang.calibration.kv_formats import META_BITS, Int2Format, asymmetric_roundtrip, bf16, from_tokens, to_tokens
-from oscar_sglang.kernels.reference import rotate, unrotate
+from oscar_sglang.calibration.kv_formats import META_BITS, Int2Format, asymmetric_roundtrip, rotated_roundtrip
 from oscar_sglang.kernels.rotation_file import RotationSet
 
 KEY_BITS = 2
@@ -51,13 +50,10 @@ class ChannelKeys(Int2Format):
         self.bits = (KEY_BITS + META_BITS / block + self.format.code_bits("v") + META_BITS / head_dim) / 2
 
     def kv(self, layer, key, value):
-        rot = self.rotations.k_rot[layer].to(key.device)
-        batch = key.shape[0]
-        rotated = from_tokens(rotate(to_tokens(key), rot), batch)  # [B, H, L, D]
-        k_exact = from_tokens(unrotate(to_tokens(bf16(rotated)), rot), batch)
-        quant = channel_roundtrip(rotated, self.sink, self.block, KEY_BITS)
-        k_quant = from_tokens(unrotate(to_tokens(quant), rot), batch)
-        _, _, v_exact, v_quant = super().kv(layer, key, value)
+        r = self.rotations
+        k_exact, k_quant = rotated_roundtrip(
+            key, r.k_rot[layer], lambda rows: channel_roundtrip(rows, self.sink, self.block, KEY_BITS))
+        v_exact, v_quant = self._roundtrip(value, r.v_rot[layer], r.v_clip[layer], self.format.code_bits("v"))
         return k_exact, k_quant, v_exact, v_quant
 
 

@@ -14,8 +14,6 @@ code-widths-NAME.{json,md}.
 
 import argparse
 
-import torch
-
 from benchmarks.cli_args import pairs_of
 from benchmarks.harness_args import (
     add_harness_args,
@@ -25,15 +23,8 @@ from benchmarks.harness_args import (
     write_formats_report,
 )
 from oscar_sglang.calibration.datasets import resolve_data, token_stream
-from oscar_sglang.calibration.kv_formats import (
-    META_BITS,
-    Int2Format,
-    KVFormat,
-    asymmetric_roundtrip,
-    from_tokens,
-    to_tokens,
-)
-from oscar_sglang.kernels.reference import clip_rows, rotate, unrotate
+from oscar_sglang.calibration.kv_formats import META_BITS, Int2Format, KVFormat, asymmetric_roundtrip, rotated_roundtrip
+from oscar_sglang.kernels.reference import clip_rows
 from oscar_sglang.kernels.rotation_file import RotationSet
 
 # P(|x| < sqrt(2/pi)·sigma) for a Gaussian: clipping there puts the 1-bit levels at ±E|x|, the
@@ -56,11 +47,8 @@ class CodeWidths(Int2Format):
         self.bits = (key_bits + value_bits) / 2 + META_BITS / head_dim
 
     def _roundtrip(self, x, rot, clip, bits):
-        rot = rot.to(x.device)
-        rotated = rotate(to_tokens(x), rot)
-        quant = asymmetric_roundtrip(clip_rows(rotated, ONE_BIT_CLIP if bits == 1 else clip), bits, self.head_dim)
-        exact = unrotate(rotated.to(torch.bfloat16).float(), rot)
-        return from_tokens(exact, x.shape[0]), from_tokens(unrotate(quant, rot), x.shape[0])
+        clip = ONE_BIT_CLIP if bits == 1 else clip
+        return rotated_roundtrip(x, rot, lambda rows: asymmetric_roundtrip(clip_rows(rows, clip), bits, self.head_dim))
 
     def kv(self, layer, key, value):
         r = self.rotations

@@ -21,8 +21,7 @@ from scipy.stats import norm
 
 from benchmarks.cli_args import pairs_of
 from benchmarks.harness_args import add_harness_args, add_scoring_args, score_beside_served
-from oscar_sglang.calibration.kv_formats import Int2Format, from_tokens, to_tokens
-from oscar_sglang.kernels.reference import rotate, unrotate
+from oscar_sglang.calibration.kv_formats import Int2Format, rotated_roundtrip
 from oscar_sglang.kernels.rotation_file import RotationSet
 
 SCALE_BITS = 16  # one fp16 scale per group
@@ -62,17 +61,10 @@ class ScaleOnlyCodes(Int2Format):
         self.widths = {"k": key_bits, "v": value_bits}
         self.bits = (key_bits + value_bits) / 2 + SCALE_BITS / head_dim
 
-    def _roundtrip(self, x, rot, clip, bits):
-        rot = rot.to(x.device)
-        rotated = rotate(to_tokens(x), rot)
-        exact = unrotate(rotated.to(torch.bfloat16).float(), rot)
-        quant = unrotate(scale_only_roundtrip(rotated, bits), rot)
-        return from_tokens(exact, x.shape[0]), from_tokens(quant, x.shape[0])
-
     def kv(self, layer, key, value):
-        r = self.rotations
-        k_exact, k_quant = self._roundtrip(key, r.k_rot[layer], None, self.widths["k"])
-        v_exact, v_quant = self._roundtrip(value, r.v_rot[layer], None, self.widths["v"])
+        r, (kb, vb) = self.rotations, (self.widths["k"], self.widths["v"])
+        k_exact, k_quant = rotated_roundtrip(key, r.k_rot[layer], lambda rows: scale_only_roundtrip(rows, kb))
+        v_exact, v_quant = rotated_roundtrip(value, r.v_rot[layer], lambda rows: scale_only_roundtrip(rows, vb))
         return k_exact, k_quant, v_exact, v_quant
 
 

@@ -9,7 +9,7 @@ without windows have sink = recent = 0 and only the quantized pair is read.
 import torch
 
 from oscar_sglang.kernels.format import DEFAULT_KEY_BITS, DEFAULT_RECENT_TOKENS, DEFAULT_SINK_TOKENS, OscarFormat
-from oscar_sglang.kernels.reference import decode_kv, encode_kv, unrotate
+from oscar_sglang.kernels.reference import decode_kv, encode_kv, rotate, unrotate
 from oscar_sglang.kernels.rotation_file import RotationSet
 
 BF16_BITS = 16
@@ -44,6 +44,19 @@ def to_tokens(x: torch.Tensor) -> torch.Tensor:
 def from_tokens(x: torch.Tensor, batch: int) -> torch.Tensor:
     """Inverse of `to_tokens`: [B*L, H, D] -> [B, H, L, D]."""
     return x.reshape(batch, -1, x.shape[1], x.shape[2]).transpose(1, 2)
+
+
+def rotated_roundtrip(x: torch.Tensor, rot: torch.Tensor, quantize) -> tuple[torch.Tensor, torch.Tensor]:
+    """(exact, quantized) of x [B, H, L, D] read in the space of rot [H or 1, D, D]: the rotated
+    rows stored in BF16, and `quantize` of them (rotated [B, H, L, D] -> float32 of that shape),
+    each rotated back."""
+    rot, batch = rot.to(x.device), x.shape[0]
+    rotated = from_tokens(rotate(to_tokens(x), rot), batch)
+
+    def back(y):
+        return from_tokens(unrotate(to_tokens(y), rot), batch)
+
+    return back(bf16(rotated)), back(quantize(rotated))
 
 
 class KVFormat:
