@@ -5,7 +5,9 @@ over each block of `block` consecutive positions after the sinks (fp16 scale and
 direction and block, KIVI's layout in OSCAR's rotated space, where the calibrated directions
 differ in variance and a per-token scale cannot follow them). Values are the served 2-bit values;
 sinks and recent positions stay exact (BF16), and the recent window covers each sequence's partial
-last block. The served format at the file's key width runs beside it as the control. Scored by
+last block. `--basis` picks the directions: the file's rotations ("rotated", where the Hadamard
+mixing evens out the directions' ranges), its query eigenbasis without the mixing ("eigen",
+U = R · (H · P_br)ᵀ, where the ranges differ most) or the model's own key channels ("raw", KIVI's). The served format at the file's key width runs beside it as the control. Scored by
 passkey retrieval (harness prompts, Wilson intervals) and by perplexity, KL and top-1 against BF16
 on held-out text. Writes channel-keys-NAME.{json,md}.
 
@@ -20,9 +22,10 @@ import torch
 from benchmarks.cli_args import parse_int_list
 from benchmarks.harness_args import add_harness_args, add_scoring_args, score_beside_served
 from oscar_sglang.calibration.kv_formats import META_BITS, Int2Format, asymmetric_roundtrip, rotated_roundtrip
-from oscar_sglang.kernels.rotation_file import RotationSet
+from oscar_sglang.kernels.rotation_file import RotationSet, hadamard_bitrev
 
 KEY_BITS = 2
+BASES = ("rotated", "eigen", "raw")
 
 
 def channel_roundtrip(rotated: torch.Tensor, start: int, block: int, bits: int) -> torch.Tensor:
@@ -41,8 +44,12 @@ class ChannelKeys(Int2Format):
     """2-bit keys per rotated direction over blocks of `block` positions after the sinks, the
     served 2-bit values; Int2Format's windows."""
 
-    def __init__(self, rotations: RotationSet, head_dim: int, block: int):
-        super().__init__(f"channel keys, blocks of {block}", rotations, head_dim, key_bits=KEY_BITS)
+    def __init__(self, rotations: RotationSet, head_dim: int, block: int, basis: str = "rotated"):
+        suffix = "" if basis == "rotated" else f", {basis} directions"
+        super().__init__(f"channel keys, blocks of {block}{suffix}", rotations, head_dim, key_bits=KEY_BITS)
+        mixing = hadamard_bitrev(head_dim)
+        self.key_basis = [{"rotated": rot, "eigen": rot @ mixing.T, "raw": torch.eye(head_dim)[None]}[basis]
+                          for rot in rotations.k_rot]
         if block > self.recent:
             raise ValueError(f"blocks of {block} positions exceed the {self.recent}-position recent "
                              "window that must hold each sequence's partial last block")
@@ -52,9 +59,17 @@ class ChannelKeys(Int2Format):
     def kv(self, layer, key, value):
         r = self.rotations
         k_exact, k_quant = rotated_roundtrip(
-            key, r.k_rot[layer], lambda rows: channel_roundtrip(rows, self.sink, self.block, KEY_BITS))
+            key, self.key_basis[layer], lambda rows: channel_roundtrip(rows, self.sink, self.block, KEY_BITS))
         v_exact, v_quant = self._roundtrip(value, r.v_rot[layer], r.v_clip[layer], self.format.code_bits("v"))
         return k_exact, k_quant, v_exact, v_quant
+
+
+def parse_bases(text: str) -> list[str]:
+    bases = text.split(",")
+    unknown = [b for b in bases if b not in BASES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown bases {unknown}; choose from {','.join(BASES)}")
+    return bases
 
 
 def main(argv=None) -> int:
@@ -62,10 +77,13 @@ def main(argv=None) -> int:
     add_harness_args(p)
     p.add_argument("--rotations", required=True, help="rotation file whose rotations (and the control's clips) are used")
     p.add_argument("--blocks", type=parse_int_list, required=True, help="positions per key block, e.g. 64,128")
+    p.add_argument("--bases", type=parse_bases, default=["rotated"],
+                   help=f"comma list of key directions to quantize along, of {','.join(BASES)} (default rotated)")
     add_scoring_args(p)
     args = p.parse_args(argv)
     score_beside_served(args, argv, "channel_keys", "keys",
-                        lambda rotations, head_dim: [ChannelKeys(rotations, head_dim, b) for b in args.blocks],
+                        lambda rotations, head_dim: [ChannelKeys(rotations, head_dim, b, basis)
+                                                     for basis in args.bases for b in args.blocks],
                         "channel-key rows ignore its key clips")
     return 0
 

@@ -1,5 +1,5 @@
-"""benchmarks/calibration_spread.py, partial_key_bits.py, code_widths.py, scale_only_codes.py, channel_keys.py and
-key_scaling.py end to end on a tiny random model (CPU)."""
+"""benchmarks/calibration_spread.py, partial_key_bits.py, code_widths.py, scale_only_codes.py, channel_keys.py,
+key_means.py, row_clips.py and key_scaling.py end to end on a tiny random model (CPU)."""
 
 import json
 
@@ -166,6 +166,83 @@ def test_channel_roundtrip_keeps_each_directions_extremes():
     torch.testing.assert_close(back.amax(2), block.amax(2), atol=5e-3, rtol=1e-3)
     torch.testing.assert_close(back.amin(2), block.amin(2), atol=5e-3, rtol=1e-3)
     assert all(len(back[0, 0, :, d].unique()) <= 4 for d in range(16))
+
+def test_channel_keys_bases(tmp_path):
+    """--bases: the eigen and raw directions score as their own rows; an unknown basis is refused."""
+    from benchmarks import channel_keys
+
+    model, data, art = calibrated_tiny_model(tmp_path)
+    assert channel_keys.main(["--model", model, "--data", data, "--rotations", art, "--blocks", "64",
+                              "--bases", "eigen,raw", *TINY_SCORING, "--out-dir", str(tmp_path / "out")]) == 0
+    rows = {r["format"]: r for r in json.loads((tmp_path / "out" / "channel-keys-tiny.json").read_text())["results"]}
+    assert list(rows)[2:] == ["channel keys, blocks of 64, eigen directions", "channel keys, blocks of 64, raw directions"]
+    assert rows[list(rows)[2]]["kl_vs_bf16"] != rows[list(rows)[3]]["kl_vs_bf16"]
+    with pytest.raises(SystemExit):
+        channel_keys.main(["--model", model, "--data", data, "--rotations", art, "--blocks", "64", "--bases", "pca"])
+
+
+def test_key_means(tmp_path, capsys):
+    """benchmarks/key_means.py on the tiny model: block and calibrated means, with the file's clips
+    and a given one, their bits, and the table."""
+    from benchmarks import key_means
+
+    model, data, art = calibrated_tiny_model(tmp_path)
+    assert key_means.main(["--model", model, "--data", data, "--rotations", art, "--variants",
+                           "block32,calibrated:1.0", "--mean-tokens", "600", *TINY_SCORING,
+                           "--out-dir", str(tmp_path / "out")]) == 0
+    rows = {r["format"]: r for r in json.loads((tmp_path / "out" / "key-means-tiny.json").read_text())["results"]}
+    assert list(rows)[2:] == ["keys minus block 32 mean, file clips", "keys minus calibrated mean, clip 1.0"]
+    head_dim = 64  # the tiny model's
+    assert rows["keys minus block 32 mean, file clips"]["bits_per_element"] == (2 + 32 / head_dim + 16 / 32 + 2.5) / 2
+    assert rows["keys minus calibrated mean, clip 1.0"]["bits_per_element"] == 2.5
+    assert all(rows[n]["kl_vs_bf16"] > 0 and rows[n]["retrieval"]["passkey"]["400"]["trials"] == 2
+               for n in list(rows)[2:])
+    assert "| keys minus calibrated mean, clip 1.0 | 2.50 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        key_means.main(["--model", model, "--data", data, "--rotations", art, "--variants", "mean"])
+
+
+def test_block_means_are_causal_per_block():
+    """Each whole block after `start` gets its own directions' means (fp16); the sinks and the
+    partial last block get zero, so no position's mean reads a later block."""
+    import torch
+    from benchmarks.key_means import block_means
+
+    x = torch.randn(1, 2, 150, 8, generator=torch.Generator().manual_seed(2))
+    m = block_means(x, 10, 64)
+    assert torch.equal(m[:, :, :10], torch.zeros_like(m[:, :, :10])) and torch.equal(m[:, :, 138:], torch.zeros_like(m[:, :, 138:]))
+    torch.testing.assert_close(m[:, :, 74:138], x[:, :, 74:138].mean(2, keepdim=True).expand(-1, -1, 64, -1), atol=2e-3, rtol=1e-3)
+
+
+def test_row_clips(tmp_path, capsys):
+    """benchmarks/row_clips.py on the tiny model: both candidate kinds at the served bits."""
+    from benchmarks import row_clips
+
+    model, data, art = calibrated_tiny_model(tmp_path)
+    assert row_clips.main(["--model", model, "--data", data, "--rotations", art, "--variants", "quantile,shrink",
+                           *TINY_SCORING, "--out-dir", str(tmp_path / "out")]) == 0
+    rows = {r["format"]: r for r in json.loads((tmp_path / "out" / "row-clips-tiny.json").read_text())["results"]}
+    assert list(rows)[2:] == ["row clips by error, quantile", "row clips by error, shrink"]
+    assert all(rows[n]["bits_per_element"] == 2.5 and rows[n]["kl_vs_bf16"] > 0 for n in list(rows)[2:])
+    assert "| row clips by error, shrink | 2.50 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        row_clips.main(["--model", model, "--data", data, "--rotations", art, "--variants", "mse"])
+
+
+def test_row_clip_picks_each_rows_least_error():
+    """best_of keeps, per row, the candidate of least squared error, which is never worse than the
+    unclipped codes (a candidate of both kinds) and is strictly better on Gaussian rows overall."""
+    import torch
+    from benchmarks.row_clips import best_of, candidates
+
+    rows = torch.randn(1, 3, 257, 64, generator=torch.Generator().manual_seed(3))
+    for kind in ("quantile", "shrink"):
+        options = candidates(rows, kind, 2)
+        picked = best_of(rows, options)
+        errors = (options - rows[None]).pow(2).sum(-1)
+        torch.testing.assert_close((picked - rows).pow(2).sum(-1), errors.min(0).values)
+        assert (errors.min(0).values <= errors[0]).all() and errors.min(0).values.sum() < 0.9 * errors[0].sum()
+
 
 def test_key_scaling(tmp_path, capsys):
     """benchmarks/key_scaling.py on the tiny model: the file's 2-bit keys and the scaled variants
