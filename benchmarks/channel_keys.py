@@ -26,17 +26,19 @@ from oscar_sglang.kernels.rotation_file import RotationSet, hadamard_bitrev
 
 KEY_BITS = 2
 BASES = ("rotated", "eigen", "raw")
+META = {"fp16": torch.float16, "fp8": torch.float8_e4m3fn}  # scale and minimum per direction and block
 
 
-def channel_roundtrip(rotated: torch.Tensor, start: int, block: int, bits: int) -> torch.Tensor:
+def channel_roundtrip(rotated: torch.Tensor, start: int, block: int, bits: int,
+                      meta_dtype: torch.dtype = torch.float16) -> torch.Tensor:
     """Rotated keys [B, H, L, D] with positions [start, start + n·block) quantized per direction
-    over each block of `block` positions (asymmetric, fp16 scale and minimum) and dequantized;
-    the other positions as given. float32, same shape."""
+    over each block of `block` positions (asymmetric, scale and minimum as `meta_dtype`) and
+    dequantized; the other positions as given. float32, same shape."""
     out = rotated.float().clone()
     whole = (rotated.shape[2] - start) // block * block
     if whole > 0:
         span = rotated[:, :, start:start + whole].float().unflatten(2, (-1, block)).transpose(-1, -2)  # [B,H,n,D,block]
-        out[:, :, start:start + whole] = asymmetric_roundtrip(span, bits, block).transpose(-1, -2).flatten(2, 3)
+        out[:, :, start:start + whole] = asymmetric_roundtrip(span, bits, block, meta_dtype).transpose(-1, -2).flatten(2, 3)
     return out
 
 
@@ -44,8 +46,8 @@ class ChannelKeys(Int2Format):
     """2-bit keys per rotated direction over blocks of `block` positions after the sinks, the
     served 2-bit values; Int2Format's windows."""
 
-    def __init__(self, rotations: RotationSet, head_dim: int, block: int, basis: str = "rotated"):
-        suffix = "" if basis == "rotated" else f", {basis} directions"
+    def __init__(self, rotations: RotationSet, head_dim: int, block: int, basis: str = "rotated", meta: str = "fp16"):
+        suffix = ("" if basis == "rotated" else f", {basis} directions") + ("" if meta == "fp16" else f", {meta} meta")
         super().__init__(f"channel keys, blocks of {block}{suffix}", rotations, head_dim, key_bits=KEY_BITS)
         mixing = hadamard_bitrev(head_dim)
         self.key_basis = [{"rotated": rot, "eigen": rot @ mixing.T, "raw": torch.eye(head_dim)[None]}[basis]
@@ -53,13 +55,14 @@ class ChannelKeys(Int2Format):
         if block > self.recent:
             raise ValueError(f"blocks of {block} positions exceed the {self.recent}-position recent "
                              "window that must hold each sequence's partial last block")
-        self.block = block
-        self.bits = (KEY_BITS + META_BITS / block + self.format.code_bits("v") + META_BITS / head_dim) / 2
+        self.block, self.meta_dtype = block, META[meta]
+        meta_bits = 2 * torch.finfo(self.meta_dtype).bits
+        self.bits = (KEY_BITS + meta_bits / block + self.format.code_bits("v") + META_BITS / head_dim) / 2
 
     def kv(self, layer, key, value):
         r = self.rotations
         k_exact, k_quant = rotated_roundtrip(
-            key, self.key_basis[layer], lambda rows: channel_roundtrip(rows, self.sink, self.block, KEY_BITS))
+            key, self.key_basis[layer], lambda rows: channel_roundtrip(rows, self.sink, self.block, KEY_BITS, self.meta_dtype))
         v_exact, v_quant = self._roundtrip(value, r.v_rot[layer], r.v_clip[layer], self.format.code_bits("v"))
         return k_exact, k_quant, v_exact, v_quant
 
@@ -79,10 +82,12 @@ def main(argv=None) -> int:
     p.add_argument("--blocks", type=parse_int_list, required=True, help="positions per key block, e.g. 64,128")
     p.add_argument("--bases", type=parse_bases, default=["rotated"],
                    help=f"comma list of key directions to quantize along, of {','.join(BASES)} (default rotated)")
+    p.add_argument("--meta", choices=sorted(META), default="fp16",
+                   help="storage of each direction's scale and minimum per block (default fp16)")
     add_scoring_args(p)
     args = p.parse_args(argv)
     score_beside_served(args, argv, "channel_keys", "keys",
-                        lambda rotations, head_dim: [ChannelKeys(rotations, head_dim, b, basis)
+                        lambda rotations, head_dim: [ChannelKeys(rotations, head_dim, b, basis, args.meta)
                                                      for basis in args.bases for b in args.blocks],
                         "channel-key rows ignore its key clips")
     return 0

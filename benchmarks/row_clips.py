@@ -23,7 +23,7 @@ import argparse
 import torch
 
 from benchmarks.harness_args import add_harness_args, add_scoring_args, score_beside_served
-from oscar_sglang.calibration.kv_formats import Int2Format, rotated_roundtrip
+from oscar_sglang.calibration.kv_formats import Int2Format, range_roundtrip, rotated_roundtrip
 from oscar_sglang.kernels.reference import clip_rows
 from oscar_sglang.kernels.rotation_file import RotationSet
 
@@ -31,16 +31,6 @@ KEY_BITS = 2
 GRID = (1.0, 0.96, 0.92, 0.88, 0.84, 0.80, 0.76)
 SHRINK = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
 KINDS = ("quantile", "shrink")
-
-
-def range_roundtrip(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
-    """x [..., D] quantized on [lo, hi] [..., 1] (fp16 minimum and scale, values outside clamp
-    to the end levels) and dequantized: float32 [..., D]."""
-    levels = (1 << bits) - 1
-    m = lo.half().float()
-    s = ((hi - lo) / levels).half().float()
-    inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
-    return torch.floor((x - m) * inv + 0.5).clamp(0, levels) * s + m
 
 
 def candidates(rows: torch.Tensor, kind: str, bits: int) -> torch.Tensor:

@@ -22,18 +22,28 @@ def bf16(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.bfloat16).float()
 
 
-def asymmetric_roundtrip(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
-    """Quantize groups of `group` consecutive values of the last dim to `bits` bits, asymmetric
-    (fp16 minimum and scale, round half up, as kernels.reference does for 2 bits), and
-    dequantize: float32, same shape."""
+def range_roundtrip(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int,
+                    meta_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """x [..., n] quantized on [lo, hi] [..., 1] to `bits`-bit codes (minimum and scale stored as
+    `meta_dtype`, fp8 saturating; round half up; values outside clamp to the end levels) and
+    dequantized: float32, x's shape."""
+    def stored(t):
+        if meta_dtype == torch.float8_e4m3fn:
+            t = t.clamp(-FP8_MAX, FP8_MAX)
+        return t.to(meta_dtype).float()
+
     levels = (1 << bits) - 1
-    g = x.float().unflatten(-1, (-1, group))
-    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
-    m = lo.half().float()
-    s = ((hi - lo) / levels).half().float()
+    m, s = stored(lo), stored((hi - lo) / levels)
     inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
-    codes = torch.floor((g - m) * inv + 0.5).clamp(0, levels)
-    return (codes * s + m).flatten(-2)
+    return torch.floor((x.float() - m) * inv + 0.5).clamp(0, levels) * s + m
+
+
+def asymmetric_roundtrip(x: torch.Tensor, bits: int, group: int, meta_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """Quantize groups of `group` consecutive values of the last dim to `bits` bits, asymmetric
+    (minimum and scale as `meta_dtype`, fp16 by default; round half up, as kernels.reference does
+    for 2 bits), and dequantize: float32, same shape."""
+    g = x.float().unflatten(-1, (-1, group))
+    return range_roundtrip(g, g.amin(-1, keepdim=True), g.amax(-1, keepdim=True), bits, meta_dtype).flatten(-2)
 
 
 def to_tokens(x: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """benchmarks/calibration_spread.py, partial_key_bits.py, code_widths.py, scale_only_codes.py, channel_keys.py,
-key_means.py, row_clips.py and key_scaling.py end to end on a tiny random model (CPU)."""
+key_means.py, row_clips.py, outlier_rows.py and key_scaling.py end to end on a tiny random model (CPU)."""
 
 import json
 
@@ -242,6 +242,78 @@ def test_row_clip_picks_each_rows_least_error():
         errors = (options - rows[None]).pow(2).sum(-1)
         torch.testing.assert_close((picked - rows).pow(2).sum(-1), errors.min(0).values)
         assert (errors.min(0).values <= errors[0]).all() and errors.min(0).values.sum() < 0.9 * errors[0].sum()
+
+
+def test_channel_keys_fp8_meta(tmp_path):
+    """--meta fp8 halves the per-block meta bits and names its rows."""
+    from benchmarks import channel_keys
+
+    model, data, art = calibrated_tiny_model(tmp_path)
+    for meta in ("fp16", "fp8"):
+        assert channel_keys.main(["--model", model, "--data", data, "--rotations", art, "--blocks", "32", "--meta", meta,
+                                  *TINY_SCORING, "--out-dir", str(tmp_path / meta)]) == 0
+    fp16, fp8 = (json.loads((tmp_path / m / "channel-keys-tiny.json").read_text())["results"][2] for m in ("fp16", "fp8"))
+    assert fp8["format"] == "channel keys, blocks of 32, fp8 meta"
+    assert fp16["bits_per_element"] - fp8["bits_per_element"] == 16 / 32 / 2
+    assert fp8["kl_vs_bf16"] > 0 and fp8["kl_vs_bf16"] != fp16["kl_vs_bf16"]
+
+
+def test_fp8_meta_saturates_instead_of_overflowing():
+    """range_roundtrip with fp8 meta: ranges beyond e4m3's ±448 saturate (no NaN), ordinary rows
+    come back on at most 4 levels within fp8 precision of the row's extremes, and on Gaussian
+    rows the fp8 meta adds under 2 % to the fp16 meta's squared error."""
+    import torch
+    from oscar_sglang.calibration.kv_formats import asymmetric_roundtrip
+
+    rows = torch.randn(5, 32, generator=torch.Generator().manual_seed(4))
+    rows[0] *= 1000
+    back = asymmetric_roundtrip(rows, 2, 32, torch.float8_e4m3fn)
+    assert torch.isfinite(back).all()
+    assert all(len(r.unique()) <= 4 for r in back)
+    torch.testing.assert_close(back[1:].amin(-1), rows[1:].amin(-1), rtol=0.07, atol=0.02)
+    gaussian = torch.randn(4000, 32, generator=torch.Generator().manual_seed(0))
+    errors = [(asymmetric_roundtrip(gaussian, 2, 32, dtype) - gaussian).pow(2).mean().item()
+              for dtype in (torch.float16, torch.float8_e4m3fn)]
+    assert errors[0] <= errors[1] < 1.02 * errors[0]
+
+
+def test_outlier_rows(tmp_path, capsys):
+    """benchmarks/outlier_rows.py on the tiny model: widened rows add their bits, same-width
+    rows add none; malformed variants are refused."""
+    from benchmarks import outlier_rows
+
+    model, data, art = calibrated_tiny_model(tmp_path)
+    assert outlier_rows.main(["--model", model, "--data", data, "--rotations", art, "--variants", "0.25x2,0.25x4",
+                              *TINY_SCORING, "--out-dir", str(tmp_path / "out")]) == 0
+    rows = {r["format"]: r for r in json.loads((tmp_path / "out" / "outlier-rows-tiny.json").read_text())["results"]}
+    assert list(rows)[2:] == ["top 0.25 rows unclipped, 2-bit", "top 0.25 rows unclipped, 4-bit"]
+    assert rows["top 0.25 rows unclipped, 2-bit"]["bits_per_element"] == 2.5
+    assert rows["top 0.25 rows unclipped, 4-bit"]["bits_per_element"] == 2.5 + 0.25 * 2 / 2
+    assert "| top 0.25 rows unclipped, 4-bit | 2.75 |" in capsys.readouterr().out
+    for bad in ("0.1", "1.5x2", "0.1x5"):
+        with pytest.raises(SystemExit):
+            outlier_rows.main(["--model", model, "--data", data, "--rotations", art, "--variants", bad])
+
+
+def test_outlier_roundtrip_widens_the_most_clipped_rows():
+    """The rows whose energy the clip cuts most, after `start`, come back unclipped; every other
+    row is the served clipped code."""
+    import torch
+    from benchmarks.outlier_rows import clipped_energy, outlier_roundtrip
+    from oscar_sglang.calibration.kv_formats import asymmetric_roundtrip
+    from oscar_sglang.kernels.reference import clip_rows
+
+    rows = torch.randn(1, 2, 120, 64, generator=torch.Generator().manual_seed(5))
+    rows[0, 1, 70, 5] = 12.0
+    rows[0, 0, 3, 9] = 30.0  # a sink: never widened
+    back = outlier_roundtrip(rows, 10, 0.9, 0.1, 2)
+    served = asymmetric_roundtrip(clip_rows(rows, 0.9), 2, 64)
+    widened = (back != served).any(-1)
+    assert widened.sum(-1).le(11).all()  # int(0.1 * 110) rows per head, fewer if a code is unchanged
+    assert widened[0, 1, 70] and not widened[0, 0, 3]
+    energy = clipped_energy(rows, 0.9)
+    assert energy[0, 1, 70] == energy[0, 1, 10:].max()
+    torch.testing.assert_close(back[0, 1, 70], asymmetric_roundtrip(rows[0, 1, 70], 2, 64))
 
 
 def test_key_scaling(tmp_path, capsys):
