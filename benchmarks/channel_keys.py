@@ -15,13 +15,12 @@ on held-out text. Writes channel-keys-NAME.{json,md}.
         --rotations benchmarks/results/smollm2-135m-instruct.oscar.safetensors --blocks 64,128
 """
 
-import argparse
 
 import torch
 
-from benchmarks.cli_args import parse_int_list
-from benchmarks.harness_args import add_harness_args, add_scoring_args, score_beside_served
-from oscar_sglang.calibration.kv_formats import META_BITS, Int2Format, asymmetric_roundtrip, rotated_roundtrip
+from benchmarks.cli_args import choice_list, parse_int_list
+from benchmarks.harness_args import score_beside_served, simulation_parser
+from oscar_sglang.calibration.kv_formats import META_BITS, KeyVariant, asymmetric_roundtrip
 from oscar_sglang.kernels.rotation_file import RotationSet, hadamard_bitrev
 
 KEY_BITS = 2
@@ -42,9 +41,15 @@ def channel_roundtrip(rotated: torch.Tensor, start: int, block: int, bits: int,
     return out
 
 
-class ChannelKeys(Int2Format):
+class ChannelKeys(KeyVariant):
     """2-bit keys per rotated direction over blocks of `block` positions after the sinks, the
     served 2-bit values; Int2Format's windows."""
+
+    def key_rotation(self, layer):
+        return self.key_basis[layer]
+
+    def quantize_keys(self, layer, rows):
+        return channel_roundtrip(rows, self.sink, self.block, KEY_BITS, self.meta_dtype)
 
     def __init__(self, rotations: RotationSet, head_dim: int, block: int, basis: str = "rotated", meta: str = "fp16"):
         suffix = ("" if basis == "rotated" else f", {basis} directions") + ("" if meta == "fp16" else f", {meta} meta")
@@ -59,32 +64,13 @@ class ChannelKeys(Int2Format):
         meta_bits = 2 * torch.finfo(self.meta_dtype).bits
         self.bits = (KEY_BITS + meta_bits / block + self.format.code_bits("v") + META_BITS / head_dim) / 2
 
-    def kv(self, layer, key, value):
-        r = self.rotations
-        k_exact, k_quant = rotated_roundtrip(
-            key, self.key_basis[layer], lambda rows: channel_roundtrip(rows, self.sink, self.block, KEY_BITS, self.meta_dtype))
-        v_exact, v_quant = self._roundtrip(value, r.v_rot[layer], r.v_clip[layer], self.format.code_bits("v"))
-        return k_exact, k_quant, v_exact, v_quant
-
-
-def parse_bases(text: str) -> list[str]:
-    bases = text.split(",")
-    unknown = [b for b in bases if b not in BASES]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown bases {unknown}; choose from {','.join(BASES)}")
-    return bases
-
-
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_harness_args(p)
-    p.add_argument("--rotations", required=True, help="rotation file whose rotations (and the control's clips) are used")
+    p = simulation_parser(__doc__, "rotation file whose rotations (and the control's clips) are used")
     p.add_argument("--blocks", type=parse_int_list, required=True, help="positions per key block, e.g. 64,128")
-    p.add_argument("--bases", type=parse_bases, default=["rotated"],
+    p.add_argument("--bases", type=choice_list(BASES, "bases"), default=["rotated"],
                    help=f"comma list of key directions to quantize along, of {','.join(BASES)} (default rotated)")
     p.add_argument("--meta", choices=sorted(META), default="fp16",
                    help="storage of each direction's scale and minimum per block (default fp16)")
-    add_scoring_args(p)
     args = p.parse_args(argv)
     score_beside_served(args, argv, "channel_keys", "keys",
                         lambda rotations, head_dim: [ChannelKeys(rotations, head_dim, b, basis, args.meta)

@@ -74,6 +74,17 @@ def flag_list(text):
     return flags
 
 
+def choice_list(choices, what: str):
+    """argparse type: a comma list whose every item is one of `choices` ("unknown WHAT [...]")."""
+    def parse(text):
+        items = text.split(",")
+        unknown = [i for i in items if i not in choices]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {what} {unknown}; choose from {','.join(choices)}")
+        return items
+    return parse
+
+
 def int_at_least(minimum: int):
     """argparse type: an integer >= `minimum`."""
     def parse(text):

@@ -1,8 +1,9 @@
 """The harness benchmarks that score KV formats on a model read through transformers
 (benchmarks/code_widths.py, key_scaling.py, partial_key_bits.py, scale_only_codes.py,
-channel_keys.py): their command-line flags, and for those that score perplexity and passkey
-retrieval against BF16, the scoring and its table."""
+channel_keys.py, key_means.py, row_clips.py, outlier_rows.py): their command-line flags, and for
+those that score perplexity and passkey retrieval against BF16, the scoring and its table."""
 
+import argparse
 import json
 import shlex
 import sys
@@ -41,6 +42,17 @@ def add_scoring_args(p) -> None:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--sequences", type=int, default=2, help="held-out sequences for perplexity (default %(default)s)")
     p.add_argument("--offset-tokens", type=int, default=40000)
+
+
+def simulation_parser(doc: str, rotations_help: str) -> argparse.ArgumentParser:
+    """The parser of a simulation scored with score_beside_served: its description (the first
+    paragraph of `doc`), add_harness_args, --rotations and add_scoring_args; the script adds its
+    own flags."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    add_harness_args(p)
+    p.add_argument("--rotations", required=True, help=rotations_help)
+    add_scoring_args(p)
+    return p
 
 
 def model_and_rotations(args):

@@ -24,11 +24,11 @@ import argparse
 
 import torch
 
-from benchmarks.harness_args import add_harness_args, add_scoring_args, score_beside_served
+from benchmarks.harness_args import score_beside_served, simulation_parser
 from oscar_sglang.calibration.attention import check_unpadded, windowed_attention
 from oscar_sglang.calibration.calibrate import run_model
 from oscar_sglang.calibration.datasets import resolve_data, split_sequences, token_stream
-from oscar_sglang.calibration.kv_formats import META_BITS, Int2Format, asymmetric_roundtrip, rotated_roundtrip
+from oscar_sglang.calibration.kv_formats import META_BITS, Int2Format, KeyVariant, asymmetric_roundtrip
 from oscar_sglang.calibration.models import load_model
 from oscar_sglang.kernels.reference import clip_rows, rotate
 from oscar_sglang.kernels.rotation_file import RotationSet
@@ -66,7 +66,7 @@ class KeyMeans:
         return [(s / n).float() for s, n in zip(self.sums, self.count)]
 
 
-class CenteredKeys(Int2Format):
+class CenteredKeys(KeyVariant):
     """2-bit per-token keys of the rotated rows minus a mean (a block's or a calibrated one),
     clipped at `clip`; the served 2-bit values; Int2Format's windows."""
 
@@ -81,26 +81,15 @@ class CenteredKeys(Int2Format):
         key_bits = KEY_BITS + META_BITS / head_dim + (16 / block if block else 0)
         self.bits = (key_bits + self.format.code_bits("v") + META_BITS / head_dim) / 2
 
-    def kv(self, layer, key, value):
+    def quantize_keys(self, layer, rows):
         r = self.rotations
         clip = r.k_clip[layer] if self.clip is None else self.clip
         if self.block:
-            def mean_of(rows):
-                return block_means(rows, self.sink, self.block)
+            mean = block_means(rows, self.sink, self.block)
         else:
-            rotated_mean = rotate(self.means[layer][None].to(key.device), r.k_rot[layer].to(key.device))[0]
-            rotated_mean = rotated_mean.half().float()[None, :, None, :]  # [1, H, 1, D]
-
-            def mean_of(rows):
-                return rotated_mean.expand_as(rows)
-
-        def quantize(rows):
-            mean = mean_of(rows)
-            return asymmetric_roundtrip(clip_rows(rows - mean, clip), KEY_BITS, rows.shape[-1]) + mean
-
-        k_exact, k_quant = rotated_roundtrip(key, r.k_rot[layer], quantize)
-        v_exact, v_quant = self._roundtrip(value, r.v_rot[layer], r.v_clip[layer], self.format.code_bits("v"))
-        return k_exact, k_quant, v_exact, v_quant
+            rotated = rotate(self.means[layer][None].to(rows.device), r.k_rot[layer].to(rows.device))[0]
+            mean = rotated.half().float()[None, :, None, :].expand_as(rows)  # [1, H, 1, D] -> rows' shape
+        return asymmetric_roundtrip(clip_rows(rows - mean, clip), KEY_BITS, rows.shape[-1]) + mean
 
 
 def calibrated_means(args, sink: int) -> list[torch.Tensor]:
@@ -123,13 +112,10 @@ def parse_variant(text: str) -> tuple[str, float | None]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_harness_args(p)
-    p.add_argument("--rotations", required=True, help="rotation file whose rotations (and clips) are used")
+    p = simulation_parser(__doc__, "rotation file whose rotations (and clips) are used")
     p.add_argument("--variants", type=lambda s: [parse_variant(v) for v in s.split(",")], required=True,
                    help="comma list of blockN or calibrated, each optionally :CLIP (default: the file's clips)")
     p.add_argument("--mean-tokens", type=int, default=12288, help="calibration tokens for the calibrated mean")
-    add_scoring_args(p)
     args = p.parse_args(argv)
 
     def variants(rotations, head_dim):

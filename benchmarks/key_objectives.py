@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     for layer in range(default.num_layers):
         lines.append(f"| {layer} | " + " | ".join(f"{clips[o][layer]:.2f}" for o in KEY_OBJECTIVES)
                      + f" | {default.v_clip[layer]:.2f} |")
-    lines += ["", f"mean K clip: " + ", ".join(f"{o} {sum(clips[o]) / len(clips[o]):.3f}" for o in KEY_OBJECTIVES),
+    lines += ["", "mean K clip: " + ", ".join(f"{o} {sum(clips[o]) / len(clips[o]):.3f}" for o in KEY_OBJECTIVES),
               "", f"{result.covariance_tokens} target tokens, {result.heldout_tokens} held-out tokens.",
               f"command: `{shlex.join(['python', '-m', 'benchmarks.key_objectives', *(argv or sys.argv[1:])])}`"]
     text = "\n".join(lines)

@@ -18,8 +18,8 @@ import argparse
 
 import torch
 
-from benchmarks.harness_args import add_harness_args, add_scoring_args, score_beside_served
-from oscar_sglang.calibration.kv_formats import META_BITS, Int2Format, asymmetric_roundtrip, rotated_roundtrip
+from benchmarks.harness_args import score_beside_served, simulation_parser
+from oscar_sglang.calibration.kv_formats import META_BITS, KeyVariant, asymmetric_roundtrip
 from oscar_sglang.kernels.reference import clip_rows
 from oscar_sglang.kernels.rotation_file import RotationSet
 
@@ -48,7 +48,7 @@ def outlier_roundtrip(rows: torch.Tensor, start: int, clip: float, fraction: flo
     return out
 
 
-class OutlierRowKeys(Int2Format):
+class OutlierRowKeys(KeyVariant):
     """The served 2-bit keys, the top `fraction` of rows by clipped energy unclipped at `bits`
     bits; the served values."""
 
@@ -58,13 +58,8 @@ class OutlierRowKeys(Int2Format):
         keys = KEY_BITS + fraction * (bits - KEY_BITS) + META_BITS / head_dim
         self.bits = (keys + self.format.code_bits("v") + META_BITS / head_dim) / 2
 
-    def kv(self, layer, key, value):
-        r = self.rotations
-        k_exact, k_quant = rotated_roundtrip(
-            key, r.k_rot[layer],
-            lambda rows: outlier_roundtrip(rows, self.sink, r.k_clip[layer], self.fraction, self.wide_bits))
-        v_exact, v_quant = self._roundtrip(value, r.v_rot[layer], r.v_clip[layer], self.format.code_bits("v"))
-        return k_exact, k_quant, v_exact, v_quant
+    def quantize_keys(self, layer, rows):
+        return outlier_roundtrip(rows, self.sink, self.rotations.k_clip[layer], self.fraction, self.wide_bits)
 
 
 def parse_variant(text: str) -> tuple[float, int]:
@@ -80,12 +75,9 @@ def parse_variant(text: str) -> tuple[float, int]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_harness_args(p)
-    p.add_argument("--rotations", required=True, help="rotation file whose rotations and clips are used")
+    p = simulation_parser(__doc__, "rotation file whose rotations and clips are used")
     p.add_argument("--variants", type=lambda s: [parse_variant(v) for v in s.split(",")], required=True,
                    help="comma list of FRACTIONxBITS, e.g. 0.1x2,0.1x4")
-    add_scoring_args(p)
     args = p.parse_args(argv)
     score_beside_served(args, argv, "outlier_rows", "keys",
                         lambda rotations, head_dim: [OutlierRowKeys(rotations, head_dim, f, b) for f, b in args.variants],

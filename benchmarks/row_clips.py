@@ -18,12 +18,12 @@ beside them as the control. Writes row-clips-NAME.{json,md}.
         --rotations benchmarks/results/smollm2-135m-instruct.oscar.safetensors --variants quantile,shrink
 """
 
-import argparse
 
 import torch
 
-from benchmarks.harness_args import add_harness_args, add_scoring_args, score_beside_served
-from oscar_sglang.calibration.kv_formats import Int2Format, range_roundtrip, rotated_roundtrip
+from benchmarks.cli_args import choice_list
+from benchmarks.harness_args import score_beside_served, simulation_parser
+from oscar_sglang.calibration.kv_formats import KeyVariant, range_roundtrip
 from oscar_sglang.kernels.reference import clip_rows
 from oscar_sglang.kernels.rotation_file import RotationSet
 
@@ -55,35 +55,20 @@ def best_of(rows: torch.Tensor, options: torch.Tensor) -> torch.Tensor:
     return torch.gather(options, 0, pick[None, ..., None].expand(1, *options.shape[1:]))[0]
 
 
-class RowClippedKeys(Int2Format):
+class RowClippedKeys(KeyVariant):
     """The served 2-bit keys with each row's clip chosen by its own error; the served values."""
 
     def __init__(self, rotations: RotationSet, head_dim: int, kind: str):
         super().__init__(f"row clips by error, {kind}", rotations, head_dim, key_bits=KEY_BITS)
         self.kind = kind
 
-    def kv(self, layer, key, value):
-        r = self.rotations
-        k_exact, k_quant = rotated_roundtrip(
-            key, r.k_rot[layer], lambda rows: best_of(rows, candidates(rows, self.kind, KEY_BITS)))
-        v_exact, v_quant = self._roundtrip(value, r.v_rot[layer], r.v_clip[layer], self.format.code_bits("v"))
-        return k_exact, k_quant, v_exact, v_quant
-
-
-def parse_kinds(text: str) -> list[str]:
-    kinds = text.split(",")
-    unknown = [k for k in kinds if k not in KINDS]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown variants {unknown}; choose from {','.join(KINDS)}")
-    return kinds
+    def quantize_keys(self, layer, rows):
+        return best_of(rows, candidates(rows, self.kind, KEY_BITS))
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_harness_args(p)
-    p.add_argument("--rotations", required=True, help="rotation file whose rotations (and the values' clips) are used")
-    p.add_argument("--variants", type=parse_kinds, required=True, help="comma list of quantile, shrink")
-    add_scoring_args(p)
+    p = simulation_parser(__doc__, "rotation file whose rotations (and the values' clips) are used")
+    p.add_argument("--variants", type=choice_list(KINDS, "variants"), required=True, help="comma list of quantile, shrink")
     args = p.parse_args(argv)
     score_beside_served(args, argv, "row_clips", "keys",
                         lambda rotations, head_dim: [RowClippedKeys(rotations, head_dim, v) for v in args.variants],

@@ -13,14 +13,13 @@ scale-only-codes-NAME.{json,md}.
         --rotations benchmarks/results/smollm2-135m-instruct.oscar.safetensors --widths 2x2,3x2
 """
 
-import argparse
 import functools
 
 import torch
 from scipy.stats import norm
 
 from benchmarks.cli_args import pairs_of
-from benchmarks.harness_args import add_harness_args, add_scoring_args, score_beside_served
+from benchmarks.harness_args import score_beside_served, simulation_parser
 from oscar_sglang.calibration.kv_formats import Int2Format, rotated_roundtrip
 from oscar_sglang.kernels.rotation_file import RotationSet
 
@@ -69,11 +68,8 @@ class ScaleOnlyCodes(Int2Format):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_harness_args(p)
-    p.add_argument("--rotations", required=True, help="rotation file whose rotations (and, for the control, clips) are used")
+    p = simulation_parser(__doc__, "rotation file whose rotations (and, for the control, clips) are used")
     p.add_argument("--widths", type=parse_widths, required=True, help="KEYxVALUE bit pairs, e.g. 2x2,3x2")
-    add_scoring_args(p)
     args = p.parse_args(argv)
     score_beside_served(args, argv, "scale_only_codes", "keys x values",
                         lambda rotations, head_dim: [ScaleOnlyCodes(rotations, head_dim, k, v) for k, v in args.widths],

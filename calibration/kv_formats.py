@@ -172,6 +172,25 @@ class Int2Format(KVFormat):
         return self.bits + min(length, self.sink + self.recent) * BF16_BITS / length
 
 
+class KeyVariant(Int2Format):
+    """Int2Format with its keys read through `quantize_keys` in the space of `key_rotation` (the
+    rotation file's key rotation unless a subclass picks another) and the served 2-bit values: the
+    base of the harness simulations of key formats the server does not have."""
+
+    def key_rotation(self, layer: int) -> torch.Tensor:
+        return self.rotations.k_rot[layer]
+
+    def quantize_keys(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
+        """Rotated keys [B, H, L, D] -> what the format reads back, float32 of that shape."""
+        raise NotImplementedError
+
+    def kv(self, layer, key, value):
+        r = self.rotations
+        k_exact, k_quant = rotated_roundtrip(key, self.key_rotation(layer), lambda rows: self.quantize_keys(layer, rows))
+        v_exact, v_quant = self._roundtrip(value, r.v_rot[layer], r.v_clip[layer], self.format.code_bits("v"))
+        return k_exact, k_quant, v_exact, v_quant
+
+
 def identity_rotations(num_layers: int, head_dim: int) -> RotationSet:
     """No rotation and no clipping (clip quantile 1.0 = the row maximum): naive INT2."""
     eye = [torch.eye(head_dim)[None]] * num_layers

@@ -53,3 +53,14 @@ def test_oscar_args_reach_the_oscar_server_only(tmp_path):
     cmd = latency.launcher_command("oscar", args, MODEL, "/out/oscar.jsonl")
     assert flag_value(cmd, "--oscar-window-fraction") == "0.3"
     assert "--oscar-window-fraction" not in latency.launcher_command("fp8-triton", args, MODEL, "/o")
+
+
+def test_choice_list_names_what_is_unknown():
+    import argparse
+
+    import pytest
+
+    parse = cli_args.choice_list(("rotated", "eigen"), "bases")
+    assert parse("eigen,rotated") == ["eigen", "rotated"]
+    with pytest.raises(argparse.ArgumentTypeError, match=r"unknown bases \['pca'\]; choose from rotated,eigen"):
+        parse("eigen,pca")
