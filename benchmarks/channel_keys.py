@@ -1,26 +1,28 @@
 """Keys per channel: does quantizing each rotated key direction over a block of tokens keep what
 per-token codes lose? A harness simulation of a format the server does not have. Keys are read
 through a rotation file's key rotations; then every rotated direction gets 2-bit asymmetric codes
-over each block of `block` consecutive positions after the sinks (fp16 scale and minimum per
-direction and block, KIVI's layout in OSCAR's rotated space, where the calibrated directions
-differ in variance and a per-token scale cannot follow them). Values are the served 2-bit values;
-sinks and recent positions stay exact (BF16), and the recent window covers each sequence's partial
-last block. `--basis` picks the directions: the file's rotations ("rotated", where the Hadamard
-mixing evens out the directions' ranges), its query eigenbasis without the mixing ("eigen",
-U = R · (H · P_br)ᵀ, where the ranges differ most) or the model's own key channels ("raw", KIVI's). The served format at the file's key width runs beside it as the control. Scored by
-passkey retrieval (harness prompts, Wilson intervals) and by perplexity, KL and top-1 against BF16
-on held-out text. Writes channel-keys-NAME.{json,md}.
+over each block of `block` consecutive positions after the sinks (a scale and minimum per
+direction and block, fp16 or with `--meta fp8` e4m3: KIVI's layout in OSCAR's rotated space, where
+the calibrated directions differ in variance and a per-token scale cannot follow them). Values are
+the served 2-bit values; sinks and recent positions stay exact (BF16), and the recent window covers
+each sequence's partial last block.
+
+`--bases` picks the directions: the file's rotations ("rotated", where the Hadamard mixing evens
+out the directions' ranges), its query eigenbasis without the mixing ("eigen", U = R · (H · P_br)ᵀ,
+where the ranges differ most) or the model's own key channels ("raw", KIVI's). The served format at
+the file's key width runs beside it as the control. Scored by passkey retrieval (harness prompts,
+Wilson intervals) and by perplexity, KL and top-1 against BF16 on held-out text. Writes
+channel-keys-NAME.{json,md}.
 
     python -m benchmarks.channel_keys --model smollm2-135m-instruct --data paul-graham-essays \\
         --rotations benchmarks/results/smollm2-135m-instruct.oscar.safetensors --blocks 64,128
 """
 
-
 import torch
 
 from benchmarks.cli_args import choice_list, parse_int_list
 from benchmarks.harness_args import score_beside_served, simulation_parser
-from oscar_sglang.calibration.kv_formats import META_BITS, KeyVariant, asymmetric_roundtrip
+from oscar_sglang.calibration.kv_formats import KeyVariant, asymmetric_roundtrip
 from oscar_sglang.kernels.rotation_file import RotationSet, hadamard_bitrev
 
 KEY_BITS = 2
@@ -45,12 +47,6 @@ class ChannelKeys(KeyVariant):
     """2-bit keys per rotated direction over blocks of `block` positions after the sinks, the
     served 2-bit values; Int2Format's windows."""
 
-    def key_rotation(self, layer):
-        return self.key_basis[layer]
-
-    def quantize_keys(self, layer, rows):
-        return channel_roundtrip(rows, self.sink, self.block, KEY_BITS, self.meta_dtype)
-
     def __init__(self, rotations: RotationSet, head_dim: int, block: int, basis: str = "rotated", meta: str = "fp16"):
         suffix = ("" if basis == "rotated" else f", {basis} directions") + ("" if meta == "fp16" else f", {meta} meta")
         super().__init__(f"channel keys, blocks of {block}{suffix}", rotations, head_dim, key_bits=KEY_BITS)
@@ -61,8 +57,14 @@ class ChannelKeys(KeyVariant):
             raise ValueError(f"blocks of {block} positions exceed the {self.recent}-position recent "
                              "window that must hold each sequence's partial last block")
         self.block, self.meta_dtype = block, META[meta]
-        meta_bits = 2 * torch.finfo(self.meta_dtype).bits
-        self.bits = (KEY_BITS + meta_bits / block + self.format.code_bits("v") + META_BITS / head_dim) / 2
+        self.bits = self.mean_bits(KEY_BITS + 2 * torch.finfo(self.meta_dtype).bits / block)
+
+    def key_rotation(self, layer):
+        return self.key_basis[layer]
+
+    def quantize_keys(self, layer, rows):
+        return channel_roundtrip(rows, self.sink, self.block, KEY_BITS, self.meta_dtype)
+
 
 def main(argv=None) -> int:
     p = simulation_parser(__doc__, "rotation file whose rotations (and the control's clips) are used")

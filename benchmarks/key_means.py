@@ -28,12 +28,14 @@ from benchmarks.harness_args import score_beside_served, simulation_parser
 from oscar_sglang.calibration.attention import check_unpadded, windowed_attention
 from oscar_sglang.calibration.calibrate import run_model
 from oscar_sglang.calibration.datasets import resolve_data, split_sequences, token_stream
-from oscar_sglang.calibration.kv_formats import META_BITS, Int2Format, KeyVariant, asymmetric_roundtrip
+from oscar_sglang.calibration.kv_formats import KeyVariant, asymmetric_roundtrip
 from oscar_sglang.calibration.models import load_model
+from oscar_sglang.kernels.format import DEFAULT_SINK_TOKENS
 from oscar_sglang.kernels.reference import clip_rows, rotate
 from oscar_sglang.kernels.rotation_file import RotationSet
 
 KEY_BITS = 2
+MEAN_BITS = 16  # one fp16 mean per direction and block
 
 
 def block_means(rotated: torch.Tensor, start: int, block: int) -> torch.Tensor:
@@ -78,8 +80,7 @@ class CenteredKeys(KeyVariant):
         if block is not None and block > self.recent:
             raise ValueError(f"blocks of {block} positions exceed the {self.recent}-position recent window")
         self.clip, self.block, self.means = clip, block, means
-        key_bits = KEY_BITS + META_BITS / head_dim + (16 / block if block else 0)
-        self.bits = (key_bits + self.format.code_bits("v") + META_BITS / head_dim) / 2
+        self.bits = self.mean_bits(KEY_BITS + self.format.meta_bits_per_element + (MEAN_BITS / block if block else 0))
 
     def quantize_keys(self, layer, rows):
         r = self.rotations
@@ -124,7 +125,7 @@ def main(argv=None) -> int:
         for kind, clip in args.variants:
             if kind == "calibrated":
                 if means is None:
-                    means = calibrated_means(args, Int2Format("probe", rotations, head_dim).sink)
+                    means = calibrated_means(args, DEFAULT_SINK_TOKENS)
                 out.append(CenteredKeys(rotations, head_dim, clip, means=means))
             else:
                 out.append(CenteredKeys(rotations, head_dim, clip, block=int(kind[5:])))

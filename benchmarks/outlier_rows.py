@@ -19,17 +19,17 @@ import argparse
 import torch
 
 from benchmarks.harness_args import score_beside_served, simulation_parser
-from oscar_sglang.calibration.kv_formats import META_BITS, KeyVariant, asymmetric_roundtrip
+from oscar_sglang.calibration.kv_formats import KeyVariant, asymmetric_roundtrip
 from oscar_sglang.kernels.reference import clip_rows
 from oscar_sglang.kernels.rotation_file import RotationSet
 
 KEY_BITS = 2
 
 
-def clipped_energy(rows: torch.Tensor, clip: float) -> torch.Tensor:
-    """rows [..., D] -> the fraction of each row's energy that clipping at `clip` removes [...]."""
+def clipped_energy(rows: torch.Tensor, clipped: torch.Tensor) -> torch.Tensor:
+    """rows [..., D] and them clipped -> the fraction of each row's energy the clip removes [...]."""
     x = rows.float()
-    return (x - clip_rows(x, clip)).pow(2).sum(-1) / x.pow(2).sum(-1).clamp_min(1e-30)
+    return (x - clipped).pow(2).sum(-1) / x.pow(2).sum(-1).clamp_min(1e-30)
 
 
 def outlier_roundtrip(rows: torch.Tensor, start: int, clip: float, fraction: float, bits: int) -> torch.Tensor:
@@ -37,8 +37,9 @@ def outlier_roundtrip(rows: torch.Tensor, start: int, clip: float, fraction: flo
     head, the `fraction` of positions >= start with the largest clipped energy, which get
     unclipped `bits`-bit codes. float32, same shape."""
     head_dim = rows.shape[-1]
-    out = asymmetric_roundtrip(clip_rows(rows, clip), KEY_BITS, head_dim)
-    energy = clipped_energy(rows, clip)
+    clipped = clip_rows(rows, clip)
+    out = asymmetric_roundtrip(clipped, KEY_BITS, head_dim)
+    energy = clipped_energy(rows, clipped)
     energy[:, :, :start] = -1.0
     count = int(fraction * max(rows.shape[2] - start, 0))
     if count:
@@ -55,8 +56,7 @@ class OutlierRowKeys(KeyVariant):
     def __init__(self, rotations: RotationSet, head_dim: int, fraction: float, bits: int):
         super().__init__(f"top {fraction:g} rows unclipped, {bits}-bit", rotations, head_dim, key_bits=KEY_BITS)
         self.fraction, self.wide_bits = fraction, bits
-        keys = KEY_BITS + fraction * (bits - KEY_BITS) + META_BITS / head_dim
-        self.bits = (keys + self.format.code_bits("v") + META_BITS / head_dim) / 2
+        self.bits = self.mean_bits(KEY_BITS + fraction * (bits - KEY_BITS) + self.format.meta_bits_per_element)
 
     def quantize_keys(self, layer, rows):
         return outlier_roundtrip(rows, self.sink, self.rotations.k_clip[layer], self.fraction, self.wide_bits)

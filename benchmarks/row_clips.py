@@ -18,12 +18,11 @@ beside them as the control. Writes row-clips-NAME.{json,md}.
         --rotations benchmarks/results/smollm2-135m-instruct.oscar.safetensors --variants quantile,shrink
 """
 
-
 import torch
 
 from benchmarks.cli_args import choice_list
 from benchmarks.harness_args import score_beside_served, simulation_parser
-from oscar_sglang.calibration.kv_formats import KeyVariant, range_roundtrip
+from oscar_sglang.calibration.kv_formats import KeyVariant, asymmetric_roundtrip, range_roundtrip
 from oscar_sglang.kernels.reference import clip_rows
 from oscar_sglang.kernels.rotation_file import RotationSet
 
@@ -37,11 +36,7 @@ def candidates(rows: torch.Tensor, kind: str, bits: int) -> torch.Tensor:
     """rows [..., D] -> every candidate's dequantized rows [C, ..., D]."""
     x = rows.float()
     if kind == "quantile":
-        out = []
-        for c in GRID:
-            clipped = clip_rows(x, c)
-            out.append(range_roundtrip(clipped, clipped.amin(-1, keepdim=True), clipped.amax(-1, keepdim=True), bits))
-        return torch.stack(out)
+        return torch.stack([asymmetric_roundtrip(clip_rows(x, c), bits, x.shape[-1]) for c in GRID])
     lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
     mid = (lo + hi) / 2
     return torch.stack([range_roundtrip(x, mid - f * (mid - lo), mid + f * (hi - mid), bits) for f in SHRINK])

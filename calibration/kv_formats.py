@@ -177,6 +177,10 @@ class KeyVariant(Int2Format):
     rotation file's key rotation unless a subclass picks another) and the served 2-bit values: the
     base of the harness simulations of key formats the server does not have."""
 
+    def mean_bits(self, key_bits: float) -> float:
+        """Bits per element of keys stored at `key_bits` (meta included) beside the served values."""
+        return (key_bits + self.format.code_bits("v") + self.format.meta_bits_per_element) / 2
+
     def key_rotation(self, layer: int) -> torch.Tensor:
         return self.rotations.k_rot[layer]
 
