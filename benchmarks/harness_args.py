@@ -11,26 +11,26 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.cli_args import parse_int_list
+from benchmarks.cli_args import choice_list, parse_int_list
 from benchmarks.paths import DEFAULT_RESULTS_DIR
 from benchmarks.records import markdown_table
 from oscar_sglang.calibration.datasets import resolve_data, split_sequences, token_stream
 from oscar_sglang.calibration.harness import FormatResult, RetrievalSettings, language_metrics, machine, retrieval_metrics
 from oscar_sglang.calibration.kv_formats import Int2Format, KVFormat
 from oscar_sglang.calibration.models import geometry, load_model
-from oscar_sglang.calibration.retrieval import PROMPT_STYLES, Proportion
+from oscar_sglang.calibration.retrieval import PROMPT_STYLES, TASKS, Proportion
 from oscar_sglang.kernels.rotation_file import load_rotations
 
 
 def add_harness_args(p) -> None:
-    """--model, --gguf-file, --data, --device; the passkey prompts (--lengths, --trials,
+    """--model, --gguf-file, --data, --device; the retrieval prompts (--lengths, --trials,
     --haystack-offset, --prompt-style); where the report goes (--out-dir, --name)."""
     p.add_argument("--model", required=True, help="as `oscar-sglang evaluate --model`")
     p.add_argument("--gguf-file")
     p.add_argument("--data", nargs="+", required=True)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--lengths", type=parse_int_list, default=[2048], help="passkey prompt lengths (default 2048)")
-    p.add_argument("--trials", type=int, default=40, help="passkey prompts per length (default %(default)s)")
+    p.add_argument("--lengths", type=parse_int_list, default=[2048], help="retrieval prompt lengths (default 2048)")
+    p.add_argument("--trials", type=int, default=40, help="prompts per task and length (default %(default)s)")
     p.add_argument("--haystack-offset", type=int, default=40000, help="haystacks start here (default %(default)s)")
     p.add_argument("--prompt-style", choices=PROMPT_STYLES, default="chat")
     p.add_argument("--out-dir", type=Path, default=DEFAULT_RESULTS_DIR)
@@ -38,7 +38,10 @@ def add_harness_args(p) -> None:
 
 
 def add_scoring_args(p) -> None:
-    """The held-out text score_formats reads: --seq-len, --sequences, --offset-tokens."""
+    """What score_formats reads besides add_harness_args: the held-out text (--seq-len,
+    --sequences, --offset-tokens) and the retrieval tasks (--tasks)."""
+    p.add_argument("--tasks", type=choice_list(TASKS, "tasks"), default=["passkey"],
+                   help=f"comma list of retrieval tasks, of {','.join(TASKS)} (default passkey)")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--sequences", type=int, default=2, help="held-out sequences for perplexity (default %(default)s)")
     p.add_argument("--offset-tokens", type=int, default=40000)
@@ -67,29 +70,32 @@ def model_and_rotations(args):
 
 def score_formats(model, tokenizer, formats, stream: torch.Tensor, args) -> list[dict]:
     """FormatResult rows of `formats` (the first one BF16): perplexity, KL and top-1 against it
-    on args.sequences × args.seq_len tokens of `stream` from args.offset_tokens, and passkey
-    retrieval at args.lengths for the others."""
+    on args.sequences × args.seq_len tokens of `stream` from args.offset_tokens, and retrieval
+    (args.tasks at args.lengths) for all of them, BF16 included: the bar the others are held to
+    is BF16 on the same prompts."""
     results = {f.name: FormatResult(f.name, f.bits, f.effective_bits(args.seq_len)) for f in formats}
-    settings = RetrievalSettings(("passkey",), tuple(args.lengths), args.trials, args.haystack_offset, args.prompt_style)
+    settings = RetrievalSettings(tuple(args.tasks), tuple(args.lengths), args.trials, args.haystack_offset,
+                                 args.prompt_style)
     with torch.inference_mode():
         language_metrics(model, formats, split_sequences(stream, args.seq_len, args.sequences, args.offset_tokens), results)
-        retrieval_metrics(model, formats[1:], settings.prompts(tokenizer, stream), results)
+        retrieval_metrics(model, formats, settings.prompts(tokenizer, stream), results)
     return [results[f.name].row() for f in formats]
 
 
-def formats_table(rows: list[dict], lengths, first_header: str) -> str:
+def formats_table(rows: list[dict], tasks, lengths, first_header: str) -> str:
     """Markdown: per row its bits, perplexity (Δ against the first row), KL, top-1 and each
-    length's passkey rate with its Wilson interval."""
+    task's rate at each length with its Wilson interval."""
     reference = rows[0]["perplexity"]
+    columns = [(task, n) for task in tasks for n in lengths]
 
-    def passkey(row, n):
-        outcome = row["retrieval"].get("passkey", {}).get(str(n))
+    def rate(row, task, n):
+        outcome = row["retrieval"].get(task, {}).get(str(n))
         return Proportion(outcome["successes"], outcome["trials"]).text() if outcome else "—"
 
     return markdown_table(
-        [first_header, "bits/elem", "ppl (Δ)", "KL vs BF16", "top-1 vs BF16"] + [f"passkey@{n}" for n in lengths],
+        [first_header, "bits/elem", "ppl (Δ)", "KL vs BF16", "top-1 vs BF16"] + [f"{t}@{n}" for t, n in columns],
         [[r["format"], f"{r['bits_per_element']:.2f}", f"{r['perplexity']:.3f} ({r['perplexity'] - reference:+.3f})",
-          f"{r['kl_vs_bf16']:.4f}", f"{100 * r['top1_agreement']:.1f} %"] + [passkey(r, n) for n in lengths]
+          f"{r['kl_vs_bf16']:.4f}", f"{100 * r['top1_agreement']:.1f} %"] + [rate(r, t, n) for t, n in columns]
          for r in rows])
 
 
@@ -103,7 +109,7 @@ def write_formats_report(args, argv, benchmark: str, model_name: str, rows: list
     args.out_dir.mkdir(parents=True, exist_ok=True)
     path = args.out_dir / f"{benchmark.replace('_', '-')}-{args.name or model_name.lower()}.json"
     path.write_text(json.dumps(report, indent=1))
-    text = "\n".join([formats_table(rows, args.lengths, first_header), "", *notes, f"command: `{report['command']}`",
+    text = "\n".join([formats_table(rows, args.tasks, args.lengths, first_header), "", *notes, f"command: `{report['command']}`",
                       f"machine: {report['machine']}"])
     path.with_suffix(".md").write_text(text + "\n")
     print(text)

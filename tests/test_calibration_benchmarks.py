@@ -135,19 +135,23 @@ def test_scale_only_levels_are_lloyd_max():
 
 def test_channel_keys(tmp_path, capsys):
     """benchmarks/channel_keys.py on the tiny model: the control and each block's bits, error and
-    table; blocks longer than the recent window are refused."""
+    table, every --tasks task scored for every row (BF16, the bar, included); blocks longer than
+    the recent window are refused."""
     from benchmarks import channel_keys
 
     model, data, art = calibrated_tiny_model(tmp_path)
     assert channel_keys.main(["--model", model, "--data", data, "--rotations", art, "--blocks", "32,128",
-                              *TINY_SCORING, "--out-dir", str(tmp_path / "out")]) == 0
+                              *TINY_SCORING, "--tasks", "passkey,multi-needle-one", "--lengths", "700",
+                              "--out-dir", str(tmp_path / "out")]) == 0
     rows = {r["format"]: r for r in json.loads((tmp_path / "out" / "channel-keys-tiny.json").read_text())["results"]}
     assert list(rows) == ["bf16", "served k4v2 (control)", "channel keys, blocks of 32", "channel keys, blocks of 128"]
     head_dim = 64  # the tiny model's
     assert rows["channel keys, blocks of 128"]["bits_per_element"] == (2 + 32 / 128 + 2 + 32 / head_dim) / 2
-    assert all(rows[n]["kl_vs_bf16"] > 0 and rows[n]["retrieval"]["passkey"]["400"]["trials"] == 2
-               for n in list(rows)[2:])
-    assert "| channel keys, blocks of 128 | 2.38 |" in capsys.readouterr().out
+    assert all(rows[n]["kl_vs_bf16"] > 0 for n in list(rows)[1:])
+    assert all(rows[n]["retrieval"][task]["700"]["trials"] == 2
+               for n in rows for task in ("passkey", "multi-needle-one"))
+    out = capsys.readouterr().out
+    assert "| passkey@700 | multi-needle-one@700 |" in out and "| channel keys, blocks of 128 | 2.38 |" in out
     with pytest.raises(ValueError, match="blocks of 256 positions exceed the 128-position recent window"):
         channel_keys.main(["--model", model, "--data", data, "--rotations", art, "--blocks", "256",
                            *TINY_SCORING, "--out-dir", str(tmp_path / "out")])
