@@ -86,8 +86,7 @@ def test_code_widths(tmp_path, capsys):
     assert [rows[n]["bits_per_element"] for n in ("k8v8", "k3v2", "k1v1")] == [8.5, 3.0, 1.5]
     # fewer bits, further from BF16 (the windows keep every format close at 300 tokens, not equal)
     assert 0 < rows["k8v8"]["kl_vs_bf16"] < rows["k3v2"]["kl_vs_bf16"] < rows["k1v1"]["kl_vs_bf16"]
-    assert all(rows[n]["retrieval"]["passkey"]["400"]["trials"] == 2 for n in ("k8v8", "k3v2", "k1v1"))
-    assert rows["bf16"]["retrieval"] == {}
+    assert all(rows[n]["retrieval"]["passkey"]["400"]["trials"] == 2 for n in rows)  # BF16 too: the bar
     assert "| k3v2 | 3.00 |" in capsys.readouterr().out
 
 
