@@ -14,8 +14,8 @@ import torch
 from benchmarks.cli_args import choice_list, parse_int_list
 from benchmarks.paths import DEFAULT_RESULTS_DIR
 from benchmarks.records import markdown_table
-from oscar_sglang.calibration.datasets import resolve_data, split_sequences, token_stream
-from oscar_sglang.calibration.harness import FormatResult, RetrievalSettings, language_metrics, machine, retrieval_metrics
+from oscar_sglang.calibration.datasets import resolve_data, token_stream
+from oscar_sglang.calibration.harness import RetrievalSettings, evaluate, machine
 from oscar_sglang.calibration.kv_formats import Int2Format, KVFormat
 from oscar_sglang.calibration.models import geometry, load_model
 from oscar_sglang.calibration.retrieval import PROMPT_STYLES, TASKS, Proportion
@@ -69,17 +69,15 @@ def model_and_rotations(args):
 
 
 def score_formats(model, tokenizer, formats, stream: torch.Tensor, args) -> list[dict]:
-    """FormatResult rows of `formats` (the first one BF16): perplexity, KL and top-1 against it
-    on args.sequences × args.seq_len tokens of `stream` from args.offset_tokens, and retrieval
-    (args.tasks at args.lengths) for all of them, BF16 included: the bar the others are held to
-    is BF16 on the same prompts."""
-    results = {f.name: FormatResult(f.name, f.bits, f.effective_bits(args.seq_len)) for f in formats}
+    """`harness.evaluate`'s rows for `formats` (the first one BF16) with this parser's flags:
+    perplexity, KL and top-1 against BF16 on args.sequences × args.seq_len tokens of `stream`
+    from args.offset_tokens, and retrieval (args.tasks at args.lengths) for all of them."""
     settings = RetrievalSettings(tuple(args.tasks), tuple(args.lengths), args.trials, args.haystack_offset,
                                  args.prompt_style)
     with torch.inference_mode():
-        language_metrics(model, formats, split_sequences(stream, args.seq_len, args.sequences, args.offset_tokens), results)
-        retrieval_metrics(model, formats, settings.prompts(tokenizer, stream), results)
-    return [results[f.name].row() for f in formats]
+        results = evaluate(model, tokenizer, formats, stream, seq_len=args.seq_len, sequences=args.sequences,
+                           offset=args.offset_tokens, retrieval=settings)
+    return [r.row() for r in results]
 
 
 def formats_table(rows: list[dict], tasks, lengths, first_header: str) -> str:

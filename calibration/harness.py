@@ -160,13 +160,13 @@ class RetrievalSettings:
         return [p for task in self.tasks for p in builder.build(task, list(self.lengths), self.trials)]
 
 
-def evaluate(model, tokenizer, formats: list[KVFormat], files: list[str], *, seq_len: int,
+def evaluate(model, tokenizer, formats: list[KVFormat], stream: torch.Tensor, *, seq_len: int,
              sequences: int, offset: int, retrieval: RetrievalSettings | None) -> list[FormatResult]:
-    """Perplexity/KL/top-1 on `sequences` x `seq_len` tokens of `files` from token `offset`,
-    then the retrieval prompts of `retrieval` (None: none)."""
+    """Perplexity/KL/top-1 on `sequences` x `seq_len` tokens of the token stream (`token_stream`)
+    from token `offset`, then the retrieval prompts of `retrieval` (None: none), for every format,
+    the first (BF16) included: the bar the others are held to is BF16 on the same prompts."""
     if formats[0].name != REFERENCE:
         raise ValueError("the first format must be the BF16 reference")
-    stream = token_stream(tokenizer, files)
     results = {f.name: FormatResult(f.name, f.bits, f.effective_bits(seq_len)) for f in formats}
     language_metrics(model, formats, split_sequences(stream, seq_len, sequences, offset), results)
     if retrieval is not None and retrieval.tasks and retrieval.lengths:
@@ -301,7 +301,7 @@ def run(args) -> int:
                             args.recent_tokens, ablations, args.key_bits)
     retrieval = RetrievalSettings(tuple(args.tasks), tuple(args.lengths), args.trials,
                                   args.haystack_offset, args.prompt_style, args.needles, args.seed)
-    results = evaluate(model, tokenizer, formats, resolve_data(args.data), seq_len=args.seq_len,
+    results = evaluate(model, tokenizer, formats, token_stream(tokenizer, resolve_data(args.data)), seq_len=args.seq_len,
                        sequences=args.sequences, offset=args.offset_tokens, retrieval=retrieval)
     rows = [r.row() for r in results]
     report = {
