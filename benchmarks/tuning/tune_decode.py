@@ -48,21 +48,16 @@ DEV = "cuda"
 SHAPES = [(4096, 1), (32768, 1), (100000, 1), (131072, 1), (4096, 8), (32768, 8), (131072, 8)]
 SECTIONS = ("write", "pieces", "decode", "shared")
 # decode launch variants; the first is the library default. 8 warps and 64 or 256 positions per
-# tile were slower everywhere (results/h100/tune_decode_large_batch*.txt in git history)
+# tile were slower everywhere (results/h100/tune_decode_large_batch*.txt in git history), and so
+# were register caps of 96 and 80, which fit 5 and 6 programs per SM (results/h100/tune_decode_register_caps.txt)
 SPLIT_VARIANTS = {
     "default": dk.DECODE_LAUNCH,
     "bn128_w2": replace(dk.DECODE_LAUNCH, block_n=128, num_warps=2, max_registers=None),
     "bn128_s3": replace(dk.DECODE_LAUNCH, block_n=128, num_stages=3),
-    # register caps that fit 5 and 6 programs per SM instead of 4 (2 and 31 spill instructions per
-    # tile with 4-bit keys at D 128, against none at 128: kernel_resources); more programs per SM
-    # may want other split counts, so these sweep them as the default does
-    "reg96": replace(dk.DECODE_LAUNCH, max_registers=96),
-    "reg80": replace(dk.DECODE_LAUNCH, max_registers=80),
     # the reduce's programs per query head: each loads D / N rows of R_V and all its head's partials
     "reduce2": replace(dk.DECODE_LAUNCH, reduce_dim_programs=2),
     "reduce8": replace(dk.DECODE_LAUNCH, reduce_dim_programs=8),
 }
-SPLIT_SWEEPS = ("default", "reg96", "reg80")  # variants timed at half, once and twice the default splits
 # shared-prefix variants: the query rows a block aims at (find_shared_prefixes' dot_rows) and the
 # launch; the first is the library default (wide blocks from WIDE_BLOCKS_MIN_BATCH requests on),
 # then 16-row and 64-row blocks at every batch size. 32-row blocks and 1-warp programs were slower
@@ -237,7 +232,7 @@ def main():
         for name, variant in SPLIT_VARIANTS.items():
             if f"split:{name}" in failed:
                 continue
-            trial = [default_splits] if name not in SPLIT_SWEEPS else sorted(
+            trial = [default_splits] if name != "default" else sorted(
                 {max(1, default_splits // 2), default_splits, min(dk.MAX_KV_SPLITS, 2 * default_splits)})
             for splits in trial:
                 us = time_us(lambda: decode_variant(problem, splits, variant))
