@@ -2,6 +2,12 @@
 stopped with its whole group when its block ends, fails or times out, and gets SIGTERM if the
 benchmark itself dies (even by SIGKILL); also waiting for a server to answer, free ports, and
 reading what a child wrote (log tails, JSON lines).
+
+SGLang's own helpers do not fit here: `sglang.srt.utils.kill_process_tree` sends SIGKILL at once to
+the children psutil still finds under the server, and `sglang.test.test_utils.popen_launch_server`
+starts the server outside a process group of its own and without a parent-death signal. The
+benchmarks start servers one after another on one GPU, so each stop must give the server a grace
+period and return only once every process it started has exited and freed its GPU memory.
 """
 
 import contextlib
