@@ -54,10 +54,16 @@ SPLIT_VARIANTS = {
     "default": dk.DECODE_LAUNCH,
     "bn128_w2": replace(dk.DECODE_LAUNCH, block_n=128, num_warps=2, max_registers=None),
     "bn128_s3": replace(dk.DECODE_LAUNCH, block_n=128, num_stages=3),
+    # one- and two-warp programs over 64 positions: no or less cross-warp softmax (17.6 and 20.8
+    # warp-instructions per position in the main loop against 29.2 for the default, 4-bit keys:
+    # kernel_resources); they want more splits
+    "bn64_w1": replace(dk.DECODE_LAUNCH, block_n=64, num_warps=1, max_registers=None),
+    "bn64_w2": replace(dk.DECODE_LAUNCH, block_n=64, num_warps=2, max_registers=None),
     # the reduce's programs per query head: each loads D / N rows of R_V and all its head's partials
     "reduce2": replace(dk.DECODE_LAUNCH, reduce_dim_programs=2),
     "reduce8": replace(dk.DECODE_LAUNCH, reduce_dim_programs=8),
 }
+SPLIT_SWEEPS = ("default", "bn64_w1", "bn64_w2")  # variants timed at 1/2, 1, 2 and 4 times the default splits
 # shared-prefix variants: the query rows a block aims at (find_shared_prefixes' dot_rows) and the
 # launch; the first is the library default (wide blocks from WIDE_BLOCKS_MIN_BATCH requests on),
 # then 16-row and 64-row blocks at every batch size. 32-row blocks and 1-warp programs were slower
@@ -232,8 +238,9 @@ def main():
         for name, variant in SPLIT_VARIANTS.items():
             if f"split:{name}" in failed:
                 continue
-            trial = [default_splits] if name != "default" else sorted(
-                {max(1, default_splits // 2), default_splits, min(dk.MAX_KV_SPLITS, 2 * default_splits)})
+            trial = [default_splits] if name not in SPLIT_SWEEPS else sorted(
+                {max(1, default_splits // 2), default_splits, min(dk.MAX_KV_SPLITS, 2 * default_splits),
+                 min(dk.MAX_KV_SPLITS, 4 * default_splits)})
             for splits in trial:
                 us = time_us(lambda: decode_variant(problem, splits, variant))
                 results["decode"].setdefault(f"{context}x{batch}", {})[f"{name}@{splits}"] = us
