@@ -49,21 +49,16 @@ SHAPES = [(4096, 1), (32768, 1), (100000, 1), (131072, 1), (4096, 8), (32768, 8)
 SECTIONS = ("write", "pieces", "decode", "shared")
 # decode launch variants; the first is the library default. 8 warps and 64 or 256 positions per
 # tile were slower everywhere (results/h100/tune_decode_large_batch*.txt in git history), and so
-# were register caps of 96 and 80, which fit 5 and 6 programs per SM (results/h100/tune_decode_register_caps.txt)
+# were register caps of 96 and 80, which fit 5 and 6 programs per SM (results/h100/tune_decode_register_caps.txt),
+# and one- or two-warp programs over 64 positions (results/h100/tune_decode_small_programs.txt)
 SPLIT_VARIANTS = {
     "default": dk.DECODE_LAUNCH,
     "bn128_w2": replace(dk.DECODE_LAUNCH, block_n=128, num_warps=2, max_registers=None),
     "bn128_s3": replace(dk.DECODE_LAUNCH, block_n=128, num_stages=3),
-    # one- and two-warp programs over 64 positions: no or less cross-warp softmax (17.6 and 20.8
-    # warp-instructions per position in the main loop against 29.2 for the default, 4-bit keys:
-    # kernel_resources); they want more splits
-    "bn64_w1": replace(dk.DECODE_LAUNCH, block_n=64, num_warps=1, max_registers=None),
-    "bn64_w2": replace(dk.DECODE_LAUNCH, block_n=64, num_warps=2, max_registers=None),
     # the reduce's programs per query head: each loads D / N rows of R_V and all its head's partials
     "reduce2": replace(dk.DECODE_LAUNCH, reduce_dim_programs=2),
     "reduce8": replace(dk.DECODE_LAUNCH, reduce_dim_programs=8),
 }
-SPLIT_SWEEPS = ("default", "bn64_w1", "bn64_w2")  # variants timed at 1/2, 1, 2 and 4 times the default splits
 # shared-prefix variants: the query rows a block aims at (find_shared_prefixes' dot_rows) and the
 # launch; the first is the library default (wide blocks from WIDE_BLOCKS_MIN_BATCH requests on),
 # then 16-row and 64-row blocks at every batch size. 32-row blocks and 1-warp programs were slower
@@ -238,7 +233,7 @@ def main():
         for name, variant in SPLIT_VARIANTS.items():
             if f"split:{name}" in failed:
                 continue
-            trial = [default_splits] if name not in SPLIT_SWEEPS else sorted(
+            trial = [default_splits] if name != "default" else sorted(
                 {max(1, default_splits // 2), default_splits, min(dk.MAX_KV_SPLITS, 2 * default_splits),
                  min(dk.MAX_KV_SPLITS, 4 * default_splits)})
             for splits in trial:
