@@ -92,7 +92,10 @@ def main(argv=None) -> int:
         rows.append({
             "slice": i, "tokens": [i * args.tokens, (i + 1) * args.tokens],
             "k_clip": r.rotations.k_clip, "v_clip": r.rotations.v_clip,
-            "unsure_layers": [layer for layer, pair in enumerate(r.search.unsure()) if any(pair)],
+            # which layers more text could move is known only from two or more held-out sequences
+            "heldout_sequences": len(r.search.sequence_objectives),
+            "unsure_layers": ([layer for layer, pair in enumerate(r.search.unsure()) if any(pair)]
+                              if len(r.search.sequence_objectives) > 1 else None),
             "perplexity": res.perplexity, "delta_ppl": res.perplexity - base,
             "kl_vs_bf16": res.kl_sum / res.predictions, "top1_agreement": res.top1_sum / res.predictions,
             "passkey": {str(n): Proportion(sum(o), len(o)).as_dict() | {"outcomes": o}
@@ -120,6 +123,13 @@ def main(argv=None) -> int:
     return 0
 
 
+def unsure_cell(row: dict) -> str:
+    """The unsure-layers cell of a slice: their count, or why it is not known."""
+    if row["unsure_layers"] is None:
+        return f"not known ({row['heldout_sequences']} held-out sequence)"
+    return str(len(row["unsure_layers"]))
+
+
 def markdown(report: dict) -> str:
     rows = report["slices"]
     lengths = list(rows[0]["passkey"])
@@ -128,7 +138,7 @@ def markdown(report: dict) -> str:
     body = []
     for r in rows:
         body.append([r["slice"], f"{r['tokens'][0]}-{r['tokens'][1] - 1}", f"{sum(r['k_clip']) / len(r['k_clip']):.3f}",
-                     f"{sum(r['v_clip']) / len(r['v_clip']):.3f}", len(r["unsure_layers"]), f"{r['perplexity']:.3f}",
+                     f"{sum(r['v_clip']) / len(r['v_clip']):.3f}", unsure_cell(r), f"{r['perplexity']:.3f}",
                      f"{r['delta_ppl']:+.3f}", f"{r['kl_vs_bf16']:.4f}", f"{100 * r['top1_agreement']:.1f}%"]
                     + [Proportion(r["passkey"][n]["successes"], r["passkey"][n]["trials"]).text() for n in lengths])
     spread = report["spread"]

@@ -24,9 +24,13 @@ def test_spread_over_slices(tmp_path, capsys, trials):
     assert all(s["passkey"] == ({"640": s["passkey"]["640"]} if trials else {}) for s in slices)
     assert all(s["passkey"]["640"]["trials"] == 2 for s in slices if trials)
     assert report["spread"]["delta_ppl_min"] <= report["spread"]["delta_ppl_max"]
+    # one held-out sequence per slice: which layers more text could move is not known, not "none"
+    assert all(s["heldout_sequences"] == 1 and s["unsure_layers"] is None for s in slices)
     assert sorted(p.name for p in (tmp_path / "art").iterdir()) == ["slice0.oscar.safetensors",
                                                                     "slice1.oscar.safetensors"]
-    assert ("passkey@640" in capsys.readouterr().out) == bool(trials)
+    printed = capsys.readouterr().out
+    assert ("passkey@640" in printed) == bool(trials)
+    assert "not known (1 held-out sequence)" in printed
 
 
 def test_slices_must_end_before_the_evaluation_text(tmp_path):
