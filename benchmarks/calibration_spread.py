@@ -92,10 +92,8 @@ def main(argv=None) -> int:
         rows.append({
             "slice": i, "tokens": [i * args.tokens, (i + 1) * args.tokens],
             "k_clip": r.rotations.k_clip, "v_clip": r.rotations.v_clip,
-            # which layers more text could move is known only from two or more held-out sequences
-            "heldout_sequences": len(r.search.sequence_objectives),
-            "unsure_layers": ([layer for layer, pair in enumerate(r.search.unsure()) if any(pair)]
-                              if len(r.search.sequence_objectives) > 1 else None),
+            "heldout_sequences": r.search.heldout_sequences,
+            "unsure_layers": r.search.unsure_layers(),  # None: not known (one held-out sequence)
             "perplexity": res.perplexity, "delta_ppl": res.perplexity - base,
             "kl_vs_bf16": res.kl_sum / res.predictions, "top1_agreement": res.top1_sum / res.predictions,
             "passkey": {str(n): Proportion(sum(o), len(o)).as_dict() | {"outcomes": o}

@@ -141,9 +141,8 @@ def summary_table(result: CalibrationResult) -> str:
     for err, ref in totals.tolist():
         mean += ["", "", f"{err / n:.3e}", f"{ref / n:.3e}", _reduction(err, ref), ""]
     lines.append("| mean | " + " | ".join(mean) + " |")
-    doubtful = [layer for layer, pair in enumerate(unsure) if any(pair)]
-    sequences = len(search.sequence_objectives)
-    if sequences < 2:
+    doubtful, sequences = search.unsure_layers(), search.heldout_sequences
+    if doubtful is None:
         lines.append(f"\nunsure layers: not known with {sequences} held-out sequence; pass more "
                      "--tokens or a larger --heldout-fraction")
     elif doubtful:

@@ -150,7 +150,18 @@ class ClipSearch:
         have chosen where any of them differs from `best` (empty lists elsewhere, and everywhere
         with fewer than two held-out sequences): the choices more calibration text could move."""
         pooled = self.best()
-        alone = [self._argmin(o) for o in self.sequence_objectives] if len(self.sequence_objectives) > 1 else []
+        alone = [self._argmin(o) for o in self.sequence_objectives] if self.heldout_sequences > 1 else []
         return [[sorted({seq[layer][i][1] for seq in alone})
                  if any(seq[layer][i] != pooled[layer][i] for seq in alone) else [] for i in range(len(KINDS))]
                 for layer in range(len(pooled))]
+
+    @property
+    def heldout_sequences(self) -> int:
+        return len(self.sequence_objectives)
+
+    def unsure_layers(self) -> list[int] | None:
+        """Layers where `unsure` found a clip more text could move (K or V), or None with fewer
+        than two held-out sequences, where that is not known."""
+        if self.heldout_sequences < 2:
+            return None
+        return [layer for layer, pair in enumerate(self.unsure()) if any(pair)]

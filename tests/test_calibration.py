@@ -256,6 +256,7 @@ def test_calibrate_cli_end_to_end(tmp_path, capsys, shared, target, key_bits):
     assert "warning: --tokens 384 is below 12288" in captured.err
     printed = captured.out
     assert "| layer | K target | K clip |" in printed and "| mean |" in printed
+    assert "unsure layers: not known with 1 held-out sequence" in printed
     chosen = {line.split("|")[2].strip() for line in printed.splitlines() if line.startswith("| 0 |")}
     assert chosen <= ({"attention", "plain"} if target == "auto" else {target})
 
