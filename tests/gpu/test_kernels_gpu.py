@@ -176,6 +176,45 @@ def test_decode_cuda_graph_replay_with_new_lengths():
         assert_matches(out, ref.decode_attention(*current), torch.bfloat16)
 
 
+def test_write_then_decode_in_a_cuda_graph():
+    """A decode step as the backend runs it, captured once: the write kernel stores each
+    request's newest token (its K/V in the recent window ring) and decode attends to it at once.
+    The launches overlap as programmatic dependent launches on sm_90+ (kernels/pdl.py); every
+    replay with new K/V/q must see the token just written, never the one before."""
+    gen = torch.Generator(DEVICE).manual_seed(5)
+    fmt = OscarFormat(128)
+    lens = [3001, 150, 20001]
+    cache, batch = build(fmt, lens, 8, torch.bfloat16, gen)
+    last = batch.kv_indptr[1:].long() - 1
+    slots = batch.kv_indices[last]
+    rows = torch.tensor([fmt.window_row(int(batch.window_starts[b]), n - 1) for b, n in enumerate(lens)],
+                        device=DEVICE)
+    k, v = (torch.empty(len(lens), 8, 128, dtype=torch.bfloat16, device=DEVICE) for _ in "kv")
+    q = torch.empty(len(lens), 32, 128, dtype=torch.bfloat16, device=DEVICE)
+    out = torch.empty_like(q)
+
+    def fresh():
+        for x in (k, v, q):
+            x.copy_(torch.randn(x.shape, generator=gen, device=DEVICE).to(x.dtype))
+
+    def step():
+        write_kv_int2(k, v, slots, cache, rows)
+        decode_attention_int2(*decode_args(cache, batch, q), out=out)
+
+    fresh()
+    step()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for _ in range(8):
+        fresh()
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_matches(out, ref.decode_attention(*decode_args(cache, batch, q)), torch.bfloat16)
+
+
 def test_shared_prefix_decode_in_a_cuda_graph():
     """find_shared_prefixes and the shared decode captured in one CUDA graph (as a backend would
     capture them), replayed after the batch changed in place from six requests on one 20K-token
