@@ -23,11 +23,6 @@ request's own positions, and the reduce kernel merges both kinds of partials.
 The grid depends only on shapes and host ints (no host sync), so decode can be captured in a
 CUDA graph; programs whose range is empty write lse = -inf.
 
-On sm_90 and later the launches are programmatic dependent launches (kernels/pdl.py): each is
-scheduled while the kernel before it (for the q rotation: the backend's write kernel, which lets
-it) is still running and waits before reading what that kernel wrote, so no launch gap separates
-them. Every program waits, so each kernel ends only after the one before it has.
-
 INT2 scoring without dequantization: with codes c (quarter slices c_s), scale s_g and minimum m_g
 of the group g(s) holding slice s,
     q'·k̂ = Σ_g s_g · Σ_{s∈g} (q'_s · c_s) + Σ_g m_g · Σ_{i∈g} q'_i
@@ -45,11 +40,9 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .format import CODE_BITS, CODE_MAX, CODES_PER_BYTE, OscarFormat
 from .layer_cache import LayerCache
-from . import pdl
 from .shared_prefix import SHARED_DOT_ROWS, SharedPrefixes
 from .tiles import int2_segment, nonzero, rotate_slice, window_segment
 
@@ -90,9 +83,6 @@ class DecodeLaunch:
     wide_shared_max_registers: int | None = 255
     reduce_warps: int = 8
     reduce_dim_programs: int = 4  # reduce programs per query head, each producing D / 4 output dims
-    # the decode kernels as programmatic dependent launches where the GPU has them (module
-    # docstring)
-    programmatic_launch: bool = True
 
 
 DECODE_LAUNCH = DecodeLaunch()
@@ -104,16 +94,11 @@ DECODE_LAUNCH = DecodeLaunch()
 @triton.jit
 def _rotate_q_kernel(
     q_ptr, stride_qb, stride_qh, k_rot_ptr, stride_krh, qr_ptr, qk_scale,
-    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr,
 ):
     """Program (b, h, s): slice s of q' = q · R_K[h] · qk_scale for the GQA group of KV head h,
     into qr: fp32 [B, H_q, D]. qk_scale = sm_scale·log2(e): scores come out in the exp2 domain."""
     P: tl.constexpr = D // 4
-    if PDL:
-        # wait first: the split kernel, started by the trigger, reads the step's indices
-        # before it waits (for q')
-        gdc_wait()
-        gdc_launch_dependents()
     b = tl.program_id(0)
     hk = tl.program_id(1)
     s = tl.program_id(2)
@@ -137,14 +122,12 @@ def _decode_split_kernel(
     S: tl.constexpr, W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     WIN_PROGRAMS: tl.constexpr, WIN_ROWS: tl.constexpr, SHARED: tl.constexpr,
     CODE_BITS: tl.constexpr, CODE_MAX: tl.constexpr, PTX_UNPACK: tl.constexpr,
-    NUM_STAGES: tl.constexpr, PDL: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     P: tl.constexpr = D // 4
     hk = tl.program_id(0)
     b = tl.program_id(1)
     split = tl.program_id(2)
-    if PDL:
-        gdc_launch_dependents()
 
     kv_lo = tl.load(kv_indptr_ptr + b)
     length = tl.load(kv_indptr_ptr + b + 1) - kv_lo
@@ -164,8 +147,6 @@ def _decode_split_kernel(
     head_ok = heads < GROUP
     m_i, l_i, a0, a1, a2, a3 = _empty_state(BLOCK_H, P)
     row = b.to(tl.int64) * num_q_heads + hk * GROUP + heads
-    if PDL:
-        gdc_wait()  # for q' (the q rotation)
     if has_work:
         q0, q1, q2, q3 = _query_slices(qr_ptr, row, head_ok, D)
         if is_window:
@@ -233,7 +214,7 @@ def _decode_shared_kernel(
     GROUP: tl.constexpr, MEMBERS: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr,
     NG: tl.constexpr, KEY_BITS: tl.constexpr, S: tl.constexpr, BLOCK_N: tl.constexpr,
     CODE_BITS: tl.constexpr, CODE_MAX: tl.constexpr, PTX_UNPACK: tl.constexpr,
-    NUM_STAGES: tl.constexpr, PDL: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     """Program (h, i, j): split j of the INT2 positions [S, block_end[i]) that the members of
     shared-prefix block i (`shared_prefix.SharedPrefixes`) hold in the same slots, read through
@@ -243,9 +224,6 @@ def _decode_shared_kernel(
     hk = tl.program_id(0)
     blk = tl.program_id(1)
     split = tl.program_id(2)
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()  # for the split kernel, hence q' too
     lead = tl.load(members_ptr + blk * MEMBERS)
     shared_end = tl.load(block_end_ptr + blk)
     # a block of one request shares nothing (block_end = S): the reduce kernel skips its parts
@@ -276,7 +254,7 @@ def _decode_reduce_kernel(
     out_ptr, stride_ob, stride_oh,
     v_rot_ptr, stride_vrh,
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr,
-    S: tl.constexpr, SHARED: tl.constexpr, PDL: tl.constexpr,
+    S: tl.constexpr, SHARED: tl.constexpr,
 ):
     """Program (b, h, c): merge query head h's num_parts (<= BLOCK_P) partials, then output dims
     [c·BLOCK_J, (c+1)·BLOCK_J) of o' · R_V[h // GROUP]ᵀ (an fp32 matrix-vector product). Every
@@ -286,8 +264,6 @@ def _decode_reduce_kernel(
     b = tl.program_id(0)
     h = tl.program_id(1)
     j = tl.program_id(2) * BLOCK_J + tl.arange(0, BLOCK_J)
-    if PDL:
-        gdc_wait()  # for the partials
     row = (b.to(tl.int64) * tl.num_programs(1) + h) * num_parts
     parts = tl.arange(0, BLOCK_P)
     ok = parts < num_parts
@@ -445,11 +421,6 @@ class DecodeStep:
     out: torch.Tensor
 
     @property
-    def programmatic(self) -> bool:
-        """Whether this step's kernels chain as programmatic dependent launches."""
-        return self.launch.programmatic_launch and pdl.supported(self.inputs.q.device)
-
-    @property
     def own_start(self) -> torch.Tensor:
         # without shared blocks the kernels never read own_start (SHARED is off): any int32 pointer
         return self.inputs.kv_indptr if self.shared is None else self.shared.own_start
@@ -468,8 +439,7 @@ class DecodeStep:
         k_rot, k_rot_stride = self.inputs.cache.rotation("k")
         _rotate_q_kernel[(batch, kv_heads, CODES_PER_BYTE)](
             q, q.stride(0), q.stride(1), k_rot, k_rot_stride, self.q_rot, self.inputs.sm_scale * LOG2E,
-            GROUP=self.group, BLOCK_H=head_block(self.group), D=q.shape[2], PDL=self.programmatic,
-            num_warps=self.launch.num_warps, launch_pdl=self.programmatic,
+            GROUP=self.group, BLOCK_H=head_block(self.group), D=q.shape[2], num_warps=self.launch.num_warps,
         )
 
     def split(self) -> None:
@@ -486,8 +456,8 @@ class DecodeStep:
             KEY_BITS=fmt.key_bits, S=fmt.sink_tokens, W=fmt.recent_tokens, BLOCK_N=launch.block_n,
             BLOCK_R=launch.block_rows, WIN_PROGRAMS=self.win, WIN_ROWS=launch.window_rows_per_program,
             SHARED=self.shared is not None, CODE_BITS=CODE_BITS, CODE_MAX=CODE_MAX,
-            PTX_UNPACK=not triton.knobs.runtime.interpret, NUM_STAGES=launch.num_stages, PDL=self.programmatic,
-            num_warps=launch.num_warps, maxnreg=launch.max_registers, launch_pdl=self.programmatic,
+            PTX_UNPACK=not triton.knobs.runtime.interpret, NUM_STAGES=launch.num_stages,
+            num_warps=launch.num_warps, maxnreg=launch.max_registers,
         )
 
     def shared_blocks(self) -> None:
@@ -503,9 +473,9 @@ class DecodeStep:
             GROUP=self.group, MEMBERS=self.members, BLOCK_M=shared_rows, D=fmt.head_dim, NG=fmt.num_groups,
             KEY_BITS=fmt.key_bits, S=fmt.sink_tokens, BLOCK_N=launch.block_n,
             CODE_BITS=CODE_BITS, CODE_MAX=CODE_MAX, PTX_UNPACK=not triton.knobs.runtime.interpret,
-            NUM_STAGES=launch.num_stages, PDL=self.programmatic, num_warps=launch.shared_warps,
+            NUM_STAGES=launch.num_stages, num_warps=launch.shared_warps,
             maxnreg=(launch.shared_max_registers if shared_rows <= SHARED_DOT_ROWS
-                     else launch.wide_shared_max_registers), launch_pdl=self.programmatic,
+                     else launch.wide_shared_max_registers),
         )
 
     def reduce(self) -> None:
@@ -516,6 +486,5 @@ class DecodeStep:
             out, out.stride(0), out.stride(1),
             v_rot, v_rot_stride,
             GROUP=self.group, D=d, BLOCK_P=triton.next_power_of_2(self.parts), BLOCK_J=d // launch.reduce_dim_programs,
-            S=self.inputs.cache.fmt.sink_tokens, SHARED=self.shared is not None, PDL=self.programmatic,
-            num_warps=launch.reduce_warps, launch_pdl=self.programmatic,
+            S=self.inputs.cache.fmt.sink_tokens, SHARED=self.shared is not None, num_warps=launch.reduce_warps,
         )

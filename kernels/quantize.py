@@ -13,11 +13,9 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents
 
 from .format import CODE_BITS, CODE_MAX, CODES_PER_BYTE
 from .layer_cache import LayerCache
-from . import pdl
 
 
 
@@ -139,12 +137,7 @@ def _write_kv_kernel(
     k_clip_lo, k_clip_frac, v_clip_lo, v_clip_frac,
     HAS_WINDOW: tl.constexpr, HAS_FLAG: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BLOCK_T: tl.constexpr,
     KEY_BITS: tl.constexpr, PLANE_BITS: tl.constexpr, PER_BYTE: tl.constexpr, PLANE_MAX: tl.constexpr,
-    PDL: tl.constexpr,
 ):
-    if PDL:
-        # a programmatic dependent launch after this one (the decode step's q rotation) may start
-        # now; it waits for this kernel before it ends (kernels/pdl.py)
-        gdc_launch_dependents()
     head = tl.program_id(1)
     tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     tok_ok = tok < num_tokens
@@ -228,5 +221,5 @@ def write_kv_int2(
         k_lo, k_frac, v_lo, v_frac,
         HAS_WINDOW=has_window, HAS_FLAG=has_flag, D=d, G=fmt.group_size, BLOCK_T=block_t,
         KEY_BITS=fmt.key_bits, PLANE_BITS=CODE_BITS, PER_BYTE=CODES_PER_BYTE, PLANE_MAX=CODE_MAX,
-        PDL=pdl.supported(k.device), num_warps=launch.num_warps,
+        num_warps=launch.num_warps,
     )

@@ -50,7 +50,8 @@ SECTIONS = ("write", "pieces", "decode", "shared")
 # decode launch variants; the first is the library default. 8 warps and 64 or 256 positions per
 # tile were slower everywhere (results/h100/tune_decode_large_batch*.txt in git history), and so
 # were register caps of 96 and 80, which fit 5 and 6 programs per SM (results/h100/tune_decode_register_caps.txt),
-# and one- or two-warp programs over 64 positions (results/h100/tune_decode_small_programs.txt)
+# and one- or two-warp programs over 64 positions (results/h100/tune_decode_small_programs.txt),
+# programmatic dependent launches and one softmax state per warp (results/h100/decode-pdl-ab.md)
 SPLIT_VARIANTS = {
     "default": dk.DECODE_LAUNCH,
     "bn128_w2": replace(dk.DECODE_LAUNCH, block_n=128, num_warps=2, max_registers=None),
@@ -58,8 +59,6 @@ SPLIT_VARIANTS = {
     # the reduce's programs per query head: each loads D / N rows of R_V and all its head's partials
     "reduce2": replace(dk.DECODE_LAUNCH, reduce_dim_programs=2),
     "reduce8": replace(dk.DECODE_LAUNCH, reduce_dim_programs=8),
-    # each launch after its predecessor ends instead of as a programmatic dependent launch
-    "no_pdl": replace(dk.DECODE_LAUNCH, programmatic_launch=False),
 }
 # shared-prefix variants: the query rows a block aims at (find_shared_prefixes' dot_rows) and the
 # launch; the first is the library default (wide blocks from WIDE_BLOCKS_MIN_BATCH requests on),
@@ -71,7 +70,6 @@ SHARED_VARIANTS = {  # name: (query rows a block aims at, None: the library's ch
     "rows64": (sp.WIDE_SHARED_DOT_ROWS, dk.DECODE_LAUNCH),
     # 8 warps: no spills in the main loop with 4-bit keys (kernel_resources), 4 warps spill there
     "rows64_w8": (sp.WIDE_SHARED_DOT_ROWS, replace(dk.DECODE_LAUNCH, shared_warps=8)),
-    "no_pdl": (None, replace(dk.DECODE_LAUNCH, programmatic_launch=False)),
 }
 # write kernel: tokens -> [(tokens per program, warps)]; the library default is timed too
 WRITE_TOKENS = [1, 2, 8, 32, 64, 256, 8192]

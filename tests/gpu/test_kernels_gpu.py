@@ -178,9 +178,8 @@ def test_decode_cuda_graph_replay_with_new_lengths():
 
 def test_write_then_decode_in_a_cuda_graph():
     """A decode step as the backend runs it, captured once: the write kernel stores each
-    request's newest token (its K/V in the recent window ring) and decode attends to it at once.
-    The launches overlap as programmatic dependent launches on sm_90+ (kernels/pdl.py); every
-    replay with new K/V/q must see the token just written, never the one before."""
+    request's newest token (its K/V in the recent window ring) and decode attends to it at once;
+    every replay with new K/V/q must see the token just written, never the one before."""
     gen = torch.Generator(DEVICE).manual_seed(5)
     fmt = OscarFormat(128)
     lens = [3001, 150, 20001]
