@@ -54,7 +54,7 @@ MIN_DOT_ROWS = 4
 # took 385 us against 444 us for 8)
 PROGRAMS_PER_SM = 8
 WAVE_OVERHEAD = 0.01  # fixed cost of a wave of split programs, relative to reading a whole span
-MAX_KV_SPLITS = 256
+MAX_KV_SPLITS = 64  # bounds the reduce kernel's one-shot tile of partials
 CPU_SM_COUNT = 8  # stand-in SM count when there is no GPU (interpreter runs)
 LOG2E = 1.4426950408889634
 
@@ -83,7 +83,6 @@ class DecodeLaunch:
     wide_shared_max_registers: int | None = 255
     reduce_warps: int = 8
     reduce_dim_programs: int = 4  # reduce programs per query head, each producing D / 4 output dims
-    reduce_parts: int = 128  # partials the reduce kernel merges at once (a power of two)
 
 
 DECODE_LAUNCH = DecodeLaunch()
@@ -257,36 +256,26 @@ def _decode_reduce_kernel(
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr,
     S: tl.constexpr, SHARED: tl.constexpr,
 ):
-    """Program (b, h, c): merge query head h's num_parts partials, BLOCK_P at a time, then
-    output dims [c·BLOCK_J, (c+1)·BLOCK_J) of o' · R_V[h // GROUP]ᵀ (an fp32 matrix-vector
-    product). Up to BLOCK_P partials every load is independent of the others, so the program
-    waits for memory once; splitting the output dims over programs keeps each program's share of
-    R_V small. SHARED: the partials from first_shared_part on exist only for a request in a
-    shared-prefix block (own_start > S)."""
+    """Program (b, h, c): merge query head h's num_parts (<= BLOCK_P) partials, then output dims
+    [c·BLOCK_J, (c+1)·BLOCK_J) of o' · R_V[h // GROUP]ᵀ (an fp32 matrix-vector product). Every
+    load is independent of the others, so the program waits for memory once; splitting the
+    output dims over programs keeps each program's share of R_V small. SHARED: the partials from
+    first_shared_part on exist only for a request in a shared-prefix block (own_start > S)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     j = tl.program_id(2) * BLOCK_J + tl.arange(0, BLOCK_J)
     row = (b.to(tl.int64) * tl.num_programs(1) + h) * num_parts
+    parts = tl.arange(0, BLOCK_P)
+    ok = parts < num_parts
+    if SHARED:
+        ok &= (parts < first_shared_part) | (tl.load(own_start_ptr + b) > S)
     dims = tl.arange(0, D)
+    lse = tl.load(part_lse_ptr + row + parts, mask=ok, other=float("-inf"))
+    o = tl.load(part_o_ptr + (row + parts)[:, None] * D + dims[None, :], mask=ok[:, None], other=0.0)
     rot = tl.load(v_rot_ptr + (h // GROUP) * stride_vrh + j[:, None] * D + dims[None, :])  # R[j, i]
-    m = tl.full((), float("-inf"), tl.float32)
-    w_sum = tl.zeros((), tl.float32)
-    acc = tl.zeros([D], tl.float32)
-    for p0 in tl.range(0, num_parts, BLOCK_P):
-        parts = p0 + tl.arange(0, BLOCK_P)
-        ok = parts < num_parts
-        if SHARED:
-            ok &= (parts < first_shared_part) | (tl.load(own_start_ptr + b) > S)
-        lse = tl.load(part_lse_ptr + row + parts, mask=ok, other=float("-inf"))
-        o = tl.load(part_o_ptr + (row + parts)[:, None] * D + dims[None, :], mask=ok[:, None], other=0.0)
-        m_new = tl.maximum(m, tl.max(lse, axis=0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m - m_safe)
-        w = tl.math.exp2(lse - m_safe)
-        acc = acc * alpha + tl.sum(w[:, None] * o, axis=0)
-        w_sum = w_sum * alpha + tl.sum(w, axis=0)
-        m = m_new
-    merged = acc / nonzero(w_sum)
+    m = tl.max(lse, axis=0)
+    w = tl.math.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
+    merged = tl.sum(w[:, None] * o, axis=0) / nonzero(tl.sum(w, axis=0))
     out = tl.sum(rot * merged[None, :], axis=1)  # out[j] = Σ_i o'[i] · R[j, i]
     tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + j, out.to(out_ptr.dtype.element_ty))
 
@@ -348,7 +337,7 @@ def decode_attention_int2(
     window_starts: [B] first window row of each request; cache: the layer's pool buffers.
     num_kv_splits: INT2 splits per (request, KV head), 1..MAX_KV_SPLITS, default from the SM
     count (a runtime kernel argument: changing it recompiles only the reduce kernel, and only
-    when the number of partials crosses a power of two below DecodeLaunch.reduce_parts).
+    when the number of partials crosses a power of two).
     shared: `shared_prefix.find_shared_prefixes(kv_indptr, kv_indices, fmt, H_q // H_kv)`, computed
     once per batch for all layers: INT2 positions that requests hold in the same slots are read
     once per block of requests (`_decode_shared_kernel`), the rest per request.
@@ -380,7 +369,7 @@ def decode_step(
         if shared.members.shape[0] != batch or tuple(shared.own_start.shape) != (batch,):
             raise ValueError(f"shared prefixes are for a batch of {shared.members.shape[0]} requests, "
                              f"not of {batch}: find them for this batch's kv_indptr and kv_indices")
-        # at most MAX_KV_SPLITS INT2 partials per head, as without shared blocks
+        # the reduce kernel merges at most MAX_KV_SPLITS INT2 partials per head in one tile
         shared_splits = max(1, min(default_num_kv_splits(triton.cdiv(batch, members), kv_heads, q.device),
                                    MAX_KV_SPLITS - splits))
     win = window_programs(fmt, launch)
@@ -496,7 +485,6 @@ class DecodeStep:
             self.part_o, self.part_lse, self.parts, self.own_start, self.win + self.splits,
             out, out.stride(0), out.stride(1),
             v_rot, v_rot_stride,
-            GROUP=self.group, D=d, BLOCK_P=min(triton.next_power_of_2(self.parts), launch.reduce_parts),
-            BLOCK_J=d // launch.reduce_dim_programs,
+            GROUP=self.group, D=d, BLOCK_P=triton.next_power_of_2(self.parts), BLOCK_J=d // launch.reduce_dim_programs,
             S=self.inputs.cache.fmt.sink_tokens, SHARED=self.shared is not None, num_warps=launch.reduce_warps,
         )
