@@ -54,7 +54,8 @@ MIN_DOT_ROWS = 4
 # took 385 us against 444 us for 8)
 PROGRAMS_PER_SM = 8
 WAVE_OVERHEAD = 0.01  # fixed cost of a wave of split programs, relative to reading a whole span
-MAX_KV_SPLITS = 64  # bounds the reduce kernel's one-shot tile of partials
+MAX_KV_SPLITS = 64  # bounds the reduce kernel's one-shot tile of partials; at batch 1 more splits (two
+# waves) were slower (H100: 132 took 5-25 % more time; results/h100/tune_decode_splits132.txt)
 CPU_SM_COUNT = 8  # stand-in SM count when there is no GPU (interpreter runs)
 LOG2E = 1.4426950408889634
 
