@@ -25,17 +25,6 @@ def unpack_ptx(s: int) -> str:
     return "\n".join(lines + ["}"])
 
 
-def pair_mask_ptx(s: int) -> str:
-    """PTX keeping quarter slice s of the low bytes of two 16-bit code pairs ($1) as two fp16
-    subnormals c·4^s·2^-24 ($0)."""
-    return f"and.b32 $0, $1, {(CODE_MAX << (CODE_BITS * s)) * 0x00010001:#010x};"
-
-
-PAIR_MASK_PTX_0 = tl.constexpr(pair_mask_ptx(0))
-PAIR_MASK_PTX_1 = tl.constexpr(pair_mask_ptx(1))
-PAIR_MASK_PTX_2 = tl.constexpr(pair_mask_ptx(2))
-PAIR_MASK_PTX_3 = tl.constexpr(pair_mask_ptx(3))
-HIGH_BYTES_PTX = tl.constexpr("prmt.b32 $0, $1, 0, 0x4341;")  # each 16-bit lane's high byte, moved low
 UNPACK_PTX_0 = tl.constexpr(unpack_ptx(0))
 UNPACK_PTX_1 = tl.constexpr(unpack_ptx(1))
 UNPACK_PTX_2 = tl.constexpr(unpack_ptx(2))
@@ -105,34 +94,6 @@ def code_slice(codes, s: tl.constexpr, CODE_BITS: tl.constexpr, CODE_MAX: tl.con
     else:
         c = (codes & (CODE_MAX << (CODE_BITS * s))).to(tl.uint16).to(tl.float16, bitcast=True)
     return c
-
-
-@triton.jit
-def pair_slice(pairs, s: tl.constexpr, CODE_BITS: tl.constexpr, CODE_MAX: tl.constexpr, PTX_UNPACK: tl.constexpr):
-    """pairs: [N, P/2] int16 whose low bytes hold code bytes -> quarter slice s of those bytes as
-    fp16 c·4^s·2^-24 [N, P/2]."""
-    if PTX_UNPACK:
-        if s == 0:
-            c = tl.inline_asm_elementwise(PAIR_MASK_PTX_0, "=r,r", [pairs], dtype=tl.float16, is_pure=True, pack=2)
-        elif s == 1:
-            c = tl.inline_asm_elementwise(PAIR_MASK_PTX_1, "=r,r", [pairs], dtype=tl.float16, is_pure=True, pack=2)
-        elif s == 2:
-            c = tl.inline_asm_elementwise(PAIR_MASK_PTX_2, "=r,r", [pairs], dtype=tl.float16, is_pure=True, pack=2)
-        else:
-            c = tl.inline_asm_elementwise(PAIR_MASK_PTX_3, "=r,r", [pairs], dtype=tl.float16, is_pure=True, pack=2)
-    else:
-        c = (pairs & (CODE_MAX << (CODE_BITS * s))).to(tl.uint16).to(tl.float16, bitcast=True)
-    return c
-
-
-@triton.jit
-def high_bytes(pairs, PTX_UNPACK: tl.constexpr):
-    """pairs: int16 -> each element's high byte as the low byte of an int16 (high byte 0)."""
-    if PTX_UNPACK:
-        hi = tl.inline_asm_elementwise(HIGH_BYTES_PTX, "=r,r", [pairs], dtype=tl.int16, is_pure=True, pack=2)
-    else:
-        hi = (pairs >> 8) & 0xFF
-    return hi
 
 
 @triton.jit
@@ -215,7 +176,7 @@ def key_slice(kc, kc_hi, s: tl.constexpr, KEY_BITS: tl.constexpr, CODE_BITS: tl.
 
 @triton.jit
 def int2_tile(
-    m_i, l_i, e0, o0, e1, o1, e2, o2, e3, o3, am0, am1, am2, am3,
+    m_i, l_i, a0, a1, a2, a3, am0, am1, am2, am3,
     q0, q1, q2, q3, qs0, qs1, qs2, qs3,
     kc, kc_hi, vc, kw, vw, valid,
     NG: tl.constexpr, KEY_BITS: tl.constexpr, CODE_BITS: tl.constexpr, CODE_MAX: tl.constexpr,
@@ -246,20 +207,15 @@ def int2_tile(
     scores = tl.where(valid[None, :], scores, float("-inf"))
 
     m_i, l_i, alpha, p = online_softmax(m_i, l_i, scores)
-    e0 *= alpha[:, None]
-    o0 *= alpha[:, None]
-    e1 *= alpha[:, None]
-    o1 *= alpha[:, None]
-    e2 *= alpha[:, None]
-    o2 *= alpha[:, None]
-    e3 *= alpha[:, None]
-    o3 *= alpha[:, None]
+    a0 *= alpha[:, None]
+    a1 *= alpha[:, None]
+    a2 *= alpha[:, None]
+    a3 *= alpha[:, None]
     am0 *= alpha
     am1 *= alpha
     am2 *= alpha
     am3 *= alpha
     # o'_s += (p · scale_g) @ c_s; the minimum's share goes to am_g
-    vc_hi = high_bytes(vc, PTX_UNPACK)
     for g in tl.static_range(NG):
         v_scale, v_min = group_meta(vw, g, NG)
         pg = (p * v_scale[None, :]).to(tl.float16)
@@ -274,21 +230,16 @@ def int2_tile(
             am3 += pm
         for t in tl.static_range(SPG):
             s = g * SPG + t
-            ce = pair_slice(vc, s, CODE_BITS, CODE_MAX, PTX_UNPACK)
-            co = pair_slice(vc_hi, s, CODE_BITS, CODE_MAX, PTX_UNPACK)
+            c = code_slice(vc, s, CODE_BITS, CODE_MAX, PTX_UNPACK)
             if s == 0:
-                e0 = tl.dot(pg, ce, e0)
-                o0 = tl.dot(pg, co, o0)
+                a0 = tl.dot(pg, c, a0)
             elif s == 1:
-                e1 = tl.dot(pg, ce, e1)
-                o1 = tl.dot(pg, co, o1)
+                a1 = tl.dot(pg, c, a1)
             elif s == 2:
-                e2 = tl.dot(pg, ce, e2)
-                o2 = tl.dot(pg, co, o2)
+                a2 = tl.dot(pg, c, a2)
             else:
-                e3 = tl.dot(pg, ce, e3)
-                o3 = tl.dot(pg, co, o3)
-    return m_i, l_i, e0, o0, e1, o1, e2, o2, e3, o3, am0, am1, am2, am3
+                a3 = tl.dot(pg, c, a3)
+    return m_i, l_i, a0, a1, a2, a3, am0, am1, am2, am3
 
 
 @triton.jit
@@ -309,6 +260,7 @@ def int2_segment(
     """
     SPG: tl.constexpr = 4 // NG
     M: tl.constexpr = a0.shape[0]
+    cols = tl.arange(0, P)
     # codes enter the dots as c·4^s·2^-24: K slices take 4^-s in q, V slices accumulate o'_s·4^s·2^-24
     qs0 = tl.sum(q0, axis=1)
     qs1 = tl.sum(q1, axis=1)
@@ -326,31 +278,17 @@ def int2_segment(
     am1 = tl.zeros([M], tl.float32)
     am2 = tl.zeros([M], tl.float32)
     am3 = tl.zeros([M], tl.float32)
-    # value codes are read as 16-bit pairs of bytes (dims 2j and 2j + 1 of every slice), and the
-    # even and odd dims accumulate apart: the PV dots contract over positions, so each thread
-    # needs one byte of many positions, which 16-bit operands bring with ldmatrix instead of
-    # one shared-memory load per byte
-    e0, o0 = tl.split(tl.reshape(a0, [M, P // 2, 2]))
-    e1, o1 = tl.split(tl.reshape(a1, [M, P // 2, 2]))
-    e2, o2 = tl.split(tl.reshape(a2, [M, P // 2, 2]))
-    e3, o3 = tl.split(tl.reshape(a3, [M, P // 2, 2]))
-    v_pairs_ptr = v_codes_ptr.to(tl.pointer_type(tl.int16))
-    pair_cols = tl.arange(0, P // 2)
     for n0 in tl.range(lo, hi, BLOCK_N, num_stages=NUM_STAGES):
         pos = n0 + tl.arange(0, BLOCK_N)
         valid = pos < hi
         slot = tl.load(idx_ptr + pos, mask=valid, other=0).to(tl.int64)
         kc, kc_hi = load_key_codes(k_codes_ptr + slot[:, None] * stride_kcs, valid, P, KEY_BITS)
-        vc = tl.load(v_pairs_ptr + slot[:, None] * (stride_vcs // 2) + pair_cols[None, :], mask=valid[:, None], other=0)
+        vc = tl.load(v_codes_ptr + slot[:, None] * stride_vcs + cols[None, :], mask=valid[:, None], other=0)
         kw = load_meta_words(k_meta_ptr, slot, valid, stride_ms, NG)
         vw = load_meta_words(v_meta_ptr, slot, valid, stride_ms, NG)
-        m_i, l_i, e0, o0, e1, o1, e2, o2, e3, o3, am0, am1, am2, am3 = int2_tile(
-            m_i, l_i, e0, o0, e1, o1, e2, o2, e3, o3, am0, am1, am2, am3, q0, q1, q2, q3, qs0, qs1, qs2, qs3,
+        m_i, l_i, a0, a1, a2, a3, am0, am1, am2, am3 = int2_tile(
+            m_i, l_i, a0, a1, a2, a3, am0, am1, am2, am3, q0, q1, q2, q3, qs0, qs1, qs2, qs3,
             kc, kc_hi, vc, kw, vw, valid, NG, KEY_BITS, CODE_BITS, CODE_MAX, PTX_UNPACK)
-    a0 = tl.reshape(tl.join(e0, o0), [M, P])
-    a1 = tl.reshape(tl.join(e1, o1), [M, P])
-    a2 = tl.reshape(tl.join(e2, o2), [M, P])
-    a3 = tl.reshape(tl.join(e3, o3), [M, P])
     a0 = a0 * CODE_UNIT + pick(0 // SPG, am0, am1, am2, am3)[:, None]
     a1 = a1 * (CODE_UNIT / 4) + pick(1 // SPG, am0, am1, am2, am3)[:, None]
     a2 = a2 * (CODE_UNIT / 16) + pick(2 // SPG, am0, am1, am2, am3)[:, None]
