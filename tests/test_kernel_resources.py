@@ -36,6 +36,7 @@ def test_every_kernel_compiles_for_sm90(head_dim, key_bits, tmp_path):
     assert {r["kernel"] for r in rows} == KERNELS
     for r in rows:
         assert r["registers"] > 0
+        assert sum(r["loop"]["opcodes"].values()) == r["loop"]["instructions"]
         if r["kernel"] in ATTENTION:
             assert r["loop"]["mma"] > 0, f"{r['kernel']} ({r['launch']}) runs its main loop without tensor cores"
     if head_dim == 128:

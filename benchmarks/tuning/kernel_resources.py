@@ -8,8 +8,9 @@ H_kv 8, D 128, G 128; --head-dim 64 for a D = 64 model): decode without and with
 blocks, extend over a cached prefix, the write kernel at decode and prefill token counts.
 Reported per kernel: registers and stack bytes per thread, shared memory, and per loop (backward
 branch) the SASS instructions of one iteration, the local-memory accesses among them (register
-spills: STL / LDL) and the tensor-core instructions (HMMA, or HGMMA for warpgroup MMAs); the
-table shows the main loop, the one with the most tensor-core instructions. --key-bits sets the key
+spills: STL / LDL), the tensor-core instructions (HMMA, or HGMMA for warpgroup MMAs) and the
+count of each opcode; the table shows the main loop, the one with the most tensor-core
+instructions, and its most frequent opcodes are printed below it. --key-bits sets the key
 code width; --set decode.FIELD=VALUE, extend.FIELD=VALUE and quantize.FIELD=VALUE change a field of
 the decode, extend or write launch (kernels.decode.DecodeLaunch, kernels.extend.ExtendLaunch,
 kernels.quantize.WriteLaunch).
@@ -22,6 +23,7 @@ table.
 """
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import re
@@ -105,8 +107,8 @@ def opcode(instruction: str) -> str:
 
 
 def loops(sass: str) -> list[dict]:
-    """Per loop (backward branch), one iteration's instructions, spills (STL / LDL) and
-    tensor-core instructions, in address order."""
+    """Per loop (backward branch), one iteration's instructions, spills (STL / LDL),
+    tensor-core instructions and count per opcode (most frequent first), in address order."""
     instructions = [(int(a, 16), text) for a, text in INSTRUCTION_RE.findall(sass)]
     found = []
     for address, text in instructions:
@@ -115,7 +117,8 @@ def loops(sass: str) -> list[dict]:
             continue
         body = [opcode(t) for a, t in instructions if int(target.group(1), 16) <= a <= address]
         found.append({"instructions": len(body), "spills": sum(op in ("STL", "LDL") for op in body),
-                      "mma": sum(op in ("HMMA", "HGMMA") for op in body)})
+                      "mma": sum(op in ("HMMA", "HGMMA") for op in body),
+                      "opcodes": dict(collections.Counter(body).most_common())})
     return found
 
 
@@ -123,7 +126,7 @@ def main_loop(found: list[dict]) -> dict:
     """The loop with the most tensor-core instructions, the leaner one of equals (the extend
     kernel's prefix loop rather than its causal chunk loop); zeros without a loop."""
     return max(found, key=lambda loop: (loop["mma"], -loop["instructions"]),
-               default={"instructions": 0, "spills": 0, "mma": 0})
+               default={"instructions": 0, "spills": 0, "mma": 0, "opcodes": {}})
 
 
 def describe(tag: str, name: str, kernel) -> dict:
@@ -229,6 +232,11 @@ def main(argv=None):
     rows = [describe(*record) for i, record in enumerate(records)
             if (record[0], record[2].hash) not in {(r[0], r[2].hash) for r in records[:i]}]
     print(table(rows))
+    print("\nmain-loop instruction mix (the 12 most frequent opcodes):")
+    for r in rows:
+        if r["loop"]["opcodes"]:
+            mix = ", ".join(f"{op} {n}" for op, n in list(r["loop"]["opcodes"].items())[:12])
+            print(f"  {r['launch']} / {r['kernel']}: {mix}")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     width = "" if args.key_bits == DEFAULT_KEY_BITS else f"_k{args.key_bits}"
     settings = "".join(f"_{name}{value}" for _, name, value in args.set)
