@@ -51,7 +51,8 @@ SECTIONS = ("write", "pieces", "decode", "shared")
 # tile were slower everywhere (results/h100/tune_decode_large_batch*.txt in git history), and so
 # were register caps of 96 and 80, which fit 5 and 6 programs per SM (results/h100/tune_decode_register_caps.txt),
 # and one- or two-warp programs over 64 positions (results/h100/tune_decode_small_programs.txt),
-# programmatic dependent launches and one softmax state per warp (results/h100/decode-pdl-ab.md)
+# programmatic dependent launches (results/h100/decode-pdl-ab.md) and one softmax state per warp
+# (results/h100/tune_decode_pdl_warp_states.txt)
 SPLIT_VARIANTS = {
     "default": dk.DECODE_LAUNCH,
     "bn128_w2": replace(dk.DECODE_LAUNCH, block_n=128, num_warps=2, max_registers=None),
