@@ -29,12 +29,12 @@ import re
 import shlex
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 import triton
-from oscar_sglang.kernels.decode import decode_attention_int2, default_num_kv_splits
+from oscar_sglang.kernels.decode import DECODE_LAUNCH, decode_attention_int2, default_num_kv_splits
 from oscar_sglang.kernels.format import DEFAULT_KEY_BITS, SUPPORTED_KEY_BITS, OscarFormat
 from oscar_sglang.kernels.shared_prefix import find_shared_prefixes
 
@@ -64,6 +64,8 @@ def build_parser():
     parser.add_argument("--group-size", type=int, help="OSCAR quantization group size (default: the layer's head_dim)")
     parser.add_argument("--key-bits", type=int, choices=SUPPORTED_KEY_BITS, default=DEFAULT_KEY_BITS,
                         help="OSCAR bits per key code (default: %(default)s)")
+    parser.add_argument("--int2-split", choices=("cuda", "triton"), default=DECODE_LAUNCH.int2_split,
+                        help="kernel of OSCAR's INT2 split programs (DecodeLaunch.int2_split; default: %(default)s)")
     parser.add_argument("--shared-prefix", type=int, default=0, help="tokens whose slots all requests share (default: %(default)s)")
     parser.add_argument("--page-size", type=int, default=PAGE_SIZE, help="FlashInfer page size and slot-shuffle granularity (default: %(default)s)")
     parser.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition time per point (default: %(default)s)")
@@ -100,9 +102,10 @@ def bench_oscar(batch, context, args, q, shared=False):
         return find_shared_prefixes(inputs.kv_indptr, inputs.kv_indices, fmt, layer.group)
 
     prefixes = blocks() if shared else None
+    launch = replace(DECODE_LAUNCH, int2_split=args.int2_split)
 
     def step():
-        decode_attention_int2(*inputs.args, out=out, shared=prefixes)
+        decode_attention_int2(*inputs.args, out=out, shared=prefixes, launch=launch)
 
     us, mode = median_us(step, args.rep_ms)
     record = {"us": us, "timing": mode, "bytes": oscar_decode_bytes(layer, fmt, batch, context),
@@ -280,7 +283,7 @@ def main(argv=None):
         "versions": {"torch": torch.__version__, "triton": triton.__version__},
         "machine": machine_info(),
         "settings": {**asdict(LAYERS[args.layer]), "group_size": args.group_size or LAYERS[args.layer].head_dim,
-                     "key_bits": args.key_bits,
+                     "key_bits": args.key_bits, "int2_split": args.int2_split,
                      "page_size": args.page_size, "shared_prefix": args.shared_prefix, "q_dtype": "bfloat16", "rep_ms": args.rep_ms},
         "hbm_copy_gbps": hbm,
         "seconds": time.time() - started,

@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import int2_split
 from .format import CODE_BITS, CODE_MAX, CODES_PER_BYTE, OscarFormat
 from .layer_cache import LayerCache
 from .shared_prefix import SHARED_DOT_ROWS, SharedPrefixes
@@ -84,6 +85,11 @@ class DecodeLaunch:
     wide_shared_max_registers: int | None = 255
     reduce_warps: int = 8
     reduce_dim_programs: int = 4  # reduce programs per query head, each producing D / 4 output dims
+    # who runs the INT2 split programs: "cuda" (int2_split.cu, wherever `int2_split.serves`) or
+    # "triton" (`_decode_split_kernel`, which runs the window programs either way)
+    int2_split: str = "cuda"
+    cuda_stages: int = 4  # cp.async pipeline depth of each warp of int2_split.cu
+    cuda_key_chains: int = 4  # independent accumulators its key MMAs alternate between (all groups)
 
 
 DECODE_LAUNCH = DecodeLaunch()
@@ -373,11 +379,13 @@ def decode_step(
         # the reduce kernel merges at most MAX_KV_SPLITS INT2 partials per head in one tile
         shared_splits = max(1, min(default_num_kv_splits(triton.cdiv(batch, members), kv_heads, q.device),
                                    MAX_KV_SPLITS - splits))
+    if launch.int2_split not in ("cuda", "triton"):
+        raise ValueError(f"DecodeLaunch.int2_split must be 'cuda' or 'triton', got {launch.int2_split!r}")
     win = window_programs(fmt, launch)
     parts = win + splits + shared_splits
     return DecodeStep(
         DecodeInputs(q, kv_indptr, kv_indices, window_starts, cache, sm_scale), shared, launch, group, splits,
-        shared_splits, members, win, parts,
+        shared_splits, members, win, parts, launch.int2_split == "cuda" and int2_split.serves(group, q.device),
         q_rot=torch.empty(batch, q_heads, d, dtype=torch.float32, device=q.device),
         part_o=torch.empty(batch, q_heads, parts, d, dtype=torch.float32, device=q.device),
         part_lse=torch.empty(batch, q_heads, parts, dtype=torch.float32, device=q.device),
@@ -405,7 +413,8 @@ class DecodeInputs:
 class DecodeStep:
     """One decode step's launches (module docstring) on `inputs`, over its scratch: q_rot [B, H_q, D] fp32,
     part_o [B, H_q, parts, D] fp32 and part_lse [B, H_q, parts] fp32, parts = win (window
-    programs) + splits + shared_splits; out [B, H_q, D]."""
+    programs) + splits + shared_splits; out [B, H_q, D]. cuda_split: int2_split.cu runs the
+    INT2 split programs, the Triton split kernel only the window programs."""
 
     inputs: DecodeInputs
     shared: SharedPrefixes | None
@@ -416,6 +425,7 @@ class DecodeStep:
     members: int
     win: int
     parts: int
+    cuda_split: bool
     q_rot: torch.Tensor
     part_o: torch.Tensor
     part_lse: torch.Tensor
@@ -446,7 +456,8 @@ class DecodeStep:
     def split(self) -> None:
         cache, fmt, launch = self.inputs.cache, self.inputs.cache.fmt, self.launch
         k_meta, v_meta = meta_words(cache.k_meta), meta_words(cache.v_meta)
-        _decode_split_kernel[(cache.kv_heads, self.inputs.q.shape[0], self.win + self.splits)](
+        triton_programs = self.win if self.cuda_split else self.win + self.splits
+        _decode_split_kernel[(cache.kv_heads, self.inputs.q.shape[0], triton_programs)](
             self.q_rot,
             self.inputs.kv_indptr, self.inputs.kv_indices, self.inputs.window_starts, self.own_start,
             *code_args(cache),
@@ -460,6 +471,10 @@ class DecodeStep:
             PTX_UNPACK=not triton.knobs.runtime.interpret, NUM_STAGES=launch.num_stages,
             num_warps=launch.num_warps, maxnreg=launch.max_registers,
         )
+        if self.cuda_split:
+            int2_split.launch(self.q_rot, self.inputs.kv_indptr, self.inputs.kv_indices,
+                              None if self.shared is None else self.shared.own_start, cache, self.part_o,
+                              self.part_lse, self.splits, self.win, launch.cuda_stages, launch.cuda_key_chains)
 
     def shared_blocks(self) -> None:
         cache, fmt, launch, shared = self.inputs.cache, self.inputs.cache.fmt, self.launch, self.shared

@@ -4,11 +4,14 @@ against the PyTorch reference, plus CUDA-graph capture and replay of decode.
 Pools are written with the real Triton write path (`quantize.write_kv_int2`) on the GPU.
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
 from oscar_sglang.kernels import reference as ref
 from oscar_sglang.kernels import shared_prefix
-from oscar_sglang.kernels.decode import decode_attention_int2
+from oscar_sglang.kernels import int2_split as int2_split_kernel
+from oscar_sglang.kernels.decode import DECODE_LAUNCH, DecodeLaunch, decode_attention_int2
 from oscar_sglang.kernels.extend import extend_attention_int2, flashinfer_extend_wrapper, plan_flashinfer_extend
 from oscar_sglang.kernels.format import OscarFormat
 from oscar_sglang.kernels.layer_cache import LayerCache
@@ -57,16 +60,25 @@ def decode_args(cache, batch, q):
     return (q, batch.kv_indptr, batch.kv_indices, batch.window_starts, cache, cache.fmt.head_dim ** -0.5)
 
 
-@pytest.mark.parametrize("dtype, key_bits",
-                         [(torch.bfloat16, 2), (torch.float16, 2), (torch.bfloat16, 3), (torch.bfloat16, 4)])
-def test_decode_qwen3_layer(dtype, key_bits):
+def split_launch(int2_split: str, gqa: int) -> DecodeLaunch:
+    """Launch parameters running the INT2 split programs in `int2_split`'s kernel, checked to be
+    the one that runs them for this GQA group."""
+    assert int2_split == "triton" or int2_split_kernel.serves(gqa, torch.device(DEVICE))
+    return replace(DECODE_LAUNCH, int2_split=int2_split)
+
+
+@pytest.mark.parametrize("int2_split", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype, key_bits, group_size",
+                         [(torch.bfloat16, 2, 128), (torch.float16, 2, 128), (torch.bfloat16, 3, 128),
+                          (torch.bfloat16, 4, 128), (torch.bfloat16, 4, 64)])
+def test_decode_qwen3_layer(dtype, key_bits, group_size, int2_split):
     gen = torch.Generator(DEVICE).manual_seed(0)
-    fmt = OscarFormat(128, key_bits=key_bits)
+    fmt = OscarFormat(128, group_size, key_bits=key_bits)
     cache, batch = build(fmt, [32768, 5000, 193, 1], 8, dtype, gen)
     q = torch.randn(4, 32, 128, generator=gen, device=DEVICE).to(dtype)
     args = decode_args(cache, batch, q)
     out = torch.full_like(q, float("nan"))
-    decode_attention_int2(*args, out=out)
+    decode_attention_int2(*args, out=out, launch=split_launch(int2_split, 4))
     assert_matches(out, ref.decode_attention(*args), dtype)
 
 
@@ -83,7 +95,8 @@ def test_decode_qwen3_layer(dtype, key_bits):
         (128, 64, 8, 4, 64, 128, torch.int32, 3),
     ],
 )
-def test_decode_shapes(head_dim, group_size, kv_heads, gqa, sinks, recent, index_dtype, key_bits):
+@pytest.mark.parametrize("int2_split", ["cuda", "triton"])
+def test_decode_shapes(head_dim, group_size, kv_heads, gqa, sinks, recent, index_dtype, key_bits, int2_split):
     gen = torch.Generator(DEVICE).manual_seed(head_dim + gqa)
     fmt = OscarFormat(head_dim, group_size, sink_tokens=sinks, recent_tokens=recent, key_bits=key_bits)
     lens = [1, sinks + recent, sinks + recent + 1, 3000, 17]
@@ -92,7 +105,8 @@ def test_decode_shapes(head_dim, group_size, kv_heads, gqa, sinks, recent, index
     args = decode_args(cache, batch, q)
     expected = ref.decode_attention(*args)
     for splits in (None, 1, 7):
-        assert_matches(decode_attention_int2(*args, num_kv_splits=splits), expected, torch.bfloat16)
+        assert_matches(decode_attention_int2(*args, num_kv_splits=splits, launch=split_launch(int2_split, gqa)),
+                       expected, torch.bfloat16)
 
 
 def planned_flashinfer(chunks, prefixes, q_heads, kv_heads, head_dim, dtype):

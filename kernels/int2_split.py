@@ -1,0 +1,281 @@
+"""The decode step's INT2 split programs as CUDA C++ (int2_split.cu), compiled at run time by
+NVRTC for the GPU at hand, and the key-register plan that kernel's unpacking is generated from.
+
+A position's key codes are an MMA row: the 4 threads of the row each read a quarter of its bytes
+(`key_chunks`) and turn them into f16x2 operand registers (`key_registers`), each lane one code
+as the fp16 subnormal c · 2^f · 2^-24 of its bit field f. Which dim a lane stands for depends on
+the thread (`lane_code`); the query fragment of thread t holds q'_dim · multiplier · 2^-f for the
+same lanes (the tables KEY_Q_DIM, KEY_Q_SCALE), so the MMA sums q'·c over the whole key without
+the codes ever being put in dim order. Registers are ordered by quantization group, two per MMA.
+
+Used for GQA groups of up to MAX_GQA query heads on GPUs with mma.sync and cp.async (sm_80+);
+`decode.py` keeps its Triton split kernel for the rest and for the Triton interpreter.
+"""
+
+import ctypes
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .format import CODE_BITS, OscarFormat
+from .layer_cache import LayerCache
+
+THREADS_PER_ROW = 4  # threads of an m16n8k16 fragment sharing a row
+MAX_GQA = 8  # the MMA's N: query heads of one KV head a program serves
+MIN_CAPABILITY = (8, 0)  # mma.sync m16n8k16 f16, cp.async, movmatrix
+WARPS = 4  # int2_split.cu's WARPS
+SOURCE = Path(__file__).with_name("int2_split.cu")
+C_INTS = {32: "int", 64: "long long"}
+
+
+@dataclass(frozen=True)
+class KeyChunk:
+    """Bytes of a key row (kernels.format) that each thread of the row reads: thread t reads
+    [start + t·size, start + (t+1)·size)."""
+
+    start: int
+    size: int
+    field_bits: int  # 2: a quartered 2-bit plane; 1: the 3-bit keys' paired 1-bit plane
+
+    @property
+    def words(self) -> int:
+        """32-bit registers the chunk loads into (a 2-byte chunk fills one, zero-extended)."""
+        return max(1, self.size // 4)
+
+
+def key_chunks(fmt: OscarFormat) -> list[KeyChunk]:
+    """A thread's share of a key row: a quarter of every plane, read so that all threads unpack
+    their bytes with the same instructions."""
+    p = fmt.packed_dim
+    if fmt.key_bits == 2:
+        return [KeyChunk(0, p // THREADS_PER_ROW, CODE_BITS)]
+    if fmt.key_bits == 4:  # both planes are quartered 2-bit planes: one contiguous read
+        return [KeyChunk(0, 2 * p // THREADS_PER_ROW, CODE_BITS)]
+    return [KeyChunk(0, p // THREADS_PER_ROW, CODE_BITS), KeyChunk(p, p // (2 * THREADS_PER_ROW), 1)]
+
+
+@dataclass(frozen=True)
+class KeyRegister:
+    """One f16x2 operand: the thread's word `word` (bytes chunk_byte.. of `chunk`), its lanes
+    holding bytes (0, 2) of the word (half 0), (1, 3) (half 1, after >> 8) or, for a 2-byte
+    chunk, bytes (0, 1); masked to the field_bits-wide field at bit field_bit of each lane."""
+
+    chunk: KeyChunk
+    word: int
+    chunk_byte: int
+    half: int
+    field_bit: int
+
+    def lane_bytes(self) -> tuple[int, int]:
+        """Offsets in the chunk of the bytes lanes 0 and 1 hold."""
+        if self.chunk.size == 2:
+            return 0, 1
+        return self.chunk_byte + self.half, self.chunk_byte + 2 + self.half
+
+    @property
+    def mask(self) -> int:
+        return (((1 << self.chunk.field_bits) - 1) << self.field_bit) * 0x00010001
+
+    def c_expr(self) -> str:
+        w = f"w[{self.word}]"
+        if self.chunk.size == 2:
+            spread = f"__byte_perm({w}, 0, 0x4140)"  # bytes 0, 1 into the low bytes of the lanes
+        else:
+            spread = f"({w} >> 8)" if self.half else w
+        return f"{spread} & {self.mask:#010x}u"
+
+
+def lane_code(fmt: OscarFormat, reg: KeyRegister, t: int, lane: int) -> tuple[int, float, bool]:
+    """(dim, weight, low plane) of the code lane `lane` of `reg` holds in thread t: the lane's
+    integer value times 2^-field_bit times weight is that code's share of the key (weight 4 for
+    the high plane of 3- and 4-bit keys); low plane: the code is in the plane every key has
+    (its dims appear once there, which the minimum's term Σ q' counts)."""
+    p = fmt.packed_dim
+    byte = reg.chunk.start + t * reg.chunk.size + reg.lane_bytes()[lane]
+    if reg.chunk.field_bits == 1:  # paired byte i, bit k: quartered byte 2i + k % 2, slice k // 2
+        i, k = byte - p, reg.field_bit
+        return 2 * i + k % 2 + (k // 2) * p, 4.0, False
+    slice_ = reg.field_bit // CODE_BITS
+    if byte < p:
+        return byte + slice_ * p, 1.0, True
+    return byte - p + slice_ * p, 4.0, False
+
+
+def key_registers(fmt: OscarFormat) -> list[KeyRegister]:
+    """A thread's key registers for one position, ordered by quantization group (MMA m takes
+    registers 2m and 2m + 1, which share a group)."""
+    regs, word = [], 0
+    for chunk in key_chunks(fmt):
+        halves = (0,) if chunk.size == 2 else (0, 1)
+        for w in range(chunk.words):
+            for half in halves:
+                for bit in range(0, 8, chunk.field_bits):
+                    regs.append(KeyRegister(chunk, word + w, 4 * w, half, bit))
+        word += chunk.words
+    regs.sort(key=lambda r: register_group(fmt, r))
+    groups = [register_group(fmt, r) for r in regs]
+    assert all(groups[i] == groups[i + 1] for i in range(0, len(regs), 2)), "a group holds an odd register count"
+    return regs
+
+
+def register_group(fmt: OscarFormat, reg: KeyRegister) -> int:
+    """The quantization group of every code `reg` holds (the same in all threads and lanes)."""
+    groups = {lane_code(fmt, reg, t, lane)[0] // fmt.group_size for t in range(THREADS_PER_ROW) for lane in (0, 1)}
+    assert len(groups) == 1, f"register {reg} spans groups {groups}"
+    return groups.pop()
+
+
+@dataclass(frozen=True)
+class SplitKernel:
+    """One compiled variant of int2_split.cu: the format, the GQA group (query heads per KV
+    head), the widths in bits of kv_indptr and kv_indices, whether requests read a shared prefix
+    elsewhere (own_start), the cp.async pipeline depth per warp and the number of independent
+    accumulators the key MMAs of a tile alternate between (decode.DecodeLaunch)."""
+
+    fmt: OscarFormat
+    gqa: int
+    index_bits: tuple[int, int]
+    shared: bool
+    stages: int
+    key_chains: int
+
+
+def generated_header(kernel: SplitKernel) -> str:
+    """The definitions int2_split.cu expects before its text (see its header comment)."""
+    fmt = kernel.fmt
+    regs, chunks = key_registers(fmt), key_chunks(fmt)
+    lines = [f"#define {name} {value}" for name, value in (
+        ("D", fmt.head_dim), ("P", fmt.packed_dim), ("KEY_BYTES", fmt.key_packed_dim), ("NG", fmt.num_groups),
+        ("GROUP_SIZE", fmt.group_size), ("GQA", kernel.gqa), ("S_TOK", fmt.sink_tokens),
+        ("W_TOK", fmt.recent_tokens), ("SHARED", int(kernel.shared)), ("STAGES", kernel.stages),
+        ("KEY_CHAINS", max(1, kernel.key_chains // fmt.num_groups)),
+        ("INDPTR_T", C_INTS[kernel.index_bits[0]]), ("INDEX_T", C_INTS[kernel.index_bits[1]]),
+        ("KEY_REGS", len(regs)), ("KEY_WORDS", sum(c.words for c in chunks)))]
+    lines.append("__device__ __forceinline__ void load_key_words(const unsigned char* row, int t, unsigned int* w) {")
+    word = 0
+    for c in chunks:
+        at = f"row + {c.start} + t * {c.size}"
+        vector = {16: "uint4", 8: "uint2"}.get(c.size)
+        if vector:
+            fields = "xyzw"[:c.words]
+            lines.append(f"  {{ const {vector} v = *reinterpret_cast<const {vector}*>({at}); "
+                         + " ".join(f"w[{word + i}] = v.{f};" for i, f in enumerate(fields)) + " }")
+        else:
+            kind = "unsigned int" if c.size == 4 else "unsigned short"
+            lines.append(f"  w[{word}] = *reinterpret_cast<const {kind}*>({at});")
+        word += c.words
+    lines.append("}")
+    lines.append("__device__ __forceinline__ unsigned int key_reg(const unsigned int* w, int r) {\n  switch (r) {")
+    lines += [f"    case {i}: return {r.c_expr()};" for i, r in enumerate(regs)]
+    lines.append("  }\n  return 0;\n}")
+    lines.append("__device__ __forceinline__ int key_mma_group(int m) {\n  switch (m) {")
+    lines += [f"    case {m}: return {register_group(fmt, regs[2 * m])};" for m in range(len(regs) // 2)]
+    lines.append("  }\n  return 0;\n}")
+
+    def table(cell) -> str:
+        return "{" + ", ".join("{" + ", ".join(cell(t, r) for r in regs) + "}" for t in range(THREADS_PER_ROW)) + "}"
+
+    def codes(t, r):
+        return [lane_code(fmt, r, t, lane) for lane in (0, 1)]
+
+    lines.append("__constant__ unsigned char KEY_Q_DIM[4][KEY_REGS][2] = "
+                 + table(lambda t, r: "{%d, %d}" % tuple(c[0] for c in codes(t, r))) + ";")
+    lines.append("__constant__ float KEY_Q_SCALE[4][KEY_REGS][2] = "
+                 + table(lambda t, r: "{%r, %r}" % tuple(c[1] / (1 << r.field_bit) for c in codes(t, r))) + ";")
+    lines.append("__constant__ float KEY_Q_SUM[4][KEY_REGS] = "
+                 + table(lambda t, r: "1.0f" if codes(t, r)[0][2] else "0.0f") + ";")
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class Compiled:
+    cubin: bytes
+    log: str
+
+
+@functools.cache
+def compile_kernel(kernel: SplitKernel, arch: str) -> Compiled:
+    """int2_split.cu for `kernel`, compiled by NVRTC to a cubin for `arch` ("sm_90"); no GPU
+    needed. The log holds ptxas's register and spill report."""
+    from cuda.bindings import nvrtc
+
+    source = (generated_header(kernel) + SOURCE.read_text()).encode()
+    err, prog = nvrtc.nvrtcCreateProgram(source, b"int2_split.cu", 0, [], [])
+    options = [f"--gpu-architecture={arch}".encode(), b"-std=c++17", b"--ptxas-options=-v"]
+    (err,) = nvrtc.nvrtcCompileProgram(prog, len(options), options)
+    _, log_size = nvrtc.nvrtcGetProgramLogSize(prog)
+    log = b" " * log_size
+    nvrtc.nvrtcGetProgramLog(prog, log)
+    log = log.decode(errors="replace").rstrip("\x00")
+    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+        raise RuntimeError(f"NVRTC could not compile int2_split.cu for {arch}:\n{log}")
+    _, size = nvrtc.nvrtcGetCUBINSize(prog)
+    cubin = b" " * size
+    nvrtc.nvrtcGetCUBIN(prog, cubin)
+    nvrtc.nvrtcDestroyProgram(prog)
+    return Compiled(cubin, log)
+
+
+def serves(gqa: int, device: torch.device) -> bool:
+    """Whether the CUDA kernel runs this decode (else decode.py's Triton split kernel does)."""
+    return (device.type == "cuda" and gqa <= MAX_GQA
+            and torch.cuda.get_device_capability(device) >= MIN_CAPABILITY)
+
+
+@functools.cache
+def _function(device_index: int, kernel: SplitKernel):
+    from cuda.bindings import driver
+
+    major, minor = torch.cuda.get_device_capability(device_index)
+    compiled = compile_kernel(kernel, f"sm_{major}{minor}")
+    with torch.cuda.device(device_index):
+        torch.cuda.current_stream().synchronize()  # the primary context is current from here on
+        module = _checked(driver.cuModuleLoadData(compiled.cubin))
+        return _checked(driver.cuModuleGetFunction(module, b"oscar_int2_split"))
+
+
+def _checked(result):
+    err, *values = result
+    if int(err) != 0:
+        raise RuntimeError(f"CUDA driver call failed: {err}")
+    return values[0] if values else None
+
+
+def launch(qr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, own_start: torch.Tensor | None,
+           cache: LayerCache, part_o: torch.Tensor, part_lse: torch.Tensor, splits: int, first_part: int,
+           stages: int, key_chains: int) -> None:
+    """Launch grid (H_kv, B, splits) on the current stream (capturable in a CUDA graph).
+
+    qr: [B, H_q, D] fp32 rotated, pre-scaled queries (decode.py's q_rot); kv_indptr [B + 1] and
+    kv_indices int32/int64; own_start: [B] int32 first position each request reads alone (None:
+    the INT2 span's start); cache: the layer's pool buffers; part_o [B, H_q, parts, D] and
+    part_lse [B, H_q, parts] fp32 get parts first_part .. first_part + splits - 1; stages,
+    key_chains: as in SplitKernel."""
+    from cuda.bindings import driver
+
+    batch, q_heads, _ = qr.shape
+    fmt, kv_heads = cache.fmt, cache.kv_heads
+    k_codes, v_codes, k_meta, v_meta = cache.k_codes, cache.v_codes, cache.k_meta, cache.v_meta
+    gqa = q_heads // kv_heads
+    index_bits = (torch.iinfo(kv_indptr.dtype).bits, torch.iinfo(kv_indices.dtype).bits)
+    function = _function(qr.device.index, SplitKernel(fmt, gqa, index_bits, own_start is not None, stages, key_chains))
+    args = [ctypes.c_void_p(x.data_ptr()) for x in (qr, kv_indptr, kv_indices)]
+    args.append(ctypes.c_void_p((own_start if own_start is not None else kv_indptr).data_ptr()))
+    args += [ctypes.c_void_p(k_codes.data_ptr()), ctypes.c_void_p(v_codes.data_ptr())]
+    meta_bytes = k_meta.element_size()
+    strides = [k_codes.stride(0), k_codes.stride(1), v_codes.stride(0), v_codes.stride(1),
+               k_meta.stride(0) * meta_bytes, k_meta.stride(1) * meta_bytes]
+    if max(strides) >= 1 << 32:
+        raise ValueError(f"pool strides must be below 4 GiB for the CUDA split kernel, got {strides}")
+    args += [ctypes.c_uint32(s) for s in strides[:4]]
+    args += [ctypes.c_void_p(k_meta.data_ptr()), ctypes.c_void_p(v_meta.data_ptr())]
+    args += [ctypes.c_uint32(s) for s in strides[4:]]
+    args += [ctypes.c_void_p(part_o.data_ptr()), ctypes.c_void_p(part_lse.data_ptr())]
+    args += [ctypes.c_int(q_heads), ctypes.c_int(splits), ctypes.c_int(part_o.shape[2]), ctypes.c_int(first_part)]
+    pointers = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
+    stream = torch.cuda.current_stream(qr.device).cuda_stream
+    _checked(driver.cuLaunchKernel(function, kv_heads, batch, splits, WARPS * 32, 1, 1, 0, stream,
+                                   ctypes.addressof(pointers), 0))
+

@@ -1,0 +1,71 @@
+"""The CUDA INT2 split kernel (kernels/int2_split.cu) on the CPU: its key-register plan, emulated
+bit for bit, scores keys as the reference codes do, and NVRTC compiles every format for an H100
+without register spills. Its results on a GPU: tests/gpu/test_kernels_gpu.py."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from oscar_sglang.kernels import int2_split
+from oscar_sglang.kernels import reference as ref
+from oscar_sglang.kernels.decode import DECODE_LAUNCH
+from oscar_sglang.kernels.format import SUPPORTED_GROUP_SIZES, SUPPORTED_KEY_BITS, OscarFormat
+
+FORMATS = [OscarFormat(d, g, key_bits=bits)
+           for d, g, bits in itertools.product((64, 128), SUPPORTED_GROUP_SIZES, SUPPORTED_KEY_BITS) if g <= d]
+
+
+def lane_values(reg: int2_split.KeyRegister, row: np.ndarray, t: int) -> tuple[int, int]:
+    """What `reg.c_expr()` leaves in the two 16-bit lanes of thread t, from key row bytes `row`."""
+    chunk = reg.chunk
+    first = chunk.start + t * chunk.size + (0 if chunk.size == 2 else reg.chunk_byte)
+    word = int.from_bytes(bytes(row[first:first + min(4, chunk.size)]), "little")
+    if chunk.size == 2:  # __byte_perm(w, 0, 0x4140): bytes 0, 1 into the lanes' low bytes
+        spread = (word & 0xFF) | ((word >> 8) & 0xFF) << 16
+    else:
+        spread = word >> (8 * reg.half)
+    x = spread & reg.mask
+    return x & 0xFFFF, x >> 16
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=str)
+def test_key_registers_score_every_group_like_the_reference(fmt):
+    gen = torch.Generator().manual_seed(fmt.head_dim + fmt.key_bits)
+    codes = torch.randint(0, 1 << fmt.key_bits, (5, fmt.head_dim), generator=gen)
+    rows = ref.pack_codes(codes, fmt.key_bits).numpy()
+    q = torch.randn(fmt.head_dim, generator=gen, dtype=torch.float64).numpy()
+    regs = int2_split.key_registers(fmt)
+    for row, c in zip(rows, codes.numpy()):
+        got = np.zeros(fmt.num_groups)
+        low_dims = []
+        for t, reg in itertools.product(range(int2_split.THREADS_PER_ROW), regs):
+            group = int2_split.register_group(fmt, reg)
+            for lane, value in enumerate(lane_values(reg, row, t)):
+                dim, weight, low = int2_split.lane_code(fmt, reg, t, lane)
+                assert dim // fmt.group_size == group
+                got[group] += q[dim] * weight * value / (1 << reg.field_bit)
+                low_dims += [dim] if low else []
+        want = (q * c).reshape(fmt.num_groups, fmt.group_size).sum(axis=1)
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+        # the minimum's term sums q' over each dim once
+        assert sorted(low_dims) == list(range(fmt.head_dim))
+
+
+def test_registers_pair_within_groups_and_fill_the_mma():
+    for fmt in FORMATS:
+        regs = int2_split.key_registers(fmt)
+        # one position's codes spread over 4 threads, two codes per register
+        codes = fmt.head_dim * (2 if fmt.key_bits > 2 else 1)
+        assert len(regs) * 2 * int2_split.THREADS_PER_ROW == codes, fmt
+        groups = [int2_split.register_group(fmt, r) for r in regs]
+        assert groups == sorted(groups)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=str)
+def test_nvrtc_compiles_for_sm90_without_spills(fmt):
+    for gqa, shared, index_bits in ((4, False, (32, 32)), (8, True, (64, 64)), (1, False, (32, 64))):
+        kernel = int2_split.SplitKernel(fmt, gqa, index_bits, shared, DECODE_LAUNCH.cuda_stages,
+                                        DECODE_LAUNCH.cuda_key_chains)
+        log = int2_split.compile_kernel(kernel, "sm_90").log
+        assert "0 bytes spill stores, 0 bytes spill loads" in log, log
