@@ -243,6 +243,24 @@ def _checked(result):
     return values[0] if values else None
 
 
+def check_layout(cache: LayerCache) -> list[int]:
+    """The byte strides (slot, head) of k_codes, v_codes and the meta, checked against what the
+    kernel's asynchronous copies need: every row aligned to the copy size, strides below 4 GiB."""
+    fmt = cache.fmt
+    key_chunk = 16 if fmt.key_packed_dim % 16 == 0 else 8  # int2_split.cu's KEY_CHUNK
+    strides = []
+    for name, buf, unit in (("k_codes", cache.k_codes, key_chunk), ("v_codes", cache.v_codes, 16),
+                            ("k_meta", cache.k_meta, 4 * fmt.num_groups), ("v_meta", cache.v_meta, 4 * fmt.num_groups)):
+        steps = [buf.stride(0) * buf.element_size(), buf.stride(1) * buf.element_size()]
+        if buf.data_ptr() % unit or any(x % unit or x >= 1 << 32 for x in steps):
+            raise ValueError(f"{name} rows must be {unit}-byte aligned with strides below 4 GiB for the CUDA split "
+                             f"kernel, got address {buf.data_ptr():#x} and byte strides {steps}; allocate the pool "
+                             "contiguous, or decode with DecodeLaunch(int2_split='triton')")
+        if name != "v_meta":
+            strides += steps
+    return strides
+
+
 def launch(qr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, own_start: torch.Tensor | None,
            cache: LayerCache, part_o: torch.Tensor, part_lse: torch.Tensor, splits: int, first_part: int,
            stages: int, key_chains: int) -> None:
@@ -264,11 +282,7 @@ def launch(qr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, 
     args = [ctypes.c_void_p(x.data_ptr()) for x in (qr, kv_indptr, kv_indices)]
     args.append(ctypes.c_void_p((own_start if own_start is not None else kv_indptr).data_ptr()))
     args += [ctypes.c_void_p(k_codes.data_ptr()), ctypes.c_void_p(v_codes.data_ptr())]
-    meta_bytes = k_meta.element_size()
-    strides = [k_codes.stride(0), k_codes.stride(1), v_codes.stride(0), v_codes.stride(1),
-               k_meta.stride(0) * meta_bytes, k_meta.stride(1) * meta_bytes]
-    if max(strides) >= 1 << 32:
-        raise ValueError(f"pool strides must be below 4 GiB for the CUDA split kernel, got {strides}")
+    strides = check_layout(cache)
     args += [ctypes.c_uint32(s) for s in strides[:4]]
     args += [ctypes.c_void_p(k_meta.data_ptr()), ctypes.c_void_p(v_meta.data_ptr())]
     args += [ctypes.c_uint32(s) for s in strides[4:]]

@@ -3,6 +3,7 @@ bit for bit, scores keys as the reference codes do, and NVRTC compiles every for
 without register spills. Its results on a GPU: tests/gpu/test_kernels_gpu.py."""
 
 import itertools
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,6 +12,8 @@ from oscar_sglang.kernels import int2_split
 from oscar_sglang.kernels import reference as ref
 from oscar_sglang.kernels.decode import DECODE_LAUNCH
 from oscar_sglang.kernels.format import SUPPORTED_GROUP_SIZES, SUPPORTED_KEY_BITS, OscarFormat
+
+from kernel_cases import make_cache
 
 FORMATS = [OscarFormat(d, g, key_bits=bits)
            for d, g, bits in itertools.product((64, 128), SUPPORTED_GROUP_SIZES, SUPPORTED_KEY_BITS) if g <= d]
@@ -69,3 +72,12 @@ def test_nvrtc_compiles_for_sm90_without_spills(fmt):
                                         DECODE_LAUNCH.cuda_key_chains)
         log = int2_split.compile_kernel(kernel, "sm_90").log
         assert "0 bytes spill stores, 0 bytes spill loads" in log, log
+
+
+def test_a_misaligned_pool_is_refused_before_launch():
+    fmt = OscarFormat(128, key_bits=4)
+    cache = make_cache(fmt, 2, 8, 1, True, torch.Generator().manual_seed(0))
+    int2_split.check_layout(cache)
+    shifted = torch.zeros(cache.k_codes.numel() + 1, dtype=torch.uint8)[1:].view(cache.k_codes.shape)
+    with pytest.raises(ValueError, match="k_codes rows must be 16-byte aligned.*int2_split='triton'"):
+        int2_split.check_layout(replace(cache, k_codes=shifted))
