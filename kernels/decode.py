@@ -1,4 +1,5 @@
-"""Triton split-KV decode attention that reads the packed OSCAR-2 cache directly.
+"""Split-KV decode attention that reads the packed OSCAR-2 cache directly (Triton, and CUDA C++ for
+the INT2 split programs on a GPU).
 
 Everything happens in rotated space: scores are taken against INT2 codes without dequantizing
 them and the output is rotated back at the end. Three launches:
@@ -11,7 +12,9 @@ them and the output is rotated back at the end. Three launches:
    every KV tile is loaded once per GQA group. Each writes its normalized partial output o' and
    log2-sum-exp. KV heads vary fastest in launch order: the heads of a slot share its 32-byte
    memory sectors (codes and meta are [slots, H_kv, ...]), so the programs reading them run
-   together and fetch each sector once.
+   together and fetch each sector once. On a GPU the INT2 programs run in `int2_split.cu`
+   instead (CUDA C++, one launch after the window programs; DecodeLaunch.int2_split), which
+   puts positions rather than query heads on the tensor-core rows (int2_split.py).
 3. `_decode_reduce_kernel`, grid (B, H_q, 4): merges a head's partials and applies R_Vᵀ to a
    quarter of its dims (all its loads are issued at once: one round trip to memory).
 

@@ -1,6 +1,6 @@
-"""Registers, spills and main-loop instruction mix of the OSCAR-2 Triton kernels as an H100
-(sm_90) runs them, measured on any machine: Triton compiles them ahead of time with its bundled
-ptxas and cuobjdump reads the cubins, so no GPU is needed.
+"""Registers, spills and main-loop instruction mix of the OSCAR-2 kernels as an H100 (sm_90) runs
+them, measured on any machine: Triton compiles its kernels ahead of time with its bundled ptxas,
+NVRTC the CUDA split kernel (int2_split.cu), and cuobjdump reads the cubins, so no GPU is needed.
 
 Every kernel is compiled exactly as the library's host functions launch it (the same arguments,
 hence the same specializations and launch options as on a GPU), for one Qwen3-8B layer (H_q 32,
@@ -138,6 +138,24 @@ def describe(tag: str, name: str, kernel) -> dict:
             "shared_bytes": kernel.metadata.shared, "loop": main_loop(found), "loops": found}
 
 
+def describe_cuda_split(head_dim: int, key_bits: int, decode_launch) -> dict:
+    """The row of int2_split.cu, the CUDA kernel that runs the decode step's INT2 split programs
+    on a GPU (kernels/int2_split.py), compiled by NVRTC for sm_90 as decode launches it for this
+    layer (its report from ptxas's log)."""
+    from oscar_sglang.kernels import int2_split
+    from oscar_sglang.kernels.format import OscarFormat
+
+    kernel = int2_split.SplitKernel(OscarFormat(head_dim, key_bits=key_bits), Q_HEADS // KV_HEADS, (32, 32), False,
+                                    decode_launch.cuda_stages, decode_launch.cuda_key_chains)
+    compiled = int2_split.compile_kernel(kernel, f"sm_{TARGET.arch}")
+    usage = re.search(r"Used (\d+) registers.*?(\d+) bytes smem", compiled.log)
+    stack = re.search(r"(\d+) bytes stack frame", compiled.log)
+    found = loops(cuobjdump(compiled.cubin, "-sass"))
+    return {"launch": "decode", "kernel": "oscar_int2_split", "num_warps": int2_split.WARPS, "maxnreg": None,
+            "registers": int(usage.group(1)), "stack_bytes": int(stack.group(1)), "shared_bytes": int(usage.group(2)),
+            "loop": main_loop(found), "loops": found}
+
+
 def launches(head_dim: int, key_bits: int, decode_launch, extend_launch, write_launch):
     """(tag, host call) pairs covering every kernel, on CPU tensors of one layer."""
     from oscar_sglang.kernels.decode import decode_attention_int2
@@ -231,6 +249,7 @@ def main(argv=None):
     # a kernel launched twice alike in one call (extend dequantizes K, then V) is one row
     rows = [describe(*record) for i, record in enumerate(records)
             if (record[0], record[2].hash) not in {(r[0], r[2].hash) for r in records[:i]}]
+    rows.append(describe_cuda_split(args.head_dim, args.key_bits, launch[dk]))
     print(table(rows))
     print("\nmain-loop instruction mix (the 12 most frequent opcodes):")
     for r in rows:
