@@ -1,5 +1,5 @@
-"""Split-KV decode attention that reads the packed OSCAR-2 cache directly (Triton, and CUDA C++ for
-the INT2 split programs on a GPU).
+"""Split-KV decode attention that reads the packed OSCAR-2 cache directly (Triton; the INT2 split
+programs also in CUDA C++).
 
 Everything happens in rotated space: scores are taken against INT2 codes without dequantizing
 them and the output is rotated back at the end. Three launches:
@@ -12,9 +12,9 @@ them and the output is rotated back at the end. Three launches:
    every KV tile is loaded once per GQA group. Each writes its normalized partial output o' and
    log2-sum-exp. KV heads vary fastest in launch order: the heads of a slot share its 32-byte
    memory sectors (codes and meta are [slots, H_kv, ...]), so the programs reading them run
-   together and fetch each sector once. On a GPU the INT2 programs run in `int2_split.cu`
-   instead (CUDA C++, one launch after the window programs; DecodeLaunch.int2_split), which
-   puts positions rather than query heads on the tensor-core rows (int2_split.py).
+   together and fetch each sector once. With DecodeLaunch.int2_split = "cuda" the INT2 programs
+   run on a GPU in `int2_split.cu` instead (CUDA C++, one launch after the window programs),
+   which puts positions rather than query heads on the tensor-core rows (int2_split.py).
 3. `_decode_reduce_kernel`, grid (B, H_q, 4): merges a head's partials and applies R_Vᵀ to a
    quarter of its dims (all its loads are issued at once: one round trip to memory).
 
@@ -89,8 +89,9 @@ class DecodeLaunch:
     reduce_warps: int = 8
     reduce_dim_programs: int = 4  # reduce programs per query head, each producing D / 4 output dims
     # who runs the INT2 split programs: "cuda" (int2_split.cu, wherever `int2_split.serves`) or
-    # "triton" (`_decode_split_kernel`, which runs the window programs either way)
-    int2_split: str = "cuda"
+    # "triton" (`_decode_split_kernel`, which runs the window programs either way). Triton until
+    # int2_split.cu has passed the GPU tests and been timed against it (RESULTS.md)
+    int2_split: str = "triton"
     cuda_stages: int = 4  # cp.async pipeline depth of each warp of int2_split.cu
     cuda_key_chains: int = 4  # independent accumulators its key MMAs alternate between (all groups)
 

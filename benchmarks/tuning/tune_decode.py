@@ -55,11 +55,11 @@ SECTIONS = ("write", "pieces", "decode", "shared")
 # (results/h100/tune_decode_pdl_warp_states.txt)
 SPLIT_VARIANTS = {
     "default": dk.DECODE_LAUNCH,
-    # the INT2 split programs in Triton (`_decode_split_kernel`), and int2_split.cu's variants
-    "triton": replace(dk.DECODE_LAUNCH, int2_split="triton"),
-    "cuda_chains1": replace(dk.DECODE_LAUNCH, cuda_key_chains=1),
-    "cuda_stages3": replace(dk.DECODE_LAUNCH, cuda_stages=3),
-    "cuda_stages6": replace(dk.DECODE_LAUNCH, cuda_stages=6),
+    # the INT2 split programs in int2_split.cu, and its variants
+    "cuda": replace(dk.DECODE_LAUNCH, int2_split="cuda"),
+    "cuda_chains1": replace(dk.DECODE_LAUNCH, int2_split="cuda", cuda_key_chains=1),
+    "cuda_stages3": replace(dk.DECODE_LAUNCH, int2_split="cuda", cuda_stages=3),
+    "cuda_stages6": replace(dk.DECODE_LAUNCH, int2_split="cuda", cuda_stages=6),
     # the reduce's programs per query head: each loads D / N rows of R_V and all its head's partials
     "reduce2": replace(dk.DECODE_LAUNCH, reduce_dim_programs=2),
     "reduce8": replace(dk.DECODE_LAUNCH, reduce_dim_programs=8),
