@@ -93,7 +93,9 @@ class DecodeLaunch:
     # int2_split.cu has passed the GPU tests and been timed against it (RESULTS.md)
     int2_split: str = "triton"
     cuda_stages: int = 4  # cp.async pipeline depth of each warp of int2_split.cu
-    cuda_key_chains: int = 4  # independent accumulators its key MMAs alternate between (all groups)
+    # independent accumulators its key MMAs alternate between (all groups); one was the fastest on
+    # an H100 (results/h100/int2-split-cuda/tune_decode.txt)
+    cuda_key_chains: int = 1
 
 
 DECODE_LAUNCH = DecodeLaunch()

@@ -57,7 +57,7 @@ SPLIT_VARIANTS = {
     "default": dk.DECODE_LAUNCH,
     # the INT2 split programs in int2_split.cu, and its variants
     "cuda": replace(dk.DECODE_LAUNCH, int2_split="cuda"),
-    "cuda_chains1": replace(dk.DECODE_LAUNCH, int2_split="cuda", cuda_key_chains=1),
+    "cuda_chains4": replace(dk.DECODE_LAUNCH, int2_split="cuda", cuda_key_chains=4),
     "cuda_stages3": replace(dk.DECODE_LAUNCH, int2_split="cuda", cuda_stages=3),
     "cuda_stages6": replace(dk.DECODE_LAUNCH, int2_split="cuda", cuda_stages=6),
     # the reduce's programs per query head: each loads D / N rows of R_V and all its head's partials
