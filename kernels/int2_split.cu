@@ -20,14 +20,13 @@
 // (values), scale and minimum applied per position after the dot.
 //
 // Generated before this text (int2_split.py): D, P, KEY_BYTES, NG, GROUP_SIZE, GQA, S_TOK, W_TOK,
-// SHARED, STAGES, KEY_CHAINS, INDPTR_T, INDEX_T, KEY_REGS, KEY_WORDS, load_key_words, key_reg, key_mma_group and the
-// tables KEY_Q_DIM, KEY_Q_SCALE, KEY_Q_SUM.
+// SHARED, STAGES, KEY_CHAINS, INDPTR_T, INDEX_T, WARPS, KEY_CHUNK, VALUE_CHUNK, META_ROW, KEY_REGS,
+// KEY_WORDS, load_key_words, key_reg, key_mma_group and the tables KEY_Q_DIM, KEY_Q_SCALE, KEY_Q_SUM.
 
 typedef unsigned int u32;
 typedef unsigned short u16;
 typedef unsigned char u8;
 
-#define WARPS 4
 #define TILE 16                               // positions per warp tile (the MMA's M)
 #define CTA_N (WARPS * TILE)
 #define FULL 0xffffffffu
@@ -36,10 +35,9 @@ typedef unsigned char u8;
 #define VAL_MMAS (D / 16)
 #define VAL_ROW (D / 4)
 #define VAL_PAD (VAL_ROW == 32 ? 32 : 0)        // bytes after every 4 value rows: conflict-free reads
-#define META_BYTES (4 * NG)
 #define KEY_TILE_BYTES (TILE * KEY_BYTES)
 #define VAL_TILE_BYTES (TILE * VAL_ROW + (TILE / 4) * VAL_PAD)
-#define STAGE_BYTES (KEY_TILE_BYTES + VAL_TILE_BYTES + 2 * TILE * META_BYTES)
+#define STAGE_BYTES (KEY_TILE_BYTES + VAL_TILE_BYTES + 2 * TILE * META_ROW)
 #define PIPE_BYTES (WARPS * STAGES * STAGE_BYTES)
 #define MERGE_BYTES (4 * (2 * WARPS * 8 + WARPS * D * 8))
 #define SMEM_BYTES (PIPE_BYTES > MERGE_BYTES ? PIPE_BYTES : MERGE_BYTES)
@@ -129,10 +127,9 @@ struct LaneSources {
   u32 key_stride, value_stride, meta_stride;
 };
 
-constexpr int KEY_CHUNK = KEY_BYTES % 16 == 0 ? 16 : 8;  // bytes per cp.async of a key row
 constexpr int KEY_CHUNKS_PER_ROW = KEY_BYTES / KEY_CHUNK;
 constexpr int KEY_CHUNKS = TILE * KEY_CHUNKS_PER_ROW;
-constexpr int VALUE_CHUNKS_PER_ROW = VAL_ROW / 16;
+constexpr int VALUE_CHUNKS_PER_ROW = VAL_ROW / VALUE_CHUNK;
 constexpr int VALUE_CHUNKS = TILE * VALUE_CHUNKS_PER_ROW;  // 16 or 32
 
 __device__ __forceinline__ const u8* at_slot(const u8* base, int slot, u32 stride) {
@@ -154,9 +151,10 @@ __device__ __forceinline__ void issue_tile(u8* stage, int slot, int lane, const 
     const int p = (lane / VALUE_CHUNKS_PER_ROW) & (TILE - 1), j = lane % VALUE_CHUNKS_PER_ROW;
     const int s = __shfl_sync(FULL, slot, p);
     if (lane < VALUE_CHUNKS)
-      cp_async<16>(const_cast<u8*>(value_row(stage + KEY_TILE_BYTES, p)) + j * 16, at_slot(src.value, s, src.value_stride));
+      cp_async<VALUE_CHUNK>(const_cast<u8*>(value_row(stage + KEY_TILE_BYTES, p)) + j * VALUE_CHUNK,
+                            at_slot(src.value, s, src.value_stride));
   }
-  cp_async<META_BYTES>(stage + KEY_TILE_BYTES + VAL_TILE_BYTES + lane * META_BYTES, at_slot(src.meta, slot, src.meta_stride));
+  cp_async<META_ROW>(stage + KEY_TILE_BYTES + VAL_TILE_BYTES + lane * META_ROW, at_slot(src.meta, slot, src.meta_stride));
 }
 
 extern "C" __global__ void __launch_bounds__(WARPS * 32) oscar_int2_split(
@@ -222,7 +220,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) oscar_int2_split(
   u8* stages = smem + warp * STAGES * STAGE_BYTES;
   const int value_col = lane % VALUE_CHUNKS_PER_ROW;
   const LaneSources src = {
-      k_codes + (unsigned long long)hk * stride_kch, v_codes + (unsigned long long)hk * stride_vch + value_col * 16,
+      k_codes + (unsigned long long)hk * stride_kch,
+      v_codes + (unsigned long long)hk * stride_vch + value_col * VALUE_CHUNK,
       (lane < TILE ? k_meta : v_meta) + (unsigned long long)hk * stride_mh, stride_kcs, stride_vcs, stride_ms};
   const INDEX_T* idx = kv_indices + kv_lo;
   auto tile_pos = [&](int k) { return lo + (warp + WARPS * k) * TILE; };

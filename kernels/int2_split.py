@@ -19,13 +19,14 @@ from pathlib import Path
 
 import torch
 
-from .format import CODE_BITS, OscarFormat
+from .format import CODE_BITS, META_BYTES, META_FIELDS, OscarFormat
 from .layer_cache import LayerCache
 
 THREADS_PER_ROW = 4  # threads of an m16n8k16 fragment sharing a row
 MAX_GQA = 8  # the MMA's N: query heads of one KV head a program serves
 MIN_CAPABILITY = (8, 0)  # mma.sync m16n8k16 f16, cp.async, movmatrix
-WARPS = 4  # int2_split.cu's WARPS
+WARPS = 4  # warps per program, each with its own tiles and softmax state
+VALUE_CHUNK = 16  # bytes per asynchronous copy of a value row
 SOURCE = Path(__file__).with_name("int2_split.cu")
 C_INTS = {32: "int", 64: "long long"}
 
@@ -127,6 +128,16 @@ def register_group(fmt: OscarFormat, reg: KeyRegister) -> int:
     return groups.pop()
 
 
+def key_chunk(fmt: OscarFormat) -> int:
+    """Bytes per asynchronous copy of a key row (rows of 24 bytes: 3-bit keys at D 64)."""
+    return 16 if fmt.key_packed_dim % 16 == 0 else 8
+
+
+def meta_row(fmt: OscarFormat) -> int:
+    """Bytes of one position's meta, K or V: a (scale, minimum) word per group, one copy."""
+    return META_FIELDS * META_BYTES * fmt.num_groups
+
+
 @dataclass(frozen=True)
 class SplitKernel:
     """One compiled variant of int2_split.cu: the format, the GQA group (query heads per KV
@@ -152,6 +163,7 @@ def generated_header(kernel: SplitKernel) -> str:
         ("W_TOK", fmt.recent_tokens), ("SHARED", int(kernel.shared)), ("STAGES", kernel.stages),
         ("KEY_CHAINS", max(1, kernel.key_chains // fmt.num_groups)),
         ("INDPTR_T", C_INTS[kernel.index_bits[0]]), ("INDEX_T", C_INTS[kernel.index_bits[1]]),
+        ("WARPS", WARPS), ("KEY_CHUNK", key_chunk(fmt)), ("VALUE_CHUNK", VALUE_CHUNK), ("META_ROW", meta_row(fmt)),
         ("KEY_REGS", len(regs)), ("KEY_WORDS", sum(c.words for c in chunks)))]
     lines.append("__device__ __forceinline__ void load_key_words(const unsigned char* row, int t, unsigned int* w) {")
     word = 0
@@ -247,10 +259,9 @@ def check_layout(cache: LayerCache) -> list[int]:
     """The byte strides (slot, head) of k_codes, v_codes and the meta, checked against what the
     kernel's asynchronous copies need: every row aligned to the copy size, strides below 4 GiB."""
     fmt = cache.fmt
-    key_chunk = 16 if fmt.key_packed_dim % 16 == 0 else 8  # int2_split.cu's KEY_CHUNK
     strides = []
-    for name, buf, unit in (("k_codes", cache.k_codes, key_chunk), ("v_codes", cache.v_codes, 16),
-                            ("k_meta", cache.k_meta, 4 * fmt.num_groups), ("v_meta", cache.v_meta, 4 * fmt.num_groups)):
+    for name, buf, unit in (("k_codes", cache.k_codes, key_chunk(fmt)), ("v_codes", cache.v_codes, VALUE_CHUNK),
+                            ("k_meta", cache.k_meta, meta_row(fmt)), ("v_meta", cache.v_meta, meta_row(fmt))):
         steps = [buf.stride(0) * buf.element_size(), buf.stride(1) * buf.element_size()]
         if buf.data_ptr() % unit or any(x % unit or x >= 1 << 32 for x in steps):
             raise ValueError(f"{name} rows must be {unit}-byte aligned with strides below 4 GiB for the CUDA split "
