@@ -242,10 +242,12 @@ def _function(device_index: int, kernel: SplitKernel):
 
     major, minor = torch.cuda.get_device_capability(device_index)
     compiled = compile_kernel(kernel, f"sm_{major}{minor}")
-    with torch.cuda.device(device_index):
-        torch.cuda.current_stream().synchronize()  # the primary context is current from here on
-        module = _checked(driver.cuModuleLoadData(compiled.cubin))
-        return _checked(driver.cuModuleGetFunction(module, b"oscar_int2_split"))
+    # the module goes into the device's primary context, torch's; made current through the driver
+    # rather than by a stream operation, which CUDA-graph capture would refuse on first use
+    device = _checked(driver.cuDeviceGet(device_index))
+    _checked(driver.cuCtxSetCurrent(_checked(driver.cuDevicePrimaryCtxRetain(device))))
+    module = _checked(driver.cuModuleLoadData(compiled.cubin))
+    return _checked(driver.cuModuleGetFunction(module, b"oscar_int2_split"))
 
 
 def _checked(result):
@@ -289,11 +291,11 @@ def launch(qr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, 
     k_codes, v_codes, k_meta, v_meta = cache.k_codes, cache.v_codes, cache.k_meta, cache.v_meta
     gqa = q_heads // kv_heads
     index_bits = (torch.iinfo(kv_indptr.dtype).bits, torch.iinfo(kv_indices.dtype).bits)
+    strides = check_layout(cache)  # before compiling: a pool the copies cannot read fails at once
     function = _function(qr.device.index, SplitKernel(fmt, gqa, index_bits, own_start is not None, stages, key_chains))
     args = [ctypes.c_void_p(x.data_ptr()) for x in (qr, kv_indptr, kv_indices)]
     args.append(ctypes.c_void_p((own_start if own_start is not None else kv_indptr).data_ptr()))
     args += [ctypes.c_void_p(k_codes.data_ptr()), ctypes.c_void_p(v_codes.data_ptr())]
-    strides = check_layout(cache)
     args += [ctypes.c_uint32(s) for s in strides[:4]]
     args += [ctypes.c_void_p(k_meta.data_ptr()), ctypes.c_void_p(v_meta.data_ptr())]
     args += [ctypes.c_uint32(s) for s in strides[4:]]
