@@ -1,4 +1,4 @@
-"""Split-KV decode attention that reads the packed OSCAR-2 cache directly (Triton; the INT2 split
+"""Split-KV decode attention that reads the packed OSCAR-2 cache directly (Triton; the split
 programs also in CUDA C++).
 
 Everything happens in rotated space: scores are taken against INT2 codes without dequantizing
@@ -12,9 +12,9 @@ them and the output is rotated back at the end. Three launches:
    every KV tile is loaded once per GQA group. Each writes its normalized partial output o' and
    log2-sum-exp. KV heads vary fastest in launch order: the heads of a slot share its 32-byte
    memory sectors (codes and meta are [slots, H_kv, ...]), so the programs reading them run
-   together and fetch each sector once. With DecodeLaunch.int2_split = "cuda" the INT2 programs
-   run on a GPU in `int2_split.cu` instead (CUDA C++, one launch after the window programs),
-   which puts positions rather than query heads on the tensor-core rows (int2_split.py).
+   together and fetch each sector once. With DecodeLaunch.int2_split = "cuda" the same grid
+   runs on a GPU in `int2_split.cu` instead (CUDA C++), which puts positions rather than query
+   heads on the tensor-core rows of its INT2 programs (int2_split.py).
 3. `_decode_reduce_kernel`, grid (B, H_q, 4): merges a head's partials and applies R_Vᵀ to a
    quarter of its dims (all its loads are issued at once: one round trip to memory).
 
@@ -88,9 +88,9 @@ class DecodeLaunch:
     wide_shared_max_registers: int | None = 255
     reduce_warps: int = 8
     reduce_dim_programs: int = 4  # reduce programs per query head, each producing D / 4 output dims
-    # who runs the INT2 split programs: "cuda" (int2_split.cu, wherever `int2_split.serves`) or
-    # "triton" (`_decode_split_kernel`, which runs the window programs either way). Triton until
-    # int2_split.cu has passed the GPU tests and been timed against it (RESULTS.md)
+    # who runs the split programs (window and INT2): "cuda" (int2_split.cu, wherever
+    # `int2_split.serves`) or "triton" (`_decode_split_kernel`). Triton until int2_split.cu has
+    # passed the GPU tests and been timed against it (RESULTS.md)
     int2_split: str = "triton"
     cuda_stages: int = 4  # cp.async pipeline depth of each warp of int2_split.cu
     # independent accumulators its key MMAs alternate between (all groups); one was the fastest on
@@ -306,18 +306,20 @@ def window_programs(fmt: OscarFormat, launch: DecodeLaunch = DECODE_LAUNCH) -> i
     return triton.cdiv(fmt.window_rows_per_request, launch.window_rows_per_program)
 
 
-def default_num_kv_splits(batch: int, num_kv_heads: int, device: torch.device) -> int:
+def default_num_kv_splits(batch: int, num_kv_heads: int, device: torch.device,
+                          programs_per_sm: int = PROGRAMS_PER_SM) -> int:
     """INT2 splits per (request, KV head).
 
     Picks the split count with the least modeled time at long context: the batch × H_kv × splits
-    INT2 programs run in waves of PROGRAMS_PER_SM per SM, each wave as long as one split (1/splits
+    INT2 programs run in waves of programs_per_sm per SM (PROGRAMS_PER_SM for the Triton split
+    kernel, int2_split.PROGRAMS_PER_SM for the CUDA one), each wave as long as one split (1/splits
     of the span) plus a fixed WAVE_OVERHEAD (the window programs are short and not modeled).
     Batch 1 thus gets the most splits, large batches few with little wave-quantization loss (on
     an H100: 64 splits at batch 1, 16 at batch 8, the fastest of the counts measured at 32K-128K
     context). Depends on shapes and the device only, never on tensor values, so it is safe under
     CUDA-graph capture."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else CPU_SM_COUNT
-    slots = PROGRAMS_PER_SM * sms
+    slots = programs_per_sm * sms
     pairs = batch * num_kv_heads
 
     def modeled_time(splits: int) -> float:
@@ -373,7 +375,13 @@ def decode_step(
     if d != fmt.head_dim or q_heads % kv_heads or q.stride(-1) != 1:
         raise ValueError(f"q must be [B, H_q, {fmt.head_dim}] with H_q a multiple of {kv_heads}, got {tuple(q.shape)}")
     group = q_heads // kv_heads
-    splits = default_num_kv_splits(batch, kv_heads, q.device) if num_kv_splits is None else num_kv_splits
+    if launch.int2_split not in ("cuda", "triton"):
+        raise ValueError(f"DecodeLaunch.int2_split must be 'cuda' or 'triton', got {launch.int2_split!r}")
+    cuda_split = launch.int2_split == "cuda" and int2_split.serves(group, q.device)
+    splits = num_kv_splits
+    if splits is None:
+        splits = default_num_kv_splits(batch, kv_heads, q.device,
+                                       int2_split.PROGRAMS_PER_SM if cuda_split else PROGRAMS_PER_SM)
     if not 1 <= splits <= MAX_KV_SPLITS:
         raise ValueError(f"num_kv_splits must be in 1..{MAX_KV_SPLITS}, got {splits}")
     members = shared_splits = 0
@@ -385,13 +393,11 @@ def decode_step(
         # the reduce kernel merges at most MAX_KV_SPLITS INT2 partials per head in one tile
         shared_splits = max(1, min(default_num_kv_splits(triton.cdiv(batch, members), kv_heads, q.device),
                                    MAX_KV_SPLITS - splits))
-    if launch.int2_split not in ("cuda", "triton"):
-        raise ValueError(f"DecodeLaunch.int2_split must be 'cuda' or 'triton', got {launch.int2_split!r}")
     win = window_programs(fmt, launch)
     parts = win + splits + shared_splits
     return DecodeStep(
         DecodeInputs(q, kv_indptr, kv_indices, window_starts, cache, sm_scale), shared, launch, group, splits,
-        shared_splits, members, win, parts, launch.int2_split == "cuda" and int2_split.serves(group, q.device),
+        shared_splits, members, win, parts, cuda_split,
         q_rot=torch.empty(batch, q_heads, d, dtype=torch.float32, device=q.device),
         part_o=torch.empty(batch, q_heads, parts, d, dtype=torch.float32, device=q.device),
         part_lse=torch.empty(batch, q_heads, parts, dtype=torch.float32, device=q.device),
@@ -420,7 +426,7 @@ class DecodeStep:
     """One decode step's launches (module docstring) on `inputs`, over its scratch: q_rot [B, H_q, D] fp32,
     part_o [B, H_q, parts, D] fp32 and part_lse [B, H_q, parts] fp32, parts = win (window
     programs) + splits + shared_splits; out [B, H_q, D]. cuda_split: int2_split.cu runs the
-    INT2 split programs, the Triton split kernel only the window programs."""
+    split programs instead of `_decode_split_kernel`."""
 
     inputs: DecodeInputs
     shared: SharedPrefixes | None
@@ -461,9 +467,14 @@ class DecodeStep:
 
     def split(self) -> None:
         cache, fmt, launch = self.inputs.cache, self.inputs.cache.fmt, self.launch
+        if self.cuda_split:
+            int2_split.launch(self.q_rot, self.inputs.kv_indptr, self.inputs.kv_indices, self.inputs.window_starts,
+                              None if self.shared is None else self.shared.own_start, cache, self.part_o,
+                              self.part_lse, self.splits, self.win, launch.window_rows_per_program,
+                              launch.cuda_stages, launch.cuda_key_chains)
+            return
         k_meta, v_meta = meta_words(cache.k_meta), meta_words(cache.v_meta)
-        triton_programs = self.win if self.cuda_split else self.win + self.splits
-        _decode_split_kernel[(cache.kv_heads, self.inputs.q.shape[0], triton_programs)](
+        _decode_split_kernel[(cache.kv_heads, self.inputs.q.shape[0], self.win + self.splits)](
             self.q_rot,
             self.inputs.kv_indptr, self.inputs.kv_indices, self.inputs.window_starts, self.own_start,
             *code_args(cache),
@@ -477,10 +488,6 @@ class DecodeStep:
             PTX_UNPACK=not triton.knobs.runtime.interpret, NUM_STAGES=launch.num_stages,
             num_warps=launch.num_warps, maxnreg=launch.max_registers,
         )
-        if self.cuda_split:
-            int2_split.launch(self.q_rot, self.inputs.kv_indptr, self.inputs.kv_indices,
-                              None if self.shared is None else self.shared.own_start, cache, self.part_o,
-                              self.part_lse, self.splits, self.win, launch.cuda_stages, launch.cuda_key_chains)
 
     def shared_blocks(self) -> None:
         cache, fmt, launch, shared = self.inputs.cache, self.inputs.cache.fmt, self.launch, self.shared

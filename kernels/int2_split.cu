@@ -1,8 +1,10 @@
 // INT2 split programs of the decode step in CUDA C++ (compiled at run time by NVRTC: int2_split.py).
 //
-// Program (h, b, j) attends KV head h's query heads (the GQA group, <= 8) of request b to split j
-// of the INT2 positions it reads alone, and writes their partial (normalized o', log2-sum-exp) as
-// part `first_part + j`, exactly as `_decode_split_kernel`'s INT2 programs do (decode.py).
+// Program (h, b, z) attends KV head h's query heads (the GQA group, <= 8) of request b to
+//   * z < WIN_PROGRAMS: its BF16 window rows [z * WIN_ROWS, (z + 1) * WIN_ROWS) (sinks and ring);
+//   * else: split z - WIN_PROGRAMS of the INT2 positions it reads alone;
+// and writes their partial (normalized o', log2-sum-exp) as part z, exactly as
+// `_decode_split_kernel`'s programs do (decode.py): one launch for all of a step's split programs.
 //
 // Why not Triton: a Triton dot needs 16 query rows, so the 4-8 heads of a GQA group are padded,
 // the unpacked codes take a round trip through shared memory to reach the dot's operand layout,
@@ -20,8 +22,9 @@
 // (values), scale and minimum applied per position after the dot.
 //
 // Generated before this text (int2_split.py): D, P, KEY_BYTES, NG, GROUP_SIZE, GQA, S_TOK, W_TOK,
-// SHARED, STAGES, KEY_CHAINS, INDPTR_T, INDEX_T, WARPS, KEY_CHUNK, VALUE_CHUNK, META_ROW, KEY_REGS,
-// KEY_WORDS, load_key_words, key_reg, key_mma_group and the tables KEY_Q_DIM, KEY_Q_SCALE, KEY_Q_SUM.
+// WIN_PROGRAMS, WIN_ROWS, WIN_DIMS, SHARED, STAGES, KEY_CHAINS, INDPTR_T, INDEX_T, WSTART_T, WARPS, KEY_CHUNK, VALUE_CHUNK, META_ROW, KEY_REGS,
+// KEY_WORDS, load_key_words, key_reg, key_mma_group and the query fragment's Q_STEP_T0, Q_STEP_T1,
+// q_thread_weight, q_thread_sum, key_q_dim, key_q_scale, key_q_sum (int2_split.query_fragment).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -39,7 +42,7 @@ typedef unsigned char u8;
 #define VAL_TILE_BYTES (TILE * VAL_ROW + (TILE / 4) * VAL_PAD)
 #define STAGE_BYTES (KEY_TILE_BYTES + VAL_TILE_BYTES + 2 * TILE * META_ROW)
 #define PIPE_BYTES (WARPS * STAGES * STAGE_BYTES)
-#define MERGE_BYTES (4 * (2 * WARPS * 8 + WARPS * D * 8))
+#define MERGE_BYTES (4 * (2 * WARPS * 8 + WARPS * 8 * D + 8))
 #define SMEM_BYTES (PIPE_BYTES > MERGE_BYTES ? PIPE_BYTES : MERGE_BYTES)
 #define CODE_UNIT 16777216.0f                  // 2^24: 1 / the value of fp16 mantissa bit 0
 #define NEG_INF __int_as_float(0xff800000)
@@ -157,260 +160,368 @@ __device__ __forceinline__ void issue_tile(u8* stage, int slot, int lane, const 
   cp_async<META_ROW>(stage + KEY_TILE_BYTES + VAL_TILE_BYTES + lane * META_ROW, at_slot(src.meta, slot, src.meta_stride));
 }
 
+// Shared memory of the warps' merge, once their pipelines are drained: per warp and query head
+// (column) its maximum m_w, its sum l_w and its output o_w, both rescaled to the program's maximum.
+struct Merge {
+  float* m_w;    // [WARPS][8]
+  float* l_w;    // [WARPS][8]
+  float* o_w;    // [WARPS][8][D]
+  float* inv_l;  // [8]
+  __device__ explicit Merge(u8* smem)
+      : m_w(reinterpret_cast<float*>(smem)), l_w(m_w + WARPS * 8), o_w(l_w + WARPS * 8), inv_l(o_w + WARPS * 8 * D) {}
+  // after every warp wrote m_w and a barrier: exp2(m - the program's maximum of column `head`)
+  __device__ float rescale(float m, int head) const {
+    float mx = NEG_INF;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) mx = fmaxf(mx, m_w[w * 8 + head]);
+    return exp2_approx(m - finite_or_zero(mx));
+  }
+  // after every warp wrote l_w and o_w: the partial `part` of query heads row0 .. row0 + GQA - 1
+  __device__ void store(float* part_o, float* part_lse, int row0, int num_parts, int part) const {
+    __syncthreads();
+    if (threadIdx.x < GQA) {  // one thread per query head: the program's sum and log2-sum-exp
+      const int head = threadIdx.x;
+      float l = 0.0f, mx = NEG_INF;
+#pragma unroll
+      for (int w = 0; w < WARPS; ++w) {
+        l += l_w[w * 8 + head];
+        mx = fmaxf(mx, m_w[w * 8 + head]);
+      }
+      inv_l[head] = l > 0.0f ? __fdividef(1.0f, l) : 0.0f;  // l >= 1: the maximum's warp adds exp2(0)
+      part_lse[(long long)(row0 + head) * num_parts + part] = l > 0.0f ? mx + __log2f(l) : NEG_INF;
+    }
+    __syncthreads();
+#pragma unroll 1
+    for (int i = threadIdx.x; i < GQA * D; i += WARPS * 32) {
+      const int head = i / D, d = i % D;
+      float acc = 0.0f;
+#pragma unroll
+      for (int w = 0; w < WARPS; ++w) acc += o_w[(w * 8 + head) * D + d];
+      part_o[((long long)(row0 + head) * num_parts + part) * D + d] = acc * inv_l[head];
+    }
+  }
+};
+
+// WIN_DIMS (2 or 4) consecutive bf16 values as floats
+__device__ __forceinline__ void load_bf16(const u16* p, float* f) {
+  u32 w[WIN_DIMS / 2];
+  if (WIN_DIMS == 4) {
+    const uint2 x = *reinterpret_cast<const uint2*>(p);
+    w[0] = x.x;
+    w[WIN_DIMS / 2 - 1] = x.y;
+  } else {
+    w[0] = *reinterpret_cast<const u32*>(p);
+  }
+#pragma unroll
+  for (int i = 0; i < WIN_DIMS / 2; ++i) {
+    f[2 * i] = __uint_as_float(w[i] << 16);
+    f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+  }
+}
+
+// Window program z: rows [z * WIN_ROWS, ...) of the request's S_TOK sink rows (valid below
+// `start`) and W_TOK ring rows (position p in row S_TOK + (p - S_TOK) mod W_TOK, valid for
+// p in [end, length)), one row at a time per warp: lane l holds dims [l * WIN_DIMS, +WIN_DIMS)
+// of every query head, in fp32 (the rows are exact in it).
+__device__ __forceinline__ void window_program(
+    const float* q, const u16* k_row0, const u16* v_row0, u32 stride_ws, int z, int start, int end, int length,
+    const Merge& merge) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  float qv[GQA][WIN_DIMS], o[GQA][WIN_DIMS], m[GQA], l[GQA];
+#pragma unroll
+  for (int h = 0; h < GQA; ++h) {
+    m[h] = NEG_INF;
+    l[h] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < WIN_DIMS; ++i) {
+      qv[h][i] = q[h * D + lane * WIN_DIMS + i];
+      o[h][i] = 0.0f;
+    }
+  }
+  const int first = (((end - S_TOK) % W_TOK) + W_TOK) % W_TOK;  // ring row of position `end`
+  const int row_hi = min((z + 1) * WIN_ROWS, S_TOK + W_TOK);
+  for (int r = z * WIN_ROWS + warp; r < row_hi; r += WARPS) {
+    const bool valid = r < S_TOK ? r < start : (r - S_TOK - first + W_TOK) % W_TOK < length - end;
+    if (!valid) continue;
+    const u16* k = k_row0 + (unsigned long long)r * stride_ws + lane * WIN_DIMS;
+    const u16* v = v_row0 + (unsigned long long)r * stride_ws + lane * WIN_DIMS;
+    float kf[WIN_DIMS], vf[WIN_DIMS];
+    load_bf16(k, kf);
+    load_bf16(v, vf);
+#pragma unroll
+    for (int h = 0; h < GQA; ++h) {
+      float s = 0.0f;
+#pragma unroll
+      for (int i = 0; i < WIN_DIMS; ++i) s += qv[h][i] * kf[i];
+#pragma unroll
+      for (int x = 16; x > 0; x >>= 1) s += __shfl_xor_sync(FULL, s, x);
+      const float mn = fmaxf(m[h], s), a = exp2_approx(m[h] - mn), p = exp2_approx(s - mn);
+      l[h] = l[h] * a + p;
+#pragma unroll
+      for (int i = 0; i < WIN_DIMS; ++i) o[h][i] = o[h][i] * a + p * vf[i];
+      m[h] = mn;
+    }
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int h = 0; h < GQA; ++h) merge.m_w[warp * 8 + h] = m[h];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int h = 0; h < GQA; ++h) {
+    const float r = merge.rescale(m[h], h);
+#pragma unroll
+    for (int i = 0; i < WIN_DIMS; ++i) merge.o_w[(warp * 8 + h) * D + lane * WIN_DIMS + i] = o[h][i] * r;
+    if (lane == 0) merge.l_w[warp * 8 + h] = l[h] * r;
+  }
+}
+
 extern "C" __global__ void __launch_bounds__(WARPS * 32) oscar_int2_split(
     const float* __restrict__ qr, const INDPTR_T* __restrict__ kv_indptr, const INDEX_T* __restrict__ kv_indices,
-    const int* __restrict__ own_start,
+    const int* __restrict__ own_start, const WSTART_T* __restrict__ window_starts,
+    const u16* __restrict__ k_window, const u16* __restrict__ v_window, u32 stride_ws, u32 stride_wh,
     const u8* __restrict__ k_codes, const u8* __restrict__ v_codes,
     u32 stride_kcs, u32 stride_kch, u32 stride_vcs, u32 stride_vch,
     const u8* __restrict__ k_meta, const u8* __restrict__ v_meta, u32 stride_ms, u32 stride_mh,
-    float* __restrict__ part_o, float* __restrict__ part_lse,
-    int num_q_heads, int num_splits, int num_parts, int first_part) {
+    float* __restrict__ part_o, float* __restrict__ part_lse, int num_q_heads, int num_splits, int num_parts) {
   __shared__ __align__(16) u8 smem[SMEM_BYTES];
-  const int hk = blockIdx.x, b = blockIdx.y, split = blockIdx.z;
+  const int hk = blockIdx.x, b = blockIdx.y, z = blockIdx.z;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const long long row0 = (long long)b * num_q_heads + hk * GQA;  // the group's first query head
+  const Merge merge(smem);
 
-  // this program's positions [lo, hi) of the request's INT2 span, as decode.py splits it
   const int kv_lo = (int)kv_indptr[b];
   const int length = (int)kv_indptr[b + 1] - kv_lo;
   const int start = min(S_TOK, length);
   const int end = max(start, length - W_TOK);
-  const int own = SHARED ? own_start[b] : start;
-  const int span = max(end - own, 0);
-  const int per_split = (span + num_splits - 1) / num_splits;
-  const int per_split_aligned = (per_split + CTA_N - 1) / CTA_N * CTA_N;
-  const int lo = own + split * per_split_aligned;
-  const int hi = min(lo + per_split_aligned, end);
-  const int tiles = hi > lo ? (hi - lo + TILE - 1) / TILE : 0;
-  const int my_tiles = tiles > warp ? (tiles - warp + WARPS - 1) / WARPS : 0;  // tiles warp, warp + 4, ...
+  if (z < WIN_PROGRAMS) {
+    const unsigned long long window =
+        (unsigned long long)window_starts[b] * stride_ws + (unsigned long long)hk * stride_wh;
+    window_program(qr + (long long)row0 * D, k_window + window, v_window + window, stride_ws, z, start, end, length, merge);
+  } else {
 
-  // query fragments: register r holds the two dims (KEY_Q_DIM) its key register's codes stand for,
-  // times 2^-f (KEY_Q_SCALE); query row g of the group (zero beyond it)
-  const float* q = qr + ((long long)b * num_q_heads + hk * GQA + min(g, GQA - 1)) * D;
-  const bool q_ok = g < GQA;
-  u32 qf[KEY_REGS];
-  float qsum[NG];
-#pragma unroll
-  for (int i = 0; i < NG; ++i) qsum[i] = 0.0f;
-#pragma unroll
-  for (int r = 0; r < KEY_REGS; ++r) {
-    const float x0 = q_ok ? q[KEY_Q_DIM[t][r][0]] : 0.0f, x1 = q_ok ? q[KEY_Q_DIM[t][r][1]] : 0.0f;
-    qf[r] = pack_half2(x0 * KEY_Q_SCALE[t][r][0], x1 * KEY_Q_SCALE[t][r][1]);
-    qsum[key_mma_group(r / 2)] += KEY_Q_SUM[t][r] * (x0 + x1);
-  }
-  // Σ_{d in group} q'_d for the two query heads of this thread's score columns 2t, 2t+1
-  float qsum_c[NG][2];
-#pragma unroll
-  for (int i = 0; i < NG; ++i) {
-    float s = qsum[i];
-    s += __shfl_xor_sync(FULL, s, 1);
-    s += __shfl_xor_sync(FULL, s, 2);
-    qsum_c[i][0] = __shfl_sync(FULL, s, 8 * t);
-    qsum_c[i][1] = __shfl_sync(FULL, s, 8 * t + 4);
-  }
+    // this program's positions [lo, hi) of the request's INT2 span, as decode.py splits it
+    const int split = z - WIN_PROGRAMS;
+    const int own = SHARED ? own_start[b] : start;
+    const int span = max(end - own, 0);
+    const int per_split = (span + num_splits - 1) / num_splits;
+    const int per_split_aligned = (per_split + CTA_N - 1) / CTA_N * CTA_N;
+    const int lo = own + split * per_split_aligned;
+    const int hi = min(lo + per_split_aligned, end);
+    const int tiles = hi > lo ? (hi - lo + TILE - 1) / TILE : 0;
+    const int my_tiles = tiles > warp ? (tiles - warp + WARPS - 1) / WARPS : 0;  // tiles warp, warp + 4, ...
 
-  // online-softmax state of columns 2t, 2t+1 (m: warp-wide; l, am: this thread's rows only)
-  float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.0f, l1 = 0.0f;
-  float am[NG][2];
-  float o[VAL_MMAS][4];
+    // query fragments: register r holds the two dims (key_q_dim, shifted by the thread's Q_STEP)
+    // its key register's codes stand for, times the codes' weight and 2^-f (key_q_scale times
+    // q_thread_weight); query row g of the group (zero beyond it)
+    const float* q = qr + (long long)(row0 + min(g, GQA - 1)) * D + Q_STEP_T0 * (t & 1) + Q_STEP_T1 * (t >> 1);
+    const bool q_ok = g < GQA;
+    const float thread_weight = q_thread_weight(t);
+    u32 qf[KEY_REGS];
+    float qsum[NG];
 #pragma unroll
-  for (int i = 0; i < NG; ++i) am[i][0] = am[i][1] = 0.0f;
+    for (int i = 0; i < NG; ++i) qsum[i] = 0.0f;
 #pragma unroll
-  for (int i = 0; i < VAL_MMAS; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
-
-  u8* stages = smem + warp * STAGES * STAGE_BYTES;
-  const int value_col = lane % VALUE_CHUNKS_PER_ROW;
-  const LaneSources src = {
-      k_codes + (unsigned long long)hk * stride_kch,
-      v_codes + (unsigned long long)hk * stride_vch + value_col * VALUE_CHUNK,
-      (lane < TILE ? k_meta : v_meta) + (unsigned long long)hk * stride_mh, stride_kcs, stride_vcs, stride_ms};
-  const INDEX_T* idx = kv_indices + kv_lo;
-  auto tile_pos = [&](int k) { return lo + (warp + WARPS * k) * TILE; };
-  auto load_slot = [&](int k) { return k < my_tiles ? (int)idx[min(tile_pos(k) + (lane & (TILE - 1)), hi - 1)] : 0; };
-
-  int slot = load_slot(0);
-#pragma unroll
-  for (int k = 0; k < STAGES - 1; ++k) {
-    if (k < my_tiles)
-      issue_tile(stages + k * STAGE_BYTES, slot, lane, src);
-    cp_async_commit();
-    slot = load_slot(k + 1);
-  }
-
-  for (int k = 0; k < my_tiles; ++k) {
-    cp_async_wait<STAGES - 2>();
-    __syncwarp();
-    // refill the stage tile k - 1 used with tile k + STAGES - 1 (slot loaded an iteration ago)
-    const int next = k + STAGES - 1;
-    if (next < my_tiles)
-      issue_tile(stages + (next % STAGES) * STAGE_BYTES, slot, lane, src);
-    cp_async_commit();
-    slot = load_slot(next + 1);
-
-    const u8* stage = stages + (k % STAGES) * STAGE_BYTES;
-    const u8* vtile = stage + KEY_TILE_BYTES;
-    const u32* kmeta = reinterpret_cast<const u32*>(vtile + VAL_TILE_BYTES);
-    const u32* vmeta = kmeta + TILE * NG;
-
-    // scores^T: rows = positions g, g + 8; columns = query heads 2t, 2t + 1
-    u32 kw0[KEY_WORDS], kw1[KEY_WORDS];
-    load_key_words(stage + g * KEY_BYTES, t, kw0);
-    load_key_words(stage + (g + 8) * KEY_BYTES, t, kw1);
-    // KEY_CHAINS independent accumulators per group: the MMAs of a chain wait for each other
-    float acc[NG][KEY_CHAINS][4];
-#pragma unroll
-    for (int i = 0; i < NG; ++i)
-#pragma unroll
-      for (int c = 0; c < KEY_CHAINS; ++c) acc[i][c][0] = acc[i][c][1] = acc[i][c][2] = acc[i][c][3] = 0.0f;
-#pragma unroll
-    for (int mm = 0; mm < KEY_MMAS; ++mm)
-      mma(acc[key_mma_group(mm)][mm % KEY_CHAINS], key_reg(kw0, 2 * mm), key_reg(kw1, 2 * mm),
-          key_reg(kw0, 2 * mm + 1), key_reg(kw1, 2 * mm + 1), qf[2 * mm], qf[2 * mm + 1]);
-#pragma unroll
-    for (int i = 0; i < NG; ++i)
-#pragma unroll
-      for (int c = 1; c < KEY_CHAINS; ++c)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[i][0][e] += acc[i][c][e];
-
-    const int pos0 = tile_pos(k);
-    const bool ok_g = pos0 + g < hi, ok_g8 = pos0 + g + 8 < hi;
-    float s[4];
-    {
-      float ks[2][NG], km[2][NG];
-#pragma unroll
-      for (int i = 0; i < NG; ++i) {
-        unpack_meta(kmeta[g * NG + i], ks[0][i], km[0][i]);
-        unpack_meta(kmeta[(g + 8) * NG + i], ks[1][i], km[1][i]);
-      }
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int row = e >> 1, col = e & 1;
-        float x = 0.0f;
-#pragma unroll
-        for (int i = 0; i < NG; ++i) x += acc[i][0][e] * (ks[row][i] * CODE_UNIT) + qsum_c[i][col] * km[row][i];
-        s[e] = (row ? ok_g8 : ok_g) ? x : NEG_INF;
-      }
+    for (int r = 0; r < KEY_REGS; ++r) {
+      const float x0 = q_ok ? q[key_q_dim(r, 0)] : 0.0f, x1 = q_ok ? q[key_q_dim(r, 1)] : 0.0f;
+      qf[r] = pack_half2(x0 * (key_q_scale(r, 0) * thread_weight), x1 * (key_q_scale(r, 1) * thread_weight));
+      if (key_q_sum(r, 0)) qsum[key_mma_group(r / 2)] += x0 + x1;
     }
-    const float mn0 = fmaxf(m0, max_over_rows(fmaxf(s[0], s[2])));
-    const float mn1 = fmaxf(m1, max_over_rows(fmaxf(s[1], s[3])));
-    if (__any_sync(FULL, mn0 > m0 || mn1 > m1)) {
-      const float a0 = exp2_approx(m0 - finite_or_zero(mn0)), a1 = exp2_approx(m1 - finite_or_zero(mn1));
-      l0 *= a0;
-      l1 *= a1;
 #pragma unroll
-      for (int i = 0; i < NG; ++i) {
-        am[i][0] *= a0;
-        am[i][1] *= a1;
-      }
-#pragma unroll
-      for (int i = 0; i < VAL_MMAS; ++i) {
-        o[i][0] *= a0;
-        o[i][1] *= a1;
-        o[i][2] *= a0;
-        o[i][3] *= a1;
-      }
-      m0 = mn0;
-      m1 = mn1;
-    }
-    const float base0 = finite_or_zero(m0), base1 = finite_or_zero(m1);
-    const float p0 = exp2_approx(s[0] - base0), p1 = exp2_approx(s[1] - base1);
-    const float p2 = exp2_approx(s[2] - base0), p3 = exp2_approx(s[3] - base1);
-    l0 += p0 + p2;
-    l1 += p1 + p3;
-
-    // P^T per value group (p times the position's scale) as the B operand; minima to am
-    u32 pb0[NG], pb1[NG];
+    for (int i = 0; i < NG; ++i) qsum[i] *= q_thread_sum(t);
+    // Σ_{d in group} q'_d for the two query heads of this thread's score columns 2t, 2t+1
+    float qsum_c[NG][2];
 #pragma unroll
     for (int i = 0; i < NG; ++i) {
-      float vs0, vm0, vs1, vm1;
-      unpack_meta(vmeta[g * NG + i], vs0, vm0);
-      unpack_meta(vmeta[(g + 8) * NG + i], vs1, vm1);
-      pb0[i] = transpose8x8(pack_half2(p0 * vs0, p1 * vs0));
-      pb1[i] = transpose8x8(pack_half2(p2 * vs1, p3 * vs1));
-      am[i][0] += p0 * vm0 + p2 * vm1;
-      am[i][1] += p1 * vm0 + p3 * vm1;
+      float s = qsum[i];
+      s += __shfl_xor_sync(FULL, s, 1);
+      s += __shfl_xor_sync(FULL, s, 2);
+      qsum_c[i][0] = __shfl_sync(FULL, s, 8 * t);
+      qsum_c[i][1] = __shfl_sync(FULL, s, 8 * t + 4);
     }
 
-    // O'^T += V^T P^T: value bytes [g * VAL_BYTES, +VAL_BYTES) of positions 2t, 2t+1 (2t+8, 2t+9)
-    // interleaved so each 16-bit lane pairs two positions of one dim
-    const u32 w0 = load_value_bytes(value_row(vtile, 2 * t) + g * VAL_BYTES);
-    const u32 w1 = load_value_bytes(value_row(vtile, 2 * t + 1) + g * VAL_BYTES);
-    const u32 w2 = load_value_bytes(value_row(vtile, 2 * t + 8) + g * VAL_BYTES);
-    const u32 w3 = load_value_bytes(value_row(vtile, 2 * t + 9) + g * VAL_BYTES);
-    u32 x[2][VAL_BYTES / 2];
-    x[0][0] = __byte_perm(w0, w1, 0x5410);
-    x[1][0] = __byte_perm(w2, w3, 0x5410);
-    if (VAL_BYTES == 4) {
-      x[0][VAL_BYTES / 2 - 1] = __byte_perm(w0, w1, 0x7632);
-      x[1][VAL_BYTES / 2 - 1] = __byte_perm(w2, w3, 0x7632);
-    }
+    // online-softmax state of columns 2t, 2t+1 (m: warp-wide; l, am: this thread's rows only)
+    float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.0f, l1 = 0.0f;
+    float am[NG][2];
+    float o[VAL_MMAS][4];
 #pragma unroll
-    for (int f = 0; f < 4; ++f) {  // quarter slice f: dims f * P + [0, P)
-      const u32 mask = 0x00030003u << (2 * f);
+    for (int i = 0; i < NG; ++i) am[i][0] = am[i][1] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < VAL_MMAS; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+
+    u8* stages = smem + warp * STAGES * STAGE_BYTES;
+    const int value_col = lane % VALUE_CHUNKS_PER_ROW;
+    const LaneSources src = {
+        k_codes + (unsigned long long)hk * stride_kch,
+        v_codes + (unsigned long long)hk * stride_vch + value_col * VALUE_CHUNK,
+        (lane < TILE ? k_meta : v_meta) + (unsigned long long)hk * stride_mh, stride_kcs, stride_vcs, stride_ms};
+    const INDEX_T* idx = kv_indices + kv_lo;
+    auto tile_pos = [&](int k) { return lo + (warp + WARPS * k) * TILE; };
+    auto load_slot = [&](int k) { return k < my_tiles ? (int)idx[min(tile_pos(k) + (lane & (TILE - 1)), hi - 1)] : 0; };
+
+    int slot = load_slot(0);
+#pragma unroll
+    for (int k = 0; k < STAGES - 1; ++k) {
+      if (k < my_tiles)
+        issue_tile(stages + k * STAGE_BYTES, slot, lane, src);
+      cp_async_commit();
+      slot = load_slot(k + 1);
+    }
+
+    for (int k = 0; k < my_tiles; ++k) {
+      cp_async_wait<STAGES - 2>();
+      __syncwarp();
+      // refill the stage tile k - 1 used with tile k + STAGES - 1 (slot loaded an iteration ago)
+      const int next = k + STAGES - 1;
+      if (next < my_tiles)
+        issue_tile(stages + (next % STAGES) * STAGE_BYTES, slot, lane, src);
+      cp_async_commit();
+      slot = load_slot(next + 1);
+
+      const u8* stage = stages + (k % STAGES) * STAGE_BYTES;
+      const u8* vtile = stage + KEY_TILE_BYTES;
+      const u32* kmeta = reinterpret_cast<const u32*>(vtile + VAL_TILE_BYTES);
+      const u32* vmeta = kmeta + TILE * NG;
+
+      // scores^T: rows = positions g, g + 8; columns = query heads 2t, 2t + 1
+      u32 kw0[KEY_WORDS], kw1[KEY_WORDS];
+      load_key_words(stage + g * KEY_BYTES, t, kw0);
+      load_key_words(stage + (g + 8) * KEY_BYTES, t, kw1);
+      // KEY_CHAINS independent accumulators per group: the MMAs of a chain wait for each other
+      float acc[NG][KEY_CHAINS][4];
+#pragma unroll
+      for (int i = 0; i < NG; ++i)
+#pragma unroll
+        for (int c = 0; c < KEY_CHAINS; ++c) acc[i][c][0] = acc[i][c][1] = acc[i][c][2] = acc[i][c][3] = 0.0f;
+#pragma unroll
+      for (int mm = 0; mm < KEY_MMAS; ++mm)
+        mma(acc[key_mma_group(mm)][mm % KEY_CHAINS], key_reg(kw0, 2 * mm), key_reg(kw1, 2 * mm),
+            key_reg(kw0, 2 * mm + 1), key_reg(kw1, 2 * mm + 1), qf[2 * mm], qf[2 * mm + 1]);
+#pragma unroll
+      for (int i = 0; i < NG; ++i)
+#pragma unroll
+        for (int c = 1; c < KEY_CHAINS; ++c)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[i][0][e] += acc[i][c][e];
+
+      const int pos0 = tile_pos(k);
+      const bool ok_g = pos0 + g < hi, ok_g8 = pos0 + g + 8 < hi;
+      float s[4];
+      {
+        float ks[2][NG], km[2][NG];
+#pragma unroll
+        for (int i = 0; i < NG; ++i) {
+          unpack_meta(kmeta[g * NG + i], ks[0][i], km[0][i]);
+          unpack_meta(kmeta[(g + 8) * NG + i], ks[1][i], km[1][i]);
+        }
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int row = e >> 1, col = e & 1;
+          float x = 0.0f;
+#pragma unroll
+          for (int i = 0; i < NG; ++i) x += acc[i][0][e] * (ks[row][i] * CODE_UNIT) + qsum_c[i][col] * km[row][i];
+          s[e] = (row ? ok_g8 : ok_g) ? x : NEG_INF;
+        }
+      }
+      const float mn0 = fmaxf(m0, max_over_rows(fmaxf(s[0], s[2])));
+      const float mn1 = fmaxf(m1, max_over_rows(fmaxf(s[1], s[3])));
+      if (__any_sync(FULL, mn0 > m0 || mn1 > m1)) {
+        const float a0 = exp2_approx(m0 - finite_or_zero(mn0)), a1 = exp2_approx(m1 - finite_or_zero(mn1));
+        l0 *= a0;
+        l1 *= a1;
+#pragma unroll
+        for (int i = 0; i < NG; ++i) {
+          am[i][0] *= a0;
+          am[i][1] *= a1;
+        }
+#pragma unroll
+        for (int i = 0; i < VAL_MMAS; ++i) {
+          o[i][0] *= a0;
+          o[i][1] *= a1;
+          o[i][2] *= a0;
+          o[i][3] *= a1;
+        }
+        m0 = mn0;
+        m1 = mn1;
+      }
+      const float base0 = finite_or_zero(m0), base1 = finite_or_zero(m1);
+      const float p0 = exp2_approx(s[0] - base0), p1 = exp2_approx(s[1] - base1);
+      const float p2 = exp2_approx(s[2] - base0), p3 = exp2_approx(s[3] - base1);
+      l0 += p0 + p2;
+      l1 += p1 + p3;
+
+      // P^T per value group (p times the position's scale) as the B operand; minima to am
+      u32 pb0[NG], pb1[NG];
+#pragma unroll
+      for (int i = 0; i < NG; ++i) {
+        float vs0, vm0, vs1, vm1;
+        unpack_meta(vmeta[g * NG + i], vs0, vm0);
+        unpack_meta(vmeta[(g + 8) * NG + i], vs1, vm1);
+        pb0[i] = transpose8x8(pack_half2(p0 * vs0, p1 * vs0));
+        pb1[i] = transpose8x8(pack_half2(p2 * vs1, p3 * vs1));
+        am[i][0] += p0 * vm0 + p2 * vm1;
+        am[i][1] += p1 * vm0 + p3 * vm1;
+      }
+
+      // O'^T += V^T P^T: value bytes [g * VAL_BYTES, +VAL_BYTES) of positions 2t, 2t+1 (2t+8, 2t+9)
+      // interleaved so each 16-bit lane pairs two positions of one dim
+      const u32 w0 = load_value_bytes(value_row(vtile, 2 * t) + g * VAL_BYTES);
+      const u32 w1 = load_value_bytes(value_row(vtile, 2 * t + 1) + g * VAL_BYTES);
+      const u32 w2 = load_value_bytes(value_row(vtile, 2 * t + 8) + g * VAL_BYTES);
+      const u32 w3 = load_value_bytes(value_row(vtile, 2 * t + 9) + g * VAL_BYTES);
+      u32 x[2][VAL_BYTES / 2];
+      x[0][0] = __byte_perm(w0, w1, 0x5410);
+      x[1][0] = __byte_perm(w2, w3, 0x5410);
+      if (VAL_BYTES == 4) {
+        x[0][VAL_BYTES / 2 - 1] = __byte_perm(w0, w1, 0x7632);
+        x[1][VAL_BYTES / 2 - 1] = __byte_perm(w2, w3, 0x7632);
+      }
+#pragma unroll
+      for (int f = 0; f < 4; ++f) {  // quarter slice f: dims f * P + [0, P)
+        const u32 mask = 0x00030003u << (2 * f);
+        const int grp = f * P / GROUP_SIZE;
+#pragma unroll
+        for (int j = 0; j < VAL_BYTES / 2; ++j)  // tile rows g, g + 8: bytes 2j, 2j + 1 of the thread's
+          mma(o[f * (VAL_BYTES / 2) + j], x[0][j] & mask, (x[0][j] >> 8) & mask, x[1][j] & mask,
+              (x[1][j] >> 8) & mask, pb0[grp], pb1[grp]);
+      }
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+
+    // merge the warps: per column, the warps' maxima, sums and rescaled outputs through shared memory
+    l0 = sum_over_rows(l0);
+    l1 = sum_over_rows(l1);
+#pragma unroll
+    for (int i = 0; i < NG; ++i) {
+      am[i][0] = sum_over_rows(am[i][0]);
+      am[i][1] = sum_over_rows(am[i][1]);
+    }
+    if (g == 0) {
+      merge.m_w[warp * 8 + 2 * t] = m0;
+      merge.m_w[warp * 8 + 2 * t + 1] = m1;
+    }
+    __syncthreads();
+    const float r0 = merge.rescale(m0, 2 * t), r1 = merge.rescale(m1, 2 * t + 1);
+#pragma unroll
+    for (int f = 0; f < 4; ++f) {
+      const float unit = CODE_UNIT / (float)(1 << (2 * f));  // codes of slice f entered as c * 4^f * 2^-24
       const int grp = f * P / GROUP_SIZE;
 #pragma unroll
-      for (int j = 0; j < VAL_BYTES / 2; ++j)  // tile rows g, g + 8: bytes 2j, 2j + 1 of the thread's
-        mma(o[f * (VAL_BYTES / 2) + j], x[0][j] & mask, (x[0][j] >> 8) & mask, x[1][j] & mask,
-            (x[1][j] >> 8) & mask, pb0[grp], pb1[grp]);
+      for (int j = 0; j < VAL_BYTES / 2; ++j) {
+        const float* c = o[f * (VAL_BYTES / 2) + j];
+        const int d0 = f * P + g * VAL_BYTES + 2 * j;  // tile row g; row g + 8 is dim d0 + 1
+        float* dst = merge.o_w + (warp * 8 + 2 * t) * D + d0;
+        dst[0] = (c[0] * unit + am[grp][0]) * r0;
+        dst[D] = (c[1] * unit + am[grp][1]) * r1;
+        dst[1] = (c[2] * unit + am[grp][0]) * r0;
+        dst[D + 1] = (c[3] * unit + am[grp][1]) * r1;
+      }
+    }
+    if (g == 0) {  // the warp's sums, rescaled to the program's maxima as its outputs are
+      merge.l_w[warp * 8 + 2 * t] = l0 * r0;
+      merge.l_w[warp * 8 + 2 * t + 1] = l1 * r1;
     }
   }
-  cp_async_wait<0>();
-  __syncthreads();
-
-  // merge the warps: per column, the warps' maxima, sums and rescaled outputs through shared memory
-  l0 = sum_over_rows(l0);
-  l1 = sum_over_rows(l1);
-#pragma unroll
-  for (int i = 0; i < NG; ++i) {
-    am[i][0] = sum_over_rows(am[i][0]);
-    am[i][1] = sum_over_rows(am[i][1]);
-  }
-  float* m_w = reinterpret_cast<float*>(smem);  // [WARPS][8]
-  float* l_w = m_w + WARPS * 8;                 // [WARPS][8]
-  float* o_w = l_w + WARPS * 8;                 // [WARPS][D][8]
-  if (g == 0) {
-    m_w[warp * 8 + 2 * t] = m0;
-    m_w[warp * 8 + 2 * t + 1] = m1;
-    l_w[warp * 8 + 2 * t] = l0;
-    l_w[warp * 8 + 2 * t + 1] = l1;
-  }
-  __syncthreads();
-  float mx0 = NEG_INF, mx1 = NEG_INF;
-#pragma unroll
-  for (int w = 0; w < WARPS; ++w) {
-    mx0 = fmaxf(mx0, m_w[w * 8 + 2 * t]);
-    mx1 = fmaxf(mx1, m_w[w * 8 + 2 * t + 1]);
-  }
-  const float r0 = exp2_approx(m0 - finite_or_zero(mx0)), r1 = exp2_approx(m1 - finite_or_zero(mx1));
-#pragma unroll
-  for (int f = 0; f < 4; ++f) {
-    const float unit = CODE_UNIT / (float)(1 << (2 * f));  // codes of slice f entered as c * 4^f * 2^-24
-    const int grp = f * P / GROUP_SIZE;
-#pragma unroll
-    for (int j = 0; j < VAL_BYTES / 2; ++j) {
-      const float* c = o[f * (VAL_BYTES / 2) + j];
-      const int d0 = f * P + g * VAL_BYTES + 2 * j;  // tile row g; row g + 8 is dim d0 + 1
-      float* dst = o_w + (warp * D + d0) * 8 + 2 * t;
-      dst[0] = (c[0] * unit + am[grp][0]) * r0;
-      dst[1] = (c[1] * unit + am[grp][1]) * r1;
-      dst[8] = (c[2] * unit + am[grp][0]) * r0;
-      dst[9] = (c[3] * unit + am[grp][1]) * r1;
-    }
-  }
-  __syncthreads();
-  for (int i = threadIdx.x; i < GQA * D; i += WARPS * 32) {
-    const int head = i / D, d = i % D;
-    float mx = NEG_INF;
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) mx = fmaxf(mx, m_w[w * 8 + head]);
-    float l = 0.0f, acc = 0.0f;
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) {
-      l += l_w[w * 8 + head] * exp2_approx(m_w[w * 8 + head] - finite_or_zero(mx));
-      acc += o_w[(w * D + d) * 8 + head];
-    }
-    const long long part = ((long long)b * num_q_heads + hk * GQA + head) * num_parts + first_part + split;
-    part_o[part * D + d] = l > 0.0f ? acc / l : 0.0f;
-    if (d == 0) part_lse[part] = l > 0.0f ? mx + __log2f(l) : NEG_INF;
-  }
+  merge.store(part_o, part_lse, row0, num_parts, z);
 }

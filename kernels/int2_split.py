@@ -1,12 +1,14 @@
-"""The decode step's INT2 split programs as CUDA C++ (int2_split.cu), compiled at run time by
-NVRTC for the GPU at hand, and the key-register plan that kernel's unpacking is generated from.
+"""The decode step's split programs (BF16 window and INT2) as CUDA C++ (int2_split.cu), compiled
+at run time by NVRTC for the GPU at hand, and the key-register plan that kernel's INT2 unpacking
+is generated from.
 
 A position's key codes are an MMA row: the 4 threads of the row each read a quarter of its bytes
 (`key_chunks`) and turn them into f16x2 operand registers (`key_registers`), each lane one code
 as the fp16 subnormal c · 2^f · 2^-24 of its bit field f. Which dim a lane stands for depends on
 the thread (`lane_code`); the query fragment of thread t holds q'_dim · multiplier · 2^-f for the
-same lanes (the tables KEY_Q_DIM, KEY_Q_SCALE), so the MMA sums q'·c over the whole key without
-the codes ever being put in dim order. Registers are ordered by quantization group, two per MMA.
+same lanes (`query_fragment`, generated as constants per register plus a shift per thread), so
+the MMA sums q'·c over the whole key without the codes ever being put in dim order. Registers
+are ordered by quantization group, two per MMA.
 
 Used for GQA groups of up to MAX_GQA query heads on GPUs with mma.sync and cp.async (sm_80+);
 `decode.py` keeps its Triton split kernel for the rest and for the Triton interpreter.
@@ -14,6 +16,7 @@ Used for GQA groups of up to MAX_GQA query heads on GPUs with mma.sync and cp.as
 
 import ctypes
 import functools
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +29,9 @@ THREADS_PER_ROW = 4  # threads of an m16n8k16 fragment sharing a row
 MAX_GQA = 8  # the MMA's N: query heads of one KV head a program serves
 MIN_CAPABILITY = (8, 0)  # mma.sync m16n8k16 f16, cp.async, movmatrix
 WARPS = 4  # warps per program, each with its own tiles and softmax state
+# programs an SM runs at once (4 x 128 threads at <= 128 registers), which the split count aims
+# at: one wave of them was faster than two on an H100 (results/h100/int2-split-cuda)
+PROGRAMS_PER_SM = 4
 VALUE_CHUNK = 16  # bytes per asynchronous copy of a value row
 SOURCE = Path(__file__).with_name("int2_split.cu")
 C_INTS = {32: "int", 64: "long long"}
@@ -128,6 +134,46 @@ def register_group(fmt: OscarFormat, reg: KeyRegister) -> int:
     return groups.pop()
 
 
+@dataclass(frozen=True)
+class QueryFragment:
+    """`lane_code` over all threads, factored into what the thread adds and what the register
+    holds, so the kernel's query fragment needs no table indexed by the thread: lane `lane` of
+    key register r in thread t stands for dim dims[r][lane] + dim_steps[0]·(t & 1) +
+    dim_steps[1]·(t >> 1), and the query enters it times scales[r][lane] · thread_weights[t]
+    (the code's weight times 2^-field_bit); its dims count in Σ q' when sums[r] and thread_sums[t]."""
+
+    dims: tuple[tuple[int, int], ...]
+    scales: tuple[tuple[float, float], ...]
+    sums: tuple[bool, ...]
+    dim_steps: tuple[int, int]
+    thread_weights: tuple[float, ...]
+    thread_sums: tuple[bool, ...]
+
+
+def query_fragment(fmt: OscarFormat) -> QueryFragment:
+    """The factored `lane_code` of `key_registers(fmt)`; raises if some thread's codes do not
+    follow the thread-0 codes by one shift of dims and one factor of weight."""
+    regs = key_registers(fmt)
+    codes = [[[lane_code(fmt, r, t, lane) for lane in (0, 1)] for r in regs] for t in range(THREADS_PER_ROW)]
+    dim_steps = (codes[1][0][0][0] - codes[0][0][0][0], codes[2][0][0][0] - codes[0][0][0][0])
+    # a thread's weights are the register's times the thread's (one of them is 1 in every format)
+    thread_weights = tuple(codes[t][0][0][1] / codes[0][0][0][1] for t in range(THREADS_PER_ROW))
+    thread_sums = tuple(any(low for r in codes[t] for _, _, low in r) for t in range(THREADS_PER_ROW))
+    fragment = QueryFragment(
+        dims=tuple((c[0][0], c[1][0]) for c in codes[0]),
+        scales=tuple((c[0][1] / (1 << r.field_bit), c[1][1] / (1 << r.field_bit)) for r, c in zip(regs, codes[0])),
+        sums=tuple(any(codes[t][i][lane][2] for t, lane in itertools.product(range(THREADS_PER_ROW), (0, 1)))
+                   for i in range(len(regs))),
+        dim_steps=dim_steps, thread_weights=thread_weights, thread_sums=thread_sums)
+    for t, i, lane in itertools.product(range(THREADS_PER_ROW), range(len(regs)), (0, 1)):
+        dim, weight, low = codes[t][i][lane]
+        factored = (fragment.dims[i][lane] + dim_steps[0] * (t & 1) + dim_steps[1] * (t >> 1),
+                    fragment.scales[i][lane] * (1 << regs[i].field_bit) * thread_weights[t],
+                    fragment.sums[i] and thread_sums[t])
+        assert factored == (dim, weight, low), f"{fmt}: thread {t}'s register {i} lane {lane} is {codes[t][i][lane]}"
+    return fragment
+
+
 def key_chunk(fmt: OscarFormat) -> int:
     """Bytes per asynchronous copy of a key row (rows of 24 bytes: 3-bit keys at D 64)."""
     return 16 if fmt.key_packed_dim % 16 == 0 else 8
@@ -141,14 +187,17 @@ def meta_row(fmt: OscarFormat) -> int:
 @dataclass(frozen=True)
 class SplitKernel:
     """One compiled variant of int2_split.cu: the format, the GQA group (query heads per KV
-    head), the widths in bits of kv_indptr and kv_indices, whether requests read a shared prefix
-    elsewhere (own_start), the cp.async pipeline depth per warp and the number of independent
-    accumulators the key MMAs of a tile alternate between (decode.DecodeLaunch)."""
+    head), the widths in bits of kv_indptr, kv_indices and window_starts, whether requests read
+    a shared prefix elsewhere (own_start), the programs per (request, KV head) that read the BF16
+    window rows and the rows each reads (decode.window_programs), the cp.async pipeline depth per
+    warp and the number of independent accumulators the key MMAs of a tile alternate between."""
 
     fmt: OscarFormat
     gqa: int
-    index_bits: tuple[int, int]
+    index_bits: tuple[int, int, int]
     shared: bool
+    window_programs: int
+    window_rows: int
     stages: int
     key_chains: int
 
@@ -160,9 +209,11 @@ def generated_header(kernel: SplitKernel) -> str:
     lines = [f"#define {name} {value}" for name, value in (
         ("D", fmt.head_dim), ("P", fmt.packed_dim), ("KEY_BYTES", fmt.key_packed_dim), ("NG", fmt.num_groups),
         ("GROUP_SIZE", fmt.group_size), ("GQA", kernel.gqa), ("S_TOK", fmt.sink_tokens),
-        ("W_TOK", fmt.recent_tokens), ("SHARED", int(kernel.shared)), ("STAGES", kernel.stages),
-        ("KEY_CHAINS", max(1, kernel.key_chains // fmt.num_groups)),
+        ("W_TOK", fmt.recent_tokens), ("WIN_PROGRAMS", kernel.window_programs),
+        ("WIN_ROWS", kernel.window_rows), ("WIN_DIMS", window_lane_dims(fmt)), ("SHARED", int(kernel.shared)),
+        ("STAGES", kernel.stages), ("KEY_CHAINS", max(1, kernel.key_chains // fmt.num_groups)),
         ("INDPTR_T", C_INTS[kernel.index_bits[0]]), ("INDEX_T", C_INTS[kernel.index_bits[1]]),
+        ("WSTART_T", C_INTS[kernel.index_bits[2]]),
         ("WARPS", WARPS), ("KEY_CHUNK", key_chunk(fmt)), ("VALUE_CHUNK", VALUE_CHUNK), ("META_ROW", meta_row(fmt)),
         ("KEY_REGS", len(regs)), ("KEY_WORDS", sum(c.words for c in chunks)))]
     lines.append("__device__ __forceinline__ void load_key_words(const unsigned char* row, int t, unsigned int* w) {")
@@ -186,18 +237,23 @@ def generated_header(kernel: SplitKernel) -> str:
     lines += [f"    case {m}: return {register_group(fmt, regs[2 * m])};" for m in range(len(regs) // 2)]
     lines.append("  }\n  return 0;\n}")
 
-    def table(cell) -> str:
-        return "{" + ", ".join("{" + ", ".join(cell(t, r) for r in regs) + "}" for t in range(THREADS_PER_ROW)) + "}"
+    q = query_fragment(fmt)
+    lines += [f"#define Q_STEP_T0 {q.dim_steps[0]}", f"#define Q_STEP_T1 {q.dim_steps[1]}"]
 
-    def codes(t, r):
-        return [lane_code(fmt, r, t, lane) for lane in (0, 1)]
+    def by_thread(name: str, values) -> None:  # a select over t, folded where the values agree
+        chain = " : ".join(f"t == {t} ? {float(v)!r}f" for t, v in enumerate(values[:-1]))
+        lines.append(f"__device__ __forceinline__ float {name}(int t) {{ return {chain} : {float(values[-1])!r}f; }}")
 
-    lines.append("__constant__ unsigned char KEY_Q_DIM[4][KEY_REGS][2] = "
-                 + table(lambda t, r: "{%d, %d}" % tuple(c[0] for c in codes(t, r))) + ";")
-    lines.append("__constant__ float KEY_Q_SCALE[4][KEY_REGS][2] = "
-                 + table(lambda t, r: "{%r, %r}" % tuple(c[1] / (1 << r.field_bit) for c in codes(t, r))) + ";")
-    lines.append("__constant__ float KEY_Q_SUM[4][KEY_REGS] = "
-                 + table(lambda t, r: "1.0f" if codes(t, r)[0][2] else "0.0f") + ";")
+    def by_register(kind: str, name: str, cases: list[str]) -> None:  # folded once the register loop is unrolled
+        lines.append(f"__device__ __forceinline__ {kind} {name}(int r, int lane) {{\n  switch (r) {{")
+        lines.extend(f"    case {i}: return {c};" for i, c in enumerate(cases))
+        lines.append("  }\n  return 0;\n}")
+
+    by_thread("q_thread_weight", q.thread_weights)
+    by_thread("q_thread_sum", q.thread_sums)
+    by_register("int", "key_q_dim", [f"lane ? {d1} : {d0}" for d0, d1 in q.dims])
+    by_register("float", "key_q_scale", [f"lane ? {s1!r}f : {s0!r}f" for s0, s1 in q.scales])
+    by_register("bool", "key_q_sum", [str(x).lower() for x in q.sums])  # the same for both lanes
     return "\n".join(lines) + "\n"
 
 
@@ -257,9 +313,15 @@ def _checked(result):
     return values[0] if values else None
 
 
+def window_lane_dims(fmt: OscarFormat) -> int:
+    """Dims of a window row each lane of a window program reads (a warp reads a whole row)."""
+    return fmt.head_dim // 32
+
+
 def check_layout(cache: LayerCache) -> list[int]:
     """The byte strides (slot, head) of k_codes, v_codes and the meta, checked against what the
-    kernel's asynchronous copies need: every row aligned to the copy size, strides below 4 GiB."""
+    kernel's asynchronous copies need: every row aligned to the copy size, strides below 4 GiB;
+    and the window rows aligned to what a lane of a window program reads."""
     fmt = cache.fmt
     strides = []
     for name, buf, unit in (("k_codes", cache.k_codes, key_chunk(fmt)), ("v_codes", cache.v_codes, VALUE_CHUNK),
@@ -271,38 +333,48 @@ def check_layout(cache: LayerCache) -> list[int]:
                              "contiguous, or decode with DecodeLaunch(int2_split='triton')")
         if name != "v_meta":
             strides += steps
+    window = cache.k_window  # K and V share strides (LayerCache); the kernel takes them in elements
+    unit = window_lane_dims(fmt)
+    if window.data_ptr() % (unit * window.element_size()) or any(x % unit or x >= 1 << 32 for x in window.stride()[:2]):
+        raise ValueError(f"k_window/v_window rows must be {unit * window.element_size()}-byte aligned with strides below "
+                         f"2^32 elements for the CUDA split kernel, got address {window.data_ptr():#x} and strides "
+                         f"{window.stride()}; allocate the pool contiguous, or decode with DecodeLaunch(int2_split='triton')")
     return strides
 
 
-def launch(qr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, own_start: torch.Tensor | None,
-           cache: LayerCache, part_o: torch.Tensor, part_lse: torch.Tensor, splits: int, first_part: int,
-           stages: int, key_chains: int) -> None:
-    """Launch grid (H_kv, B, splits) on the current stream (capturable in a CUDA graph).
+def launch(qr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, window_starts: torch.Tensor,
+           own_start: torch.Tensor | None, cache: LayerCache, part_o: torch.Tensor, part_lse: torch.Tensor,
+           splits: int, window_programs: int, window_rows: int, stages: int, key_chains: int) -> None:
+    """Launch grid (H_kv, B, window programs + splits) on the current stream (capturable in a
+    CUDA graph).
 
-    qr: [B, H_q, D] fp32 rotated, pre-scaled queries (decode.py's q_rot); kv_indptr [B + 1] and
-    kv_indices int32/int64; own_start: [B] int32 first position each request reads alone (None:
-    the INT2 span's start); cache: the layer's pool buffers; part_o [B, H_q, parts, D] and
-    part_lse [B, H_q, parts] fp32 get parts first_part .. first_part + splits - 1; stages,
-    key_chains: as in SplitKernel."""
+    qr: [B, H_q, D] fp32 rotated, pre-scaled queries (decode.py's q_rot); kv_indptr [B + 1],
+    kv_indices and window_starts [B] int32/int64; own_start: [B] int32 first position each request
+    reads alone (None: the INT2 span's start); cache: the layer's pool buffers; part_o
+    [B, H_q, parts, D] and part_lse [B, H_q, parts] fp32 get parts 0 .. window_programs + splits - 1;
+    window_programs, window_rows (rows per window program), stages, key_chains: as in SplitKernel."""
     from cuda.bindings import driver
 
     batch, q_heads, _ = qr.shape
     fmt, kv_heads = cache.fmt, cache.kv_heads
     k_codes, v_codes, k_meta, v_meta = cache.k_codes, cache.v_codes, cache.k_meta, cache.v_meta
     gqa = q_heads // kv_heads
-    index_bits = (torch.iinfo(kv_indptr.dtype).bits, torch.iinfo(kv_indices.dtype).bits)
+    index_bits = tuple(torch.iinfo(x.dtype).bits for x in (kv_indptr, kv_indices, window_starts))
     strides = check_layout(cache)  # before compiling: a pool the copies cannot read fails at once
-    function = _function(qr.device.index, SplitKernel(fmt, gqa, index_bits, own_start is not None, stages, key_chains))
+    kernel = SplitKernel(fmt, gqa, index_bits, own_start is not None, window_programs, window_rows, stages,
+                         key_chains)
+    function = _function(qr.device.index, kernel)
     args = [ctypes.c_void_p(x.data_ptr()) for x in (qr, kv_indptr, kv_indices)]
     args.append(ctypes.c_void_p((own_start if own_start is not None else kv_indptr).data_ptr()))
+    args += [ctypes.c_void_p(x.data_ptr()) for x in (window_starts, cache.k_window, cache.v_window)]
+    args += [ctypes.c_uint32(cache.k_window.stride(0)), ctypes.c_uint32(cache.k_window.stride(1))]
     args += [ctypes.c_void_p(k_codes.data_ptr()), ctypes.c_void_p(v_codes.data_ptr())]
     args += [ctypes.c_uint32(s) for s in strides[:4]]
     args += [ctypes.c_void_p(k_meta.data_ptr()), ctypes.c_void_p(v_meta.data_ptr())]
     args += [ctypes.c_uint32(s) for s in strides[4:]]
     args += [ctypes.c_void_p(part_o.data_ptr()), ctypes.c_void_p(part_lse.data_ptr())]
-    args += [ctypes.c_int(q_heads), ctypes.c_int(splits), ctypes.c_int(part_o.shape[2]), ctypes.c_int(first_part)]
+    args += [ctypes.c_int(q_heads), ctypes.c_int(splits), ctypes.c_int(part_o.shape[2])]
     pointers = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
     stream = torch.cuda.current_stream(qr.device).cuda_stream
-    _checked(driver.cuLaunchKernel(function, kv_heads, batch, splits, WARPS * 32, 1, 1, 0, stream,
+    _checked(driver.cuLaunchKernel(function, kv_heads, batch, window_programs + splits, WARPS * 32, 1, 1, 0, stream,
                                    ctypes.addressof(pointers), 0))
-

@@ -233,12 +233,12 @@ def main():
     for context, batch in shapes if "decode" in sections else []:
         problem = layer_decode_inputs(QWEN3_8B, batch, context, shared_prefix=args.shared_prefix)
         nbytes = decode_bytes(batch, context)
-        default_splits = dk.default_num_kv_splits(batch, KV_HEADS, torch.device("cuda"))
         cells = []
         for name, variant in SPLIT_VARIANTS.items():
             if f"split:{name}" in failed:
                 continue
-            trial = [default_splits] if name != "default" else sorted(
+            default_splits = dk.decode_step(*problem.args, launch=variant).splits
+            trial = [default_splits] if name not in ("default", "cuda") else sorted(
                 {max(1, default_splits // 2), default_splits, min(dk.MAX_KV_SPLITS, 2 * default_splits),
                  min(dk.MAX_KV_SPLITS, 4 * default_splits)})
             for splits in trial:
