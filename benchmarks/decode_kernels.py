@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 import triton
-from oscar_sglang.kernels.decode import DECODE_LAUNCH, decode_attention_int2, default_num_kv_splits
+from oscar_sglang.kernels.decode import DECODE_LAUNCH, decode_attention_int2, decode_step
 from oscar_sglang.kernels.format import DEFAULT_KEY_BITS, SUPPORTED_KEY_BITS, OscarFormat
 from oscar_sglang.kernels.shared_prefix import find_shared_prefixes
 
@@ -109,7 +109,7 @@ def bench_oscar(batch, context, args, q, shared=False):
 
     us, mode = median_us(step, args.rep_ms)
     record = {"us": us, "timing": mode, "bytes": oscar_decode_bytes(layer, fmt, batch, context),
-              "kv_splits": default_num_kv_splits(batch, layer.kv_heads, q.device)}
+              "kv_splits": decode_step(*inputs.args, launch=launch).splits}
     if shared:
         record["find_shared_us"] = median_us(blocks, args.rep_ms)[0]
     return record

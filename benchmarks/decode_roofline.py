@@ -7,8 +7,8 @@ bytes the step must read, and their share of the HBM bandwidth that a device-to-
 reaches in the same run. The targets of the decode work are printed against the points they apply
 to: ≥ 75 % of HBM at batch ≥ 8 and context ≥ 32K, ≥ 60 % at batch 1 and 128K.
 
-Writes <out-dir>/decode-roofline.json (a list of records: gpu, kernel, key_bits, batch, context,
-shared_prefix, status, us, bytes, hbm_fraction; records of other GPUs already in the file are
+Writes <out-dir>/decode-roofline.json (a list of records: gpu, kernel, key_bits, int2_split,
+batch, context, shared_prefix, status, us, bytes, hbm_fraction; records of other GPUs already in the file are
 kept), .md and .png. Run on a GPU machine from the repository root:
 
     python -m benchmarks.decode_roofline
@@ -23,6 +23,7 @@ from pathlib import Path
 
 from benchmarks.paths import DEFAULT_RESULTS_DIR
 from benchmarks.records import markdown_table, now_iso, plot_panels, write_json
+from oscar_sglang.kernels.decode import DECODE_LAUNCH
 from oscar_sglang.kernels.format import DEFAULT_KEY_BITS
 
 BATCHES = [1, 8, 32, 128]
@@ -44,6 +45,8 @@ def build_parser():
     p.add_argument("--key-bits", type=int, default=DEFAULT_KEY_BITS, help="OSCAR key code width (default %(default)s)")
     p.add_argument("--page-size", type=int, default=16, help="slot-shuffle granularity (default %(default)s)")
     p.add_argument("--rep-ms", type=int, default=100, help="do_bench time per point (default %(default)s)")
+    p.add_argument("--int2-split", choices=("cuda", "triton"), default=DECODE_LAUNCH.int2_split,
+                   help="kernel of OSCAR's split programs (DecodeLaunch.int2_split; default: %(default)s)")
     p.add_argument("--out-dir", type=Path, default=DEFAULT_RESULTS_DIR)
     return p
 
@@ -55,13 +58,15 @@ def target_for(batch: int, context: int) -> float | None:
     return max(wanted) if wanted else None
 
 
-def records_from_point(gpu: str, key_bits: int, batch: int, context: int, shared_prefix: int,
+def records_from_point(gpu: str, key_bits: int, int2_split: str, batch: int, context: int, shared_prefix: int,
                        methods: dict) -> list[dict]:
     """decode_kernels.run_point's {method: record} for one point -> roofline records."""
     records = []
     for kernel, r in methods.items():
         ok = r.get("status") == "ok"
-        records.append({"gpu": gpu, "kernel": kernel, "key_bits": key_bits if kernel.startswith("oscar") else None,
+        oscar = kernel.startswith("oscar")
+        records.append({"gpu": gpu, "kernel": kernel, "key_bits": key_bits if oscar else None,
+                        "int2_split": int2_split if oscar else None,
                         "batch": batch, "context": context,
                         "shared_prefix": shared_prefix, "status": r.get("status"),
                         "us": r["us"] if ok else None, "bytes": r.get("bytes"),
@@ -132,19 +137,19 @@ def main(argv=None) -> int:
     hbm = hbm_bandwidth_gbs(args.rep_ms)
     print(f"{gpu}: device-to-device copy {hbm:.0f} GB/s", flush=True)
     point_args = argparse.Namespace(layer="qwen3-8b", page_size=args.page_size, rep_ms=args.rep_ms, group_size=128,
-                                    key_bits=args.key_bits, shared_prefix=0)
+                                    key_bits=args.key_bits, shared_prefix=0, int2_split=args.int2_split)
     records = []
     for context in CONTEXTS:
         for batch in BATCHES:
             print(f"context {context}, batch {batch}", flush=True)
             methods = run_point(batch, context, point_args, PLAIN_METHODS, hbm)
-            records += records_from_point(gpu, args.key_bits, batch, context, 0, methods)
+            records += records_from_point(gpu, args.key_bits, args.int2_split, batch, context, 0, methods)
     point_args.shared_prefix = SHARED_PREFIX
     for batch in SHARED_BATCHES:
         context = SHARED_PREFIX + SHARED_TAIL
         print(f"context {context} ({SHARED_PREFIX} shared), batch {batch}", flush=True)
         methods = run_point(batch, context, point_args, SHARED_METHODS, hbm)
-        records += records_from_point(gpu, args.key_bits, batch, context, SHARED_PREFIX, methods)
+        records += records_from_point(gpu, args.key_bits, args.int2_split, batch, context, SHARED_PREFIX, methods)
 
     path = args.out_dir / "decode-roofline.json"
     old = json.loads(path.read_text()) if path.exists() else {"records": [], "commands": {}, "hbm_copy_gbps": {}}

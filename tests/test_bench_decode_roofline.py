@@ -11,7 +11,7 @@ def point(us_oscar, pct_oscar):
 
 
 def test_records_keep_each_kernel_and_why_a_point_is_missing():
-    records = roof.records_from_point("H100", 4, 8, 32768, 0, point(400.0, 76.0))
+    records = roof.records_from_point("H100", 4, "cuda", 8, 32768, 0, point(400.0, 76.0))
     by_kernel = {r["kernel"]: r for r in records}
     assert by_kernel["oscar-int2"]["hbm_fraction"] == 0.76 and by_kernel["oscar-int2"]["key_bits"] == 4
     assert by_kernel["flashinfer-fp8"]["key_bits"] is None and by_kernel["flashinfer-fp8"]["us"] == 900.0
@@ -26,20 +26,20 @@ def test_targets_apply_where_the_issue_sets_them():
 
 
 def test_a_rerun_replaces_its_gpu_and_keeps_the_others():
-    h100 = roof.records_from_point("H100", 4, 1, 8192, 0, point(50.0, 20.0))
-    h200 = roof.records_from_point("H200", 4, 1, 8192, 0, point(40.0, 18.0))
-    again = roof.records_from_point("H100", 4, 1, 8192, 0, point(45.0, 22.0))
+    h100 = roof.records_from_point("H100", 4, "cuda", 1, 8192, 0, point(50.0, 20.0))
+    h200 = roof.records_from_point("H200", 4, "cuda", 1, 8192, 0, point(40.0, 18.0))
+    again = roof.records_from_point("H100", 4, "cuda", 1, 8192, 0, point(45.0, 22.0))
     merged = roof.merged(h100 + h200, again)
     assert [r for r in merged if r["gpu"] == "H200"] == h200
     assert [r for r in merged if r["gpu"] == "H100"] == again
 
 
 def test_table_says_where_oscar_meets_the_target():
-    records = (roof.records_from_point("H100", 4, 8, 32768, 0, point(400.0, 76.0))
-               + roof.records_from_point("H100", 4, 1, 131072, 0, point(90.0, 41.0))
-               + roof.records_from_point("H100", 4, 64, 33792, 32768,
+    records = (roof.records_from_point("H100", 4, "cuda", 8, 32768, 0, point(400.0, 76.0))
+               + roof.records_from_point("H100", 4, "cuda", 1, 131072, 0, point(90.0, 41.0))
+               + roof.records_from_point("H100", 4, "cuda", 64, 33792, 32768,
                                          {"oscar-int2-shared": point(300.0, 150.0)["oscar-int2"]})
-               + roof.records_from_point("H200", 4, 8, 32768, 0, point(1.0, 99.0)))
+               + roof.records_from_point("H200", 4, "cuda", 8, 32768, 0, point(1.0, 99.0)))
     rows = roof.table(records, "H100").splitlines()[2:]
     assert len(rows) == 3  # H100's points only
     assert rows[0].endswith("| 75 % | met |") and "400.0 (76 %)" in rows[0]
@@ -48,7 +48,7 @@ def test_table_says_where_oscar_meets_the_target():
 
 
 def test_plot_is_written(tmp_path):
-    records = (roof.records_from_point("H100", 4, 1, 8192, 0, point(50.0, 20.0))
-               + roof.records_from_point("H100", 4, 8, 32768, 0, point(400.0, 76.0)))
+    records = (roof.records_from_point("H100", 4, "cuda", 1, 8192, 0, point(50.0, 20.0))
+               + roof.records_from_point("H100", 4, "cuda", 8, 32768, 0, point(400.0, 76.0)))
     assert roof.plot(tmp_path / "roofline.png", records, "H100")
     assert (tmp_path / "roofline.png").stat().st_size > 0
