@@ -29,7 +29,7 @@ import re
 import shlex
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -64,8 +64,8 @@ def build_parser():
     parser.add_argument("--group-size", type=int, help="OSCAR quantization group size (default: the layer's head_dim)")
     parser.add_argument("--key-bits", type=int, choices=SUPPORTED_KEY_BITS, default=DEFAULT_KEY_BITS,
                         help="OSCAR bits per key code (default: %(default)s)")
-    parser.add_argument("--int2-split", choices=("cuda", "triton"), default=DECODE_LAUNCH.int2_split,
-                        help="kernel of OSCAR's INT2 split programs (DecodeLaunch.int2_split; default: %(default)s)")
+    parser.add_argument("--int2-split", choices=("default", "cuda", "triton"), default="default",
+                        help="kernel of OSCAR's split programs: the library's choice by batch size, or one kernel at every size")
     parser.add_argument("--shared-prefix", type=int, default=0, help="tokens whose slots all requests share (default: %(default)s)")
     parser.add_argument("--page-size", type=int, default=PAGE_SIZE, help="FlashInfer page size and slot-shuffle granularity (default: %(default)s)")
     parser.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition time per point (default: %(default)s)")
@@ -102,7 +102,7 @@ def bench_oscar(batch, context, args, q, shared=False):
         return find_shared_prefixes(inputs.kv_indptr, inputs.kv_indices, fmt, layer.group)
 
     prefixes = blocks() if shared else None
-    launch = replace(DECODE_LAUNCH, int2_split=args.int2_split)
+    launch = DECODE_LAUNCH if args.int2_split == "default" else DECODE_LAUNCH.with_split_kernel(args.int2_split)
 
     def step():
         decode_attention_int2(*inputs.args, out=out, shared=prefixes, launch=launch)

@@ -23,7 +23,6 @@ from pathlib import Path
 
 from benchmarks.paths import DEFAULT_RESULTS_DIR
 from benchmarks.records import markdown_table, now_iso, plot_panels, write_json
-from oscar_sglang.kernels.decode import DECODE_LAUNCH
 from oscar_sglang.kernels.format import DEFAULT_KEY_BITS
 
 BATCHES = [1, 8, 32, 128]
@@ -45,8 +44,8 @@ def build_parser():
     p.add_argument("--key-bits", type=int, default=DEFAULT_KEY_BITS, help="OSCAR key code width (default %(default)s)")
     p.add_argument("--page-size", type=int, default=16, help="slot-shuffle granularity (default %(default)s)")
     p.add_argument("--rep-ms", type=int, default=100, help="do_bench time per point (default %(default)s)")
-    p.add_argument("--int2-split", choices=("cuda", "triton"), default=DECODE_LAUNCH.int2_split,
-                   help="kernel of OSCAR's split programs (DecodeLaunch.int2_split; default: %(default)s)")
+    p.add_argument("--int2-split", choices=("default", "cuda", "triton"), default="default",
+                   help="kernel of OSCAR's split programs: the library's choice by batch size, or one kernel at every size")
     p.add_argument("--out-dir", type=Path, default=DEFAULT_RESULTS_DIR)
     return p
 

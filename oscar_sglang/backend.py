@@ -19,6 +19,7 @@ debug switch: slow, needs --disable-cuda-graph).
 """
 
 import os
+from dataclasses import replace
 
 import torch
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
@@ -26,13 +27,15 @@ from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 from oscar_sglang.extend_groups import FlashInferPlans, extend_in_groups
 from oscar_sglang.forward_plan import ForwardPlan, plan_decode, plan_extend
 from oscar_sglang.kernels import reference
-from oscar_sglang.kernels.decode import decode_attention_int2
+from oscar_sglang.kernels.decode import DECODE_LAUNCH, decode_attention_int2
 from oscar_sglang.kernels.extend import extend_attention_int2
 from oscar_sglang.nonfinite import NonFiniteReporter
 from oscar_sglang.pool import OscarTokenToKVPool
 
 REFERENCE_ENV = "SGLANG_OSCAR_REFERENCE_ATTENTION"
 DETERMINISTIC_KV_SPLITS = 16
+# one split kernel at every batch size (DECODE_LAUNCH picks it by the batch's size)
+DETERMINISTIC_LAUNCH = replace(DECODE_LAUNCH, int2_split="triton")
 
 
 class OscarAttnBackend(TritonAttnBackend):
@@ -163,10 +166,11 @@ class OscarAttnBackend(TritonAttnBackend):
         if self.use_reference:
             o = reference.decode_attention(q, *args).to(q.dtype)
         else:
-            # deterministic inference: a split count independent of the batch keeps every
-            # request's reduction order, so its outputs do not depend on what runs beside it
-            splits = DETERMINISTIC_KV_SPLITS if self.enable_deterministic else None
-            o = decode_attention_int2(q, *args, num_kv_splits=splits, shared=plan.shared)
+            # deterministic inference: a split count and a kernel independent of the batch keep
+            # every request's reduction order, so its outputs do not depend on what runs beside it
+            splits, launch = ((DETERMINISTIC_KV_SPLITS, DETERMINISTIC_LAUNCH) if self.enable_deterministic
+                              else (None, DECODE_LAUNCH))
+            o = decode_attention_int2(q, *args, num_kv_splits=splits, shared=plan.shared, launch=launch)
         return o.reshape(q.shape[0], -1)
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None, **kwargs):

@@ -55,11 +55,12 @@ SECTIONS = ("write", "pieces", "decode", "shared")
 # (results/h100/tune_decode_pdl_warp_states.txt)
 SPLIT_VARIANTS = {
     "default": dk.DECODE_LAUNCH,
-    # the INT2 split programs in int2_split.cu, and its variants
-    "cuda": replace(dk.DECODE_LAUNCH, int2_split="cuda"),
-    "cuda_chains4": replace(dk.DECODE_LAUNCH, int2_split="cuda", cuda_key_chains=4),
-    "cuda_stages3": replace(dk.DECODE_LAUNCH, int2_split="cuda", cuda_stages=3),
-    "cuda_stages6": replace(dk.DECODE_LAUNCH, int2_split="cuda", cuda_stages=6),
+    # each split kernel at every batch size (the default picks one by the batch's size)
+    "triton": dk.DECODE_LAUNCH.with_split_kernel("triton"),
+    "cuda": dk.DECODE_LAUNCH.with_split_kernel("cuda"),
+    "cuda_chains4": replace(dk.DECODE_LAUNCH.with_split_kernel("cuda"), cuda_key_chains=4),
+    "cuda_stages3": replace(dk.DECODE_LAUNCH.with_split_kernel("cuda"), cuda_stages=3),
+    "cuda_stages6": replace(dk.DECODE_LAUNCH.with_split_kernel("cuda"), cuda_stages=6),
     # the reduce's programs per query head: each loads D / N rows of R_V and all its head's partials
     "reduce2": replace(dk.DECODE_LAUNCH, reduce_dim_programs=2),
     "reduce8": replace(dk.DECODE_LAUNCH, reduce_dim_programs=8),
@@ -238,7 +239,7 @@ def main():
             if f"split:{name}" in failed:
                 continue
             default_splits = dk.decode_step(*problem.args, launch=variant).splits
-            trial = [default_splits] if name not in ("default", "cuda") else sorted(
+            trial = [default_splits] if name not in ("default", "triton", "cuda") else sorted(
                 {max(1, default_splits // 2), default_splits, min(dk.MAX_KV_SPLITS, 2 * default_splits),
                  min(dk.MAX_KV_SPLITS, 4 * default_splits)})
             for splits in trial:

@@ -4,14 +4,12 @@ against the PyTorch reference, plus CUDA-graph capture and replay of decode.
 Pools are written with the real Triton write path (`quantize.write_kv_int2`) on the GPU.
 """
 
-from dataclasses import replace
-
 import pytest
 import torch
 from oscar_sglang.kernels import reference as ref
 from oscar_sglang.kernels import shared_prefix
 from oscar_sglang.kernels import int2_split as int2_split_kernel
-from oscar_sglang.kernels.decode import DECODE_LAUNCH, DecodeLaunch, decode_attention_int2
+from oscar_sglang.kernels.decode import DECODE_LAUNCH, DecodeLaunch, decode_attention_int2, decode_step
 from oscar_sglang.kernels.extend import extend_attention_int2, flashinfer_extend_wrapper, plan_flashinfer_extend
 from oscar_sglang.kernels.format import OscarFormat
 from oscar_sglang.kernels.layer_cache import LayerCache
@@ -61,10 +59,26 @@ def decode_args(cache, batch, q):
 
 
 def split_launch(int2_split: str, gqa: int) -> DecodeLaunch:
-    """Launch parameters running the INT2 split programs in `int2_split`'s kernel, checked to be
-    the one that runs them for this GQA group."""
+    """Launch parameters running the split programs in `int2_split`'s kernel at every batch
+    size, checked to be the one that runs them for this GQA group."""
     assert int2_split == "triton" or int2_split_kernel.serves(gqa, torch.device(DEVICE))
-    return replace(DECODE_LAUNCH, int2_split=int2_split)
+    return DECODE_LAUNCH.with_split_kernel(int2_split)
+
+
+def test_the_default_launch_picks_the_split_kernel_by_pairs():
+    """int2_split.cu from DecodeLaunch.cuda_min_pairs (request, KV head) pairs on, and the
+    Triton split kernel below that or with shared prefixes; both give the reference's output."""
+    gen = torch.Generator(DEVICE).manual_seed(0)
+    fmt = OscarFormat(128, key_bits=4)
+    for requests in (DECODE_LAUNCH.cuda_min_pairs // 8, DECODE_LAUNCH.cuda_min_pairs // 8 - 1):
+        cache, batch = build(fmt, [3000] * requests, 8, torch.bfloat16, gen)
+        q = torch.randn(requests, 32, 128, generator=gen, device=DEVICE).to(torch.bfloat16)
+        args = decode_args(cache, batch, q)
+        step = decode_step(*args)
+        assert step.cuda_split == (requests * 8 >= DECODE_LAUNCH.cuda_min_pairs)
+        assert_matches(step.run(), ref.decode_attention(*args), torch.bfloat16)
+        shared = shared_prefix.find_shared_prefixes(batch.kv_indptr, batch.kv_indices, fmt, 4)
+        assert not decode_step(*args, shared=shared).cuda_split
 
 
 @pytest.mark.parametrize("int2_split", ["cuda", "triton"])
