@@ -89,25 +89,25 @@ class DecodeLaunch:
     reduce_warps: int = 8
     reduce_dim_programs: int = 4  # reduce programs per query head, each producing D / 4 output dims
     # who runs the split programs (window and INT2): "cuda" (int2_split.cu, wherever
-    # `int2_split.serves` and from cuda_min_pairs (request, KV head) pairs on, without shared
-    # prefixes) or "triton" (`_decode_split_kernel`, everywhere else)
+    # `int2_split.serves`, from cuda_min_pairs (request, KV head) pairs on and, unless
+    # cuda_with_shared, without shared-prefix blocks) or "triton" (`_decode_split_kernel`).
+    # On an H100 with 8 KV heads (results/h100/int2-split-cuda) the CUDA kernel was 11-18 % faster
+    # from 64 pairs on at 32K-128K, but not where its programs' ranges are short: with few pairs
+    # (its splits fill one wave; 33.6 against 29.3 us at 32K x 1, 50.5 against 44.2 at 32K x 2,
+    # 70.8 against 70.3 at 32K x 4 = 32 pairs) and beside shared-prefix blocks that leave each
+    # request a 1K tail (362 against 349 us at 64 requests on a 32K prefix, 907 against 843 at 192)
     int2_split: str = "cuda"
-    # below this many (request, KV head) pairs the CUDA kernel's programs get short ranges (its
-    # splits fill one wave) and it was no faster on an H100 with 8 KV heads: 33.6 against 29.3 us
-    # at 32K x 1, 50.5 against 44.2 at 32K x 2, 70.8 against 70.3 at 32K x 4 (32 pairs); from 64
-    # pairs on it was 10-18 % faster at 32K-128K (results/h100/int2-split-cuda/tune_decode.txt).
-    # Steps with shared prefixes keep the Triton kernel: the CUDA kernel's own ranges there are
-    # not timed yet
     cuda_min_pairs: int = 32
+    cuda_with_shared: bool = False
     cuda_stages: int = 4  # cp.async pipeline depth of each warp of int2_split.cu
     # independent accumulators its key MMAs alternate between (all groups); one was the fastest on
     # an H100 (results/h100/int2-split-cuda/tune_decode.txt)
     cuda_key_chains: int = 1
 
     def with_split_kernel(self, int2_split: str) -> "DecodeLaunch":
-        """These parameters with the split programs in `int2_split`'s kernel at every batch size
-        (where `int2_split.serves`; for timing and testing one kernel)."""
-        return replace(self, int2_split=int2_split, cuda_min_pairs=1)
+        """These parameters with the split programs in `int2_split`'s kernel at every batch size,
+        shared-prefix blocks or not (where `int2_split.serves`; for timing and testing one kernel)."""
+        return replace(self, int2_split=int2_split, cuda_min_pairs=1, cuda_with_shared=True)
 
 
 DECODE_LAUNCH = DecodeLaunch()
@@ -389,8 +389,8 @@ def decode_step(
     group = q_heads // kv_heads
     if launch.int2_split not in ("cuda", "triton"):
         raise ValueError(f"DecodeLaunch.int2_split must be 'cuda' or 'triton', got {launch.int2_split!r}")
-    cuda_split = (launch.int2_split == "cuda" and shared is None and batch * kv_heads >= launch.cuda_min_pairs
-                  and int2_split.serves(group, q.device))
+    cuda_split = (launch.int2_split == "cuda" and (shared is None or launch.cuda_with_shared)
+                  and batch * kv_heads >= launch.cuda_min_pairs and int2_split.serves(group, q.device))
     splits = num_kv_splits
     if splits is None:
         splits = default_num_kv_splits(batch, kv_heads, q.device,

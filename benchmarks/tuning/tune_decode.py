@@ -71,6 +71,8 @@ SPLIT_VARIANTS = {
 # (benchmarks/results/h200/tune_decode_shared_wide_blocks.txt in git history)
 SHARED_VARIANTS = {  # name: (query rows a block aims at, None: the library's choice; launch)
     "default": (None, dk.DECODE_LAUNCH),
+    "triton": (None, dk.DECODE_LAUNCH.with_split_kernel("triton")),
+    "cuda": (None, dk.DECODE_LAUNCH.with_split_kernel("cuda")),
     "rows16": (sp.SHARED_DOT_ROWS, dk.DECODE_LAUNCH),
     "rows64": (sp.WIDE_SHARED_DOT_ROWS, dk.DECODE_LAUNCH),
     # 8 warps: no spills in the main loop with 4-bit keys (kernel_resources), 4 warps spill there

@@ -65,9 +65,9 @@ def split_launch(int2_split: str, gqa: int) -> DecodeLaunch:
     return DECODE_LAUNCH.with_split_kernel(int2_split)
 
 
-def test_the_default_launch_picks_the_split_kernel_by_pairs():
-    """int2_split.cu from DecodeLaunch.cuda_min_pairs (request, KV head) pairs on, and the
-    Triton split kernel below that or with shared prefixes; both give the reference's output."""
+def test_decode_default_picks_the_split_kernel_by_pairs():
+    """int2_split.cu from DecodeLaunch.cuda_min_pairs (request, KV head) pairs on, the Triton
+    split kernel below that and beside shared-prefix blocks; both give the reference's output."""
     gen = torch.Generator(DEVICE).manual_seed(0)
     fmt = OscarFormat(128, key_bits=4)
     for requests in (DECODE_LAUNCH.cuda_min_pairs // 8, DECODE_LAUNCH.cuda_min_pairs // 8 - 1):
@@ -78,7 +78,9 @@ def test_the_default_launch_picks_the_split_kernel_by_pairs():
         assert step.cuda_split == (requests * 8 >= DECODE_LAUNCH.cuda_min_pairs)
         assert_matches(step.run(), ref.decode_attention(*args), torch.bfloat16)
         shared = shared_prefix.find_shared_prefixes(batch.kv_indptr, batch.kv_indices, fmt, 4)
-        assert not decode_step(*args, shared=shared).cuda_split
+        step = decode_step(*args, shared=shared)
+        assert not step.cuda_split
+        assert_matches(step.run(), ref.decode_attention(*args), torch.bfloat16)
 
 
 @pytest.mark.parametrize("int2_split", ["cuda", "triton"])
