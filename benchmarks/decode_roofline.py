@@ -8,8 +8,8 @@ reaches in the same run. The targets of the decode work are printed against the 
 to: ≥ 75 % of HBM at batch ≥ 8 and context ≥ 32K, ≥ 60 % at batch 1 and 128K.
 
 Writes <out-dir>/decode-roofline.json (a list of records: gpu, kernel, key_bits, int2_split,
-batch, context, shared_prefix, status, us, bytes, hbm_fraction; records of other GPUs already in the file are
-kept), .md and .png. Run on a GPU machine from the repository root:
+batch, context, shared_prefix, status, us, bytes, hbm_fraction; records of other GPUs already in
+the file are kept), .md and .png. Run on a GPU machine from the repository root:
 
     python -m benchmarks.decode_roofline
 """

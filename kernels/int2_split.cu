@@ -22,8 +22,8 @@
 // (values), scale and minimum applied per position after the dot.
 //
 // Generated before this text (int2_split.py): D, P, KEY_BYTES, NG, GROUP_SIZE, GQA, S_TOK, W_TOK,
-// WIN_PROGRAMS, WIN_ROWS, WIN_DIMS, SHARED, STAGES, KEY_CHAINS, INDPTR_T, INDEX_T, WSTART_T, WARPS, KEY_CHUNK, VALUE_CHUNK, META_ROW, KEY_REGS,
-// KEY_WORDS, load_key_words, key_reg, key_mma_group and the query fragment's Q_STEP_T0, Q_STEP_T1,
+// WIN_PROGRAMS, WIN_ROWS, WIN_DIMS, SHARED, STAGES, KEY_CHAINS, INDPTR_T, INDEX_T, WSTART_T, WARPS,
+// KEY_CHUNK, VALUE_CHUNK, META_ROW, KEY_REGS, KEY_WORDS, load_key_words, key_reg, key_mma_group and the query fragment's Q_STEP_T0, Q_STEP_T1,
 // q_thread_weight, q_thread_sum, key_q_dim, key_q_scale, key_q_sum (int2_split.query_fragment).
 
 typedef unsigned int u32;
@@ -177,6 +177,7 @@ struct Merge {
     return exp2_approx(m - finite_or_zero(mx));
   }
   // after every warp wrote l_w and o_w: the partial `part` of query heads row0 .. row0 + GQA - 1
+  // (row0 < B * H_q < 2^31, so an int)
   __device__ void store(float* part_o, float* part_lse, int row0, int num_parts, int part) const {
     __syncthreads();
     if (threadIdx.x < GQA) {  // one thread per query head: the program's sum and log2-sum-exp
@@ -297,7 +298,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) oscar_int2_split(
   if (z < WIN_PROGRAMS) {
     const unsigned long long window =
         (unsigned long long)window_starts[b] * stride_ws + (unsigned long long)hk * stride_wh;
-    window_program(qr + (long long)row0 * D, k_window + window, v_window + window, stride_ws, z, start, end, length, merge);
+    window_program(qr + row0 * D, k_window + window, v_window + window, stride_ws, z, start, end, length, merge);
   } else {
 
     // this program's positions [lo, hi) of the request's INT2 span, as decode.py splits it
@@ -314,7 +315,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) oscar_int2_split(
     // query fragments: register r holds the two dims (key_q_dim, shifted by the thread's Q_STEP)
     // its key register's codes stand for, times the codes' weight and 2^-f (key_q_scale times
     // q_thread_weight); query row g of the group (zero beyond it)
-    const float* q = qr + (long long)(row0 + min(g, GQA - 1)) * D + Q_STEP_T0 * (t & 1) + Q_STEP_T1 * (t >> 1);
+    const float* q = qr + (row0 + min(g, GQA - 1)) * D + Q_STEP_T0 * (t & 1) + Q_STEP_T1 * (t >> 1);
     const bool q_ok = g < GQA;
     const float thread_weight = q_thread_weight(t);
     u32 qf[KEY_REGS];

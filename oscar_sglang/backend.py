@@ -19,7 +19,6 @@ debug switch: slow, needs --disable-cuda-graph).
 """
 
 import os
-from dataclasses import replace
 
 import torch
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
@@ -35,7 +34,7 @@ from oscar_sglang.pool import OscarTokenToKVPool
 REFERENCE_ENV = "SGLANG_OSCAR_REFERENCE_ATTENTION"
 DETERMINISTIC_KV_SPLITS = 16
 # one split kernel at every batch size (DECODE_LAUNCH picks it by the batch's size)
-DETERMINISTIC_LAUNCH = replace(DECODE_LAUNCH, int2_split="triton")
+DETERMINISTIC_LAUNCH = DECODE_LAUNCH.with_split_kernel("triton")
 
 
 class OscarAttnBackend(TritonAttnBackend):

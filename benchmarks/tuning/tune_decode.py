@@ -67,8 +67,9 @@ SPLIT_VARIANTS = {
 }
 # shared-prefix variants: the query rows a block aims at (find_shared_prefixes' dot_rows) and the
 # launch; the first is the library default (wide blocks from WIDE_BLOCKS_MIN_BATCH requests on),
-# then each split kernel beside the blocks, then 16-row and 64-row blocks at every batch size. 32-row blocks and 1-warp programs were slower
-# (benchmarks/results/h200/tune_decode_shared_wide_blocks.txt in git history)
+# then each split kernel beside the blocks, then 16-row and 64-row blocks at every batch size.
+# 32-row blocks and 1-warp programs were slower (benchmarks/results/h200/tune_decode_shared_wide_blocks.txt
+# in git history)
 SHARED_VARIANTS = {  # name: (query rows a block aims at, None: the library's choice; launch)
     "default": (None, dk.DECODE_LAUNCH),
     "triton": (None, dk.DECODE_LAUNCH.with_split_kernel("triton")),
