@@ -109,7 +109,7 @@ def bench_oscar(batch, context, args, q, shared=False):
 
     us, mode = median_us(step, args.rep_ms)
     record = {"us": us, "timing": mode, "bytes": oscar_decode_bytes(layer, fmt, batch, context),
-              "kv_splits": decode_step(*inputs.args, launch=launch).splits}
+              "kv_splits": decode_step(*inputs.args, shared=prefixes, launch=launch).splits}
     if shared:
         record["find_shared_us"] = median_us(blocks, args.rep_ms)[0]
     return record
