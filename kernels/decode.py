@@ -104,6 +104,12 @@ class DecodeLaunch:
     # an H100 (results/h100/int2-split-cuda/tune_decode.txt)
     cuda_key_chains: int = 1
 
+    def picks_cuda_split(self, pairs: int, shared_blocks: bool) -> bool:
+        """Whether a step of `pairs` (request, KV head) pairs, with or without shared-prefix
+        blocks, runs its split programs in int2_split.cu (where `int2_split.serves` the group)."""
+        return (self.int2_split == "cuda" and pairs >= self.cuda_min_pairs
+                and (self.cuda_with_shared or not shared_blocks))
+
     def with_split_kernel(self, int2_split: str) -> "DecodeLaunch":
         """These parameters with the split programs in `int2_split`'s kernel at every batch size,
         shared-prefix blocks or not (where `int2_split.serves`; for timing and testing one kernel)."""
@@ -389,8 +395,7 @@ def decode_step(
     group = q_heads // kv_heads
     if launch.int2_split not in ("cuda", "triton"):
         raise ValueError(f"DecodeLaunch.int2_split must be 'cuda' or 'triton', got {launch.int2_split!r}")
-    cuda_split = (launch.int2_split == "cuda" and (shared is None or launch.cuda_with_shared)
-                  and batch * kv_heads >= launch.cuda_min_pairs and int2_split.serves(group, q.device))
+    cuda_split = launch.picks_cuda_split(batch * kv_heads, shared is not None) and int2_split.serves(group, q.device)
     splits = num_kv_splits
     if splits is None:
         splits = default_num_kv_splits(batch, kv_heads, q.device,

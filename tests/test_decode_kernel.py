@@ -9,6 +9,7 @@ import pytest
 import torch
 from oscar_sglang.kernels import reference as ref
 from oscar_sglang.kernels.decode import (
+    DECODE_LAUNCH,
     MAX_KV_SPLITS,
     DecodeLaunch,
     decode_attention_int2,
@@ -107,6 +108,17 @@ def test_default_split_count_depends_on_shapes_only():
         splits = default_num_kv_splits(batch, 8, cpu)
         assert 1 <= splits <= MAX_KV_SPLITS
     assert default_num_kv_splits(1, 8, cpu) >= default_num_kv_splits(64, 8, cpu)
+
+
+def test_the_cuda_split_kernel_is_picked_by_pairs_and_shared_blocks():
+    # the default: from cuda_min_pairs (request, KV head) pairs on, never beside shared-prefix blocks
+    least = DECODE_LAUNCH.cuda_min_pairs
+    assert DECODE_LAUNCH.picks_cuda_split(least, False) and DECODE_LAUNCH.picks_cuda_split(8 * least, False)
+    assert not DECODE_LAUNCH.picks_cuda_split(least - 1, False)
+    assert not DECODE_LAUNCH.picks_cuda_split(8 * least, True)
+    # one kernel everywhere, for timing and tests
+    assert DECODE_LAUNCH.with_split_kernel("cuda").picks_cuda_split(1, True)
+    assert not DECODE_LAUNCH.with_split_kernel("triton").picks_cuda_split(8 * least, False)
 
 
 def test_decode_rejects_mismatched_query():
