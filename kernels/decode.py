@@ -14,7 +14,9 @@ them and the output is rotated back at the end. Three launches:
    memory sectors (codes and meta are [slots, H_kv, ...]), so the programs reading them run
    together and fetch each sector once. With DecodeLaunch.int2_split = "cuda" the same grid
    runs on a GPU in `int2_split.cu` instead (CUDA C++), which puts positions rather than query
-   heads on the tensor-core rows of its INT2 programs (int2_split.py).
+   heads on the tensor-core rows of its INT2 programs (int2_split.py); beside shared-prefix
+   blocks both kernels run, each request's INT2 programs in one of them by how many positions
+   the request reads alone (`DecodeLaunch.split_kernels`).
 3. `_decode_reduce_kernel`, grid (B, H_q, 4): merges a head's partials and applies R_Vᵀ to a
    quarter of its dims (all its loads are issued at once: one round trip to memory).
 
@@ -61,6 +63,7 @@ WAVE_OVERHEAD = 0.01  # fixed cost of a wave of split programs, relative to read
 MAX_KV_SPLITS = 64  # bounds the reduce kernel's one-shot tile of partials; at batch 1 more splits (two
 # waves) were slower (H100: 132 took 5-25 % more time; results/h100/tune_decode_splits132.txt)
 CPU_SM_COUNT = 8  # stand-in SM count when there is no GPU (interpreter runs)
+INT32_MAX = 2**31 - 1
 LOG2E = 1.4426950408889634
 
 
@@ -89,31 +92,39 @@ class DecodeLaunch:
     reduce_warps: int = 8
     reduce_dim_programs: int = 4  # reduce programs per query head, each producing D / 4 output dims
     # who runs the split programs (window and INT2): "cuda" (int2_split.cu, wherever
-    # `int2_split.serves`, from cuda_min_pairs (request, KV head) pairs on and, unless
-    # cuda_with_shared, without shared-prefix blocks) or "triton" (`_decode_split_kernel`).
-    # On an H100 with 8 KV heads (results/h100/int2-split-cuda) the CUDA kernel was 11-18 % faster
-    # from 64 pairs on at 32K-128K, but not where its programs' ranges are short: with few pairs
-    # (its splits fill one wave; 33.6 against 29.3 us at 32K x 1, 50.5 against 44.2 at 32K x 2,
-    # 70.8 against 70.3 at 32K x 4 = 32 pairs) and beside shared-prefix blocks that leave each
-    # request a 1K tail (362 against 349 us at 64 requests on a 32K prefix, 907 against 843 at 192)
+    # `int2_split.serves`, from cuda_min_pairs (request, KV head) pairs on; `split_kernels`) or
+    # "triton" (`_decode_split_kernel`). On an H100 with 8 KV heads (results/h100/int2-split-cuda)
+    # the CUDA kernel was 11-18 % faster from 64 pairs on at 32K-128K, but not where its programs'
+    # ranges are short: with few pairs (its splits fill one wave; 33.6 against 29.3 us at 32K x 1,
+    # 50.5 against 44.2 at 32K x 2, 70.8 against 70.3 at 32K x 4 = 32 pairs) and beside
+    # shared-prefix blocks that leave each request a 1K tail (362 against 349 us at 64 requests on
+    # a 32K prefix, 907 against 843 at 192)
     int2_split: str = "cuda"
     cuda_min_pairs: int = 32
-    cuda_with_shared: bool = False
+    # beside shared-prefix blocks, where only the device knows what each request reads alone: the
+    # CUDA kernel takes the INT2 programs of the requests that give each at least this many
+    # positions, the Triton kernel the others and the window programs ("by_request"). Between the
+    # measured ~1K (14 % slower in CUDA) and 2K positions per program (as fast or faster); 0: the
+    # CUDA kernel runs every split program
+    cuda_min_positions: int = 1536
     cuda_stages: int = 4  # cp.async pipeline depth of each warp of int2_split.cu
     # independent accumulators its key MMAs alternate between (all groups); one was the fastest on
     # an H100 (results/h100/int2-split-cuda/tune_decode.txt)
     cuda_key_chains: int = 1
 
-    def picks_cuda_split(self, pairs: int, shared_blocks: bool) -> bool:
-        """Whether a step of `pairs` (request, KV head) pairs, with or without shared-prefix
-        blocks, runs its split programs in int2_split.cu (where `int2_split.serves` the group)."""
-        return (self.int2_split == "cuda" and pairs >= self.cuda_min_pairs
-                and (self.cuda_with_shared or not shared_blocks))
+    def split_kernels(self, pairs: int, shared_blocks: bool) -> str:
+        """Who runs the split programs of a step of `pairs` (request, KV head) pairs, with or
+        without shared-prefix blocks, where `int2_split.serves` the group: "triton", "cuda", or
+        "by_request" (both kernels, each request's INT2 programs in one of them by its own span;
+        see cuda_min_positions)."""
+        if self.int2_split != "cuda" or pairs < self.cuda_min_pairs:
+            return "triton"
+        return "by_request" if shared_blocks and self.cuda_min_positions > 0 else "cuda"
 
     def with_split_kernel(self, int2_split: str) -> "DecodeLaunch":
         """These parameters with the split programs in `int2_split`'s kernel at every batch size,
         shared-prefix blocks or not (where `int2_split.serves`; for timing and testing one kernel)."""
-        return replace(self, int2_split=int2_split, cuda_min_pairs=1, cuda_with_shared=True)
+        return replace(self, int2_split=int2_split, cuda_min_pairs=1, cuda_min_positions=0)
 
 
 DECODE_LAUNCH = DecodeLaunch()
@@ -141,14 +152,14 @@ def _rotate_q_kernel(
     tl.store(qr_ptr + row[:, None] * D + s * P + tl.arange(0, P)[None, :], qr, mask=head_ok[:, None])
 
 
-@triton.jit(do_not_specialize=["num_splits", "num_parts"])
+@triton.jit(do_not_specialize=["num_splits", "num_parts", "cuda_min_span"])
 def _decode_split_kernel(
     qr_ptr,
     kv_indptr_ptr, kv_indices_ptr, window_starts_ptr, own_start_ptr,
     k_codes_ptr, v_codes_ptr, stride_kcs, stride_kch, stride_vcs, stride_vch,
     k_meta_ptr, v_meta_ptr, stride_ms, stride_mh,
     k_win_ptr, v_win_ptr, stride_ws, stride_wh,
-    part_o_ptr, part_lse_ptr, num_q_heads, num_splits, num_parts,
+    part_o_ptr, part_lse_ptr, num_q_heads, num_splits, num_parts, cuda_min_span,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, NG: tl.constexpr, KEY_BITS: tl.constexpr,
     S: tl.constexpr, W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     WIN_PROGRAMS: tl.constexpr, WIN_ROWS: tl.constexpr, SHARED: tl.constexpr,
@@ -173,29 +184,30 @@ def _decode_split_kernel(
     seg_hi = tl.minimum(seg_lo + per_split, end)
     is_window = split < WIN_PROGRAMS
     has_work = (is_window & (length > 0)) | (~is_window & (seg_lo < seg_hi))
-
-    heads = tl.arange(0, BLOCK_H)
-    head_ok = heads < GROUP
-    m_i, l_i, a0, a1, a2, a3 = _empty_state(BLOCK_H, P)
-    row = b.to(tl.int64) * num_q_heads + hk * GROUP + heads
-    if has_work:
-        q0, q1, q2, q3 = _query_slices(qr_ptr, row, head_ok, D)
-        if is_window:
-            row0 = tl.load(window_starts_ptr + b).to(tl.int64)
-            m_i, l_i, a0, a1, a2, a3 = window_segment(
-                m_i, l_i, a0, a1, a2, a3, q0, q1, q2, q3,
-                k_win_ptr + row0 * stride_ws + hk * stride_wh,
-                v_win_ptr + row0 * stride_ws + hk * stride_wh,
-                stride_ws, start, end, length, split * WIN_ROWS, tl.minimum((split + 1) * WIN_ROWS, S + W),
-                P, S, W, BLOCK_R)
-        else:
-            m_i, l_i, a0, a1, a2, a3 = int2_segment(
-                m_i, l_i, a0, a1, a2, a3, q0, q1, q2, q3,
-                kv_indices_ptr + kv_lo, seg_lo, seg_hi,
-                k_codes_ptr + hk * stride_kch, v_codes_ptr + hk * stride_vch, stride_kcs, stride_vcs,
-                k_meta_ptr + hk * stride_mh, v_meta_ptr + hk * stride_mh, stride_ms,
-                P, NG, KEY_BITS, BLOCK_N, CODE_BITS, CODE_MAX, PTX_UNPACK, NUM_STAGES)
-    _store_partial(part_o_ptr, part_lse_ptr, row * num_parts + split, head_ok, m_i, l_i, a0, a1, a2, a3, D)
+    # the INT2 parts of a request reading at least cuda_min_span positions alone are int2_split.cu's
+    if is_window | (tl.maximum(end - own_start, 0) < cuda_min_span):
+        heads = tl.arange(0, BLOCK_H)
+        head_ok = heads < GROUP
+        m_i, l_i, a0, a1, a2, a3 = _empty_state(BLOCK_H, P)
+        row = b.to(tl.int64) * num_q_heads + hk * GROUP + heads
+        if has_work:
+            q0, q1, q2, q3 = _query_slices(qr_ptr, row, head_ok, D)
+            if is_window:
+                row0 = tl.load(window_starts_ptr + b).to(tl.int64)
+                m_i, l_i, a0, a1, a2, a3 = window_segment(
+                    m_i, l_i, a0, a1, a2, a3, q0, q1, q2, q3,
+                    k_win_ptr + row0 * stride_ws + hk * stride_wh,
+                    v_win_ptr + row0 * stride_ws + hk * stride_wh,
+                    stride_ws, start, end, length, split * WIN_ROWS, tl.minimum((split + 1) * WIN_ROWS, S + W),
+                    P, S, W, BLOCK_R)
+            else:
+                m_i, l_i, a0, a1, a2, a3 = int2_segment(
+                    m_i, l_i, a0, a1, a2, a3, q0, q1, q2, q3,
+                    kv_indices_ptr + kv_lo, seg_lo, seg_hi,
+                    k_codes_ptr + hk * stride_kch, v_codes_ptr + hk * stride_vch, stride_kcs, stride_vcs,
+                    k_meta_ptr + hk * stride_mh, v_meta_ptr + hk * stride_mh, stride_ms,
+                    P, NG, KEY_BITS, BLOCK_N, CODE_BITS, CODE_MAX, PTX_UNPACK, NUM_STAGES)
+        _store_partial(part_o_ptr, part_lse_ptr, row * num_parts + split, head_ok, m_i, l_i, a0, a1, a2, a3, D)
 
 
 @triton.jit
@@ -395,11 +407,13 @@ def decode_step(
     group = q_heads // kv_heads
     if launch.int2_split not in ("cuda", "triton"):
         raise ValueError(f"DecodeLaunch.int2_split must be 'cuda' or 'triton', got {launch.int2_split!r}")
-    cuda_split = launch.picks_cuda_split(batch * kv_heads, shared is not None) and int2_split.serves(group, q.device)
+    split_kernels = "triton"
+    if int2_split.serves(group, q.device):
+        split_kernels = launch.split_kernels(batch * kv_heads, shared is not None)
     splits = num_kv_splits
-    if splits is None:
+    if splits is None:  # by request: the Triton kernel's count, which the CUDA kernel ran as fast as its own
         splits = default_num_kv_splits(batch, kv_heads, q.device,
-                                       int2_split.PROGRAMS_PER_SM if cuda_split else PROGRAMS_PER_SM)
+                                       int2_split.PROGRAMS_PER_SM if split_kernels == "cuda" else PROGRAMS_PER_SM)
     if not 1 <= splits <= MAX_KV_SPLITS:
         raise ValueError(f"num_kv_splits must be in 1..{MAX_KV_SPLITS}, got {splits}")
     members = shared_splits = 0
@@ -415,7 +429,7 @@ def decode_step(
     parts = win + splits + shared_splits
     return DecodeStep(
         DecodeInputs(q, kv_indptr, kv_indices, window_starts, cache, sm_scale), shared, launch, group, splits,
-        shared_splits, members, win, parts, cuda_split,
+        shared_splits, members, win, parts, split_kernels,
         q_rot=torch.empty(batch, q_heads, d, dtype=torch.float32, device=q.device),
         part_o=torch.empty(batch, q_heads, parts, d, dtype=torch.float32, device=q.device),
         part_lse=torch.empty(batch, q_heads, parts, dtype=torch.float32, device=q.device),
@@ -443,8 +457,8 @@ class DecodeInputs:
 class DecodeStep:
     """One decode step's launches (module docstring) on `inputs`, over its scratch: q_rot [B, H_q, D] fp32,
     part_o [B, H_q, parts, D] fp32 and part_lse [B, H_q, parts] fp32, parts = win (window
-    programs) + splits + shared_splits; out [B, H_q, D]. cuda_split: int2_split.cu runs the
-    split programs instead of `_decode_split_kernel`."""
+    programs) + splits + shared_splits; out [B, H_q, D]. split_kernels: who runs the split
+    programs (`DecodeLaunch.split_kernels`: "triton", "cuda" or "by_request")."""
 
     inputs: DecodeInputs
     shared: SharedPrefixes | None
@@ -455,7 +469,7 @@ class DecodeStep:
     members: int
     win: int
     parts: int
-    cuda_split: bool
+    split_kernels: str
     q_rot: torch.Tensor
     part_o: torch.Tensor
     part_lse: torch.Tensor
@@ -483,14 +497,28 @@ class DecodeStep:
             GROUP=self.group, BLOCK_H=head_block(self.group), D=q.shape[2], num_warps=self.launch.num_warps,
         )
 
+    @property
+    def cuda_min_span(self) -> int:
+        """By request: the own span (INT2 positions a request reads alone) from which int2_split.cu
+        runs a request's INT2 programs."""
+        return self.launch.cuda_min_positions * self.splits
+
     def split(self) -> None:
-        cache, fmt, launch = self.inputs.cache, self.inputs.cache.fmt, self.launch
-        if self.cuda_split:
-            int2_split.launch(self.q_rot, self.inputs.kv_indptr, self.inputs.kv_indices, self.inputs.window_starts,
-                              None if self.shared is None else self.shared.own_start, cache, self.part_o,
-                              self.part_lse, self.splits, self.win, launch.window_rows_per_program,
-                              launch.cuda_stages, launch.cuda_key_chains)
+        if self.split_kernels != "cuda":
+            self.triton_split(self.cuda_min_span if self.split_kernels == "by_request" else INT32_MAX)
+        if self.split_kernels == "triton":
             return
+        programs = int2_split.SplitPrograms(self.splits, self.win, self.launch.window_rows_per_program)
+        if self.split_kernels == "by_request":
+            programs = replace(programs, first=self.win, min_span=self.cuda_min_span)
+        int2_split.launch(self.q_rot, self.inputs.kv_indptr, self.inputs.kv_indices, self.inputs.window_starts,
+                          None if self.shared is None else self.shared.own_start, self.inputs.cache, self.part_o,
+                          self.part_lse, programs, self.launch.cuda_stages, self.launch.cuda_key_chains)
+
+    def triton_split(self, cuda_min_span: int) -> None:
+        """`_decode_split_kernel`: the window programs, and the INT2 programs of the requests whose
+        own span is below cuda_min_span."""
+        cache, fmt, launch = self.inputs.cache, self.inputs.cache.fmt, self.launch
         k_meta, v_meta = meta_words(cache.k_meta), meta_words(cache.v_meta)
         _decode_split_kernel[(cache.kv_heads, self.inputs.q.shape[0], self.win + self.splits)](
             self.q_rot,
@@ -498,7 +526,7 @@ class DecodeStep:
             *code_args(cache),
             k_meta, v_meta, k_meta.stride(0), k_meta.stride(1),
             cache.k_window, cache.v_window, cache.k_window.stride(0), cache.k_window.stride(1),
-            self.part_o, self.part_lse, self.inputs.q.shape[1], self.splits, self.parts,
+            self.part_o, self.part_lse, self.inputs.q.shape[1], self.splits, self.parts, cuda_min_span,
             GROUP=self.group, BLOCK_H=head_block(self.group), D=fmt.head_dim, NG=fmt.num_groups,
             KEY_BITS=fmt.key_bits, S=fmt.sink_tokens, W=fmt.recent_tokens, BLOCK_N=launch.block_n,
             BLOCK_R=launch.block_rows, WIN_PROGRAMS=self.win, WIN_ROWS=launch.window_rows_per_program,

@@ -1,10 +1,13 @@
 // INT2 split programs of the decode step in CUDA C++ (compiled at run time by NVRTC: int2_split.py).
 //
-// Program (h, b, z) attends KV head h's query heads (the GQA group, <= 8) of request b to
+// Program (h, b, z = first_program + blockIdx.z) attends KV head h's query heads (the GQA group,
+// <= 8) of request b to
 //   * z < WIN_PROGRAMS: its BF16 window rows [z * WIN_ROWS, (z + 1) * WIN_ROWS) (sinks and ring);
-//   * else: split z - WIN_PROGRAMS of the INT2 positions it reads alone;
+//   * else: split z - WIN_PROGRAMS of the INT2 positions it reads alone, if they number at least
+//     min_span (its own span: the Triton kernel takes the requests with less);
 // and writes their partial (normalized o', log2-sum-exp) as part z, exactly as
-// `_decode_split_kernel`'s programs do (decode.py): one launch for all of a step's split programs.
+// `_decode_split_kernel`'s programs do (decode.py): one launch for all of a step's split programs,
+// or, from first_program = WIN_PROGRAMS on, for the INT2 programs of the requests it takes.
 //
 // Why not Triton: a Triton dot needs 16 query rows, so the 4-8 heads of a GQA group are padded,
 // the unpacked codes take a round trip through shared memory to reach the dot's operand layout,
@@ -284,9 +287,10 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) oscar_int2_split(
     const u8* __restrict__ k_codes, const u8* __restrict__ v_codes,
     u32 stride_kcs, u32 stride_kch, u32 stride_vcs, u32 stride_vch,
     const u8* __restrict__ k_meta, const u8* __restrict__ v_meta, u32 stride_ms, u32 stride_mh,
-    float* __restrict__ part_o, float* __restrict__ part_lse, int num_q_heads, int num_splits, int num_parts) {
+    float* __restrict__ part_o, float* __restrict__ part_lse, int num_q_heads, int num_splits, int num_parts,
+    int first_program, int min_span) {
   __shared__ __align__(16) u8 smem[SMEM_BYTES];
-  const int hk = blockIdx.x, b = blockIdx.y, z = blockIdx.z;
+  const int hk = blockIdx.x, b = blockIdx.y, z = first_program + blockIdx.z;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const long long row0 = (long long)b * num_q_heads + hk * GQA;  // the group's first query head
   const Merge merge(smem);
@@ -305,6 +309,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) oscar_int2_split(
     const int split = z - WIN_PROGRAMS;
     const int own = SHARED ? own_start[b] : start;
     const int span = max(end - own, 0);
+    if (span < min_span) return;  // decode.py's Triton kernel writes this request's parts
     const int per_split = (span + num_splits - 1) / num_splits;
     const int per_split_aligned = (per_split + CTA_N - 1) / CTA_N * CTA_N;
     const int lo = own + split * per_split_aligned;

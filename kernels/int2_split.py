@@ -342,17 +342,31 @@ def check_layout(cache: LayerCache) -> list[int]:
     return strides
 
 
+@dataclass(frozen=True)
+class SplitPrograms:
+    """The split programs one launch runs for each (request, KV head): parts `first` ..
+    window_programs + splits - 1 of the step's (0: the window programs too; window_programs:
+    the INT2 ones only), and of the INT2 programs those of the requests whose own span (INT2
+    positions read alone) is at least min_span; decode.py's Triton split kernel runs the rest."""
+
+    splits: int
+    window_programs: int
+    window_rows: int  # rows per window program
+    first: int = 0
+    min_span: int = 0
+
+
 def launch(qr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, window_starts: torch.Tensor,
            own_start: torch.Tensor | None, cache: LayerCache, part_o: torch.Tensor, part_lse: torch.Tensor,
-           splits: int, window_programs: int, window_rows: int, stages: int, key_chains: int) -> None:
-    """Launch grid (H_kv, B, window programs + splits) on the current stream (capturable in a
-    CUDA graph).
+           programs: SplitPrograms, stages: int, key_chains: int) -> None:
+    """Launch grid (H_kv, B, window programs + splits - programs.first) on the current stream
+    (capturable in a CUDA graph).
 
     qr: [B, H_q, D] fp32 rotated, pre-scaled queries (decode.py's q_rot); kv_indptr [B + 1],
     kv_indices and window_starts [B] int32/int64; own_start: [B] int32 first position each request
     reads alone (None: the INT2 span's start); cache: the layer's pool buffers; part_o
-    [B, H_q, parts, D] and part_lse [B, H_q, parts] fp32 get parts 0 .. window_programs + splits - 1;
-    window_programs, window_rows (rows per window program), stages, key_chains: as in SplitKernel."""
+    [B, H_q, parts, D] and part_lse [B, H_q, parts] fp32 get the parts `programs` runs;
+    stages, key_chains: as in SplitKernel."""
     from cuda.bindings import driver
 
     batch, q_heads, _ = qr.shape
@@ -361,8 +375,8 @@ def launch(qr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, 
     gqa = q_heads // kv_heads
     index_bits = tuple(torch.iinfo(x.dtype).bits for x in (kv_indptr, kv_indices, window_starts))
     strides = check_layout(cache)  # before compiling: a pool the copies cannot read fails at once
-    kernel = SplitKernel(fmt, gqa, index_bits, own_start is not None, window_programs, window_rows, stages,
-                         key_chains)
+    kernel = SplitKernel(fmt, gqa, index_bits, own_start is not None, programs.window_programs,
+                         programs.window_rows, stages, key_chains)
     function = _function(qr.device.index, kernel)
     args = [ctypes.c_void_p(x.data_ptr()) for x in (qr, kv_indptr, kv_indices)]
     args.append(ctypes.c_void_p((own_start if own_start is not None else kv_indptr).data_ptr()))
@@ -373,8 +387,10 @@ def launch(qr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, 
     args += [ctypes.c_void_p(k_meta.data_ptr()), ctypes.c_void_p(v_meta.data_ptr())]
     args += [ctypes.c_uint32(s) for s in strides[4:]]
     args += [ctypes.c_void_p(part_o.data_ptr()), ctypes.c_void_p(part_lse.data_ptr())]
-    args += [ctypes.c_int(q_heads), ctypes.c_int(splits), ctypes.c_int(part_o.shape[2])]
+    args += [ctypes.c_int(q_heads), ctypes.c_int(programs.splits), ctypes.c_int(part_o.shape[2])]
+    args += [ctypes.c_int(programs.first), ctypes.c_int(programs.min_span)]
     pointers = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
     stream = torch.cuda.current_stream(qr.device).cuda_stream
-    _checked(driver.cuLaunchKernel(function, kv_heads, batch, window_programs + splits, WARPS * 32, 1, 1, 0, stream,
+    grid_z = programs.window_programs + programs.splits - programs.first
+    _checked(driver.cuLaunchKernel(function, kv_heads, batch, grid_z, WARPS * 32, 1, 1, 0, stream,
                                    ctypes.addressof(pointers), 0))

@@ -110,15 +110,16 @@ def test_default_split_count_depends_on_shapes_only():
     assert default_num_kv_splits(1, 8, cpu) >= default_num_kv_splits(64, 8, cpu)
 
 
-def test_the_cuda_split_kernel_is_picked_by_pairs_and_shared_blocks():
-    # the default: from cuda_min_pairs (request, KV head) pairs on, never beside shared-prefix blocks
+def test_the_split_kernels_are_picked_by_pairs_and_shared_blocks():
+    # the default: the CUDA kernel from cuda_min_pairs (request, KV head) pairs on; beside
+    # shared-prefix blocks both, by request
     least = DECODE_LAUNCH.cuda_min_pairs
-    assert DECODE_LAUNCH.picks_cuda_split(least, False) and DECODE_LAUNCH.picks_cuda_split(8 * least, False)
-    assert not DECODE_LAUNCH.picks_cuda_split(least - 1, False)
-    assert not DECODE_LAUNCH.picks_cuda_split(8 * least, True)
+    assert DECODE_LAUNCH.split_kernels(least, False) == DECODE_LAUNCH.split_kernels(8 * least, False) == "cuda"
+    assert DECODE_LAUNCH.split_kernels(least - 1, False) == DECODE_LAUNCH.split_kernels(least - 1, True) == "triton"
+    assert DECODE_LAUNCH.split_kernels(8 * least, True) == "by_request"
     # one kernel everywhere, for timing and tests
-    assert DECODE_LAUNCH.with_split_kernel("cuda").picks_cuda_split(1, True)
-    assert not DECODE_LAUNCH.with_split_kernel("triton").picks_cuda_split(8 * least, False)
+    assert DECODE_LAUNCH.with_split_kernel("cuda").split_kernels(1, True) == "cuda"
+    assert DECODE_LAUNCH.with_split_kernel("triton").split_kernels(8 * least, True) == "triton"
 
 
 def test_decode_rejects_mismatched_query():

@@ -10,7 +10,7 @@ kernels' float scratch (partials no program wrote must never be read).
 import pytest
 import torch
 from oscar_sglang.kernels import reference as ref
-from oscar_sglang.kernels.decode import decode_attention_int2
+from oscar_sglang.kernels.decode import INT32_MAX, decode_attention_int2, decode_step
 from oscar_sglang.kernels.format import OscarFormat
 from oscar_sglang.kernels import shared_prefix
 from oscar_sglang.kernels.shared_prefix import block_members, find_shared_prefixes
@@ -157,6 +157,39 @@ def test_larger_blocks_match_reference(dot_rows, head_dim, key_bits, nan_scratch
     out = torch.full_like(q, float("nan"))
     decode_attention_int2(*args, out=out, shared=shared, num_kv_splits=2)
     assert_matches(out, ref.decode_attention(*args), torch.bfloat16)
+
+
+def test_by_request_the_triton_kernel_leaves_long_own_spans_to_the_cuda_kernel():
+    """Split by request (`DecodeLaunch.split_kernels`), the Triton split kernel writes every
+    request's window parts and the INT2 parts of the requests reading fewer than cuda_min_span
+    positions alone, as when it runs all of them, and no part of the others (int2_split.cu's:
+    tests/gpu)."""
+    gen = torch.Generator().manual_seed(4)
+    fmt = OscarFormat(64, 32, sink_tokens=4, recent_tokens=8)
+    requests = [(0, 200, 5), (0, 0, 300), (0, 200, 90), (0, 200, 1), (0, 0, 41), (0, 0, 3)]
+    cache = make_cache(fmt, 2, 200 + sum(own for *_, own in requests) + 16, len(requests) + 2, True, gen)
+    batch = fill_shared_requests(cache, [200], requests, torch.bfloat16, torch.int32, gen)
+    q = torch.randn(len(requests), 4, 64, generator=gen).to(torch.bfloat16)
+    args = (q, batch.kv_indptr, batch.kv_indices, batch.window_starts, cache, 0.125)
+    step = decode_step(*args, shared=find_shared_prefixes(batch.kv_indptr, batch.kv_indices, fmt, 2),
+                       num_kv_splits=3)
+    step.rotate_q()
+    step.triton_split(INT32_MAX)
+    whole_o, whole_lse = step.part_o.clone(), step.part_lse.clone()
+    min_span = 33
+    step.part_o.fill_(float("nan"))
+    step.part_lse.fill_(float("nan"))
+    step.triton_split(min_span)
+    int2_parts = slice(step.win, step.win + step.splits)
+    lengths = batch.kv_indptr.diff().tolist()
+    own_spans = [max(fmt.int2_span(n)[1] - int(own), 0) for n, own in zip(lengths, step.shared.own_start)]
+    assert min(own_spans) < min_span <= max(own_spans), "the batch must have requests on both sides"
+    for b, span in enumerate(own_spans):
+        mine = slice(0, step.win + (step.splits if span < min_span else 0))
+        torch.testing.assert_close(step.part_lse[b, :, mine], whole_lse[b, :, mine], equal_nan=True)
+        torch.testing.assert_close(step.part_o[b, :, mine], whole_o[b, :, mine], equal_nan=True)
+        if span >= min_span:
+            assert step.part_lse[b, :, int2_parts].isnan().all() and step.part_o[b, :, int2_parts].isnan().all()
 
 
 def test_shared_prefixes_must_match_the_batch():

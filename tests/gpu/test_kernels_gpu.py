@@ -4,6 +4,8 @@ against the PyTorch reference, plus CUDA-graph capture and replay of decode.
 Pools are written with the real Triton write path (`quantize.write_kv_int2`) on the GPU.
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
 from oscar_sglang.kernels import reference as ref
@@ -67,20 +69,64 @@ def split_launch(int2_split: str, gqa: int) -> DecodeLaunch:
 
 def test_decode_default_picks_the_split_kernel_by_pairs():
     """int2_split.cu from DecodeLaunch.cuda_min_pairs (request, KV head) pairs on, the Triton
-    split kernel below that and beside shared-prefix blocks; both give the reference's output."""
+    split kernel below that; beside shared-prefix blocks both, by request; all give the
+    reference's output."""
     gen = torch.Generator(DEVICE).manual_seed(0)
     fmt = OscarFormat(128, key_bits=4)
     for requests in (DECODE_LAUNCH.cuda_min_pairs // 8, DECODE_LAUNCH.cuda_min_pairs // 8 - 1):
+        enough = requests * 8 >= DECODE_LAUNCH.cuda_min_pairs
         cache, batch = build(fmt, [3000] * requests, 8, torch.bfloat16, gen)
         q = torch.randn(requests, 32, 128, generator=gen, device=DEVICE).to(torch.bfloat16)
         args = decode_args(cache, batch, q)
         step = decode_step(*args)
-        assert step.cuda_split == (requests * 8 >= DECODE_LAUNCH.cuda_min_pairs)
+        assert step.split_kernels == ("cuda" if enough else "triton")
         assert_matches(step.run(), ref.decode_attention(*args), torch.bfloat16)
         shared = shared_prefix.find_shared_prefixes(batch.kv_indptr, batch.kv_indices, fmt, 4)
         step = decode_step(*args, shared=shared)
-        assert not step.cuda_split
+        assert step.split_kernels == ("by_request" if enough else "triton")
         assert_matches(step.run(), ref.decode_attention(*args), torch.bfloat16)
+
+
+def test_split_by_request_beside_shared_blocks_in_a_cuda_graph():
+    """Both split kernels in one step: four requests on a 20K-token prefix with own tails of 1 to
+    9000 tokens and two of 12000 tokens of their own, the INT2 programs of each in int2_split.cu
+    when they read at least 512 positions each, else in the Triton kernel; captured in a CUDA
+    graph, replayed into poisoned partials and output."""
+    gen = torch.Generator(DEVICE).manual_seed(6)
+    fmt = OscarFormat(128, key_bits=4)
+    heads, dtype, prefix = 8, torch.bfloat16, 20000
+    own = [1, 300, 3000, 9000, 12000, 12000]
+    cache = make_cache(fmt, heads, prefix + sum(own), len(own) + 2, True, torch.Generator().manual_seed(0), DEVICE)
+    perm = torch.randperm(cache.k_codes.shape[0], generator=gen, device=DEVICE)
+    prefix_kv = [torch.randn(prefix, heads, 128, generator=gen, device=DEVICE).to(dtype) for _ in "kv"]
+    sequences = []
+    for b, slots in enumerate(torch.split(perm[prefix:], own)):
+        k, v = (torch.randn(own[b], heads, 128, generator=gen, device=DEVICE).to(dtype) for _ in "kv")
+        if b < 4:
+            slots, k, v = torch.cat([perm[:prefix], slots]), torch.cat([prefix_kv[0], k]), torch.cat([prefix_kv[1], v])
+        write_kv(cache, k, v, slots, b * fmt.window_rows_per_request)
+        sequences.append(slots)
+    indptr = torch.tensor([0] + [x.shape[0] for x in sequences], device=DEVICE).cumsum(0)
+    batch = Batch(indptr.to(torch.int32), torch.cat(sequences).to(torch.int32),
+                  torch.arange(len(own), dtype=torch.int32, device=DEVICE) * fmt.window_rows_per_request)
+    q = torch.randn(len(own), heads * 4, 128, generator=gen, device=DEVICE).to(dtype)
+    args = decode_args(cache, batch, q)
+    shared = find_shared_prefixes(batch.kv_indptr, batch.kv_indices, fmt, group=4)
+    step = decode_step(*args, shared=shared, num_kv_splits=4, launch=replace(DECODE_LAUNCH, cuda_min_positions=512))
+    assert step.split_kernels == "by_request"
+    ends = [fmt.int2_span(n)[1] for n in batch.kv_indptr.diff().tolist()]
+    cuda_takes = [end - int(start) >= step.cuda_min_span for end, start in zip(ends, shared.own_start)]
+    assert cuda_takes == [False, False, True, True, True, True], cuda_takes
+    step.run()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step.run()
+    for scratch in (step.part_o, step.part_lse, step.out):  # a part neither kernel wrote reads as NaN
+        scratch.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_matches(step.out, ref.decode_attention(*args), dtype)
 
 
 @pytest.mark.parametrize("int2_split", ["cuda", "triton"])
