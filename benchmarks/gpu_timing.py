@@ -11,7 +11,7 @@ import triton
 import triton.testing
 from oscar_sglang.kernels.decode import DecodeInputs
 from oscar_sglang.kernels.format import WINDOW_BYTES, OscarFormat
-from oscar_sglang.kernels.layer_cache import LayerCache
+from oscar_sglang.kernels.layer_cache import LayerCache, pool_buffer
 
 from benchmarks.layers import AttentionLayer
 
@@ -79,16 +79,17 @@ def paged_requests(batch, context, page_size, shared_prefix):
 def random_decode_inputs(fmt: OscarFormat, q: torch.Tensor, kv_heads: int, context: int, page_size: int,
                          shared_prefix: int = 0) -> DecodeInputs:
     """`decode_attention_int2`'s inputs for q [B, H_q, D] over B requests of `context` tokens on
-    shuffled pages (`paged_requests`): random codes, scales and minimums of realistic size, BF16
-    window rows at shuffled request rows, random orthogonal rotations."""
+    shuffled pages (`paged_requests`): random codes, scales and minimums of realistic size in the
+    server pool's head-major buffers, BF16 window rows at shuffled request rows, random orthogonal
+    rotations."""
     batch = q.shape[0]
     slots_total = batch * triton.cdiv(context, page_size) * page_size
     _, slots, indptr = paged_requests(batch, context, page_size, shared_prefix)
-    codes = [torch.randint(0, 256, fmt.codes_shape(slots_total, kv_heads, kind), dtype=torch.uint8, device="cuda")
+    codes = [pool_buffer(fmt.codes_shape(slots_total, kv_heads, kind), torch.uint8, "cuda").random_(0, 256)
              for kind in "kv"]
     metas = []
     for _ in "kv":
-        meta = torch.empty(fmt.meta_shape(slots_total, kv_heads), dtype=torch.float16, device="cuda")
+        meta = pool_buffer(fmt.meta_shape(slots_total, kv_heads), torch.float16, "cuda")
         meta[..., 0].uniform_(0.01, 0.1)  # scale
         meta[..., 1].uniform_(-0.2, -0.05)  # minimum
         metas.append(meta)

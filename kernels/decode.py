@@ -168,6 +168,7 @@ def _decode_split_kernel(
 ):
     P: tl.constexpr = D // 4
     hk = tl.program_id(0)
+    pool_head = hk.to(tl.int64)  # the pool is head-major: head offsets pass 2^31 bytes
     b = tl.program_id(1)
     split = tl.program_id(2)
 
@@ -204,8 +205,8 @@ def _decode_split_kernel(
                 m_i, l_i, a0, a1, a2, a3 = int2_segment(
                     m_i, l_i, a0, a1, a2, a3, q0, q1, q2, q3,
                     kv_indices_ptr + kv_lo, seg_lo, seg_hi,
-                    k_codes_ptr + hk * stride_kch, v_codes_ptr + hk * stride_vch, stride_kcs, stride_vcs,
-                    k_meta_ptr + hk * stride_mh, v_meta_ptr + hk * stride_mh, stride_ms,
+                    k_codes_ptr + pool_head * stride_kch, v_codes_ptr + pool_head * stride_vch, stride_kcs, stride_vcs,
+                    k_meta_ptr + pool_head * stride_mh, v_meta_ptr + pool_head * stride_mh, stride_ms,
                     P, NG, KEY_BITS, BLOCK_N, CODE_BITS, CODE_MAX, PTX_UNPACK, NUM_STAGES)
         _store_partial(part_o_ptr, part_lse_ptr, row * num_parts + split, head_ok, m_i, l_i, a0, a1, a2, a3, D)
 
@@ -265,6 +266,7 @@ def _decode_shared_kernel(
     member r // GROUP, head r % GROUP). Writes each member's partial `first_part + j`."""
     P: tl.constexpr = D // 4
     hk = tl.program_id(0)
+    pool_head = hk.to(tl.int64)  # the pool is head-major: head offsets pass 2^31 bytes
     blk = tl.program_id(1)
     split = tl.program_id(2)
     lead = tl.load(members_ptr + blk * MEMBERS)
@@ -284,8 +286,8 @@ def _decode_shared_kernel(
             m_i, l_i, a0, a1, a2, a3 = int2_segment(
                 m_i, l_i, a0, a1, a2, a3, q0, q1, q2, q3,
                 kv_indices_ptr + tl.load(kv_indptr_ptr + lead), seg_lo, seg_hi,
-                k_codes_ptr + hk * stride_kch, v_codes_ptr + hk * stride_vch, stride_kcs, stride_vcs,
-                k_meta_ptr + hk * stride_mh, v_meta_ptr + hk * stride_mh, stride_ms,
+                k_codes_ptr + pool_head * stride_kch, v_codes_ptr + pool_head * stride_vch, stride_kcs, stride_vcs,
+                k_meta_ptr + pool_head * stride_mh, v_meta_ptr + pool_head * stride_mh, stride_ms,
                 P, NG, KEY_BITS, BLOCK_N, CODE_BITS, CODE_MAX, PTX_UNPACK, NUM_STAGES)
         _store_partial(part_o_ptr, part_lse_ptr, row * num_parts + first_part + split, row_ok,
                        m_i, l_i, a0, a1, a2, a3, D)

@@ -108,9 +108,10 @@ def _gather_kv_kernel(
         from_window = valid & ((pos < start) | (pos >= end))
         row = tl.load(window_starts_ptr + b).to(tl.int64) + tl.where(pos < S, pos, S + (pos - S) % W)
         slot = tl.load(kv_indices_ptr + kv_lo + pos, mask=valid, other=0).to(tl.int64)
-        byte, byte_hi = load_key_codes(codes_ptr + slot[:, None] * stride_cs + hk * stride_ch,
+        pool_head = hk.to(tl.int64)  # the pool is head-major: head offsets pass 2^31 bytes
+        byte, byte_hi = load_key_codes(codes_ptr + slot[:, None] * stride_cs + pool_head * stride_ch,
                                        valid & ~from_window, P, BITS)
-        meta = meta_ptr + hk * stride_mh
+        meta = meta_ptr + pool_head * stride_mh
         win = win_ptr + hk * stride_wh
         x0 = _prefix_quarter(0, byte, byte_hi, from_window, slot, valid, meta, stride_ms, win, row, stride_ws,
                              P, G, BITS, CODE_BITS, CODE_MAX)

@@ -18,7 +18,8 @@ Per token slot, per layer, per KV head, for K and for V separately:
            through the same 2-bit unpacking
 
 Buffers per layer: codes [slots, H_kv, b·D/8] uint8 (the high plane from byte D/4 on) and meta
-[slots, H_kv, D/G, 2] fp16 (meta[..., 0] = scale, meta[..., 1] = minimum), for K and for V. Keys
+[slots, H_kv, D/G, 2] fp16 (meta[..., 0] = scale, meta[..., 1] = minimum), for K and for V, stored
+head-major (layer_cache.pool_buffer: indexed by slot, laid out by KV head). Keys
 at 4 bits keep the needle a long prompt hides where 2-bit keys lose it (values at 2 bits do not:
 benchmarks/results/accuracy-smollm2-135m-instruct-passkey-diagnosis.md); 3-bit keys keep it to
 about 2K tokens on SmolLM2 (benchmarks/results/quality-server-smollm2-135m-instruct-k3.md).

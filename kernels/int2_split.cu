@@ -285,8 +285,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) oscar_int2_split(
     const int* __restrict__ own_start, const WSTART_T* __restrict__ window_starts,
     const u16* __restrict__ k_window, const u16* __restrict__ v_window, u32 stride_ws, u32 stride_wh,
     const u8* __restrict__ k_codes, const u8* __restrict__ v_codes,
-    u32 stride_kcs, u32 stride_kch, u32 stride_vcs, u32 stride_vch,
-    const u8* __restrict__ k_meta, const u8* __restrict__ v_meta, u32 stride_ms, u32 stride_mh,
+    u32 stride_kcs, unsigned long long stride_kch, u32 stride_vcs, unsigned long long stride_vch,
+    const u8* __restrict__ k_meta, const u8* __restrict__ v_meta, u32 stride_ms, unsigned long long stride_mh,
     float* __restrict__ part_o, float* __restrict__ part_lse, int num_q_heads, int num_splits, int num_parts,
     int first_program, int min_span) {
   __shared__ __align__(16) u8 smem[SMEM_BYTES];
@@ -358,9 +358,9 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) oscar_int2_split(
     u8* stages = smem + warp * STAGES * STAGE_BYTES;
     const int value_col = lane % VALUE_CHUNKS_PER_ROW;
     const LaneSources src = {
-        k_codes + (unsigned long long)hk * stride_kch,
-        v_codes + (unsigned long long)hk * stride_vch + value_col * VALUE_CHUNK,
-        (lane < TILE ? k_meta : v_meta) + (unsigned long long)hk * stride_mh, stride_kcs, stride_vcs, stride_ms};
+        k_codes + hk * stride_kch,  // head strides in 64 bits: the pool is head-major (layer_cache.pool_buffer)
+        v_codes + hk * stride_vch + value_col * VALUE_CHUNK,
+        (lane < TILE ? k_meta : v_meta) + hk * stride_mh, stride_kcs, stride_vcs, stride_ms};
     const INDEX_T* idx = kv_indices + kv_lo;
     auto tile_pos = [&](int k) { return lo + (warp + WARPS * k) * TILE; };
     auto load_slot = [&](int k) { return k < my_tiles ? (int)idx[min(tile_pos(k) + (lane & (TILE - 1)), hi - 1)] : 0; };

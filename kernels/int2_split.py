@@ -320,17 +320,17 @@ def window_lane_dims(fmt: OscarFormat) -> int:
 
 def check_layout(cache: LayerCache) -> list[int]:
     """The byte strides (slot, head) of k_codes, v_codes and the meta, checked against what the
-    kernel's asynchronous copies need: every row aligned to the copy size, strides below 4 GiB;
-    and the window rows aligned to what a lane of a window program reads."""
+    kernel's asynchronous copies need: every row aligned to the copy size, slot strides below
+    4 GiB; and the window rows aligned to what a lane of a window program reads."""
     fmt = cache.fmt
     strides = []
     for name, buf, unit in (("k_codes", cache.k_codes, key_chunk(fmt)), ("v_codes", cache.v_codes, VALUE_CHUNK),
                             ("k_meta", cache.k_meta, meta_row(fmt)), ("v_meta", cache.v_meta, meta_row(fmt))):
         steps = [buf.stride(0) * buf.element_size(), buf.stride(1) * buf.element_size()]
-        if buf.data_ptr() % unit or any(x % unit or x >= 1 << 32 for x in steps):
-            raise ValueError(f"{name} rows must be {unit}-byte aligned with strides below 4 GiB for the CUDA split "
-                             f"kernel, got address {buf.data_ptr():#x} and byte strides {steps}; allocate the pool "
-                             "contiguous, or decode with DecodeLaunch(int2_split='triton')")
+        if buf.data_ptr() % unit or any(x % unit for x in steps) or steps[0] >= 1 << 32:
+            raise ValueError(f"{name} rows must be {unit}-byte aligned with a slot stride below 4 GiB for the CUDA "
+                             f"split kernel, got address {buf.data_ptr():#x} and byte strides {steps}; allocate the "
+                             "pool with layer_cache.pool_buffer, or decode with DecodeLaunch(int2_split='triton')")
         if name != "v_meta":
             strides += steps
     window = cache.k_window  # K and V share strides (LayerCache); the kernel takes them in elements
@@ -382,10 +382,12 @@ def launch(qr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, 
     args.append(ctypes.c_void_p((own_start if own_start is not None else kv_indptr).data_ptr()))
     args += [ctypes.c_void_p(x.data_ptr()) for x in (window_starts, cache.k_window, cache.v_window)]
     args += [ctypes.c_uint32(cache.k_window.stride(0)), ctypes.c_uint32(cache.k_window.stride(1))]
+    # strides: (slot, head) of k_codes, v_codes and the meta; a head's in 64 bits (head-major pools)
+    slot_head = (ctypes.c_uint32, ctypes.c_uint64)
     args += [ctypes.c_void_p(k_codes.data_ptr()), ctypes.c_void_p(v_codes.data_ptr())]
-    args += [ctypes.c_uint32(s) for s in strides[:4]]
+    args += [slot_head[i % 2](s) for i, s in enumerate(strides[:4])]
     args += [ctypes.c_void_p(k_meta.data_ptr()), ctypes.c_void_p(v_meta.data_ptr())]
-    args += [ctypes.c_uint32(s) for s in strides[4:]]
+    args += [slot_head[i % 2](s) for i, s in enumerate(strides[4:])]
     args += [ctypes.c_void_p(part_o.data_ptr()), ctypes.c_void_p(part_lse.data_ptr())]
     args += [ctypes.c_int(q_heads), ctypes.c_int(programs.splits), ctypes.c_int(part_o.shape[2])]
     args += [ctypes.c_int(programs.first), ctypes.c_int(programs.min_span)]

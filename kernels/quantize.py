@@ -138,7 +138,7 @@ def _write_kv_kernel(
     HAS_WINDOW: tl.constexpr, HAS_FLAG: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BLOCK_T: tl.constexpr,
     KEY_BITS: tl.constexpr, PLANE_BITS: tl.constexpr, PER_BYTE: tl.constexpr, PLANE_MAX: tl.constexpr,
 ):
-    head = tl.program_id(1)
+    head = tl.program_id(1).to(tl.int64)  # the pool is head-major: head offsets pass 2^31 bytes
     tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     tok_ok = tok < num_tokens
     slots = tl.load(slot_ptr + tok, mask=tok_ok, other=0).to(tl.int64)

@@ -3,7 +3,9 @@
 Per layer: codes (kernels.format: K [slots, H_kv, key_bits · D/8], V [slots, H_kv, D/4]) uint8
 as `k_buffer` / `v_buffer` and fp16 metadata
 [slots, H_kv, D/G, 2] as `k_scale_buffer` / `v_scale_buffer` (the names SGLang's slot moves,
-size accounting and pointer tables already cover), plus per-request BF16 window rows
+size accounting and pointer tables already cover), each stored head-major
+(kernels.layer_cache.pool_buffer; slots move by indexing, `_move_kv_cache_impl`, never by
+SGLang's copy kernel, which takes a slot's heads to lie together), plus per-request BF16 window rows
 [(requests + 1) * (S + W), H_kv, D] (row block 0 is SGLang's padding request) allocated once the
 request pool size is known. Rotations and clip ratios of this rank's KV heads live here too,
 so a layer's whole state is one `layer(layer_id)` call away (a kernels.layer_cache.LayerCache,
@@ -23,7 +25,7 @@ from sglang.srt.constants import GPU_MEMORY_TYPE_KV_CACHE
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, move_kv_cache_native
 
 from oscar_sglang.kernels.format import OscarFormat
-from oscar_sglang.kernels.layer_cache import LayerCache
+from oscar_sglang.kernels.layer_cache import LayerCache, pool_buffer
 from oscar_sglang.kernels.quantize import write_kv_int2
 from oscar_sglang.kernels.reference import decode_kv
 from oscar_sglang.kernels.rotation_file import RotationSet
@@ -62,7 +64,7 @@ class OscarTokenToKVPool(MHATokenToKVPool):
         fmt, heads = self.fmt, self.head_num
         with self.memory_saver_adapter.region(GPU_MEMORY_TYPE_KV_CACHE):
             def buffers(shape, dtype):
-                return [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(self.layer_num)]
+                return [pool_buffer(shape, dtype, self.device) for _ in range(self.layer_num)]
             self.k_buffer = buffers(fmt.codes_shape(rows, heads, "k"), torch.uint8)
             self.v_buffer = buffers(fmt.codes_shape(rows, heads, "v"), torch.uint8)
             self.k_scale_buffer = buffers(fmt.meta_shape(rows, heads), torch.float16)

@@ -13,7 +13,7 @@ from oscar_sglang.kernels import reference as ref
 from oscar_sglang.kernels.decode import DECODE_LAUNCH, decode_attention_int2
 from oscar_sglang.kernels.extend import EXTEND_LAUNCH, extend_attention_int2
 from oscar_sglang.kernels.format import OscarFormat
-from oscar_sglang.kernels.layer_cache import LayerCache
+from oscar_sglang.kernels.layer_cache import LayerCache, pool_buffer
 from oscar_sglang.kernels.quantize import WRITE_LAUNCH, write_kv_int2
 
 CODE_POISON, META_POISON, WINDOW_POISON = 0xA5, -7.0, 1234.0
@@ -29,21 +29,23 @@ def random_rotation(heads: int, dim: int, gen: torch.Generator) -> torch.Tensor:
 
 def make_cache(fmt: OscarFormat, kv_heads: int, slots: int, requests: int, per_head: bool,
                gen: torch.Generator, device="cpu") -> LayerCache:
-    """Empty pool with random codes and NaN meta / window rows (poison for stray reads)."""
+    """Empty pool with random codes and NaN meta / window rows (poison for stray reads), codes
+    and meta stored head-major as the server's pool stores them."""
     rot_heads = kv_heads if per_head else 1
 
     def codes(kind):
-        return torch.randint(0, 256, fmt.codes_shape(slots, kv_heads, kind), generator=gen, dtype=torch.uint8)
+        random = torch.randint(0, 256, fmt.codes_shape(slots, kv_heads, kind), generator=gen, dtype=torch.uint8)
+        return pool_buffer(random.shape, random.dtype, device).copy_(random)
 
-    def nan(shape, dtype):
-        return torch.full(shape, float("nan"), dtype=dtype)
+    def nan_meta():
+        return pool_buffer(fmt.meta_shape(slots, kv_heads), torch.float16, device).fill_(float("nan"))
 
-    tensors = (codes("k"), nan(fmt.meta_shape(slots, kv_heads), torch.float16),
-               codes("v"), nan(fmt.meta_shape(slots, kv_heads), torch.float16),
-               nan(fmt.window_shape(requests, kv_heads), torch.bfloat16),
-               nan(fmt.window_shape(requests, kv_heads), torch.bfloat16),
-               random_rotation(rot_heads, fmt.head_dim, gen), random_rotation(rot_heads, fmt.head_dim, gen))
-    return LayerCache(fmt, *(t.to(device) for t in tensors))
+    def nan_window():
+        return torch.full(fmt.window_shape(requests, kv_heads), float("nan"), dtype=torch.bfloat16, device=device)
+
+    return LayerCache(fmt, codes("k"), nan_meta(), codes("v"), nan_meta(), nan_window(), nan_window(),
+                      random_rotation(rot_heads, fmt.head_dim, gen).to(device),
+                      random_rotation(rot_heads, fmt.head_dim, gen).to(device))
 
 
 def window_positions(fmt: OscarFormat, length: int) -> list[int]:
@@ -161,17 +163,19 @@ def assert_codes_match(got, want, x_rot_clipped, meta, group, bits=2):
 def write_poisoned(k, v, slots, k_rot, v_rot, clips, rows, fmt: OscarFormat, num_slots: int,
                    launch=WRITE_LAUNCH) -> dict:
     """write_kv_int2 (with `launch`) into poisoned pool buffers ({k,v}_{codes,meta,window}, window
-    rows = tokens) on DEVICE; returns the buffers on the CPU."""
+    rows = tokens; codes and meta head-major, as the server's pool) on DEVICE; returns the buffers
+    on the CPU."""
     tokens, heads, d = k.shape
     bufs = {
-        f"{kind}_{name}": torch.full(shape, poison, dtype=dtype, device=DEVICE)
+        f"{kind}_{name}": pool_buffer(shape, dtype, DEVICE).fill_(poison)
         for kind in "kv"
         for name, shape, poison, dtype in (
             ("codes", fmt.codes_shape(num_slots, heads, kind), CODE_POISON, torch.uint8),
             ("meta", fmt.meta_shape(num_slots, heads), META_POISON, torch.float16),
-            ("window", (tokens, heads, d), WINDOW_POISON, torch.bfloat16),
         )
     }
+    bufs.update({f"{kind}_window": torch.full((tokens, heads, d), WINDOW_POISON, dtype=torch.bfloat16, device=DEVICE)
+                 for kind in "kv"})
     cache = LayerCache(fmt, bufs["k_codes"], bufs["k_meta"], bufs["v_codes"], bufs["v_meta"], bufs["k_window"],
                        bufs["v_window"], k_rot.to(DEVICE), v_rot.to(DEVICE), *clips)
     write_kv_int2(k.to(DEVICE), v.to(DEVICE), slots.to(DEVICE), cache, window_rows=rows.to(DEVICE), launch=launch)

@@ -40,7 +40,7 @@ def probe() -> dict:
     from benchmarks.tuning.kernel_resources import TARGET, bind_launch
     from oscar_sglang.kernels.extend import extend_attention_int2
     from oscar_sglang.kernels.format import OscarFormat
-    from oscar_sglang.kernels.layer_cache import LayerCache
+    from oscar_sglang.kernels.layer_cache import LayerCache, pool_buffer
     from oscar_sglang.kernels.quantize import write_kv_int2
 
     backend = make_backend(TARGET)
@@ -55,8 +55,8 @@ def probe() -> dict:
     JITFunction.__getitem__ = record
     fmt = OscarFormat(HEAD_DIM)
     slots, requests = 4096, 9
-    codes = [torch.zeros(fmt.codes_shape(slots, KV_HEADS, kind), dtype=torch.uint8) for kind in "kv"]
-    metas = [torch.zeros(fmt.meta_shape(slots, KV_HEADS), dtype=torch.float16) for _ in "kv"]
+    codes = [pool_buffer(fmt.codes_shape(slots, KV_HEADS, kind), torch.uint8, "cpu") for kind in "kv"]
+    metas = [pool_buffer(fmt.meta_shape(slots, KV_HEADS), torch.float16, "cpu") for _ in "kv"]
     windows = [torch.zeros(fmt.window_shape(requests, KV_HEADS), dtype=torch.bfloat16) for _ in "kv"]
     rots = [torch.eye(HEAD_DIM).expand(KV_HEADS, HEAD_DIM, HEAD_DIM).contiguous() for _ in "kv"]
     pool = LayerCache(fmt, codes[0], metas[0], codes[1], metas[1], windows[0], windows[1], rots[0], rots[1])

@@ -164,7 +164,7 @@ def launches(head_dim: int, key_bits: int, decode_launch, extend_launch, write_l
     from oscar_sglang.kernels.decode import decode_attention_int2
     from oscar_sglang.kernels.extend import extend_attention_int2
     from oscar_sglang.kernels.format import OscarFormat
-    from oscar_sglang.kernels.layer_cache import LayerCache
+    from oscar_sglang.kernels.layer_cache import LayerCache, pool_buffer
     from oscar_sglang.kernels.quantize import write_kv_int2
     from oscar_sglang.kernels.shared_prefix import WIDE_SHARED_DOT_ROWS, find_shared_prefixes
 
@@ -173,8 +173,8 @@ def launches(head_dim: int, key_bits: int, decode_launch, extend_launch, write_l
     kv_indptr = torch.arange(BATCH + 1, dtype=torch.int32) * CONTEXT
     kv_indices = torch.arange(slots, dtype=torch.int32)
     starts = torch.arange(BATCH, dtype=torch.int32) * fmt.window_rows_per_request
-    codes = [torch.zeros(fmt.codes_shape(slots, KV_HEADS, kind), dtype=torch.uint8) for kind in "kv"]
-    metas = [torch.zeros(fmt.meta_shape(slots, KV_HEADS), dtype=torch.float16) for _ in "kv"]
+    codes = [pool_buffer(fmt.codes_shape(slots, KV_HEADS, kind), torch.uint8, "cpu") for kind in "kv"]
+    metas = [pool_buffer(fmt.meta_shape(slots, KV_HEADS), torch.float16, "cpu") for _ in "kv"]
     windows = [torch.zeros(fmt.window_shape(BATCH, KV_HEADS), dtype=torch.bfloat16) for _ in "kv"]
     rots = [torch.eye(head_dim).expand(KV_HEADS, head_dim, head_dim).contiguous() for _ in "kv"]
     cache = LayerCache(fmt, codes[0], metas[0], codes[1], metas[1], windows[0], windows[1], rots[0], rots[1])

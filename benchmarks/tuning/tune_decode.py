@@ -38,7 +38,7 @@ from oscar_sglang.kernels import decode as dk
 from oscar_sglang.kernels import quantize as qk
 from oscar_sglang.kernels import shared_prefix as sp
 from oscar_sglang.kernels.format import OscarFormat
-from oscar_sglang.kernels.layer_cache import LayerCache
+from oscar_sglang.kernels.layer_cache import LayerCache, pool_buffer
 
 from benchmarks.gpu_timing import hbm_bandwidth_gbs, layer_decode_inputs, median_us, oscar_decode_bytes
 from benchmarks.layers import QWEN3_8B
@@ -119,8 +119,8 @@ def write_setup(tokens):
     rows_total = max(tokens, 64 * fmt.window_rows_per_request)
     bufs = []
     for kind in "kv":
-        bufs += [torch.zeros(fmt.codes_shape(slots_total, KV_HEADS, kind), dtype=torch.uint8, device=DEV),
-                 torch.zeros(fmt.meta_shape(slots_total, KV_HEADS), dtype=torch.float16, device=DEV)]
+        bufs += [pool_buffer(fmt.codes_shape(slots_total, KV_HEADS, kind), torch.uint8, DEV),
+                 pool_buffer(fmt.meta_shape(slots_total, KV_HEADS), torch.float16, DEV)]
     bufs += [torch.zeros(rows_total, KV_HEADS, D, dtype=torch.bfloat16, device=DEV) for _ in "kv"]
     k = torch.randn(tokens, KV_HEADS, D, device=DEV).to(torch.bfloat16)
     v = torch.randn(tokens, KV_HEADS, D, device=DEV).to(torch.bfloat16)
