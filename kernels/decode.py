@@ -10,9 +10,9 @@ them and the output is rotated back at the end. Three launches:
    WIN_PROGRAMS) read a slice of request b's BF16 window rows (sinks and the recent ring), the
    others one contiguous range of its INT2 span; each handles all query heads of KV head h, so
    every KV tile is loaded once per GQA group. Each writes its normalized partial output o' and
-   log2-sum-exp. KV heads vary fastest in launch order: the heads of a slot share its 32-byte
-   memory sectors (codes and meta are [slots, H_kv, ...]), so the programs reading them run
-   together and fetch each sector once. With DecodeLaunch.int2_split = "cuda" the same grid
+   log2-sum-exp. KV heads vary fastest in launch order, so the programs of one request and
+   split, which read the same slot indices, run together (the codes and meta of one head are
+   contiguous: layer_cache.pool_buffer). With DecodeLaunch.int2_split = "cuda" the same grid
    runs on a GPU in `int2_split.cu` instead (CUDA C++), which puts positions rather than query
    heads on the tensor-core rows of its INT2 programs (int2_split.py); beside shared-prefix
    blocks both kernels run, each request's INT2 programs in one of them by how many positions

@@ -12,7 +12,7 @@ def pool_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     stored head-major, [H_kv, slots, ...] in memory: every kernel reads one KV head at a time, and
     this way a page of slots is one run of bytes per head rather than pieces of 16-64 bytes in
     every slot's row of all heads, which the heads' programs fetch at different times (H100,
-    4-bit keys: 1,439 against 2,174 us at 32 x 128K, results/h100/pool-layout.md)."""
+    4-bit keys: 1,431 against 2,186 us at 32 x 128K, results/h100/pool-layout.md)."""
     slots, heads, *rest = shape
     return torch.zeros(heads, slots, *rest, dtype=dtype, device=device).transpose(0, 1)
 

@@ -138,8 +138,8 @@ def check_server_features(server_args) -> None:
         raise refusal("--enable-hierarchical-cache (host offload copies KV slots in SGLang's "
                       "BF16 layout)", "drop --enable-hierarchical-cache")
     if os.environ.get("SGLANG_USE_HND_KVCACHE", "").lower() in ("1", "true"):
-        raise refusal("SGLANG_USE_HND_KVCACHE (a head-major KV layout; the OSCAR pool is "
-                      "slot-major)", "unset SGLANG_USE_HND_KVCACHE")
+        raise refusal("SGLANG_USE_HND_KVCACHE (SGLang's paged layout: its slot moves would index the "
+                      "OSCAR pool as [pages, heads, page_size, dim])", "unset SGLANG_USE_HND_KVCACHE")
     if server_args.enable_two_batch_overlap or server_args.enable_pdmux:
         raise refusal("--enable-two-batch-overlap / --enable-pdmux (they split a batch over "
                       "several attention backends, which the OSCAR backend does not track)",
