@@ -75,7 +75,7 @@ def test_server_features(sglang, tmp_path, flags, message):
         serve(sglang, write_model(tmp_path), *flags)
 
 
-def test_head_major_layout_is_refused(sglang, tmp_path, monkeypatch):
+def test_sglangs_paged_hnd_layout_is_refused(sglang, tmp_path, monkeypatch):
     monkeypatch.setenv("SGLANG_USE_HND_KVCACHE", "1")
     with pytest.raises(ValueError, match="SGLANG_USE_HND_KVCACHE"):
         serve(sglang, write_model(tmp_path))
