@@ -250,6 +250,16 @@ def test_move_kv_cache_moves_codes_and_meta_of_every_layer():
         assert torch.equal(w, ref)  # windows belong to requests, not slots
 
 
+def test_codes_and_meta_are_stored_head_major():
+    """Indexed [slots, H_kv, ...], laid out [H_kv, slots, ...] (layer_cache.pool_buffer): a
+    decode program, which reads one KV head, finds that head's rows together."""
+    pool = OscarTokenToKVPool(32, 1, HEADS, HEAD_DIM, 2, "cpu", False, fmt=FMT,
+                              rotations=data_free_rotations(2, HEADS, HEAD_DIM))
+    for buf in (*pool.k_buffer, *pool.v_buffer, *pool.k_scale_buffer, *pool.v_scale_buffer):
+        assert buf.shape[:2] == (33, HEADS)
+        assert buf.transpose(0, 1).is_contiguous() and not buf.is_contiguous()
+
+
 def test_get_kv_size_bytes_counts_codes_meta_and_windows():
     size, page = 40, 1
     pool = OscarTokenToKVPool(size, page, HEADS, HEAD_DIM, LAYERS, "cpu", False, fmt=FMT,
