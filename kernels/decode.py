@@ -501,21 +501,20 @@ class DecodeStep:
 
     @property
     def cuda_min_span(self) -> int:
-        """By request: the own span (INT2 positions a request reads alone) from which int2_split.cu
-        runs a request's INT2 programs."""
-        return self.launch.cuda_min_positions * self.splits
+        """The own span (INT2 positions a request reads alone) from which int2_split.cu runs a
+        request's INT2 programs: 0 where it runs them all, INT32_MAX where the Triton kernel does."""
+        return {"cuda": 0, "triton": INT32_MAX}.get(self.split_kernels, self.launch.cuda_min_positions * self.splits)
 
     def split(self) -> None:
-        if self.split_kernels != "cuda":
-            self.triton_split(self.cuda_min_span if self.split_kernels == "by_request" else INT32_MAX)
-        if self.split_kernels == "triton":
-            return
-        programs = int2_split.SplitPrograms(self.splits, self.win, self.launch.window_rows_per_program)
-        if self.split_kernels == "by_request":
-            programs = replace(programs, first=self.win, min_span=self.cuda_min_span)
-        int2_split.launch(self.q_rot, self.inputs.kv_indptr, self.inputs.kv_indices, self.inputs.window_starts,
-                          None if self.shared is None else self.shared.own_start, self.inputs.cache, self.part_o,
-                          self.part_lse, programs, self.launch.cuda_stages, self.launch.cuda_key_chains)
+        if self.split_kernels != "cuda":  # the window programs and the requests below cuda_min_span
+            self.triton_split(self.cuda_min_span)
+        if self.split_kernels != "triton":  # by request, the Triton kernel ran the window programs
+            first = self.win if self.split_kernels == "by_request" else 0
+            programs = int2_split.SplitPrograms(self.splits, self.win, self.launch.window_rows_per_program,
+                                                first, self.cuda_min_span)
+            int2_split.launch(self.q_rot, self.inputs.kv_indptr, self.inputs.kv_indices, self.inputs.window_starts,
+                              None if self.shared is None else self.shared.own_start, self.inputs.cache, self.part_o,
+                              self.part_lse, programs, self.launch.cuda_stages, self.launch.cuda_key_chains)
 
     def triton_split(self, cuda_min_span: int) -> None:
         """`_decode_split_kernel`: the window programs, and the INT2 programs of the requests whose

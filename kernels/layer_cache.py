@@ -23,8 +23,8 @@ class LayerCache:
 
     k_codes: [slots, H_kv, key_bits · D/8] uint8, v_codes: [slots, H_kv, D/4] uint8
     (fmt.codes_shape); k_meta, v_meta: [slots, H_kv, D/G, 2] fp16 (scale, minimum), sharing
-    strides (any strides with contiguous rows; the pool's are head-major: pool_buffer); k_window, v_window: [rows, H_kv, D] bf16 window rows (rotated space), sharing
-    strides; k_rot, v_rot: [H_kv or 1, D, D] orthogonal, stored float32 contiguous; k_clip,
+    strides (any strides with contiguous rows; the pool's are head-major: pool_buffer); k_window,
+    v_window: [rows, H_kv, D] bf16 window rows (rotated space), sharing strides; k_rot, v_rot: [H_kv or 1, D, D] orthogonal, stored float32 contiguous; k_clip,
     v_clip: the clip quantiles in (0, 1] the write kernel applies.
     """
 
