@@ -7,10 +7,12 @@ tests/kernel_cases.py (NaN meta in unused slots, NaN window rows, NaN output), a
 kernels' float scratch (partials no program wrote must never be read).
 """
 
+import dataclasses
+
 import pytest
 import torch
 from oscar_sglang.kernels import reference as ref
-from oscar_sglang.kernels.decode import INT32_MAX, decode_attention_int2, decode_step
+from oscar_sglang.kernels.decode import DECODE_LAUNCH, INT32_MAX, decode_attention_int2, decode_step
 from oscar_sglang.kernels.format import OscarFormat
 from oscar_sglang.kernels import shared_prefix
 from oscar_sglang.kernels.shared_prefix import block_members, find_shared_prefixes
@@ -173,6 +175,10 @@ def test_by_request_the_triton_kernel_leaves_long_own_spans_to_the_cuda_kernel()
     args = (q, batch.kv_indptr, batch.kv_indices, batch.window_starts, cache, 0.125)
     step = decode_step(*args, shared=find_shared_prefixes(batch.kv_indptr, batch.kv_indices, fmt, 2),
                        num_kv_splits=3)
+    # the span each split-kernel choice hands int2_split.cu from (on the CPU the Triton kernel runs all)
+    by_request = DECODE_LAUNCH.cuda_min_positions * step.splits
+    for kernels, span in (("cuda", 0), ("triton", INT32_MAX), ("by_request", by_request)):
+        assert dataclasses.replace(step, split_kernels=kernels).cuda_min_span == span
     step.rotate_q()
     step.triton_split(INT32_MAX)
     whole_o, whole_lse = step.part_o.clone(), step.part_lse.clone()
