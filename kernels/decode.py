@@ -17,8 +17,9 @@ them and the output is rotated back at the end. Three launches:
    heads on the tensor-core rows of its INT2 programs (int2_split.py); beside shared-prefix
    blocks both kernels run, each request's INT2 programs in one of them by how many positions
    the request reads alone (`DecodeLaunch.split_kernels`).
-3. `_decode_reduce_kernel`, grid (B, H_q, 4): merges a head's partials and applies R_Vᵀ to a
-   quarter of its dims (all its loads are issued at once: one round trip to memory).
+3. `_decode_reduce_kernel`, grid (B, H_q / heads, 4): merges the partials of a block of query
+   heads of one KV head and applies R_Vᵀ to a quarter of their dims (all its loads are issued at
+   once: one round trip to memory; the heads share the slice of R_V, `reduce_heads`).
 
 With `shared` (requests holding a cached prefix in the same slots, `shared_prefix.py`), a fourth
 launch, `_decode_shared_kernel`, reads the positions a block of requests shares once for all of
@@ -90,7 +91,11 @@ class DecodeLaunch:
     shared_max_registers: int | None = 128
     wide_shared_max_registers: int | None = 255
     reduce_warps: int = 8
-    reduce_dim_programs: int = 4  # reduce programs per query head, each producing D / 4 output dims
+    reduce_dim_programs: int = 4  # reduce programs per query-head block, each producing D / 4 output dims
+    # partial rows (query heads x partials, padded to powers of two) a reduce program merges: the
+    # query heads of one KV head share a program while they fit, which loads its slice of R_V
+    # once for all of them (reduce_heads)
+    reduce_rows: int = 64
     # who runs the split programs (window and INT2): "cuda" (int2_split.cu, wherever
     # `int2_split.serves`, from cuda_min_pairs (request, KV head) pairs on; `split_kernels`) or
     # "triton" (`_decode_split_kernel`). On an H100 with 8 KV heads (results/h100/int2-split-cuda)
@@ -298,31 +303,35 @@ def _decode_reduce_kernel(
     part_o_ptr, part_lse_ptr, num_parts, own_start_ptr, first_shared_part,
     out_ptr, stride_ob, stride_oh,
     v_rot_ptr, stride_vrh,
-    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr,
+    GROUP: tl.constexpr, HEADS: tl.constexpr, D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr,
     S: tl.constexpr, SHARED: tl.constexpr,
 ):
-    """Program (b, h, c): merge query head h's num_parts (<= BLOCK_P) partials, then output dims
-    [c·BLOCK_J, (c+1)·BLOCK_J) of o' · R_V[h // GROUP]ᵀ (an fp32 matrix-vector product). Every
-    load is independent of the others, so the program waits for memory once; splitting the
-    output dims over programs keeps each program's share of R_V small. SHARED: the partials from
-    first_shared_part on exist only for a request in a shared-prefix block (own_start > S)."""
+    """Program (b, i, c): merge the num_parts (<= BLOCK_P) partials of each of query heads
+    [i·HEADS, (i+1)·HEADS) (HEADS divides GROUP: one KV head's), then output dims
+    [c·BLOCK_J, (c+1)·BLOCK_J) of o' · R_V[kv head]ᵀ (fp32 matrix-vector products over the slice
+    of R_V the heads share, loaded once). Every load is independent of the others, so the
+    program waits for memory once; splitting the output dims over programs keeps each program's
+    share of R_V small. SHARED: the partials from first_shared_part on exist only for a request in
+    a shared-prefix block (own_start > S)."""
     b = tl.program_id(0)
-    h = tl.program_id(1)
+    heads = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
     j = tl.program_id(2) * BLOCK_J + tl.arange(0, BLOCK_J)
-    row = (b.to(tl.int64) * tl.num_programs(1) + h) * num_parts
+    rows = (b.to(tl.int64) * tl.num_programs(1) * HEADS + heads) * num_parts  # [HEADS]
     parts = tl.arange(0, BLOCK_P)
     ok = parts < num_parts
     if SHARED:
         ok &= (parts < first_shared_part) | (tl.load(own_start_ptr + b) > S)
     dims = tl.arange(0, D)
-    lse = tl.load(part_lse_ptr + row + parts, mask=ok, other=float("-inf"))
-    o = tl.load(part_o_ptr + (row + parts)[:, None] * D + dims[None, :], mask=ok[:, None], other=0.0)
-    rot = tl.load(v_rot_ptr + (h // GROUP) * stride_vrh + j[:, None] * D + dims[None, :])  # R[j, i]
-    m = tl.max(lse, axis=0)
-    w = tl.math.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
-    merged = tl.sum(w[:, None] * o, axis=0) / nonzero(tl.sum(w, axis=0))
-    out = tl.sum(rot * merged[None, :], axis=1)  # out[j] = Σ_i o'[i] · R[j, i]
-    tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + j, out.to(out_ptr.dtype.element_ty))
+    part_rows = rows[:, None] + parts[None, :]  # [HEADS, BLOCK_P]
+    lse = tl.load(part_lse_ptr + part_rows, mask=ok[None, :], other=float("-inf"))
+    o = tl.load(part_o_ptr + part_rows[:, :, None] * D + dims[None, None, :], mask=ok[None, :, None], other=0.0)
+    rot = tl.load(v_rot_ptr + (tl.program_id(1) * HEADS // GROUP) * stride_vrh + j[:, None] * D + dims[None, :])  # R[j, i]
+    m = tl.max(lse, axis=1)
+    w = tl.math.exp2(lse - tl.where(m == float("-inf"), 0.0, m)[:, None])
+    merged = tl.sum(w[:, :, None] * o, axis=1) / nonzero(tl.sum(w, axis=1))[:, None]  # [HEADS, D]
+    out = tl.sum(rot[None, :, :] * merged[:, None, :], axis=2)  # out[h, j] = Σ_i o'_h[i] · R[j, i]
+    tl.store(out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + j[None, :],
+             out.to(out_ptr.dtype.element_ty))
 
 
 # ----------------------------------------------------------------------------- host side
@@ -331,6 +340,15 @@ def _decode_reduce_kernel(
 def head_block(group: int) -> int:
     """Rows of a query-head block: the GQA group padded to a power of two >= MIN_DOT_ROWS."""
     return max(MIN_DOT_ROWS, triton.next_power_of_2(group))
+
+
+def reduce_heads(group: int, parts: int, launch: DecodeLaunch = DECODE_LAUNCH) -> int:
+    """Query heads per reduce program: the largest power of two dividing the GQA group whose
+    heads' partials (`parts` each, padded to a power of two) fit launch.reduce_rows, at least 1."""
+    heads = 1
+    while group % (2 * heads) == 0 and 2 * heads * triton.next_power_of_2(parts) <= launch.reduce_rows:
+        heads *= 2
+    return heads
 
 
 def window_programs(fmt: OscarFormat, launch: DecodeLaunch = DECODE_LAUNCH) -> int:
@@ -557,10 +575,12 @@ class DecodeStep:
     def reduce(self) -> None:
         v_rot, v_rot_stride = self.inputs.cache.rotation("v")
         d, launch, out = self.inputs.q.shape[2], self.launch, self.out
-        _decode_reduce_kernel[(self.inputs.q.shape[0], self.inputs.q.shape[1], launch.reduce_dim_programs)](
+        heads = reduce_heads(self.group, self.parts, launch)
+        _decode_reduce_kernel[(self.inputs.q.shape[0], self.inputs.q.shape[1] // heads, launch.reduce_dim_programs)](
             self.part_o, self.part_lse, self.parts, self.own_start, self.win + self.splits,
             out, out.stride(0), out.stride(1),
             v_rot, v_rot_stride,
-            GROUP=self.group, D=d, BLOCK_P=triton.next_power_of_2(self.parts), BLOCK_J=d // launch.reduce_dim_programs,
+            GROUP=self.group, HEADS=heads, D=d, BLOCK_P=triton.next_power_of_2(self.parts),
+            BLOCK_J=d // launch.reduce_dim_programs,
             S=self.inputs.cache.fmt.sink_tokens, SHARED=self.shared is not None, num_warps=launch.reduce_warps,
         )

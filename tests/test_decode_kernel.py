@@ -13,7 +13,9 @@ from oscar_sglang.kernels.decode import (
     MAX_KV_SPLITS,
     DecodeLaunch,
     decode_attention_int2,
+    decode_step,
     default_num_kv_splits,
+    reduce_heads,
 )
 from oscar_sglang.kernels.format import OscarFormat
 from oscar_sglang.kernels.layer_cache import LayerCache
@@ -100,6 +102,31 @@ def test_decode_with_other_launch_parameters(reduce_dim_programs):
     launch = DecodeLaunch(block_n=32, block_rows=16, window_rows_per_program=4, num_stages=2,
                           reduce_dim_programs=reduce_dim_programs)
     assert_matches(*run_decode(cache, batch, q, num_kv_splits=3, launch=launch), torch.bfloat16)
+
+
+@pytest.mark.parametrize("reduce_rows", [1, 64])
+def test_the_reduce_merges_a_kv_heads_query_heads_in_one_program(reduce_rows):
+    """GQA 4 with few partials: one reduce program merges all four query heads of a KV head
+    (reduce_rows 64) or one (reduce_rows 1); every output element is written either way."""
+    gen = torch.Generator().manual_seed(11)
+    fmt = OscarFormat(64, 32, sink_tokens=4, recent_tokens=8)
+    lens = [133, 5, 61]
+    cache = make_cache(fmt, 2, sum(lens), len(lens), True, gen)
+    batch = fill_requests(cache, lens, torch.bfloat16, torch.int32, gen)
+    q = torch.randn(len(lens), 8, 64, generator=gen).to(torch.bfloat16)
+    launch = DecodeLaunch(reduce_rows=reduce_rows)
+    step = decode_step(q, batch.kv_indptr, batch.kv_indices, batch.window_starts, cache, 0.125, num_kv_splits=2,
+                       launch=launch)
+    assert reduce_heads(4, step.parts, launch) == (4 if reduce_rows == 64 else 1)
+    step.out.fill_(float("nan"))
+    assert_matches(step.run(), ref.decode_attention(q, batch.kv_indptr, batch.kv_indices, batch.window_starts,
+                                                    cache, 0.125), torch.bfloat16)
+
+
+def test_reduce_heads_are_a_power_of_two_dividing_the_group_within_the_rows():
+    assert [reduce_heads(4, parts) for parts in (4, 7, 19, 67)] == [4, 4, 2, 1]
+    assert reduce_heads(6, 5) == 2 and reduce_heads(1, 3) == 1 and reduce_heads(8, 8) == 8
+    assert reduce_heads(8, 8, DecodeLaunch(reduce_rows=32)) == 4
 
 
 def test_default_split_count_depends_on_shapes_only():

@@ -8,7 +8,8 @@
   outside the timing) at the --shapes with --shared-prefix, for block sizes (query rows per
   block, from the batch size) and launch parameters of the shared-prefix kernel
   (DecodeLaunch.shared_warps, .shared_max_registers);
-- the decode step's pieces: q rotation, reduce, a step whose context fits the BF16 windows;
+- the decode step's pieces: q rotation, reduce (also with one query head per program), a step whose
+  context fits the BF16 windows;
 - the write kernel (write_kv_int2) at decode and prefill token counts, and other tokens per
   program / warps.
 
@@ -203,13 +204,17 @@ def main():
     save(args.out_dir, device, lines, results, hbm)
 
     lines.append("decode pieces, us:")
-    for batch in (1, 8) if "pieces" in sections else []:
+    for batch in (1, 8, 32) if "pieces" in sections else []:
         problem = layer_decode_inputs(QWEN3_8B, batch, 32768)
         splits = dk.default_num_kv_splits(batch, KV_HEADS, torch.device("cuda"))
         step = dk.decode_step(*problem.args, num_kv_splits=splits)
         step.run()  # the reduce kernel then merges real partials
         rotate = time_us(step.rotate_q)
         reduce = time_us(step.reduce)
+        heads = dk.reduce_heads(GROUP, step.parts)
+        one_head = dk.decode_step(*problem.args, num_kv_splits=splits, launch=replace(dk.DECODE_LAUNCH, reduce_rows=1))
+        one_head.run()
+        reduce_one_head = time_us(one_head.reduce)
         parts = step.parts
         small = {}
         for context in (192, 1024):
@@ -222,10 +227,12 @@ def main():
             p3 = layer_decode_inputs(QWEN3_8B, batch, context)
             split_alone[context] = time_us(split_only(p3, splits))
             p3 = None  # frees the buffers before the next problem
-        results["pieces"][f"B{batch}"] = {"rotate_q": rotate, "reduce": reduce, "one_memset": floor,
+        results["pieces"][f"B{batch}"] = {"rotate_q": rotate, "reduce": reduce, "reduce_heads": heads,
+                                          "reduce_one_head": reduce_one_head, "one_memset": floor,
                                           **{f"step@{c}": t for c, t in small.items()},
                                           **{f"split_kernel@{c}": t for c, t in split_alone.items()}}
-        lines.append(f"  batch {batch}: rotate_q {rotate:.1f}, reduce ({parts} partials) {reduce:.1f}, whole step at "
+        lines.append(f"  batch {batch}: rotate_q {rotate:.1f}, reduce ({parts} partials, {heads} heads per program) "
+                     f"{reduce:.1f} (one head per program {reduce_one_head:.1f}), whole step at "
                      f"context 192 (windows only) {small[192]:.1f}, at 1024 {small[1024]:.1f}; a 1-element memset "
                      f"{floor:.1f} (the timing floor); split kernel alone " + ", ".join(
                          f"at {c}: {t:.1f} ({100 * decode_bytes(batch, c) / (t * 1e-6) / 1e9 / hbm:.0f}%)"
