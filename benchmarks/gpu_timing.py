@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.testing
 from oscar_sglang.kernels.decode import DecodeInputs
-from oscar_sglang.kernels.format import WINDOW_BYTES, OscarFormat
+from oscar_sglang.kernels.format import DEFAULT_KEY_BITS, WINDOW_BYTES, OscarFormat
 from oscar_sglang.kernels.layer_cache import LayerCache, pool_buffer
 
 from benchmarks.layers import AttentionLayer
@@ -103,12 +103,12 @@ def random_decode_inputs(fmt: OscarFormat, q: torch.Tensor, kv_heads: int, conte
 
 
 def layer_decode_inputs(layer: AttentionLayer, batch: int, context: int, seed: int = 0,
-                        shared_prefix: int = 0) -> DecodeInputs:
-    """`random_decode_inputs` for `layer` in its default format, pages of PAGE_SIZE, q [B, H_q, D]
-    BF16 drawn after seeding torch with `seed`."""
+                        shared_prefix: int = 0, key_bits: int = DEFAULT_KEY_BITS) -> DecodeInputs:
+    """`random_decode_inputs` for `layer` in the served format with `key_bits`-bit keys (the served
+    default unless given), pages of PAGE_SIZE, q [B, H_q, D] BF16 drawn after seeding torch with `seed`."""
     torch.manual_seed(seed)
     q = torch.randn(batch, layer.q_heads, layer.head_dim, device="cuda").to(torch.bfloat16)
-    return random_decode_inputs(OscarFormat(layer.head_dim), q, layer.kv_heads, context, PAGE_SIZE, shared_prefix)
+    return random_decode_inputs(OscarFormat(layer.head_dim, key_bits=key_bits), q, layer.kv_heads, context, PAGE_SIZE, shared_prefix)
 
 
 def release():

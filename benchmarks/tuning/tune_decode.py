@@ -15,6 +15,7 @@
 
 Every point is the median of triton.testing.do_bench over a CUDA-graph replay, L2 flushed between
 calls; %HBM is the bytes a decode step must read over the measured device-to-device copy rate.
+The cache has the served key width unless --key-bits says otherwise.
 
     python -m benchmarks.tuning.tune_decode --out-dir benchmarks/results/h100
     python -m benchmarks.tuning.tune_decode --sections decode --shapes 33792x192 --shared-prefix 32768
@@ -38,7 +39,7 @@ import triton
 from oscar_sglang.kernels import decode as dk
 from oscar_sglang.kernels import quantize as qk
 from oscar_sglang.kernels import shared_prefix as sp
-from oscar_sglang.kernels.format import OscarFormat
+from oscar_sglang.kernels.format import DEFAULT_KEY_BITS, SUPPORTED_KEY_BITS, OscarFormat
 from oscar_sglang.kernels.layer_cache import LayerCache, pool_buffer
 
 from benchmarks.gpu_timing import hbm_bandwidth_gbs, layer_decode_inputs, median_us, oscar_decode_bytes
@@ -85,8 +86,8 @@ WRITE_TOKENS = [1, 2, 8, 32, 64, 256, 8192]
 WRITE_VARIANTS = {8: [(8, 4)], 64: [(16, 4)], 256: [(4, 4)]}
 
 
-def decode_bytes(batch, context):
-    return oscar_decode_bytes(QWEN3_8B, OscarFormat(D), batch, context)
+def decode_bytes(batch, context, key_bits):
+    return oscar_decode_bytes(QWEN3_8B, OscarFormat(D, key_bits=key_bits), batch, context)
 
 
 def decode_variant(problem: dk.DecodeInputs, splits: int, launch: dk.DecodeLaunch):
@@ -113,9 +114,9 @@ def time_us(fn, rep=25):
     return median_us(fn, rep)[0]
 
 
-def write_setup(tokens):
+def write_setup(tokens, key_bits):
     """(k, v, slots, window rows, LayerCache) of a write of `tokens` tokens."""
-    fmt = OscarFormat(D)
+    fmt = OscarFormat(D, key_bits=key_bits)
     slots_total = max(2 * tokens, 1024)
     rows_total = max(tokens, 64 * fmt.window_rows_per_request)
     bufs = []
@@ -131,16 +132,16 @@ def write_setup(tokens):
     return k, v, slots, rows, LayerCache(fmt, *bufs, *rots, 0.96, 0.92)
 
 
-def warm(kind):
+def warm(kind, key_bits):
     """Compile one group of kernels (a worker process; fills the Triton cache)."""
     if kind.startswith("split:"):
         variant = SPLIT_VARIANTS[kind[6:]]
         for batch in (1, 8):
-            decode_variant(layer_decode_inputs(QWEN3_8B, batch, 4096), 8, variant)
-            decode_variant(layer_decode_inputs(QWEN3_8B, batch, 4096), 64, variant)
+            decode_variant(layer_decode_inputs(QWEN3_8B, batch, 4096, key_bits=key_bits), 8, variant)
+            decode_variant(layer_decode_inputs(QWEN3_8B, batch, 4096, key_bits=key_bits), 64, variant)
     else:
         tokens, block_t, warps = map(int, kind[6:].split(","))
-        k, v, slots, rows, cache = write_setup(tokens)
+        k, v, slots, rows, cache = write_setup(tokens, key_bits)
         write_variant(k, v, slots, rows, cache, block_t, warps)
     torch.cuda.synchronize()
 
@@ -153,12 +154,14 @@ def main():
     parser.add_argument("--shapes", default=",".join(f"{c}x{b}" for c, b in SHAPES),
                         help="decode shapes CONTEXTxBATCH (default: %(default)s)")
     parser.add_argument("--shared-prefix", type=int, default=0, help="tokens whose slots all requests share")
+    parser.add_argument("--key-bits", type=int, choices=SUPPORTED_KEY_BITS, default=DEFAULT_KEY_BITS,
+                        help="OSCAR key code width (default: the served one, %(default)s)")
     parser.add_argument("--warm", help=argparse.SUPPRESS)
     args = parser.parse_args()
     sections = set(args.sections.split(","))
     shapes = [tuple(map(int, shape.split("x"))) for shape in args.shapes.split(",")]
     if args.warm:
-        warm(args.warm)
+        warm(args.warm, args.key_bits)
         return 0
     if not torch.cuda.is_available():
         print("tune_decode needs a CUDA GPU", file=sys.stderr)
@@ -170,7 +173,8 @@ def main():
     for kind in kinds:
         while sum(p.poll() is None for _, p in procs) >= args.jobs:
             time.sleep(0.2)
-        procs.append((kind, subprocess.Popen([sys.executable, "-m", "benchmarks.tuning.tune_decode", "--warm", kind],
+        procs.append((kind, subprocess.Popen([sys.executable, "-m", "benchmarks.tuning.tune_decode", "--warm", kind,
+                                              "--key-bits", str(args.key_bits)],
                                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
     failed = set()
     for kind, p in procs:
@@ -182,13 +186,13 @@ def main():
     device = torch.cuda.get_device_name()
     hbm = hbm_bandwidth_gbs(50)
     lines = [f"{device}, {torch.cuda.get_device_properties(0).multi_processor_count} SMs; torch {torch.__version__}, "
-             f"triton {triton.__version__}; device-to-device copy {hbm:.0f} GB/s; compiled in {time.time() - started:.0f}s",
+             f"triton {triton.__version__}; device-to-device copy {hbm:.0f} GB/s; {args.key_bits}-bit keys; compiled in {time.time() - started:.0f}s",
              "command: " + shlex.join([sys.executable, "-m", "benchmarks.tuning.tune_decode", *sys.argv[1:]]), ""]
     results = {"decode": {}, "pieces": {}, "write": {}, "shared": {}}
 
     lines.append("write_kv_int2 (K and V, H_kv 8, D 128, every token also to a window row), us:")
     for tokens in WRITE_TOKENS if "write" in sections else []:
-        k, v, slots, rows, cache = write_setup(tokens)
+        k, v, slots, rows, cache = write_setup(tokens, args.key_bits)
         cells = []
         us = time_us(lambda: qk.write_kv_int2(k, v, slots, cache, rows))
         results["write"][f"T{tokens}"] = {"default": us}
@@ -205,7 +209,7 @@ def main():
 
     lines.append("decode pieces, us:")
     for batch in (1, 8, 32) if "pieces" in sections else []:
-        problem = layer_decode_inputs(QWEN3_8B, batch, 32768)
+        problem = layer_decode_inputs(QWEN3_8B, batch, 32768, key_bits=args.key_bits)
         splits = dk.default_num_kv_splits(batch, KV_HEADS, torch.device("cuda"))
         step = dk.decode_step(*problem.args, num_kv_splits=splits)
         step.run()  # the reduce kernel then merges real partials
@@ -218,13 +222,13 @@ def main():
         parts = step.parts
         small = {}
         for context in (192, 1024):
-            p2 = layer_decode_inputs(QWEN3_8B, batch, context)
+            p2 = layer_decode_inputs(QWEN3_8B, batch, context, key_bits=args.key_bits)
             small[context] = time_us(lambda: dk.decode_attention_int2(*p2.args))
         tiny = torch.empty(1, device=DEV)
         floor = time_us(lambda: tiny.zero_())
         split_alone = {}
         for context in (32768, 131072):
-            p3 = layer_decode_inputs(QWEN3_8B, batch, context)
+            p3 = layer_decode_inputs(QWEN3_8B, batch, context, key_bits=args.key_bits)
             split_alone[context] = time_us(split_only(p3, splits))
             p3 = None  # frees the buffers before the next problem
         results["pieces"][f"B{batch}"] = {"rotate_q": rotate, "reduce": reduce, "reduce_heads": heads,
@@ -235,15 +239,15 @@ def main():
                      f"{reduce:.1f} (one head per program {reduce_one_head:.1f}), whole step at "
                      f"context 192 (windows only) {small[192]:.1f}, at 1024 {small[1024]:.1f}; a 1-element memset "
                      f"{floor:.1f} (the timing floor); split kernel alone " + ", ".join(
-                         f"at {c}: {t:.1f} ({100 * decode_bytes(batch, c) / (t * 1e-6) / 1e9 / hbm:.0f}%)"
+                         f"at {c}: {t:.1f} ({100 * decode_bytes(batch, c, args.key_bits) / (t * 1e-6) / 1e9 / hbm:.0f}%)"
                          for c, t in split_alone.items()))
         print(lines[-1], flush=True)
 
     lines.append("decode step, us (%HBM of the bytes it must read) per split-kernel variant and splits"
                  + (f", the first {args.shared_prefix} tokens' slots shared by all requests:" if args.shared_prefix else ":"))
     for context, batch in shapes if "decode" in sections else []:
-        problem = layer_decode_inputs(QWEN3_8B, batch, context, shared_prefix=args.shared_prefix)
-        nbytes = decode_bytes(batch, context)
+        problem = layer_decode_inputs(QWEN3_8B, batch, context, shared_prefix=args.shared_prefix, key_bits=args.key_bits)
+        nbytes = decode_bytes(batch, context, args.key_bits)
         cells = []
         for name, variant in SPLIT_VARIANTS.items():
             if f"split:{name}" in failed:
@@ -264,7 +268,7 @@ def main():
         torch.cuda.empty_cache()
 
     if "shared" in sections:
-        shared_section(shapes, args.shared_prefix, lines, results, hbm)
+        shared_section(shapes, args.shared_prefix, args.key_bits, lines, results, hbm)
         save(args.out_dir, device, lines, results, hbm)
 
     lines.append(f"total {time.time() - started:.0f}s")
@@ -273,14 +277,14 @@ def main():
     return 0
 
 
-def shared_section(shapes, shared_prefix, lines, results, hbm):
+def shared_section(shapes, shared_prefix, key_bits, lines, results, hbm):
     """Decode steps with shared-prefix blocks per SHARED_VARIANTS entry (blocks found outside
     the timing, their search timed apart)."""
     lines.append(f"decode step with shared-prefix blocks, us (%HBM of the bytes a step reads without blocks), "
                  f"the first {shared_prefix} tokens' slots shared by all requests:")
     for context, batch in shapes:
-        problem = layer_decode_inputs(QWEN3_8B, batch, context, shared_prefix=shared_prefix)
-        nbytes = decode_bytes(batch, context)
+        problem = layer_decode_inputs(QWEN3_8B, batch, context, shared_prefix=shared_prefix, key_bits=key_bits)
+        nbytes = decode_bytes(batch, context, key_bits)
         cells = []
         for name, (dot_rows, launch) in SHARED_VARIANTS.items():
             def find():
