@@ -66,6 +66,8 @@ SPLIT_VARIANTS = {
     # the reduce's programs per query head: each loads D / N rows of R_V and all its head's partials
     "reduce2": replace(dk.DECODE_LAUNCH, reduce_dim_programs=2),
     "reduce8": replace(dk.DECODE_LAUNCH, reduce_dim_programs=8),
+    # query heads of a KV head per reduce program while heads x partials fit 256 rows (64 by default)
+    "reduce_rows256": replace(dk.DECODE_LAUNCH, reduce_rows=256),
 }
 # shared-prefix variants: the query rows a block aims at (find_shared_prefixes' dot_rows) and the
 # launch; the first is the library default (wide blocks from WIDE_BLOCKS_MIN_BATCH requests on),
@@ -80,6 +82,8 @@ SHARED_VARIANTS = {  # name: (query rows a block aims at, None: the library's ch
     "rows64": (sp.WIDE_SHARED_DOT_ROWS, dk.DECODE_LAUNCH),
     # 8 warps: no spills in the main loop with 4-bit keys (kernel_resources), 4 warps spill there
     "rows64_w8": (sp.WIDE_SHARED_DOT_ROWS, replace(dk.DECODE_LAUNCH, shared_warps=8)),
+    # shared-prefix partials make 16-64 per head: 4 query heads per reduce program up to 256 rows
+    "reduce_rows256": (None, replace(dk.DECODE_LAUNCH, reduce_rows=256)),
 }
 # write kernel: tokens -> [(tokens per program, warps)]; the library default is timed too
 WRITE_TOKENS = [1, 2, 8, 32, 64, 256, 8192]
