@@ -214,8 +214,8 @@ def main():
     lines.append("decode pieces, us:")
     for batch in (1, 8, 32) if "pieces" in sections else []:
         problem = layer_decode_inputs(QWEN3_8B, batch, 32768, key_bits=args.key_bits)
-        splits = dk.default_num_kv_splits(batch, KV_HEADS, torch.device("cuda"))
-        step = dk.decode_step(*problem.args, num_kv_splits=splits)
+        step = dk.decode_step(*problem.args)  # the library's split kernel and count at this batch
+        splits = step.splits
         step.run()  # the reduce kernel then merges real partials
         rotate = time_us(step.rotate_q)
         reduce = time_us(step.reduce)
