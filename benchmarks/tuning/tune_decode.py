@@ -283,7 +283,7 @@ def main():
 
 def shared_section(shapes, shared_prefix, key_bits, lines, results, hbm):
     """Decode steps with shared-prefix blocks per SHARED_VARIANTS entry (blocks found outside
-    the timing, their search timed apart)."""
+    the timing, their search and the step's reduce kernel timed apart)."""
     lines.append(f"decode step with shared-prefix blocks, us (%HBM of the bytes a step reads without blocks), "
                  f"the first {shared_prefix} tokens' slots shared by all requests:")
     for context, batch in shapes:
@@ -295,13 +295,16 @@ def shared_section(shapes, shared_prefix, key_bits, lines, results, hbm):
                 return sp.find_shared_prefixes(problem.kv_indptr, problem.kv_indices, problem.cache.fmt, GROUP, dot_rows)
             try:
                 blocks = find()
-                us = time_us(lambda: dk.decode_attention_int2(*problem.args, shared=blocks, launch=launch))
+                step = dk.decode_step(*problem.args, shared=blocks, launch=launch)
+                us = time_us(step.run)
+                reduce = time_us(step.reduce)
                 search = time_us(find)
             except Exception as exc:  # noqa: BLE001  (a variant that fails to compile must not stop the sweep)
                 cells.append(f"{name} failed: {type(exc).__name__}")
                 continue
-            results["shared"].setdefault(f"{context}x{batch}", {})[name] = {"step": us, "find": search}
-            cells.append(f"{name} {us:.1f} ({100 * nbytes / (us * 1e-6) / 1e9 / hbm:.0f}%; search {search:.1f})")
+            results["shared"].setdefault(f"{context}x{batch}", {})[name] = {"step": us, "reduce": reduce, "find": search}
+            cells.append(f"{name} {us:.1f} ({100 * nbytes / (us * 1e-6) / 1e9 / hbm:.0f}%; reduce {reduce:.1f}, "
+                         f"{step.parts} partials; search {search:.1f})")
         lines.append(f"  {context:>6} x {batch}: " + "; ".join(cells))
         print(lines[-1], flush=True)
         problem = None  # frees the buffers before the next shape
