@@ -17,9 +17,10 @@ them and the output is rotated back at the end. Three launches:
    heads on the tensor-core rows of its INT2 programs (int2_split.py); beside shared-prefix
    blocks both kernels run, each request's INT2 programs in one of them by how many positions
    the request reads alone (`DecodeLaunch.split_kernels`).
-3. `_decode_reduce_kernel`, grid (B, H_q / heads, 4): merges the partials of a block of query
-   heads of one KV head and applies R_Vᵀ to a quarter of their dims (all its loads are issued at
-   once: one round trip to memory; the heads share the slice of R_V, `reduce_heads`).
+3. `_decode_reduce_kernel`, grid (B / requests, H_q / heads, 4): merges the partials of a block
+   of requests × query heads of one KV head and applies R_Vᵀ to a quarter of their dims (all its
+   loads are issued at once: one round trip to memory; the rows share the slice of R_V,
+   `reduce_block`).
 
 With `shared` (requests holding a cached prefix in the same slots, `shared_prefix.py`), a fourth
 launch, `_decode_shared_kernel`, reads the positions a block of requests shares once for all of
@@ -42,6 +43,7 @@ The @triton.jit tile helpers are in tiles.py (shared with the extend kernel, ext
 """
 
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 import triton
@@ -61,6 +63,9 @@ MIN_DOT_ROWS = 4
 # took 385 us against 444 us for 8)
 PROGRAMS_PER_SM = 8
 WAVE_OVERHEAD = 0.01  # fixed cost of a wave of split programs, relative to reading a whole span
+# query rows of one reduce program at most: its output product [rows, D / reduce_dim_programs, D]
+# stays in registers (sm_90, 8 warps, D 128: 77 registers at 16 rows, 176 at 32, spills at 64)
+MAX_REDUCE_QUERY_ROWS = 16
 MAX_KV_SPLITS = 64  # bounds the reduce kernel's one-shot tile of partials; at batch 1 more splits (two
 # waves) were slower (H100: 132 took 5-25 % more time; results/h100/tune_decode_splits132.txt)
 CPU_SM_COUNT = 8  # stand-in SM count when there is no GPU (interpreter runs)
@@ -92,10 +97,11 @@ class DecodeLaunch:
     wide_shared_max_registers: int | None = 255
     reduce_warps: int = 8
     reduce_dim_programs: int = 4  # reduce programs per query-head block, each producing D / 4 output dims
-    # partial rows (query heads x partials, padded to powers of two) a reduce program merges: the
-    # query heads of one KV head share a program while they fit, which loads its slice of R_V
-    # once for all of them (reduce_heads; on an H200 at batch 32, 16.6 against 51.8 us for one head
-    # per program, results/h200/tune_decode_pieces.txt; other values than 64 not timed)
+    # partial rows (requests x query heads x partials, padded to powers of two) a reduce program
+    # merges: the query heads of one KV head, then requests, share a program while they fit, which
+    # loads its slice of R_V once for all of them (reduce_block; on an H200 at batch 32, 4 heads
+    # per program took 16.6 against 51.8 us for one, results/h200/tune_decode_pieces.txt; other
+    # values than 64 and request blocks not timed)
     reduce_rows: int = 64
     # who runs the split programs (window and INT2): "cuda" (int2_split.cu, wherever
     # `int2_split.serves`, from cuda_min_pairs (request, KV head) pairs on; `split_kernels`) or
@@ -299,40 +305,44 @@ def _decode_shared_kernel(
                        m_i, l_i, a0, a1, a2, a3, D)
 
 
-@triton.jit(do_not_specialize=["num_parts", "first_shared_part"])
+@triton.jit(do_not_specialize=["batch", "num_parts", "first_shared_part"])
 def _decode_reduce_kernel(
-    part_o_ptr, part_lse_ptr, num_parts, own_start_ptr, first_shared_part,
+    part_o_ptr, part_lse_ptr, batch, num_parts, own_start_ptr, first_shared_part,
     out_ptr, stride_ob, stride_oh,
     v_rot_ptr, stride_vrh,
-    GROUP: tl.constexpr, HEADS: tl.constexpr, D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr,
-    S: tl.constexpr, SHARED: tl.constexpr,
+    GROUP: tl.constexpr, REQUESTS: tl.constexpr, HEADS: tl.constexpr, D: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_J: tl.constexpr, S: tl.constexpr, SHARED: tl.constexpr,
 ):
-    """Program (b, i, c): merge the num_parts (<= BLOCK_P) partials of each of query heads
-    [i·HEADS, (i+1)·HEADS) (HEADS divides GROUP: one KV head's), then output dims
+    """Program (r, i, c): for each query row k < REQUESTS·HEADS, request r·REQUESTS + k // HEADS
+    (those < batch) and query head i·HEADS + k % HEADS (HEADS divides GROUP: the heads of one KV
+    head), merge the row's num_parts (<= BLOCK_P) partials, then output dims
     [c·BLOCK_J, (c+1)·BLOCK_J) of o' · R_V[kv head]ᵀ (fp32 matrix-vector products over the slice
-    of R_V the heads share, loaded once). Every load is independent of the others, so the
-    program waits for memory once; splitting the output dims over programs keeps each program's
-    share of R_V small. SHARED: the partials from first_shared_part on exist only for a request in
-    a shared-prefix block (own_start > S)."""
-    b = tl.program_id(0)
-    heads = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
+    of R_V all rows share, loaded once: `ReduceBlock`). Every load is independent of the others,
+    so the program waits for memory once; splitting the output dims over programs keeps each
+    program's share of R_V small. SHARED: the partials from first_shared_part on exist only for a
+    request in a shared-prefix block (own_start > S)."""
+    k = tl.arange(0, REQUESTS * HEADS)
+    b = tl.program_id(0) * REQUESTS + k // HEADS
+    h = tl.program_id(1) * HEADS + k % HEADS
+    b_ok = b < batch
     j = tl.program_id(2) * BLOCK_J + tl.arange(0, BLOCK_J)
-    rows = (b.to(tl.int64) * tl.num_programs(1) * HEADS + heads) * num_parts  # [HEADS]
+    rows = (b.to(tl.int64) * tl.num_programs(1) * HEADS + h) * num_parts  # [REQUESTS·HEADS]
     parts = tl.arange(0, BLOCK_P)
-    ok = parts < num_parts
+    ok = b_ok[:, None] & (parts < num_parts)[None, :]
     if SHARED:
-        ok &= (parts < first_shared_part) | (tl.load(own_start_ptr + b) > S)
+        in_block = tl.load(own_start_ptr + b, mask=b_ok, other=0) > S
+        ok &= (parts < first_shared_part)[None, :] | in_block[:, None]
     dims = tl.arange(0, D)
-    part_rows = rows[:, None] + parts[None, :]  # [HEADS, BLOCK_P]
-    lse = tl.load(part_lse_ptr + part_rows, mask=ok[None, :], other=float("-inf"))
-    o = tl.load(part_o_ptr + part_rows[:, :, None] * D + dims[None, None, :], mask=ok[None, :, None], other=0.0)
+    part_rows = rows[:, None] + parts[None, :]  # [REQUESTS·HEADS, BLOCK_P]
+    lse = tl.load(part_lse_ptr + part_rows, mask=ok, other=float("-inf"))
+    o = tl.load(part_o_ptr + part_rows[:, :, None] * D + dims[None, None, :], mask=ok[:, :, None], other=0.0)
     rot = tl.load(v_rot_ptr + (tl.program_id(1) * HEADS // GROUP) * stride_vrh + j[:, None] * D + dims[None, :])  # R[j, i]
     m = tl.max(lse, axis=1)
     w = tl.math.exp2(lse - tl.where(m == float("-inf"), 0.0, m)[:, None])
-    merged = tl.sum(w[:, :, None] * o, axis=1) / nonzero(tl.sum(w, axis=1))[:, None]  # [HEADS, D]
-    out = tl.sum(rot[None, :, :] * merged[:, None, :], axis=2)  # out[h, j] = Σ_i o'_h[i] · R[j, i]
-    tl.store(out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + j[None, :],
-             out.to(out_ptr.dtype.element_ty))
+    merged = tl.sum(w[:, :, None] * o, axis=1) / nonzero(tl.sum(w, axis=1))[:, None]  # [REQUESTS·HEADS, D]
+    out = tl.sum(rot[None, :, :] * merged[:, None, :], axis=2)  # out[k, j] = Σ_i o'_k[i] · R[j, i]
+    tl.store(out_ptr + b.to(tl.int64)[:, None] * stride_ob + h[:, None] * stride_oh + j[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=b_ok[:, None])
 
 
 # ----------------------------------------------------------------------------- host side
@@ -343,13 +353,30 @@ def head_block(group: int) -> int:
     return max(MIN_DOT_ROWS, triton.next_power_of_2(group))
 
 
-def reduce_heads(group: int, parts: int, launch: DecodeLaunch = DECODE_LAUNCH) -> int:
-    """Query heads per reduce program: the largest power of two dividing the GQA group whose
-    heads' partials (`parts` each, padded to a power of two) fit launch.reduce_rows, at least 1."""
-    heads = 1
-    while group % (2 * heads) == 0 and 2 * heads * triton.next_power_of_2(parts) <= launch.reduce_rows:
+class ReduceBlock(NamedTuple):
+    """The query rows of one reduce program: `requests` requests × `heads` query heads of one
+    KV head (powers of two; `reduce_block`)."""
+
+    requests: int
+    heads: int
+
+
+def reduce_block(group: int, parts: int, batch: int, launch: DecodeLaunch = DECODE_LAUNCH) -> ReduceBlock:
+    """The query rows a reduce program merges, all sharing one slice of R_V: the most query heads
+    of a KV head (a power of two dividing the GQA group), then the most requests (a power of two
+    up to the batch), whose partials (`parts` per row, padded to a power of two) fit
+    launch.reduce_rows, at most MAX_REDUCE_QUERY_ROWS query rows; at least one of each."""
+    parts = triton.next_power_of_2(parts)
+
+    def fits(requests, heads):
+        return requests * heads <= MAX_REDUCE_QUERY_ROWS and requests * heads * parts <= launch.reduce_rows
+
+    heads = requests = 1
+    while group % (2 * heads) == 0 and fits(requests, 2 * heads):
         heads *= 2
-    return heads
+    while 2 * requests <= batch and fits(2 * requests, heads):
+        requests *= 2
+    return ReduceBlock(requests, heads)
 
 
 def window_programs(fmt: OscarFormat, launch: DecodeLaunch = DECODE_LAUNCH) -> int:
@@ -576,12 +603,13 @@ class DecodeStep:
     def reduce(self) -> None:
         v_rot, v_rot_stride = self.inputs.cache.rotation("v")
         d, launch, out = self.inputs.q.shape[2], self.launch, self.out
-        heads = reduce_heads(self.group, self.parts, launch)
-        _decode_reduce_kernel[(self.inputs.q.shape[0], self.inputs.q.shape[1] // heads, launch.reduce_dim_programs)](
-            self.part_o, self.part_lse, self.parts, self.own_start, self.win + self.splits,
+        batch, q_heads = self.inputs.q.shape[:2]
+        block = reduce_block(self.group, self.parts, batch, launch)
+        _decode_reduce_kernel[(triton.cdiv(batch, block.requests), q_heads // block.heads, launch.reduce_dim_programs)](
+            self.part_o, self.part_lse, batch, self.parts, self.own_start, self.win + self.splits,
             out, out.stride(0), out.stride(1),
             v_rot, v_rot_stride,
-            GROUP=self.group, HEADS=heads, D=d, BLOCK_P=triton.next_power_of_2(self.parts),
+            GROUP=self.group, REQUESTS=block.requests, HEADS=block.heads, D=d, BLOCK_P=triton.next_power_of_2(self.parts),
             BLOCK_J=d // launch.reduce_dim_programs,
             S=self.inputs.cache.fmt.sink_tokens, SHARED=self.shared is not None, num_warps=launch.reduce_warps,
         )

@@ -15,7 +15,7 @@ from oscar_sglang.kernels.decode import (
     decode_attention_int2,
     decode_step,
     default_num_kv_splits,
-    reduce_heads,
+    reduce_block,
 )
 from oscar_sglang.kernels.format import OscarFormat
 from oscar_sglang.kernels.layer_cache import LayerCache
@@ -104,29 +104,34 @@ def test_decode_with_other_launch_parameters(reduce_dim_programs):
     assert_matches(*run_decode(cache, batch, q, num_kv_splits=3, launch=launch), torch.bfloat16)
 
 
-@pytest.mark.parametrize("reduce_rows", [1, 64])
-def test_the_reduce_merges_a_kv_heads_query_heads_in_one_program(reduce_rows):
-    """GQA 4 with few partials: one reduce program merges all four query heads of a KV head
-    (reduce_rows 64) or one (reduce_rows 1); every output element is written either way."""
+@pytest.mark.parametrize("reduce_rows, block", [(1, (1, 1)), (16, (1, 4)), (64, (4, 4))])
+def test_the_reduce_merges_blocks_of_requests_and_query_heads(reduce_rows, block):
+    """GQA 4 with few partials: a reduce program merges one query row, the four query heads of a
+    KV head, or those of four requests (five requests: the second block has one); every output
+    element is written either way."""
     gen = torch.Generator().manual_seed(11)
     fmt = OscarFormat(64, 32, sink_tokens=4, recent_tokens=8)
-    lens = [133, 5, 61]
+    lens = [133, 5, 61, 1, 40]
     cache = make_cache(fmt, 2, sum(lens), len(lens), True, gen)
     batch = fill_requests(cache, lens, torch.bfloat16, torch.int32, gen)
     q = torch.randn(len(lens), 8, 64, generator=gen).to(torch.bfloat16)
     launch = DecodeLaunch(reduce_rows=reduce_rows)
     step = decode_step(q, batch.kv_indptr, batch.kv_indices, batch.window_starts, cache, 0.125, num_kv_splits=2,
                        launch=launch)
-    assert reduce_heads(4, step.parts, launch) == (4 if reduce_rows == 64 else 1)
+    assert reduce_block(4, step.parts, len(lens), launch) == block
     step.out.fill_(float("nan"))
     assert_matches(step.run(), ref.decode_attention(q, batch.kv_indptr, batch.kv_indices, batch.window_starts,
                                                     cache, 0.125), torch.bfloat16)
 
 
-def test_reduce_heads_are_a_power_of_two_dividing_the_group_within_the_rows():
-    assert [reduce_heads(4, parts) for parts in (4, 7, 19, 67)] == [4, 4, 2, 1]
-    assert reduce_heads(6, 5) == 2 and reduce_heads(1, 3) == 1 and reduce_heads(8, 8) == 8
-    assert reduce_heads(8, 8, DecodeLaunch(reduce_rows=32)) == 4
+def test_reduce_blocks_are_powers_of_two_within_the_rows():
+    # heads first (dividing the group), then requests (up to the batch)
+    assert [reduce_block(4, parts, 32) for parts in (4, 7, 19, 67)] == [(4, 4), (2, 4), (1, 2), (1, 1)]
+    assert reduce_block(6, 5, 1) == (1, 2) and reduce_block(1, 3, 3) == (2, 1) and reduce_block(8, 8, 1) == (1, 8)
+    assert reduce_block(8, 8, 128, DecodeLaunch(reduce_rows=32)) == (1, 4)
+    assert reduce_block(4, 16, 192, DecodeLaunch(reduce_rows=256)) == (4, 4)
+    assert reduce_block(4, 2, 64, DecodeLaunch(reduce_rows=256)) == (4, 4)  # MAX_REDUCE_QUERY_ROWS
+    assert reduce_block(32, 2, 1, DecodeLaunch(reduce_rows=256)) == (1, 16)
 
 
 def test_default_split_count_depends_on_shapes_only():

@@ -8,7 +8,7 @@
   outside the timing) at the --shapes with --shared-prefix, for block sizes (query rows per
   block, from the batch size) and launch parameters of the shared-prefix kernel
   (DecodeLaunch.shared_warps, .shared_max_registers);
-- the decode step's pieces: q rotation, reduce (also with one query head per program), a step whose
+- the decode step's pieces: q rotation, reduce (also with one query row per program), a step whose
   context fits the BF16 windows;
 - the write kernel (write_kv_int2) at decode and prefill token counts, and other tokens per
   program / warps.
@@ -66,7 +66,8 @@ SPLIT_VARIANTS = {
     # the reduce's programs per query head: each loads D / N rows of R_V and all its head's partials
     "reduce2": replace(dk.DECODE_LAUNCH, reduce_dim_programs=2),
     "reduce8": replace(dk.DECODE_LAUNCH, reduce_dim_programs=8),
-    # query heads of a KV head per reduce program while heads x partials fit 256 rows (64 by default)
+    # query heads of a KV head, then requests, per reduce program while their partials fit 256 rows
+    # (64 by default)
     "reduce_rows256": replace(dk.DECODE_LAUNCH, reduce_rows=256),
 }
 # shared-prefix variants: the query rows a block aims at (find_shared_prefixes' dot_rows) and the
@@ -82,7 +83,7 @@ SHARED_VARIANTS = {  # name: (query rows a block aims at, None: the library's ch
     "rows64": (sp.WIDE_SHARED_DOT_ROWS, dk.DECODE_LAUNCH),
     # 8 warps: no spills in the main loop with 4-bit keys (kernel_resources), 4 warps spill there
     "rows64_w8": (sp.WIDE_SHARED_DOT_ROWS, replace(dk.DECODE_LAUNCH, shared_warps=8)),
-    # shared-prefix partials make 16-64 per head: 4 query heads per reduce program up to 256 rows
+    # shared-prefix steps have 16-64 partials per query row: 4 heads per reduce program up to 256 rows
     "reduce_rows256": (None, replace(dk.DECODE_LAUNCH, reduce_rows=256)),
 }
 # write kernel: tokens -> [(tokens per program, warps)]; the library default is timed too
@@ -219,10 +220,10 @@ def main():
         step.run()  # the reduce kernel then merges real partials
         rotate = time_us(step.rotate_q)
         reduce = time_us(step.reduce)
-        heads = dk.reduce_heads(GROUP, step.parts)
-        one_head = dk.decode_step(*problem.args, num_kv_splits=splits, launch=replace(dk.DECODE_LAUNCH, reduce_rows=1))
-        one_head.run()
-        reduce_one_head = time_us(one_head.reduce)
+        block = dk.reduce_block(GROUP, step.parts, batch)
+        one_row = dk.decode_step(*problem.args, launch=replace(dk.DECODE_LAUNCH, reduce_rows=1))
+        one_row.run()
+        reduce_one_row = time_us(one_row.reduce)
         parts = step.parts
         small = {}
         for context in (192, 1024):
@@ -235,12 +236,12 @@ def main():
             p3 = layer_decode_inputs(QWEN3_8B, batch, context, key_bits=args.key_bits)
             split_alone[context] = time_us(split_only(p3, splits))
             p3 = None  # frees the buffers before the next problem
-        results["pieces"][f"B{batch}"] = {"rotate_q": rotate, "reduce": reduce, "reduce_heads": heads,
-                                          "reduce_one_head": reduce_one_head, "one_memset": floor,
+        results["pieces"][f"B{batch}"] = {"rotate_q": rotate, "reduce": reduce,
+                                          "reduce_block": block._asdict(), "reduce_one_row": reduce_one_row, "one_memset": floor,
                                           **{f"step@{c}": t for c, t in small.items()},
                                           **{f"split_kernel@{c}": t for c, t in split_alone.items()}}
-        lines.append(f"  batch {batch}: rotate_q {rotate:.1f}, reduce ({parts} partials, {heads} heads per program) "
-                     f"{reduce:.1f} (one head per program {reduce_one_head:.1f}), whole step at "
+        lines.append(f"  batch {batch}: rotate_q {rotate:.1f}, reduce ({parts} partials, {block.requests} requests x "
+                     f"{block.heads} heads per program) {reduce:.1f} (one of each {reduce_one_row:.1f}), whole step at "
                      f"context 192 (windows only) {small[192]:.1f}, at 1024 {small[1024]:.1f}; a 1-element memset "
                      f"{floor:.1f} (the timing floor); split kernel alone " + ", ".join(
                          f"at {c}: {t:.1f} ({100 * decode_bytes(batch, c, args.key_bits) / (t * 1e-6) / 1e9 / hbm:.0f}%)"
