@@ -4,8 +4,9 @@ programs also in CUDA C++).
 Everything happens in rotated space: scores are taken against INT2 codes without dequantizing
 them and the output is rotated back at the end. Three launches:
 
-1. `_rotate_q_kernel`, grid (B, H_kv, 4): q' = q · R_K[h] · sm_scale · log2(e), one quarter slice
-   of the dims per program (one load of R: the rotation matrices are not in L2 at decode time).
+1. `_rotate_q_kernel`, grid (B / requests, H_kv, 4): q' = q · R_K[h] · sm_scale · log2(e), one
+   quarter slice of the dims per program for a block of requests (one load of R's slice for all
+   of them: the rotation matrices are not in L2 at decode time; `rotate_requests`).
 2. `_decode_split_kernel`, grid (H_kv, B, window programs + splits): programs (h, b, i <
    WIN_PROGRAMS) read a slice of request b's BF16 window rows (sinks and the recent ring), the
    others one contiguous range of its INT2 span; each handles all query heads of KV head h, so
@@ -95,6 +96,9 @@ class DecodeLaunch:
     shared_warps: int = 4
     shared_max_registers: int | None = 128
     wide_shared_max_registers: int | None = 255
+    # query rows (requests x the GQA group padded, head_block) per q-rotation program, which loads
+    # its slice of R_K once for all of them (rotate_requests; not timed against 1 request per program)
+    rotate_rows: int = 16
     reduce_warps: int = 8
     reduce_dim_programs: int = 4  # reduce programs per query-head block, each producing D / 4 output dims
     # partial rows (requests x query heads x partials, padded to powers of two) a reduce program
@@ -145,23 +149,26 @@ DECODE_LAUNCH = DecodeLaunch()
 # ----------------------------------------------------------------------------- decode kernels
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["batch"])
 def _rotate_q_kernel(
-    q_ptr, stride_qb, stride_qh, k_rot_ptr, stride_krh, qr_ptr, qk_scale,
-    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr,
+    q_ptr, stride_qb, stride_qh, k_rot_ptr, stride_krh, qr_ptr, qk_scale, batch,
+    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, REQUESTS: tl.constexpr, D: tl.constexpr,
 ):
-    """Program (b, h, s): slice s of q' = q · R_K[h] · qk_scale for the GQA group of KV head h,
-    into qr: fp32 [B, H_q, D]. qk_scale = sm_scale·log2(e): scores come out in the exp2 domain."""
+    """Program (r, h, s): slice s of q' = q · R_K[h] · qk_scale for the GQA group of KV head h of
+    requests [r·REQUESTS, (r+1)·REQUESTS) (those < batch; one load of R_K's slice for all their
+    rows), into qr: fp32 [B, H_q, D]. qk_scale = sm_scale·log2(e): scores come out in the exp2
+    domain."""
     P: tl.constexpr = D // 4
-    b = tl.program_id(0)
     hk = tl.program_id(1)
     s = tl.program_id(2)
-    heads = tl.arange(0, BLOCK_H)
-    head_ok = heads < GROUP
-    q_rows = q_ptr + b.to(tl.int64) * stride_qb + (hk * GROUP + heads)[:, None] * stride_qh
-    qr = rotate_slice(q_rows, head_ok[:, None], k_rot_ptr + hk * stride_krh, s, D, P, D) * qk_scale
-    row = b.to(tl.int64) * tl.num_programs(1) * GROUP + hk * GROUP + heads
-    tl.store(qr_ptr + row[:, None] * D + s * P + tl.arange(0, P)[None, :], qr, mask=head_ok[:, None])
+    rows = tl.arange(0, REQUESTS * BLOCK_H)
+    b = tl.program_id(0) * REQUESTS + rows // BLOCK_H
+    heads = hk * GROUP + rows % BLOCK_H
+    ok = (rows % BLOCK_H < GROUP) & (b < batch)
+    q_rows = q_ptr + b.to(tl.int64)[:, None] * stride_qb + heads[:, None] * stride_qh
+    qr = rotate_slice(q_rows, ok[:, None], k_rot_ptr + hk * stride_krh, s, D, P, D) * qk_scale
+    row = b.to(tl.int64) * tl.num_programs(1) * GROUP + heads
+    tl.store(qr_ptr + row[:, None] * D + s * P + tl.arange(0, P)[None, :], qr, mask=ok[:, None])
 
 
 @triton.jit(do_not_specialize=["num_splits", "num_parts", "cuda_min_span"])
@@ -353,6 +360,15 @@ def head_block(group: int) -> int:
     return max(MIN_DOT_ROWS, triton.next_power_of_2(group))
 
 
+def rotate_requests(block_h: int, batch: int, launch: DecodeLaunch = DECODE_LAUNCH) -> int:
+    """Requests per q-rotation program: the most (a power of two up to the batch) whose rows
+    (block_h each: `head_block`) fit launch.rotate_rows; at least one."""
+    requests = 1
+    while 2 * requests <= batch and 2 * requests * block_h <= launch.rotate_rows:
+        requests *= 2
+    return requests
+
+
 class ReduceBlock(NamedTuple):
     """The query rows of one reduce program: `requests` requests × `heads` query heads of one
     KV head (powers of two; `reduce_block`)."""
@@ -540,9 +556,11 @@ class DecodeStep:
     def rotate_q(self) -> None:
         q, batch, kv_heads = self.inputs.q, self.inputs.q.shape[0], self.inputs.cache.kv_heads
         k_rot, k_rot_stride = self.inputs.cache.rotation("k")
-        _rotate_q_kernel[(batch, kv_heads, CODES_PER_BYTE)](
-            q, q.stride(0), q.stride(1), k_rot, k_rot_stride, self.q_rot, self.inputs.sm_scale * LOG2E,
-            GROUP=self.group, BLOCK_H=head_block(self.group), D=q.shape[2], num_warps=self.launch.num_warps,
+        block_h = head_block(self.group)
+        requests = rotate_requests(block_h, batch, self.launch)
+        _rotate_q_kernel[(triton.cdiv(batch, requests), kv_heads, CODES_PER_BYTE)](
+            q, q.stride(0), q.stride(1), k_rot, k_rot_stride, self.q_rot, self.inputs.sm_scale * LOG2E, batch,
+            GROUP=self.group, BLOCK_H=block_h, REQUESTS=requests, D=q.shape[2], num_warps=self.launch.num_warps,
         )
 
     @property

@@ -16,6 +16,7 @@ from oscar_sglang.kernels.decode import (
     decode_step,
     default_num_kv_splits,
     reduce_block,
+    rotate_requests,
 )
 from oscar_sglang.kernels.format import OscarFormat
 from oscar_sglang.kernels.layer_cache import LayerCache
@@ -104,21 +105,24 @@ def test_decode_with_other_launch_parameters(reduce_dim_programs):
     assert_matches(*run_decode(cache, batch, q, num_kv_splits=3, launch=launch), torch.bfloat16)
 
 
-@pytest.mark.parametrize("reduce_rows, block", [(1, (1, 1)), (16, (1, 4)), (64, (4, 4))])
-def test_the_reduce_merges_blocks_of_requests_and_query_heads(reduce_rows, block):
+@pytest.mark.parametrize("rows, block, rotated", [(1, (1, 1), 1), (16, (1, 4), 4), (64, (4, 4), 4)])
+def test_the_reduce_and_the_rotation_take_blocks_of_requests(rows, block, rotated):
     """GQA 4 with few partials: a reduce program merges one query row, the four query heads of a
-    KV head, or those of four requests (five requests: the second block has one); every output
-    element is written either way."""
+    KV head, or those of four requests, and a q-rotation program rotates one or four requests'
+    rows (five requests: the second block has one); every element of q' and of the output is
+    written either way."""
     gen = torch.Generator().manual_seed(11)
     fmt = OscarFormat(64, 32, sink_tokens=4, recent_tokens=8)
     lens = [133, 5, 61, 1, 40]
     cache = make_cache(fmt, 2, sum(lens), len(lens), True, gen)
     batch = fill_requests(cache, lens, torch.bfloat16, torch.int32, gen)
     q = torch.randn(len(lens), 8, 64, generator=gen).to(torch.bfloat16)
-    launch = DecodeLaunch(reduce_rows=reduce_rows)
+    launch = DecodeLaunch(reduce_rows=rows, rotate_rows=rows)
     step = decode_step(q, batch.kv_indptr, batch.kv_indices, batch.window_starts, cache, 0.125, num_kv_splits=2,
                        launch=launch)
     assert reduce_block(4, step.parts, len(lens), launch) == block
+    assert rotate_requests(4, len(lens), launch) == rotated
+    step.q_rot.fill_(float("nan"))
     step.out.fill_(float("nan"))
     assert_matches(step.run(), ref.decode_attention(q, batch.kv_indptr, batch.kv_indices, batch.window_starts,
                                                     cache, 0.125), torch.bfloat16)

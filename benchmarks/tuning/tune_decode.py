@@ -8,7 +8,7 @@
   outside the timing) at the --shapes with --shared-prefix, for block sizes (query rows per
   block, from the batch size) and launch parameters of the shared-prefix kernel
   (DecodeLaunch.shared_warps, .shared_max_registers);
-- the decode step's pieces: q rotation, reduce (also with one query row per program), a step whose
+- the decode step's pieces: q rotation and reduce (also with one request / query row per program), a step whose
   context fits the BF16 windows;
 - the write kernel (write_kv_int2) at decode and prefill token counts, and other tokens per
   program / warps.
@@ -213,7 +213,7 @@ def main():
     save(args.out_dir, device, lines, results, hbm)
 
     lines.append("decode pieces, us:")
-    for batch in (1, 8, 32) if "pieces" in sections else []:
+    for batch in (1, 8, 32, 128) if "pieces" in sections else []:
         problem = layer_decode_inputs(QWEN3_8B, batch, 32768, key_bits=args.key_bits)
         step = dk.decode_step(*problem.args)  # the library's split kernel and count at this batch
         splits = step.splits
@@ -221,9 +221,10 @@ def main():
         rotate = time_us(step.rotate_q)
         reduce = time_us(step.reduce)
         block = dk.reduce_block(GROUP, step.parts, batch)
-        one_row = dk.decode_step(*problem.args, launch=replace(dk.DECODE_LAUNCH, reduce_rows=1))
+        one_row = dk.decode_step(*problem.args, launch=replace(dk.DECODE_LAUNCH, reduce_rows=1, rotate_rows=1))
         one_row.run()
         reduce_one_row = time_us(one_row.reduce)
+        rotate_one_request = time_us(one_row.rotate_q)
         parts = step.parts
         small = {}
         for context in (192, 1024):
@@ -236,11 +237,13 @@ def main():
             p3 = layer_decode_inputs(QWEN3_8B, batch, context, key_bits=args.key_bits)
             split_alone[context] = time_us(split_only(p3, splits))
             p3 = None  # frees the buffers before the next problem
-        results["pieces"][f"B{batch}"] = {"rotate_q": rotate, "reduce": reduce,
-                                          "reduce_block": block._asdict(), "reduce_one_row": reduce_one_row, "one_memset": floor,
+        results["pieces"][f"B{batch}"] = {"rotate_q": rotate, "rotate_one_request": rotate_one_request,
+                                          "rotate_requests": dk.rotate_requests(dk.head_block(GROUP), batch),
+                                          "reduce": reduce, "reduce_one_row": reduce_one_row,
+                                          "reduce_block": block._asdict(), "one_memset": floor,
                                           **{f"step@{c}": t for c, t in small.items()},
                                           **{f"split_kernel@{c}": t for c, t in split_alone.items()}}
-        lines.append(f"  batch {batch}: rotate_q {rotate:.1f}, reduce ({parts} partials, {block.requests} requests x "
+        lines.append(f"  batch {batch}: rotate_q {rotate:.1f} (one request per program {rotate_one_request:.1f}), reduce ({parts} partials, {block.requests} requests x "
                      f"{block.heads} heads per program) {reduce:.1f} (one of each {reduce_one_row:.1f}), whole step at "
                      f"context 192 (windows only) {small[192]:.1f}, at 1024 {small[1024]:.1f}; a 1-element memset "
                      f"{floor:.1f} (the timing floor); split kernel alone " + ", ".join(
