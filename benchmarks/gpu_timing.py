@@ -108,7 +108,8 @@ def layer_decode_inputs(layer: AttentionLayer, batch: int, context: int, seed: i
     default unless given), pages of PAGE_SIZE, q [B, H_q, D] BF16 drawn after seeding torch with `seed`."""
     torch.manual_seed(seed)
     q = torch.randn(batch, layer.q_heads, layer.head_dim, device="cuda").to(torch.bfloat16)
-    return random_decode_inputs(OscarFormat(layer.head_dim, key_bits=key_bits), q, layer.kv_heads, context, PAGE_SIZE, shared_prefix)
+    fmt = OscarFormat(layer.head_dim, key_bits=key_bits)
+    return random_decode_inputs(fmt, q, layer.kv_heads, context, PAGE_SIZE, shared_prefix)
 
 
 def release():

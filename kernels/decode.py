@@ -556,12 +556,22 @@ class DecodeStep:
     def rotate_q(self) -> None:
         q, batch, kv_heads = self.inputs.q, self.inputs.q.shape[0], self.inputs.cache.kv_heads
         k_rot, k_rot_stride = self.inputs.cache.rotation("k")
-        block_h = head_block(self.group)
-        requests = rotate_requests(block_h, batch, self.launch)
+        requests = self.rotation_block
         _rotate_q_kernel[(triton.cdiv(batch, requests), kv_heads, CODES_PER_BYTE)](
             q, q.stride(0), q.stride(1), k_rot, k_rot_stride, self.q_rot, self.inputs.sm_scale * LOG2E, batch,
-            GROUP=self.group, BLOCK_H=block_h, REQUESTS=requests, D=q.shape[2], num_warps=self.launch.num_warps,
+            GROUP=self.group, BLOCK_H=head_block(self.group), REQUESTS=requests, D=q.shape[2],
+            num_warps=self.launch.num_warps,
         )
+
+    @property
+    def rotation_block(self) -> int:
+        """Requests per q-rotation program (`rotate_requests`)."""
+        return rotate_requests(head_block(self.group), self.inputs.q.shape[0], self.launch)
+
+    @property
+    def reduction_block(self) -> ReduceBlock:
+        """Requests × query heads per reduce program (`reduce_block`)."""
+        return reduce_block(self.group, self.parts, self.inputs.q.shape[0], self.launch)
 
     @property
     def cuda_min_span(self) -> int:
@@ -622,12 +632,12 @@ class DecodeStep:
         v_rot, v_rot_stride = self.inputs.cache.rotation("v")
         d, launch, out = self.inputs.q.shape[2], self.launch, self.out
         batch, q_heads = self.inputs.q.shape[:2]
-        block = reduce_block(self.group, self.parts, batch, launch)
+        block = self.reduction_block
         _decode_reduce_kernel[(triton.cdiv(batch, block.requests), q_heads // block.heads, launch.reduce_dim_programs)](
             self.part_o, self.part_lse, batch, self.parts, self.own_start, self.win + self.splits,
             out, out.stride(0), out.stride(1),
             v_rot, v_rot_stride,
-            GROUP=self.group, REQUESTS=block.requests, HEADS=block.heads, D=d, BLOCK_P=triton.next_power_of_2(self.parts),
-            BLOCK_J=d // launch.reduce_dim_programs,
+            GROUP=self.group, REQUESTS=block.requests, HEADS=block.heads, D=d,
+            BLOCK_P=triton.next_power_of_2(self.parts), BLOCK_J=d // launch.reduce_dim_programs,
             S=self.inputs.cache.fmt.sink_tokens, SHARED=self.shared is not None, num_warps=launch.reduce_warps,
         )

@@ -120,8 +120,8 @@ def test_the_reduce_and_the_rotation_take_blocks_of_requests(rows, block, rotate
     launch = DecodeLaunch(reduce_rows=rows, rotate_rows=rows)
     step = decode_step(q, batch.kv_indptr, batch.kv_indices, batch.window_starts, cache, 0.125, num_kv_splits=2,
                        launch=launch)
-    assert reduce_block(4, step.parts, len(lens), launch) == block
-    assert rotate_requests(4, len(lens), launch) == rotated
+    assert step.reduction_block == reduce_block(4, step.parts, len(lens), launch) == block
+    assert step.rotation_block == rotate_requests(4, len(lens), launch) == rotated
     step.q_rot.fill_(float("nan"))
     step.out.fill_(float("nan"))
     assert_matches(step.run(), ref.decode_attention(q, batch.kv_indptr, batch.kv_indices, batch.window_starts,

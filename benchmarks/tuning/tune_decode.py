@@ -191,7 +191,8 @@ def main():
     device = torch.cuda.get_device_name()
     hbm = hbm_bandwidth_gbs(50)
     lines = [f"{device}, {torch.cuda.get_device_properties(0).multi_processor_count} SMs; torch {torch.__version__}, "
-             f"triton {triton.__version__}; device-to-device copy {hbm:.0f} GB/s; {args.key_bits}-bit keys; compiled in {time.time() - started:.0f}s",
+             f"triton {triton.__version__}; device-to-device copy {hbm:.0f} GB/s; {args.key_bits}-bit keys; "
+             f"compiled in {time.time() - started:.0f}s",
              "command: " + shlex.join([sys.executable, "-m", "benchmarks.tuning.tune_decode", *sys.argv[1:]]), ""]
     results = {"decode": {}, "pieces": {}, "write": {}, "shared": {}}
 
@@ -220,7 +221,7 @@ def main():
         step.run()  # the reduce kernel then merges real partials
         rotate = time_us(step.rotate_q)
         reduce = time_us(step.reduce)
-        block = dk.reduce_block(GROUP, step.parts, batch)
+        block = step.reduction_block
         one_row = dk.decode_step(*problem.args, launch=replace(dk.DECODE_LAUNCH, reduce_rows=1, rotate_rows=1))
         one_row.run()
         reduce_one_row = time_us(one_row.reduce)
@@ -238,7 +239,7 @@ def main():
             split_alone[context] = time_us(split_only(p3, splits))
             p3 = None  # frees the buffers before the next problem
         results["pieces"][f"B{batch}"] = {"rotate_q": rotate, "rotate_one_request": rotate_one_request,
-                                          "rotate_requests": dk.rotate_requests(dk.head_block(GROUP), batch),
+                                          "rotate_requests": step.rotation_block,
                                           "reduce": reduce, "reduce_one_row": reduce_one_row,
                                           "reduce_block": block._asdict(), "one_memset": floor,
                                           **{f"step@{c}": t for c, t in small.items()},
