@@ -1,0 +1,229 @@
+"""What limits each kernel of one OSCAR decode step, read from the hardware counters (Nsight
+Compute): one Qwen3-8B layer (H_q 32, H_kv 8, D 128) in the served format, per point CONTEXTxBATCH
+(with @PREFIX: all requests share the first PREFIX tokens' slots, read through shared-prefix
+blocks). Per kernel: duration, DRAM bytes read and their share of the counters' DRAM peak, SM
+throughput, achieved and theoretical occupancy and what bounds it, warp instructions per DRAM
+byte read, the busiest pipes and the leading warp stall reasons.
+
+The tool runs itself under `ncu` once per point (--point): the child builds random inputs
+(benchmarks.gpu_timing.layer_decode_inputs), runs the step until compiled and warm, then once
+between cudaProfilerStart and cudaProfilerStop, so only that step's launches are profiled. ncu
+replays each kernel with the clocks left as they are (--clock-control none); its durations are of
+one launch with L2 warm from the replays and can differ from the benchmarks' CUDA-graph medians.
+
+Writes <out-dir>/decode-profile.json (a list of records, one per point and kernel), .md, and each
+point's raw counters as decode-profile/<point>.csv. Run on a GPU machine from the repository root:
+
+    python -m benchmarks.tuning.decode_profile --out-dir benchmarks/results/h100
+"""
+
+import argparse
+import csv
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.records import markdown_table, now_iso, write_json
+from oscar_sglang.kernels.format import DEFAULT_KEY_BITS
+
+POINTS = ["131072x1", "32768x8", "32768x32", "131072x32", "33792x64@32768"]
+SECTIONS = ["SpeedOfLight", "Occupancy", "LaunchStats", "WarpStateStats", "ComputeWorkloadAnalysis"]
+METRICS = ["gpu__time_duration.sum", "dram__bytes_read.sum", "smsp__inst_executed.sum"]
+# record field -> the raw counters that hold it, the first present wins (names differ by ncu version)
+FIELDS = {
+    "grid": ["launch__grid_size"],
+    "block": ["launch__block_size"],
+    "registers": ["launch__registers_per_thread"],
+    "ns": ["gpu__time_duration.sum"],
+    "dram_read_bytes": ["dram__bytes_read.sum"],
+    "warp_instructions": ["smsp__inst_executed.sum"],
+    "dram_pct": ["gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed",
+                 "dram__throughput.avg.pct_of_peak_sustained_elapsed"],
+    "sm_pct": ["sm__throughput.avg.pct_of_peak_sustained_elapsed"],
+    "issue_active_pct": ["smsp__issue_active.avg.pct_of_peak_sustained_active",
+                         "sm__inst_issued.avg.pct_of_peak_sustained_active"],
+    "achieved_occupancy_pct": ["sm__warps_active.avg.pct_of_peak_sustained_active"],
+    "theoretical_occupancy_pct": ["sm__maximum_warps_per_active_cycle_pct"],
+    "warp_cycles_per_issue": ["smsp__average_warp_latency_per_inst_issued.ratio",
+                              "smsp__average_warps_issue_stalled_per_issue_active.ratio"],
+}
+OCCUPANCY_LIMITS = {  # what bounds the blocks per SM: launch__occupancy_limit_<name>
+    "registers": "launch__occupancy_limit_registers",
+    "shared memory": "launch__occupancy_limit_shared_mem",
+    "warps": "launch__occupancy_limit_warps",
+    "blocks": "launch__occupancy_limit_blocks",
+}
+STALL = re.compile(r"smsp__average_warps_issue_stalled_(\w+?)_per_issue_active\.ratio")
+PIPE = re.compile(r"sm__(?:inst_executed_pipe_|pipe_)(\w+?)(?:_cycles_active)?\.avg\.pct_of_peak_sustained_active")
+TOP = 3  # pipes and stall reasons reported per kernel
+
+
+def parse_point(text: str) -> tuple[int, int, int]:
+    """'CONTEXTxBATCH[@PREFIX]' -> (context, batch, shared prefix)."""
+    match = re.fullmatch(r"(\d+)x(\d+)(?:@(\d+))?", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"a point is CONTEXTxBATCH or CONTEXTxBATCH@PREFIX, got {text!r}")
+    context, batch, prefix = int(match[1]), int(match[2]), int(match[3] or 0)
+    if prefix > context:
+        raise argparse.ArgumentTypeError(f"the shared prefix {prefix} of {text!r} is longer than its context")
+    return context, batch, prefix
+
+
+def kernel_rows(ncu_stdout: str) -> list[dict[str, str]]:
+    """The per-kernel rows of `ncu --csv --page raw` output (its header, a units row, then one row
+    per launch), keyed by counter name; lines before the header (the program's own) are skipped."""
+    lines = ncu_stdout.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith('"ID",')), None)
+    if start is None:
+        return []
+    rows = list(csv.DictReader(line for line in lines[start:] if line.startswith('"')))
+    return [row for row in rows if row.get("ID", "").isdigit()]
+
+
+def number(text: str | None) -> float | None:
+    """A counter's value as a float (ncu may group digits with commas), None where absent."""
+    if text is None:
+        return None
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return None
+
+
+def first_field(row: dict[str, str], names: list[str]) -> float | None:
+    return next((value for value in (number(row.get(n)) for n in names) if value is not None), None)
+
+
+def top_named(row: dict[str, str], pattern: re.Pattern) -> list[tuple[str, float]]:
+    """The TOP largest counters whose names match `pattern`, as (its group 1, value)."""
+    found = [(m[1], number(value)) for name, value in row.items() if (m := pattern.fullmatch(name))]
+    return sorted(((n, v) for n, v in found if v is not None), key=lambda item: -item[1])[:TOP]
+
+
+def kernel_record(row: dict[str, str]) -> dict:
+    """One launch's fields (FIELDS), what bounds its occupancy, its busiest pipes and stalls."""
+    rec = {"kernel": short_name(row.get("Kernel Name", "?"))}
+    rec.update({field: first_field(row, names) for field, names in FIELDS.items()})
+    limits = {name: number(row.get(counter)) for name, counter in OCCUPANCY_LIMITS.items()}
+    limits = {name: v for name, v in limits.items() if v is not None}
+    rec["blocks_per_sm_limit"] = min(limits.values()) if limits else None
+    rec["occupancy_bound_by"] = [n for n, v in limits.items() if v == rec["blocks_per_sm_limit"]]
+    rec["busiest_pipes_pct"] = top_named(row, PIPE)
+    rec["top_stalls_per_issue"] = top_named(row, STALL)
+    ns, dram, inst = rec["ns"], rec["dram_read_bytes"], rec["warp_instructions"]
+    rec["us"] = ns / 1e3 if ns else None
+    rec["dram_read_gbs"] = dram / ns if ns and dram is not None else None
+    rec["warp_instructions_per_byte"] = inst / dram if dram and inst is not None else None
+    return rec
+
+
+def short_name(name: str) -> str:
+    """A kernel's name without template arguments or parameter lists."""
+    return re.split(r"[<(]", name, maxsplit=1)[0].strip()
+
+
+def run_child(point: str, key_bits: int) -> int:
+    """Build the point's step, warm it, and run it once inside the profiled range."""
+    import torch
+    from oscar_sglang.kernels import decode as dk
+    from oscar_sglang.kernels.shared_prefix import find_shared_prefixes
+
+    from benchmarks.gpu_timing import layer_decode_inputs
+    from benchmarks.layers import QWEN3_8B
+
+    context, batch, prefix = parse_point(point)
+    inputs = layer_decode_inputs(QWEN3_8B, batch, context, shared_prefix=prefix, key_bits=key_bits)
+    shared = (find_shared_prefixes(inputs.kv_indptr, inputs.kv_indices, inputs.cache.fmt, QWEN3_8B.group)
+              if prefix else None)
+    step = dk.decode_step(*inputs.args, shared=shared)
+    for _ in range(3):
+        step.run()
+    torch.cuda.synchronize()
+    print(f"point {point}: split kernels {step.split_kernels}, {step.splits} splits, {step.shared_splits} shared "
+          f"splits, {step.parts} partials, reduce block {tuple(step.reduction_block)}, "
+          f"rotation block {step.rotation_block}", flush=True)
+    torch.cuda.profiler.start()
+    step.run()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
+    return 0
+
+
+def profile_point(ncu: str, point: str, key_bits: int, timeout_s: int) -> tuple[str, str]:
+    """(ncu's stdout, the child's summary line) of one point."""
+    command = [ncu, "--profile-from-start", "off", "--clock-control", "none", "--csv", "--page", "raw",
+               "--print-units", "base", *[a for s in SECTIONS for a in ("--section", s)],
+               "--metrics", ",".join(METRICS),
+               sys.executable, "-m", "benchmarks.tuning.decode_profile", "--child", point, "--key-bits", str(key_bits)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+    summary = next((line for line in done.stdout.splitlines() if line.startswith("point ")), "")
+    if done.returncode != 0 or not kernel_rows(done.stdout):
+        raise RuntimeError(f"ncu on {point} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return done.stdout, summary
+
+
+def table(records: list[dict]) -> str:
+    headers = ["point", "kernel", "grid", "regs", "µs", "DRAM GB/s", "DRAM %", "SM %", "issue %",
+               "occ. achieved / theor. %", "bound by", "warp inst / B", "busiest pipes %", "top stalls (per issue)"]
+    rows = [[r["point"], r["kernel"], r["grid"], r["registers"], r["us"], r["dram_read_gbs"], r["dram_pct"],
+             r["sm_pct"], r["issue_active_pct"],
+             f"{r['achieved_occupancy_pct'] or 0:.0f} / {r['theoretical_occupancy_pct'] or 0:.0f}",
+             ", ".join(r["occupancy_bound_by"]),
+             None if r["warp_instructions_per_byte"] is None else round(r["warp_instructions_per_byte"], 3),
+             ", ".join(f"{n} {v:.0f}" for n, v in r["busiest_pipes_pct"]),
+             ", ".join(f"{n} {v:.2f}" for n, v in r["top_stalls_per_issue"])] for r in records]
+    return markdown_table(headers, rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--points", default=",".join(POINTS), help="CONTEXTxBATCH[@PREFIX],... (default %(default)s)")
+    p.add_argument("--key-bits", type=int, default=DEFAULT_KEY_BITS, help="key code width (default %(default)s)")
+    p.add_argument("--timeout", type=int, default=300, help="seconds per point (default %(default)s)")
+    p.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--child", help=argparse.SUPPRESS)  # one point, run under ncu by the parent
+    args = p.parse_args(argv)
+    if args.child:
+        return run_child(args.child, args.key_bits)
+    points = args.points.split(",")
+    for point in points:
+        parse_point(point)
+    ncu = shutil.which("ncu")
+    if ncu is None:
+        print("decode_profile needs Nsight Compute's `ncu` on the PATH", file=sys.stderr)
+        return 2
+    import torch
+
+    gpu = torch.cuda.get_device_name()
+    raw_dir = args.out_dir / "decode-profile"
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    started, records, summaries = time.time(), [], []
+    for point in points:
+        stdout, summary = profile_point(ncu, point, args.key_bits, args.timeout)
+        rows = kernel_rows(stdout)
+        csv_lines = stdout[stdout.index('"ID",'):].splitlines()
+        (raw_dir / f"{point.replace('@', '_sp')}.csv").write_text(
+            "\n".join(line for line in csv_lines if line.startswith('"')) + "\n")
+        records += [{"gpu": gpu, "key_bits": args.key_bits, "point": point, **kernel_record(r)} for r in rows]
+        summaries.append(summary)
+        print(summary, flush=True)
+        print(table([r for r in records if r["point"] == point]), flush=True)
+    command = shlex.join([sys.executable, "-m", "benchmarks.tuning.decode_profile",
+                          *(sys.argv[1:] if argv is None else argv)])
+    doc = {"benchmark": "decode_profile", "updated": now_iso(), "gpu": gpu, "command": command,
+           "steps": summaries, "records": records}
+    path = args.out_dir / "decode-profile.json"
+    write_json(path, doc)
+    text = "\n".join(f"- {s}" for s in summaries)
+    path.with_suffix(".md").write_text(f"# Decode step counters ({gpu}, {args.key_bits}-bit keys)\n\n{text}\n\n"
+                                       f"{table(records)}\n\ncommand: `{command}`\n")
+    print(f"wrote {path} (.md, decode-profile/*.csv) in {time.time() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
