@@ -19,9 +19,10 @@ them and the output is rotated back at the end. Three launches:
    blocks both kernels run, each request's INT2 programs in one of them by how many positions
    the request reads alone (`DecodeLaunch.split_kernels`).
 3. `_decode_reduce_kernel`, grid (B / requests, H_q / heads, 4): merges the partials of a block
-   of requests × query heads of one KV head and applies R_Vᵀ to a quarter of their dims (all its
-   loads are issued at once: one round trip to memory; the rows share the slice of R_V,
-   `reduce_block`).
+   of requests × query heads of one KV head and applies R_Vᵀ to a quarter of their dims (the rows
+   share the slice of R_V, `reduce_block`). By default a program loads all its partials at once
+   (one round trip to memory); with DecodeLaunch.reduce_parts it merges them that many at a time,
+   so steps with many partials still get many query rows per program.
 
 With `shared` (requests holding a cached prefix in the same slots, `shared_prefix.py`), a fourth
 launch, `_decode_shared_kernel`, reads the positions a block of requests shares once for all of
@@ -107,6 +108,9 @@ class DecodeLaunch:
     # per program took 16.6 against 51.8 us for one, results/h200/tune_decode_pieces.txt; other
     # values than 64 and request blocks not timed)
     reduce_rows: int = 64
+    # partials per query row a reduce program loads at once, merging them online (a power of two);
+    # None: all of them
+    reduce_parts: int | None = None
     # who runs the split programs (window and INT2): "cuda" (int2_split.cu, wherever
     # `int2_split.serves`, from cuda_min_pairs (request, KV head) pairs on; `split_kernels`) or
     # "triton" (`_decode_split_kernel`). On an H100 with 8 KV heads (results/h100/int2-split-cuda)
@@ -312,41 +316,63 @@ def _decode_shared_kernel(
                        m_i, l_i, a0, a1, a2, a3, D)
 
 
+@triton.jit
+def _merge_parts(m, l, acc, first, rows, ok_rows, in_block, num_parts, first_shared_part, part_o_ptr, part_lse_ptr,
+                 D: tl.constexpr, BLOCK_P: tl.constexpr, SHARED: tl.constexpr):
+    """(m, l, acc) of the query rows [R] (acc [R, D]) with their partials [first, first + BLOCK_P)
+    merged in: the running maximum and sum of 2^lse and the 2^lse-weighted sum of o'."""
+    parts = first + tl.arange(0, BLOCK_P)
+    ok = ok_rows[:, None] & (parts < num_parts)[None, :]
+    if SHARED:
+        ok &= (parts < first_shared_part)[None, :] | in_block[:, None]
+    part_rows = rows[:, None] + parts[None, :]  # [R, BLOCK_P]
+    lse = tl.load(part_lse_ptr + part_rows, mask=ok, other=float("-inf"))
+    o = tl.load(part_o_ptr + part_rows[:, :, None] * D + tl.arange(0, D)[None, None, :], mask=ok[:, :, None], other=0.0)
+    m_new = tl.maximum(m, tl.max(lse, axis=1))
+    ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no partial yet: no NaN
+    w = tl.math.exp2(lse - ref[:, None])
+    scale = tl.math.exp2(m - ref)
+    return m_new, l * scale + tl.sum(w, axis=1), acc * scale[:, None] + tl.sum(w[:, :, None] * o, axis=1)
+
+
 @triton.jit(do_not_specialize=["batch", "num_parts", "first_shared_part"])
 def _decode_reduce_kernel(
     part_o_ptr, part_lse_ptr, batch, num_parts, own_start_ptr, first_shared_part,
     out_ptr, stride_ob, stride_oh,
     v_rot_ptr, stride_vrh,
     GROUP: tl.constexpr, REQUESTS: tl.constexpr, HEADS: tl.constexpr, D: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_J: tl.constexpr, S: tl.constexpr, SHARED: tl.constexpr,
+    BLOCK_J: tl.constexpr, S: tl.constexpr, SHARED: tl.constexpr, CHUNKED: tl.constexpr,
 ):
     """Program (r, i, c): for each query row k < REQUESTS·HEADS, request r·REQUESTS + k // HEADS
     (those < batch) and query head i·HEADS + k % HEADS (HEADS divides GROUP: the heads of one KV
-    head), merge the row's num_parts (<= BLOCK_P) partials, then output dims
+    head), merge the row's num_parts partials (CHUNKED: BLOCK_P at a time, online; else all at
+    once, num_parts <= BLOCK_P, so the program waits for memory once), then output dims
     [c·BLOCK_J, (c+1)·BLOCK_J) of o' · R_V[kv head]ᵀ (fp32 matrix-vector products over the slice
-    of R_V all rows share, loaded once: `ReduceBlock`). Every load is independent of the others,
-    so the program waits for memory once; splitting the output dims over programs keeps each
-    program's share of R_V small. SHARED: the partials from first_shared_part on exist only for a
-    request in a shared-prefix block (own_start > S)."""
+    of R_V all rows share, loaded once: `ReduceBlock`). Splitting the output dims over programs
+    keeps each program's share of R_V small. SHARED: the partials from first_shared_part on exist
+    only for a request in a shared-prefix block (own_start > S)."""
     k = tl.arange(0, REQUESTS * HEADS)
     b = tl.program_id(0) * REQUESTS + k // HEADS
     h = tl.program_id(1) * HEADS + k % HEADS
     b_ok = b < batch
     j = tl.program_id(2) * BLOCK_J + tl.arange(0, BLOCK_J)
     rows = (b.to(tl.int64) * tl.num_programs(1) * HEADS + h) * num_parts  # [REQUESTS·HEADS]
-    parts = tl.arange(0, BLOCK_P)
-    ok = b_ok[:, None] & (parts < num_parts)[None, :]
+    in_block = b_ok
     if SHARED:
         in_block = tl.load(own_start_ptr + b, mask=b_ok, other=0) > S
-        ok &= (parts < first_shared_part)[None, :] | in_block[:, None]
     dims = tl.arange(0, D)
-    part_rows = rows[:, None] + parts[None, :]  # [REQUESTS·HEADS, BLOCK_P]
-    lse = tl.load(part_lse_ptr + part_rows, mask=ok, other=float("-inf"))
-    o = tl.load(part_o_ptr + part_rows[:, :, None] * D + dims[None, None, :], mask=ok[:, :, None], other=0.0)
     rot = tl.load(v_rot_ptr + (tl.program_id(1) * HEADS // GROUP) * stride_vrh + j[:, None] * D + dims[None, :])  # R[j, i]
-    m = tl.max(lse, axis=1)
-    w = tl.math.exp2(lse - tl.where(m == float("-inf"), 0.0, m)[:, None])
-    merged = tl.sum(w[:, :, None] * o, axis=1) / nonzero(tl.sum(w, axis=1))[:, None]  # [REQUESTS·HEADS, D]
+    m = tl.full([REQUESTS * HEADS], float("-inf"), tl.float32)
+    l = tl.zeros([REQUESTS * HEADS], tl.float32)
+    acc = tl.zeros([REQUESTS * HEADS, D], tl.float32)
+    if CHUNKED:
+        for first in range(0, num_parts, BLOCK_P):
+            m, l, acc = _merge_parts(m, l, acc, first, rows, b_ok, in_block, num_parts, first_shared_part,
+                                     part_o_ptr, part_lse_ptr, D, BLOCK_P, SHARED)
+    else:
+        m, l, acc = _merge_parts(m, l, acc, 0, rows, b_ok, in_block, num_parts, first_shared_part,
+                                 part_o_ptr, part_lse_ptr, D, BLOCK_P, SHARED)
+    merged = acc / nonzero(l)[:, None]  # [REQUESTS·HEADS, D]
     out = tl.sum(rot[None, :, :] * merged[:, None, :], axis=2)  # out[k, j] = Σ_i o'_k[i] · R[j, i]
     tl.store(out_ptr + b.to(tl.int64)[:, None] * stride_ob + h[:, None] * stride_oh + j[None, :],
              out.to(out_ptr.dtype.element_ty), mask=b_ok[:, None])
@@ -371,18 +397,22 @@ def rotate_requests(block_h: int, batch: int, launch: DecodeLaunch = DECODE_LAUN
 
 class ReduceBlock(NamedTuple):
     """The query rows of one reduce program: `requests` requests × `heads` query heads of one
-    KV head (powers of two; `reduce_block`)."""
+    KV head, and the partials per row it loads at once (powers of two; `reduce_block`)."""
 
     requests: int
     heads: int
+    parts: int
 
 
 def reduce_block(group: int, parts: int, batch: int, launch: DecodeLaunch = DECODE_LAUNCH) -> ReduceBlock:
     """The query rows a reduce program merges, all sharing one slice of R_V: the most query heads
     of a KV head (a power of two dividing the GQA group), then the most requests (a power of two
-    up to the batch), whose partials (`parts` per row, padded to a power of two) fit
-    launch.reduce_rows, at most MAX_REDUCE_QUERY_ROWS query rows; at least one of each."""
+    up to the batch), whose partials loaded at once (`parts` per row padded to a power of two,
+    at most launch.reduce_parts) fit launch.reduce_rows, at most MAX_REDUCE_QUERY_ROWS query rows;
+    at least one of each."""
     parts = triton.next_power_of_2(parts)
+    if launch.reduce_parts is not None:
+        parts = min(parts, launch.reduce_parts)
 
     def fits(requests, heads):
         return requests * heads <= MAX_REDUCE_QUERY_ROWS and requests * heads * parts <= launch.reduce_rows
@@ -392,7 +422,7 @@ def reduce_block(group: int, parts: int, batch: int, launch: DecodeLaunch = DECO
         heads *= 2
     while 2 * requests <= batch and fits(2 * requests, heads):
         requests *= 2
-    return ReduceBlock(requests, heads)
+    return ReduceBlock(requests, heads, parts)
 
 
 def window_programs(fmt: OscarFormat, launch: DecodeLaunch = DECODE_LAUNCH) -> int:
@@ -638,6 +668,6 @@ class DecodeStep:
             out, out.stride(0), out.stride(1),
             v_rot, v_rot_stride,
             GROUP=self.group, REQUESTS=block.requests, HEADS=block.heads, D=d,
-            BLOCK_P=triton.next_power_of_2(self.parts), BLOCK_J=d // launch.reduce_dim_programs,
+            BLOCK_P=block.parts, BLOCK_J=d // launch.reduce_dim_programs, CHUNKED=block.parts < self.parts,
             S=self.inputs.cache.fmt.sink_tokens, SHARED=self.shared is not None, num_warps=launch.reduce_warps,
         )

@@ -105,19 +105,20 @@ def test_decode_with_other_launch_parameters(reduce_dim_programs):
     assert_matches(*run_decode(cache, batch, q, num_kv_splits=3, launch=launch), torch.bfloat16)
 
 
-@pytest.mark.parametrize("rows, block, rotated", [(1, (1, 1), 1), (16, (1, 4), 4), (64, (4, 4), 4)])
-def test_the_reduce_and_the_rotation_take_blocks_of_requests(rows, block, rotated):
-    """GQA 4 with few partials: a reduce program merges one query row, the four query heads of a
-    KV head, or those of four requests, and a q-rotation program rotates one or four requests'
-    rows (five requests: the second block has one); every element of q' and of the output is
-    written either way."""
+@pytest.mark.parametrize("rows, parts, block, rotated", [(1, None, (1, 1, 4), 1), (16, None, (1, 4, 4), 4),
+                                                       (64, None, (4, 4, 4), 4), (64, 2, (4, 4, 2), 4)])
+def test_the_reduce_and_the_rotation_take_blocks_of_requests(rows, parts, block, rotated):
+    """GQA 4 with few partials (3): a reduce program merges one query row, the four query heads
+    of a KV head, or those of four requests, all partials at once or two at a time, and a
+    q-rotation program rotates one or four requests' rows (five requests: the second block has
+    one); every element of q' and of the output is written either way."""
     gen = torch.Generator().manual_seed(11)
     fmt = OscarFormat(64, 32, sink_tokens=4, recent_tokens=8)
     lens = [133, 5, 61, 1, 40]
     cache = make_cache(fmt, 2, sum(lens), len(lens), True, gen)
     batch = fill_requests(cache, lens, torch.bfloat16, torch.int32, gen)
     q = torch.randn(len(lens), 8, 64, generator=gen).to(torch.bfloat16)
-    launch = DecodeLaunch(reduce_rows=rows, rotate_rows=rows)
+    launch = DecodeLaunch(reduce_rows=rows, rotate_rows=rows, reduce_parts=parts)
     step = decode_step(q, batch.kv_indptr, batch.kv_indices, batch.window_starts, cache, 0.125, num_kv_splits=2,
                        launch=launch)
     assert step.reduction_block == reduce_block(4, step.parts, len(lens), launch) == block
@@ -130,12 +131,16 @@ def test_the_reduce_and_the_rotation_take_blocks_of_requests(rows, block, rotate
 
 def test_reduce_blocks_are_powers_of_two_within_the_rows():
     # heads first (dividing the group), then requests (up to the batch)
-    assert [reduce_block(4, parts, 32) for parts in (4, 7, 19, 67)] == [(4, 4), (2, 4), (1, 2), (1, 1)]
-    assert reduce_block(6, 5, 1) == (1, 2) and reduce_block(1, 3, 3) == (2, 1) and reduce_block(8, 8, 1) == (1, 8)
-    assert reduce_block(8, 8, 128, DecodeLaunch(reduce_rows=32)) == (1, 4)
-    assert reduce_block(4, 16, 192, DecodeLaunch(reduce_rows=256)) == (4, 4)
-    assert reduce_block(4, 2, 64, DecodeLaunch(reduce_rows=256)) == (4, 4)  # MAX_REDUCE_QUERY_ROWS
-    assert reduce_block(32, 2, 1, DecodeLaunch(reduce_rows=256)) == (1, 16)
+    assert [reduce_block(4, parts, 32)[:2] for parts in (4, 7, 19, 67)] == [(4, 4), (2, 4), (1, 2), (1, 1)]
+    assert reduce_block(6, 5, 1) == (1, 2, 8) and reduce_block(1, 3, 3) == (2, 1, 4)
+    assert reduce_block(8, 8, 1) == (1, 8, 8)
+    assert reduce_block(8, 8, 128, DecodeLaunch(reduce_rows=32)) == (1, 4, 8)
+    assert reduce_block(4, 16, 192, DecodeLaunch(reduce_rows=256)) == (4, 4, 16)
+    assert reduce_block(4, 2, 64, DecodeLaunch(reduce_rows=256)) == (4, 4, 2)  # MAX_REDUCE_QUERY_ROWS
+    assert reduce_block(32, 2, 1, DecodeLaunch(reduce_rows=256)) == (1, 16, 2)
+    # partials loaded a few at a time leave room for query rows however many there are
+    assert reduce_block(4, 38, 64, DecodeLaunch(reduce_parts=4)) == (4, 4, 4)
+    assert reduce_block(4, 67, 1, DecodeLaunch(reduce_parts=8)) == (1, 4, 8)
 
 
 def test_default_split_count_depends_on_shapes_only():

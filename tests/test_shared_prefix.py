@@ -138,6 +138,9 @@ def test_decode_with_shared_prefixes_matches_reference(head_dim, group_size, gqa
     assert_matches(out, ref.decode_attention(*args), dtype)
     alone = decode_attention_int2(*args, num_kv_splits=3)
     torch.testing.assert_close(out.float(), alone.float(), rtol=TIGHT[dtype], atol=TIGHT[dtype])
+    # the reduce merging two partials at a time: the shared ones masked per chunk
+    chunked = decode_attention_int2(*args, shared=shared, num_kv_splits=3, launch=dataclasses.replace(DECODE_LAUNCH, reduce_parts=2))
+    torch.testing.assert_close(chunked.float(), out.float(), rtol=TIGHT[dtype], atol=TIGHT[dtype])
 
 
 @pytest.mark.parametrize("head_dim, key_bits", [(64, 4), (64, 3), (128, 3)])

@@ -69,6 +69,9 @@ SPLIT_VARIANTS = {
     # query heads of a KV head, then requests, per reduce program while their partials fit 256 rows
     # (64 by default)
     "reduce_rows256": replace(dk.DECODE_LAUNCH, reduce_rows=256),
+    # partials merged 4 / 8 at a time, so the query rows per program do not shrink as they grow
+    "reduce_parts4": replace(dk.DECODE_LAUNCH, reduce_parts=4),
+    "reduce_parts8": replace(dk.DECODE_LAUNCH, reduce_rows=128, reduce_parts=8),
 }
 # shared-prefix variants: the query rows a block aims at (find_shared_prefixes' dot_rows) and the
 # launch; the first is the library default (wide blocks from WIDE_BLOCKS_MIN_BATCH requests on),
@@ -85,6 +88,8 @@ SHARED_VARIANTS = {  # name: (query rows a block aims at, None: the library's ch
     "rows64_w8": (sp.WIDE_SHARED_DOT_ROWS, replace(dk.DECODE_LAUNCH, shared_warps=8)),
     # shared-prefix steps have 16-64 partials per query row: 4 heads per reduce program up to 256 rows
     "reduce_rows256": (None, replace(dk.DECODE_LAUNCH, reduce_rows=256)),
+    "reduce_parts4": (None, replace(dk.DECODE_LAUNCH, reduce_parts=4)),
+    "reduce_parts8": (None, replace(dk.DECODE_LAUNCH, reduce_rows=128, reduce_parts=8)),
 }
 # write kernel: tokens -> [(tokens per program, warps)]; the library default is timed too
 WRITE_TOKENS = [1, 2, 8, 32, 64, 256, 8192]
@@ -226,6 +231,11 @@ def main():
         one_row.run()
         reduce_one_row = time_us(one_row.reduce)
         rotate_one_request = time_us(one_row.rotate_q)
+        chunked = {}
+        for name in ("reduce_parts4", "reduce_parts8"):
+            variant = dk.decode_step(*problem.args, launch=SPLIT_VARIANTS[name])
+            variant.run()
+            chunked[name] = (time_us(variant.reduce), variant.reduction_block)
         parts = step.parts
         small = {}
         for context in (192, 1024):
@@ -242,10 +252,14 @@ def main():
                                           "rotate_requests": step.rotation_block,
                                           "reduce": reduce, "reduce_one_row": reduce_one_row,
                                           "reduce_block": block._asdict(), "one_memset": floor,
+                                          **{name: {"reduce": t, "reduce_block": b._asdict()}
+                                             for name, (t, b) in chunked.items()},
                                           **{f"step@{c}": t for c, t in small.items()},
                                           **{f"split_kernel@{c}": t for c, t in split_alone.items()}}
         lines.append(f"  batch {batch}: rotate_q {rotate:.1f} (one request per program {rotate_one_request:.1f}), reduce ({parts} partials, {block.requests} requests x "
-                     f"{block.heads} heads per program) {reduce:.1f} (one of each {reduce_one_row:.1f}), whole step at "
+                     f"{block.heads} heads per program) {reduce:.1f} (one of each {reduce_one_row:.1f}; "
+                     + "; ".join(f"{n} {t:.1f} at {b.requests} x {b.heads}" for n, (t, b) in chunked.items())
+                     + f"), whole step at "
                      f"context 192 (windows only) {small[192]:.1f}, at 1024 {small[1024]:.1f}; a 1-element memset "
                      f"{floor:.1f} (the timing floor); split kernel alone " + ", ".join(
                          f"at {c}: {t:.1f} ({100 * decode_bytes(batch, c, args.key_bits) / (t * 1e-6) / 1e9 / hbm:.0f}%)"
