@@ -45,6 +45,7 @@ typedef unsigned char u8;
 #define VAL_TILE_BYTES (TILE * VAL_ROW + (TILE / 4) * VAL_PAD)
 #define STAGE_BYTES (KEY_TILE_BYTES + VAL_TILE_BYTES + 2 * TILE * META_ROW)
 #define PIPE_BYTES (WARPS * STAGES * STAGE_BYTES)
+#define WIN_BATCH 4                            // window rows a warp loads at once (window_program)
 #define MERGE_BYTES (4 * (2 * WARPS * 8 + WARPS * 8 * D + 8))
 #define SMEM_BYTES (PIPE_BYTES > MERGE_BYTES ? PIPE_BYTES : MERGE_BYTES)
 #define CODE_UNIT 16777216.0f                  // 2^24: 1 / the value of fp16 mantissa bit 0
@@ -225,8 +226,10 @@ __device__ __forceinline__ void load_bf16(const u16* p, float* f) {
 
 // Window program z: rows [z * WIN_ROWS, ...) of the request's S_TOK sink rows (valid below
 // `start`) and W_TOK ring rows (position p in row S_TOK + (p - S_TOK) mod W_TOK, valid for
-// p in [end, length)), one row at a time per warp: lane l holds dims [l * WIN_DIMS, +WIN_DIMS)
-// of every query head, in fp32 (the rows are exact in it).
+// p in [end, length)), WIN_BATCH rows at a time per warp: lane l holds dims
+// [l * WIN_DIMS, +WIN_DIMS) of every query head, in fp32 (the rows are exact in it). A warp loads
+// all rows of a batch before scoring any, so their loads wait on memory together, and takes
+// one online-softmax step per batch.
 __device__ __forceinline__ void window_program(
     const float* q, const u16* k_row0, const u16* v_row0, u32 stride_ws, int z, int start, int end, int length,
     const Merge& merge) {
@@ -244,25 +247,51 @@ __device__ __forceinline__ void window_program(
   }
   const int first = (((end - S_TOK) % W_TOK) + W_TOK) % W_TOK;  // ring row of position `end`
   const int row_hi = min((z + 1) * WIN_ROWS, S_TOK + W_TOK);
-  for (int r = z * WIN_ROWS + warp; r < row_hi; r += WARPS) {
-    const bool valid = r < S_TOK ? r < start : (r - S_TOK - first + W_TOK) % W_TOK < length - end;
-    if (!valid) continue;
-    const u16* k = k_row0 + (unsigned long long)r * stride_ws + lane * WIN_DIMS;
-    const u16* v = v_row0 + (unsigned long long)r * stride_ws + lane * WIN_DIMS;
-    float kf[WIN_DIMS], vf[WIN_DIMS];
-    load_bf16(k, kf);
-    load_bf16(v, vf);
+  for (int r0 = z * WIN_ROWS + warp; r0 < row_hi; r0 += WARPS * WIN_BATCH) {
+    float kf[WIN_BATCH][WIN_DIMS], vf[WIN_BATCH][WIN_DIMS];
+    bool valid[WIN_BATCH];
+#pragma unroll
+    for (int u = 0; u < WIN_BATCH; ++u) {
+      const int r = r0 + u * WARPS;
+      valid[u] = r < row_hi && (r < S_TOK ? r < start : (r - S_TOK - first + W_TOK) % W_TOK < length - end);
+#pragma unroll
+      for (int i = 0; i < WIN_DIMS; ++i) kf[u][i] = vf[u][i] = 0.0f;  // rows not loaded: no NaN from their bytes
+      if (valid[u]) {
+        const unsigned long long at = (unsigned long long)r * stride_ws + lane * WIN_DIMS;
+        load_bf16(k_row0 + at, kf[u]);
+        load_bf16(v_row0 + at, vf[u]);
+      }
+    }
 #pragma unroll
     for (int h = 0; h < GQA; ++h) {
-      float s = 0.0f;
+      float s[WIN_BATCH], mn = m[h];
 #pragma unroll
-      for (int i = 0; i < WIN_DIMS; ++i) s += qv[h][i] * kf[i];
+      for (int u = 0; u < WIN_BATCH; ++u) {
+        s[u] = 0.0f;
 #pragma unroll
-      for (int x = 16; x > 0; x >>= 1) s += __shfl_xor_sync(FULL, s, x);
-      const float mn = fmaxf(m[h], s), a = exp2_approx(m[h] - mn), p = exp2_approx(s - mn);
-      l[h] = l[h] * a + p;
+        for (int i = 0; i < WIN_DIMS; ++i) s[u] += qv[h][i] * kf[u][i];
+      }
 #pragma unroll
-      for (int i = 0; i < WIN_DIMS; ++i) o[h][i] = o[h][i] * a + p * vf[i];
+      for (int x = 16; x > 0; x >>= 1) {
+#pragma unroll
+        for (int u = 0; u < WIN_BATCH; ++u) s[u] += __shfl_xor_sync(FULL, s[u], x);
+      }
+#pragma unroll
+      for (int u = 0; u < WIN_BATCH; ++u) {
+        if (!valid[u]) s[u] = NEG_INF;
+        mn = fmaxf(mn, s[u]);
+      }
+      const float ref = finite_or_zero(mn), a = exp2_approx(m[h] - ref);  // a batch of invalid rows: no NaN
+      l[h] *= a;
+#pragma unroll
+      for (int i = 0; i < WIN_DIMS; ++i) o[h][i] *= a;
+#pragma unroll
+      for (int u = 0; u < WIN_BATCH; ++u) {
+        const float p = exp2_approx(s[u] - ref);
+        l[h] += p;
+#pragma unroll
+        for (int i = 0; i < WIN_DIMS; ++i) o[h][i] += p * vf[u][i];
+      }
       m[h] = mn;
     }
   }
