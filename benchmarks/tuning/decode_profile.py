@@ -15,10 +15,13 @@ Writes <out-dir>/decode-profile.json (a list of records, one per point and kerne
 point's raw counters as decode-profile/<point>.csv. Run on a GPU machine from the repository root:
 
     python -m benchmarks.tuning.decode_profile --out-dir benchmarks/results/h100
+
+--summarize rebuilds the .json records and the .md from the CSVs already there (no GPU).
 """
 
 import argparse
 import csv
+import json
 import re
 import shlex
 import shutil
@@ -44,8 +47,7 @@ FIELDS = {
     "dram_pct": ["gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed",
                  "dram__throughput.avg.pct_of_peak_sustained_elapsed"],
     "sm_pct": ["sm__throughput.avg.pct_of_peak_sustained_elapsed"],
-    "issue_active_pct": ["smsp__issue_active.avg.pct_of_peak_sustained_active",
-                         "sm__inst_issued.avg.pct_of_peak_sustained_active"],
+    "issue_per_cycle": ["smsp__issue_active.avg.per_cycle_active"],  # a scheduler's issue slots used
     "achieved_occupancy_pct": ["sm__warps_active.avg.pct_of_peak_sustained_active"],
     "theoretical_occupancy_pct": ["sm__maximum_warps_per_active_cycle_pct"],
     "warp_cycles_per_issue": ["smsp__average_warp_latency_per_inst_issued.ratio",
@@ -58,7 +60,7 @@ OCCUPANCY_LIMITS = {  # what bounds the blocks per SM: launch__occupancy_limit_<
     "blocks": "launch__occupancy_limit_blocks",
 }
 STALL = re.compile(r"smsp__average_warps_issue_stalled_(\w+?)_per_issue_active\.ratio")
-PIPE = re.compile(r"sm__(?:inst_executed_pipe_|pipe_)(\w+?)(?:_cycles_active)?\.avg\.pct_of_peak_sustained_active")
+PIPE = re.compile(r"sm__inst_executed_pipe_([a-z0-9]+(?:_op_[a-z]+)?)\.avg\.pct_of_peak_sustained_active")
 TOP = 3  # pipes and stall reasons reported per kernel
 
 
@@ -100,7 +102,8 @@ def first_field(row: dict[str, str], names: list[str]) -> float | None:
 
 def top_named(row: dict[str, str], pattern: re.Pattern) -> list[tuple[str, float]]:
     """The TOP largest counters whose names match `pattern`, as (its group 1, value)."""
-    found = [(m[1], number(value)) for name, value in row.items() if (m := pattern.fullmatch(name))]
+    found = [(m[1], number(value)) for name, value in row.items()
+             if (m := pattern.fullmatch(name)) and m[1] != "selected"]  # "selected": issuing, not a stall
     return sorted(((n, v) for n, v in found if v is not None), key=lambda item: -item[1])[:TOP]
 
 
@@ -167,10 +170,10 @@ def profile_point(ncu: str, point: str, key_bits: int, timeout_s: int) -> tuple[
 
 
 def table(records: list[dict]) -> str:
-    headers = ["point", "kernel", "grid", "regs", "µs", "DRAM GB/s", "DRAM %", "SM %", "issue %",
+    headers = ["point", "kernel", "grid", "regs", "µs", "DRAM GB/s", "DRAM %", "SM %", "issue slots %",
                "occ. achieved / theor. %", "bound by", "warp inst / B", "busiest pipes %", "top stalls (per issue)"]
     rows = [[r["point"], r["kernel"], r["grid"], r["registers"], r["us"], r["dram_read_gbs"], r["dram_pct"],
-             r["sm_pct"], r["issue_active_pct"],
+             r["sm_pct"], None if r["issue_per_cycle"] is None else 100 * r["issue_per_cycle"],
              f"{r['achieved_occupancy_pct'] or 0:.0f} / {r['theoretical_occupancy_pct'] or 0:.0f}",
              ", ".join(r["occupancy_bound_by"]),
              None if r["warp_instructions_per_byte"] is None else round(r["warp_instructions_per_byte"], 3),
@@ -179,16 +182,40 @@ def table(records: list[dict]) -> str:
     return markdown_table(headers, rows)
 
 
+def csv_path(out_dir: Path, point: str) -> Path:
+    return out_dir / "decode-profile" / f"{point.replace('@', '_sp')}.csv"
+
+
+def write_report(out_dir: Path, doc: dict) -> Path:
+    """decode-profile.json and .md from `doc` (gpu, key_bits, command, points, steps), the
+    records read from the points' CSVs."""
+    doc["records"] = [{"gpu": doc["gpu"], "key_bits": doc["key_bits"], "point": point, **kernel_record(row)}
+                      for point in doc["points"] for row in kernel_rows(csv_path(out_dir, point).read_text())]
+    path = out_dir / "decode-profile.json"
+    write_json(path, doc)
+    steps = "\n".join(f"- {s}" for s in doc["steps"])
+    path.with_suffix(".md").write_text(
+        f"# Decode step counters ({doc['gpu']}, {doc['key_bits']}-bit keys)\n\n{steps}\n\n{table(doc['records'])}\n\n"
+        f"command: `{doc['command']}`\n")
+    return path
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--points", default=",".join(POINTS), help="CONTEXTxBATCH[@PREFIX],... (default %(default)s)")
     p.add_argument("--key-bits", type=int, default=DEFAULT_KEY_BITS, help="key code width (default %(default)s)")
     p.add_argument("--timeout", type=int, default=300, help="seconds per point (default %(default)s)")
     p.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--summarize", action="store_true",
+                   help="rebuild the .json records and .md from the CSVs and steps already in --out-dir (no GPU)")
     p.add_argument("--child", help=argparse.SUPPRESS)  # one point, run under ncu by the parent
     args = p.parse_args(argv)
     if args.child:
         return run_child(args.child, args.key_bits)
+    if args.summarize:
+        doc = json.loads((args.out_dir / "decode-profile.json").read_text())
+        print(f"wrote {write_report(args.out_dir, doc)} (.md)")
+        return 0
     points = args.points.split(",")
     for point in points:
         parse_point(point)
@@ -199,28 +226,20 @@ def main(argv=None) -> int:
     import torch
 
     gpu = torch.cuda.get_device_name()
-    raw_dir = args.out_dir / "decode-profile"
-    raw_dir.mkdir(parents=True, exist_ok=True)
-    started, records, summaries = time.time(), [], []
+    (args.out_dir / "decode-profile").mkdir(parents=True, exist_ok=True)
+    started, summaries = time.time(), []
     for point in points:
         stdout, summary = profile_point(ncu, point, args.key_bits, args.timeout)
-        rows = kernel_rows(stdout)
         csv_lines = stdout[stdout.index('"ID",'):].splitlines()
-        (raw_dir / f"{point.replace('@', '_sp')}.csv").write_text(
-            "\n".join(line for line in csv_lines if line.startswith('"')) + "\n")
-        records += [{"gpu": gpu, "key_bits": args.key_bits, "point": point, **kernel_record(r)} for r in rows]
+        csv_path(args.out_dir, point).write_text("\n".join(line for line in csv_lines if line.startswith('"')) + "\n")
         summaries.append(summary)
         print(summary, flush=True)
-        print(table([r for r in records if r["point"] == point]), flush=True)
+        print(table([{"point": point, **kernel_record(r)} for r in kernel_rows(stdout)]), flush=True)
     command = shlex.join([sys.executable, "-m", "benchmarks.tuning.decode_profile",
                           *(sys.argv[1:] if argv is None else argv)])
-    doc = {"benchmark": "decode_profile", "updated": now_iso(), "gpu": gpu, "command": command,
-           "steps": summaries, "records": records}
-    path = args.out_dir / "decode-profile.json"
-    write_json(path, doc)
-    text = "\n".join(f"- {s}" for s in summaries)
-    path.with_suffix(".md").write_text(f"# Decode step counters ({gpu}, {args.key_bits}-bit keys)\n\n{text}\n\n"
-                                       f"{table(records)}\n\ncommand: `{command}`\n")
+    doc = {"benchmark": "decode_profile", "updated": now_iso(), "gpu": gpu, "key_bits": args.key_bits,
+           "command": command, "points": points, "steps": summaries}
+    path = write_report(args.out_dir, doc)
     print(f"wrote {path} (.md, decode-profile/*.csv) in {time.time() - started:.0f} s")
     return 0
 
