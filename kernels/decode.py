@@ -20,9 +20,10 @@ them and the output is rotated back at the end. Three launches:
    the request reads alone (`DecodeLaunch.split_kernels`).
 3. `_decode_reduce_kernel`, grid (B / requests, H_q / heads, 4): merges the partials of a block
    of requests × query heads of one KV head and applies R_Vᵀ to a quarter of their dims (the rows
-   share the slice of R_V, `reduce_block`). By default a program loads all its partials at once
-   (one round trip to memory); with DecodeLaunch.reduce_parts it merges them that many at a time,
-   so steps with many partials still get many query rows per program.
+   share the slice of R_V). A program loads all its partials at once (one round trip to memory:
+   `reduce_block`), or, where that leaves too many programs with too few rows (many partials per
+   row, as beside shared-prefix blocks), merges them DecodeLaunch.reduce_parts at a time
+   (`chunked_reduce_block`; the choice by a wave model, `reduce_plan`).
 
 With `shared` (requests holding a cached prefix in the same slots, `shared_prefix.py`), a fourth
 launch, `_decode_shared_kernel`, reads the positions a block of requests shares once for all of
@@ -71,6 +72,9 @@ MAX_REDUCE_QUERY_ROWS = 16
 MAX_KV_SPLITS = 64  # bounds the reduce kernel's one-shot tile of partials; at batch 1 more splits (two
 # waves) were slower (H100: 132 took 5-25 % more time; results/h100/tune_decode_splits132.txt)
 CPU_SM_COUNT = 8  # stand-in SM count when there is no GPU (interpreter runs)
+# reduce programs (8 warps) resident per SM, for the reduce's wave model: Nsight Compute gave
+# them a theoretical occupancy of 25-50 % on an H100 (results/h100/decode-profile.md)
+REDUCE_PROGRAMS_PER_SM = 2
 INT32_MAX = 2**31 - 1
 LOG2E = 1.4426950408889634
 
@@ -108,9 +112,12 @@ class DecodeLaunch:
     # per program took 16.6 against 51.8 us for one, results/h200/tune_decode_pieces.txt; other
     # values than 64 and request blocks not timed)
     reduce_rows: int = 64
-    # partials per query row a reduce program loads at once, merging them online (a power of two);
-    # None: all of them
-    reduce_parts: int | None = None
+    # partials per query row a chunked reduce program loads at a time, merging them online (a power
+    # of two; None: never chunked). On an H100 at 64 requests on a 32K prefix (38 partials) 8 at a
+    # time took the reduce from 116.6 to 50.9 us (4: 74.5), at 192 (16 partials) 87.4 against
+    # 88.8; where the model keeps one load, at batch 1 and 8, chunks were slower
+    # (results/h100/tune_decode_reduce_parts.txt)
+    reduce_parts: int | None = 8
     # who runs the split programs (window and INT2): "cuda" (int2_split.cu, wherever
     # `int2_split.serves`, from cuda_min_pairs (request, KV head) pairs on; `split_kernels`) or
     # "triton" (`_decode_split_kernel`). On an H100 with 8 KV heads (results/h100/int2-split-cuda)
@@ -397,37 +404,70 @@ def rotate_requests(block_h: int, batch: int, launch: DecodeLaunch = DECODE_LAUN
 
 class ReduceBlock(NamedTuple):
     """The query rows of one reduce program: `requests` requests × `heads` query heads of one
-    KV head, and the partials per row it loads at once (powers of two; `reduce_block`)."""
+    KV head, and the partials per row it loads at once (powers of two; `reduce_plan`)."""
 
     requests: int
     heads: int
     parts: int
 
 
-def reduce_block(group: int, parts: int, batch: int, launch: DecodeLaunch = DECODE_LAUNCH) -> ReduceBlock:
-    """The query rows a reduce program merges, all sharing one slice of R_V: the most query heads
-    of a KV head (a power of two dividing the GQA group), then the most requests (a power of two
-    up to the batch), whose partials loaded at once (`parts` per row padded to a power of two,
-    at most launch.reduce_parts) fit launch.reduce_rows, at most MAX_REDUCE_QUERY_ROWS query rows;
-    at least one of each."""
-    parts = triton.next_power_of_2(parts)
-    if launch.reduce_parts is not None:
-        parts = min(parts, launch.reduce_parts)
-
-    def fits(requests, heads):
-        return requests * heads <= MAX_REDUCE_QUERY_ROWS and requests * heads * parts <= launch.reduce_rows
-
+def most_query_rows(group: int, batch: int, fits) -> tuple[int, int]:
+    """(requests, heads) of the most query rows fits(rows) accepts: heads of one KV head first (a
+    power of two dividing the GQA group), then requests (a power of two up to the batch); at
+    least one of each."""
     heads = requests = 1
-    while group % (2 * heads) == 0 and fits(requests, 2 * heads):
+    while group % (2 * heads) == 0 and fits(requests * 2 * heads):
         heads *= 2
-    while 2 * requests <= batch and fits(2 * requests, heads):
+    while 2 * requests <= batch and fits(2 * requests * heads):
         requests *= 2
+    return requests, heads
+
+
+def reduce_block(group: int, parts: int, batch: int, launch: DecodeLaunch = DECODE_LAUNCH) -> ReduceBlock:
+    """A reduce program that loads all `parts` partials of its query rows at once (padded to a
+    power of two): the most rows (`most_query_rows`) whose partials fit launch.reduce_rows, at
+    most MAX_REDUCE_QUERY_ROWS."""
+    parts = triton.next_power_of_2(parts)
+    requests, heads = most_query_rows(
+        group, batch, lambda rows: rows <= MAX_REDUCE_QUERY_ROWS and rows * parts <= launch.reduce_rows)
     return ReduceBlock(requests, heads, parts)
+
+
+def chunked_reduce_block(group: int, batch: int, launch: DecodeLaunch = DECODE_LAUNCH) -> ReduceBlock:
+    """A reduce program that merges launch.reduce_parts partials at a time: MAX_REDUCE_QUERY_ROWS
+    query rows however many partials there are."""
+    requests, heads = most_query_rows(group, batch, lambda rows: rows <= MAX_REDUCE_QUERY_ROWS)
+    return ReduceBlock(requests, heads, launch.reduce_parts)
+
+
+def reduce_rounds(block: ReduceBlock, parts: int, batch: int, q_heads: int, sms: int,
+                  launch: DecodeLaunch = DECODE_LAUNCH) -> int:
+    """The reduce's modeled time: waves of programs (REDUCE_PROGRAMS_PER_SM per SM) times the
+    loads of partials each program waits for in turn."""
+    programs = triton.cdiv(batch, block.requests) * (q_heads // block.heads) * launch.reduce_dim_programs
+    return triton.cdiv(programs, REDUCE_PROGRAMS_PER_SM * sms) * triton.cdiv(parts, block.parts)
+
+
+def reduce_plan(group: int, q_heads: int, parts: int, batch: int, sms: int,
+                launch: DecodeLaunch = DECODE_LAUNCH) -> ReduceBlock:
+    """The reduce program of a step: all partials at once (`reduce_block`), unless merging them
+    in chunks (`chunked_reduce_block`) takes fewer modeled rounds (`reduce_rounds`): many
+    partials per row and more programs than one wave, as beside shared-prefix blocks."""
+    one_load = reduce_block(group, parts, batch, launch)
+    if launch.reduce_parts is None or launch.reduce_parts >= one_load.parts:
+        return one_load
+    chunked = chunked_reduce_block(group, batch, launch)
+    return min((one_load, chunked), key=lambda block: reduce_rounds(block, parts, batch, q_heads, sms, launch))
 
 
 def window_programs(fmt: OscarFormat, launch: DecodeLaunch = DECODE_LAUNCH) -> int:
     """Split-kernel programs per (request, KV head) that read the BF16 window rows."""
     return triton.cdiv(fmt.window_rows_per_request, launch.window_rows_per_program)
+
+
+def sm_count(device: torch.device) -> int:
+    """The device's SM count (CPU_SM_COUNT off the GPU)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else CPU_SM_COUNT
 
 
 def default_num_kv_splits(batch: int, num_kv_heads: int, device: torch.device,
@@ -442,8 +482,7 @@ def default_num_kv_splits(batch: int, num_kv_heads: int, device: torch.device,
     an H100: 64 splits at batch 1, 16 at batch 8, the fastest of the counts measured at 32K-128K
     context). Depends on shapes and the device only, never on tensor values, so it is safe under
     CUDA-graph capture."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else CPU_SM_COUNT
-    slots = programs_per_sm * sms
+    slots = programs_per_sm * sm_count(device)
     pairs = batch * num_kv_heads
 
     def modeled_time(splits: int) -> float:
@@ -600,8 +639,9 @@ class DecodeStep:
 
     @property
     def reduction_block(self) -> ReduceBlock:
-        """Requests × query heads per reduce program (`reduce_block`)."""
-        return reduce_block(self.group, self.parts, self.inputs.q.shape[0], self.launch)
+        """Requests × query heads per reduce program and partials per load (`reduce_plan`)."""
+        batch, q_heads = self.inputs.q.shape[:2]
+        return reduce_plan(self.group, q_heads, self.parts, batch, sm_count(self.inputs.q.device), self.launch)
 
     @property
     def cuda_min_span(self) -> int:

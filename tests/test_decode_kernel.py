@@ -12,10 +12,14 @@ from oscar_sglang.kernels.decode import (
     DECODE_LAUNCH,
     MAX_KV_SPLITS,
     DecodeLaunch,
+    ReduceBlock,
     decode_attention_int2,
     decode_step,
     default_num_kv_splits,
+    chunked_reduce_block,
     reduce_block,
+    reduce_plan,
+    reduce_rounds,
     rotate_requests,
 )
 from oscar_sglang.kernels.format import OscarFormat
@@ -106,12 +110,13 @@ def test_decode_with_other_launch_parameters(reduce_dim_programs):
 
 
 @pytest.mark.parametrize("rows, parts, block, rotated", [(1, None, (1, 1, 4), 1), (16, None, (1, 4, 4), 4),
-                                                       (64, None, (4, 4, 4), 4), (64, 2, (4, 4, 2), 4)])
+                                                       (64, None, (4, 4, 4), 4), (1, 2, (4, 4, 2), 1)])
 def test_the_reduce_and_the_rotation_take_blocks_of_requests(rows, parts, block, rotated):
-    """GQA 4 with few partials (3): a reduce program merges one query row, the four query heads
-    of a KV head, or those of four requests, all partials at once or two at a time, and a
-    q-rotation program rotates one or four requests' rows (five requests: the second block has
-    one); every element of q' and of the output is written either way."""
+    """GQA 4 with 3 partials per query row: a reduce program merges one query row, the four
+    query heads of a KV head, or those of four requests, all partials at once or (where one row
+    per program would take 10 waves on the interpreter's 8 SMs) two at a time, and a q-rotation
+    program rotates one or four requests' rows (five requests: the second block has one); every
+    element of q' and of the output is written either way."""
     gen = torch.Generator().manual_seed(11)
     fmt = OscarFormat(64, 32, sink_tokens=4, recent_tokens=8)
     lens = [133, 5, 61, 1, 40]
@@ -121,7 +126,7 @@ def test_the_reduce_and_the_rotation_take_blocks_of_requests(rows, parts, block,
     launch = DecodeLaunch(reduce_rows=rows, rotate_rows=rows, reduce_parts=parts)
     step = decode_step(q, batch.kv_indptr, batch.kv_indices, batch.window_starts, cache, 0.125, num_kv_splits=2,
                        launch=launch)
-    assert step.reduction_block == reduce_block(4, step.parts, len(lens), launch) == block
+    assert step.reduction_block == block
     assert step.rotation_block == rotate_requests(4, len(lens), launch) == rotated
     step.q_rot.fill_(float("nan"))
     step.out.fill_(float("nan"))
@@ -138,9 +143,22 @@ def test_reduce_blocks_are_powers_of_two_within_the_rows():
     assert reduce_block(4, 16, 192, DecodeLaunch(reduce_rows=256)) == (4, 4, 16)
     assert reduce_block(4, 2, 64, DecodeLaunch(reduce_rows=256)) == (4, 4, 2)  # MAX_REDUCE_QUERY_ROWS
     assert reduce_block(32, 2, 1, DecodeLaunch(reduce_rows=256)) == (1, 16, 2)
-    # partials loaded a few at a time leave room for query rows however many there are
-    assert reduce_block(4, 38, 64, DecodeLaunch(reduce_parts=4)) == (4, 4, 4)
-    assert reduce_block(4, 67, 1, DecodeLaunch(reduce_parts=8)) == (1, 4, 8)
+
+
+
+def test_partials_are_merged_in_chunks_where_that_takes_fewer_rounds():
+    # chunks leave room for MAX_REDUCE_QUERY_ROWS query rows however many partials there are
+    assert chunked_reduce_block(4, 64) == (4, 4, 8) and chunked_reduce_block(4, 1) == (1, 4, 8)
+    assert chunked_reduce_block(8, 64, DecodeLaunch(reduce_parts=4)) == (2, 8, 4)
+    # an H100 (132 SMs), GQA 4, H_q 32: chunks where one load per program leaves one row and many
+    # waves (64 requests on a shared prefix, 38 partials), one load where the programs fit a wave
+    assert reduce_plan(4, 32, 38, 64, 132) == (4, 4, 8)
+    assert reduce_plan(4, 32, 67, 1, 132) == (1, 1, 128)
+    assert reduce_plan(4, 32, 11, 8, 132) == (1, 4, 16)
+    assert reduce_plan(4, 32, 5, 32, 132) == (2, 4, 8)  # all partials fit one chunk
+    assert reduce_plan(4, 32, 38, 64, 132, DecodeLaunch(reduce_parts=None)) == (1, 1, 64)
+    assert reduce_rounds(ReduceBlock(1, 1, 64), 38, 64, 32, 132) == 32  # 8192 programs, 264 at once
+    assert reduce_rounds(ReduceBlock(4, 4, 8), 38, 64, 32, 132) == 2 * 5
 
 
 def test_default_split_count_depends_on_shapes_only():

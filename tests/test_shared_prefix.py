@@ -11,6 +11,7 @@ import dataclasses
 
 import pytest
 import torch
+import triton
 from oscar_sglang.kernels import reference as ref
 from oscar_sglang.kernels.decode import DECODE_LAUNCH, INT32_MAX, decode_attention_int2, decode_step
 from oscar_sglang.kernels.format import OscarFormat
@@ -138,9 +139,14 @@ def test_decode_with_shared_prefixes_matches_reference(head_dim, group_size, gqa
     assert_matches(out, ref.decode_attention(*args), dtype)
     alone = decode_attention_int2(*args, num_kv_splits=3)
     torch.testing.assert_close(out.float(), alone.float(), rtol=TIGHT[dtype], atol=TIGHT[dtype])
-    # the reduce merging two partials at a time: the shared ones masked per chunk
-    chunked = decode_attention_int2(*args, shared=shared, num_kv_splits=3, launch=dataclasses.replace(DECODE_LAUNCH, reduce_parts=2))
-    torch.testing.assert_close(chunked.float(), out.float(), rtol=TIGHT[dtype], atol=TIGHT[dtype])
+    # the reduce merging its partials in two chunks (one query row per program otherwise,
+    # reduce_rows 1: many waves), the shared ones masked per chunk
+    parts = decode_step(*args, shared=shared, num_kv_splits=3).parts
+    chunk = triton.next_power_of_2(parts) // 2
+    step = decode_step(*args, shared=shared, num_kv_splits=3,
+                       launch=dataclasses.replace(DECODE_LAUNCH, reduce_rows=1, reduce_parts=chunk))
+    assert step.reduction_block.parts == chunk < parts
+    torch.testing.assert_close(step.run().float(), out.float(), rtol=TIGHT[dtype], atol=TIGHT[dtype])
 
 
 @pytest.mark.parametrize("head_dim, key_bits", [(64, 4), (64, 3), (128, 3)])

@@ -69,9 +69,10 @@ SPLIT_VARIANTS = {
     # query heads of a KV head, then requests, per reduce program while their partials fit 256 rows
     # (64 by default)
     "reduce_rows256": replace(dk.DECODE_LAUNCH, reduce_rows=256),
-    # partials merged 4 / 8 at a time, so the query rows per program do not shrink as they grow
+    # the reduce loading all partials at once everywhere, or merging 4 at a time where the model
+    # prefers chunks (reduce_plan)
+    "reduce_one_load": replace(dk.DECODE_LAUNCH, reduce_parts=None),
     "reduce_parts4": replace(dk.DECODE_LAUNCH, reduce_parts=4),
-    "reduce_parts8": replace(dk.DECODE_LAUNCH, reduce_rows=128, reduce_parts=8),
 }
 # shared-prefix variants: the query rows a block aims at (find_shared_prefixes' dot_rows) and the
 # launch; the first is the library default (wide blocks from WIDE_BLOCKS_MIN_BATCH requests on),
@@ -88,8 +89,8 @@ SHARED_VARIANTS = {  # name: (query rows a block aims at, None: the library's ch
     "rows64_w8": (sp.WIDE_SHARED_DOT_ROWS, replace(dk.DECODE_LAUNCH, shared_warps=8)),
     # shared-prefix steps have 16-64 partials per query row: 4 heads per reduce program up to 256 rows
     "reduce_rows256": (None, replace(dk.DECODE_LAUNCH, reduce_rows=256)),
+    "reduce_one_load": (None, replace(dk.DECODE_LAUNCH, reduce_parts=None)),
     "reduce_parts4": (None, replace(dk.DECODE_LAUNCH, reduce_parts=4)),
-    "reduce_parts8": (None, replace(dk.DECODE_LAUNCH, reduce_rows=128, reduce_parts=8)),
 }
 # write kernel: tokens -> [(tokens per program, warps)]; the library default is timed too
 WRITE_TOKENS = [1, 2, 8, 32, 64, 256, 8192]
@@ -232,7 +233,7 @@ def main():
         reduce_one_row = time_us(one_row.reduce)
         rotate_one_request = time_us(one_row.rotate_q)
         chunked = {}
-        for name in ("reduce_parts4", "reduce_parts8"):
+        for name in ("reduce_one_load", "reduce_parts4"):
             variant = dk.decode_step(*problem.args, launch=SPLIT_VARIANTS[name])
             variant.run()
             chunked[name] = (time_us(variant.reduce), variant.reduction_block)
