@@ -102,21 +102,22 @@ class DecodeLaunch:
     shared_max_registers: int | None = 128
     wide_shared_max_registers: int | None = 255
     # query rows (requests x the GQA group padded, head_block) per q-rotation program, which loads
-    # its slice of R_K once for all of them (rotate_requests; not timed against 1 request per program)
+    # its slice of R_K once for all of them (rotate_requests; on an H100 7.3 against 10.2 us for one
+    # request per program at batch 32, 11.0 against 19.5 at 128: results/h100/tune_decode_pieces.txt)
     rotate_rows: int = 16
     reduce_warps: int = 8
     reduce_dim_programs: int = 4  # reduce programs per query-head block, each producing D / 4 output dims
     # partial rows (requests x query heads x partials, padded to powers of two) a reduce program
-    # merges: the query heads of one KV head, then requests, share a program while they fit, which
-    # loads its slice of R_V once for all of them (reduce_block; on an H200 at batch 32, 4 heads
-    # per program took 16.6 against 51.8 us for one, results/h200/tune_decode_pieces.txt; other
-    # values than 64 and request blocks not timed)
+    # that loads all partials at once merges: the query heads of one KV head, then requests, share
+    # a program while they fit, which loads its slice of R_V once for all of them (reduce_block; on
+    # an H100 13.1 against 51.5 us for one query row per program at batch 32, 27.8 against 98.4 at
+    # 128, results/h100/tune_decode_pieces.txt; 256 beside shared-prefix blocks: tune_decode_shared_reduce_parts.txt)
     reduce_rows: int = 64
     # partials per query row a chunked reduce program loads at a time, merging them online (a power
     # of two; None: never chunked). On an H100 at 64 requests on a 32K prefix (38 partials) 8 at a
     # time took the reduce from 116.6 to 50.9 us (4: 74.5), at 192 (16 partials) 87.4 against
     # 88.8; where the model keeps one load, at batch 1 and 8, chunks were slower
-    # (results/h100/tune_decode_reduce_parts.txt)
+    # (results/h100/tune_decode_shared_reduce_parts.txt, tune_decode_pieces.txt)
     reduce_parts: int | None = 8
     # who runs the split programs (window and INT2): "cuda" (int2_split.cu, wherever
     # `int2_split.serves`, from cuda_min_pairs (request, KV head) pairs on; `split_kernels`) or
