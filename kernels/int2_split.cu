@@ -45,7 +45,8 @@ typedef unsigned char u8;
 #define VAL_TILE_BYTES (TILE * VAL_ROW + (TILE / 4) * VAL_PAD)
 #define STAGE_BYTES (KEY_TILE_BYTES + VAL_TILE_BYTES + 2 * TILE * META_ROW)
 #define PIPE_BYTES (WARPS * STAGES * STAGE_BYTES)
-#define WIN_BATCH 4                            // window rows a warp loads at once (window_program)
+// window rows a warp loads at once (window_program): 4 where timed (D 128, GQA <= 4), 2 where 4 spill (GQA 8; D 64)
+#define WIN_BATCH (GQA > 4 || D < 128 ? 2 : 4)
 #define MERGE_BYTES (4 * (2 * WARPS * 8 + WARPS * 8 * D + 8))
 #define SMEM_BYTES (PIPE_BYTES > MERGE_BYTES ? PIPE_BYTES : MERGE_BYTES)
 #define CODE_UNIT 16777216.0f                  // 2^24: 1 / the value of fp16 mantissa bit 0
