@@ -362,7 +362,8 @@ def test_shared_blocks_of_a_wide_batch_match_reference(head_dim, key_bits):
     """A batch large enough for wide shared-prefix blocks (`shared_prefix.WIDE_BLOCKS_MIN_BATCH`):
     requests on one 6K-token prefix, with own tails of 1 to 300 tokens, read it in the blocks the
     library picks (16 requests: 64 query rows at uncapped registers; 3-bit keys: 4 requests) at
-    its default launch parameters."""
+    its default launch parameters; then with the reduce merging its partials in chunks of 8
+    (`decode.reduce_plan`'s choice once one load per program fits a single query row)."""
     gen = torch.Generator(DEVICE).manual_seed(5)
     fmt = OscarFormat(head_dim, key_bits=key_bits)
     heads, gqa, dtype = 8, 4, torch.bfloat16
@@ -387,4 +388,9 @@ def test_shared_blocks_of_a_wide_batch_match_reference(head_dim, key_bits):
     assert shared.members.shape == (batch_size, shared_prefix.shared_dot_rows(batch_size, key_bits) // gqa)
     out = torch.full_like(q, float("nan"))
     decode_attention_int2(*args, out=out, shared=shared)
-    assert_matches(out, ref.decode_attention(*args), dtype)
+    want = ref.decode_attention(*args)
+    assert_matches(out, want, dtype)
+    step = decode_step(*args, shared=shared, launch=replace(DECODE_LAUNCH, reduce_rows=1, reduce_parts=8))
+    assert step.reduction_block.parts == 8 < step.parts
+    step.out.fill_(float("nan"))
+    assert_matches(step.run(), want, dtype)
