@@ -394,13 +394,18 @@ def head_block(group: int) -> int:
     return max(MIN_DOT_ROWS, triton.next_power_of_2(group))
 
 
-def rotate_requests(block_h: int, batch: int, launch: DecodeLaunch = DECODE_LAUNCH) -> int:
-    """Requests per q-rotation program: the most (a power of two up to the batch) whose rows
-    (block_h each: `head_block`) fit launch.rotate_rows; at least one."""
+def most_requests(batch: int, fits) -> int:
+    """The most requests (a power of two up to the batch) that fits(requests) accepts; at least one."""
     requests = 1
-    while 2 * requests <= batch and 2 * requests * block_h <= launch.rotate_rows:
+    while 2 * requests <= batch and fits(2 * requests):
         requests *= 2
     return requests
+
+
+def rotate_requests(block_h: int, batch: int, launch: DecodeLaunch = DECODE_LAUNCH) -> int:
+    """Requests per q-rotation program: the most whose rows (block_h each: `head_block`) fit
+    launch.rotate_rows (`most_requests`)."""
+    return most_requests(batch, lambda requests: requests * block_h <= launch.rotate_rows)
 
 
 class ReduceBlock(NamedTuple):
@@ -414,14 +419,11 @@ class ReduceBlock(NamedTuple):
 
 def most_query_rows(group: int, batch: int, fits) -> tuple[int, int]:
     """(requests, heads) of the most query rows fits(rows) accepts: heads of one KV head first (a
-    power of two dividing the GQA group), then requests (a power of two up to the batch); at
-    least one of each."""
-    heads = requests = 1
-    while group % (2 * heads) == 0 and fits(requests * 2 * heads):
+    power of two dividing the GQA group), then requests (`most_requests`); at least one of each."""
+    heads = 1
+    while group % (2 * heads) == 0 and fits(2 * heads):
         heads *= 2
-    while 2 * requests <= batch and fits(2 * requests * heads):
-        requests *= 2
-    return requests, heads
+    return most_requests(batch, lambda requests: fits(requests * heads)), heads
 
 
 def reduce_block(group: int, parts: int, batch: int, launch: DecodeLaunch = DECODE_LAUNCH) -> ReduceBlock:

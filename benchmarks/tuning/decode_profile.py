@@ -36,22 +36,20 @@ from oscar_sglang.kernels.format import DEFAULT_KEY_BITS
 POINTS = ["131072x1", "32768x8", "32768x32", "131072x32", "33792x64@32768"]
 SECTIONS = ["SpeedOfLight", "Occupancy", "LaunchStats", "WarpStateStats", "ComputeWorkloadAnalysis"]
 METRICS = ["gpu__time_duration.sum", "dram__bytes_read.sum", "smsp__inst_executed.sum"]
-# record field -> the raw counters that hold it, the first present wins (names differ by ncu version)
+# record field -> the raw counter that holds it (as Nsight Compute 2025.3 names them)
 FIELDS = {
-    "grid": ["launch__grid_size"],
-    "block": ["launch__block_size"],
-    "registers": ["launch__registers_per_thread"],
-    "ns": ["gpu__time_duration.sum"],
-    "dram_read_bytes": ["dram__bytes_read.sum"],
-    "warp_instructions": ["smsp__inst_executed.sum"],
-    "dram_pct": ["gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed",
-                 "dram__throughput.avg.pct_of_peak_sustained_elapsed"],
-    "sm_pct": ["sm__throughput.avg.pct_of_peak_sustained_elapsed"],
-    "issue_per_cycle": ["smsp__issue_active.avg.per_cycle_active"],  # a scheduler's issue slots used
-    "achieved_occupancy_pct": ["sm__warps_active.avg.pct_of_peak_sustained_active"],
-    "theoretical_occupancy_pct": ["sm__maximum_warps_per_active_cycle_pct"],
-    "warp_cycles_per_issue": ["smsp__average_warp_latency_per_inst_issued.ratio",
-                              "smsp__average_warps_issue_stalled_per_issue_active.ratio"],
+    "grid": "launch__grid_size",
+    "block": "launch__block_size",
+    "registers": "launch__registers_per_thread",
+    "ns": "gpu__time_duration.sum",
+    "dram_read_bytes": "dram__bytes_read.sum",
+    "warp_instructions": "smsp__inst_executed.sum",
+    "dram_pct": "gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed",
+    "sm_pct": "sm__throughput.avg.pct_of_peak_sustained_elapsed",
+    "issue_per_cycle": "smsp__issue_active.avg.per_cycle_active",  # a scheduler's issue slots used
+    "achieved_occupancy_pct": "sm__warps_active.avg.pct_of_peak_sustained_active",
+    "theoretical_occupancy_pct": "sm__maximum_warps_per_active_cycle_pct",
+    "warp_cycles_per_issue": "smsp__average_warp_latency_per_inst_issued.ratio",
 }
 OCCUPANCY_LIMITS = {  # what bounds the blocks per SM: launch__occupancy_limit_<name>
     "registers": "launch__occupancy_limit_registers",
@@ -96,10 +94,6 @@ def number(text: str | None) -> float | None:
         return None
 
 
-def first_field(row: dict[str, str], names: list[str]) -> float | None:
-    return next((value for value in (number(row.get(n)) for n in names) if value is not None), None)
-
-
 def top_named(row: dict[str, str], pattern: re.Pattern) -> list[tuple[str, float]]:
     """The TOP largest counters whose names match `pattern`, as (its group 1, value)."""
     found = [(m[1], number(value)) for name, value in row.items()
@@ -110,7 +104,7 @@ def top_named(row: dict[str, str], pattern: re.Pattern) -> list[tuple[str, float
 def kernel_record(row: dict[str, str]) -> dict:
     """One launch's fields (FIELDS), what bounds its occupancy, its busiest pipes and stalls."""
     rec = {"kernel": short_name(row.get("Kernel Name", "?"))}
-    rec.update({field: first_field(row, names) for field, names in FIELDS.items()})
+    rec.update({field: number(row.get(counter)) for field, counter in FIELDS.items()})
     limits = {name: number(row.get(counter)) for name, counter in OCCUPANCY_LIMITS.items()}
     limits = {name: v for name, v in limits.items() if v is not None}
     rec["blocks_per_sm_limit"] = min(limits.values()) if limits else None
