@@ -7,17 +7,21 @@ them and the output is rotated back at the end. Three launches:
 1. `_rotate_q_kernel`, grid (B / requests, H_kv, 4): q' = q · R_K[h] · sm_scale · log2(e), one
    quarter slice of the dims per program for a block of requests (one load of R's slice for all
    of them: the rotation matrices are not in L2 at decode time; `rotate_requests`).
-2. `_decode_split_kernel`, grid (H_kv, B, window programs + splits): programs (h, b, i <
-   WIN_PROGRAMS) read a slice of request b's BF16 window rows (sinks and the recent ring), the
-   others one contiguous range of its INT2 span; each handles all query heads of KV head h, so
-   every KV tile is loaded once per GQA group. Each writes its normalized partial output o' and
-   log2-sum-exp. KV heads vary fastest in launch order, so the programs of one request and
-   split, which read the same slot indices, run together (the codes and meta of one head are
-   contiguous: layer_cache.pool_buffer). With DecodeLaunch.int2_split = "cuda" the same grid
-   runs on a GPU in `int2_split.cu` instead (CUDA C++), which puts positions rather than query
-   heads on the tensor-core rows of its INT2 programs (int2_split.py); beside shared-prefix
-   blocks both kernels run, each request's INT2 programs in one of them by how many positions
-   the request reads alone (`DecodeLaunch.split_kernels`).
+2. `_decode_split_kernel`, grid (H_kv, B, splits + window programs): programs (h, b, i < splits)
+   read one contiguous range of request b's INT2 span, the others a slice of its BF16 window
+   rows (sinks and the recent ring); each handles all query heads of KV head h, so every KV tile
+   is loaded once per GQA group. Each writes its normalized partial output o' and log2-sum-exp.
+   KV heads vary fastest in launch order, so the programs of one request and split, which read
+   the same slot indices, run together (the codes and meta of one head are contiguous:
+   layer_cache.pool_buffer). The long INT2 programs come first in launch order and the short
+   window programs last: the GPU starts thread blocks in about that order, so the window
+   programs fill the SMs as INT2 programs finish, rather than holding back the INT2 programs
+   that do not fit the first wave (at batch 1, 8 KV heads × (64 + 3) programs exceed the 4 × 132
+   an H100 holds at once). With DecodeLaunch.int2_split = "cuda" the same grid runs on a GPU in
+   `int2_split.cu` instead (CUDA C++), which puts positions rather than query heads on the
+   tensor-core rows of its INT2 programs (int2_split.py); beside shared-prefix blocks both
+   kernels run, each request's INT2 programs in one of them by how many positions the request
+   reads alone (`DecodeLaunch.split_kernels`).
 3. `_decode_reduce_kernel`, grid (B / requests, H_q / heads, 4): merges the partials of a block
    of requests × query heads of one KV head and applies R_Vᵀ to a quarter of their dims (the rows
    share the slice of R_V). A program loads all its partials at once (one round trip to memory:
@@ -101,6 +105,11 @@ class DecodeLaunch:
     shared_warps: int = 4
     shared_max_registers: int | None = 128
     wide_shared_max_registers: int | None = 255
+    # programs per SM the shared-prefix splits aim at (`default_num_kv_splits`) with wide blocks.
+    # Two wide programs fit an SM (255 registers), so PROGRAMS_PER_SM, two waves of the four narrow
+    # or split-kernel programs that fit, makes four waves of them (33 splits at 64 requests on a
+    # 32K prefix), each split a partial per query row for the reduce to merge
+    wide_shared_programs_per_sm: int = PROGRAMS_PER_SM
     # query rows (requests x the GQA group padded, head_block) per q-rotation program, which loads
     # its slice of R_K once for all of them (rotate_requests; on an H100 7.3 against 10.2 us for one
     # request per program at batch 32, 11.0 against 19.5 at 128: results/h100/tune_decode_pieces.txt)
@@ -193,7 +202,7 @@ def _decode_split_kernel(
     part_o_ptr, part_lse_ptr, num_q_heads, num_splits, num_parts, cuda_min_span,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, NG: tl.constexpr, KEY_BITS: tl.constexpr,
     S: tl.constexpr, W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    WIN_PROGRAMS: tl.constexpr, WIN_ROWS: tl.constexpr, SHARED: tl.constexpr,
+    WIN_ROWS: tl.constexpr, SHARED: tl.constexpr,
     CODE_BITS: tl.constexpr, CODE_MAX: tl.constexpr, PTX_UNPACK: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
@@ -209,12 +218,13 @@ def _decode_split_kernel(
     end = tl.maximum(start, length - W)
     # SHARED: positions [S, own_start) are read by the request's shared-prefix block
     own_start = tl.load(own_start_ptr + b) if SHARED else start
-    # programs 0..WIN_PROGRAMS-1 read WIN_ROWS window rows each (scheduled first), the next
-    # num_splits programs BLOCK_N-aligned ranges of the INT2 positions the request reads alone
+    # programs 0..num_splits-1 read BLOCK_N-aligned ranges of the INT2 positions the request reads
+    # alone, the next WIN_ROWS window rows each (launch order: the module docstring)
     per_split = tl.cdiv(tl.cdiv(end - own_start, num_splits), BLOCK_N) * BLOCK_N
-    seg_lo = own_start + (split - WIN_PROGRAMS) * per_split
+    seg_lo = own_start + split * per_split
     seg_hi = tl.minimum(seg_lo + per_split, end)
-    is_window = split < WIN_PROGRAMS
+    is_window = split >= num_splits
+    window = split - num_splits
     has_work = (is_window & (length > 0)) | (~is_window & (seg_lo < seg_hi))
     # the INT2 parts of a request reading at least cuda_min_span positions alone are int2_split.cu's
     if is_window | (tl.maximum(end - own_start, 0) < cuda_min_span):
@@ -230,7 +240,7 @@ def _decode_split_kernel(
                     m_i, l_i, a0, a1, a2, a3, q0, q1, q2, q3,
                     k_win_ptr + row0 * stride_ws + hk * stride_wh,
                     v_win_ptr + row0 * stride_ws + hk * stride_wh,
-                    stride_ws, start, end, length, split * WIN_ROWS, tl.minimum((split + 1) * WIN_ROWS, S + W),
+                    stride_ws, start, end, length, window * WIN_ROWS, tl.minimum((window + 1) * WIN_ROWS, S + W),
                     P, S, W, BLOCK_R)
             else:
                 m_i, l_i, a0, a1, a2, a3 = int2_segment(
@@ -392,6 +402,12 @@ def _decode_reduce_kernel(
 def head_block(group: int) -> int:
     """Rows of a query-head block: the GQA group padded to a power of two >= MIN_DOT_ROWS."""
     return max(MIN_DOT_ROWS, triton.next_power_of_2(group))
+
+
+def shared_rows(members: int, group: int) -> int:
+    """Query rows of a shared-prefix block's dot: its members' query heads of one KV head,
+    padded to a power of two; wide blocks have more than shared_prefix.SHARED_DOT_ROWS."""
+    return head_block(members * group)
 
 
 def most_requests(batch: int, fits) -> int:
@@ -559,8 +575,10 @@ def decode_step(
             raise ValueError(f"shared prefixes are for a batch of {shared.members.shape[0]} requests, "
                              f"not of {batch}: find them for this batch's kv_indptr and kv_indices")
         # the reduce kernel merges at most MAX_KV_SPLITS INT2 partials per head in one tile
-        shared_splits = max(1, min(default_num_kv_splits(triton.cdiv(batch, members), kv_heads, q.device),
-                                   MAX_KV_SPLITS - splits))
+        wide = shared_rows(members, group) > SHARED_DOT_ROWS
+        programs_per_sm = launch.wide_shared_programs_per_sm if wide else PROGRAMS_PER_SM
+        shared_splits = max(1, min(default_num_kv_splits(triton.cdiv(batch, members), kv_heads, q.device,
+                                                         programs_per_sm), MAX_KV_SPLITS - splits))
     win = window_programs(fmt, launch)
     parts = win + splits + shared_splits
     return DecodeStep(
@@ -656,9 +674,9 @@ class DecodeStep:
         if self.split_kernels != "cuda":  # the window programs and the requests below cuda_min_span
             self.triton_split(self.cuda_min_span)
         if self.split_kernels != "triton":  # by request, the Triton kernel ran the window programs
-            first = self.win if self.split_kernels == "by_request" else 0
-            programs = int2_split.SplitPrograms(self.splits, self.win, self.launch.window_rows_per_program,
-                                                first, self.cuda_min_span)
+            windows = 0 if self.split_kernels == "by_request" else self.win
+            programs = int2_split.SplitPrograms(self.splits, windows, self.launch.window_rows_per_program,
+                                                self.cuda_min_span)
             int2_split.launch(self.q_rot, self.inputs.kv_indptr, self.inputs.kv_indices, self.inputs.window_starts,
                               None if self.shared is None else self.shared.own_start, self.inputs.cache, self.part_o,
                               self.part_lse, programs, self.launch.cuda_stages, self.launch.cuda_key_chains)
@@ -677,7 +695,7 @@ class DecodeStep:
             self.part_o, self.part_lse, self.inputs.q.shape[1], self.splits, self.parts, cuda_min_span,
             GROUP=self.group, BLOCK_H=head_block(self.group), D=fmt.head_dim, NG=fmt.num_groups,
             KEY_BITS=fmt.key_bits, S=fmt.sink_tokens, W=fmt.recent_tokens, BLOCK_N=launch.block_n,
-            BLOCK_R=launch.block_rows, WIN_PROGRAMS=self.win, WIN_ROWS=launch.window_rows_per_program,
+            BLOCK_R=launch.block_rows, WIN_ROWS=launch.window_rows_per_program,
             SHARED=self.shared is not None, CODE_BITS=CODE_BITS, CODE_MAX=CODE_MAX,
             PTX_UNPACK=not triton.knobs.runtime.interpret, NUM_STAGES=launch.num_stages,
             num_warps=launch.num_warps, maxnreg=launch.max_registers,
@@ -686,18 +704,18 @@ class DecodeStep:
     def shared_blocks(self) -> None:
         cache, fmt, launch, shared = self.inputs.cache, self.inputs.cache.fmt, self.launch, self.shared
         k_meta, v_meta = meta_words(cache.k_meta), meta_words(cache.v_meta)
-        shared_rows = head_block(self.members * self.group)
+        rows = shared_rows(self.members, self.group)
         _decode_shared_kernel[(cache.kv_heads, self.inputs.q.shape[0], self.shared_splits)](
             self.q_rot,
             self.inputs.kv_indptr, self.inputs.kv_indices, shared.members, shared.block_end,
             *code_args(cache),
             k_meta, v_meta, k_meta.stride(0), k_meta.stride(1),
             self.part_o, self.part_lse, self.inputs.q.shape[1], self.shared_splits, self.parts, self.win + self.splits,
-            GROUP=self.group, MEMBERS=self.members, BLOCK_M=shared_rows, D=fmt.head_dim, NG=fmt.num_groups,
+            GROUP=self.group, MEMBERS=self.members, BLOCK_M=rows, D=fmt.head_dim, NG=fmt.num_groups,
             KEY_BITS=fmt.key_bits, S=fmt.sink_tokens, BLOCK_N=launch.block_n,
             CODE_BITS=CODE_BITS, CODE_MAX=CODE_MAX, PTX_UNPACK=not triton.knobs.runtime.interpret,
             NUM_STAGES=launch.num_stages, num_warps=launch.shared_warps,
-            maxnreg=(launch.shared_max_registers if shared_rows <= SHARED_DOT_ROWS
+            maxnreg=(launch.shared_max_registers if rows <= SHARED_DOT_ROWS
                      else launch.wide_shared_max_registers),
         )
 

@@ -1,13 +1,15 @@
 // INT2 split programs of the decode step in CUDA C++ (compiled at run time by NVRTC: int2_split.py).
 //
-// Program (h, b, z = first_program + blockIdx.z) attends KV head h's query heads (the GQA group,
-// <= 8) of request b to
-//   * z < WIN_PROGRAMS: its BF16 window rows [z * WIN_ROWS, (z + 1) * WIN_ROWS) (sinks and ring);
-//   * else: split z - WIN_PROGRAMS of the INT2 positions it reads alone, if they number at least
+// Program (h, b, z = blockIdx.z) attends KV head h's query heads (the GQA group, <= 8) of
+// request b to
+//   * z < num_splits: split z of the INT2 positions it reads alone, if they number at least
 //     min_span (its own span: the Triton kernel takes the requests with less);
+//   * else: its BF16 window rows [w * WIN_ROWS, (w + 1) * WIN_ROWS), w = z - num_splits (sinks
+//     and ring);
 // and writes their partial (normalized o', log2-sum-exp) as part z, exactly as
-// `_decode_split_kernel`'s programs do (decode.py): one launch for all of a step's split programs,
-// or, from first_program = WIN_PROGRAMS on, for the INT2 programs of the requests it takes.
+// `_decode_split_kernel`'s programs do (decode.py, which says why the window programs come last):
+// one launch for all of a step's split programs, or, on a grid of num_splits, for the INT2
+// programs of the requests it takes.
 //
 // Why not Triton: a Triton dot needs 16 query rows, so the 4-8 heads of a GQA group are padded,
 // the unpacked codes take a round trip through shared memory to reach the dot's operand layout,
@@ -25,7 +27,7 @@
 // (values), scale and minimum applied per position after the dot.
 //
 // Generated before this text (int2_split.py): D, P, KEY_BYTES, NG, GROUP_SIZE, GQA, S_TOK, W_TOK,
-// WIN_PROGRAMS, WIN_ROWS, WIN_DIMS, SHARED, STAGES, KEY_CHAINS, INDPTR_T, INDEX_T, WSTART_T, WARPS,
+// WIN_ROWS, WIN_DIMS, SHARED, STAGES, KEY_CHAINS, INDPTR_T, INDEX_T, WSTART_T, WARPS,
 // KEY_CHUNK, VALUE_CHUNK, META_ROW, KEY_REGS, KEY_WORDS, load_key_words, key_reg, key_mma_group and the query fragment's Q_STEP_T0, Q_STEP_T1,
 // q_thread_weight, q_thread_sum, key_q_dim, key_q_scale, key_q_sum (int2_split.query_fragment).
 
@@ -225,14 +227,14 @@ __device__ __forceinline__ void load_bf16(const u16* p, float* f) {
   }
 }
 
-// Window program z: rows [z * WIN_ROWS, ...) of the request's S_TOK sink rows (valid below
+// Window program w: rows [w * WIN_ROWS, ...) of the request's S_TOK sink rows (valid below
 // `start`) and W_TOK ring rows (position p in row S_TOK + (p - S_TOK) mod W_TOK, valid for
 // p in [end, length)), WIN_BATCH rows at a time per warp: lane l holds dims
 // [l * WIN_DIMS, +WIN_DIMS) of every query head, in fp32 (the rows are exact in it). A warp loads
 // all rows of a batch before scoring any, so their loads wait on memory together, and takes
 // one online-softmax step per batch.
 __device__ __forceinline__ void window_program(
-    const float* q, const u16* k_row0, const u16* v_row0, u32 stride_ws, int z, int start, int end, int length,
+    const float* q, const u16* k_row0, const u16* v_row0, u32 stride_ws, int w, int start, int end, int length,
     const Merge& merge) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   float qv[GQA][WIN_DIMS], o[GQA][WIN_DIMS], m[GQA], l[GQA];
@@ -247,8 +249,8 @@ __device__ __forceinline__ void window_program(
     }
   }
   const int first = (((end - S_TOK) % W_TOK) + W_TOK) % W_TOK;  // ring row of position `end`
-  const int row_hi = min((z + 1) * WIN_ROWS, S_TOK + W_TOK);
-  for (int r0 = z * WIN_ROWS + warp; r0 < row_hi; r0 += WARPS * WIN_BATCH) {
+  const int row_hi = min((w + 1) * WIN_ROWS, S_TOK + W_TOK);
+  for (int r0 = w * WIN_ROWS + warp; r0 < row_hi; r0 += WARPS * WIN_BATCH) {
     float kf[WIN_BATCH][WIN_DIMS], vf[WIN_BATCH][WIN_DIMS];
     bool valid[WIN_BATCH];
 #pragma unroll
@@ -318,9 +320,9 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) oscar_int2_split(
     u32 stride_kcs, unsigned long long stride_kch, u32 stride_vcs, unsigned long long stride_vch,
     const u8* __restrict__ k_meta, const u8* __restrict__ v_meta, u32 stride_ms, unsigned long long stride_mh,
     float* __restrict__ part_o, float* __restrict__ part_lse, int num_q_heads, int num_splits, int num_parts,
-    int first_program, int min_span) {
+    int min_span) {
   __shared__ __align__(16) u8 smem[SMEM_BYTES];
-  const int hk = blockIdx.x, b = blockIdx.y, z = first_program + blockIdx.z;
+  const int hk = blockIdx.x, b = blockIdx.y, z = blockIdx.z;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const long long row0 = (long long)b * num_q_heads + hk * GQA;  // the group's first query head
   const Merge merge(smem);
@@ -329,14 +331,15 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) oscar_int2_split(
   const int length = (int)kv_indptr[b + 1] - kv_lo;
   const int start = min(S_TOK, length);
   const int end = max(start, length - W_TOK);
-  if (z < WIN_PROGRAMS) {
+  if (z >= num_splits) {
     const unsigned long long window =
         (unsigned long long)window_starts[b] * stride_ws + (unsigned long long)hk * stride_wh;
-    window_program(qr + row0 * D, k_window + window, v_window + window, stride_ws, z, start, end, length, merge);
+    window_program(qr + row0 * D, k_window + window, v_window + window, stride_ws, z - num_splits, start, end, length,
+                   merge);
   } else {
 
     // this program's positions [lo, hi) of the request's INT2 span, as decode.py splits it
-    const int split = z - WIN_PROGRAMS;
+    const int split = z;
     const int own = SHARED ? own_start[b] : start;
     const int span = max(end - own, 0);
     if (span < min_span) return;  // decode.py's Triton kernel writes this request's parts

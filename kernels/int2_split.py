@@ -188,15 +188,14 @@ def meta_row(fmt: OscarFormat) -> int:
 class SplitKernel:
     """One compiled variant of int2_split.cu: the format, the GQA group (query heads per KV
     head), the widths in bits of kv_indptr, kv_indices and window_starts, whether requests read
-    a shared prefix elsewhere (own_start), the programs per (request, KV head) that read the BF16
-    window rows and the rows each reads (decode.window_programs), the cp.async pipeline depth per
-    warp and the number of independent accumulators the key MMAs of a tile alternate between."""
+    a shared prefix elsewhere (own_start), the BF16 window rows a window program reads
+    (DecodeLaunch.window_rows_per_program), the cp.async pipeline depth per warp and the number
+    of independent accumulators the key MMAs of a tile alternate between."""
 
     fmt: OscarFormat
     gqa: int
     index_bits: tuple[int, int, int]
     shared: bool
-    window_programs: int
     window_rows: int
     stages: int
     key_chains: int
@@ -209,8 +208,8 @@ def generated_header(kernel: SplitKernel) -> str:
     lines = [f"#define {name} {value}" for name, value in (
         ("D", fmt.head_dim), ("P", fmt.packed_dim), ("KEY_BYTES", fmt.key_packed_dim), ("NG", fmt.num_groups),
         ("GROUP_SIZE", fmt.group_size), ("GQA", kernel.gqa), ("S_TOK", fmt.sink_tokens),
-        ("W_TOK", fmt.recent_tokens), ("WIN_PROGRAMS", kernel.window_programs),
-        ("WIN_ROWS", kernel.window_rows), ("WIN_DIMS", window_lane_dims(fmt)), ("SHARED", int(kernel.shared)),
+        ("W_TOK", fmt.recent_tokens), ("WIN_ROWS", kernel.window_rows), ("WIN_DIMS", window_lane_dims(fmt)),
+        ("SHARED", int(kernel.shared)),
         ("STAGES", kernel.stages), ("KEY_CHAINS", max(1, kernel.key_chains // fmt.num_groups)),
         ("INDPTR_T", C_INTS[kernel.index_bits[0]]), ("INDEX_T", C_INTS[kernel.index_bits[1]]),
         ("WSTART_T", C_INTS[kernel.index_bits[2]]),
@@ -344,22 +343,21 @@ def check_layout(cache: LayerCache) -> list[int]:
 
 @dataclass(frozen=True)
 class SplitPrograms:
-    """The split programs one launch runs for each (request, KV head): parts `first` ..
-    window_programs + splits - 1 of the step's (0: the window programs too; window_programs:
-    the INT2 ones only), and of the INT2 programs those of the requests whose own span (INT2
-    positions read alone) is at least min_span; decode.py's Triton split kernel runs the rest."""
+    """The split programs one launch runs for each (request, KV head): the INT2 parts 0 ..
+    splits - 1 of the requests whose own span (INT2 positions read alone) is at least min_span,
+    then window_programs window parts (0: decode.py's Triton split kernel runs them, and the INT2
+    parts of the other requests)."""
 
     splits: int
     window_programs: int
     window_rows: int  # rows per window program
-    first: int = 0
     min_span: int = 0
 
 
 def launch(qr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, window_starts: torch.Tensor,
            own_start: torch.Tensor | None, cache: LayerCache, part_o: torch.Tensor, part_lse: torch.Tensor,
            programs: SplitPrograms, stages: int, key_chains: int) -> None:
-    """Launch grid (H_kv, B, window programs + splits - programs.first) on the current stream
+    """Launch grid (H_kv, B, splits + window programs) on the current stream
     (capturable in a CUDA graph).
 
     qr: [B, H_q, D] fp32 rotated, pre-scaled queries (decode.py's q_rot); kv_indptr [B + 1],
@@ -375,8 +373,7 @@ def launch(qr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, 
     gqa = q_heads // kv_heads
     index_bits = tuple(torch.iinfo(x.dtype).bits for x in (kv_indptr, kv_indices, window_starts))
     strides = check_layout(cache)  # before compiling: a pool the copies cannot read fails at once
-    kernel = SplitKernel(fmt, gqa, index_bits, own_start is not None, programs.window_programs,
-                         programs.window_rows, stages, key_chains)
+    kernel = SplitKernel(fmt, gqa, index_bits, own_start is not None, programs.window_rows, stages, key_chains)
     function = _function(qr.device.index, kernel)
     args = [ctypes.c_void_p(x.data_ptr()) for x in (qr, kv_indptr, kv_indices)]
     args.append(ctypes.c_void_p((own_start if own_start is not None else kv_indptr).data_ptr()))
@@ -390,9 +387,9 @@ def launch(qr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, 
     args += [slot_head[i % 2](s) for i, s in enumerate(strides[4:])]
     args += [ctypes.c_void_p(part_o.data_ptr()), ctypes.c_void_p(part_lse.data_ptr())]
     args += [ctypes.c_int(q_heads), ctypes.c_int(programs.splits), ctypes.c_int(part_o.shape[2])]
-    args += [ctypes.c_int(programs.first), ctypes.c_int(programs.min_span)]
+    args.append(ctypes.c_int(programs.min_span))
     pointers = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
     stream = torch.cuda.current_stream(qr.device).cuda_stream
-    grid_z = programs.window_programs + programs.splits - programs.first
+    grid_z = programs.splits + programs.window_programs
     _checked(driver.cuLaunchKernel(function, kv_heads, batch, grid_z, WARPS * 32, 1, 1, 0, stream,
                                    ctypes.addressof(pointers), 0))

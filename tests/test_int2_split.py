@@ -11,7 +11,7 @@ import pytest
 import torch
 from oscar_sglang.kernels import int2_split
 from oscar_sglang.kernels import reference as ref
-from oscar_sglang.kernels.decode import DECODE_LAUNCH, window_programs
+from oscar_sglang.kernels.decode import DECODE_LAUNCH
 from oscar_sglang.kernels.format import SUPPORTED_GROUP_SIZES, SUPPORTED_KEY_BITS, OscarFormat
 
 from kernel_cases import make_cache
@@ -69,9 +69,8 @@ def test_registers_pair_within_groups_and_fill_the_mma():
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=str)
 def test_nvrtc_compiles_for_sm90_without_spills(fmt):
-    win = window_programs(fmt, DECODE_LAUNCH)
     for gqa, shared, index_bits in ((4, False, (32, 32, 32)), (8, True, (64, 64, 64)), (1, False, (32, 64, 32))):
-        kernel = int2_split.SplitKernel(fmt, gqa, index_bits, shared, win, DECODE_LAUNCH.window_rows_per_program,
+        kernel = int2_split.SplitKernel(fmt, gqa, index_bits, shared, DECODE_LAUNCH.window_rows_per_program,
                                         DECODE_LAUNCH.cuda_stages, DECODE_LAUNCH.cuda_key_chains)
         log = int2_split.compile_kernel(kernel, "sm_90").log
         spilled = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]

@@ -13,7 +13,8 @@ import pytest
 import torch
 import triton
 from oscar_sglang.kernels import reference as ref
-from oscar_sglang.kernels.decode import DECODE_LAUNCH, INT32_MAX, decode_attention_int2, decode_step
+from oscar_sglang.kernels.decode import (DECODE_LAUNCH, INT32_MAX, PROGRAMS_PER_SM, decode_attention_int2,
+                                        decode_step, default_num_kv_splits)
 from oscar_sglang.kernels.format import OscarFormat
 from oscar_sglang.kernels import shared_prefix
 from oscar_sglang.kernels.shared_prefix import block_members, find_shared_prefixes
@@ -170,6 +171,30 @@ def test_larger_blocks_match_reference(dot_rows, head_dim, key_bits, nan_scratch
     assert_matches(out, ref.decode_attention(*args), torch.bfloat16)
 
 
+def test_wide_blocks_aim_their_splits_at_the_programs_that_fit():
+    """Shared-prefix splits follow DecodeLaunch.wide_shared_programs_per_sm over wide blocks (two
+    of their programs fit an SM) and the split kernel's PROGRAMS_PER_SM over narrow ones."""
+    gen = torch.Generator().manual_seed(7)
+    fmt = OscarFormat(64, 32, sink_tokens=4, recent_tokens=8)
+    gqa, kv_heads = 4, 2
+    requests = [(0, 120, 5)] * 20
+    cache = make_cache(fmt, kv_heads, 120 + 5 * len(requests) + 16, len(requests) + 2, True, gen)
+    batch = fill_shared_requests(cache, [120], requests, torch.bfloat16, torch.int32, gen)
+    q = torch.randn(len(requests), kv_heads * gqa, 64, generator=gen).to(torch.bfloat16)
+    args = (q, batch.kv_indptr, batch.kv_indices, batch.window_starts, cache, 0.125)
+    for dot_rows in (shared_prefix.SHARED_DOT_ROWS, shared_prefix.WIDE_SHARED_DOT_ROWS):
+        shared = find_shared_prefixes(batch.kv_indptr, batch.kv_indices, fmt, gqa, dot_rows)
+        blocks = triton.cdiv(len(requests), dot_rows // gqa)
+        for programs_per_sm in (8, 2):
+            launch = dataclasses.replace(DECODE_LAUNCH, wide_shared_programs_per_sm=programs_per_sm)
+            aimed = programs_per_sm if dot_rows > shared_prefix.SHARED_DOT_ROWS else PROGRAMS_PER_SM
+            expected = default_num_kv_splits(blocks, kv_heads, q.device, aimed)
+            assert decode_step(*args, shared=shared, num_kv_splits=2, launch=launch).shared_splits == expected
+    wide = [decode_step(*args, shared=shared, num_kv_splits=2, launch=dataclasses.replace(
+        DECODE_LAUNCH, wide_shared_programs_per_sm=n)).shared_splits for n in (8, 2)]
+    assert wide[1] < wide[0], wide
+
+
 def test_by_request_the_triton_kernel_leaves_long_own_spans_to_the_cuda_kernel():
     """Split by request (`DecodeLaunch.split_kernels`), the Triton split kernel writes every
     request's window parts and the INT2 parts of the requests reading fewer than cuda_min_span
@@ -195,14 +220,14 @@ def test_by_request_the_triton_kernel_leaves_long_own_spans_to_the_cuda_kernel()
     step.part_o.fill_(float("nan"))
     step.part_lse.fill_(float("nan"))
     step.triton_split(min_span)
-    int2_parts = slice(step.win, step.win + step.splits)
+    int2_parts, window_parts = slice(0, step.splits), slice(step.splits, step.splits + step.win)
     lengths = batch.kv_indptr.diff().tolist()
     own_spans = [max(fmt.int2_span(n)[1] - int(own), 0) for n, own in zip(lengths, step.shared.own_start)]
     assert min(own_spans) < min_span <= max(own_spans), "the batch must have requests on both sides"
     for b, span in enumerate(own_spans):
-        mine = slice(0, step.win + (step.splits if span < min_span else 0))
-        torch.testing.assert_close(step.part_lse[b, :, mine], whole_lse[b, :, mine], equal_nan=True)
-        torch.testing.assert_close(step.part_o[b, :, mine], whole_o[b, :, mine], equal_nan=True)
+        for mine in [window_parts] + ([int2_parts] if span < min_span else []):
+            torch.testing.assert_close(step.part_lse[b, :, mine], whole_lse[b, :, mine], equal_nan=True)
+            torch.testing.assert_close(step.part_o[b, :, mine], whole_o[b, :, mine], equal_nan=True)
         if span >= min_span:
             assert step.part_lse[b, :, int2_parts].isnan().all() and step.part_o[b, :, int2_parts].isnan().all()
 

@@ -143,13 +143,11 @@ def describe_cuda_split(head_dim: int, key_bits: int, decode_launch) -> dict:
     GPU (kernels/int2_split.py), compiled by NVRTC for sm_90 as decode launches it for this layer
     (its report from ptxas's log)."""
     from oscar_sglang.kernels import int2_split
-    from oscar_sglang.kernels.decode import window_programs
     from oscar_sglang.kernels.format import OscarFormat
 
     fmt = OscarFormat(head_dim, key_bits=key_bits)
-    kernel = int2_split.SplitKernel(fmt, Q_HEADS // KV_HEADS, (32, 32, 32), False, window_programs(fmt, decode_launch),
-                                    decode_launch.window_rows_per_program, decode_launch.cuda_stages,
-                                    decode_launch.cuda_key_chains)
+    kernel = int2_split.SplitKernel(fmt, Q_HEADS // KV_HEADS, (32, 32, 32), False, decode_launch.window_rows_per_program,
+                                    decode_launch.cuda_stages, decode_launch.cuda_key_chains)
     compiled = int2_split.compile_kernel(kernel, f"sm_{TARGET.arch}")
     usage = re.search(r"Used (\d+) registers.*?(\d+) bytes smem", compiled.log)
     stack = re.search(r"(\d+) bytes stack frame", compiled.log)
