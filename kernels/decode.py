@@ -292,7 +292,7 @@ def _store_partial(part_o_ptr, part_lse_ptr, part, ok, m_i, l_i, a0, a1, a2, a3,
 @triton.jit(do_not_specialize=["num_shared_splits", "num_parts", "first_part"])
 def _decode_shared_kernel(
     qr_ptr,
-    kv_indptr_ptr, kv_indices_ptr, members_ptr, block_end_ptr,
+    kv_indptr_ptr, kv_indices_ptr, members_ptr, block_end_ptr, sharing_ptr,
     k_codes_ptr, v_codes_ptr, stride_kcs, stride_kch, stride_vcs, stride_vch,
     k_meta_ptr, v_meta_ptr, stride_ms, stride_mh,
     part_o_ptr, part_lse_ptr, num_q_heads, num_shared_splits, num_parts, first_part,
@@ -301,19 +301,19 @@ def _decode_shared_kernel(
     CODE_BITS: tl.constexpr, CODE_MAX: tl.constexpr, PTX_UNPACK: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
-    """Program (h, i, j): split j of the INT2 positions [S, block_end[i]) that the members of
-    shared-prefix block i (`shared_prefix.SharedPrefixes`) hold in the same slots, read through
-    the block's first member, for the query heads of KV head h of every member at once (row r:
-    member r // GROUP, head r % GROUP). Writes each member's partial `first_part + j`."""
+    """Program (h, i, j): split j of the INT2 positions [S, block_end[k]) that the members of
+    shared-prefix block k hold in the same slots, read through the block's first member, for the
+    query heads of KV head h of every member at once (row r: member r // GROUP, head r % GROUP),
+    for the blocks k = i, i + the programs along axis 1, ... below the number of blocks that
+    share positions (`shared_prefix.SharedPrefixes`: they come first; the grid is static, the
+    number found on the device). Writes each member's partial `first_part + j`."""
     P: tl.constexpr = D // 4
     hk = tl.program_id(0)
     pool_head = hk.to(tl.int64)  # the pool is head-major: head offsets pass 2^31 bytes
-    blk = tl.program_id(1)
     split = tl.program_id(2)
-    lead = tl.load(members_ptr + blk * MEMBERS)
-    shared_end = tl.load(block_end_ptr + blk)
-    # a block of one request shares nothing (block_end = S): the reduce kernel skips its parts
-    if (lead >= 0) & (shared_end > S):
+    for blk in range(tl.program_id(1), tl.load(sharing_ptr), tl.num_programs(1)):
+        lead = tl.load(members_ptr + blk * MEMBERS)
+        shared_end = tl.load(block_end_ptr + blk)
         rows = tl.arange(0, BLOCK_M)
         member = tl.load(members_ptr + blk * MEMBERS + rows // GROUP, mask=rows < MEMBERS * GROUP, other=-1)
         row_ok = member >= 0
@@ -705,9 +705,11 @@ class DecodeStep:
         cache, fmt, launch, shared = self.inputs.cache, self.inputs.cache.fmt, self.launch, self.shared
         k_meta, v_meta = meta_words(cache.k_meta), meta_words(cache.v_meta)
         rows = shared_rows(self.members, self.group)
-        _decode_shared_kernel[(cache.kv_heads, self.inputs.q.shape[0], self.shared_splits)](
+        # programs along axis 1: as many as there are blocks when every block is full
+        block_programs = triton.cdiv(self.inputs.q.shape[0], self.members)
+        _decode_shared_kernel[(cache.kv_heads, block_programs, self.shared_splits)](
             self.q_rot,
-            self.inputs.kv_indptr, self.inputs.kv_indices, shared.members, shared.block_end,
+            self.inputs.kv_indptr, self.inputs.kv_indices, shared.members, shared.block_end, shared.sharing,
             *code_args(cache),
             k_meta, v_meta, k_meta.stride(0), k_meta.stride(1),
             self.part_o, self.part_lse, self.inputs.q.shape[1], self.shared_splits, self.parts, self.win + self.splits,

@@ -14,7 +14,10 @@ captured in a CUDA graph:
    consecutive requests (the first member of a block is its leader);
 3. each request's common span with its leader: `_common_span_kernel` compares their slots from
    position S on, a tile at a time, and stops at the first difference or at the shorter INT2 end;
-4. block end e = the smallest common end of its members; a block of one request gets e = S.
+4. block end e = the smallest common end of its members; a block of one request gets e = S;
+5. the blocks of two or more requests, which share positions, are moved first (in order), so
+   the decode kernel's programs loop over those alone: launched for every possible block, as a
+   static grid must be, most would find nothing to read.
 Request b then reads INT2 positions [S, e) through its block and [e, end_b) alone (a request
 of a one-request block: [start_b, end_b)).
 """
@@ -42,17 +45,20 @@ COMMON_SPAN_BLOCK = 1024  # positions compared per step of `_common_span_kernel`
 
 @dataclass
 class SharedPrefixes:
-    """Blocks of requests that share INT2 positions [S, block_end) (block i's row; blocks past
-    the last one have no members). B = the batch size; every request is in exactly one block.
+    """Blocks of requests that share INT2 positions [S, block_end) (block i's row; the
+    `sharing` blocks of two or more requests come first, blocks past the last one have no
+    members). B = the batch size; every request is in exactly one block.
 
     members: [B, R] int32 request ids of each block, -1 where none (R = members per block);
     block_end: [B] int32 end of each block's shared positions (S when nothing is shared);
-    own_start: [B] int32 first INT2 position request b reads alone.
+    own_start: [B] int32 first INT2 position request b reads alone;
+    sharing: [1] int32 the number of blocks of two or more requests.
     """
 
     members: torch.Tensor
     block_end: torch.Tensor
     own_start: torch.Tensor
+    sharing: torch.Tensor
 
 
 def shared_dot_rows(batch: int, key_bits: int) -> int:
@@ -132,4 +138,5 @@ def find_shared_prefixes(kv_indptr: torch.Tensor, kv_indices: torch.Tensor, fmt:
     grouped = (block >= 0).sum(dim=1) > 1
     block_end = torch.where(grouped, shared_end, sinks).to(torch.int32)
     own_start = torch.where(grouped[block_of], block_end[block_of].long(), start).to(torch.int32)
-    return SharedPrefixes(block, block_end, own_start)
+    first = torch.sort((~grouped).to(torch.uint8), stable=True).indices  # step 5
+    return SharedPrefixes(block[first], block_end[first], own_start, grouped.sum().to(torch.int32).reshape(1))

@@ -63,6 +63,8 @@ def test_blocks_group_requests_by_their_shared_slots():
         if members:
             blocks[members] = end
     assert sorted(b for members in blocks for b in members) == list(range(len(requests)))
+    sizes = (shared.members >= 0).sum(dim=1).tolist()
+    assert int(shared.sharing) == 2 and sorted(sizes[:2]) == [2, 4] and max(sizes[2:]) == 1, sizes
     lengths = [shared + own for _, shared, own in requests]
     ends = [fmt.int2_span(n)[1] for n in lengths]
     group0 = [0, 2, 4, 5, 7]
@@ -81,6 +83,7 @@ def test_blocks_of_a_batch_without_positions():
     fmt = OscarFormat(64, 64, sink_tokens=4, recent_tokens=8)
     shared = find_shared_prefixes(torch.zeros(3, dtype=torch.int32), torch.zeros(0, dtype=torch.int32), fmt, 4)
     assert shared.block_end.tolist() == [4, 4] and shared.own_start.tolist() == [0, 0]
+    assert shared.sharing.tolist() == [0]
 
 
 def fill_shared_requests(cache, prefix_lens, requests, dtype, index_dtype, gen):
@@ -148,6 +151,28 @@ def test_decode_with_shared_prefixes_matches_reference(head_dim, group_size, gqa
                        launch=dataclasses.replace(DECODE_LAUNCH, reduce_rows=1, reduce_parts=chunk))
     assert step.reduction_block.parts == chunk < parts
     torch.testing.assert_close(step.run().float(), out.float(), rtol=TIGHT[dtype], atol=TIGHT[dtype])
+
+
+def test_more_sharing_blocks_than_block_programs_match_reference(nan_scratch):
+    """Six prefixes held by two requests each: blocks of 4 members leave 3 programs per split and
+    KV head for 6 sharing blocks, so each program loops over two."""
+    gen = torch.Generator().manual_seed(11)
+    fmt = OscarFormat(64, 32, sink_tokens=4, recent_tokens=8, key_bits=4)
+    gqa, kv_heads = 4, 2
+    prefix_lens = [50, 61, 33, 90, 47, 70]
+    requests = [(g, n, 3 + 5 * g + b) for g, n in enumerate(prefix_lens) for b in range(2)]
+    cache = make_cache(fmt, kv_heads, sum(prefix_lens) + sum(own for *_, own in requests) + 16,
+                       len(requests) + 2, True, gen)
+    batch = fill_shared_requests(cache, prefix_lens, requests, torch.bfloat16, torch.int32, gen)
+    q = torch.randn(len(requests), kv_heads * gqa, 64, generator=gen).to(torch.bfloat16)
+    args = (q, batch.kv_indptr, batch.kv_indices, batch.window_starts, cache, 0.125)
+    shared = find_shared_prefixes(batch.kv_indptr, batch.kv_indices, fmt, gqa)
+    members = shared.members.shape[1]
+    assert int(shared.sharing) == len(prefix_lens) > triton.cdiv(len(requests), members)
+    assert ((shared.members >= 0).sum(dim=1) > 1).tolist() == [True] * 6 + [False] * 6, "sharing blocks first"
+    out = torch.full_like(q, float("nan"))
+    decode_attention_int2(*args, out=out, shared=shared, num_kv_splits=2)
+    assert_matches(out, ref.decode_attention(*args), torch.bfloat16)
 
 
 @pytest.mark.parametrize("head_dim, key_bits", [(64, 4), (64, 3), (128, 3)])
