@@ -105,11 +105,14 @@ class DecodeLaunch:
     shared_warps: int = 4
     shared_max_registers: int | None = 128
     wide_shared_max_registers: int | None = 255
-    # programs per SM the shared-prefix splits aim at (`default_num_kv_splits`) with wide blocks.
-    # Two wide programs fit an SM (255 registers), so PROGRAMS_PER_SM, two waves of the four narrow
-    # or split-kernel programs that fit, makes four waves of them (33 splits at 64 requests on a
-    # 32K prefix), each split a partial per query row for the reduce to merge
-    wide_shared_programs_per_sm: int = PROGRAMS_PER_SM
+    # programs per SM the shared-prefix splits aim at (`default_num_kv_splits`) with wide blocks:
+    # one wave of the two that fit an SM at 255 registers. PROGRAMS_PER_SM (two waves of the four
+    # narrow or split-kernel programs that fit) made four waves of short programs and a partial per
+    # split and query row for the reduce: on an H100 at 64 requests on a 32K prefix 8 splits took
+    # the step from 268.6 to 226.7 us against 33 (16 splits: 238.5), the reduce from 50.6 to 25.5 us
+    # (13 partials against 38); 192 requests get 11 splits either way
+    # (results/h100/tune_decode_shared.txt, variants wide_splits2 and wide_splits4)
+    wide_shared_programs_per_sm: int = 2
     # query rows (requests x the GQA group padded, head_block) per q-rotation program, which loads
     # its slice of R_K once for all of them (rotate_requests; on an H100 7.3 against 10.2 us for one
     # request per program at batch 32, 11.0 against 19.5 at 128: results/h100/tune_decode_pieces.txt)
@@ -120,13 +123,13 @@ class DecodeLaunch:
     # that loads all partials at once merges: the query heads of one KV head, then requests, share
     # a program while they fit, which loads its slice of R_V once for all of them (reduce_block; on
     # an H100 13.1 against 51.5 us for one query row per program at batch 32, 27.8 against 98.4 at
-    # 128, results/h100/tune_decode_pieces.txt; 256 beside shared-prefix blocks: tune_decode_shared_reduce_parts.txt)
+    # 128, results/h100/tune_decode_pieces.txt; 256 beside shared-prefix blocks: tune_decode_shared.txt)
     reduce_rows: int = 64
     # partials per query row a chunked reduce program loads at a time, merging them online (a power
-    # of two; None: never chunked). On an H100 at 64 requests on a 32K prefix (38 partials) 8 at a
-    # time took the reduce from 116.6 to 50.9 us (4: 74.5), at 192 (16 partials) 87.4 against
-    # 88.8; where the model keeps one load, at batch 1 and 8, chunks were slower
-    # (results/h100/tune_decode_shared_reduce_parts.txt, tune_decode_pieces.txt)
+    # of two; None: never chunked). On an H100 at 64 requests on a 32K prefix (38 partials, 33
+    # shared splits) 8 at a time took the reduce from 118.6 to 50.6 us (4: 74.2), at 192 (16
+    # partials) 87.3 against 88.7; where the model keeps one load, at batch 1 and 8, chunks were
+    # slower (results/h100/tune_decode_shared.txt, tune_decode_pieces.txt)
     reduce_parts: int | None = 8
     # who runs the split programs (window and INT2): "cuda" (int2_split.cu, wherever
     # `int2_split.serves`, from cuda_min_pairs (request, KV head) pairs on; `split_kernels`) or

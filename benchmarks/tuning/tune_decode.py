@@ -91,10 +91,10 @@ SHARED_VARIANTS = {  # name: (query rows a block aims at, None: the library's ch
     "reduce_rows256": (None, replace(dk.DECODE_LAUNCH, reduce_rows=256)),
     "reduce_one_load": (None, replace(dk.DECODE_LAUNCH, reduce_parts=None)),
     "reduce_parts4": (None, replace(dk.DECODE_LAUNCH, reduce_parts=4)),
-    # wide blocks' splits aimed at two waves or one of the two programs that fit an SM (16 or 8 splits
-    # at 64 requests on a 32K prefix, against 33): longer programs, fewer partials to merge
+    # wide blocks' splits aimed at two or four waves of the two programs that fit an SM rather than
+    # one (16 or 33 splits at 64 requests on a 32K prefix, against 8)
     "wide_splits4": (None, replace(dk.DECODE_LAUNCH, wide_shared_programs_per_sm=4)),
-    "wide_splits2": (None, replace(dk.DECODE_LAUNCH, wide_shared_programs_per_sm=2)),
+    "wide_splits8": (None, replace(dk.DECODE_LAUNCH, wide_shared_programs_per_sm=8)),
 }
 # write kernel: tokens -> [(tokens per program, warps)]; the library default is timed too
 WRITE_TOKENS = [1, 2, 8, 32, 64, 256, 8192]
