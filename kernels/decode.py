@@ -16,12 +16,12 @@ them and the output is rotated back at the end. Three launches:
    layer_cache.pool_buffer). The long INT2 programs come first in launch order and the short
    window programs last: the GPU starts thread blocks in about that order, so the window
    programs fill the SMs as INT2 programs finish, rather than holding back the INT2 programs
-   that do not fit the first wave (at batch 1, 8 KV heads × (64 + 3) programs exceed the 4 × 132
-   an H100 holds at once). With DecodeLaunch.int2_split = "cuda" the same grid runs on a GPU in
-   `int2_split.cu` instead (CUDA C++), which puts positions rather than query heads on the
-   tensor-core rows of its INT2 programs (int2_split.py); beside shared-prefix blocks both
-   kernels run, each request's INT2 programs in one of them by how many positions the request
-   reads alone (`DecodeLaunch.split_kernels`).
+   that do not fit the first wave (on an H100 2-6 % faster at batch 8 and 32:
+   results/h100/launch-order-ab.md). With DecodeLaunch.int2_split = "cuda" the same grid runs
+   on a GPU in `int2_split.cu` instead (CUDA C++), which puts positions rather than query heads
+   on the tensor-core rows of its INT2 programs (int2_split.py); beside shared-prefix blocks
+   both kernels run, each request's INT2 programs in one of them by how many positions the
+   request reads alone (`DecodeLaunch.split_kernels`).
 3. `_decode_reduce_kernel`, grid (B / requests, H_q / heads, 4): merges the partials of a block
    of requests × query heads of one KV head and applies R_Vᵀ to a quarter of their dims (the rows
    share the slice of R_V). A program loads all its partials at once (one round trip to memory:
