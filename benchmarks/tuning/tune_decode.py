@@ -169,6 +169,9 @@ def main():
     parser.add_argument("--shapes", default=",".join(f"{c}x{b}" for c, b in SHAPES),
                         help="decode shapes CONTEXTxBATCH (default: %(default)s)")
     parser.add_argument("--shared-prefix", type=int, default=0, help="tokens whose slots all requests share")
+    parser.add_argument("--splits", type=lambda text: sorted({int(x) for x in text.split(",")}),
+                        help="INT2 split counts the default and single-kernel variants are timed at (default: half, "
+                             "once, twice and four times the library's count)")
     parser.add_argument("--key-bits", type=int, choices=SUPPORTED_KEY_BITS, default=DEFAULT_KEY_BITS,
                         help="OSCAR key code width (default: the served one, %(default)s)")
     parser.add_argument("--warm", help=argparse.SUPPRESS)
@@ -281,7 +284,7 @@ def main():
             if f"split:{name}" in failed:
                 continue
             default_splits = dk.decode_step(*problem.args, launch=variant).splits
-            trial = [default_splits] if name not in ("default", "triton", "cuda") else sorted(
+            trial = [default_splits] if name not in ("default", "triton", "cuda") else args.splits or sorted(
                 {max(1, default_splits // 2), default_splits, min(dk.MAX_KV_SPLITS, 2 * default_splits),
                  min(dk.MAX_KV_SPLITS, 4 * default_splits)})
             for splits in trial:
