@@ -73,15 +73,17 @@ def parse_point(text: str) -> tuple[int, int, int]:
     return context, batch, prefix
 
 
-def kernel_rows(ncu_stdout: str) -> list[dict[str, str]]:
-    """The per-kernel rows of `ncu --csv --page raw` output (its header, a units row, then one row
-    per launch), keyed by counter name; lines before the header (the program's own) are skipped."""
+def csv_lines(ncu_stdout: str) -> list[str]:
+    """The CSV of `ncu --csv --page raw` output (its header, a units row, then one row per launch):
+    the lines from the header on that ncu wrote, not the program's own; none without a header."""
     lines = ncu_stdout.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.startswith('"ID",')), None)
-    if start is None:
-        return []
-    rows = list(csv.DictReader(line for line in lines[start:] if line.startswith('"')))
-    return [row for row in rows if row.get("ID", "").isdigit()]
+    start = next((i for i, line in enumerate(lines) if line.startswith('"ID",')), len(lines))
+    return [line for line in lines[start:] if line.startswith('"')]
+
+
+def kernel_rows(ncu_stdout: str) -> list[dict[str, str]]:
+    """The per-kernel rows of `ncu --csv --page raw` output (`csv_lines`), keyed by counter name."""
+    return [row for row in csv.DictReader(csv_lines(ncu_stdout)) if row.get("ID", "").isdigit()]
 
 
 def number(text: str | None) -> float | None:
@@ -224,8 +226,7 @@ def main(argv=None) -> int:
     started, summaries = time.time(), []
     for point in points:
         stdout, summary = profile_point(ncu, point, args.key_bits, args.timeout)
-        csv_lines = stdout[stdout.index('"ID",'):].splitlines()
-        csv_path(args.out_dir, point).write_text("\n".join(line for line in csv_lines if line.startswith('"')) + "\n")
+        csv_path(args.out_dir, point).write_text("\n".join(csv_lines(stdout)) + "\n")
         summaries.append(summary)
         print(summary, flush=True)
         print(table([{"point": point, **kernel_record(r)} for r in kernel_rows(stdout)]), flush=True)
