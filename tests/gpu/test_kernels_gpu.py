@@ -129,6 +129,25 @@ def test_split_by_request_beside_shared_blocks_in_a_cuda_graph():
     assert_matches(step.out, ref.decode_attention(*args), dtype)
 
 
+@pytest.mark.parametrize("one_launch", [True, False])
+def test_batch_one_at_long_context(one_launch):
+    """Batch 1 at 128K positions (64 splits, the default at batch 1): one launch by default
+    (DecodeLaunch.one_launch_pairs), the last split program of each KV head merging its 67
+    partials, or three launches; both into poisoned scratch give the reference's output, and
+    the one launch leaves its arrival counts zero."""
+    gen = torch.Generator(DEVICE).manual_seed(9)
+    fmt = OscarFormat(128, key_bits=4)
+    cache, batch = build(fmt, [131072], 8, torch.bfloat16, gen)
+    q = torch.randn(1, 32, 128, generator=gen, device=DEVICE).to(torch.bfloat16)
+    args = decode_args(cache, batch, q)
+    step = decode_step(*args, launch=DECODE_LAUNCH if one_launch else replace(DECODE_LAUNCH, one_launch_pairs=0))
+    assert step.one_launch == one_launch and step.split_kernels == "triton"
+    for scratch in (step.q_rot, step.part_o, step.part_lse, step.out):
+        scratch.fill_(float("nan"))
+    assert_matches(step.run(), ref.decode_attention(*args), torch.bfloat16)
+    assert not cache.arrivals.any()
+
+
 @pytest.mark.parametrize("int2_split", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype, key_bits, group_size",
                          [(torch.bfloat16, 2, 128), (torch.float16, 2, 128), (torch.bfloat16, 3, 128),
