@@ -29,8 +29,9 @@ from kernel_cases import assert_matches, fill_requests, make_cache, run_decode
 # lengths around the window edges of OscarFormat(·, ·, sink_tokens=4, recent_tokens=8):
 # 0 (empty), L < S, L = S, S < L < S + W, L = S + W, L = S + W + 1, longer
 SMALL_WINDOW_LENS = [3, 0, 9, 13, 1, 12, 4, 60, 300]
-# the step as three launches (q rotation, split, reduce) at every batch size; the default runs
-# small batches in one (DecodeLaunch.one_launch_pairs), as every case below does
+# the step in one launch (every case below has fewer than 64 (request, KV head) pairs), or as
+# three (q rotation, split, reduce) at every batch size (DecodeLaunch.one_launch_pairs)
+ONE_LAUNCH = dataclasses.replace(DECODE_LAUNCH, one_launch_pairs=64)
 THREE_LAUNCHES = dataclasses.replace(DECODE_LAUNCH, one_launch_pairs=0)
 
 
@@ -57,7 +58,7 @@ def test_decode_matches_reference(head_dim, group_size, gqa, dtype, index_dtype,
     cache = make_cache(fmt, kv_heads, sum(lens) + 64, len(lens) + 2, per_head, gen)
     batch = fill_requests(cache, lens, dtype, index_dtype, gen)
     q = torch.randn(len(lens), kv_heads * gqa, head_dim, generator=gen).to(dtype)
-    launch = DECODE_LAUNCH if one_launch else THREE_LAUNCHES
+    launch = ONE_LAUNCH if one_launch else THREE_LAUNCHES
     args = (q, batch.kv_indptr, batch.kv_indices, batch.window_starts, cache, 0.1)
     assert decode_step(*args, launch=launch).one_launch == one_launch
     assert_matches(*run_decode(cache, batch, q, launch=launch), dtype)
@@ -75,7 +76,7 @@ def test_one_launch_repeats_into_poisoned_scratch():
     batch = fill_requests(cache, lens, torch.bfloat16, torch.int32, gen)
     q = torch.randn(len(lens), 6, 128, generator=gen).to(torch.bfloat16)
     args = (q, batch.kv_indptr, batch.kv_indices, batch.window_starts, cache, 0.1)
-    step = decode_step(*args, num_kv_splits=5)
+    step = decode_step(*args, num_kv_splits=5, launch=ONE_LAUNCH)
     assert step.one_launch and step.parts == 5 + step.win
     outs = []
     for _ in range(2):

@@ -131,7 +131,7 @@ def test_split_by_request_beside_shared_blocks_in_a_cuda_graph():
 
 @pytest.mark.parametrize("one_launch", [True, False])
 def test_batch_one_at_long_context(one_launch):
-    """Batch 1 at 128K positions (64 splits, the default at batch 1): one launch by default
+    """Batch 1 at 128K positions (64 splits, the default at batch 1): one launch
     (DecodeLaunch.one_launch_pairs), the last split program of each KV head merging its 67
     partials, or three launches; both into poisoned scratch give the reference's output, and
     the one launch leaves its arrival counts zero."""
@@ -140,7 +140,7 @@ def test_batch_one_at_long_context(one_launch):
     cache, batch = build(fmt, [131072], 8, torch.bfloat16, gen)
     q = torch.randn(1, 32, 128, generator=gen, device=DEVICE).to(torch.bfloat16)
     args = decode_args(cache, batch, q)
-    step = decode_step(*args, launch=DECODE_LAUNCH if one_launch else replace(DECODE_LAUNCH, one_launch_pairs=0))
+    step = decode_step(*args, launch=replace(DECODE_LAUNCH, one_launch_pairs=32 if one_launch else 0))
     assert step.one_launch == one_launch and step.split_kernels == "triton"
     for scratch in (step.q_rot, step.part_o, step.part_lse, step.out):
         scratch.fill_(float("nan"))
@@ -232,9 +232,11 @@ def test_extend_matches_reference(attention, dtype, head_dim, kv_heads, gqa, pre
     assert_matches(out, ref.extend_attention(*args), dtype)
 
 
-def test_decode_cuda_graph_replay_with_new_lengths():
+@pytest.mark.parametrize("one_launch_pairs", [32, 0])
+def test_decode_cuda_graph_replay_with_new_lengths(one_launch_pairs):
     """Capture decode once, then change every request's length (new tokens written to the pool
-    and kv_indptr / kv_indices updated in place) and replay: the output follows the new state."""
+    and kv_indptr / kv_indices updated in place) and replay: the output follows the new state,
+    in one launch (24 pairs; every replay on the arrival counts the one before left) or three."""
     gen = torch.Generator(DEVICE).manual_seed(2)
     fmt = OscarFormat(128)
     lens, grown = [4000, 150, 20000], [4001, 400, 20001]
@@ -254,11 +256,13 @@ def test_decode_cuda_graph_replay_with_new_lengths():
     q = torch.randn(len(lens), 32, 128, generator=gen, device=DEVICE).to(torch.bfloat16)
     out = torch.empty_like(q)
     args = decode_args(cache, batch, q)
-    decode_attention_int2(*args, out=out)  # compile outside the capture
+    launch = replace(DECODE_LAUNCH, one_launch_pairs=one_launch_pairs)
+    assert decode_step(*args, launch=launch).one_launch == (one_launch_pairs > 0)
+    decode_attention_int2(*args, out=out, launch=launch)  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        decode_attention_int2(*args, out=out)
+        decode_attention_int2(*args, out=out, launch=launch)
 
     for lengths in (lens, grown):
         set_lengths(lengths)
