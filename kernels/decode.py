@@ -79,9 +79,6 @@ CPU_SM_COUNT = 8  # stand-in SM count when there is no GPU (interpreter runs)
 # reduce programs (8 warps) resident per SM, for the reduce's wave model: Nsight Compute gave
 # them a theoretical occupancy of 25-50 % on an H100 (results/h100/decode-profile.md)
 REDUCE_PROGRAMS_PER_SM = 2
-# partial-output elements the last program of a pair loads at a time in a one-launch step
-# (`_merge_pair`: 32 registers per thread at 4 warps)
-MERGE_TILE = 4096
 INT32_MAX = 2**31 - 1
 LOG2E = 1.4426950408889634
 
@@ -150,12 +147,6 @@ class DecodeLaunch:
     # measured ~1K (14 % slower in CUDA) and 2K positions per program (as fast or faster); 0: the
     # CUDA kernel runs every split program
     cuda_min_positions: int = 1536
-    # below this many (request, KV head) pairs, where the Triton kernel runs every split program
-    # and there are no shared-prefix blocks, the step is one launch: the split programs rotate
-    # their queries themselves and the last of each pair merges its partials
-    # (`_decode_split_kernel`'s ONE_LAUNCH), saving the q-rotation and reduce launches, the fixed
-    # cost that dominates small batches; 0: always three launches
-    one_launch_pairs: int = 32
     cuda_stages: int = 4  # cp.async pipeline depth of each warp of int2_split.cu
     # independent accumulators its key MMAs alternate between (all groups); one was the fastest on
     # an H100 (results/h100/int2-split-cuda/tune_decode.txt)
@@ -212,20 +203,12 @@ def _decode_split_kernel(
     k_meta_ptr, v_meta_ptr, stride_ms, stride_mh,
     k_win_ptr, v_win_ptr, stride_ws, stride_wh,
     part_o_ptr, part_lse_ptr, num_q_heads, num_splits, num_parts, cuda_min_span,
-    q_ptr, stride_qb, stride_qh, k_rot_ptr, stride_krh, qk_scale,
-    arrivals_ptr, out_ptr, stride_ob, stride_oh, v_rot_ptr, stride_vrh,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, NG: tl.constexpr, KEY_BITS: tl.constexpr,
     S: tl.constexpr, W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     WIN_ROWS: tl.constexpr, SHARED: tl.constexpr,
     CODE_BITS: tl.constexpr, CODE_MAX: tl.constexpr, PTX_UNPACK: tl.constexpr,
-    NUM_STAGES: tl.constexpr, ONE_LAUNCH: tl.constexpr, MERGE_PARTS: tl.constexpr, BLOCK_P: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
-    """ONE_LAUNCH (the whole step in this launch, `DecodeLaunch.one_launch_pairs`): each program
-    rotates its query rows q [B, H_q, D] itself (k_rot, qk_scale: as `_rotate_q_kernel`) instead
-    of reading qr, and the last program of each (request, KV head) to finish, counted in
-    arrivals [B·H_kv] int32 (zero before, zero after), merges the pair's num_parts partials
-    (BLOCK_P: num_parts padded to a power of two, MERGE_PARTS at a time) into out [B, H_q, D]
-    (`_merge_pair`)."""
     P: tl.constexpr = D // 4
     hk = tl.program_id(0)
     pool_head = hk.to(tl.int64)  # the pool is head-major: head offsets pass 2^31 bytes
@@ -253,11 +236,7 @@ def _decode_split_kernel(
         m_i, l_i, a0, a1, a2, a3 = _empty_state(BLOCK_H, P)
         row = b.to(tl.int64) * num_q_heads + hk * GROUP + heads
         if has_work:
-            if ONE_LAUNCH:
-                q_rows = q_ptr + b.to(tl.int64) * stride_qb + (hk * GROUP + heads) * stride_qh
-                q0, q1, q2, q3 = _rotated_query(q_rows, head_ok, k_rot_ptr + hk * stride_krh, qk_scale, D)
-            else:
-                q0, q1, q2, q3 = _query_slices(qr_ptr, row, head_ok, D)
+            q0, q1, q2, q3 = _query_slices(qr_ptr, row, head_ok, D)
             if is_window:
                 row0 = tl.load(window_starts_ptr + b).to(tl.int64)
                 m_i, l_i, a0, a1, a2, a3 = window_segment(
@@ -274,61 +253,6 @@ def _decode_split_kernel(
                     k_meta_ptr + pool_head * stride_mh, v_meta_ptr + pool_head * stride_mh, stride_ms,
                     P, NG, KEY_BITS, BLOCK_N, CODE_BITS, CODE_MAX, PTX_UNPACK, NUM_STAGES)
         _store_partial(part_o_ptr, part_lse_ptr, row * num_parts + split, head_ok, m_i, l_i, a0, a1, a2, a3, D)
-        if ONE_LAUNCH:
-            # every thread's partial is stored before the count (CTA barrier, then a release at
-            # GPU scope); the acquire orders the last program's loads of the others' partials
-            tl.debug_barrier()
-            pair = arrivals_ptr + b * tl.num_programs(0) + hk
-            if tl.atomic_add(pair, 1, sem="acq_rel", scope="gpu") == tl.num_programs(2) - 1:
-                tl.store(pair, 0)  # ready for the next launch: this pair's programs have all counted
-                _merge_pair(part_o_ptr, part_lse_ptr, row * num_parts, head_ok, num_parts,
-                            out_ptr + b.to(tl.int64) * stride_ob + (hk * GROUP + heads) * stride_oh,
-                            v_rot_ptr + hk * stride_vrh, D, BLOCK_P, MERGE_PARTS)
-
-
-@triton.jit
-def _rotated_query(q_rows, ok, rot_ptr, qk_scale, D: tl.constexpr):
-    """q' = q · R · qk_scale for the query rows at q_rows [M] (where ok; D contiguous values each)
-    as four [M, D/4] fp32 slices (tiles.rotate_slice, one load of R's slice each)."""
-    P: tl.constexpr = D // 4
-    x_ptrs = q_rows[:, None]
-    x_ok = ok[:, None]
-    q0 = rotate_slice(x_ptrs, x_ok, rot_ptr, 0, D, P, D) * qk_scale
-    q1 = rotate_slice(x_ptrs, x_ok, rot_ptr, 1, D, P, D) * qk_scale
-    q2 = rotate_slice(x_ptrs, x_ok, rot_ptr, 2, D, P, D) * qk_scale
-    q3 = rotate_slice(x_ptrs, x_ok, rot_ptr, 3, D, P, D) * qk_scale
-    return q0, q1, q2, q3
-
-
-@triton.jit
-def _merge_pair(part_o_ptr, part_lse_ptr, rows, ok, num_parts, out_rows, rot_ptr,
-                D: tl.constexpr, BLOCK_P: tl.constexpr, MERGE_PARTS: tl.constexpr):
-    """The output rows out_rows [M] (pointers; where ok) of one (request, KV head): its num_parts
-    partials (from rows [M] of part_o / part_lse, `_store_partial`) merged, then rotated back,
-    o' · R_Vᵀ (rot_ptr -> R_V [D, D]). The log2-sum-exps are loaded first, so the loads of
-    the outputs MERGE_PARTS partials at a time depend on nothing the merge computes."""
-    P: tl.constexpr = D // 4
-    parts = tl.arange(0, BLOCK_P)
-    valid = ok[:, None] & (parts < num_parts)[None, :]
-    lse = tl.load(part_lse_ptr + rows[:, None] + parts[None, :], mask=valid, other=float("-inf"))
-    m = tl.max(lse, axis=1)
-    ref = tl.where(m == float("-inf"), 0.0, m)  # rows with nothing to attend to: no NaN
-    l = tl.sum(tl.math.exp2(lse - ref[:, None]), axis=1)
-    acc = tl.zeros([rows.shape[0], D], tl.float32)
-    dims = tl.arange(0, D)
-    for first in tl.static_range(0, BLOCK_P, MERGE_PARTS):
-        chunk = first + tl.arange(0, MERGE_PARTS)
-        chunk_ok = ok[:, None] & (chunk < num_parts)[None, :]
-        part_rows = rows[:, None] + chunk[None, :]
-        w = tl.math.exp2(tl.load(part_lse_ptr + part_rows, mask=chunk_ok, other=float("-inf")) - ref[:, None])
-        o = tl.load(part_o_ptr + part_rows[:, :, None] * D + dims[None, None, :], mask=chunk_ok[:, :, None], other=0.0)
-        acc += tl.sum(w[:, :, None] * o, axis=1)
-    merged = acc / nonzero(l)[:, None]
-    cols = tl.arange(0, P)
-    for c in tl.static_range(4):  # out[:, cP + j] = Σ_i o'[i] · R[cP + j, i]
-        rot_t = tl.load(rot_ptr + (c * P + cols)[None, :] * D + dims[:, None])  # [D, P]
-        out = tl.dot(merged, rot_t, input_precision="tf32x3")
-        tl.store(out_rows[:, None] + c * P + cols[None, :], out.to(out_rows.dtype.element_ty), mask=ok[:, None])
 
 
 @triton.jit
@@ -660,12 +584,9 @@ def decode_step(
                                                          programs_per_sm), MAX_KV_SPLITS - splits))
     win = window_programs(fmt, launch)
     parts = win + splits + shared_splits
-    pairs = batch * kv_heads
-    one_launch = (split_kernels == "triton" and shared is None and pairs < launch.one_launch_pairs
-                  and pairs <= cache.arrivals.numel())
     return DecodeStep(
         DecodeInputs(q, kv_indptr, kv_indices, window_starts, cache, sm_scale), shared, launch, group, splits,
-        shared_splits, members, win, parts, split_kernels, one_launch,
+        shared_splits, members, win, parts, split_kernels,
         q_rot=torch.empty(batch, q_heads, d, dtype=torch.float32, device=q.device),
         part_o=torch.empty(batch, q_heads, parts, d, dtype=torch.float32, device=q.device),
         part_lse=torch.empty(batch, q_heads, parts, dtype=torch.float32, device=q.device),
@@ -694,9 +615,7 @@ class DecodeStep:
     """One decode step's launches (module docstring) on `inputs`, over its scratch: q_rot [B, H_q, D] fp32,
     part_o [B, H_q, parts, D] fp32 and part_lse [B, H_q, parts] fp32, parts = win (window
     programs) + splits + shared_splits; out [B, H_q, D]. split_kernels: who runs the split
-    programs (`DecodeLaunch.split_kernels`: "triton", "cuda" or "by_request"); one_launch: the
-    Triton split kernel alone, rotating q and merging the partials itself
-    (`DecodeLaunch.one_launch_pairs`; q_rot then stays unused)."""
+    programs (`DecodeLaunch.split_kernels`: "triton", "cuda" or "by_request")."""
 
     inputs: DecodeInputs
     shared: SharedPrefixes | None
@@ -708,7 +627,6 @@ class DecodeStep:
     win: int
     parts: int
     split_kernels: str
-    one_launch: bool
     q_rot: torch.Tensor
     part_o: torch.Tensor
     part_lse: torch.Tensor
@@ -721,13 +639,11 @@ class DecodeStep:
 
     def run(self) -> torch.Tensor:
         if self.inputs.q.shape[0] > 0:
-            if not self.one_launch:
-                self.rotate_q()
+            self.rotate_q()
             self.split()
             if self.shared is not None:
                 self.shared_blocks()
-            if not self.one_launch:
-                self.reduce()
+            self.reduce()
         return self.out
 
     def rotate_q(self) -> None:
@@ -771,26 +687,20 @@ class DecodeStep:
     def triton_split(self, cuda_min_span: int) -> None:
         """`_decode_split_kernel`: the window programs, and the INT2 programs of the requests whose
         own span is below cuda_min_span."""
-        cache, fmt, launch, q, out = self.inputs.cache, self.inputs.cache.fmt, self.launch, self.inputs.q, self.out
+        cache, fmt, launch = self.inputs.cache, self.inputs.cache.fmt, self.launch
         k_meta, v_meta = meta_words(cache.k_meta), meta_words(cache.v_meta)
-        (k_rot, k_rot_stride), (v_rot, v_rot_stride) = cache.rotation("k"), cache.rotation("v")
-        block_h, block_p = head_block(self.group), triton.next_power_of_2(self.parts)
-        _decode_split_kernel[(cache.kv_heads, q.shape[0], self.win + self.splits)](
+        _decode_split_kernel[(cache.kv_heads, self.inputs.q.shape[0], self.win + self.splits)](
             self.q_rot,
             self.inputs.kv_indptr, self.inputs.kv_indices, self.inputs.window_starts, self.own_start,
             *code_args(cache),
             k_meta, v_meta, k_meta.stride(0), k_meta.stride(1),
             cache.k_window, cache.v_window, cache.k_window.stride(0), cache.k_window.stride(1),
-            self.part_o, self.part_lse, q.shape[1], self.splits, self.parts, cuda_min_span,
-            q, q.stride(0), q.stride(1), k_rot, k_rot_stride, self.inputs.sm_scale * LOG2E,
-            cache.arrivals, out, out.stride(0), out.stride(1), v_rot, v_rot_stride,
-            GROUP=self.group, BLOCK_H=block_h, D=fmt.head_dim, NG=fmt.num_groups,
+            self.part_o, self.part_lse, self.inputs.q.shape[1], self.splits, self.parts, cuda_min_span,
+            GROUP=self.group, BLOCK_H=head_block(self.group), D=fmt.head_dim, NG=fmt.num_groups,
             KEY_BITS=fmt.key_bits, S=fmt.sink_tokens, W=fmt.recent_tokens, BLOCK_N=launch.block_n,
             BLOCK_R=launch.block_rows, WIN_ROWS=launch.window_rows_per_program,
             SHARED=self.shared is not None, CODE_BITS=CODE_BITS, CODE_MAX=CODE_MAX,
             PTX_UNPACK=not triton.knobs.runtime.interpret, NUM_STAGES=launch.num_stages,
-            ONE_LAUNCH=self.one_launch, BLOCK_P=block_p,
-            MERGE_PARTS=max(1, min(block_p, MERGE_TILE // (block_h * fmt.head_dim))),
             num_warps=launch.num_warps, maxnreg=launch.max_registers,
         )
 

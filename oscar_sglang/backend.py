@@ -18,7 +18,6 @@ SGLANG_OSCAR_REFERENCE_ATTENTION=1 routes attention through the PyTorch referenc
 debug switch: slow, needs --disable-cuda-graph).
 """
 
-import dataclasses
 import os
 
 import torch
@@ -34,9 +33,8 @@ from oscar_sglang.pool import OscarTokenToKVPool
 
 REFERENCE_ENV = "SGLANG_OSCAR_REFERENCE_ATTENTION"
 DETERMINISTIC_KV_SPLITS = 16
-# one split kernel and three launches at every batch size (DECODE_LAUNCH picks the kernel, and one
-# launch that merges partials in another order, by the batch's size)
-DETERMINISTIC_LAUNCH = dataclasses.replace(DECODE_LAUNCH.with_split_kernel("triton"), one_launch_pairs=0)
+# one split kernel at every batch size (DECODE_LAUNCH picks it by the batch's size)
+DETERMINISTIC_LAUNCH = DECODE_LAUNCH.with_split_kernel("triton")
 
 
 class OscarAttnBackend(TritonAttnBackend):

@@ -29,10 +29,6 @@ from kernel_cases import assert_matches, fill_requests, make_cache, run_decode
 # lengths around the window edges of OscarFormat(·, ·, sink_tokens=4, recent_tokens=8):
 # 0 (empty), L < S, L = S, S < L < S + W, L = S + W, L = S + W + 1, longer
 SMALL_WINDOW_LENS = [3, 0, 9, 13, 1, 12, 4, 60, 300]
-# the step in one launch (every case below has fewer than 64 (request, KV head) pairs), or as
-# three (q rotation, split, reduce) at every batch size (DecodeLaunch.one_launch_pairs)
-ONE_LAUNCH = dataclasses.replace(DECODE_LAUNCH, one_launch_pairs=64)
-THREE_LAUNCHES = dataclasses.replace(DECODE_LAUNCH, one_launch_pairs=0)
 
 
 @pytest.mark.parametrize(
@@ -49,60 +45,14 @@ THREE_LAUNCHES = dataclasses.replace(DECODE_LAUNCH, one_launch_pairs=0)
         (128, 128, 4, torch.bfloat16, torch.int32, False, [13, 301, 5], 3),
     ],
 )
-@pytest.mark.parametrize("one_launch", [True, False])
-def test_decode_matches_reference(head_dim, group_size, gqa, dtype, index_dtype, per_head, lens, key_bits,
-                                  one_launch):
+def test_decode_matches_reference(head_dim, group_size, gqa, dtype, index_dtype, per_head, lens, key_bits):
     gen = torch.Generator().manual_seed(head_dim + group_size + gqa)
     fmt = OscarFormat(head_dim, group_size, sink_tokens=4, recent_tokens=8, key_bits=key_bits)
     kv_heads = 2
     cache = make_cache(fmt, kv_heads, sum(lens) + 64, len(lens) + 2, per_head, gen)
     batch = fill_requests(cache, lens, dtype, index_dtype, gen)
     q = torch.randn(len(lens), kv_heads * gqa, head_dim, generator=gen).to(dtype)
-    launch = ONE_LAUNCH if one_launch else THREE_LAUNCHES
-    args = (q, batch.kv_indptr, batch.kv_indices, batch.window_starts, cache, 0.1)
-    assert decode_step(*args, launch=launch).one_launch == one_launch
-    assert_matches(*run_decode(cache, batch, q, launch=launch), dtype)
-    assert not cache.arrivals.any(), "a one-launch step must leave its arrival counts zero"
-
-
-def test_one_launch_repeats_into_poisoned_scratch():
-    """The last split program of each (request, KV head) merges every partial: with the partials
-    and the output poisoned before each of two runs (the second on the counts the first left),
-    the output is the reference's and the same both times; q_rot is never read."""
-    gen = torch.Generator().manual_seed(21)
-    fmt = OscarFormat(128, 64, sink_tokens=4, recent_tokens=8, key_bits=4)
-    lens = [301, 0, 77]
-    cache = make_cache(fmt, 2, sum(lens) + 8, len(lens), True, gen)
-    batch = fill_requests(cache, lens, torch.bfloat16, torch.int32, gen)
-    q = torch.randn(len(lens), 6, 128, generator=gen).to(torch.bfloat16)
-    args = (q, batch.kv_indptr, batch.kv_indices, batch.window_starts, cache, 0.1)
-    step = decode_step(*args, num_kv_splits=5, launch=ONE_LAUNCH)
-    assert step.one_launch and step.parts == 5 + step.win
-    outs = []
-    for _ in range(2):
-        for scratch in (step.q_rot, step.part_o, step.part_lse, step.out):
-            scratch.fill_(float("nan"))
-        outs.append(step.run().clone())
-        assert not cache.arrivals.any()
-    assert torch.equal(outs[0], outs[1])
-    assert_matches(outs[0], ref.decode_attention(*args), torch.bfloat16)
-
-
-def test_one_launch_only_for_small_batches_the_triton_kernel_runs_alone():
-    """One launch below DecodeLaunch.one_launch_pairs (request, KV head) pairs, without
-    shared-prefix blocks, where the Triton split kernel runs every split program and the cache
-    has an arrival count for every pair (its window rows hold the batch's requests)."""
-    gen = torch.Generator().manual_seed(2)
-    fmt = OscarFormat(64, 32, sink_tokens=4, recent_tokens=8)
-    cache = make_cache(fmt, 2, 64, 4, True, gen)
-    assert tuple(cache.arrivals.shape) == (4 * 2,)
-    for batch, pairs, expected in ((4, 9, True), (4, 8, False), (5, 99, False)):
-        lens = [3] * batch
-        q = torch.randn(batch, 4, 64, generator=gen).to(torch.bfloat16)
-        indptr = torch.arange(batch + 1) * 3
-        step = decode_step(q, indptr, torch.arange(3 * batch), torch.zeros(batch, dtype=torch.int64), cache, 0.1,
-                           launch=dataclasses.replace(DECODE_LAUNCH, one_launch_pairs=pairs))
-        assert step.one_launch == expected, (batch, pairs, lens)
+    assert_matches(*run_decode(cache, batch, q), dtype)
 
 
 def test_decode_default_windows():
@@ -173,7 +123,7 @@ def test_the_reduce_and_the_rotation_take_blocks_of_requests(rows, parts, block,
     cache = make_cache(fmt, 2, sum(lens), len(lens), True, gen)
     batch = fill_requests(cache, lens, torch.bfloat16, torch.int32, gen)
     q = torch.randn(len(lens), 8, 64, generator=gen).to(torch.bfloat16)
-    launch = DecodeLaunch(reduce_rows=rows, rotate_rows=rows, reduce_parts=parts, one_launch_pairs=0)
+    launch = DecodeLaunch(reduce_rows=rows, rotate_rows=rows, reduce_parts=parts)
     step = decode_step(q, batch.kv_indptr, batch.kv_indices, batch.window_starts, cache, 0.125, num_kv_splits=2,
                        launch=launch)
     assert step.reduction_block == block

@@ -149,7 +149,7 @@ def test_decode_with_shared_prefixes_matches_reference(head_dim, group_size, gqa
     chunk = triton.next_power_of_2(parts) // 2
     step = decode_step(*args, shared=shared, num_kv_splits=3,
                        launch=dataclasses.replace(DECODE_LAUNCH, reduce_rows=1, reduce_parts=chunk))
-    assert step.reduction_block.parts == chunk < parts and not step.one_launch  # one launch: no shared blocks
+    assert step.reduction_block.parts == chunk < parts
     torch.testing.assert_close(step.run().float(), out.float(), rtol=TIGHT[dtype], atol=TIGHT[dtype])
 
 

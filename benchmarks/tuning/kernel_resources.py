@@ -189,8 +189,6 @@ def launches(head_dim: int, key_bits: int, decode_launch, extend_launch, write_l
 
     return [
         ("decode", lambda: decode_attention_int2(*decode_args, launch=decode_launch)),
-        ("decode, one launch (batch 1)", lambda: decode_attention_int2(
-            q[:1], kv_indptr[:2], kv_indices, starts[:1], cache, head_dim ** -0.5, launch=decode_launch)),
         ("decode, shared-prefix blocks", lambda: decode_attention_int2(
             *decode_args, shared=find_shared_prefixes(kv_indptr, kv_indices, fmt, Q_HEADS // KV_HEADS),
             launch=decode_launch)),

@@ -57,10 +57,6 @@ SECTIONS = ("write", "pieces", "decode", "shared")
 # (results/h100/tune_decode_pdl_warp_states.txt)
 SPLIT_VARIANTS = {
     "default": dk.DECODE_LAUNCH,
-    # the step in one launch below 32 (request, KV head) pairs, or as three (q rotation, split
-    # kernel, reduce) at every batch size (DecodeLaunch.one_launch_pairs)
-    "one_launch": replace(dk.DECODE_LAUNCH, one_launch_pairs=32),
-    "three_launches": replace(dk.DECODE_LAUNCH, one_launch_pairs=0),
     # each split kernel at every batch size (the default picks one by the batch's size)
     "triton": dk.DECODE_LAUNCH.with_split_kernel("triton"),
     "cuda": dk.DECODE_LAUNCH.with_split_kernel("cuda"),
@@ -288,7 +284,7 @@ def main():
             if f"split:{name}" in failed:
                 continue
             default_splits = dk.decode_step(*problem.args, launch=variant).splits
-            trial = [default_splits] if name not in ("default", "one_launch", "three_launches", "triton", "cuda") else args.splits or sorted(
+            trial = [default_splits] if name not in ("default", "triton", "cuda") else args.splits or sorted(
                 {max(1, default_splits // 2), default_splits, min(dk.MAX_KV_SPLITS, 2 * default_splits),
                  min(dk.MAX_KV_SPLITS, 4 * default_splits)})
             for splits in trial:

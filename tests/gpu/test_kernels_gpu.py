@@ -129,25 +129,6 @@ def test_split_by_request_beside_shared_blocks_in_a_cuda_graph():
     assert_matches(step.out, ref.decode_attention(*args), dtype)
 
 
-@pytest.mark.parametrize("one_launch", [True, False])
-def test_batch_one_at_long_context(one_launch):
-    """Batch 1 at 128K positions (64 splits, the default at batch 1): one launch
-    (DecodeLaunch.one_launch_pairs), the last split program of each KV head merging its 67
-    partials, or three launches; both into poisoned scratch give the reference's output, and
-    the one launch leaves its arrival counts zero."""
-    gen = torch.Generator(DEVICE).manual_seed(9)
-    fmt = OscarFormat(128, key_bits=4)
-    cache, batch = build(fmt, [131072], 8, torch.bfloat16, gen)
-    q = torch.randn(1, 32, 128, generator=gen, device=DEVICE).to(torch.bfloat16)
-    args = decode_args(cache, batch, q)
-    step = decode_step(*args, launch=replace(DECODE_LAUNCH, one_launch_pairs=32 if one_launch else 0))
-    assert step.one_launch == one_launch and step.split_kernels == "triton"
-    for scratch in (step.q_rot, step.part_o, step.part_lse, step.out):
-        scratch.fill_(float("nan"))
-    assert_matches(step.run(), ref.decode_attention(*args), torch.bfloat16)
-    assert not cache.arrivals.any()
-
-
 @pytest.mark.parametrize("int2_split", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype, key_bits, group_size",
                          [(torch.bfloat16, 2, 128), (torch.float16, 2, 128), (torch.bfloat16, 3, 128),
@@ -232,11 +213,9 @@ def test_extend_matches_reference(attention, dtype, head_dim, kv_heads, gqa, pre
     assert_matches(out, ref.extend_attention(*args), dtype)
 
 
-@pytest.mark.parametrize("one_launch_pairs", [32, 0])
-def test_decode_cuda_graph_replay_with_new_lengths(one_launch_pairs):
+def test_decode_cuda_graph_replay_with_new_lengths():
     """Capture decode once, then change every request's length (new tokens written to the pool
-    and kv_indptr / kv_indices updated in place) and replay: the output follows the new state,
-    in one launch (24 pairs; every replay on the arrival counts the one before left) or three."""
+    and kv_indptr / kv_indices updated in place) and replay: the output follows the new state."""
     gen = torch.Generator(DEVICE).manual_seed(2)
     fmt = OscarFormat(128)
     lens, grown = [4000, 150, 20000], [4001, 400, 20001]
@@ -256,13 +235,11 @@ def test_decode_cuda_graph_replay_with_new_lengths(one_launch_pairs):
     q = torch.randn(len(lens), 32, 128, generator=gen, device=DEVICE).to(torch.bfloat16)
     out = torch.empty_like(q)
     args = decode_args(cache, batch, q)
-    launch = replace(DECODE_LAUNCH, one_launch_pairs=one_launch_pairs)
-    assert decode_step(*args, launch=launch).one_launch == (one_launch_pairs > 0)
-    decode_attention_int2(*args, out=out, launch=launch)  # compile outside the capture
+    decode_attention_int2(*args, out=out)  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        decode_attention_int2(*args, out=out, launch=launch)
+        decode_attention_int2(*args, out=out)
 
     for lengths in (lens, grown):
         set_lengths(lengths)
