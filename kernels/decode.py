@@ -409,8 +409,15 @@ def head_block(group: int) -> int:
 
 def shared_rows(members: int, group: int) -> int:
     """Query rows of a shared-prefix block's dot: its members' query heads of one KV head,
-    padded to a power of two; wide blocks have more than shared_prefix.SHARED_DOT_ROWS."""
+    padded to a power of two."""
     return head_block(members * group)
+
+
+def wide_blocks(members: int, group: int) -> bool:
+    """Whether shared-prefix blocks of `members` requests are wide: more query rows (`shared_rows`)
+    than shared_prefix.SHARED_DOT_ROWS, so their programs get DecodeLaunch.wide_shared_max_registers
+    and their split count aims at DecodeLaunch.wide_shared_programs_per_sm."""
+    return shared_rows(members, group) > SHARED_DOT_ROWS
 
 
 def most_requests(batch: int, fits) -> int:
@@ -578,8 +585,7 @@ def decode_step(
             raise ValueError(f"shared prefixes are for a batch of {shared.members.shape[0]} requests, "
                              f"not of {batch}: find them for this batch's kv_indptr and kv_indices")
         # the reduce kernel merges at most MAX_KV_SPLITS INT2 partials per head in one tile
-        wide = shared_rows(members, group) > SHARED_DOT_ROWS
-        programs_per_sm = launch.wide_shared_programs_per_sm if wide else PROGRAMS_PER_SM
+        programs_per_sm = launch.wide_shared_programs_per_sm if wide_blocks(members, group) else PROGRAMS_PER_SM
         shared_splits = max(1, min(default_num_kv_splits(triton.cdiv(batch, members), kv_heads, q.device,
                                                          programs_per_sm), MAX_KV_SPLITS - splits))
     win = window_programs(fmt, launch)
@@ -707,7 +713,6 @@ class DecodeStep:
     def shared_blocks(self) -> None:
         cache, fmt, launch, shared = self.inputs.cache, self.inputs.cache.fmt, self.launch, self.shared
         k_meta, v_meta = meta_words(cache.k_meta), meta_words(cache.v_meta)
-        rows = shared_rows(self.members, self.group)
         # programs along axis 1: as many as there are blocks when every block is full
         block_programs = triton.cdiv(self.inputs.q.shape[0], self.members)
         _decode_shared_kernel[(cache.kv_heads, block_programs, self.shared_splits)](
@@ -716,12 +721,13 @@ class DecodeStep:
             *code_args(cache),
             k_meta, v_meta, k_meta.stride(0), k_meta.stride(1),
             self.part_o, self.part_lse, self.inputs.q.shape[1], self.shared_splits, self.parts, self.win + self.splits,
-            GROUP=self.group, MEMBERS=self.members, BLOCK_M=rows, D=fmt.head_dim, NG=fmt.num_groups,
+            GROUP=self.group, MEMBERS=self.members, BLOCK_M=shared_rows(self.members, self.group),
+            D=fmt.head_dim, NG=fmt.num_groups,
             KEY_BITS=fmt.key_bits, S=fmt.sink_tokens, BLOCK_N=launch.block_n,
             CODE_BITS=CODE_BITS, CODE_MAX=CODE_MAX, PTX_UNPACK=not triton.knobs.runtime.interpret,
             NUM_STAGES=launch.num_stages, num_warps=launch.shared_warps,
-            maxnreg=(launch.shared_max_registers if rows <= SHARED_DOT_ROWS
-                     else launch.wide_shared_max_registers),
+            maxnreg=(launch.wide_shared_max_registers if wide_blocks(self.members, self.group)
+                     else launch.shared_max_registers),
         )
 
     def reduce(self) -> None:
