@@ -2,10 +2,12 @@
 
 Covers: startup and the capacity log line, /generate, /v1/chat/completions, radix prefix
 sharing on compressed slots, and the debug switch that routes attention through the PyTorch
-reference (same greedy tokens and close logprobs as the Triton kernels), with 4- and 3-bit keys.
+reference (same greedy tokens and close logprobs as the kernels, for one request and for four
+decoding together), with 4- and 3-bit keys.
 """
 
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import server_helpers
@@ -19,7 +21,7 @@ pytestmark = pytest.mark.gpu
 SERVER_FLAGS = ["--load-format", "dummy", "--kv-quant", "oscar", "--oscar-rotations",
                 DATA_FREE_ROTATIONS, "--context-length", "16384",
                 "--mem-fraction-static", "0.40", "--cuda-graph-backend-prefill", "disabled",
-                "--cuda-graph-bs-decode", "1", "4", "--max-running-requests", "8"]
+                "--cuda-graph-bs-decode", "1", "4", "--max-running-requests", "8", "--decode-log-interval", "1"]
 
 
 def running_server(name, extra_flags=(), env=()):
@@ -72,6 +74,10 @@ def test_shared_prefix_hits_the_radix_cache(server):
 
 
 REFERENCE_PROMPT = "Long-context serving keeps the KV cache small. " * 60
+# four requests that share no prefix: decoding together they are 32 (request, KV head) pairs, where
+# the split programs run in int2_split.cu, rotating the queries and merging the partials themselves
+# (kernels/decode.py, DecodeLaunch.cuda_min_pairs), against the Triton split kernel for one alone
+TOGETHER_PROMPTS = [f"Agent {i} asks. {REFERENCE_PROMPT}" for i in range(4)]
 
 
 def assert_matches_reference(fast, slow):
@@ -88,16 +94,23 @@ def assert_matches_reference(fast, slow):
     assert max(abs(a - b) for a, b in zip(fast_lp[:8], slow_lp[:8])) < 0.1
 
 
-def reference_answer(extra_flags=()):
+def reference_answers(prompts, extra_flags=()):
     with running_server("oscar-reference", ["--disable-cuda-graph", *extra_flags],
                         ["SGLANG_OSCAR_REFERENCE_ATTENTION=1"]) as reference:
-        return generate(reference.port, REFERENCE_PROMPT, max_new_tokens=24, logprobs=True)
+        return [generate(reference.port, prompt, max_new_tokens=24, logprobs=True) for prompt in prompts]
 
 
 def test_reference_switch_matches_kernels(server):
-    port, _ = server
-    fast = generate(port, REFERENCE_PROMPT, max_new_tokens=24, logprobs=True)
-    assert_matches_reference(fast, reference_answer())
+    port, log = server
+    alone = generate(port, REFERENCE_PROMPT, max_new_tokens=24, logprobs=True)
+    with ThreadPoolExecutor(len(TOGETHER_PROMPTS)) as pool:
+        together = list(pool.map(lambda prompt: generate(port, prompt, max_new_tokens=24, logprobs=True),
+                                 TOGETHER_PROMPTS))
+    assert re.search(rf"Decode batch.*#running-req: {len(TOGETHER_PROMPTS)},", log.read_text()), \
+        processes.log_tail(log, 40)
+    references = reference_answers([REFERENCE_PROMPT, *TOGETHER_PROMPTS])
+    for fast, slow in zip([alone, *together], references):
+        assert_matches_reference(fast, slow)
 
 
 def test_three_bit_keys_match_the_reference(server):
@@ -107,4 +120,4 @@ def test_three_bit_keys_match_the_reference(server):
     with running_server("oscar-k3", flags) as fast_server:
         assert "3-bit keys" in fast_server.log_text()
         fast = generate(fast_server.port, REFERENCE_PROMPT, max_new_tokens=24, logprobs=True)
-    assert_matches_reference(fast, reference_answer(flags))
+    assert_matches_reference(fast, reference_answers([REFERENCE_PROMPT], flags)[0])
