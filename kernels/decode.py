@@ -2,7 +2,7 @@
 programs also in CUDA C++).
 
 Everything happens in rotated space: scores are taken against INT2 codes without dequantizing
-them and the output is rotated back at the end. Up to three launches:
+them and the output is rotated back at the end. Three launches:
 
 1. `_rotate_q_kernel`, grid (B / requests, H_kv, 4): q' = q · R_K[h] · sm_scale · log2(e), one
    quarter slice of the dims per program for a block of requests (one load of R's slice for all
@@ -28,11 +28,6 @@ them and the output is rotated back at the end. Up to three launches:
    `reduce_block`), or, where that leaves too many programs with too few rows (many partials per
    row, as beside shared-prefix blocks), merges them DecodeLaunch.reduce_parts at a time
    (`chunked_reduce_block`; the choice by a wave model, `reduce_plan`).
-
-Where int2_split.cu runs every split program of the step, the last of each (request, KV head) to
-finish merges the pair's partials and rotates them back instead of launch 3
-(DecodeLaunch.cuda_merges), and the first to start rotates the pair's queries instead of launch 1
-(DecodeLaunch.cuda_rotates_q): one launch.
 
 With `shared` (requests holding a cached prefix in the same slots, `shared_prefix.py`), a fourth
 launch, `_decode_shared_kernel`, reads the positions a block of requests shares once for all of
@@ -152,13 +147,6 @@ class DecodeLaunch:
     # measured ~1K (14 % slower in CUDA) and 2K positions per program (as fast or faster); 0: the
     # CUDA kernel runs every split program
     cuda_min_positions: int = 1536
-    # where int2_split.cu runs every split program of a step (split_kernels "cuda"), the last of
-    # each (request, KV head) to finish, counted in LayerCache.pair_counters, merges the pair's
-    # partials and rotates them back (int2_split.cu's merge_pair) in place of the reduce launch;
-    # and, with cuda_rotates_q too, the first to start rotates the pair's queries while the others
-    # load their first tiles (rotate_queries) in place of the q-rotation launch
-    cuda_merges: bool = True
-    cuda_rotates_q: bool = True
     cuda_stages: int = 4  # cp.async pipeline depth of each warp of int2_split.cu
     # independent accumulators its key MMAs alternate between (all groups); one was the fastest on
     # an H100 (results/h100/int2-split-cuda/tune_decode.txt)
@@ -602,11 +590,9 @@ def decode_step(
                                                          programs_per_sm), MAX_KV_SPLITS - splits))
     win = window_programs(fmt, launch)
     parts = win + splits + shared_splits
-    split_merges = (split_kernels == "cuda" and launch.cuda_merges
-                    and batch * kv_heads <= cache.pair_counters.shape[0])
     return DecodeStep(
         DecodeInputs(q, kv_indptr, kv_indices, window_starts, cache, sm_scale), shared, launch, group, splits,
-        shared_splits, members, win, parts, split_kernels, split_merges, split_merges and launch.cuda_rotates_q,
+        shared_splits, members, win, parts, split_kernels,
         q_rot=torch.empty(batch, q_heads, d, dtype=torch.float32, device=q.device),
         part_o=torch.empty(batch, q_heads, parts, d, dtype=torch.float32, device=q.device),
         part_lse=torch.empty(batch, q_heads, parts, dtype=torch.float32, device=q.device),
@@ -635,10 +621,7 @@ class DecodeStep:
     """One decode step's launches (module docstring) on `inputs`, over its scratch: q_rot [B, H_q, D] fp32,
     part_o [B, H_q, parts, D] fp32 and part_lse [B, H_q, parts] fp32, parts = win (window
     programs) + splits + shared_splits; out [B, H_q, D]. split_kernels: who runs the split
-    programs (`DecodeLaunch.split_kernels`: "triton", "cuda" or "by_request"); split_merges,
-    split_rotates: the CUDA split programs merge the partials into out, and rotate the queries
-    into q_rot, themselves, with no reduce or q-rotation launch (`DecodeLaunch.cuda_merges`,
-    `cuda_rotates_q`)."""
+    programs (`DecodeLaunch.split_kernels`: "triton", "cuda" or "by_request")."""
 
     inputs: DecodeInputs
     shared: SharedPrefixes | None
@@ -650,8 +633,6 @@ class DecodeStep:
     win: int
     parts: int
     split_kernels: str
-    split_merges: bool
-    split_rotates: bool
     q_rot: torch.Tensor
     part_o: torch.Tensor
     part_lse: torch.Tensor
@@ -664,13 +645,11 @@ class DecodeStep:
 
     def run(self) -> torch.Tensor:
         if self.inputs.q.shape[0] > 0:
-            if not self.split_rotates:
-                self.rotate_q()
+            self.rotate_q()
             self.split()
             if self.shared is not None:
                 self.shared_blocks()
-            if not self.split_merges:
-                self.reduce()
+            self.reduce()
         return self.out
 
     def rotate_q(self) -> None:
@@ -709,17 +688,7 @@ class DecodeStep:
                                                 self.cuda_min_span)
             int2_split.launch(self.q_rot, self.inputs.kv_indptr, self.inputs.kv_indices, self.inputs.window_starts,
                               None if self.shared is None else self.shared.own_start, self.inputs.cache, self.part_o,
-                              self.part_lse, programs, self.launch.cuda_stages, self.launch.cuda_key_chains,
-                              self.pair_work)
-
-    @property
-    def pair_work(self) -> int2_split.PairWork | None:
-        """What int2_split.cu's programs do besides their partials (split_merges, split_rotates)."""
-        if not self.split_merges:
-            return None
-        if not self.split_rotates:
-            return int2_split.PairWork(self.out)
-        return int2_split.PairWork(self.out, self.inputs.q, self.inputs.sm_scale * LOG2E)
+                              self.part_lse, programs, self.launch.cuda_stages, self.launch.cuda_key_chains)
 
     def triton_split(self, cuda_min_span: int) -> None:
         """`_decode_split_kernel`: the window programs, and the INT2 programs of the requests whose

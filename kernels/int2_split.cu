@@ -9,11 +9,7 @@
 // and writes their partial (normalized o', log2-sum-exp) as part z, exactly as
 // `_decode_split_kernel`'s programs do (decode.py, which says why the window programs come last):
 // one launch for all of a step's split programs, or, on a grid of num_splits, for the INT2
-// programs of the requests it takes. Where one launch runs them all and PAIR_WORK is set, the
-// last program of each (request, KV head) to store its partial also merges the pair's partials
-// and rotates them back into `out` (merge_pair), in place of decode.py's reduce launch; and with
-// `q` given, the first program of each pair to start rotates the pair's query rows into qr
-// (rotate_queries) while the others load their first tiles, in place of the q-rotation launch.
+// programs of the requests it takes.
 //
 // Why not Triton: a Triton dot needs 16 query rows, so the 4-8 heads of a GQA group are padded,
 // the unpacked codes take a round trip through shared memory to reach the dot's operand layout,
@@ -31,7 +27,7 @@
 // (values), scale and minimum applied per position after the dot.
 //
 // Generated before this text (int2_split.py): D, P, KEY_BYTES, NG, GROUP_SIZE, GQA, S_TOK, W_TOK,
-// WIN_ROWS, WIN_DIMS, SHARED, PAIR_WORK, STAGES, KEY_CHAINS, INDPTR_T, INDEX_T, WSTART_T, WARPS,
+// WIN_ROWS, WIN_DIMS, SHARED, STAGES, KEY_CHAINS, INDPTR_T, INDEX_T, WSTART_T, WARPS,
 // KEY_CHUNK, VALUE_CHUNK, META_ROW, KEY_REGS, KEY_WORDS, load_key_words, key_reg, key_mma_group and the query fragment's Q_STEP_T0, Q_STEP_T1,
 // q_thread_weight, q_thread_sum, key_q_dim, key_q_scale, key_q_sum (int2_split.query_fragment).
 
@@ -54,9 +50,6 @@ typedef unsigned char u8;
 // window rows a warp loads at once (window_program): 4 where timed (D 128, GQA <= 4), 2 where 4 spill (GQA 8; D 64)
 #define WIN_BATCH (GQA > 4 || D < 128 ? 2 : 4)
 #define MERGE_BYTES (4 * (2 * WARPS * 8 + WARPS * 8 * D + 8))
-#define PAIR_CHUNK 32                          // partials merge_pair weighs at a time
-#define PAIR_BYTES (4 * (2 * GQA + GQA * PAIR_CHUNK + GQA * D))
-static_assert(PAIR_BYTES <= MERGE_BYTES, "merge_pair's shared memory exceeds the kernel's");
 #define SMEM_BYTES (PIPE_BYTES > MERGE_BYTES ? PIPE_BYTES : MERGE_BYTES)
 #define CODE_UNIT 16777216.0f                  // 2^24: 1 / the value of fp16 mantissa bit 0
 #define NEG_INF __int_as_float(0xff800000)
@@ -124,18 +117,6 @@ __device__ __forceinline__ float sum_over_rows(float x) {
   x += __shfl_xor_sync(FULL, x, 4);
   x += __shfl_xor_sync(FULL, x, 8);
   return x + __shfl_xor_sync(FULL, x, 16);
-}
-
-__device__ __forceinline__ float max_over_warp(float x) {
-#pragma unroll
-  for (int i = 16; i > 0; i >>= 1) x = fmaxf(x, __shfl_xor_sync(FULL, x, i));
-  return x;
-}
-
-__device__ __forceinline__ float sum_over_warp(float x) {
-#pragma unroll
-  for (int i = 16; i > 0; i >>= 1) x += __shfl_xor_sync(FULL, x, i);
-  return x;
 }
 
 __device__ __forceinline__ const u8* value_row(const u8* tile, int p) {
@@ -263,7 +244,7 @@ __device__ __forceinline__ void window_program(
     l[h] = 0.0f;
 #pragma unroll
     for (int i = 0; i < WIN_DIMS; ++i) {
-      qv[h][i] = __ldcg(q + h * D + lane * WIN_DIMS + i);
+      qv[h][i] = q[h * D + lane * WIN_DIMS + i];
       o[h][i] = 0.0f;
     }
   }
@@ -331,195 +312,15 @@ __device__ __forceinline__ void window_program(
   }
 }
 
-// A (request, KV head)'s counters (decode.py's LayerCache.pair_counters), zero before the launch
-// and after it: the programs that stored their partial, and the state of its rotated queries.
-struct PairCounters {
-  int finished;
-  int queries;  // QUERIES_UNROTATED, then QUERIES_ROTATING, then QUERIES_ROTATED
-};
-#define QUERIES_UNROTATED 0
-#define QUERIES_ROTATING 1
-#define QUERIES_ROTATED 2
-
-// Whether this program is the last of its pair to store its partial. Every thread's stores are
-// made visible device-wide before thread 0 counts the program, and the last fences again before
-// it reads the others' partials; it resets the counters (every program of the pair is past them).
-__device__ __forceinline__ bool last_to_arrive(PairCounters* pair, int programs) {
-  __shared__ int last;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    last = atomicAdd(&pair->finished, 1) == programs - 1;
-    if (last) {
-      pair->finished = 0;
-      pair->queries = QUERIES_UNROTATED;
-    }
-  }
-  __syncthreads();
-  if (last) __threadfence();
-  return last;
-}
-
-// Where rotate_queries reads: q [B, H_q, D] bf16 or fp16 (element strides b, h; 1 along D), not
-// rotated, and R_K [D, D] fp32 of this KV head; q' = q · R_K · qk_scale.
-struct QuerySource {
-  const u16* q;
-  long long stride_b, stride_h;
-  const float* k_rot;
-  float qk_scale;
-};
-
-__device__ __forceinline__ float from_half(u16 x, int bf16) {
-  if (bf16) return __uint_as_float((u32)x << 16);
-  float r;
-  asm("cvt.f32.f16 %0, %1;" : "=f"(r) : "h"(x));
-  return r;
-}
-
-__device__ __forceinline__ int load_acquire(const int* p) {
-  int r;
-  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(r) : "l"(p) : "memory");
-  return r;
-}
-
-// Returns once the GQA query rows of request b and KV head hk are rotated in qr [.., D] fp32
-// (qr_rows: the first): the first program of the pair to get here rotates them, q'[h][j] =
-// qk_scale · Σ_i q[h][i] · R_K[i][j], and publishes them; the others wait (the one rotating is
-// running, so the wait ends). Readers of qr load it through L2 (ld.cg): it is written during the launch.
-__device__ void rotate_queries(PairCounters* pair, const QuerySource& src, int bf16, int b, int hk, float* qr_rows) {
-  __shared__ int state;
-  __shared__ float rows[GQA * D];
-  if (threadIdx.x == 0) state = atomicCAS(&pair->queries, QUERIES_UNROTATED, QUERIES_ROTATING);
-  __syncthreads();
-  if (state == QUERIES_UNROTATED) {
-    const u16* q = src.q + b * src.stride_b + hk * GQA * src.stride_h;
-    for (int i = threadIdx.x; i < GQA * D; i += WARPS * 32) rows[i] = from_half(q[(i / D) * src.stride_h + i % D], bf16);
-    __syncthreads();
-    for (int j = threadIdx.x; j < D; j += WARPS * 32) {
-      float y[GQA];
-#pragma unroll
-      for (int h = 0; h < GQA; ++h) y[h] = 0.0f;
-#pragma unroll 8
-      for (int i = 0; i < D; ++i) {
-        const float r = src.k_rot[i * D + j];
-#pragma unroll
-        for (int h = 0; h < GQA; ++h) y[h] += rows[h * D + i] * r;
-      }
-#pragma unroll
-      for (int h = 0; h < GQA; ++h) qr_rows[h * D + j] = y[h] * src.qk_scale;
-    }
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) atomicExch(&pair->queries, QUERIES_ROTATED);
-  } else {
-    if (threadIdx.x == 0)
-      while (load_acquire(&pair->queries) != QUERIES_ROTATED) __nanosleep(64);
-    __syncthreads();
-  }
-}
-
-// Where merge_pair writes: out [B, H_q, D] (element strides b, h; 1 along D) in bf16 or fp16, and
-// R_V [D, D] fp32 of this KV head.
-struct PairOutput {
-  u16* out;
-  long long stride_b, stride_h;
-  int bf16;
-  const float* v_rot;
-};
-
-__device__ __forceinline__ u16 to_out_dtype(float x, int bf16) {
-  u16 r;
-  if (bf16)
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(x));
-  else
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(x));
-  return r;
-}
-
-// The last program of a pair: the num_parts partials of query heads row0 .. row0 + GQA - 1 of
-// request b merged as decode.py's reduce merges them (weights 2^(lse - max) over their sum), then
-// rotated back, out[h][j] = Σ_i o'[h][i] · R_V[j][i]. The partials are read through L2 (ld.cg):
-// other programs stored them during this launch.
-__device__ void merge_pair(const float* part_o, const float* part_lse, long long row0, int num_parts, int b, int hk,
-                           const PairOutput& dst, u8* smem) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  float* ref = reinterpret_cast<float*>(smem);  // [GQA] the heads' maxima (0 where all are -inf)
-  float* inv_l = ref + GQA;                      // [GQA] 1 / the sums of 2^(lse - ref)
-  float* w = inv_l + GQA;                        // [GQA][PAIR_CHUNK] the weights of a chunk of partials
-  float* merged = w + GQA * PAIR_CHUNK;          // [GQA][D] o'
-  for (int h = warp; h < GQA; h += WARPS) {
-    const float* lse = part_lse + (row0 + h) * num_parts;
-    float mx = NEG_INF;
-    for (int p = lane; p < num_parts; p += 32) mx = fmaxf(mx, __ldcg(lse + p));
-    mx = finite_or_zero(max_over_warp(mx));
-    float l = 0.0f;
-    for (int p = lane; p < num_parts; p += 32) l += exp2_approx(__ldcg(lse + p) - mx);
-    l = sum_over_warp(l);
-    if (lane == 0) {
-      ref[h] = mx;
-      inv_l[h] = l > 0.0f ? __fdividef(1.0f, l) : 0.0f;
-    }
-  }
-  constexpr int ENTRIES = (GQA * D + WARPS * 32 - 1) / (WARPS * 32);  // (head, dim) entries per thread
-  float acc[ENTRIES];
-#pragma unroll
-  for (int e = 0; e < ENTRIES; ++e) acc[e] = 0.0f;
-  for (int first = 0; first < num_parts; first += PAIR_CHUNK) {
-    const int n = min(PAIR_CHUNK, num_parts - first);
-    __syncthreads();  // ref and inv_l written; the previous chunk's weights consumed
-    for (int i = threadIdx.x; i < GQA * PAIR_CHUNK; i += WARPS * 32) {
-      const int h = i / PAIR_CHUNK, p = i % PAIR_CHUNK;
-      w[i] = p < n ? exp2_approx(__ldcg(part_lse + (row0 + h) * num_parts + first + p) - ref[h]) * inv_l[h] : 0.0f;
-    }
-    __syncthreads();
-#pragma unroll
-    for (int e = 0; e < ENTRIES; ++e) {
-      const int i = threadIdx.x + e * WARPS * 32, h = i / D, d = i % D;
-      if (i < GQA * D) {
-        const float* o = part_o + ((row0 + h) * num_parts + first) * D + d;
-#pragma unroll 8
-        for (int p = 0; p < n; ++p) acc[e] += w[h * PAIR_CHUNK + p] * __ldcg(o + (long long)p * D);
-      }
-    }
-  }
-#pragma unroll
-  for (int e = 0; e < ENTRIES; ++e) {
-    const int i = threadIdx.x + e * WARPS * 32;
-    if (i < GQA * D) merged[i] = acc[e];
-  }
-  __syncthreads();
-  u16* out = dst.out + b * dst.stride_b + hk * GQA * dst.stride_h;
-  for (int j = threadIdx.x; j < D; j += WARPS * 32) {
-    const float4* rot = reinterpret_cast<const float4*>(dst.v_rot + j * D);
-    float y[GQA];
-#pragma unroll
-    for (int h = 0; h < GQA; ++h) y[h] = 0.0f;
-#pragma unroll 8
-    for (int i = 0; i < D / 4; ++i) {
-      const float4 r = rot[i];
-#pragma unroll
-      for (int h = 0; h < GQA; ++h) {
-        const float* x = merged + h * D + 4 * i;
-        y[h] += x[0] * r.x + x[1] * r.y + x[2] * r.z + x[3] * r.w;
-      }
-    }
-#pragma unroll
-    for (int h = 0; h < GQA; ++h) out[h * dst.stride_h + j] = to_out_dtype(y[h], dst.bf16);
-  }
-}
-
 extern "C" __global__ void __launch_bounds__(WARPS * 32) oscar_int2_split(
-    float* qr, const INDPTR_T* __restrict__ kv_indptr, const INDEX_T* __restrict__ kv_indices,
+    const float* __restrict__ qr, const INDPTR_T* __restrict__ kv_indptr, const INDEX_T* __restrict__ kv_indices,
     const int* __restrict__ own_start, const WSTART_T* __restrict__ window_starts,
     const u16* __restrict__ k_window, const u16* __restrict__ v_window, u32 stride_ws, u32 stride_wh,
     const u8* __restrict__ k_codes, const u8* __restrict__ v_codes,
     u32 stride_kcs, unsigned long long stride_kch, u32 stride_vcs, unsigned long long stride_vch,
     const u8* __restrict__ k_meta, const u8* __restrict__ v_meta, u32 stride_ms, unsigned long long stride_mh,
     float* __restrict__ part_o, float* __restrict__ part_lse, int num_q_heads, int num_splits, int num_parts,
-    int min_span, PairCounters* __restrict__ counters, u16* __restrict__ out, long long stride_ob, long long stride_oh,
-    int bf16, const float* __restrict__ v_rot, long long stride_vrh,
-    const u16* __restrict__ q, long long stride_qb, long long stride_qh, const float* __restrict__ k_rot,
-    long long stride_krh, float qk_scale) {
+    int min_span) {
   __shared__ __align__(16) u8 smem[SMEM_BYTES];
   const int hk = blockIdx.x, b = blockIdx.y, z = blockIdx.z;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -530,11 +331,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) oscar_int2_split(
   const int length = (int)kv_indptr[b + 1] - kv_lo;
   const int start = min(S_TOK, length);
   const int end = max(start, length - W_TOK);
-  // this program's pair counters and query source (formed where used: nothing to keep live across the tile loop)
-  auto pair = [&]() { return counters + b * gridDim.x + hk; };
-  auto query_source = [&]() { return QuerySource{q, stride_qb, stride_qh, k_rot + hk * stride_krh, qk_scale}; };
   if (z >= num_splits) {
-    if (PAIR_WORK && q != nullptr) rotate_queries(pair(), query_source(), bf16, b, hk, qr + row0 * D);
     const unsigned long long window =
         (unsigned long long)window_starts[b] * stride_ws + (unsigned long long)hk * stride_wh;
     window_program(qr + row0 * D, k_window + window, v_window + window, stride_ws, z - num_splits, start, end, length,
@@ -553,32 +350,10 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) oscar_int2_split(
     const int tiles = hi > lo ? (hi - lo + TILE - 1) / TILE : 0;
     const int my_tiles = tiles > warp ? (tiles - warp + WARPS - 1) / WARPS : 0;  // tiles warp, warp + 4, ...
 
-    u8* stages = smem + warp * STAGES * STAGE_BYTES;
-    const int value_col = lane % VALUE_CHUNKS_PER_ROW;
-    const LaneSources src = {
-        k_codes + hk * stride_kch,  // head strides in 64 bits: the pool is head-major (layer_cache.pool_buffer)
-        v_codes + hk * stride_vch + value_col * VALUE_CHUNK,
-        (lane < TILE ? k_meta : v_meta) + hk * stride_mh, stride_kcs, stride_vcs, stride_ms};
-    const INDEX_T* idx = kv_indices + kv_lo;
-    auto tile_pos = [&](int k) { return lo + (warp + WARPS * k) * TILE; };
-    auto load_slot = [&](int k) { return k < my_tiles ? (int)idx[min(tile_pos(k) + (lane & (TILE - 1)), hi - 1)] : 0; };
-
-    int slot = load_slot(0);
-#pragma unroll
-    for (int k = 0; k < STAGES - 1; ++k) {
-      if (k < my_tiles)
-        issue_tile(stages + k * STAGE_BYTES, slot, lane, src);
-      cp_async_commit();
-      slot = load_slot(k + 1);
-    }
-
-    // the first tiles are on their way; now the queries (rotated by this or another program)
-    if (PAIR_WORK && q != nullptr) rotate_queries(pair(), query_source(), bf16, b, hk, qr + row0 * D);
-
     // query fragments: register r holds the two dims (key_q_dim, shifted by the thread's Q_STEP)
     // its key register's codes stand for, times the codes' weight and 2^-f (key_q_scale times
     // q_thread_weight); query row g of the group (zero beyond it)
-    const float* qrow = qr + (row0 + min(g, GQA - 1)) * D + Q_STEP_T0 * (t & 1) + Q_STEP_T1 * (t >> 1);
+    const float* q = qr + (row0 + min(g, GQA - 1)) * D + Q_STEP_T0 * (t & 1) + Q_STEP_T1 * (t >> 1);
     const bool q_ok = g < GQA;
     const float thread_weight = q_thread_weight(t);
     u32 qf[KEY_REGS];
@@ -587,7 +362,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) oscar_int2_split(
     for (int i = 0; i < NG; ++i) qsum[i] = 0.0f;
 #pragma unroll
     for (int r = 0; r < KEY_REGS; ++r) {
-      const float x0 = q_ok ? __ldcg(qrow + key_q_dim(r, 0)) : 0.0f, x1 = q_ok ? __ldcg(qrow + key_q_dim(r, 1)) : 0.0f;
+      const float x0 = q_ok ? q[key_q_dim(r, 0)] : 0.0f, x1 = q_ok ? q[key_q_dim(r, 1)] : 0.0f;
       qf[r] = pack_half2(x0 * (key_q_scale(r, 0) * thread_weight), x1 * (key_q_scale(r, 1) * thread_weight));
       if (key_q_sum(r, 0)) qsum[key_mma_group(r / 2)] += x0 + x1;
     }
@@ -612,6 +387,25 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) oscar_int2_split(
     for (int i = 0; i < NG; ++i) am[i][0] = am[i][1] = 0.0f;
 #pragma unroll
     for (int i = 0; i < VAL_MMAS; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+
+    u8* stages = smem + warp * STAGES * STAGE_BYTES;
+    const int value_col = lane % VALUE_CHUNKS_PER_ROW;
+    const LaneSources src = {
+        k_codes + hk * stride_kch,  // head strides in 64 bits: the pool is head-major (layer_cache.pool_buffer)
+        v_codes + hk * stride_vch + value_col * VALUE_CHUNK,
+        (lane < TILE ? k_meta : v_meta) + hk * stride_mh, stride_kcs, stride_vcs, stride_ms};
+    const INDEX_T* idx = kv_indices + kv_lo;
+    auto tile_pos = [&](int k) { return lo + (warp + WARPS * k) * TILE; };
+    auto load_slot = [&](int k) { return k < my_tiles ? (int)idx[min(tile_pos(k) + (lane & (TILE - 1)), hi - 1)] : 0; };
+
+    int slot = load_slot(0);
+#pragma unroll
+    for (int k = 0; k < STAGES - 1; ++k) {
+      if (k < my_tiles)
+        issue_tile(stages + k * STAGE_BYTES, slot, lane, src);
+      cp_async_commit();
+      slot = load_slot(k + 1);
+    }
 
     for (int k = 0; k < my_tiles; ++k) {
       cp_async_wait<STAGES - 2>();
@@ -769,7 +563,4 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) oscar_int2_split(
     }
   }
   merge.store(part_o, part_lse, row0, num_parts, z);
-  if (PAIR_WORK && last_to_arrive(pair(), gridDim.z))
-    merge_pair(part_o, part_lse, row0, num_parts, b, hk, PairOutput{out, stride_ob, stride_oh, bf16, v_rot + hk * stride_vrh},
-               smem);
 }

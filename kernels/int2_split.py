@@ -189,17 +189,14 @@ class SplitKernel:
     """One compiled variant of int2_split.cu: the format, the GQA group (query heads per KV
     head), the widths in bits of kv_indptr, kv_indices and window_starts, whether requests read
     a shared prefix elsewhere (own_start), the BF16 window rows a window program reads
-    (DecodeLaunch.window_rows_per_program), whether the programs do a `PairWork` (compiled out
-    otherwise: code beside the tile loop changes the loop's register allocation), the cp.async
-    pipeline depth per warp and the number of independent accumulators the key MMAs of a tile
-    alternate between."""
+    (DecodeLaunch.window_rows_per_program), the cp.async pipeline depth per warp and the number
+    of independent accumulators the key MMAs of a tile alternate between."""
 
     fmt: OscarFormat
     gqa: int
     index_bits: tuple[int, int, int]
     shared: bool
     window_rows: int
-    pair_work: bool
     stages: int
     key_chains: int
 
@@ -212,7 +209,7 @@ def generated_header(kernel: SplitKernel) -> str:
         ("D", fmt.head_dim), ("P", fmt.packed_dim), ("KEY_BYTES", fmt.key_packed_dim), ("NG", fmt.num_groups),
         ("GROUP_SIZE", fmt.group_size), ("GQA", kernel.gqa), ("S_TOK", fmt.sink_tokens),
         ("W_TOK", fmt.recent_tokens), ("WIN_ROWS", kernel.window_rows), ("WIN_DIMS", window_lane_dims(fmt)),
-        ("SHARED", int(kernel.shared)), ("PAIR_WORK", int(kernel.pair_work)),
+        ("SHARED", int(kernel.shared)),
         ("STAGES", kernel.stages), ("KEY_CHAINS", max(1, kernel.key_chains // fmt.num_groups)),
         ("INDPTR_T", C_INTS[kernel.index_bits[0]]), ("INDEX_T", C_INTS[kernel.index_bits[1]]),
         ("WSTART_T", C_INTS[kernel.index_bits[2]]),
@@ -357,23 +354,9 @@ class SplitPrograms:
     min_span: int = 0
 
 
-@dataclass(frozen=True)
-class PairWork:
-    """What the split programs of each (request, KV head) do besides their partials, in a launch
-    that runs all of the pair's parts, counted in LayerCache.pair_counters: the last to finish
-    merges the partials and rotates them back by the cache's R_V into out [B, H_q, D] (bf16 or
-    fp16, unit stride along D); and, given q [B, H_q, D] of out's dtype (not rotated), the first
-    to start rotates the pair's query rows into qr, q · R_K · qk_scale, while the others load
-    their first tiles (decode.py's q-rotation launch otherwise fills qr)."""
-
-    out: torch.Tensor
-    q: torch.Tensor | None = None
-    qk_scale: float = 0.0
-
-
 def launch(qr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, window_starts: torch.Tensor,
            own_start: torch.Tensor | None, cache: LayerCache, part_o: torch.Tensor, part_lse: torch.Tensor,
-           programs: SplitPrograms, stages: int, key_chains: int, work: PairWork | None = None) -> None:
+           programs: SplitPrograms, stages: int, key_chains: int) -> None:
     """Launch grid (H_kv, B, splits + window programs) on the current stream
     (capturable in a CUDA graph).
 
@@ -381,21 +364,16 @@ def launch(qr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, 
     kv_indices and window_starts [B] int32/int64; own_start: [B] int32 first position each request
     reads alone (None: the INT2 span's start); cache: the layer's pool buffers; part_o
     [B, H_q, parts, D] and part_lse [B, H_q, parts] fp32 get the parts `programs` runs;
-    stages, key_chains: as in SplitKernel; work: the pairs' merge (and query rotation) where the
-    launch runs every part of every request (`PairWork`)."""
+    stages, key_chains: as in SplitKernel."""
     from cuda.bindings import driver
 
     batch, q_heads, _ = qr.shape
     fmt, kv_heads = cache.fmt, cache.kv_heads
-    parts = programs.splits + programs.window_programs
-    if work is not None:
-        check_pair_work(work, programs, part_o.shape[2], batch, cache)
     k_codes, v_codes, k_meta, v_meta = cache.k_codes, cache.v_codes, cache.k_meta, cache.v_meta
     gqa = q_heads // kv_heads
     index_bits = tuple(torch.iinfo(x.dtype).bits for x in (kv_indptr, kv_indices, window_starts))
     strides = check_layout(cache)  # before compiling: a pool the copies cannot read fails at once
-    kernel = SplitKernel(fmt, gqa, index_bits, own_start is not None, programs.window_rows, work is not None, stages,
-                         key_chains)
+    kernel = SplitKernel(fmt, gqa, index_bits, own_start is not None, programs.window_rows, stages, key_chains)
     function = _function(qr.device.index, kernel)
     args = [ctypes.c_void_p(x.data_ptr()) for x in (qr, kv_indptr, kv_indices)]
     args.append(ctypes.c_void_p((own_start if own_start is not None else kv_indptr).data_ptr()))
@@ -410,43 +388,8 @@ def launch(qr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, 
     args += [ctypes.c_void_p(part_o.data_ptr()), ctypes.c_void_p(part_lse.data_ptr())]
     args += [ctypes.c_int(q_heads), ctypes.c_int(programs.splits), ctypes.c_int(part_o.shape[2])]
     args.append(ctypes.c_int(programs.min_span))
-    args += pair_work_args(work, cache)
     pointers = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
     stream = torch.cuda.current_stream(qr.device).cuda_stream
-    _checked(driver.cuLaunchKernel(function, kv_heads, batch, parts, WARPS * 32, 1, 1, 0, stream,
+    grid_z = programs.splits + programs.window_programs
+    _checked(driver.cuLaunchKernel(function, kv_heads, batch, grid_z, WARPS * 32, 1, 1, 0, stream,
                                    ctypes.addressof(pointers), 0))
-
-
-def check_pair_work(work: PairWork, programs: SplitPrograms, parts: int, batch: int, cache: LayerCache) -> None:
-    """Refuses a PairWork the launch could not do: one launch must run all `parts` parts of every
-    request, out (and q) bf16 or fp16 with unit stride along D, batch × H_kv within the cache's
-    pair_counters."""
-    out, q = work.out, work.q
-    runs_all = not programs.min_span and programs.window_programs and programs.splits + programs.window_programs == parts
-    if not runs_all:
-        raise ValueError(f"the split programs merge partials only where one launch runs all {parts} parts of every "
-                         f"request, got {programs}: merge them with decode.py's reduce instead")
-    if out.dtype not in (torch.bfloat16, torch.float16) or out.stride(2) != 1 or (q is not None and (
-            q.dtype != out.dtype or q.stride(2) != 1)):
-        raise ValueError(f"out and q must be bf16 or fp16 of one dtype with unit stride along D, got out {out.dtype} "
-                         f"{out.stride()}" + ("" if q is None else f", q {q.dtype} {q.stride()}"))
-    if batch * cache.kv_heads > cache.pair_counters.shape[0]:
-        raise ValueError(f"the cache counts pairs of at most {cache.pair_counters.shape[0] // cache.kv_heads} requests "
-                         f"(its window rows), got a batch of {batch}")
-
-
-def pair_work_args(work: PairWork | None, cache: LayerCache) -> list:
-    """The kernel's arguments from `counters` on (null pointers: no merge, no query rotation)."""
-    null = ctypes.c_void_p(0)
-    (v_rot, v_stride), (k_rot, k_stride) = cache.rotation("v"), cache.rotation("k")
-    if work is None:
-        return [null, null, ctypes.c_int64(0), ctypes.c_int64(0), ctypes.c_int(0), null, ctypes.c_int64(0),
-                null, ctypes.c_int64(0), ctypes.c_int64(0), null, ctypes.c_int64(0), ctypes.c_float(0.0)]
-    out, q = work.out, work.q
-    args = [ctypes.c_void_p(cache.pair_counters.data_ptr()), ctypes.c_void_p(out.data_ptr()),
-            ctypes.c_int64(out.stride(0)), ctypes.c_int64(out.stride(1)), ctypes.c_int(out.dtype == torch.bfloat16),
-            ctypes.c_void_p(v_rot.data_ptr()), ctypes.c_int64(v_stride)]
-    if q is None:
-        return args + [null, ctypes.c_int64(0), ctypes.c_int64(0), null, ctypes.c_int64(0), ctypes.c_float(0.0)]
-    return args + [ctypes.c_void_p(q.data_ptr()), ctypes.c_int64(q.stride(0)), ctypes.c_int64(q.stride(1)),
-                   ctypes.c_void_p(k_rot.data_ptr()), ctypes.c_int64(k_stride), ctypes.c_float(work.qk_scale)]

@@ -1,6 +1,6 @@
 """LayerCache: one layer's OSCAR-2 cache as the write, decode and extend kernels take it."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -24,12 +24,8 @@ class LayerCache:
     k_codes: [slots, H_kv, key_bits · D/8] uint8, v_codes: [slots, H_kv, D/4] uint8
     (fmt.codes_shape); k_meta, v_meta: [slots, H_kv, D/G, 2] fp16 (scale, minimum), sharing
     strides (any strides with contiguous rows; the pool's are head-major: pool_buffer); k_window,
-    v_window: [rows, H_kv, D] bf16 window rows (rotated space), sharing strides; k_rot, v_rot:
-    [H_kv or 1, D, D] orthogonal, stored float32 contiguous; k_clip, v_clip: the clip quantiles in
-    (0, 1] the write kernel applies. pair_counters: [requests · H_kv, 2] int32 zeros, requests = those
-    the window rows hold: a decode step whose split programs merge their own partials (and rotate
-    their own queries) counts there, per (request, KV head), the programs that finished (and
-    whether its queries are rotated), and leaves it zero (int2_split.cu, DecodeLaunch.cuda_merges).
+    v_window: [rows, H_kv, D] bf16 window rows (rotated space), sharing strides; k_rot, v_rot: [H_kv or 1, D, D] orthogonal, stored float32 contiguous; k_clip,
+    v_clip: the clip quantiles in (0, 1] the write kernel applies.
     """
 
     fmt: OscarFormat
@@ -43,7 +39,6 @@ class LayerCache:
     v_rot: torch.Tensor
     k_clip: float = DEFAULT_K_CLIP
     v_clip: float = DEFAULT_V_CLIP
-    pair_counters: torch.Tensor = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         fmt, heads, d = self.fmt, self.k_codes.shape[1], self.fmt.head_dim
@@ -72,9 +67,6 @@ class LayerCache:
             if rot.dim() != 3 or rot.shape[0] not in (1, heads) or tuple(rot.shape[1:]) != (d, d):
                 raise ValueError(f"rotations must be [H_kv or 1, {d}, {d}], got {tuple(rot.shape)}")
             object.__setattr__(self, name, rot.float().contiguous())
-        requests = self.k_window.shape[0] // fmt.window_rows_per_request
-        object.__setattr__(self, "pair_counters",
-                           torch.zeros(requests * heads, 2, dtype=torch.int32, device=self.k_codes.device))
 
     @property
     def kv_heads(self) -> int:

@@ -1,6 +1,7 @@
 """The CUDA INT2 split kernel (kernels/int2_split.cu) on the CPU: its key-register plan and query
 fragment, emulated bit for bit, score keys as the reference codes do, and NVRTC compiles every
-format for an H100 without register spills. Its results on a GPU: tests/gpu/test_kernels_gpu.py."""
+format for an H100 without register spills in its tile loop. Its results on a GPU:
+tests/gpu/test_kernels_gpu.py."""
 
 import itertools
 import re
@@ -71,8 +72,7 @@ def test_registers_pair_within_groups_and_fill_the_mma():
 @pytest.mark.parametrize("fmt", FORMATS, ids=str)
 def test_nvrtc_compiles_for_sm90_without_spills(fmt):
     for gqa, shared, index_bits in ((4, False, (32, 32, 32)), (8, True, (64, 64, 64)), (1, False, (32, 64, 32))):
-        # steps beside shared-prefix blocks never merge in the split programs: the others do
-        kernel = int2_split.SplitKernel(fmt, gqa, index_bits, shared, DECODE_LAUNCH.window_rows_per_program, not shared,
+        kernel = int2_split.SplitKernel(fmt, gqa, index_bits, shared, DECODE_LAUNCH.window_rows_per_program,
                                         DECODE_LAUNCH.cuda_stages, DECODE_LAUNCH.cuda_key_chains)
         compiled = int2_split.compile_kernel(kernel, "sm_90")
         stored = [int(n) for n in re.findall(r"(\d+) bytes spill stores", compiled.log)]
@@ -96,24 +96,3 @@ def test_a_misaligned_pool_is_refused_before_launch():
     rows = torch.zeros(cache.k_window.numel() + 1, dtype=torch.bfloat16)[1:].view(cache.k_window.shape)
     with pytest.raises(ValueError, match="k_window/v_window rows must be 8-byte aligned.*int2_split='triton'"):
         int2_split.check_layout(replace(cache, k_window=rows, v_window=rows))
-
-
-def test_pair_work_is_refused_where_one_launch_does_not_run_every_part():
-    """The split programs merge (and rotate queries) only where the launch runs all parts of every
-    request, into a bf16/fp16 out of q's dtype, for a batch the cache has pair counters for."""
-    fmt = OscarFormat(128, key_bits=4)
-    cache = make_cache(fmt, 2, 64, 3, True, torch.Generator().manual_seed(0))  # counters for 3 requests
-    assert tuple(cache.pair_counters.shape) == (6, 2) and not cache.pair_counters.any()
-    out = torch.randn(3, 8, 128).to(torch.bfloat16)
-    every_part = int2_split.SplitPrograms(4, 3, 64)
-    int2_split.check_pair_work(int2_split.PairWork(out, out, 0.1), every_part, 7, 3, cache)
-    for programs, parts in ((every_part, 9), (int2_split.SplitPrograms(4, 0, 64), 4),
-                            (int2_split.SplitPrograms(4, 3, 64, min_span=1024), 7)):
-        with pytest.raises(ValueError, match=f"runs all {parts} parts of every request.*reduce instead"):
-            int2_split.check_pair_work(int2_split.PairWork(out), programs, parts, 3, cache)
-    with pytest.raises(ValueError, match="bf16 or fp16 of one dtype"):
-        int2_split.check_pair_work(int2_split.PairWork(out.float()), every_part, 7, 3, cache)
-    with pytest.raises(ValueError, match="bf16 or fp16 of one dtype"):
-        int2_split.check_pair_work(int2_split.PairWork(out, out.half(), 0.1), every_part, 7, 3, cache)
-    with pytest.raises(ValueError, match="pairs of at most 3 requests.*a batch of 4"):
-        int2_split.check_pair_work(int2_split.PairWork(out), every_part, 7, 4, cache)

@@ -147,7 +147,7 @@ def describe_cuda_split(head_dim: int, key_bits: int, decode_launch) -> dict:
 
     fmt = OscarFormat(head_dim, key_bits=key_bits)
     kernel = int2_split.SplitKernel(fmt, Q_HEADS // KV_HEADS, (32, 32, 32), False, decode_launch.window_rows_per_program,
-                                    decode_launch.cuda_merges, decode_launch.cuda_stages, decode_launch.cuda_key_chains)
+                                    decode_launch.cuda_stages, decode_launch.cuda_key_chains)
     compiled = int2_split.compile_kernel(kernel, f"sm_{TARGET.arch}")
     usage = re.search(r"Used (\d+) registers.*?(\d+) bytes smem", compiled.log)
     stack = re.search(r"(\d+) bytes stack frame", compiled.log)

@@ -60,10 +60,6 @@ SPLIT_VARIANTS = {
     # each split kernel at every batch size (the default picks one by the batch's size)
     "triton": dk.DECODE_LAUNCH.with_split_kernel("triton"),
     "cuda": dk.DECODE_LAUNCH.with_split_kernel("cuda"),
-    # the CUDA split kernel beside the q-rotation launch, and beside it and the reduce launch (the
-    # default rotates the queries and merges the partials in the split kernel: DecodeLaunch.cuda_merges)
-    "cuda_rotate_launch": replace(dk.DECODE_LAUNCH.with_split_kernel("cuda"), cuda_rotates_q=False),
-    "cuda_three_launches": replace(dk.DECODE_LAUNCH.with_split_kernel("cuda"), cuda_merges=False),
     "cuda_chains4": replace(dk.DECODE_LAUNCH.with_split_kernel("cuda"), cuda_key_chains=4),
     "cuda_stages3": replace(dk.DECODE_LAUNCH.with_split_kernel("cuda"), cuda_stages=3),
     "cuda_stages6": replace(dk.DECODE_LAUNCH.with_split_kernel("cuda"), cuda_stages=6),
@@ -288,7 +284,7 @@ def main():
             if f"split:{name}" in failed:
                 continue
             default_splits = dk.decode_step(*problem.args, launch=variant).splits
-            trial = [default_splits] if name not in ("default", "triton", "cuda", "cuda_rotate_launch", "cuda_three_launches") else args.splits or sorted(
+            trial = [default_splits] if name not in ("default", "triton", "cuda") else args.splits or sorted(
                 {max(1, default_splits // 2), default_splits, min(dk.MAX_KV_SPLITS, 2 * default_splits),
                  min(dk.MAX_KV_SPLITS, 4 * default_splits)})
             for splits in trial:

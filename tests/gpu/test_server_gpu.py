@@ -74,9 +74,9 @@ def test_shared_prefix_hits_the_radix_cache(server):
 
 
 REFERENCE_PROMPT = "Long-context serving keeps the KV cache small. " * 60
-# four requests that share no prefix: decoding together they are 32 (request, KV head) pairs, where
-# the split programs run in int2_split.cu, rotating the queries and merging the partials themselves
-# (kernels/decode.py, DecodeLaunch.cuda_min_pairs), against the Triton split kernel for one alone
+# four requests that share no prefix: decoding together they are 32 (request, KV head) pairs, whose
+# split programs run in int2_split.cu (kernels/decode.py, DecodeLaunch.cuda_min_pairs), against the
+# Triton split kernel for one alone
 TOGETHER_PROMPTS = [f"Agent {i} asks. {REFERENCE_PROMPT}" for i in range(4)]
 
 
