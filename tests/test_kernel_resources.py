@@ -24,7 +24,7 @@ ATTENTION = {"_decode_split_kernel", "_decode_shared_kernel", "_extend_attention
 def kernel_resources(head_dim: int, key_bits: int, out_dir: Path) -> list[dict]:
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     run = subprocess.run([sys.executable, "-m", "benchmarks.tuning.kernel_resources", "--head-dim", str(head_dim),
-                          "--key-bits", str(key_bits), "--out-dir", str(out_dir)],
+                          "--key-bits", str(key_bits), "--out-dir", str(out_dir), "--loop-sass"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     width = "" if key_bits == DEFAULT_KEY_BITS else f"_k{key_bits}"
@@ -35,9 +35,13 @@ def kernel_resources(head_dim: int, key_bits: int, out_dir: Path) -> list[dict]:
 def test_every_kernel_compiles_for_sm90(head_dim, key_bits, tmp_path):
     rows = kernel_resources(head_dim, key_bits, tmp_path)
     assert {r["kernel"] for r in rows} == KERNELS
-    for r in rows:
+    sass = next(tmp_path.glob("*_loops.sass")).read_text().split("// ")[1:]  # one section per row, in order
+    assert len(sass) == len(rows)
+    for r, section in zip(rows, sass):
         assert r["registers"] > 0
         assert sum(r["loop"]["opcodes"].values()) == r["loop"]["instructions"]
+        title, *instructions = section.strip().splitlines()
+        assert title.startswith(f"{r['launch']} / {r['kernel']}") and len(instructions) == r["loop"]["instructions"]
         if r["kernel"] in ATTENTION:
             assert r["loop"]["mma"] > 0, f"{r['kernel']} ({r['launch']}) runs its main loop without tensor cores"
     if head_dim == 128:

@@ -19,7 +19,7 @@ kernels.quantize.WriteLaunch).
     python -m benchmarks.tuning.kernel_resources --key-bits 3 --set decode.shared_warps=8
 
 Writes <out-dir>/kernel_resources_sm90_d<D>[_k<BITS>, other than the default][_<FIELD><VALUE>...].json and prints a markdown
-table.
+table; with --loop-sass also <that stem>_loops.sass, one iteration of each kernel's main loop.
 """
 
 import argparse
@@ -108,7 +108,8 @@ def opcode(instruction: str) -> str:
 
 def loops(sass: str) -> list[dict]:
     """Per loop (backward branch), one iteration's instructions, spills (STL / LDL),
-    tensor-core instructions and count per opcode (most frequent first), in address order."""
+    tensor-core instructions, count per opcode (most frequent first) and its first and last
+    instruction addresses, in address order."""
     instructions = [(int(a, 16), text) for a, text in INSTRUCTION_RE.findall(sass)]
     found = []
     for address, text in instructions:
@@ -118,24 +119,34 @@ def loops(sass: str) -> list[dict]:
         body = [opcode(t) for a, t in instructions if int(target.group(1), 16) <= a <= address]
         found.append({"instructions": len(body), "spills": sum(op in ("STL", "LDL") for op in body),
                       "mma": sum(op in ("HMMA", "HGMMA") for op in body),
-                      "opcodes": dict(collections.Counter(body).most_common())})
+                      "opcodes": dict(collections.Counter(body).most_common()),
+                      "addresses": [int(target.group(1), 16), address]})
     return found
+
+
+def loop_text(sass: str, loop: dict) -> str:
+    """The SASS of one iteration of `loop` (from `loops(sass)`), one instruction per line."""
+    first, last = loop["addresses"]
+    return "".join(f"/*{a}*/ {t};\n" for a, t in INSTRUCTION_RE.findall(sass) if first <= int(a, 16) <= last)
 
 
 def main_loop(found: list[dict]) -> dict:
     """The loop with the most tensor-core instructions, the leaner one of equals (the extend
     kernel's prefix loop rather than its causal chunk loop); zeros without a loop."""
     return max(found, key=lambda loop: (loop["mma"], -loop["instructions"]),
-               default={"instructions": 0, "spills": 0, "mma": 0, "opcodes": {}})
+               default={"instructions": 0, "spills": 0, "mma": 0, "opcodes": {}, "addresses": [0, -1]})
 
 
 def describe(tag: str, name: str, kernel) -> dict:
-    """One row: the kernel's resources and its main loop."""
+    """One row: the kernel's resources and its main loop (its SASS under "loop_sass", which
+    main() writes to a file of its own, not the JSON)."""
     usage = re.search(r"REG:(\d+) STACK:(\d+)", cuobjdump(kernel.asm["cubin"], "-res-usage"))
-    found = loops(cuobjdump(kernel.asm["cubin"], "-sass"))
+    sass = cuobjdump(kernel.asm["cubin"], "-sass")
+    found = loops(sass)
     return {"launch": tag, "kernel": name, "num_warps": kernel.metadata.num_warps, "maxnreg": kernel.metadata.maxnreg,
             "registers": int(usage.group(1)), "stack_bytes": int(usage.group(2)),
-            "shared_bytes": kernel.metadata.shared, "loop": main_loop(found), "loops": found}
+            "shared_bytes": kernel.metadata.shared, "loop": main_loop(found), "loops": found,
+            "loop_sass": loop_text(sass, main_loop(found))}
 
 
 def describe_cuda_split(head_dim: int, key_bits: int, decode_launch) -> dict:
@@ -151,10 +162,11 @@ def describe_cuda_split(head_dim: int, key_bits: int, decode_launch) -> dict:
     compiled = int2_split.compile_kernel(kernel, f"sm_{TARGET.arch}")
     usage = re.search(r"Used (\d+) registers.*?(\d+) bytes smem", compiled.log)
     stack = re.search(r"(\d+) bytes stack frame", compiled.log)
-    found = loops(cuobjdump(compiled.cubin, "-sass"))
+    sass = cuobjdump(compiled.cubin, "-sass")
+    found = loops(sass)
     return {"launch": "decode", "kernel": "oscar_int2_split", "num_warps": int2_split.WARPS, "maxnreg": None,
             "registers": int(usage.group(1)), "stack_bytes": int(stack.group(1)), "shared_bytes": int(usage.group(2)),
-            "loop": main_loop(found), "loops": found}
+            "loop": main_loop(found), "loops": found, "loop_sass": loop_text(sass, main_loop(found))}
 
 
 def launches(head_dim: int, key_bits: int, decode_launch, extend_launch, write_launch):
@@ -237,6 +249,8 @@ def main(argv=None):
     parser.add_argument("--set", type=parse_setting, action="append", default=[], metavar="LAUNCH.FIELD=VALUE",
                         help="a field of a launch dataclass: decode.FIELD, extend.FIELD or quantize.FIELD (repeatable)")
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_RESULTS_DIR)
+    parser.add_argument("--loop-sass", action="store_true",
+                        help="also write every kernel's main-loop SASS, one iteration each, to <stem>_loops.sass")
     args = parser.parse_args(argv)
     if knobs.runtime.interpret:
         sys.exit("kernel_resources compiles the GPU code paths: run it with TRITON_INTERPRET unset")
@@ -260,7 +274,12 @@ def main(argv=None):
     args.out_dir.mkdir(parents=True, exist_ok=True)
     width = "" if args.key_bits == DEFAULT_KEY_BITS else f"_k{args.key_bits}"
     settings = "".join(f"_{name}{value}" for _, name, value in args.set)
-    write_json(args.out_dir / f"kernel_resources_sm90_d{args.head_dim}{width}{settings}.json", {
+    stem = args.out_dir / f"kernel_resources_sm90_d{args.head_dim}{width}{settings}"
+    sass = [(f"{r['launch']} / {r['kernel']}", r.pop("loop_sass")) for r in rows]
+    if args.loop_sass:
+        stem.with_name(stem.name + "_loops.sass").write_text(
+            "".join(f"// {name}: main loop, one iteration\n{text}\n" for name, text in sass))
+    write_json(stem.with_suffix(".json"), {
         "benchmark": "kernel_resources", "created": now_iso(), "machine": machine_info(),
         "command": "python -m benchmarks.tuning.kernel_resources " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "target": f"{TARGET.backend} sm_{TARGET.arch}", "rows": rows})
