@@ -137,16 +137,21 @@ def main_loop(found: list[dict]) -> dict:
                default={"instructions": 0, "spills": 0, "mma": 0, "opcodes": {}, "addresses": [0, -1]})
 
 
-def describe(tag: str, name: str, kernel) -> dict:
-    """One row: the kernel's resources and its main loop (its SASS under "loop_sass", which
-    main() writes to a file of its own, not the JSON)."""
-    usage = re.search(r"REG:(\d+) STACK:(\d+)", cuobjdump(kernel.asm["cubin"], "-res-usage"))
-    sass = cuobjdump(kernel.asm["cubin"], "-sass")
+def loop_fields(cubin: bytes) -> dict:
+    """A row's loop fields: its main loop, every loop, and the main loop's SASS under "loop_sass"
+    (which main() writes to a file of its own, not the JSON)."""
+    sass = cuobjdump(cubin, "-sass")
     found = loops(sass)
+    main = main_loop(found)
+    return {"loop": main, "loops": found, "loop_sass": loop_text(sass, main)}
+
+
+def describe(tag: str, name: str, kernel) -> dict:
+    """One row: the kernel's resources and its main loop (`loop_fields`)."""
+    usage = re.search(r"REG:(\d+) STACK:(\d+)", cuobjdump(kernel.asm["cubin"], "-res-usage"))
     return {"launch": tag, "kernel": name, "num_warps": kernel.metadata.num_warps, "maxnreg": kernel.metadata.maxnreg,
             "registers": int(usage.group(1)), "stack_bytes": int(usage.group(2)),
-            "shared_bytes": kernel.metadata.shared, "loop": main_loop(found), "loops": found,
-            "loop_sass": loop_text(sass, main_loop(found))}
+            "shared_bytes": kernel.metadata.shared, **loop_fields(kernel.asm["cubin"])}
 
 
 def describe_cuda_split(head_dim: int, key_bits: int, decode_launch) -> dict:
@@ -162,11 +167,9 @@ def describe_cuda_split(head_dim: int, key_bits: int, decode_launch) -> dict:
     compiled = int2_split.compile_kernel(kernel, f"sm_{TARGET.arch}")
     usage = re.search(r"Used (\d+) registers.*?(\d+) bytes smem", compiled.log)
     stack = re.search(r"(\d+) bytes stack frame", compiled.log)
-    sass = cuobjdump(compiled.cubin, "-sass")
-    found = loops(sass)
     return {"launch": "decode", "kernel": "oscar_int2_split", "num_warps": int2_split.WARPS, "maxnreg": None,
             "registers": int(usage.group(1)), "stack_bytes": int(stack.group(1)), "shared_bytes": int(usage.group(2)),
-            "loop": main_loop(found), "loops": found, "loop_sass": loop_text(sass, main_loop(found))}
+            **loop_fields(compiled.cubin)}
 
 
 def launches(head_dim: int, key_bits: int, decode_launch, extend_launch, write_launch):
