@@ -26,10 +26,13 @@
 // field's bit offset), the 2^-f folded into the query fragment (keys) or the output scale
 // (values), scale and minimum applied per position after the dot.
 //
-// Generated before this text (int2_split.py): D, P, KEY_BYTES, NG, GROUP_SIZE, GQA, S_TOK, W_TOK,
-// WIN_ROWS, WIN_DIMS, SHARED, STAGES, KEY_CHAINS, INDPTR_T, INDEX_T, WSTART_T, WARPS,
-// KEY_CHUNK, VALUE_CHUNK, META_ROW, KEY_REGS, KEY_WORDS, load_key_words, key_reg, key_mma_group and the query fragment's Q_STEP_T0, Q_STEP_T1,
-// q_thread_weight, q_thread_sum, key_q_dim, key_q_scale, key_q_sum (int2_split.query_fragment).
+// Before this text (int2_split.kernel_source): the PTX instructions behind functions
+// (int2_split_ptx.cuh): cp_async, cp_async_commit, cp_async_wait, mma, pack_half2, transpose8x8,
+// unpack_meta, exp2_approx; then, generated (int2_split.py): D, P, KEY_BYTES, NG, GROUP_SIZE, GQA,
+// S_TOK, W_TOK, WIN_ROWS, WIN_DIMS, SHARED, STAGES, KEY_CHAINS, INDPTR_T, INDEX_T, WSTART_T, WARPS,
+// KEY_CHUNK, VALUE_CHUNK, META_ROW, KEY_REGS, KEY_WORDS, load_key_words, key_reg, key_mma_group
+// and the query fragment's Q_STEP_T0, Q_STEP_T1, q_thread_weight, q_thread_sum, key_q_dim,
+// key_q_scale, key_q_sum (int2_split.query_fragment).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -53,57 +56,6 @@ typedef unsigned char u8;
 #define SMEM_BYTES (PIPE_BYTES > MERGE_BYTES ? PIPE_BYTES : MERGE_BYTES)
 #define CODE_UNIT 16777216.0f                  // 2^24: 1 / the value of fp16 mantissa bit 0
 #define NEG_INF __int_as_float(0xff800000)
-
-__device__ __forceinline__ u32 smem_addr(const void* p) {
-  u32 r;
-  asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
-  return r;
-}
-
-template <int BYTES>
-__device__ __forceinline__ void cp_async(void* dst, const void* src) {
-  if (BYTES == 16) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst)), "l"(src));
-  } else {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(smem_addr(dst)), "l"(src), "n"(BYTES));
-  }
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
-
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
-
-// c += A (16x16 fp16, row) * B (16x8 fp16, col), fp32 accumulators
-__device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ u32 pack_half2(float lo, float hi) {
-  u32 r;
-  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-  return r;
-}
-
-__device__ __forceinline__ u32 transpose8x8(u32 x) {
-  u32 r;
-  asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(r) : "r"(x));
-  return r;
-}
-
-// a meta word (fp16 scale in the low half, fp16 minimum in the high half) as two floats
-__device__ __forceinline__ void unpack_meta(u32 w, float& scale, float& minimum) {
-  asm("{ .reg .b16 lo, hi; mov.b32 {lo, hi}, %2; cvt.f32.f16 %0, lo; cvt.f32.f16 %1, hi; }"
-      : "=f"(scale), "=f"(minimum) : "r"(w));
-}
-
-__device__ __forceinline__ float exp2_approx(float x) {
-  float r;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
-  return r;
-}
 
 __device__ __forceinline__ float finite_or_zero(float m) { return m == NEG_INF ? 0.0f : m; }
 

@@ -34,6 +34,7 @@ WARPS = 4  # warps per program, each with its own tiles and softmax state
 PROGRAMS_PER_SM = 4
 VALUE_CHUNK = 16  # bytes per asynchronous copy of a value row
 SOURCE = Path(__file__).with_name("int2_split.cu")
+PTX_HELPERS = Path(__file__).with_name("int2_split_ptx.cuh")  # what SOURCE calls for each PTX instruction
 C_INTS = {32: "int", 64: "long long"}
 
 
@@ -256,6 +257,12 @@ def generated_header(kernel: SplitKernel) -> str:
     return "\n".join(lines) + "\n"
 
 
+def kernel_source(kernel: SplitKernel, helpers: str) -> str:
+    """int2_split.cu for `kernel`: `helpers` (the functions it calls for PTX instructions:
+    PTX_HELPERS on a GPU), the generated definitions, then its text."""
+    return helpers + generated_header(kernel) + SOURCE.read_text()
+
+
 @dataclass(frozen=True)
 class Compiled:
     cubin: bytes
@@ -268,7 +275,7 @@ def compile_kernel(kernel: SplitKernel, arch: str) -> Compiled:
     needed. The log holds ptxas's register and spill report."""
     from cuda.bindings import nvrtc
 
-    source = (generated_header(kernel) + SOURCE.read_text()).encode()
+    source = kernel_source(kernel, PTX_HELPERS.read_text()).encode()
     err, prog = nvrtc.nvrtcCreateProgram(source, b"int2_split.cu", 0, [], [])
     options = [f"--gpu-architecture={arch}".encode(), b"-std=c++17", b"--ptxas-options=-v"]
     (err,) = nvrtc.nvrtcCompileProgram(prog, len(options), options)
@@ -354,19 +361,24 @@ class SplitPrograms:
     min_span: int = 0
 
 
-def launch(qr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, window_starts: torch.Tensor,
-           own_start: torch.Tensor | None, cache: LayerCache, part_o: torch.Tensor, part_lse: torch.Tensor,
-           programs: SplitPrograms, stages: int, key_chains: int) -> None:
-    """Launch grid (H_kv, B, splits + window programs) on the current stream
-    (capturable in a CUDA graph).
+@dataclass(frozen=True)
+class Launch:
+    """One launch of int2_split.cu: the compiled variant, the grid (H_kv, B, programs per pair) of
+    WARPS · 32-thread programs, and the kernel's arguments in its parameter order."""
 
-    qr: [B, H_q, D] fp32 rotated, pre-scaled queries (decode.py's q_rot); kv_indptr [B + 1],
-    kv_indices and window_starts [B] int32/int64; own_start: [B] int32 first position each request
-    reads alone (None: the INT2 span's start); cache: the layer's pool buffers; part_o
-    [B, H_q, parts, D] and part_lse [B, H_q, parts] fp32 get the parts `programs` runs;
-    stages, key_chains: as in SplitKernel."""
-    from cuda.bindings import driver
+    kernel: SplitKernel
+    grid: tuple[int, int, int]
+    args: list
 
+    def argument_pointers(self) -> ctypes.Array:
+        """The arguments' addresses, as cuLaunchKernel takes them (alive while `args` is)."""
+        return (ctypes.c_void_p * len(self.args))(*[ctypes.addressof(a) for a in self.args])
+
+
+def plan_launch(qr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, window_starts: torch.Tensor,
+                own_start: torch.Tensor | None, cache: LayerCache, part_o: torch.Tensor, part_lse: torch.Tensor,
+                programs: SplitPrograms, stages: int, key_chains: int) -> Launch:
+    """`launch`'s arguments (see there) as a Launch, the pool's layout checked first."""
     batch, q_heads, _ = qr.shape
     fmt, kv_heads = cache.fmt, cache.kv_heads
     k_codes, v_codes, k_meta, v_meta = cache.k_codes, cache.v_codes, cache.k_meta, cache.v_meta
@@ -374,7 +386,6 @@ def launch(qr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, 
     index_bits = tuple(torch.iinfo(x.dtype).bits for x in (kv_indptr, kv_indices, window_starts))
     strides = check_layout(cache)  # before compiling: a pool the copies cannot read fails at once
     kernel = SplitKernel(fmt, gqa, index_bits, own_start is not None, programs.window_rows, stages, key_chains)
-    function = _function(qr.device.index, kernel)
     args = [ctypes.c_void_p(x.data_ptr()) for x in (qr, kv_indptr, kv_indices)]
     args.append(ctypes.c_void_p((own_start if own_start is not None else kv_indptr).data_ptr()))
     args += [ctypes.c_void_p(x.data_ptr()) for x in (window_starts, cache.k_window, cache.v_window)]
@@ -388,8 +399,26 @@ def launch(qr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, 
     args += [ctypes.c_void_p(part_o.data_ptr()), ctypes.c_void_p(part_lse.data_ptr())]
     args += [ctypes.c_int(q_heads), ctypes.c_int(programs.splits), ctypes.c_int(part_o.shape[2])]
     args.append(ctypes.c_int(programs.min_span))
-    pointers = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
+    return Launch(kernel, (kv_heads, batch, programs.splits + programs.window_programs), args)
+
+
+def launch(qr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, window_starts: torch.Tensor,
+           own_start: torch.Tensor | None, cache: LayerCache, part_o: torch.Tensor, part_lse: torch.Tensor,
+           programs: SplitPrograms, stages: int, key_chains: int) -> None:
+    """Launch grid (H_kv, B, splits + window programs) on the current stream
+    (capturable in a CUDA graph).
+
+    qr: [B, H_q, D] fp32 rotated, pre-scaled queries (decode.py's q_rot); kv_indptr [B + 1],
+    kv_indices and window_starts [B] int32/int64; own_start: [B] int32 first position each request
+    reads alone (None: the INT2 span's start); cache: the layer's pool buffers; part_o
+    [B, H_q, parts, D] and part_lse [B, H_q, parts] fp32 get the parts `programs` runs;
+    stages, key_chains: as in SplitKernel."""
+    from cuda.bindings import driver
+
+    planned = plan_launch(qr, kv_indptr, kv_indices, window_starts, own_start, cache, part_o, part_lse, programs,
+                          stages, key_chains)
+    function = _function(qr.device.index, planned.kernel)
+    pointers = planned.argument_pointers()
     stream = torch.cuda.current_stream(qr.device).cuda_stream
-    grid_z = programs.splits + programs.window_programs
-    _checked(driver.cuLaunchKernel(function, kv_heads, batch, grid_z, WARPS * 32, 1, 1, 0, stream,
+    _checked(driver.cuLaunchKernel(function, *planned.grid, WARPS * 32, 1, 1, 0, stream,
                                    ctypes.addressof(pointers), 0))

@@ -1,7 +1,7 @@
 """The CUDA INT2 split kernel (kernels/int2_split.cu) on the CPU: its key-register plan and query
 fragment, emulated bit for bit, score keys as the reference codes do, and NVRTC compiles every
-format for an H100 without register spills in its tile loop. Its results on a GPU:
-tests/gpu/test_kernels_gpu.py."""
+format for an H100 without register spills in its tile loop. Its results on the CPU:
+tests/test_int2_split_emulated.py; on a GPU: tests/gpu/test_kernels_gpu.py."""
 
 import itertools
 import re
