@@ -27,7 +27,7 @@
 // (values), scale and minimum applied per position after the dot.
 //
 // Before this text (int2_split.kernel_source): the PTX instructions behind functions
-// (int2_split_ptx.cuh): cp_async, cp_async_commit, cp_async_wait, mma, pack_half2, transpose8x8,
+// (int2_split_ptx.cuh): smem_addr, cp_async, cp_async_commit, cp_async_wait, mma, pack_half2, transpose8x8,
 // unpack_meta, exp2_approx; then, generated (int2_split.py): D, P, KEY_BYTES, NG, GROUP_SIZE, GQA,
 // S_TOK, W_TOK, WIN_ROWS, WIN_DIMS, SHARED, STAGES, KEY_CHAINS, INDPTR_T, INDEX_T, WSTART_T, WARPS,
 // KEY_CHUNK, VALUE_CHUNK, META_ROW, KEY_REGS, KEY_WORDS, load_key_words, key_reg, key_mma_group
@@ -71,52 +71,49 @@ __device__ __forceinline__ float sum_over_rows(float x) {
   return x + __shfl_xor_sync(FULL, x, 16);
 }
 
-__device__ __forceinline__ const u8* value_row(const u8* tile, int p) {
-  return tile + p * VAL_ROW + (p >> 2) * VAL_PAD;
-}
+__device__ __forceinline__ int value_row_offset(int p) { return p * VAL_ROW + (p >> 2) * VAL_PAD; }
+
+__device__ __forceinline__ const u8* value_row(const u8* tile, int p) { return tile + value_row_offset(p); }
 
 __device__ __forceinline__ u32 load_value_bytes(const u8* row) {
   if (VAL_BYTES == 4) return *reinterpret_cast<const u32*>(row);
   return *reinterpret_cast<const u16*>(row);
 }
 
-// Where one lane's copies of a tile come from, all but the slot: pointers to KV head h's bytes
-// (plus the lane's chunk within a key or value row) and the per-slot strides in bytes.
-struct LaneSources {
+constexpr int KEY_CHUNKS_PER_ROW = KEY_BYTES / KEY_CHUNK;
+constexpr int VALUE_CHUNKS_PER_ROW = VAL_ROW / VALUE_CHUNK;  // 1 or 2
+constexpr int KEY_COPIES = (KEY_CHUNKS_PER_ROW + 1) / 2;     // key copies of a lane per tile (at most)
+
+// What one lane copies of every tile: lanes 2p and 2p + 1 copy position p's bytes, lane 2p + j the
+// key chunks j, j + 2, ..., value chunk j and (j = 0) the key meta or (j = 1) the value meta, so a
+// lane needs the slot of one position only. Sources: KV head hk's rows (the pool is head-major,
+// layer_cache.pool_buffer), offset by the lane's first chunk, with the slot strides in bytes;
+// destinations: offsets in a stage (shared memory).
+struct TileCopies {
   const u8* key;
   const u8* value;
-  const u8* meta;  // key meta for lanes 0-15, value meta for lanes 16-31
+  const u8* meta;
   u32 key_stride, value_stride, meta_stride;
+  u32 key_dst, value_dst, meta_dst;
+  bool key_tail, value_chunk;  // whether the lane copies key chunk j + 2 (KEY_COPIES - 1) and a value chunk
 };
-
-constexpr int KEY_CHUNKS_PER_ROW = KEY_BYTES / KEY_CHUNK;
-constexpr int KEY_CHUNKS = TILE * KEY_CHUNKS_PER_ROW;
-constexpr int VALUE_CHUNKS_PER_ROW = VAL_ROW / VALUE_CHUNK;
-constexpr int VALUE_CHUNKS = TILE * VALUE_CHUNKS_PER_ROW;  // 16 or 32
 
 __device__ __forceinline__ const u8* at_slot(const u8* base, int slot, u32 stride) {
   return base + (unsigned long long)(u32)slot * stride;  // one wide multiply-add
 }
 
-// A warp's 16 positions into one pipeline stage. `slot`: lane l holds the slot of position l % 16
-// (positions past the program's end hold the last valid slot: their scores are masked).
-__device__ __forceinline__ void issue_tile(u8* stage, int slot, int lane, const LaneSources& src) {
+// A warp's 16 positions into the pipeline stage at shared address `stage`; `slot`: that of
+// position lane / 2 (positions past the program's end hold the last valid slot: their scores are
+// masked).
+__device__ __forceinline__ void issue_tile(u32 stage, int slot, const TileCopies& c) {
+  const u8* key = at_slot(c.key, slot, c.key_stride);
 #pragma unroll
-  for (int c0 = 0; c0 < KEY_CHUNKS; c0 += 32) {
-    const int c = c0 + lane;
-    const int p = (c / KEY_CHUNKS_PER_ROW) & (TILE - 1), j = c % KEY_CHUNKS_PER_ROW;
-    const int s = __shfl_sync(FULL, slot, p);
-    if (KEY_CHUNKS % 32 == 0 || c < KEY_CHUNKS)
-      cp_async<KEY_CHUNK>(stage + p * KEY_BYTES + j * KEY_CHUNK, at_slot(src.key, s, src.key_stride) + j * KEY_CHUNK);
-  }
-  {
-    const int p = (lane / VALUE_CHUNKS_PER_ROW) & (TILE - 1), j = lane % VALUE_CHUNKS_PER_ROW;
-    const int s = __shfl_sync(FULL, slot, p);
-    if (lane < VALUE_CHUNKS)
-      cp_async<VALUE_CHUNK>(const_cast<u8*>(value_row(stage + KEY_TILE_BYTES, p)) + j * VALUE_CHUNK,
-                            at_slot(src.value, s, src.value_stride));
-  }
-  cp_async<META_ROW>(stage + KEY_TILE_BYTES + VAL_TILE_BYTES + lane * META_ROW, at_slot(src.meta, slot, src.meta_stride));
+  for (int i = 0; i < KEY_COPIES; ++i)
+    if (KEY_CHUNKS_PER_ROW % 2 == 0 || i < KEY_COPIES - 1 || c.key_tail)
+      cp_async<KEY_CHUNK>(stage + c.key_dst + 2 * i * KEY_CHUNK, key + 2 * i * KEY_CHUNK);
+  if (VALUE_CHUNKS_PER_ROW == 2 || c.value_chunk)
+    cp_async<VALUE_CHUNK>(stage + c.value_dst, at_slot(c.value, slot, c.value_stride));
+  cp_async<META_ROW>(stage + c.meta_dst, at_slot(c.meta, slot, c.meta_stride));
 }
 
 // Shared memory of the warps' merge, once their pipelines are drained: per warp and query head
@@ -341,20 +338,26 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) oscar_int2_split(
     for (int i = 0; i < VAL_MMAS; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
 
     u8* stages = smem + warp * STAGES * STAGE_BYTES;
-    const int value_col = lane % VALUE_CHUNKS_PER_ROW;
-    const LaneSources src = {
-        k_codes + hk * stride_kch,  // head strides in 64 bits: the pool is head-major (layer_cache.pool_buffer)
-        v_codes + hk * stride_vch + value_col * VALUE_CHUNK,
-        (lane < TILE ? k_meta : v_meta) + hk * stride_mh, stride_kcs, stride_vcs, stride_ms};
+    const u32 stages_at = smem_addr(stages);
+    const int copy_pos = lane >> 1, copy_chunk = lane & 1;
+    const TileCopies copies = {
+        k_codes + hk * stride_kch + copy_chunk * KEY_CHUNK,  // head strides in 64 bits
+        v_codes + hk * stride_vch + copy_chunk * VALUE_CHUNK,
+        (copy_chunk ? v_meta : k_meta) + hk * stride_mh,
+        stride_kcs, stride_vcs, stride_ms,
+        (u32)(copy_pos * KEY_BYTES + copy_chunk * KEY_CHUNK),
+        (u32)(KEY_TILE_BYTES + value_row_offset(copy_pos) + copy_chunk * VALUE_CHUNK),
+        (u32)(KEY_TILE_BYTES + VAL_TILE_BYTES + (copy_chunk * TILE + copy_pos) * META_ROW),
+        copy_chunk + 2 * (KEY_COPIES - 1) < KEY_CHUNKS_PER_ROW, copy_chunk < VALUE_CHUNKS_PER_ROW};
     const INDEX_T* idx = kv_indices + kv_lo;
     auto tile_pos = [&](int k) { return lo + (warp + WARPS * k) * TILE; };
-    auto load_slot = [&](int k) { return k < my_tiles ? (int)idx[min(tile_pos(k) + (lane & (TILE - 1)), hi - 1)] : 0; };
+    auto load_slot = [&](int k) { return k < my_tiles ? (int)idx[min(tile_pos(k) + copy_pos, hi - 1)] : 0; };
 
     int slot = load_slot(0);
 #pragma unroll
     for (int k = 0; k < STAGES - 1; ++k) {
       if (k < my_tiles)
-        issue_tile(stages + k * STAGE_BYTES, slot, lane, src);
+        issue_tile(stages_at + k * STAGE_BYTES, slot, copies);
       cp_async_commit();
       slot = load_slot(k + 1);
     }
@@ -365,7 +368,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) oscar_int2_split(
       // refill the stage tile k - 1 used with tile k + STAGES - 1 (slot loaded an iteration ago)
       const int next = k + STAGES - 1;
       if (next < my_tiles)
-        issue_tile(stages + (next % STAGES) * STAGE_BYTES, slot, lane, src);
+        issue_tile(stages_at + (next % STAGES) * STAGE_BYTES, slot, copies);
       cp_async_commit();
       slot = load_slot(next + 1);
 
@@ -408,7 +411,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) oscar_int2_split(
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int row = e >> 1, col = e & 1;
-          float x = 0.0f;
+          float x = -0.0f;  // x + -0 is x: the compiler drops the add (0 + x is not x for x = -0)
 #pragma unroll
           for (int i = 0; i < NG; ++i) x += acc[i][0][e] * (ks[row][i] * CODE_UNIT) + qsum_c[i][col] * km[row][i];
           s[e] = (row ? ok_g8 : ok_g) ? x : NEG_INF;

@@ -2,18 +2,20 @@
 // this text before the generated definitions and the kernel's; tests/emulated_cuda.h defines the
 // same functions for a CPU).
 
+// the shared-memory address of a pointer into shared memory
 __device__ __forceinline__ unsigned int smem_addr(const void* p) {
   unsigned int r;
   asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
   return r;
 }
 
+// BYTES from global `src` to shared address `dst` (smem_addr), asynchronously
 template <int BYTES>
-__device__ __forceinline__ void cp_async(void* dst, const void* src) {
+__device__ __forceinline__ void cp_async(unsigned int dst, const void* src) {
   if (BYTES == 16) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst)), "l"(src));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src));
   } else {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(smem_addr(dst)), "l"(src), "n"(BYTES));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(dst), "l"(src), "n"(BYTES));
   }
 }
 

@@ -337,12 +337,18 @@ inline void __syncthreads() { emu::syncthreads(); }
 
 // ---------------------------------------------------------------- int2_split_ptx.cuh's functions
 
+// shared addresses: offsets in the `__shared__` section
+inline unsigned int smem_addr(const void* p) {
+  return static_cast<unsigned int>(static_cast<const char*>(p) - emu::__start_emulated_shared);
+}
+
 template <int BYTES>
-void cp_async(void* dst, const void* src) {
+void cp_async(unsigned int dst, const void* src) {
+  char* to = emu::__start_emulated_shared + dst;
   if (emu::program->copies == emu::Copies::at_issue)
-    memcpy(dst, src, BYTES);
+    memcpy(to, src, BYTES);
   else
-    emu::self().open.push_back({dst, src, BYTES});
+    emu::self().open.push_back({to, src, BYTES});
 }
 
 inline void cp_async_commit() {
