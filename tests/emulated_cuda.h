@@ -6,13 +6,14 @@
 // movmatrix, __syncwarp, __syncthreads). The last thread to arrive computes the collective for
 // all and releases them. What the hardware leaves undefined is an error here, reported instead
 // of a result: the threads of a warp reaching different collectives, a partial mask, a thread
-// exiting while its warp waits, a deadlock. Threads are ordered as the collectives order them;
-// memory visibility (fences, what __syncwarp publishes) is not modeled.
+// exiting while its warp waits, a deadlock, a misaligned asynchronous copy. Threads are ordered
+// as the collectives order them; memory visibility (fences, what __syncwarp publishes) is not
+// modeled.
 //
 // Asynchronous copies complete at one of the two ends the hardware allows: when issued
 // (Copies::at_issue: a stage refilled while another lane still reads it shows) or at the
-// cp.async.wait_group that must wait for them (Copies::at_wait: data read before its wait, or a
-// lane reading another lane's copies without a __syncwarp after the wait, shows).
+// cp.async.wait_group that must wait for them (Copies::at_wait: data read before the wait of the
+// lane that copied it shows).
 //
 // Shared memory (`__shared__`) is static storage in a section of its own, which every program
 // starts with filled with 0xff bytes (NaN as fp16 or fp32): a read of what no copy wrote shows.
@@ -344,6 +345,8 @@ inline unsigned int smem_addr(const void* p) {
 
 template <int BYTES>
 void cp_async(unsigned int dst, const void* src) {
+  if (dst % BYTES || reinterpret_cast<uintptr_t>(src) % BYTES)
+    emu::fail(emu::where() + ": cp.async of " + std::to_string(BYTES) + " bytes from a misaligned address");
   char* to = emu::__start_emulated_shared + dst;
   if (emu::program->copies == emu::Copies::at_issue)
     memcpy(to, src, BYTES);

@@ -5,6 +5,7 @@ so the CPU tests check the CUDA kernel's own indexing, pipeline and arithmetic."
 import ctypes
 import functools
 import hashlib
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable
@@ -37,6 +38,8 @@ def library(text: str) -> ctypes.CDLL:
     if not path.exists():
         src = path.with_suffix(".cpp")
         src.write_text(text)
+        if shutil.which("g++") is None:
+            raise RuntimeError("g++ not found: the CPU tests of int2_split.cu build it with g++ (Debian: apt install g++)")
         built = subprocess.run(["g++", "-std=c++17", "-O2", "-fPIC", "-shared", "-o", f"{path}.part", str(src)],
                                capture_output=True, text=True)
         if built.returncode:
