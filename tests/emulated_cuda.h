@@ -252,27 +252,17 @@ int launch(void (*kernel)(A...), Dim3 grid, int threads, int copies, void** args
   return 0;
 }
 
-inline uint32_t bits(float x) {
-  uint32_t u;
-  memcpy(&u, &x, 4);
-  return u;
+template <class To, class From>
+To bit_cast(From x) {
+  static_assert(sizeof(To) == sizeof(From), "same size");
+  To to;
+  memcpy(&to, &x, sizeof to);
+  return to;
 }
-inline float from_bits(uint32_t u) {
-  float x;
-  memcpy(&x, &u, 4);
-  return x;
-}
-inline uint16_t half_bits(float x) {
-  const _Float16 h = static_cast<_Float16>(x);  // round to nearest even, as cvt.rn
-  uint16_t u;
-  memcpy(&u, &h, 2);
-  return u;
-}
-inline float half_value(uint16_t u) {
-  _Float16 h;
-  memcpy(&h, &u, 2);
-  return static_cast<float>(h);
-}
+inline uint32_t bits(float x) { return bit_cast<uint32_t>(x); }
+inline float from_bits(uint32_t u) { return bit_cast<float>(u); }
+inline uint16_t half_bits(float x) { return bit_cast<uint16_t>(static_cast<_Float16>(x)); }  // nearest even, as cvt.rn
+inline float half_value(uint16_t u) { return static_cast<float>(bit_cast<_Float16>(u)); }
 inline float half_lane(uint32_t word, int lane) { return half_value(static_cast<uint16_t>(word >> (16 * lane))); }
 
 inline void perform(std::vector<Copy>& copies) {
@@ -303,15 +293,11 @@ template <class T>
 T __shfl_sync(unsigned mask, T value, int src_lane) {
   static_assert(sizeof(T) == 4, "32-bit shuffles only");
   emu::check_mask(mask, "__shfl_sync");
-  uint32_t words[2];
-  memcpy(&words[0], &value, 4);
-  words[1] = static_cast<uint32_t>(src_lane & (emu::WARP - 1));
+  const uint32_t words[2] = {emu::bit_cast<uint32_t>(value), static_cast<uint32_t>(src_lane & (emu::WARP - 1))};
   const uint32_t* out = emu::warp_exchange("shfl", words, 2, [](emu::Collective& c) {
     for (int l = 0; l < emu::WARP; ++l) c.out[l][0] = c.in[c.in[l][1]][0];
   });
-  T r;
-  memcpy(&r, out, 4);
-  return r;
+  return emu::bit_cast<T>(out[0]);
 }
 
 template <class T>
