@@ -27,11 +27,11 @@
 // (values), scale and minimum applied per position after the dot.
 //
 // Before this text (int2_split.kernel_source): the PTX instructions behind functions
-// (int2_split_ptx.cuh): smem_addr, cp_async, cp_async_commit, cp_async_wait, mma, pack_half2, transpose8x8,
-// unpack_meta, exp2_approx; then, generated (int2_split.py): D, P, KEY_BYTES, NG, GROUP_SIZE, GQA,
-// S_TOK, W_TOK, WIN_ROWS, WIN_DIMS, SHARED, STAGES, KEY_CHAINS, INDPTR_T, INDEX_T, WSTART_T, WARPS,
-// KEY_CHUNK, VALUE_CHUNK, META_ROW, KEY_REGS, KEY_WORDS, load_key_words, key_reg, key_mma_group
-// and the query fragment's Q_STEP_T0, Q_STEP_T1, q_thread_weight, q_thread_sum, key_q_dim,
+// (int2_split_ptx.cuh): smem_addr, cp_async, cp_async_commit, cp_async_wait, mma, pack_half2,
+// transpose8x8, unpack_meta, exp2_approx; then, generated (int2_split.py): D, P, KEY_BYTES, NG,
+// GROUP_SIZE, GQA, S_TOK, W_TOK, WIN_ROWS, WIN_DIMS, SHARED, STAGES, KEY_CHAINS, INDPTR_T, INDEX_T,
+// WSTART_T, WARPS, KEY_CHUNK, VALUE_CHUNK, META_ROW, KEY_REGS, KEY_WORDS, load_key_words, key_reg,
+// key_mma_group and the query fragment's Q_STEP_T0, Q_STEP_T1, q_thread_weight, q_thread_sum, key_q_dim,
 // key_q_scale, key_q_sum (int2_split.query_fragment).
 
 typedef unsigned int u32;

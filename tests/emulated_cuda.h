@@ -117,7 +117,8 @@ inline std::string where() {
 }
 
 inline void check_mask(unsigned mask, const char* op) {
-  if (mask != 0xffffffffu) fail(where() + ": " + op + " with mask " + std::to_string(mask) + " (emulated: full warps only)");
+  if (mask != 0xffffffffu)
+    fail(where() + ": " + op + " with mask " + std::to_string(mask) + " (emulated: full warps only)");
 }
 
 // Put `words` into this thread's slot of its warp's exchange `op`; the last lane to arrive runs
@@ -126,7 +127,8 @@ template <class Compute>
 const uint32_t* warp_exchange(const char* op, const uint32_t* words, int n, Compute compute) {
   const int warp = program->current / WARP, lane = lane_id();
   for (int l = 0; l < WARP; ++l)
-    if (program->thread[warp * WARP + l].exited) fail(where() + ": " + op + " while lane " + std::to_string(l) + " of its warp has exited");
+    if (program->thread[warp * WARP + l].exited)
+      fail(where() + ": " + op + " while lane " + std::to_string(l) + " of its warp has exited");
   Collective& c = program->warp[warp];
   if (c.arrived == 0) c.op = op;
   if (c.op != op) fail(where() + ": reached " + op + " while its warp's other lanes wait at " + c.op);
