@@ -417,9 +417,11 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) oscar_int2_split(
           s[e] = (row ? ok_g8 : ok_g) ? x : NEG_INF;
         }
       }
-      const float mn0 = fmaxf(m0, max_over_rows(fmaxf(s[0], s[2])));
-      const float mn1 = fmaxf(m1, max_over_rows(fmaxf(s[1], s[3])));
-      if (__any_sync(FULL, mn0 > m0 || mn1 > m1)) {
+      // the maxima across the column's rows only where some score exceeds its column's maximum
+      // (rarely, once the first tiles are in): the same result as always reducing
+      if (__any_sync(FULL, fmaxf(s[0], s[2]) > m0 || fmaxf(s[1], s[3]) > m1)) {
+        const float mn0 = fmaxf(m0, max_over_rows(fmaxf(s[0], s[2])));
+        const float mn1 = fmaxf(m1, max_over_rows(fmaxf(s[1], s[3])));
         const float a0 = exp2_approx(m0 - finite_or_zero(mn0)), a1 = exp2_approx(m1 - finite_or_zero(mn1));
         l0 *= a0;
         l1 *= a1;
