@@ -76,6 +76,16 @@ def test_cuda_split_programs_match_reference(monkeypatch, head_dim, group_size, 
         assert_matches(poisoned_run(step), expected, torch.bfloat16)
 
 
+@pytest.mark.parametrize("stages, key_chains, group_size", [(2, 1, 128), (5, 2, 128), (3, 4, 64)])
+def test_cuda_split_programs_at_other_pipeline_depths_and_key_chains(monkeypatch, stages, key_chains, group_size):
+    """The launch parameters tune_decode sweeps (DecodeLaunch.cuda_stages, .cuda_key_chains)."""
+    emulate(monkeypatch)
+    args = requests(OscarFormat(128, group_size), [2000, 300], 2, 4, torch.int32, seed=stages)
+    step = decode_step(*args, num_kv_splits=3, launch=replace(CUDA_SPLIT, cuda_stages=stages,
+                                                              cuda_key_chains=key_chains))
+    assert_matches(poisoned_run(step), ref.decode_attention(*args), torch.bfloat16)
+
+
 def test_cuda_and_triton_split_programs_by_request_beside_shared_blocks(monkeypatch):
     """Four requests on a shared prefix with own tails of 1 to 900 tokens and two of their own:
     the INT2 programs of a request in int2_split.cu (SHARED, from own_start) when they read at
