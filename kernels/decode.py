@@ -682,13 +682,17 @@ class DecodeStep:
     def split(self) -> None:
         if self.split_kernels != "cuda":  # the window programs and the requests below cuda_min_span
             self.triton_split(self.cuda_min_span)
-        if self.split_kernels != "triton":  # by request, the Triton kernel ran the window programs
-            windows = 0 if self.split_kernels == "by_request" else self.win
-            programs = int2_split.SplitPrograms(self.splits, windows, self.launch.window_rows_per_program,
-                                                self.cuda_min_span)
-            int2_split.launch(self.q_rot, self.inputs.kv_indptr, self.inputs.kv_indices, self.inputs.window_starts,
-                              None if self.shared is None else self.shared.own_start, self.inputs.cache, self.part_o,
-                              self.part_lse, programs, self.launch.cuda_stages, self.launch.cuda_key_chains)
+        if self.split_kernels != "triton":
+            int2_split.launch(*self.cuda_split_args())
+
+    def cuda_split_args(self) -> tuple:
+        """`int2_split.launch`'s arguments for this step's programs in the CUDA kernel."""
+        windows = 0 if self.split_kernels == "by_request" else self.win  # by request, Triton runs them
+        programs = int2_split.SplitPrograms(self.splits, windows, self.launch.window_rows_per_program,
+                                            self.cuda_min_span)
+        return (self.q_rot, self.inputs.kv_indptr, self.inputs.kv_indices, self.inputs.window_starts,
+                None if self.shared is None else self.shared.own_start, self.inputs.cache, self.part_o,
+                self.part_lse, programs, self.launch.cuda_stages, self.launch.cuda_key_chains)
 
     def triton_split(self, cuda_min_span: int) -> None:
         """`_decode_split_kernel`: the window programs, and the INT2 programs of the requests whose

@@ -273,10 +273,14 @@ class Compiled:
 def compile_kernel(kernel: SplitKernel, arch: str) -> Compiled:
     """int2_split.cu for `kernel`, compiled by NVRTC to a cubin for `arch` ("sm_90"); no GPU
     needed. The log holds ptxas's register and spill report."""
+    return compile_source(kernel_source(kernel, PTX_HELPERS.read_text()), arch)
+
+
+def compile_source(source: str, arch: str) -> Compiled:
+    """A complete text of the kernel (`kernel_source`, or another version's for an A/B) by NVRTC."""
     from cuda.bindings import nvrtc
 
-    source = kernel_source(kernel, PTX_HELPERS.read_text()).encode()
-    err, prog = nvrtc.nvrtcCreateProgram(source, b"int2_split.cu", 0, [], [])
+    err, prog = nvrtc.nvrtcCreateProgram(source.encode(), b"int2_split.cu", 0, [], [])
     options = [f"--gpu-architecture={arch}".encode(), b"-std=c++17", b"--ptxas-options=-v"]
     (err,) = nvrtc.nvrtcCompileProgram(prog, len(options), options)
     _, log_size = nvrtc.nvrtcGetProgramLogSize(prog)
@@ -292,6 +296,12 @@ def compile_kernel(kernel: SplitKernel, arch: str) -> Compiled:
     return Compiled(cubin, log)
 
 
+def device_arch(device_index: int) -> str:
+    """NVRTC's name of the device's architecture ("sm_90")."""
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return f"sm_{major}{minor}"
+
+
 def serves(gqa: int, device: torch.device) -> bool:
     """Whether the CUDA kernel runs this decode (else decode.py's Triton split kernel does)."""
     return (device.type == "cuda" and gqa <= MAX_GQA
@@ -300,15 +310,18 @@ def serves(gqa: int, device: torch.device) -> bool:
 
 @functools.cache
 def _function(device_index: int, kernel: SplitKernel):
+    return load_function(device_index, compile_kernel(kernel, device_arch(device_index)).cubin)
+
+
+def load_function(device_index: int, cubin: bytes):
+    """The kernel of `cubin` loaded on the device (a CUfunction)."""
     from cuda.bindings import driver
 
-    major, minor = torch.cuda.get_device_capability(device_index)
-    compiled = compile_kernel(kernel, f"sm_{major}{minor}")
     # the module goes into the device's primary context, torch's; made current through the driver
     # rather than by a stream operation, which CUDA-graph capture would refuse on first use
     device = _checked(driver.cuDeviceGet(device_index))
     _checked(driver.cuCtxSetCurrent(_checked(driver.cuDevicePrimaryCtxRetain(device))))
-    module = _checked(driver.cuModuleLoadData(compiled.cubin))
+    module = _checked(driver.cuModuleLoadData(cubin))
     return _checked(driver.cuModuleGetFunction(module, b"oscar_int2_split"))
 
 
@@ -374,6 +387,15 @@ class Launch:
         """The arguments' addresses, as cuLaunchKernel takes them (alive while `args` is)."""
         return (ctypes.c_void_p * len(self.args))(*[ctypes.addressof(a) for a in self.args])
 
+    def run(self, function, device: torch.device) -> None:
+        """Launch `function` (load_function) with these arguments on the device's current stream."""
+        from cuda.bindings import driver
+
+        pointers = self.argument_pointers()
+        stream = torch.cuda.current_stream(device).cuda_stream
+        _checked(driver.cuLaunchKernel(function, *self.grid, WARPS * 32, 1, 1, 0, stream,
+                                       ctypes.addressof(pointers), 0))
+
 
 def plan_launch(qr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, window_starts: torch.Tensor,
                 own_start: torch.Tensor | None, cache: LayerCache, part_o: torch.Tensor, part_lse: torch.Tensor,
@@ -413,12 +435,6 @@ def launch(qr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, 
     reads alone (None: the INT2 span's start); cache: the layer's pool buffers; part_o
     [B, H_q, parts, D] and part_lse [B, H_q, parts] fp32 get the parts `programs` runs;
     stages, key_chains: as in SplitKernel."""
-    from cuda.bindings import driver
-
     planned = plan_launch(qr, kv_indptr, kv_indices, window_starts, own_start, cache, part_o, part_lse, programs,
                           stages, key_chains)
-    function = _function(qr.device.index, planned.kernel)
-    pointers = planned.argument_pointers()
-    stream = torch.cuda.current_stream(qr.device).cuda_stream
-    _checked(driver.cuLaunchKernel(function, *planned.grid, WARPS * 32, 1, 1, 0, stream,
-                                   ctypes.addressof(pointers), 0))
+    planned.run(_function(qr.device.index, planned.kernel), qr.device)
