@@ -7,13 +7,14 @@
 // all and releases them. What the hardware leaves undefined is an error here, reported instead
 // of a result: the threads of a warp reaching different collectives, a partial mask, a thread
 // exiting while its warp waits, a deadlock, a misaligned asynchronous copy. Threads are ordered
-// as the collectives order them; memory visibility (fences, what __syncwarp publishes) is not
-// modeled.
+// as the collectives order them; of memory visibility, only that of asynchronous copies is modeled.
 //
-// Asynchronous copies complete at one of the two ends the hardware allows: when issued
-// (Copies::at_issue: a stage refilled while another lane still reads it shows) or at the
-// cp.async.wait_group that must wait for them (Copies::at_wait: data read before the wait of the
-// lane that copied it shows).
+// Asynchronous copies land at one of the two ends the hardware allows: when issued
+// (Copies::at_issue: a stage refilled while another lane still reads it shows) or as late as a
+// correct kernel may rely on (Copies::at_wait): once the lane that issued them has waited for
+// them (cp.async.wait_group) and then reached a __syncwarp or __syncthreads, the barrier that
+// makes them visible to the other threads. Data read before then shows, even by the issuing lane
+// itself (stricter than the hardware, which shows it that lane after the wait).
 //
 // Shared memory (`__shared__`) is static storage in a section of its own, which every program
 // starts with filled with 0xff bytes (NaN as fp16 or fp32): a read of what no copy wrote shows.
@@ -66,6 +67,7 @@ struct Thread {
   bool exited = false;
   std::vector<Copy> open;                    // cp.async issued since the last commit
   std::vector<std::vector<Copy>> committed;  // oldest group first
+  std::vector<Copy> waited;                  // complete, to land at the lane's next barrier
   std::vector<char> stack;
 };
 
@@ -160,7 +162,14 @@ inline void release_barrier_if_complete() {
   }
 }
 
+// the copies this thread has waited for land (Copies::at_wait), before it reaches a barrier
+inline void land_waited_copies() {
+  for (const Copy& c : self().waited) memcpy(c.dst, c.src, c.bytes);
+  self().waited.clear();
+}
+
 inline void syncthreads() {
+  land_waited_copies();
   Collective& b = program->barrier;
   const unsigned generation = b.generation;
   ++b.arrived;
@@ -187,6 +196,7 @@ inline bool run_program(Program& p) {
     t.exited = false;
     t.open.clear();
     t.committed.clear();
+    t.waited.clear();
     getcontext(&t.context);
     t.context.uc_stack.ss_sp = t.stack.data();
     t.context.uc_stack.ss_size = t.stack.size();
@@ -267,9 +277,6 @@ inline uint16_t half_bits(float x) { return bit_cast<uint16_t>(static_cast<_Floa
 inline float half_value(uint16_t u) { return static_cast<float>(bit_cast<_Float16>(u)); }
 inline float half_lane(uint32_t word, int lane) { return half_value(static_cast<uint16_t>(word >> (16 * lane))); }
 
-inline void perform(std::vector<Copy>& copies) {
-  for (const Copy& c : copies) memcpy(c.dst, c.src, c.bytes);
-}
 
 }  // namespace emu
 
@@ -319,6 +326,7 @@ inline int __any_sync(unsigned mask, int predicate) {
 
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
   emu::check_mask(mask, "__syncwarp");
+  emu::land_waited_copies();
   emu::warp_exchange("syncwarp", nullptr, 0, [](emu::Collective&) {});
 }
 
@@ -350,10 +358,10 @@ inline void cp_async_commit() {
 
 template <int N>
 void cp_async_wait() {
-  auto& groups = emu::self().committed;
-  while (static_cast<int>(groups.size()) > N) {
-    emu::perform(groups.front());
-    groups.erase(groups.begin());
+  emu::Thread& t = emu::self();
+  while (static_cast<int>(t.committed.size()) > N) {
+    t.waited.insert(t.waited.end(), t.committed.front().begin(), t.committed.front().end());
+    t.committed.erase(t.committed.begin());
   }
 }
 

@@ -130,9 +130,11 @@ def test_the_emulator_refuses_a_warp_that_diverges_at_a_collective(monkeypatch):
         step.run()
 
 
-def test_the_emulator_sees_a_stage_read_before_its_copies_are_waited_for(monkeypatch):
-    """Without the tile loop's cp.async.wait_group, copies completing at the wait leave the stages
-    unwritten: the partials read NaN (at issue they would not, which is why both are run)."""
-    emulate(monkeypatch, edit=lambda text: text.replace("cp_async_wait<STAGES - 2>();", ""))
+@pytest.mark.parametrize("removed", ["cp_async_wait<STAGES - 2>();", "__syncwarp();"])
+def test_the_emulator_sees_a_stage_read_before_its_copies_are_visible(monkeypatch, removed):
+    """Without the tile loop's cp.async.wait_group, or the __syncwarp after it that shows the
+    copies to the other lanes, copies landing as late as allowed leave the stages unwritten: the
+    output reads NaN (landing when issued they would not, which is why both are run)."""
+    emulate(monkeypatch, edit=lambda text: text.replace(removed, ""))
     step = decode_step(*requests(OscarFormat(64), [700], 1, 2, torch.int32, seed=1), launch=CUDA_SPLIT)
     assert poisoned_run(step).isnan().any()
