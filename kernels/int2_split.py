@@ -375,7 +375,7 @@ class SplitPrograms:
 
 
 @dataclass(frozen=True)
-class Launch:
+class PlannedLaunch:
     """One launch of int2_split.cu: the compiled variant, the grid (H_kv, B, programs per pair) of
     WARPS · 32-thread programs, and the kernel's arguments in its parameter order."""
 
@@ -399,8 +399,8 @@ class Launch:
 
 def plan_launch(qr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, window_starts: torch.Tensor,
                 own_start: torch.Tensor | None, cache: LayerCache, part_o: torch.Tensor, part_lse: torch.Tensor,
-                programs: SplitPrograms, stages: int, key_chains: int) -> Launch:
-    """`launch`'s arguments (see there) as a Launch, the pool's layout checked first."""
+                programs: SplitPrograms, stages: int, key_chains: int) -> PlannedLaunch:
+    """`launch`'s arguments (see there) as a PlannedLaunch, the pool's layout checked first."""
     batch, q_heads, _ = qr.shape
     fmt, kv_heads = cache.fmt, cache.kv_heads
     k_codes, v_codes, k_meta, v_meta = cache.k_codes, cache.v_codes, cache.k_meta, cache.v_meta
@@ -421,7 +421,7 @@ def plan_launch(qr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Ten
     args += [ctypes.c_void_p(part_o.data_ptr()), ctypes.c_void_p(part_lse.data_ptr())]
     args += [ctypes.c_int(q_heads), ctypes.c_int(programs.splits), ctypes.c_int(part_o.shape[2])]
     args.append(ctypes.c_int(programs.min_span))
-    return Launch(kernel, (kv_heads, batch, programs.splits + programs.window_programs), args)
+    return PlannedLaunch(kernel, (kv_heads, batch, programs.splits + programs.window_programs), args)
 
 
 def launch(qr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, window_starts: torch.Tensor,

@@ -38,7 +38,7 @@ def baseline_source(folder: Path, kernel: int2_split.SplitKernel) -> str:
             + (folder / int2_split.SOURCE.name).read_text())
 
 
-def partials(planned: int2_split.Launch, function, step: dk.DecodeStep) -> torch.Tensor:
+def partials(planned: int2_split.PlannedLaunch, function, step: dk.DecodeStep) -> torch.Tensor:
     """[B, H_q, parts, D + 1] what `function` writes: part_o beside part_lse, from NaN."""
     step.part_o.fill_(float("nan"))
     step.part_lse.fill_(float("nan"))
