@@ -1,7 +1,7 @@
 """int2_split.cu itself on the CPU (tests/emulated_int2_split.py): whole decode steps whose split
 programs run in the CUDA kernel's text, built by g++ with the warp collectives and PTX helpers
 emulated, the rest in the Triton interpreter, against the PyTorch reference; partials and output
-poisoned; asynchronous copies completing as early and as late as the hardware allows. The same
+poisoned; asynchronous copies landing as early and as late as a correct kernel allows. The same
 kernel on a GPU: tests/gpu/test_kernels_gpu.py."""
 
 import functools
