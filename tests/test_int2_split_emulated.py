@@ -76,13 +76,15 @@ def test_cuda_split_programs_match_reference(monkeypatch, head_dim, group_size, 
         assert_matches(poisoned_run(step), expected, torch.bfloat16)
 
 
-@pytest.mark.parametrize("stages, key_chains, group_size", [(2, 1, 128), (5, 2, 128), (3, 4, 64)])
-def test_cuda_split_programs_at_other_pipeline_depths_and_key_chains(monkeypatch, stages, key_chains, group_size):
-    """The launch parameters tune_decode sweeps (DecodeLaunch.cuda_stages, .cuda_key_chains)."""
+@pytest.mark.parametrize("stages, key_chains, group_size, window_rows",
+                         [(2, 1, 128, 64), (5, 2, 128, 32), (3, 4, 64, 192)])
+def test_cuda_split_programs_at_other_launch_parameters(monkeypatch, stages, key_chains, group_size, window_rows):
+    """Other launch parameters: DecodeLaunch.cuda_stages and .cuda_key_chains (tune_decode sweeps
+    them) and .window_rows_per_program."""
     emulate(monkeypatch)
     args = requests(OscarFormat(128, group_size), [2000, 300], 2, 4, torch.int32, seed=stages)
-    step = decode_step(*args, num_kv_splits=3, launch=replace(CUDA_SPLIT, cuda_stages=stages,
-                                                              cuda_key_chains=key_chains))
+    launch = replace(CUDA_SPLIT, cuda_stages=stages, cuda_key_chains=key_chains, window_rows_per_program=window_rows)
+    step = decode_step(*args, num_kv_splits=3, launch=launch)
     assert_matches(poisoned_run(step), ref.decode_attention(*args), torch.bfloat16)
 
 
