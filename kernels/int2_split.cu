@@ -95,7 +95,7 @@ struct TileCopies {
   const u8* meta;
   u32 key_stride, value_stride, meta_stride;
   u32 key_dst, value_dst, meta_dst;
-  bool key_tail, value_chunk;  // whether the lane copies key chunk j + 2 (KEY_COPIES - 1) and a value chunk
+  int chunk;  // j
 };
 
 __device__ __forceinline__ const u8* at_slot(const u8* base, int slot, u32 stride) {
@@ -109,9 +109,9 @@ __device__ __forceinline__ void issue_tile(u32 stage, int slot, const TileCopies
   const u8* key = at_slot(c.key, slot, c.key_stride);
 #pragma unroll
   for (int i = 0; i < KEY_COPIES; ++i)
-    if (KEY_CHUNKS_PER_ROW % 2 == 0 || i < KEY_COPIES - 1 || c.key_tail)
+    if (c.chunk + 2 * i < KEY_CHUNKS_PER_ROW)
       cp_async<KEY_CHUNK>(stage + c.key_dst + 2 * i * KEY_CHUNK, key + 2 * i * KEY_CHUNK);
-  if (VALUE_CHUNKS_PER_ROW == 2 || c.value_chunk)
+  if (c.chunk < VALUE_CHUNKS_PER_ROW)
     cp_async<VALUE_CHUNK>(stage + c.value_dst, at_slot(c.value, slot, c.value_stride));
   cp_async<META_ROW>(stage + c.meta_dst, at_slot(c.meta, slot, c.meta_stride));
 }
@@ -348,7 +348,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) oscar_int2_split(
         (u32)(copy_pos * KEY_BYTES + copy_chunk * KEY_CHUNK),
         (u32)(KEY_TILE_BYTES + value_row_offset(copy_pos) + copy_chunk * VALUE_CHUNK),
         (u32)(KEY_TILE_BYTES + VAL_TILE_BYTES + (copy_chunk * TILE + copy_pos) * META_ROW),
-        copy_chunk + 2 * (KEY_COPIES - 1) < KEY_CHUNKS_PER_ROW, copy_chunk < VALUE_CHUNKS_PER_ROW};
+        copy_chunk};
     const INDEX_T* idx = kv_indices + kv_lo;
     auto tile_pos = [&](int k) { return lo + (warp + WARPS * k) * TILE; };
     auto load_slot = [&](int k) { return k < my_tiles ? (int)idx[min(tile_pos(k) + copy_pos, hi - 1)] : 0; };
