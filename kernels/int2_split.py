@@ -257,10 +257,11 @@ def generated_header(kernel: SplitKernel) -> str:
     return "\n".join(lines) + "\n"
 
 
-def kernel_source(kernel: SplitKernel, helpers: str) -> str:
+def kernel_source(kernel: SplitKernel, helpers: str, text: str | None = None) -> str:
     """int2_split.cu for `kernel`: `helpers` (the functions it calls for PTX instructions:
-    PTX_HELPERS on a GPU), the generated definitions, then its text."""
-    return helpers + generated_header(kernel) + SOURCE.read_text()
+    PTX_HELPERS on a GPU), the generated definitions, then its text (SOURCE's, or another
+    version's for an A/B)."""
+    return helpers + generated_header(kernel) + (SOURCE.read_text() if text is None else text)
 
 
 @dataclass(frozen=True)

@@ -32,10 +32,10 @@ from benchmarks.records import machine_info, now_iso
 
 
 def baseline_source(folder: Path, kernel: int2_split.SplitKernel) -> str:
-    """The other version's complete text for `kernel`, assembled as kernel_source assembles this one's."""
+    """The other version's complete text for `kernel` (no helpers file: they are in its .cu)."""
     helpers = folder / int2_split.PTX_HELPERS.name
-    return ((helpers.read_text() if helpers.exists() else "") + int2_split.generated_header(kernel)
-            + (folder / int2_split.SOURCE.name).read_text())
+    return int2_split.kernel_source(kernel, helpers.read_text() if helpers.exists() else "",
+                                    (folder / int2_split.SOURCE.name).read_text())
 
 
 def partials(planned: int2_split.PlannedLaunch, function, step: dk.DecodeStep) -> torch.Tensor:
